@@ -1,0 +1,283 @@
+//! GGUF loading: metadata → [`ModelConfig`], tensors → [`Linear`]s. Native block
+//! formats (Q4_0, Q4_1, Q8_0) and f32 are read as raw bytes and stay quantized;
+//! other quantized types run through candle's `QMatMul`.
+
+use crate::error::{EngineError, Result};
+use crate::kernels::BlockFormat;
+use crate::linear::{Linear, Weight};
+use crate::model::{Layer, Model, ModelConfig};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
+use candle_core::Device;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EngineError::NotFound(path.to_path_buf()),
+            _ => EngineError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| EngineError::invalid(path, format!("not a readable GGUF file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self
+            .meta(key)
+            .ok_or_else(|| EngineError::invalid(&self.path, format!("missing metadata `{key}`")))?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+            .map(|x| x as usize)
+            .map_err(|e| EngineError::invalid(&self.path, format!("metadata `{key}`: {e}")))
+    }
+
+    fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.meta(key).and_then(|v| v.to_f32().ok())
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self
+            .meta_str("general.architecture")
+            .unwrap_or("")
+            .to_string();
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(EngineError::UnsupportedArchitecture(arch));
+        }
+        let a = |k: &str| format!("{arch}.{k}");
+        let hidden = self.meta_usize(&a("embedding_length"))?;
+        let n_head = self.meta_usize(&a("attention.head_count"))?;
+        let n_kv_head = self
+            .meta_usize(&a("attention.head_count_kv"))
+            .unwrap_or(n_head);
+        let head_dim = self
+            .meta_usize(&a("rope.dimension_count"))
+            .unwrap_or(hidden / n_head.max(1));
+        let vocab = match self.content.tensor_infos.get("token_embd.weight") {
+            Some(t) => t.shape.dims().first().copied().unwrap_or(0),
+            None => return Err(EngineError::MissingTensor("token_embd.weight".into())),
+        };
+        let cfg = ModelConfig {
+            n_layer: self.meta_usize(&a("block_count"))?,
+            hidden,
+            ffn: self.meta_usize(&a("feed_forward_length"))?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            vocab,
+            rms_eps: self
+                .meta_f32(&a("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            rope_theta: self.meta_f32(&a("rope.freq_base")).unwrap_or(10_000.0),
+            context: self.meta_usize(&a("context_length")).unwrap_or(4096),
+            arch,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn info(&self, name: &str) -> Result<&gguf_file::TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))
+    }
+
+    fn raw(&mut self, name: &str, bytes: usize) -> Result<Vec<u8>> {
+        let off = self.content.tensor_data_offset + self.info(name)?.offset;
+        let mut buf = vec![0u8; bytes];
+        let path = self.path.clone();
+        self.reader
+            .seek(SeekFrom::Start(off))
+            .and_then(|_| self.reader.read_exact(&mut buf))
+            .map_err(|e| {
+                EngineError::invalid(
+                    &path,
+                    format!("tensor `{name}` data unreadable (truncated file?): {e}"),
+                )
+            })?;
+        Ok(buf)
+    }
+
+    /// A 1-D f32 vector (norm weights, biases).
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let info = self.info(name)?;
+        let dims = info.shape.dims().to_vec();
+        if dims.iter().product::<usize>() != len {
+            return Err(EngineError::ShapeMismatch {
+                name: name.into(),
+                got: dims,
+                expected: vec![len],
+            });
+        }
+        match info.ggml_dtype {
+            GgmlDType::F32 => Ok(self
+                .raw(name, len * 4)?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()),
+            _ => self.dequantized(name),
+        }
+    }
+
+    fn dequantized(&mut self, name: &str) -> Result<Vec<f32>> {
+        let q = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| EngineError::invalid(&self.path, format!("tensor `{name}`: {e}")))?;
+        Ok(q.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// A `[rows, cols]` matrix as a linear.
+    pub fn linear(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bias: Option<&str>,
+    ) -> Result<Linear> {
+        let info = self.info(name)?;
+        let dims = info.shape.dims().to_vec();
+        if dims != [rows, cols] {
+            return Err(EngineError::ShapeMismatch {
+                name: name.into(),
+                got: dims,
+                expected: vec![rows, cols],
+            });
+        }
+        let dtype = info.ggml_dtype;
+        let weight = match dtype {
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 if cols % 32 == 0 => {
+                let format = match dtype {
+                    GgmlDType::Q4_0 => BlockFormat::Q4_0,
+                    GgmlDType::Q4_1 => BlockFormat::Q4_1,
+                    _ => BlockFormat::Q8_0,
+                };
+                Weight::Blocks {
+                    format,
+                    data: self.raw(name, rows * cols / 32 * format.block_bytes())?,
+                }
+            }
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weight::F32(self.dequantized(name)?)
+            }
+            GgmlDType::Q8_1 | GgmlDType::Q8K => {
+                return Err(EngineError::UnsupportedQuantization {
+                    tensor: name.into(),
+                    dtype: format!("{dtype:?}"),
+                })
+            }
+            _ => {
+                let q = self
+                    .content
+                    .tensor(&mut self.reader, name, &Device::Cpu)
+                    .map_err(|e| {
+                        EngineError::invalid(&self.path, format!("tensor `{name}`: {e}"))
+                    })?;
+                Weight::Candle(QMatMul::from_qtensor(q)?)
+            }
+        };
+        let bias = match bias {
+            Some(b) if self.content.tensor_infos.contains_key(b) => Some(self.vector(b, rows)?),
+            _ => None,
+        };
+        Linear::new(rows, cols, weight, bias)
+    }
+
+    pub fn load_model(&mut self) -> Result<Model> {
+        let cfg = self.config()?;
+        let (h, qd, kd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
+        // llama.cpp's converter permutes Q/K rows of llama-arch models for its
+        // interleaved rope; undo that so rope (and LoRA) use the HF layout.
+        let permuted = cfg.arch != "qwen2";
+        let embed = self.linear("token_embd.weight", cfg.vocab, h, None)?;
+        if matches!(embed.weight, Weight::Candle(_)) {
+            return Err(EngineError::UnsupportedQuantization {
+                tensor: "token_embd.weight".into(),
+                dtype: format!("{:?}", self.info("token_embd.weight")?.ggml_dtype),
+            });
+        }
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let mut q = self.linear(&p("attn_q.weight"), qd, h, Some(&p("attn_q.bias")))?;
+            let mut k = self.linear(&p("attn_k.weight"), kd, h, Some(&p("attn_k.bias")))?;
+            if permuted {
+                q.permute_rows(&unpermute(cfg.n_head, cfg.head_dim))?;
+                k.permute_rows(&unpermute(cfg.n_kv_head, cfg.head_dim))?;
+            }
+            layers.push(Layer {
+                attn_norm: self.vector(&p("attn_norm.weight"), h)?,
+                q,
+                k,
+                v: self.linear(&p("attn_v.weight"), kd, h, Some(&p("attn_v.bias")))?,
+                o: self.linear(&p("attn_output.weight"), h, qd, None)?,
+                ffn_norm: self.vector(&p("ffn_norm.weight"), h)?,
+                gate: self.linear(&p("ffn_gate.weight"), f, h, None)?,
+                up: self.linear(&p("ffn_up.weight"), f, h, None)?,
+                down: self.linear(&p("ffn_down.weight"), h, f, None)?,
+            });
+        }
+        let norm = self.vector("output_norm.weight", h)?;
+        let lm_head = if self.content.tensor_infos.contains_key("output.weight") {
+            Some(self.linear("output.weight", cfg.vocab, h, None)?)
+        } else {
+            None
+        };
+        Model::new(cfg, embed, layers, norm, lm_head)
+    }
+}
+
+/// Row order that maps llama.cpp's permuted Q/K back to HF order:
+/// HF row `h*d + s*d/2 + i` is GGUF row `h*d + 2*i + s`.
+pub fn unpermute(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    let mut perm = Vec::with_capacity(heads * head_dim);
+    for h in 0..heads {
+        for s in 0..2 {
+            for i in 0..half {
+                perm.push(h * head_dim + 2 * i + s);
+            }
+        }
+    }
+    perm
+}
+
+/// The inverse of [`unpermute`]: what llama.cpp's converter does (used by tests
+/// that write GGUF files).
+pub fn permute(heads: usize, head_dim: usize) -> Vec<usize> {
+    let un = unpermute(heads, head_dim);
+    let mut inv = vec![0; un.len()];
+    for (i, &p) in un.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
+}

@@ -1,0 +1,28 @@
+//! retune's inference engine: llama-family models from GGUF or HF safetensors,
+//! quantized CPU kernels, tokenizer and chat template, sampling, and a
+//! continuous-batching scheduler on its own compute threads.
+
+pub mod chat;
+pub mod error;
+pub mod gguf;
+pub mod kernels;
+pub mod kv;
+pub mod linear;
+pub mod load;
+pub mod model;
+pub mod safetensors;
+pub mod sampler;
+pub mod scheduler;
+pub mod stream;
+pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use error::{EngineError, Result};
+pub use load::{load, Loaded};
+pub use model::{BatchItem, Model, ModelConfig};
+pub use sampler::{Sampler, SamplingParams};
+pub use scheduler::{
+    Completion, Engine, EngineConfig, Event, FinishReason, GenerateRequest, Generated,
+    GenerationStream, TokenEvent,
+};
+pub use tokenizer::Tok;

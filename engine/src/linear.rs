@@ -1,0 +1,199 @@
+//! The one linear type every projection goes through.
+//!
+//! `y = x Wᵀ (+ b)`, `W` is `[rows, cols]` (out × in) in one of the native block
+//! formats, f32, or (for other GGUF quant types) candle's `QMatMul`. Several linears
+//! sharing the same input run in one parallel region (q/k/v, gate/up), so a decode
+//! step pays few thread hand-offs. Per-row LoRA deltas are added on top of the
+//! base output by the multi-LoRA layer; the base path stays batch-invariant.
+
+use crate::error::{EngineError, Result};
+use crate::kernels::{self, BlockFormat, Q8Act, QK};
+use candle_core::quantized::QMatMul;
+use rayon::prelude::*;
+
+pub enum Weight {
+    Blocks { format: BlockFormat, data: Vec<u8> },
+    F32(Vec<f32>),
+    Candle(QMatMul),
+}
+
+pub struct Linear {
+    pub rows: usize,
+    pub cols: usize,
+    pub weight: Weight,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn new(rows: usize, cols: usize, weight: Weight, bias: Option<Vec<f32>>) -> Result<Self> {
+        let ok = match &weight {
+            Weight::Blocks { format, data } => {
+                cols % QK == 0 && data.len() == rows * cols / QK * format.block_bytes()
+            }
+            Weight::F32(w) => w.len() == rows * cols,
+            Weight::Candle(_) => true,
+        };
+        if !ok || bias.as_ref().is_some_and(|b| b.len() != rows) {
+            return Err(EngineError::ShapeMismatch {
+                name: "linear".into(),
+                got: vec![rows, cols],
+                expected: vec![rows, cols],
+            });
+        }
+        Ok(Self {
+            rows,
+            cols,
+            weight,
+            bias,
+        })
+    }
+
+    fn needs_q8(&self) -> bool {
+        matches!(self.weight, Weight::Blocks { .. })
+    }
+
+    /// Copy row `r` as f32 into `out` (embedding lookup on tied weights).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        match &self.weight {
+            Weight::Blocks { format, data } => {
+                let rb = self.cols / QK * format.block_bytes();
+                kernels::dequant_row(*format, &data[r * rb..(r + 1) * rb], out);
+            }
+            Weight::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
+            Weight::Candle(_) => {
+                return Err(EngineError::InvalidRequest(
+                    "row lookup on a candle-backed weight".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Reorder output rows: new row `i` = old row `perm[i]` (GGUF Q/K un-permute).
+    pub fn permute_rows(&mut self, perm: &[usize]) -> Result<()> {
+        let rb = match &self.weight {
+            Weight::Blocks { format, .. } => self.cols / QK * format.block_bytes(),
+            Weight::F32(_) => self.cols,
+            Weight::Candle(_) => {
+                return Err(EngineError::InvalidRequest(
+                    "row permutation on a candle-backed weight".into(),
+                ))
+            }
+        };
+        fn apply<T: Copy>(v: &mut Vec<T>, rb: usize, perm: &[usize]) {
+            let mut out = Vec::with_capacity(v.len());
+            for &p in perm {
+                out.extend_from_slice(&v[p * rb..(p + 1) * rb]);
+            }
+            *v = out;
+        }
+        match &mut self.weight {
+            Weight::Blocks { data, .. } => apply(data, rb, perm),
+            Weight::F32(w) => apply(w, rb, perm),
+            Weight::Candle(_) => {}
+        }
+        if let Some(b) = &mut self.bias {
+            apply(b, 1, perm);
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let mut outs = matmul_many(&[self], x, t)?;
+        Ok(outs.pop().unwrap_or_default())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each parallel job writes a disjoint set of (token, row) cells.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Run several linears with the same input `x` (`t` rows of `cols`) in one
+/// parallel region. Returns one `[t, rows]` output per linear.
+pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+    let cols = lins.first().map(|l| l.cols).unwrap_or(0);
+    if lins.iter().any(|l| l.cols != cols) || x.len() != t * cols {
+        return Err(EngineError::InvalidRequest("matmul input shape".into()));
+    }
+    let xq = if lins.iter().any(|l| l.needs_q8()) {
+        let nb = cols / QK;
+        let mut q = vec![Q8Act::default(); t * nb];
+        for (xs, qs) in x.chunks_exact(cols).zip(q.chunks_exact_mut(nb)) {
+            kernels::quantize_act(xs, qs);
+        }
+        q
+    } else {
+        Vec::new()
+    };
+    let mut outs: Vec<Vec<f32>> = lins.iter().map(|l| vec![0f32; t * l.rows]).collect();
+
+    let total_rows: usize = lins.iter().map(|l| l.rows).sum();
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = (total_rows / (threads * 16)).clamp(8, 256);
+    let mut jobs = Vec::new();
+    for (li, l) in lins.iter().enumerate() {
+        if matches!(l.weight, Weight::Candle(_)) {
+            continue;
+        }
+        let mut r = 0;
+        while r < l.rows {
+            jobs.push((li, r, (r + chunk).min(l.rows)));
+            r += chunk;
+        }
+    }
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    jobs.par_iter().for_each(|&(li, r0, r1)| {
+        let l = lins[li];
+        let out = ptrs[li];
+        let write = |ti: usize, r: usize, v: f32| {
+            // SAFETY: (ti, r) is inside [t, rows] and owned by this job alone.
+            unsafe { *out.0.add(ti * l.rows + r) = v };
+        };
+        match &l.weight {
+            Weight::Blocks { format, data } => {
+                let nb = l.cols / QK;
+                let rb = nb * format.block_bytes();
+                for r in r0..r1 {
+                    let row = &data[r * rb..(r + 1) * rb];
+                    for ti in 0..t {
+                        write(
+                            ti,
+                            r,
+                            kernels::dot_q(*format, row, &xq[ti * nb..(ti + 1) * nb]),
+                        );
+                    }
+                }
+            }
+            Weight::F32(w) => {
+                for r in r0..r1 {
+                    let row = &w[r * l.cols..(r + 1) * l.cols];
+                    for ti in 0..t {
+                        write(
+                            ti,
+                            r,
+                            kernels::dot_f32(row, &x[ti * l.cols..(ti + 1) * l.cols]),
+                        );
+                    }
+                }
+            }
+            Weight::Candle(_) => {}
+        }
+    });
+    for (l, out) in lins.iter().zip(outs.iter_mut()) {
+        if let Weight::Candle(qm) = &l.weight {
+            let xt = candle_core::Tensor::from_slice(x, (t, cols), &candle_core::Device::Cpu)?;
+            let y = candle_core::Module::forward(qm, &xt)?;
+            *out = y.flatten_all()?.to_vec1::<f32>()?;
+        }
+        if let Some(b) = &l.bias {
+            for row in out.chunks_exact_mut(l.rows) {
+                for (v, bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        }
+    }
+    Ok(outs)
+}

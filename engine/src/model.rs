@@ -1,0 +1,299 @@
+//! Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a batch of
+//! sequences, each with its own KV cache. Q/K are held in the HF row layout
+//! (GGUF's llama.cpp permutation is undone at load), so rope is the "neox"
+//! half-split form for every source and LoRA deltas in HF layout apply as-is.
+
+use crate::error::{EngineError, Result};
+use crate::kv::KvCache;
+use crate::linear::{matmul_many, Linear};
+use rayon::prelude::*;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: String,
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    pub context: usize,
+}
+
+impl ModelConfig {
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = self.n_layer == 0
+            || self.hidden == 0
+            || self.n_head == 0
+            || self.n_kv_head == 0
+            || self.n_head % self.n_kv_head != 0
+            || self.head_dim % 2 != 0
+            || self.vocab == 0
+            || self.context == 0;
+        if bad {
+            return Err(EngineError::InvalidRequest(format!(
+                "inconsistent model config {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed: Linear,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// `None` when the output projection is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+/// One sequence's slice of a batched forward: new tokens appended after what its
+/// cache already holds.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut KvCache,
+    /// Whether logits for the last token are wanted (false for non-final prefill chunks).
+    pub want_logits: bool,
+}
+
+impl Model {
+    pub fn new(
+        cfg: ModelConfig,
+        embed: Linear,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        lm_head: Option<Linear>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let half = cfg.head_dim / 2;
+        let mut rope_cos = Vec::with_capacity(cfg.context * half);
+        let mut rope_sin = Vec::with_capacity(cfg.context * half);
+        for p in 0..cfg.context {
+            for i in 0..half {
+                let freq = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
+                let a = p as f32 * freq;
+                rope_cos.push(a.cos());
+                rope_sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layer, self.cfg.kv_dim())
+    }
+
+    /// Run the batch; returns logits (`vocab` floats) for each item with `want_logits`,
+    /// in item order.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.cfg;
+        let h = c.hidden;
+        let t: usize = items.iter().map(|it| it.tokens.len()).sum();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        // positions and per-token item index
+        let mut pos = Vec::with_capacity(t);
+        for it in items.iter() {
+            if it.kv.len() + it.tokens.len() > c.context {
+                return Err(EngineError::PromptTooLong {
+                    prompt: it.kv.len() + it.tokens.len(),
+                    max_tokens: 0,
+                    context: c.context,
+                });
+            }
+            pos.extend(it.kv.len()..it.kv.len() + it.tokens.len());
+        }
+        let mut x = vec![0f32; t * h];
+        let mut off = 0;
+        for it in items.iter() {
+            for &tok in it.tokens {
+                if tok as usize >= c.vocab {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "token id {tok} out of vocabulary"
+                    )));
+                }
+                self.embed
+                    .row_f32(tok as usize, &mut x[off * h..(off + 1) * h])?;
+                off += 1;
+            }
+        }
+        for it in items.iter_mut() {
+            it.kv.reserve(it.tokens.len());
+        }
+        let mut xn = vec![0f32; t * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm_rows(&x, &layer.attn_norm, c.rms_eps, &mut xn);
+            let mut qkv = matmul_many(&[&layer.q, &layer.k, &layer.v], &xn, t)?;
+            let v = qkv.pop().unwrap_or_default();
+            let mut k = qkv.pop().unwrap_or_default();
+            let mut q = qkv.pop().unwrap_or_default();
+            self.rope(&mut q, c.n_head, &pos);
+            self.rope(&mut k, c.n_kv_head, &pos);
+            let mut off = 0;
+            for it in items.iter_mut() {
+                let n = it.tokens.len();
+                let kd = c.kv_dim();
+                it.kv.append(
+                    li,
+                    &k[off * kd..(off + n) * kd],
+                    &v[off * kd..(off + n) * kd],
+                );
+                off += n;
+            }
+            let attn = self.attention(items, li, &q, &pos);
+            let o = layer.o.forward(&attn, t)?;
+            add_in_place(&mut x, &o);
+            rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
+            let mut gu = matmul_many(&[&layer.gate, &layer.up], &xn, t)?;
+            let up = gu.pop().unwrap_or_default();
+            let mut gate = gu.pop().unwrap_or_default();
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            let down = layer.down.forward(&gate, t)?;
+            add_in_place(&mut x, &down);
+        }
+        for it in items.iter_mut() {
+            it.kv.commit(it.tokens.len());
+        }
+        // final norm + lm_head only for the rows whose logits are wanted
+        let mut rows = Vec::new();
+        let mut end = 0;
+        for it in items.iter() {
+            end += it.tokens.len();
+            if it.want_logits {
+                rows.extend_from_slice(&x[(end - 1) * h..end * h]);
+            }
+        }
+        let n = rows.len() / h;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut normed = vec![0f32; n * h];
+        rms_norm_rows(&rows, &self.norm, c.rms_eps, &mut normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = head.forward(&normed, n)?;
+        Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect())
+    }
+
+    fn rope(&self, x: &mut [f32], heads: usize, pos: &[usize]) {
+        let hd = self.cfg.head_dim;
+        let half = hd / 2;
+        for (row, &p) in x.chunks_exact_mut(heads * hd).zip(pos) {
+            let cos = &self.rope_cos[p * half..(p + 1) * half];
+            let sin = &self.rope_sin[p * half..(p + 1) * half];
+            for head in row.chunks_exact_mut(hd) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x0, x1) = (a[i], b[i]);
+                    a[i] = x0 * cos[i] - x1 * sin[i];
+                    b[i] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
+    }
+
+    /// Causal attention of every new token over its own sequence's cache.
+    fn attention(
+        &self,
+        items: &[BatchItem<'_>],
+        layer: usize,
+        q: &[f32],
+        pos: &[usize],
+    ) -> Vec<f32> {
+        let c = &self.cfg;
+        let (hd, nh) = (c.head_dim, c.n_head);
+        let group = nh / c.n_kv_head;
+        let kd = c.kv_dim();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut owner = Vec::with_capacity(pos.len());
+        for (i, it) in items.iter().enumerate() {
+            owner.extend(std::iter::repeat(i).take(it.tokens.len()));
+        }
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (idx, o)| {
+                let (ti, head) = (idx / nh, idx % nh);
+                let kv = &*items[owner[ti]].kv;
+                let (keys, vals) = kv.layer(layer);
+                let kvh = head / group;
+                let qh = &q[idx * hd..(idx + 1) * hd];
+                let n = pos[ti] + 1;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in 0..n {
+                    let s = crate::kernels::dot_f32(
+                        qh,
+                        &keys[p * kd + kvh * hd..p * kd + (kvh + 1) * hd],
+                    ) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                for (p, s) in scores.iter().enumerate() {
+                    let w = s * inv;
+                    let vrow = &vals[p * kd + kvh * hd..p * kd + (kvh + 1) * hd];
+                    for (oo, vv) in o.iter_mut().zip(vrow) {
+                        *oo += w * vv;
+                    }
+                }
+            });
+        out
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}

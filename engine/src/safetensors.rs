@@ -1,0 +1,170 @@
+//! HF safetensors directories (`config.json` + `*.safetensors`, f32/f16/bf16).
+
+use crate::error::{EngineError, Result};
+use crate::linear::{Linear, Weight};
+use crate::model::{Layer, Model, ModelConfig};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    model_type: String,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f32,
+    #[serde(default = "default_theta")]
+    rope_theta: f32,
+    #[serde(default = "default_ctx")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+}
+fn default_eps() -> f32 {
+    1e-5
+}
+fn default_theta() -> f32 {
+    10_000.0
+}
+fn default_ctx() -> usize {
+    4096
+}
+
+pub fn read_config(dir: &Path) -> Result<(ModelConfig, bool)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::NotFound(path.clone()),
+        _ => EngineError::Io {
+            path: path.clone(),
+            source: e,
+        },
+    })?;
+    let hf: HfConfig = serde_json::from_str(&text)
+        .map_err(|e| EngineError::invalid(&path, format!("config.json: {e}")))?;
+    let arch = match hf.model_type.as_str() {
+        "llama" | "mistral" | "qwen2" => hf.model_type.clone(),
+        other => return Err(EngineError::UnsupportedArchitecture(other.to_string())),
+    };
+    let cfg = ModelConfig {
+        arch,
+        n_layer: hf.num_hidden_layers,
+        hidden: hf.hidden_size,
+        ffn: hf.intermediate_size,
+        n_head: hf.num_attention_heads,
+        n_kv_head: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+        vocab: hf.vocab_size,
+        rms_eps: hf.rms_norm_eps,
+        rope_theta: hf.rope_theta,
+        context: hf.max_position_embeddings,
+    };
+    cfg.validate()?;
+    Ok((cfg, hf.tie_word_embeddings))
+}
+
+struct Tensors {
+    map: HashMap<String, Tensor>,
+}
+
+impl Tensors {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims() != shape {
+            return Err(EngineError::ShapeMismatch {
+                name: name.into(),
+                got: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            other => Err(EngineError::UnsupportedQuantization {
+                tensor: name.into(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, rows: usize, cols: usize) -> Result<Linear> {
+        let w = self.take(&format!("{prefix}.weight"), &[rows, cols])?;
+        let bname = format!("{prefix}.bias");
+        let bias = if self.map.contains_key(&bname) {
+            Some(self.take(&bname, &[rows])?)
+        } else {
+            None
+        };
+        Linear::new(rows, cols, Weight::F32(w), bias)
+    }
+}
+
+pub fn load_model(dir: &Path) -> Result<Model> {
+    let (cfg, tied) = read_config(dir)?;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::invalid(dir, "no .safetensors files"));
+    }
+    let mut map = HashMap::new();
+    for f in &files {
+        let part = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| EngineError::invalid(f, format!("unreadable safetensors: {e}")))?;
+        map.extend(part);
+    }
+    let mut ts = Tensors { map };
+    let (h, qd, kd, ff) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
+    let embed = Linear::new(
+        cfg.vocab,
+        h,
+        Weight::F32(ts.take("model.embed_tokens.weight", &[cfg.vocab, h])?),
+        None,
+    )?;
+    let mut layers = Vec::with_capacity(cfg.n_layer);
+    for i in 0..cfg.n_layer {
+        let p = format!("model.layers.{i}");
+        layers.push(Layer {
+            attn_norm: ts.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+            q: ts.linear(&format!("{p}.self_attn.q_proj"), qd, h)?,
+            k: ts.linear(&format!("{p}.self_attn.k_proj"), kd, h)?,
+            v: ts.linear(&format!("{p}.self_attn.v_proj"), kd, h)?,
+            o: ts.linear(&format!("{p}.self_attn.o_proj"), h, qd)?,
+            ffn_norm: ts.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            gate: ts.linear(&format!("{p}.mlp.gate_proj"), ff, h)?,
+            up: ts.linear(&format!("{p}.mlp.up_proj"), ff, h)?,
+            down: ts.linear(&format!("{p}.mlp.down_proj"), h, ff)?,
+        });
+    }
+    let norm = ts.take("model.norm.weight", &[h])?;
+    let lm_head = if !tied || ts.map.contains_key("lm_head.weight") {
+        Some(Linear::new(
+            cfg.vocab,
+            h,
+            Weight::F32(ts.take("lm_head.weight", &[cfg.vocab, h])?),
+            None,
+        )?)
+    } else {
+        None
+    };
+    Model::new(cfg, embed, layers, norm, lm_head)
+}

@@ -1,0 +1,280 @@
+//! Sampling: greedy, temperature, top-k, top-p, seeded; optional logprobs.
+
+use crate::error::{EngineError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Debug)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    /// Also stop on the model's eos ids (default true).
+    pub stop_on_eos: bool,
+    /// Number of top alternatives to report per token (`None` = no logprobs).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: 256,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            stop_on_eos: true,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::InvalidRequest(m.into()));
+        if !(0.0..=100.0).contains(&self.temperature) || self.temperature.is_nan() {
+            return bad("temperature must be in [0, 100]");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens must be at least 1");
+        }
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return bad("at most 20 top logprobs");
+        }
+        if self.stop.iter().any(String::is_empty) || self.stop.len() > 16 {
+            return bad("stop strings must be non-empty, at most 16");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Log-probability of the chosen token under the model's (unscaled) distribution.
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_entropy(),
+        };
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let token = if self.params.temperature <= 0.0 || self.params.top_k == 1 {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
+        let (logprob, top) = match self.params.logprobs {
+            Some(n) => {
+                let lse = log_sum_exp(logits);
+                let mut idx: Vec<u32> = top_k_indices(logits, n);
+                idx.sort_by(|&a, &b| {
+                    logits[b as usize]
+                        .total_cmp(&logits[a as usize])
+                        .then(a.cmp(&b))
+                });
+                let top = idx
+                    .into_iter()
+                    .map(|i| (i, logits[i as usize] - lse))
+                    .collect();
+                (Some(logits[token as usize] - lse), top)
+            }
+            None => (None, Vec::new()),
+        };
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let k = if p.top_k == 0 {
+            logits.len()
+        } else {
+            p.top_k.min(logits.len())
+        };
+        let mut cand = top_k_indices(logits, k);
+        cand.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        let inv_t = 1.0 / p.temperature;
+        let max = logits[cand[0] as usize];
+        let mut probs: Vec<f32> = cand
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) * inv_t).exp())
+            .collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            cand.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
+        let r: f32 = self.rng.gen();
+        let mut acc = 0.0;
+        for (i, pr) in probs.iter().enumerate() {
+            acc += pr;
+            if r < acc {
+                return cand[i];
+            }
+        }
+        cand[cand.len() - 1]
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    max + logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+/// Indices of the `k` largest values (unordered).
+fn top_k_indices(logits: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.clamp(1, logits.len().max(1));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+        idx.truncate(k);
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_logprobs() {
+        let logits = [0.0, 3.0, 1.0, 3.0];
+        let mut s = Sampler::new(SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy(4)
+        });
+        let out = s.sample(&logits);
+        assert_eq!(out.token, 1, "ties resolve to the lowest id");
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+        let total: f32 = logits
+            .iter()
+            .map(|l| (l - log_sum_exp(&logits)).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_respects_top_k() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            seed: Some(42),
+            ..SamplingParams::default()
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params.clone());
+            (0..50).map(|_| s.sample(&logits).token).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..50).map(|_| s.sample(&logits).token).collect()
+        };
+        assert_eq!(a, b);
+        let mut top3: Vec<u32> = top_k_indices(&logits, 3);
+        top3.sort();
+        assert!(a.iter().all(|t| top3.contains(t)), "{a:?} outside {top3:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        let logits = [10.0, 0.0, 0.0, 0.0];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(params);
+        assert!((0..100).all(|_| s.sample(&logits).token == 0));
+    }
+
+    #[test]
+    fn validation_rejects_bad_params() {
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            max_tokens: 0,
+            ..SamplingParams::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

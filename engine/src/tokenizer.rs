@@ -1,0 +1,262 @@
+//! Tokenizer as a `tokenizers::Tokenizer`, built from GGUF metadata (BPE vocab,
+//! merges, token types, bos/eos, add_bos) or read from `tokenizer.json`.
+
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub struct Tok {
+    pub inner: Tokenizer,
+    pub bos: Option<u32>,
+    /// Ids that end generation (eos, plus `<|im_end|>`/`<|eot_id|>`-style ids when present).
+    pub eos: Vec<u32>,
+    pub add_bos: bool,
+}
+
+fn terr(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+const EXTRA_STOPS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "</s>",
+    "<|end|>",
+];
+
+impl Tok {
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(terr)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(terr)
+    }
+
+    pub fn token_str(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    fn with_stops(inner: Tokenizer, bos: Option<u32>, eos: Option<u32>, add_bos: bool) -> Self {
+        let mut stops: Vec<u32> = eos.into_iter().collect();
+        for s in EXTRA_STOPS {
+            if let Some(id) = inner.token_to_id(s) {
+                if !stops.contains(&id) && inner.get_added_vocabulary().is_special_token(s) {
+                    stops.push(id);
+                }
+            }
+        }
+        Self {
+            inner,
+            bos,
+            eos: stops,
+            add_bos,
+        }
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let v = g
+                .meta(key)
+                .ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks `{key}`")))?;
+            v.to_vec()
+                .map_err(terr)?
+                .iter()
+                .map(|s| s.to_string().cloned().map_err(terr))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let types: Vec<i32> = match g.meta("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(terr)?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let id = |key: &str| g.meta(key).and_then(|v| v.to_u32().ok());
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let model_kind = g.meta_str("tokenizer.ggml.model").unwrap_or("gpt2");
+        let add_bos = g
+            .meta("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(model_kind == "llama");
+        let mut added = Vec::new();
+        for (i, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
+            if *ty == 3 || *ty == 4 {
+                added.push(
+                    json!({"id": i, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": *ty == 3}),
+                );
+            }
+        }
+        let vocab: Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let (model, normalizer, pre, decoder) = match model_kind {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+                (
+                    bpe(vocab, merges, false),
+                    Value::Null,
+                    gpt2_pretokenizer(pre),
+                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+                )
+            }
+            "llama" => {
+                let scores: Vec<f32> = match g.meta("tokenizer.ggml.scores") {
+                    Some(v) => v
+                        .to_vec()
+                        .map_err(terr)?
+                        .iter()
+                        .map(|s| s.to_f32().unwrap_or(0.0))
+                        .collect(),
+                    None => vec![0.0; tokens.len()],
+                };
+                let add_space = g
+                    .meta("tokenizer.ggml.add_space_prefix")
+                    .and_then(|v| v.to_bool().ok())
+                    .unwrap_or(true);
+                let mut norm = vec![
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+                ];
+                if add_space {
+                    norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+                }
+                let mut dec = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if add_space {
+                    dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                (
+                    bpe(vocab, spm_merges(&tokens, &scores, &types), true),
+                    json!({"type": "Sequence", "normalizers": norm}),
+                    Value::Null,
+                    json!({"type": "Sequence", "decoders": dec}),
+                )
+            }
+            other => {
+                return Err(EngineError::Tokenizer(format!(
+                    "unsupported GGUF tokenizer model `{other}`"
+                )))
+            }
+        };
+        let post = match (add_bos, bos) {
+            (true, Some(b)) => {
+                let bs = tokens.get(b as usize).cloned().unwrap_or_default();
+                json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bs, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bs, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bs.clone(): {"id": bs, "ids": [b], "tokens": [bs]}}})
+            }
+            _ => Value::Null,
+        };
+        let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": post, "decoder": decoder, "model": model});
+        let inner = Tokenizer::from_bytes(doc.to_string().as_bytes()).map_err(terr)?;
+        Ok(Self::with_stops(inner, bos, eos, add_bos))
+    }
+
+    /// `tokenizer.json` (+ `tokenizer_config.json` for bos/eos) from an HF directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(EngineError::NotFound(path));
+        }
+        let inner = Tokenizer::from_file(&path).map_err(terr)?;
+        let cfg = read_tokenizer_config(dir);
+        let tok_id = |key: &str| {
+            cfg.get(key)
+                .and_then(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("content").and_then(Value::as_str))
+                })
+                .and_then(|s| inner.token_to_id(s))
+        };
+        let bos = tok_id("bos_token");
+        let eos = tok_id("eos_token");
+        let add_bos = cfg
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(Self::with_stops(inner, bos, eos, add_bos))
+    }
+}
+
+pub(crate) fn read_tokenizer_config(dir: &Path) -> Value {
+    std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn bpe(vocab: Map<String, Value>, merges: Vec<String>, byte_fallback: bool) -> Value {
+    json!({"type": "BPE", "dropout": null, "unk_token": if byte_fallback { json!("<unk>") } else { Value::Null },
+        "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": byte_fallback,
+        "byte_fallback": byte_fallback, "ignore_merges": false, "vocab": vocab, "merges": merges})
+}
+
+/// Pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` names.
+fn gpt2_pretokenizer(pre: &str) -> Value {
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    match pre {
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+            json!({
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
+        }
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => {
+            json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]})
+        }
+        "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        _ => byte_level(true),
+    }
+}
+
+/// Merges for a SentencePiece-BPE vocab (llama/mistral GGUF): every way a piece
+/// splits into two vocab pieces, ranked by the merged piece's score.
+fn spm_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<String> {
+    let index: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f32, usize, usize, String)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if types.get(i).copied().unwrap_or(1) != 1 {
+            continue;
+        }
+        for (split, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(split);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                merges.push((
+                    scores.get(i).copied().unwrap_or(0.0),
+                    li,
+                    ri,
+                    format!("{l} {r}"),
+                ));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    merges.into_iter().map(|m| m.3).collect()
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: fetch (cached) model, then every workspace test in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RETUNE_MODEL="$(./scripts/fetch-model.sh)"
+export RETUNE_MODEL
+cargo nextest run --workspace --release --no-fail-fast "$@"

@@ -1,0 +1,5 @@
+//! Placeholder replaced below.
+use anyhow::Result;
+pub fn run(_args: &mut super::Args) -> Result<()> {
+    anyhow::bail!("bench: not built yet")
+}

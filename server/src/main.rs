@@ -1,0 +1,134 @@
+//! `retune` command line: `generate` (one prompt, chat template applied) and
+//! `bench` (engine throughput; see BENCHMARKS.md).
+
+use anyhow::{bail, Context, Result};
+use retune_engine::{
+    load, ChatMessage, Engine, EngineConfig, Event, GenerateRequest, SamplingParams,
+};
+use std::io::Write;
+use std::path::PathBuf;
+
+mod bench;
+
+const USAGE: &str = "usage:
+  retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--raw] PROMPT
+  retune bench --model PATH [--llama-bench PATH] [--decode-tokens N]";
+
+struct Args {
+    rest: Vec<String>,
+}
+
+impl Args {
+    fn flag(&mut self, name: &str) -> bool {
+        let before = self.rest.len();
+        self.rest.retain(|a| a != name);
+        before != self.rest.len()
+    }
+    fn opt(&mut self, name: &str) -> Result<Option<String>> {
+        match self.rest.iter().position(|a| a == name) {
+            Some(i) if i + 1 < self.rest.len() => {
+                let v = self.rest.remove(i + 1);
+                self.rest.remove(i);
+                Ok(Some(v))
+            }
+            Some(_) => bail!("{name} needs a value\n{USAGE}"),
+            None => Ok(None),
+        }
+    }
+    fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Result<Option<T>>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        self.opt(name)?
+            .map(|v| {
+                v.parse::<T>()
+                    .with_context(|| format!("bad value for {name}"))
+            })
+            .transpose()
+    }
+}
+
+fn main() -> Result<()> {
+    let mut argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.is_empty() {
+        bail!("{USAGE}");
+    }
+    let cmd = argv.remove(0);
+    let mut args = Args { rest: argv };
+    match cmd.as_str() {
+        "generate" => generate(&mut args),
+        "bench" => bench::run(&mut args),
+        _ => bail!("unknown command `{cmd}`\n{USAGE}"),
+    }
+}
+
+fn model_path(args: &mut Args) -> Result<PathBuf> {
+    match args.opt("--model")? {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => bail!("--model PATH is required\n{USAGE}"),
+    }
+}
+
+fn generate(args: &mut Args) -> Result<()> {
+    let path = model_path(args)?;
+    let raw = args.flag("--raw");
+    let max_tokens = args.parsed::<usize>("--max-tokens")?.unwrap_or(128);
+    let temperature = args.parsed::<f32>("--temperature")?.unwrap_or(0.0);
+    let seed = args.parsed::<u64>("--seed")?;
+    let system = args.opt("--system")?;
+    let prompt = args.rest.join(" ");
+    if prompt.is_empty() {
+        bail!("a PROMPT is required\n{USAGE}");
+    }
+    let loaded = load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let text = if raw {
+        prompt
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = system {
+            msgs.push(ChatMessage::new("system", &s));
+        }
+        msgs.push(ChatMessage::new("user", &prompt));
+        loaded.template.render(&msgs, true)?
+    };
+    let ids = loaded.tok.encode(&text, true)?;
+    let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
+    let params = SamplingParams {
+        temperature,
+        seed,
+        ..SamplingParams::greedy(max_tokens)
+    };
+    let start = std::time::Instant::now();
+    let mut stream = engine.submit(GenerateRequest {
+        prompt: ids.clone(),
+        params,
+    })?;
+    let mut out = std::io::stdout().lock();
+    let mut first = None;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            Event::Token(t) => {
+                first.get_or_insert_with(|| start.elapsed());
+                write!(out, "{}", t.text)?;
+                out.flush()?;
+            }
+            Event::Done(c) => {
+                writeln!(out, "{}", c.tail)?;
+                let total = start.elapsed();
+                let ttft = first.unwrap_or(total);
+                let decode = (total - ttft).as_secs_f64();
+                eprintln!(
+                    "[{} prompt tokens, {} generated, finish {:?}, first token {:.0} ms, decode {:.1} tok/s]",
+                    c.prompt_tokens,
+                    c.completion_tokens,
+                    c.finish,
+                    ttft.as_secs_f64() * 1e3,
+                    (c.completion_tokens.saturating_sub(1)) as f64 / decode.max(1e-9)
+                );
+                return Ok(());
+            }
+            Event::Error(e) => bail!("generation failed: {e}"),
+        }
+    }
+    bail!("engine stopped")
+}
