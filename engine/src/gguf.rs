@@ -6,8 +6,9 @@ use crate::error::{EngineError, Result};
 use crate::kernels::BlockFormat;
 use crate::linear::{Linear, Weight};
 use crate::model::{Layer, Model, ModelConfig};
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::Device;
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -156,13 +157,15 @@ impl GgufFile {
             .to_vec1::<f32>()?)
     }
 
-    /// A `[rows, cols]` matrix as a linear.
+    /// A `[rows, cols]` matrix as a linear; `perm` reorders its rows (new row `i`
+    /// = stored row `perm[i]`).
     pub fn linear(
         &mut self,
         name: &str,
         rows: usize,
         cols: usize,
         bias: Option<&str>,
+        perm: Option<&[usize]>,
     ) -> Result<Linear> {
         let info = self.info(name)?;
         let dims = info.shape.dims().to_vec();
@@ -174,41 +177,53 @@ impl GgufFile {
             });
         }
         let dtype = info.ggml_dtype;
+        if matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) || cols % dtype.block_size() != 0 {
+            return Err(EngineError::UnsupportedQuantization {
+                tensor: name.into(),
+                dtype: format!("{dtype:?}"),
+            });
+        }
         let weight = match dtype {
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 if cols % 32 == 0 => {
-                let format = match dtype {
-                    GgmlDType::Q4_0 => BlockFormat::Q4_0,
-                    GgmlDType::Q4_1 => BlockFormat::Q4_1,
-                    _ => BlockFormat::Q8_0,
-                };
-                Weight::Blocks {
-                    format,
-                    data: self.raw(name, rows * cols / 32 * format.block_bytes())?,
-                }
-            }
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Weight::F32(self.dequantized(name)?)
-            }
-            GgmlDType::Q8_1 | GgmlDType::Q8K => {
-                return Err(EngineError::UnsupportedQuantization {
-                    tensor: name.into(),
-                    dtype: format!("{dtype:?}"),
-                })
+                let mut w = self.dequantized(name)?;
+                if let Some(p) = perm {
+                    w = permute_rows(&w, cols, p);
+                }
+                Weight::F32(w)
             }
             _ => {
-                let q = self
-                    .content
-                    .tensor(&mut self.reader, name, &Device::Cpu)
-                    .map_err(|e| {
-                        EngineError::invalid(&self.path, format!("tensor `{name}`: {e}"))
-                    })?;
-                Weight::Candle(QMatMul::from_qtensor(q)?)
+                let row_bytes = cols / dtype.block_size() * dtype.type_size();
+                let mut data = self.raw(name, rows * row_bytes)?;
+                if let Some(p) = perm {
+                    data = permute_rows(&data, row_bytes, p);
+                }
+                match dtype {
+                    GgmlDType::Q4_0 => Weight::Blocks {
+                        format: BlockFormat::Q4_0,
+                        data,
+                    },
+                    GgmlDType::Q4_1 => Weight::Blocks {
+                        format: BlockFormat::Q4_1,
+                        data,
+                    },
+                    GgmlDType::Q8_0 => Weight::Blocks {
+                        format: BlockFormat::Q8_0,
+                        data,
+                    },
+                    _ => {
+                        let storage = QStorage::from_data(Cow::Owned(data), &Device::Cpu, dtype)?;
+                        Weight::Candle(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?)
+                    }
+                }
             }
         };
-        let bias = match bias {
+        let mut bias = match bias {
             Some(b) if self.content.tensor_infos.contains_key(b) => Some(self.vector(b, rows)?),
             _ => None,
         };
+        if let (Some(b), Some(p)) = (&mut bias, perm) {
+            *b = permute_rows(b, 1, p);
+        }
         Linear::new(rows, cols, weight, bias)
     }
 
@@ -218,7 +233,9 @@ impl GgufFile {
         // llama.cpp's converter permutes Q/K rows of llama-arch models for its
         // interleaved rope; undo that so rope (and LoRA) use the HF layout.
         let permuted = cfg.arch != "qwen2";
-        let embed = self.linear("token_embd.weight", cfg.vocab, h, None)?;
+        let q_perm = permuted.then(|| unpermute(cfg.n_head, cfg.head_dim));
+        let k_perm = permuted.then(|| unpermute(cfg.n_kv_head, cfg.head_dim));
+        let embed = self.linear("token_embd.weight", cfg.vocab, h, None, None)?;
         if matches!(embed.weight, Weight::Candle(_)) {
             return Err(EngineError::UnsupportedQuantization {
                 tensor: "token_embd.weight".into(),
@@ -228,32 +245,48 @@ impl GgufFile {
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let mut q = self.linear(&p("attn_q.weight"), qd, h, Some(&p("attn_q.bias")))?;
-            let mut k = self.linear(&p("attn_k.weight"), kd, h, Some(&p("attn_k.bias")))?;
-            if permuted {
-                q.permute_rows(&unpermute(cfg.n_head, cfg.head_dim))?;
-                k.permute_rows(&unpermute(cfg.n_kv_head, cfg.head_dim))?;
-            }
+            let q = self.linear(
+                &p("attn_q.weight"),
+                qd,
+                h,
+                Some(&p("attn_q.bias")),
+                q_perm.as_deref(),
+            )?;
+            let k = self.linear(
+                &p("attn_k.weight"),
+                kd,
+                h,
+                Some(&p("attn_k.bias")),
+                k_perm.as_deref(),
+            )?;
             layers.push(Layer {
                 attn_norm: self.vector(&p("attn_norm.weight"), h)?,
                 q,
                 k,
-                v: self.linear(&p("attn_v.weight"), kd, h, Some(&p("attn_v.bias")))?,
-                o: self.linear(&p("attn_output.weight"), h, qd, None)?,
+                v: self.linear(&p("attn_v.weight"), kd, h, Some(&p("attn_v.bias")), None)?,
+                o: self.linear(&p("attn_output.weight"), h, qd, None, None)?,
                 ffn_norm: self.vector(&p("ffn_norm.weight"), h)?,
-                gate: self.linear(&p("ffn_gate.weight"), f, h, None)?,
-                up: self.linear(&p("ffn_up.weight"), f, h, None)?,
-                down: self.linear(&p("ffn_down.weight"), h, f, None)?,
+                gate: self.linear(&p("ffn_gate.weight"), f, h, None, None)?,
+                up: self.linear(&p("ffn_up.weight"), f, h, None, None)?,
+                down: self.linear(&p("ffn_down.weight"), h, f, None, None)?,
             });
         }
         let norm = self.vector("output_norm.weight", h)?;
         let lm_head = if self.content.tensor_infos.contains_key("output.weight") {
-            Some(self.linear("output.weight", cfg.vocab, h, None)?)
+            Some(self.linear("output.weight", cfg.vocab, h, None, None)?)
         } else {
             None
         };
         Model::new(cfg, embed, layers, norm, lm_head)
     }
+}
+
+fn permute_rows<T: Copy>(v: &[T], row: usize, perm: &[usize]) -> Vec<T> {
+    let mut out = Vec::with_capacity(v.len());
+    for &p in perm {
+        out.extend_from_slice(&v[p * row..(p + 1) * row]);
+    }
+    out
 }
 
 /// Row order that maps llama.cpp's permuted Q/K back to HF order:

@@ -317,7 +317,8 @@ mod tests {
         let mut out: Vec<u8> = bytes.iter().map(|v| ((v + 1.0) * 127.0) as u8).collect();
         for b in out.chunks_exact_mut(format.block_bytes()) {
             // sane f16 scales (0.01..0.03) and mins
-            b[0..2].copy_from_slice(&f16::from_f32(0.01 + (b[5] as f32) / 12800.0).to_le_bytes());
+            let d = f16::from_f32(0.01 + (b[5] as f32) / 12800.0);
+            b[0..2].copy_from_slice(&d.to_le_bytes());
             if format == BlockFormat::Q4_1 {
                 b[2..4].copy_from_slice(&f16::from_f32(-0.1).to_le_bytes());
             }

@@ -14,6 +14,7 @@ pub mod safetensors;
 pub mod sampler;
 pub mod scheduler;
 pub mod stream;
+pub mod tiny;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

@@ -69,35 +69,6 @@ impl Linear {
         Ok(())
     }
 
-    /// Reorder output rows: new row `i` = old row `perm[i]` (GGUF Q/K un-permute).
-    pub fn permute_rows(&mut self, perm: &[usize]) -> Result<()> {
-        let rb = match &self.weight {
-            Weight::Blocks { format, .. } => self.cols / QK * format.block_bytes(),
-            Weight::F32(_) => self.cols,
-            Weight::Candle(_) => {
-                return Err(EngineError::InvalidRequest(
-                    "row permutation on a candle-backed weight".into(),
-                ))
-            }
-        };
-        fn apply<T: Copy>(v: &mut Vec<T>, rb: usize, perm: &[usize]) {
-            let mut out = Vec::with_capacity(v.len());
-            for &p in perm {
-                out.extend_from_slice(&v[p * rb..(p + 1) * rb]);
-            }
-            *v = out;
-        }
-        match &mut self.weight {
-            Weight::Blocks { data, .. } => apply(data, rb, perm),
-            Weight::F32(w) => apply(w, rb, perm),
-            Weight::Candle(_) => {}
-        }
-        if let Some(b) = &mut self.bias {
-            apply(b, 1, perm);
-        }
-        Ok(())
-    }
-
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
         let mut outs = matmul_many(&[self], x, t)?;
         Ok(outs.pop().unwrap_or_default())

@@ -1,0 +1,273 @@
+//! Tiny random-weight llama models written to disk as a GGUF file and as an HF
+//! safetensors directory, for fast tests (here and in other crates). Both files
+//! hold the same weights: GGUF with llama.cpp's Q/K row permutation, safetensors
+//! in HF layout, so loading both and comparing checks the whole load path.
+
+use crate::error::{EngineError, Result};
+use crate::gguf::permute;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+pub struct TinySpec {
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub context: usize,
+    pub seed: u64,
+    /// Weight type of the GGUF projections.
+    pub gguf_dtype: GgmlDType,
+    pub arch: &'static str,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            n_layer: 2,
+            hidden: 64,
+            ffn: 128,
+            n_head: 4,
+            n_kv_head: 2,
+            context: 256,
+            seed: 1,
+            gguf_dtype: GgmlDType::F32,
+            arch: "llama",
+        }
+    }
+}
+
+pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const MERGES: [(&str, &str); 9] = [
+    ("h", "e"),
+    ("l", "l"),
+    ("he", "ll"),
+    ("hell", "o"),
+    ("Ġ", "w"),
+    ("o", "r"),
+    ("Ġw", "or"),
+    ("l", "d"),
+    ("Ġwor", "ld"),
+];
+
+/// GPT-2 byte-to-unicode table (the ByteLevel alphabet).
+pub fn byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).unwrap_or(' ');
+    }
+    out
+}
+
+/// (tokens, token types, merges): specials first, then the 256 byte symbols, then merges.
+pub fn vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
+    let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+    let mut types = vec![3; SPECIALS.len()];
+    for c in byte_chars() {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let mut merges = Vec::new();
+    for (a, b) in MERGES {
+        tokens.push(format!("{a}{b}"));
+        types.push(1);
+        merges.push(format!("{a} {b}"));
+    }
+    (tokens, types, merges)
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn tensor(&mut self, shape: &[usize], scale: f32, offset: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| offset + scale * self.next()).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+}
+
+/// HF-named f32 tensors.
+fn weights(s: &TinySpec, vocab: usize) -> Result<BTreeMap<String, Tensor>> {
+    let mut r = Lcg(s.seed);
+    let hd = s.hidden / s.n_head;
+    let (h, qd, kd, f) = (s.hidden, s.n_head * hd, s.n_kv_head * hd, s.ffn);
+    let mut m = BTreeMap::new();
+    m.insert(
+        "model.embed_tokens.weight".into(),
+        r.tensor(&[vocab, h], 1.0, 0.0)?,
+    );
+    for i in 0..s.n_layer {
+        let p = format!("model.layers.{i}");
+        let lin = |r: &mut Lcg, rows: usize, cols: usize| {
+            r.tensor(&[rows, cols], 1.7 / (cols as f32).sqrt(), 0.0)
+        };
+        m.insert(
+            format!("{p}.input_layernorm.weight"),
+            r.tensor(&[h], 0.1, 1.0)?,
+        );
+        m.insert(format!("{p}.self_attn.q_proj.weight"), lin(&mut r, qd, h)?);
+        m.insert(format!("{p}.self_attn.k_proj.weight"), lin(&mut r, kd, h)?);
+        m.insert(format!("{p}.self_attn.v_proj.weight"), lin(&mut r, kd, h)?);
+        m.insert(format!("{p}.self_attn.o_proj.weight"), lin(&mut r, h, qd)?);
+        m.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            r.tensor(&[h], 0.1, 1.0)?,
+        );
+        m.insert(format!("{p}.mlp.gate_proj.weight"), lin(&mut r, f, h)?);
+        m.insert(format!("{p}.mlp.up_proj.weight"), lin(&mut r, f, h)?);
+        m.insert(format!("{p}.mlp.down_proj.weight"), lin(&mut r, h, f)?);
+    }
+    m.insert("model.norm.weight".into(), r.tensor(&[h], 0.1, 1.0)?);
+    Ok(m)
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// Write `dir/model.gguf` and `dir/hf/` (config.json, model.safetensors,
+/// tokenizer.json, tokenizer_config.json). Returns (gguf path, hf dir).
+pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (tokens, types, merges) = vocab();
+    let w = weights(s, tokens.len())?;
+    let hf = dir.join("hf");
+    std::fs::create_dir_all(&hf).map_err(io(&hf))?;
+    let hm: std::collections::HashMap<String, Tensor> = w.clone().into_iter().collect();
+    candle_core::safetensors::save(&hm, hf.join("model.safetensors"))?;
+    let cfg = serde_json::json!({
+        "model_type": s.arch, "hidden_size": s.hidden, "intermediate_size": s.ffn,
+        "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_kv_head,
+        "vocab_size": tokens.len(), "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": s.context, "tie_word_embeddings": true});
+    std::fs::write(hf.join("config.json"), cfg.to_string()).map_err(io(&hf))?;
+
+    // GGUF
+    use gguf_file::Value as V;
+    let a = s.arch;
+    let hd = s.hidden / s.n_head;
+    let meta: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(a.into())),
+        (format!("{a}.block_count"), V::U32(s.n_layer as u32)),
+        (format!("{a}.context_length"), V::U32(s.context as u32)),
+        (format!("{a}.embedding_length"), V::U32(s.hidden as u32)),
+        (format!("{a}.feed_forward_length"), V::U32(s.ffn as u32)),
+        (format!("{a}.attention.head_count"), V::U32(s.n_head as u32)),
+        (
+            format!("{a}.attention.head_count_kv"),
+            V::U32(s.n_kv_head as u32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            V::F32(1e-5),
+        ),
+        (format!("{a}.rope.freq_base"), V::F32(10000.0)),
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), V::String("default".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(tokens.iter().map(|t| V::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(types.iter().map(|t| V::I32(*t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            V::Array(merges.iter().map(|t| V::String(t.clone())).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+        ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
+        (
+            "tokenizer.chat_template".into(),
+            V::String(crate::chat::CHATML.into()),
+        ),
+    ];
+    let gname = |hf: &str| -> String {
+        let hf = hf.strip_prefix("model.").unwrap_or(hf);
+        if hf == "embed_tokens.weight" {
+            return "token_embd.weight".into();
+        }
+        if hf == "norm.weight" {
+            return "output_norm.weight".into();
+        }
+        let rest = hf.strip_prefix("layers.").unwrap_or(hf);
+        let (idx, name) = rest.split_once('.').unwrap_or(("0", rest));
+        let name = name
+            .replace("input_layernorm", "attn_norm")
+            .replace("post_attention_layernorm", "ffn_norm")
+            .replace("self_attn.q_proj", "attn_q")
+            .replace("self_attn.k_proj", "attn_k")
+            .replace("self_attn.v_proj", "attn_v")
+            .replace("self_attn.o_proj", "attn_output")
+            .replace("mlp.gate_proj", "ffn_gate")
+            .replace("mlp.up_proj", "ffn_up")
+            .replace("mlp.down_proj", "ffn_down");
+        format!("blk.{idx}.{name}")
+    };
+    let mut qts = Vec::new();
+    for (name, t) in &w {
+        let mut t = t.clone();
+        let perm = if name.ends_with("q_proj.weight") {
+            Some(permute(s.n_head, hd))
+        } else if name.ends_with("k_proj.weight") {
+            Some(permute(s.n_kv_head, hd))
+        } else {
+            None
+        };
+        if let (Some(p), "llama") = (perm, a) {
+            let idx = Tensor::from_vec(
+                p.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+                p.len(),
+                &Device::Cpu,
+            )?;
+            t = t.index_select(&idx, 0)?;
+        }
+        let dtype = if t.rank() == 2 && !name.contains("embed") {
+            s.gguf_dtype
+        } else {
+            GgmlDType::F32
+        };
+        qts.push((gname(name), QTensor::quantize(&t, dtype)?));
+    }
+    let path = dir.join("model.gguf");
+    let mut f = std::fs::File::create(&path).map_err(io(&path))?;
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &meta_refs, &t_refs)?;
+
+    // tokenizer files for the HF directory, from the same vocabulary
+    let g = crate::gguf::GgufFile::open(&path)?;
+    let tok = crate::tokenizer::Tok::from_gguf(&g)?;
+    tok.inner
+        .save(hf.join("tokenizer.json"), false)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    let tc = serde_json::json!({"bos_token": SPECIALS[1], "eos_token": SPECIALS[2], "chat_template": crate::chat::CHATML});
+    std::fs::write(hf.join("tokenizer_config.json"), tc.to_string()).map_err(io(&hf))?;
+    Ok((path, hf))
+}

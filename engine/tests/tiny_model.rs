@@ -1,0 +1,373 @@
+//! Fast tests on tiny random-weight models generated in the test.
+
+use candle_core::quantized::GgmlDType;
+use retune_engine::tiny::{self, TinySpec};
+use retune_engine::*;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("retune-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn logits_of(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut kv = model.new_cache();
+    let mut items = [BatchItem {
+        tokens,
+        kv: &mut kv,
+        want_logits: true,
+    }];
+    model.forward(&mut items).unwrap().remove(0)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn gguf_with_permuted_qk_matches_safetensors() {
+    for arch in ["llama", "qwen2"] {
+        let dir = tmpdir(&format!("agree-{arch}"));
+        let (gguf, hf) = tiny::write(
+            &dir,
+            &TinySpec {
+                arch,
+                ..TinySpec::default()
+            },
+        )
+        .unwrap();
+        let a = load(&gguf).unwrap();
+        let b = load(&hf).unwrap();
+        let toks: Vec<u32> = (3..40).collect();
+        let la = logits_of(&a.model, &toks);
+        let lb = logits_of(&b.model, &toks);
+        assert_eq!(la.len(), a.model.cfg.vocab);
+        let spread = la.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(spread > 0.1, "logits degenerate");
+        assert!(
+            max_diff(&la, &lb) < 1e-3 * spread,
+            "{arch}: {}",
+            max_diff(&la, &lb)
+        );
+    }
+}
+
+#[test]
+fn quantized_gguf_stays_close_to_f32() {
+    let dir = tmpdir("quant");
+    // K-quants need 256-wide rows
+    let spec = TinySpec {
+        hidden: 256,
+        ffn: 512,
+        ..TinySpec::default()
+    };
+    let (f32_path, _) = tiny::write(&dir.join("f32"), &spec).unwrap();
+    let reference = logits_of(&load(&f32_path).unwrap().model, &[5, 9, 77, 200, 31]);
+    let spread = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (dtype, tol) in [
+        (GgmlDType::Q8_0, 0.05),
+        (GgmlDType::Q4_1, 0.3),
+        (GgmlDType::Q4_0, 0.3),
+        (GgmlDType::Q4K, 0.3),
+    ] {
+        let (p, _) = tiny::write(
+            &dir.join(format!("{dtype:?}")),
+            &TinySpec {
+                gguf_dtype: dtype,
+                ..spec.clone()
+            },
+        )
+        .unwrap();
+        let got = logits_of(&load(&p).unwrap().model, &[5, 9, 77, 200, 31]);
+        let d = max_diff(&reference, &got);
+        assert!(
+            d < tol * spread,
+            "{dtype:?}: max diff {d} (spread {spread})"
+        );
+        assert!(
+            d > 0.0 || dtype == GgmlDType::Q8_0,
+            "{dtype:?} identical to f32: not quantized?"
+        );
+    }
+}
+
+#[test]
+fn chunked_prefill_and_token_by_token_decode_are_bit_identical() {
+    let dir = tmpdir("chunks");
+    let (p, _) = tiny::write(
+        &dir,
+        &TinySpec {
+            gguf_dtype: GgmlDType::Q4_1,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let m = load(&p).unwrap().model;
+    let toks: Vec<u32> = (0..50).map(|i| (i * 7 % 250 + 3) as u32).collect();
+    let whole = logits_of(&m, &toks);
+    let mut kv = m.new_cache();
+    let mut last = Vec::new();
+    for chunk in toks.chunks(7) {
+        last = m
+            .forward(&mut [BatchItem {
+                tokens: chunk,
+                kv: &mut kv,
+                want_logits: true,
+            }])
+            .unwrap()
+            .remove(0);
+    }
+    assert_eq!(whole, last);
+    assert_eq!(kv.len(), toks.len());
+}
+
+#[test]
+fn tokenizer_from_gguf_equals_tokenizer_json() {
+    let dir = tmpdir("tok");
+    let (g, hf) = tiny::write(&dir, &TinySpec::default()).unwrap();
+    let a = load(&g).unwrap().tok;
+    let b = load(&hf).unwrap().tok;
+    for s in [
+        "hello world",
+        "héllo wörld 😀",
+        "<|im_start|>user\nhi<|im_end|>",
+        "  spaces\t\ttabs\n\n",
+    ] {
+        let ia = a.encode(s, true).unwrap();
+        assert_eq!(ia, b.encode(s, true).unwrap(), "{s}");
+        assert_eq!(a.decode(&ia, false).unwrap(), s);
+    }
+    assert_eq!(a.encode("hello", false).unwrap().len(), 1, "merges applied");
+    assert_eq!(
+        a.encode("<|im_end|>", false).unwrap(),
+        vec![2],
+        "special token"
+    );
+    assert!(a.eos.contains(&2));
+}
+
+fn tiny_engine(name: &str, cfg: EngineConfig) -> Engine {
+    let dir = tmpdir(name);
+    let (p, _) = tiny::write(
+        &dir,
+        &TinySpec {
+            gguf_dtype: GgmlDType::Q4_1,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let l = load(&p).unwrap();
+    Engine::start(l.model, l.tok, cfg).unwrap()
+}
+
+fn greedy(prompt: Vec<u32>, n: usize) -> GenerateRequest {
+    let params = SamplingParams {
+        stop_on_eos: false,
+        ..SamplingParams::greedy(n)
+    };
+    GenerateRequest { prompt, params }
+}
+
+#[test]
+fn batch_invariance_alone_vs_batch_of_eight() {
+    let engine = tiny_engine(
+        "batch",
+        EngineConfig {
+            prefill_chunk: 16,
+            ..EngineConfig::default()
+        },
+    );
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| {
+            (0..(3 + i * 9))
+                .map(|j| ((i * 31 + j * 7) % 250 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .generate_blocking(greedy(p.clone(), 24))
+                .unwrap()
+                .ids()
+        })
+        .collect();
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(greedy(p.clone(), 24)).unwrap())
+        .collect();
+    for (mut s, want) in streams.into_iter().zip(&alone) {
+        let mut got = Vec::new();
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                Event::Token(t) => got.push(t.id),
+                Event::Done(c) => {
+                    assert_eq!(c.finish, FinishReason::Length);
+                    break;
+                }
+                Event::Error(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(&got, want);
+    }
+}
+
+#[test]
+fn dropping_the_stream_cancels_and_frees_the_kv_cache() {
+    let engine = tiny_engine("cancel", EngineConfig::default());
+    let mut s = engine.submit(greedy(vec![5, 6, 7], 200)).unwrap();
+    assert!(matches!(s.blocking_next(), Some(Event::Token(_))));
+    assert_eq!(
+        engine
+            .stats()
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(s);
+    let t = Instant::now();
+    loop {
+        let running = engine
+            .stats()
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let kv = engine
+            .stats()
+            .kv_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if running == 0 && kv == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "not cancelled: running {running}, kv {kv}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // engine still serves after a cancellation
+    assert_eq!(
+        engine
+            .generate_blocking(greedy(vec![5, 6, 7], 3))
+            .unwrap()
+            .tokens
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn full_queue_answers_overloaded() {
+    let engine = tiny_engine(
+        "overload",
+        EngineConfig {
+            max_batch: 1,
+            max_queue: 2,
+            ..EngineConfig::default()
+        },
+    );
+    let mut held = Vec::new();
+    let mut overloaded = 0;
+    for _ in 0..10 {
+        match engine.submit(greedy(vec![5, 6, 7], 250)) {
+            Ok(s) => held.push(s),
+            Err(EngineError::Overloaded(2)) => overloaded += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(held.len() <= 4, "queue grew: {} accepted", held.len());
+    assert!(overloaded >= 6);
+}
+
+#[test]
+fn stop_strings_and_stop_tokens_end_generation() {
+    let engine = tiny_engine("stops", EngineConfig::default());
+    let free = engine.generate_blocking(greedy(vec![5, 6, 7], 20)).unwrap();
+    let ids = free.ids();
+    // stop on the 5th generated token id
+    let mut req = greedy(vec![5, 6, 7], 20);
+    req.params.stop_token_ids = vec![ids[4]];
+    let first = ids.iter().position(|&t| t == ids[4]).unwrap();
+    let got = engine.generate_blocking(req).unwrap();
+    assert_eq!(got.completion.finish, FinishReason::Stop);
+    assert_eq!(got.ids(), ids[..=first].to_vec());
+    // stop string taken from the middle of the free text
+    let chars: Vec<char> = free.text.chars().collect();
+    if chars.len() > 6 {
+        let stop: String = chars[3..5].iter().collect();
+        let mut req = greedy(vec![5, 6, 7], 20);
+        req.params.stop = vec![stop.clone()];
+        let got = engine.generate_blocking(req).unwrap();
+        assert_eq!(got.completion.finish, FinishReason::Stop);
+        let cut = free.text.find(&stop).unwrap();
+        assert_eq!(got.text, free.text[..cut]);
+    }
+}
+
+#[test]
+fn bad_inputs_give_typed_errors() {
+    let dir = tmpdir("bad");
+    assert!(matches!(
+        load(&dir.join("nope.gguf")),
+        Err(EngineError::NotFound(_))
+    ));
+    let (g, hf) = tiny::write(&dir, &TinySpec::default()).unwrap();
+    let bytes = std::fs::read(&g).unwrap();
+    let trunc = dir.join("trunc.gguf");
+    std::fs::write(&trunc, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let err = load(&trunc).err().unwrap();
+    assert!(matches!(err, EngineError::InvalidModel { .. }), "{err}");
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"definitely not a gguf file, just text").unwrap();
+    assert!(matches!(load(&junk), Err(EngineError::InvalidModel { .. })));
+    let hdr = dir.join("hdr.gguf");
+    std::fs::write(&hdr, &bytes[..100]).unwrap();
+    assert!(matches!(load(&hdr), Err(EngineError::InvalidModel { .. })));
+
+    let (phi, _) = tiny::write(
+        &dir.join("phi"),
+        &TinySpec {
+            arch: "phi3",
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(load(&phi), Err(EngineError::UnsupportedArchitecture(a)) if a == "phi3"));
+
+    let cfg = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        cfg.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":3"),
+    )
+    .unwrap();
+    assert!(matches!(load(&hf), Err(EngineError::MissingTensor(_))));
+    std::fs::write(hf.join("config.json"), "{ not json").unwrap();
+    assert!(matches!(load(&hf), Err(EngineError::InvalidModel { .. })));
+    std::fs::write(hf.join("model.safetensors"), b"garbage").unwrap();
+    std::fs::write(hf.join("config.json"), cfg).unwrap();
+    assert!(matches!(load(&hf), Err(EngineError::InvalidModel { .. })));
+
+    let l = load(&g).unwrap();
+    let engine = Engine::start(l.model, l.tok, EngineConfig::default()).unwrap();
+    let long = vec![5u32; 300];
+    assert!(matches!(
+        engine.submit(greedy(long, 4)),
+        Err(EngineError::PromptTooLong { prompt: 300, .. })
+    ));
+    assert!(matches!(
+        engine.submit(greedy(vec![], 4)),
+        Err(EngineError::EmptyPrompt)
+    ));
+    assert!(matches!(
+        engine
+            .submit(greedy(vec![100_000], 4))
+            .map(|mut s| s.blocking_next()),
+        Ok(Some(Event::Error(_)))
+    ));
+}
