@@ -37,8 +37,10 @@ pub fn quantize_act(x: &[f32], out: &mut [Q8Act]) {
             *q = r.clamp(-127, 127) as i8;
             sum += r.clamp(-127, 127);
         }
-        blk.d = d;
-        blk.s = d * sum as f32;
+        // Scales are rounded through f16 exactly as ggml's q8_0/q8_1 blocks store
+        // them, so dot products carry the same rounding as llama.cpp's.
+        blk.d = f16::from_f32(d).to_f32();
+        blk.s = f16::from_f32(d * sum as f32).to_f32();
     }
 }
 
@@ -109,11 +111,12 @@ pub fn dot_q(format: BlockFormat, row: &[u8], x: &[Q8Act]) -> f32 {
         // SAFETY: the target features are enabled at compile time; block counts are
         // checked by the callers (row.len() == x.len() * block_bytes).
         unsafe {
-            match format {
-                BlockFormat::Q4_0 => avx2::dot_q4_0(row, x),
-                BlockFormat::Q4_1 => avx2::dot_q4_1(row, x),
-                BlockFormat::Q8_0 => avx2::dot_q8_0(row, x),
-            }
+            let [v] = match format {
+                BlockFormat::Q4_0 => avx2::tile::<avx2::Q40, 1>(row, [x]),
+                BlockFormat::Q4_1 => avx2::tile::<avx2::Q41, 1>(row, [x]),
+                BlockFormat::Q8_0 => avx2::tile::<avx2::Q80, 1>(row, [x]),
+            };
+            v
         }
     }
     #[cfg(not(all(
@@ -123,6 +126,28 @@ pub fn dot_q(format: BlockFormat, row: &[u8], x: &[Q8Act]) -> f32 {
     )))]
     {
         dot_q_scalar(format, row, x)
+    }
+}
+
+/// Dot products of one weight row with `N` tokens' activations at once (the
+/// weight block is unpacked once for all of them). Each token's result is computed
+/// by exactly the same operations as [`dot_q`], so tiling never changes a value.
+#[inline]
+pub fn dot_q_tile<const N: usize>(format: BlockFormat, row: &[u8], xs: [&[Q8Act]; N]) -> [f32; N] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    {
+        // SAFETY: see dot_q.
+        unsafe {
+            match format {
+                BlockFormat::Q4_0 => avx2::tile::<avx2::Q40, N>(row, xs),
+                BlockFormat::Q4_1 => avx2::tile::<avx2::Q41, N>(row, xs),
+                BlockFormat::Q8_0 => avx2::tile::<avx2::Q80, N>(row, xs),
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    {
+        xs.map(|x| dot_q_scalar(format, row, x))
     }
 }
 
@@ -185,13 +210,43 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// f32 · f16 dot product (query against the f16 KV cache).
+#[inline]
+pub fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        // SAFETY: features enabled at compile time; bounded by the shorter slice.
+        unsafe { avx2::dot_f32_f16(a, b) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    {
+        a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+    }
+}
+
+/// `out += w * v` with `v` in f16.
+#[inline]
+pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        // SAFETY: as above.
+        unsafe { avx2::axpy_f16(out, w, v) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += w * x.to_f32();
+        }
+    }
+}
+
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{f16_at, Q8Act, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+    use super::{Q8Act, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -204,15 +259,6 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Signed i8 · i8 over 32 lanes, summed in 8 i32 lanes, as f32.
-    #[inline(always)]
-    unsafe fn mul_i8(x: __m256i, y: __m256i) -> __m256 {
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        let p = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
-    }
-
     #[inline(always)]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let q = _mm_loadu_si128(p as *const __m128i);
@@ -222,51 +268,111 @@ mod avx2 {
         _mm256_set_m128i(hi, lo)
     }
 
-    pub unsafe fn dot_q4_0(row: &[u8], x: &[Q8Act]) -> f32 {
-        let n = x.len().min(row.len() / Q4_0_BYTES);
-        let mut acc = _mm256_setzero_ps();
-        let eight = _mm256_set1_epi8(8);
-        for i in 0..n {
-            let b = row.get_unchecked(i * Q4_0_BYTES..(i + 1) * Q4_0_BYTES);
-            let y = x.get_unchecked(i);
-            let qx = _mm256_sub_epi8(nibbles(b.as_ptr().add(2)), eight);
-            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
-            acc = _mm256_fmadd_ps(d, mul_i8(qx, qy), acc);
+    /// A weight block format: unpack a block into 32 lanes of (unsigned or signed) ints.
+    pub trait Fmt {
+        const BYTES: usize;
+        /// Q4_1's lanes are unsigned 0..15 with a min; the others are signed.
+        const UNSIGNED: bool;
+        unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32);
+    }
+    pub struct Q40;
+    pub struct Q41;
+    pub struct Q80;
+    impl Fmt for Q40 {
+        const BYTES: usize = Q4_0_BYTES;
+        const UNSIGNED: bool = false;
+        #[inline(always)]
+        unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
+            let q = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
+            (q, f16_ptr(b), 0.0)
         }
-        hsum(acc)
+    }
+    impl Fmt for Q41 {
+        const BYTES: usize = Q4_1_BYTES;
+        const UNSIGNED: bool = true;
+        #[inline(always)]
+        unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
+            (nibbles(b.add(4)), f16_ptr(b), f16_ptr(b.add(2)))
+        }
+    }
+    impl Fmt for Q80 {
+        const BYTES: usize = Q8_0_BYTES;
+        const UNSIGNED: bool = false;
+        #[inline(always)]
+        unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
+            (_mm256_loadu_si256(b.add(2) as *const __m256i), f16_ptr(b), 0.0)
+        }
     }
 
-    pub unsafe fn dot_q4_1(row: &[u8], x: &[Q8Act]) -> f32 {
-        let n = x.len().min(row.len() / Q4_1_BYTES);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
+    #[inline(always)]
+    unsafe fn f16_ptr(b: *const u8) -> f32 {
+        half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32()
+    }
+
+    #[inline(always)]
+    pub unsafe fn tile<F: Fmt, const N: usize>(row: &[u8], xs: [&[Q8Act]; N]) -> [f32; N] {
+        let mut n = row.len() / F::BYTES;
+        for x in &xs {
+            n = n.min(x.len());
+        }
         let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut summs = [0f32; N];
+        let base = row.as_ptr();
         for i in 0..n {
-            let b = row.get_unchecked(i * Q4_1_BYTES..(i + 1) * Q4_1_BYTES);
-            let y = x.get_unchecked(i);
-            summs += f16_at(b, 2) * y.s;
-            let qx = nibbles(b.as_ptr().add(4));
-            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            let (qx, d, m) = F::unpack(base.add(i * F::BYTES));
+            let ax = if F::UNSIGNED { qx } else { _mm256_sign_epi8(qx, qx) };
+            for t in 0..N {
+                let y = xs[t].get_unchecked(i);
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                let sy = if F::UNSIGNED { qy } else { _mm256_sign_epi8(qy, qx) };
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), p, acc[t]);
+                if F::UNSIGNED {
+                    summs[t] += m * y.s;
+                }
+            }
         }
-        hsum(acc) + summs
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(acc[t]) + summs[t];
+        }
+        out
     }
 
-    pub unsafe fn dot_q8_0(row: &[u8], x: &[Q8Act]) -> f32 {
-        let n = x.len().min(row.len() / Q8_0_BYTES);
+    #[cfg(target_feature = "f16c")]
+    pub unsafe fn dot_f32_f16(a: &[f32], b: &[half::f16]) -> f32 {
+        let n = a.len().min(b.len());
         let mut acc = _mm256_setzero_ps();
-        for i in 0..n {
-            let b = row.get_unchecked(i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES);
-            let y = x.get_unchecked(i);
-            let qx = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
-            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
-            acc = _mm256_fmadd_ps(d, mul_i8(qx, qy), acc);
+        let mut i = 0;
+        while i + 8 <= n {
+            let k = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), k, acc);
+            i += 8;
         }
-        hsum(acc)
+        let mut s = hsum(acc);
+        while i < n {
+            s += a.get_unchecked(i) * b.get_unchecked(i).to_f32();
+            i += 1;
+        }
+        s
+    }
+
+    #[cfg(target_feature = "f16c")]
+    pub unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[half::f16]) {
+        let n = out.len().min(v.len());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+            let o = _mm256_loadu_ps(out.as_ptr().add(i));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, x, o));
+            i += 8;
+        }
+        while i < n {
+            *out.get_unchecked_mut(i) += w * v.get_unchecked(i).to_f32();
+            i += 1;
+        }
     }
 
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -348,6 +454,25 @@ mod tests {
                 (fast - exact).abs() < 0.05 * scale.max(1.0),
                 "{format:?}: {fast} vs exact {exact}"
             );
+        }
+    }
+
+    #[test]
+    fn tiles_are_bit_identical_to_single_dots() {
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let nb = 18;
+            let row = random_blocks(format, nb, 3);
+            let xq: Vec<Vec<Q8Act>> = (0..4)
+                .map(|s| {
+                    let mut q = vec![Q8Act::default(); nb];
+                    quantize_act(&rand_vec(nb * QK, 20 + s), &mut q);
+                    q
+                })
+                .collect();
+            let tile = dot_q_tile::<4>(format, &row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
+            for (t, x) in xq.iter().enumerate() {
+                assert_eq!(tile[t].to_bits(), dot_q(format, &row, x).to_bits(), "{format:?} token {t}");
+            }
         }
     }
 

@@ -1,9 +1,12 @@
 //! Per-sequence KV cache: one growable buffer per layer for K and for V,
-//! `[position, kv_heads * head_dim]`. Dropping the cache frees its memory.
+//! `[position, kv_heads * head_dim]`, stored as f16 (as llama.cpp does by
+//! default; half the memory of f32). Dropping the cache frees its memory.
+
+use half::f16;
 
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     kv_dim: usize,
     len: usize,
 }
@@ -29,15 +32,16 @@ impl KvCache {
 
     /// Bytes held (capacity), for accounting.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()
+        self.k.iter().chain(&self.v).map(|b| b.capacity() * 2).sum()
     }
 
     pub(crate) fn reserve(&mut self, n: usize) {
         let need = (self.len + n) * self.kv_dim;
         for b in self.k.iter_mut().chain(self.v.iter_mut()) {
             if b.capacity() < need {
-                // grow in steps of 64 positions to avoid reallocating every token
-                let target = (self.len + n).div_ceil(64) * 64 * self.kv_dim;
+                // grow geometrically (x1.25) in steps of 16 positions
+                let positions = (self.len + n).max(b.capacity() / self.kv_dim * 5 / 4);
+                let target = positions.div_ceil(16) * 16 * self.kv_dim;
                 b.reserve_exact(target - b.len());
             }
         }
@@ -48,15 +52,15 @@ impl KvCache {
         let start = self.len * self.kv_dim;
         self.k[layer].truncate(start);
         self.v[layer].truncate(start);
-        self.k[layer].extend_from_slice(k);
-        self.v[layer].extend_from_slice(v);
+        self.k[layer].extend(k.iter().map(|x| f16::from_f32(*x)));
+        self.v[layer].extend(v.iter().map(|x| f16::from_f32(*x)));
     }
 
     pub(crate) fn commit(&mut self, n: usize) {
         self.len += n;
     }
 
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
         (&self.k[layer], &self.v[layer])
     }
 }

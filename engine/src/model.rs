@@ -256,7 +256,7 @@ impl Model {
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for p in 0..n {
-                    let s = crate::kernels::dot_f32(
+                    let s = crate::kernels::dot_f32_f16(
                         qh,
                         &keys[p * kd + kvh * hd..p * kd + (kvh + 1) * hd],
                     ) * scale;
@@ -271,10 +271,7 @@ impl Model {
                 let inv = 1.0 / sum;
                 for (p, s) in scores.iter().enumerate() {
                     let w = s * inv;
-                    let vrow = &vals[p * kd + kvh * hd..p * kd + (kvh + 1) * hd];
-                    for (oo, vv) in o.iter_mut().zip(vrow) {
-                        *oo += w * vv;
-                    }
+                    crate::kernels::axpy_f16(o, w, &vals[p * kd + kvh * hd..p * kd + (kvh + 1) * hd]);
                 }
             });
         out

@@ -1,5 +1,126 @@
-//! Placeholder replaced below.
-use anyhow::Result;
-pub fn run(_args: &mut super::Args) -> Result<()> {
-    anyhow::bail!("bench: not built yet")
+//! `retune bench`: prefill, single-stream decode, aggregate decode at 8/32/64
+//! concurrent sequences and peak RSS on one model; optionally runs llama.cpp's
+//! `llama-bench -t 2` on the same GGUF in the same run and prints ratios.
+
+use super::Args;
+use anyhow::{bail, Context, Result};
+use retune_engine::{load, Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
+use std::path::Path;
+use std::time::Instant;
+
+fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
+    GenerateRequest { prompt, params: SamplingParams { stop_on_eos: false, ..SamplingParams::greedy(n) } }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// (seconds to first token, seconds for the rest, tokens)
+fn timed(engine: &Engine, r: GenerateRequest) -> Result<(f64, f64, usize)> {
+    let start = Instant::now();
+    let mut s = engine.submit(r)?;
+    let mut first = None;
+    let mut n = 0;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::Token(_) => {
+                n += 1;
+                first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+            }
+            Event::Done(_) => break,
+            Event::Error(e) => bail!("{e}"),
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(total);
+    Ok((ttft, total - ttft, n))
+}
+
+fn aggregate(engine: &Engine, n: usize, tokens: usize) -> Result<f64> {
+    let start = Instant::now();
+    let streams: Vec<_> = (0..n)
+        .map(|i| engine.submit(req((0..16).map(|j| (100 + i * 37 + j * 11) as u32 % 40_000 + 50).collect(), tokens)))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut total = 0;
+    for mut s in streams {
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                Event::Token(_) => total += 1,
+                Event::Done(_) => break,
+                Event::Error(e) => bail!("{e}"),
+            }
+        }
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// llama-bench's average tok/s for pp512 and tg128.
+fn llama_bench(bin: &Path, model: &Path) -> Result<(f64, f64)> {
+    let out = std::process::Command::new(bin)
+        .args(["-m", &model.to_string_lossy(), "-t", "2", "-o", "json"])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("llama-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("llama-bench json")?;
+    let mut pp = f64::NAN;
+    let mut tg = f64::NAN;
+    for t in v.as_array().into_iter().flatten() {
+        let ts = t["avg_ts"].as_f64().unwrap_or(f64::NAN);
+        if t["n_prompt"].as_u64().unwrap_or(0) > 0 && t["n_gen"].as_u64() == Some(0) {
+            pp = ts;
+        } else if t["n_gen"].as_u64().unwrap_or(0) > 0 {
+            tg = ts;
+        }
+    }
+    Ok((pp, tg))
+}
+
+pub fn run(args: &mut Args) -> Result<()> {
+    let path = super::model_path(args)?;
+    let llama = args.opt("--llama-bench")?.or_else(|| std::env::var("LLAMA_BENCH").ok());
+    let decode_tokens = args.parsed::<usize>("--decode-tokens")?.unwrap_or(128);
+    let loaded = load(&path)?;
+    let vocab = loaded.model.cfg.vocab as u32;
+    let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919) % (vocab - 100) + 50).collect();
+    // warm-up
+    timed(&engine, req(prompt[..64].to_vec(), 8))?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..3 {
+        let (ttft, _, _) = timed(&engine, req(prompt.clone(), 1))?;
+        pp.push(512.0 / ttft);
+        let (_, rest, n) = timed(&engine, req(prompt[..16].to_vec(), decode_tokens))?;
+        tg.push((n - 1) as f64 / rest);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (pp, tg) = (med(&mut pp), med(&mut tg));
+    println!("| metric | retune | llama.cpp | ratio |\n|---|---|---|---|");
+    let theirs = match &llama {
+        Some(b) => Some(llama_bench(Path::new(b), &path)?),
+        None => None,
+    };
+    let row = |name: &str, ours: f64, peer: Option<f64>| match peer {
+        Some(p) => println!("| {name} | {ours:.1} | {p:.1} | {:.2}x |", ours / p),
+        None => println!("| {name} | {ours:.1} | – | – |"),
+    };
+    row("prefill tok/s (512-token prompt)", pp, theirs.map(|t| t.0));
+    row("decode tok/s, 1 stream", tg, theirs.map(|t| t.1));
+    for n in [8, 32, 64] {
+        let agg = aggregate(&engine, n, 64)?;
+        println!("| aggregate tok/s, {n} streams (64 tokens each) | {agg:.1} | | {:.2}x single |", agg / tg);
+    }
+    println!("| peak RSS MB | {:.0} | | |", peak_rss_mb());
+    Ok(())
 }
