@@ -6,6 +6,7 @@ pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod kernels_f32;
 pub mod kv;
 pub mod linear;
 pub mod load;

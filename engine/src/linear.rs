@@ -7,7 +7,8 @@
 //! base output by the multi-LoRA layer; the base path stays batch-invariant.
 
 use crate::error::{EngineError, Result};
-use crate::kernels::{self, BlockFormat, Q8Act, QK};
+use crate::kernels::{BlockFormat, QK};
+use crate::kernels_f32;
 use candle_core::quantized::QMatMul;
 use rayon::prelude::*;
 
@@ -48,16 +49,12 @@ impl Linear {
         })
     }
 
-    fn needs_q8(&self) -> bool {
-        matches!(self.weight, Weight::Blocks { .. })
-    }
-
     /// Copy row `r` as f32 into `out` (embedding lookup on tied weights).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
         match &self.weight {
             Weight::Blocks { format, data } => {
                 let rb = self.cols / QK * format.block_bytes();
-                kernels::dequant_row(*format, &data[r * rb..(r + 1) * rb], out);
+                kernels_f32::dequant_row(*format, &data[r * rb..(r + 1) * rb], out);
             }
             Weight::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
             Weight::Candle(_) => {
@@ -75,6 +72,43 @@ impl Linear {
     }
 }
 
+/// One or two weight rows against all `t` tokens, in register tiles of 4 tokens.
+#[inline]
+fn rows_times_tokens(
+    rows: &[&[f32]],
+    x: &[f32],
+    cols: usize,
+    t: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let xt = |i: usize| &x[i * cols..(i + 1) * cols];
+    let mut ti = 0;
+    while ti + 4 <= t {
+        let xs = [xt(ti), xt(ti + 1), xt(ti + 2), xt(ti + 3)];
+        if let [a, b] = rows {
+            for (ri, vals) in kernels_f32::tile::<2, 4>([a, b], xs).iter().enumerate() {
+                vals.iter()
+                    .enumerate()
+                    .for_each(|(k, v)| put(ri, ti + k, *v));
+            }
+        } else {
+            for (ri, row) in rows.iter().enumerate() {
+                let [vals] = kernels_f32::tile::<1, 4>([row], xs);
+                vals.iter()
+                    .enumerate()
+                    .for_each(|(k, v)| put(ri, ti + k, *v));
+            }
+        }
+        ti += 4;
+    }
+    for ti in ti..t {
+        for (ri, row) in rows.iter().enumerate() {
+            let [[v]] = kernels_f32::tile::<1, 1>([row], [xt(ti)]);
+            put(ri, ti, v);
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: each parallel job writes a disjoint set of (token, row) cells.
@@ -88,16 +122,6 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
     if lins.iter().any(|l| l.cols != cols) || x.len() != t * cols {
         return Err(EngineError::InvalidRequest("matmul input shape".into()));
     }
-    let xq = if lins.iter().any(|l| l.needs_q8()) {
-        let nb = cols / QK;
-        let mut q = vec![Q8Act::default(); t * nb];
-        for (xs, qs) in x.chunks_exact(cols).zip(q.chunks_exact_mut(nb)) {
-            kernels::quantize_act(xs, qs);
-        }
-        q
-    } else {
-        Vec::new()
-    };
     let mut outs: Vec<Vec<f32>> = lins.iter().map(|l| vec![0f32; t * l.rows]).collect();
 
     let total_rows: usize = lins.iter().map(|l| l.rows).sum();
@@ -123,30 +147,55 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
             unsafe { *out.0.add(ti * l.rows + r) = v };
         };
         match &l.weight {
-            Weight::Blocks { format, data } => {
-                let nb = l.cols / QK;
-                let rb = nb * format.block_bytes();
-                for r in r0..r1 {
-                    let row = &data[r * rb..(r + 1) * rb];
-                    for ti in 0..t {
-                        write(
-                            ti,
-                            r,
-                            kernels::dot_q(*format, row, &xq[ti * nb..(ti + 1) * nb]),
+            Weight::Blocks { format, data } if t < 4 => {
+                let rb = l.cols / QK * format.block_bytes();
+                let row = |r: usize| &data[r * rb..(r + 1) * rb];
+                for ti in 0..t {
+                    let xs = &x[ti * l.cols..(ti + 1) * l.cols];
+                    let mut r = r0;
+                    while r + 4 <= r1 {
+                        let v = kernels_f32::dot_rows::<4>(
+                            *format,
+                            [row(r), row(r + 1), row(r + 2), row(r + 3)],
+                            xs,
                         );
+                        v.into_iter()
+                            .enumerate()
+                            .for_each(|(k, v)| write(ti, r + k, v));
+                        r += 4;
+                    }
+                    for r in r..r1 {
+                        let [v] = kernels_f32::dot_rows::<1>(*format, [row(r)], xs);
+                        write(ti, r, v);
                     }
                 }
             }
-            Weight::F32(w) => {
-                for r in r0..r1 {
-                    let row = &w[r * l.cols..(r + 1) * l.cols];
-                    for ti in 0..t {
-                        write(
-                            ti,
-                            r,
-                            kernels::dot_f32(row, &x[ti * l.cols..(ti + 1) * l.cols]),
-                        );
+            Weight::Blocks { format, data } => {
+                let rb = l.cols / QK * format.block_bytes();
+                let mut scratch = vec![0f32; 2 * l.cols];
+                let mut r = r0;
+                while r < r1 {
+                    let two = r + 1 < r1;
+                    let (w0, w1) = scratch.split_at_mut(l.cols);
+                    kernels_f32::dequant_row(*format, &data[r * rb..(r + 1) * rb], w0);
+                    if two {
+                        kernels_f32::dequant_row(*format, &data[(r + 1) * rb..(r + 2) * rb], w1);
                     }
+                    let pair = [&*w0, &*w1];
+                    let rows = if two { &pair[..] } else { &pair[..1] };
+                    rows_times_tokens(rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
+                    r += if two { 2 } else { 1 };
+                }
+            }
+            Weight::F32(w) => {
+                let mut r = r0;
+                while r < r1 {
+                    let n = if r + 1 < r1 { 2 } else { 1 };
+                    let rows: Vec<&[f32]> = (r..r + n)
+                        .map(|i| &w[i * l.cols..(i + 1) * l.cols])
+                        .collect();
+                    rows_times_tokens(&rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
+                    r += n;
                 }
             }
             Weight::Candle(_) => {}

@@ -271,7 +271,11 @@ impl Model {
                 let inv = 1.0 / sum;
                 for (p, s) in scores.iter().enumerate() {
                     let w = s * inv;
-                    crate::kernels::axpy_f16(o, w, &vals[p * kd + kvh * hd..p * kd + (kvh + 1) * hd]);
+                    crate::kernels::axpy_f16(
+                        o,
+                        w,
+                        &vals[p * kd + kvh * hd..p * kd + (kvh + 1) * hd],
+                    );
                 }
             });
         out

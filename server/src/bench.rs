@@ -9,14 +9,28 @@ use std::path::Path;
 use std::time::Instant;
 
 fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
-    GenerateRequest { prompt, params: SamplingParams { stop_on_eos: false, ..SamplingParams::greedy(n) } }
+    GenerateRequest {
+        prompt,
+        params: SamplingParams {
+            stop_on_eos: false,
+            ..SamplingParams::greedy(n)
+        },
+    }
 }
 
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -45,7 +59,14 @@ fn timed(engine: &Engine, r: GenerateRequest) -> Result<(f64, f64, usize)> {
 fn aggregate(engine: &Engine, n: usize, tokens: usize) -> Result<f64> {
     let start = Instant::now();
     let streams: Vec<_> = (0..n)
-        .map(|i| engine.submit(req((0..16).map(|j| (100 + i * 37 + j * 11) as u32 % 40_000 + 50).collect(), tokens)))
+        .map(|i| {
+            engine.submit(req(
+                (0..16)
+                    .map(|j| (100 + i * 37 + j * 11) as u32 % 40_000 + 50)
+                    .collect(),
+                tokens,
+            ))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let mut total = 0;
     for mut s in streams {
@@ -67,7 +88,10 @@ fn llama_bench(bin: &Path, model: &Path) -> Result<(f64, f64)> {
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
-        bail!("llama-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "llama-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("llama-bench json")?;
     let mut pp = f64::NAN;
@@ -85,12 +109,16 @@ fn llama_bench(bin: &Path, model: &Path) -> Result<(f64, f64)> {
 
 pub fn run(args: &mut Args) -> Result<()> {
     let path = super::model_path(args)?;
-    let llama = args.opt("--llama-bench")?.or_else(|| std::env::var("LLAMA_BENCH").ok());
+    let llama = args
+        .opt("--llama-bench")?
+        .or_else(|| std::env::var("LLAMA_BENCH").ok());
     let decode_tokens = args.parsed::<usize>("--decode-tokens")?.unwrap_or(128);
     let loaded = load(&path)?;
     let vocab = loaded.model.cfg.vocab as u32;
     let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
-    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919) % (vocab - 100) + 50).collect();
+    let prompt: Vec<u32> = (0..512u32)
+        .map(|i| (i * 7919) % (vocab - 100) + 50)
+        .collect();
     // warm-up
     timed(&engine, req(prompt[..64].to_vec(), 8))?;
     let mut pp = Vec::new();
@@ -119,7 +147,10 @@ pub fn run(args: &mut Args) -> Result<()> {
     row("decode tok/s, 1 stream", tg, theirs.map(|t| t.1));
     for n in [8, 32, 64] {
         let agg = aggregate(&engine, n, 64)?;
-        println!("| aggregate tok/s, {n} streams (64 tokens each) | {agg:.1} | | {:.2}x single |", agg / tg);
+        println!(
+            "| aggregate tok/s, {n} streams (64 tokens each) | {agg:.1} | | {:.2}x single |",
+            agg / tg
+        );
     }
     println!("| peak RSS MB | {:.0} | | |", peak_rss_mb());
     Ok(())

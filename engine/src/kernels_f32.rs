@@ -1,0 +1,366 @@
+//! f32-activation kernels: quantized weight rows are expanded to f32 (exactly:
+//! `q * d + m` with one fused multiply-add per weight) and multiplied with
+//! unquantized activations. Each output is one 8-lane FMA accumulator over the
+//! row followed by a fixed horizontal sum, whatever the register tile, so results
+//! are bit-identical for any batch size.
+
+use crate::kernels::{BlockFormat, QK};
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+use half::f16;
+
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+#[inline(always)]
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Expand one quantized row to f32 with the same arithmetic on every path.
+pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: features enabled at compile time; `out` holds a whole row.
+        unsafe { avx2::dequant_row(format, row, out) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        let bb = format.block_bytes();
+        for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+            let d = f16_at(b, 0);
+            let nib = |base: usize, j: usize| {
+                (if j < 16 {
+                    b[base + j] & 15
+                } else {
+                    b[base + j - 16] >> 4
+                }) as f32
+            };
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = match format {
+                    BlockFormat::Q4_0 => nib(2, j).mul_add(d, -8.0 * d),
+                    BlockFormat::Q4_1 => nib(4, j).mul_add(d, f16_at(b, 2)),
+                    BlockFormat::Q8_0 => b[2 + j] as i8 as f32 * d,
+                };
+            }
+        }
+    }
+}
+
+/// `rows[r] · x` for R rows without materialising them in f32: bit-identical to
+/// `dequant_row` followed by `tile` (same per-lane FMAs in the same order). R
+/// independent accumulator chains hide the FMA latency of a single dot.
+#[inline]
+pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: features enabled at compile time; bounded by all lengths.
+        unsafe {
+            match format {
+                BlockFormat::Q4_0 => avx2::dot_rows::<avx2::Q40, R>(rows, x),
+                BlockFormat::Q4_1 => avx2::dot_rows::<avx2::Q41, R>(rows, x),
+                BlockFormat::Q8_0 => avx2::dot_rows::<avx2::Q80, R>(rows, x),
+            }
+        }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        rows.map(|row| {
+            let mut w = vec![0f32; x.len()];
+            dequant_row(format, row, &mut w);
+            let [[v]] = tile::<1, 1>([&w], [x]);
+            v
+        })
+    }
+}
+
+/// `out[r][t] = w[r] · x[t]` for a register tile of R rows × N tokens.
+#[inline]
+pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [[f32; N]; R] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: features enabled at compile time; lengths are checked inside.
+        unsafe { avx2::tile(w, x) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for t in 0..N {
+                out[r][t] = w[r].iter().zip(x[t]).map(|(a, b)| a * b).sum();
+            }
+        }
+        out
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod avx2 {
+    use super::{BlockFormat, QK};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn f16p(b: *const u8) -> f32 {
+        half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32()
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Expands one block into four 8-lane f32 vectors (elements 0-7, 8-15, 16-23, 24-31).
+    pub trait Fmt {
+        const BYTES: usize;
+        unsafe fn expand(b: *const u8) -> [__m256; 4];
+    }
+    pub struct Q40;
+    pub struct Q41;
+    pub struct Q80;
+
+    #[inline(always)]
+    unsafe fn nib4(q: *const u8, dv: __m256, mv: __m256) -> [__m256; 4] {
+        let raw = _mm_loadu_si128(q as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let f = |b: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), dv, mv);
+        [
+            f(lo),
+            f(_mm_srli_si128(lo, 8)),
+            f(hi),
+            f(_mm_srli_si128(hi, 8)),
+        ]
+    }
+    impl Fmt for Q40 {
+        const BYTES: usize = 18;
+        #[inline(always)]
+        unsafe fn expand(b: *const u8) -> [__m256; 4] {
+            let d = f16p(b);
+            nib4(b.add(2), _mm256_set1_ps(d), _mm256_set1_ps(-8.0 * d))
+        }
+    }
+    impl Fmt for Q41 {
+        const BYTES: usize = 20;
+        #[inline(always)]
+        unsafe fn expand(b: *const u8) -> [__m256; 4] {
+            // d and m are adjacent f16s: convert both with one instruction
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
+            nib4(
+                b.add(4),
+                _mm256_broadcastss_ps(dm),
+                _mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
+            )
+        }
+    }
+    impl Fmt for Q80 {
+        const BYTES: usize = 34;
+        #[inline(always)]
+        unsafe fn expand(b: *const u8) -> [__m256; 4] {
+            let dv = _mm256_set1_ps(f16p(b));
+            let f = |k: usize| {
+                let q = _mm_loadl_epi64(b.add(2 + 8 * k) as *const __m128i);
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), dv)
+            };
+            [f(0), f(1), f(2), f(3)]
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn dot_rows<F: Fmt, const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+        let mut n = x.len() / QK;
+        for r in &rows {
+            n = n.min(r.len() / F::BYTES);
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        for i in 0..n {
+            let xp = x.as_ptr().add(i * QK);
+            let xv = [
+                _mm256_loadu_ps(xp),
+                _mm256_loadu_ps(xp.add(8)),
+                _mm256_loadu_ps(xp.add(16)),
+                _mm256_loadu_ps(xp.add(24)),
+            ];
+            for r in 0..R {
+                let w = F::expand(rows[r].as_ptr().add(i * F::BYTES));
+                for k in 0..4 {
+                    acc[r] = _mm256_fmadd_ps(w[k], xv[k], acc[r]);
+                }
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        out
+    }
+
+    pub unsafe fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+        match format {
+            BlockFormat::Q4_0 => dequant::<Q40>(row, out),
+            BlockFormat::Q4_1 => dequant::<Q41>(row, out),
+            BlockFormat::Q8_0 => dequant::<Q80>(row, out),
+        }
+    }
+
+    unsafe fn dequant<F: Fmt>(row: &[u8], out: &mut [f32]) {
+        let n = (row.len() / F::BYTES).min(out.len() / QK);
+        for i in 0..n {
+            let w = F::expand(row.as_ptr().add(i * F::BYTES));
+            let o = out.as_mut_ptr().add(i * QK);
+            for (k, v) in w.iter().enumerate() {
+                _mm256_storeu_ps(o.add(8 * k), *v);
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn tile<const R: usize, const N: usize>(
+        w: [&[f32]; R],
+        x: [&[f32]; N],
+    ) -> [[f32; N]; R] {
+        let mut len = usize::MAX;
+        for s in w.iter().chain(x.iter()) {
+            len = len.min(s.len());
+        }
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut k = 0;
+        while k + 8 <= len {
+            let mut xv = [_mm256_setzero_ps(); N];
+            for t in 0..N {
+                xv[t] = _mm256_loadu_ps(x[t].as_ptr().add(k));
+            }
+            for r in 0..R {
+                let wv = _mm256_loadu_ps(w[r].as_ptr().add(k));
+                for t in 0..N {
+                    acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+                }
+            }
+            k += 8;
+        }
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for t in 0..N {
+                let mut s = hsum(acc[r][t]);
+                for j in k..len {
+                    s += w[r].get_unchecked(j) * x[t].get_unchecked(j);
+                }
+                out[r][t] = s;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{self, BlockFormat};
+
+    fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_dot_tiles_and_reference_agree() {
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let nb = 18;
+            let mut rows: Vec<Vec<u8>> = (0..2)
+                .map(|s| rand_bytes(nb * format.block_bytes(), s))
+                .collect();
+            for row in rows.iter_mut() {
+                for b in row.chunks_exact_mut(format.block_bytes()) {
+                    b[0..2].copy_from_slice(&half::f16::from_f32(0.02).to_le_bytes());
+                    if format == BlockFormat::Q4_1 {
+                        b[2..4].copy_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
+                    }
+                }
+            }
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|s| {
+                    rand_bytes(nb * QK, 9 + s)
+                        .iter()
+                        .map(|&b| b as f32 / 128.0 - 1.0)
+                        .collect()
+                })
+                .collect();
+            let w: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|r| {
+                    let mut w = vec![0f32; nb * QK];
+                    dequant_row(format, r, &mut w);
+                    w
+                })
+                .collect();
+            // dequantization agrees with the plain reference
+            let mut reference = vec![0f32; nb * QK];
+            kernels::dequant_row_reference(format, &rows[0], &mut reference);
+            for (a, b) in w[0].iter().zip(&reference) {
+                assert!((a - b).abs() < 1e-6, "{format:?}: {a} vs {b}");
+            }
+            let t = tile::<2, 4>([&w[0], &w[1]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
+            for k in 0..4 {
+                let four = dot_rows::<4>(format, [&rows[0], &rows[1], &rows[0], &rows[1]], &xs[k]);
+                assert_eq!(
+                    four.map(f32::to_bits),
+                    [t[0][k], t[1][k], t[0][k], t[1][k]].map(f32::to_bits)
+                );
+            }
+            for r in 0..2 {
+                for k in 0..4 {
+                    let [fused] = dot_rows::<1>(format, [&rows[r]], &xs[k]);
+                    assert_eq!(
+                        fused.to_bits(),
+                        t[r][k].to_bits(),
+                        "{format:?} row {r} token {k}"
+                    );
+                    let naive: f32 = w[r].iter().zip(&xs[k]).map(|(a, b)| a * b).sum();
+                    assert!((fused - naive).abs() < 1e-3);
+                }
+            }
+        }
+    }
+}
