@@ -371,3 +371,24 @@ fn bad_inputs_give_typed_errors() {
         Ok(Some(Event::Error(_)))
     ));
 }
+
+#[test]
+fn incremental_detokenisation_never_splits_utf8() {
+    let dir = tmpdir("detok");
+    let (g, _) = tiny::write(&dir, &TinySpec::default()).unwrap();
+    let tok = load(&g).unwrap().tok;
+    let text = "héllo wörld 😀 ok";
+    let ids = tok.encode(text, false).unwrap();
+    assert!(
+        ids.len() > text.chars().count() - 4,
+        "multi-byte chars span several tokens"
+    );
+    let mut d = retune_engine::stream::Detok::default();
+    let pieces: Vec<String> = ids.iter().map(|&id| d.push(&tok, id)).collect();
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(
+        pieces.iter().any(String::is_empty),
+        "a partial character is held back"
+    );
+    assert_eq!(pieces.concat(), text);
+}
