@@ -8,14 +8,16 @@ use crate::kernels::{BlockFormat, QK};
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 )))]
 use half::f16;
 
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 )))]
 #[inline(always)]
 fn f16_at(b: &[u8], off: usize) -> f32 {
@@ -27,7 +29,8 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
         // SAFETY: features enabled at compile time; `out` holds a whole row.
@@ -36,7 +39,8 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     )))]
     {
         let bb = format.block_bytes();
@@ -68,7 +72,8 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
         // SAFETY: features enabled at compile time; bounded by all lengths.
@@ -83,7 +88,8 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     )))]
     {
         rows.map(|row| {
@@ -101,7 +107,8 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
         // SAFETY: features enabled at compile time; lengths are checked inside.
@@ -110,7 +117,8 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     )))]
     {
         let mut out = [[0f32; N]; R];
@@ -126,22 +134,17 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 ))]
 mod avx2 {
     use super::{BlockFormat, QK};
+    use crate::kernels::avx2::hsum;
     use std::arch::x86_64::*;
 
     #[inline(always)]
     unsafe fn f16p(b: *const u8) -> f32 {
         half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32()
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// Expands one block into four 8-lane f32 vectors (elements 0-7, 8-15, 16-23, 24-31).

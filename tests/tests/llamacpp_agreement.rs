@@ -11,6 +11,17 @@ fn loaded() -> &'static Loaded {
     L.get_or_init(|| load(&model_path()).expect("load real model"))
 }
 
+/// Feed `tokens` and return the logits of the last one.
+fn feed(m: &Model, tokens: &[u32], kv: &mut retune_engine::kv::KvCache) -> Vec<f32> {
+    m.forward(&mut [BatchItem {
+        tokens,
+        kv,
+        want_logits: true,
+    }])
+    .unwrap()
+    .remove(0)
+}
+
 #[test]
 fn chat_template_and_prompt_tokens_match_llamacpp() {
     let l = loaded();
@@ -56,14 +67,7 @@ fn teacher_forced_top1_and_first_step_logprobs_match_llamacpp() {
     let mut agree_free = Vec::new();
     for (ci, chat) in llamacpp_fixture().chats.iter().enumerate() {
         let mut kv = m.new_cache();
-        let mut logits = m
-            .forward(&mut [BatchItem {
-                tokens: &chat.prompt_tokens,
-                kv: &mut kv,
-                want_logits: true,
-            }])
-            .unwrap()
-            .remove(0);
+        let mut logits = feed(m, &chat.prompt_tokens, &mut kv);
         for (si, step) in chat.steps.iter().enumerate() {
             let lse = log_sum_exp(&logits);
             if si == 0 {
@@ -84,26 +88,12 @@ fn teacher_forced_top1_and_first_step_logprobs_match_llamacpp() {
                 }
             }
             if si + 1 < chat.steps.len() {
-                logits = m
-                    .forward(&mut [BatchItem {
-                        tokens: &[step.id],
-                        kv: &mut kv,
-                        want_logits: true,
-                    }])
-                    .unwrap()
-                    .remove(0);
+                logits = feed(m, &[step.id], &mut kv);
             }
         }
         // free-running greedy: how long do we follow llama.cpp's text?
         let mut kv = m.new_cache();
-        let mut l = m
-            .forward(&mut [BatchItem {
-                tokens: &chat.prompt_tokens,
-                kv: &mut kv,
-                want_logits: true,
-            }])
-            .unwrap()
-            .remove(0);
+        let mut l = feed(m, &chat.prompt_tokens, &mut kv);
         let mut n = 0;
         for &want in &chat.continuation {
             let t = argmax(&l);
@@ -111,14 +101,7 @@ fn teacher_forced_top1_and_first_step_logprobs_match_llamacpp() {
                 break;
             }
             n += 1;
-            l = m
-                .forward(&mut [BatchItem {
-                    tokens: &[t],
-                    kv: &mut kv,
-                    want_logits: true,
-                }])
-                .unwrap()
-                .remove(0);
+            l = feed(m, &[t], &mut kv);
         }
         agree_free.push((n, chat.continuation.len()));
     }
