@@ -220,7 +220,11 @@ mod avx2 {
                 _mm256_loadu_ps(xp.add(24)),
             ];
             for r in 0..R {
-                let w = F::expand(rows[r].as_ptr().add(i * F::BYTES));
+                let p = rows[r].as_ptr().add(i * F::BYTES);
+                // Rows are contiguous: touch the same block R rows further on, so
+                // the next group's weights stream in while this group computes.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * R * rows[r].len()) as *const i8);
+                let w = F::expand(p);
                 for k in 0..4 {
                     acc[r] = _mm256_fmadd_ps(w[k], xv[k], acc[r]);
                 }
@@ -244,7 +248,10 @@ mod avx2 {
     unsafe fn dequant<F: Fmt>(row: &[u8], out: &mut [f32]) {
         let n = (row.len() / F::BYTES).min(out.len() / QK);
         for i in 0..n {
-            let w = F::expand(row.as_ptr().add(i * F::BYTES));
+            let p = row.as_ptr().add(i * F::BYTES);
+            // the batched path expands four rows at a time: fetch four rows ahead
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * row.len()) as *const i8);
+            let w = F::expand(p);
             let o = out.as_mut_ptr().add(i * QK);
             for (k, v) in w.iter().enumerate() {
                 _mm256_storeu_ps(o.add(8 * k), *v);
@@ -345,12 +352,22 @@ mod tests {
                 assert!((a - b).abs() < 1e-6, "{format:?}: {a} vs {b}");
             }
             let t = tile::<2, 4>([&w[0], &w[1]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
+            let t43 = tile::<4, 3>([&w[0], &w[1], &w[1], &w[0]], [&xs[1], &xs[2], &xs[3]]);
             for k in 0..4 {
                 let four = dot_rows::<4>(format, [&rows[0], &rows[1], &rows[0], &rows[1]], &xs[k]);
                 assert_eq!(
                     four.map(f32::to_bits),
                     [t[0][k], t[1][k], t[0][k], t[1][k]].map(f32::to_bits)
                 );
+                let [[a], [b], _, _] = tile::<4, 1>([&w[0], &w[1], &w[0], &w[1]], [&xs[k]]);
+                assert_eq!(
+                    [a.to_bits(), b.to_bits()],
+                    [t[0][k].to_bits(), t[1][k].to_bits()]
+                );
+                if k > 0 {
+                    assert_eq!(t43[0][k - 1].to_bits(), t[0][k].to_bits());
+                    assert_eq!(t43[2][k - 1].to_bits(), t[1][k].to_bits());
+                }
             }
             for r in 0..2 {
                 for k in 0..4 {

@@ -349,6 +349,21 @@ fn bad_inputs_give_typed_errors() {
     assert!(matches!(load(&hf), Err(EngineError::MissingTensor(_))));
     std::fs::write(hf.join("config.json"), "{ not json").unwrap();
     assert!(matches!(load(&hf), Err(EngineError::InvalidModel { .. })));
+    // an integer tensor where weights belong
+    std::fs::write(hf.join("config.json"), &cfg).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut ts = candle_core::safetensors::load(hf.join("model.safetensors"), &dev).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let shape = ts[name].dims().to_vec();
+    ts.insert(
+        name.into(),
+        candle_core::Tensor::zeros(shape, candle_core::DType::U8, &dev).unwrap(),
+    );
+    candle_core::safetensors::save(&ts, hf.join("model.safetensors")).unwrap();
+    assert!(matches!(
+        load(&hf),
+        Err(EngineError::UnsupportedQuantization { .. })
+    ));
     std::fs::write(hf.join("model.safetensors"), b"garbage").unwrap();
     std::fs::write(hf.join("config.json"), cfg).unwrap();
     assert!(matches!(load(&hf), Err(EngineError::InvalidModel { .. })));

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 mod bench;
 
 const USAGE: &str = "usage:
-  retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--raw] PROMPT
+  retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--threads N] [--raw] PROMPT
   retune bench --model PATH [--llama-bench PATH] [--decode-tokens N]";
 
 struct Args {
@@ -76,6 +76,7 @@ fn generate(args: &mut Args) -> Result<()> {
     let temperature = args.parsed::<f32>("--temperature")?.unwrap_or(0.0);
     let seed = args.parsed::<u64>("--seed")?;
     let system = args.opt("--system")?;
+    let threads = args.parsed::<usize>("--threads")?.unwrap_or(0);
     let prompt = args.rest.join(" ");
     if prompt.is_empty() {
         bail!("a PROMPT is required\n{USAGE}");
@@ -92,7 +93,14 @@ fn generate(args: &mut Args) -> Result<()> {
         loaded.template.render(&msgs, true)?
     };
     let ids = loaded.tok.encode(&text, true)?;
-    let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
+    let engine = Engine::start(
+        loaded.model,
+        loaded.tok,
+        EngineConfig {
+            threads,
+            ..EngineConfig::default()
+        },
+    )?;
     let params = SamplingParams {
         temperature,
         seed,
