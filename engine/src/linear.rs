@@ -153,7 +153,18 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         }
     }
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    jobs.par_iter().for_each(|&(li, r0, r1)| {
+    jobs.par_iter()
+        .for_each(|&(li, r0, r1)| matmul_job(lins, &ptrs, x, t, li, r0, r1));
+    #[inline(never)]
+    fn matmul_job(
+        lins: &[&Linear],
+        ptrs: &[OutPtr],
+        x: &[f32],
+        t: usize,
+        li: usize,
+        r0: usize,
+        r1: usize,
+    ) {
         let l = lins[li];
         let out = ptrs[li];
         let write = |ti: usize, r: usize, v: f32| {
@@ -211,7 +222,7 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
             }
             Weight::Candle(_) => {}
         }
-    });
+    }
     for (l, out) in lins.iter().zip(outs.iter_mut()) {
         if let Weight::Candle(qm) = &l.weight {
             let xt = candle_core::Tensor::from_slice(x, (t, cols), &candle_core::Device::Cpu)?;

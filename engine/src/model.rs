@@ -4,8 +4,10 @@
 //! half-split form for every source and LoRA deltas in HF layout apply as-is.
 
 use crate::error::{EngineError, Result};
+use crate::kernels;
 use crate::kv::KvCache;
 use crate::linear::{matmul_many, Linear};
+use half::f16;
 use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -248,37 +250,46 @@ impl Model {
             .enumerate()
             .for_each_init(Vec::new, |scores, (idx, o)| {
                 let (ti, head) = (idx / nh, idx % nh);
-                let kv = &*items[owner[ti]].kv;
-                let (keys, vals) = kv.layer(layer);
+                let (keys, vals) = items[owner[ti]].kv.layer(layer);
                 let kvh = head / group;
-                let qh = &q[idx * hd..(idx + 1) * hd];
-                let n = pos[ti] + 1;
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for p in 0..n {
-                    let s = crate::kernels::dot_f32_f16(
-                        qh,
-                        &keys[p * kd + kvh * hd..p * kd + (kvh + 1) * hd],
-                    ) * scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for (p, s) in scores.iter().enumerate() {
-                    let w = s * inv;
-                    crate::kernels::axpy_f16(
-                        o,
-                        w,
-                        &vals[p * kd + kvh * hd..p * kd + (kvh + 1) * hd],
-                    );
-                }
+                let q = &q[idx * hd..(idx + 1) * hd];
+                attend_head(q, keys, vals, kd, kvh * hd, pos[ti] + 1, scale, scores, o);
             });
         out
+    }
+}
+
+/// One query head over `n` cached positions of its kv head (at `off` within each
+/// `kd`-wide cache row): softmax(q·K/√d)·V into `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn attend_head(
+    q: &[f32],
+    keys: &[f16],
+    vals: &[f16],
+    kd: usize,
+    off: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..n {
+        let s = kernels::dot_f32_f16(q, &keys[p * kd + off..p * kd + off + hd]) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for (p, s) in scores.iter().enumerate() {
+        kernels::axpy_f16(o, s * inv, &vals[p * kd + off..p * kd + off + hd]);
     }
 }
 
