@@ -109,7 +109,16 @@ fn rows_times_tokens(
         }
         ti += TILE_TOKENS;
     }
-    // remaining 1-2 tokens: still four independent accumulator chains when possible
+    // remaining 1-2 tokens: still several independent accumulator chains
+    if let ([a, b, c, d], 2) = (rows, t - ti) {
+        let v = kernels_f32::tile::<4, 2>([a, b, c, d], [xt(ti), xt(ti + 1)]);
+        for (ri, vals) in v.iter().enumerate() {
+            vals.iter()
+                .enumerate()
+                .for_each(|(k, v)| put(ri, ti + k, *v));
+        }
+        return;
+    }
     for ti in ti..t {
         if let [a, b, c, d] = rows {
             let v = kernels_f32::tile::<4, 1>([a, b, c, d], [xt(ti)]);
