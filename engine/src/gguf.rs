@@ -84,7 +84,20 @@ impl GgufFile {
             Some(t) => t.shape.dims().first().copied().unwrap_or(0),
             None => return Err(EngineError::MissingTensor("token_embd.weight".into())),
         };
+        let rope_freq_divisors = match self.meta_str(&a("rope.scaling.type")) {
+            None | Some("none") => Vec::new(),
+            Some("linear") => {
+                vec![self.meta_f32(&a("rope.scaling.factor")).unwrap_or(1.0); head_dim / 2]
+            }
+            Some(other) => {
+                return Err(EngineError::invalid(
+                    &self.path,
+                    format!("rope scaling `{other}` is not supported"),
+                ))
+            }
+        };
         let cfg = ModelConfig {
+            rope_freq_divisors,
             n_layer: self.meta_usize(&a("block_count"))?,
             hidden,
             ffn: self.meta_usize(&a("feed_forward_length"))?,
@@ -228,7 +241,10 @@ impl GgufFile {
     }
 
     pub fn load_model(&mut self) -> Result<Model> {
-        let cfg = self.config()?;
+        let mut cfg = self.config()?;
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            cfg.rope_freq_divisors = self.vector("rope_freqs.weight", cfg.head_dim / 2)?;
+        }
         let (h, qd, kd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         // llama.cpp's converter permutes Q/K rows of llama-arch models for its
         // interleaved rope; undo that so rope (and LoRA) use the HF layout.

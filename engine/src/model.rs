@@ -22,6 +22,9 @@ pub struct ModelConfig {
     pub vocab: usize,
     pub rms_eps: f32,
     pub rope_theta: f32,
+    /// Per-frequency divisors from rope scaling (Llama 3.1 `rope_freqs`, linear
+    /// scaling); empty = none.
+    pub rope_freq_divisors: Vec<f32>,
     pub context: usize,
 }
 
@@ -40,7 +43,13 @@ impl ModelConfig {
             || self.n_head % self.n_kv_head != 0
             || self.head_dim % 2 != 0
             || self.vocab == 0
-            || self.context == 0;
+            || self.context == 0
+            || !(self.rope_freq_divisors.is_empty()
+                || self.rope_freq_divisors.len() == self.head_dim / 2)
+            || self
+                .rope_freq_divisors
+                .iter()
+                .any(|d| !(d.is_finite() && *d > 0.0));
         if bad {
             return Err(EngineError::InvalidRequest(format!(
                 "inconsistent model config {self:?}"
@@ -96,7 +105,10 @@ impl Model {
         let mut rope_sin = Vec::with_capacity(cfg.context * half);
         for p in 0..cfg.context {
             for i in 0..half {
-                let freq = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
+                let mut freq = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
+                if let Some(d) = cfg.rope_freq_divisors.get(i) {
+                    freq /= d;
+                }
                 let a = p as f32 * freq;
                 rope_cos.push(a.cos());
                 rope_sin.push(a.sin());
@@ -297,6 +309,35 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
+}
+
+/// Llama 3 rope scaling (HF `rope_type: "llama3"`) as per-frequency divisors.
+pub fn llama3_rope_divisors(
+    theta: f32,
+    head_dim: usize,
+    factor: f32,
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    original_context: f32,
+) -> Vec<f32> {
+    let low_wavelen = original_context / low_freq_factor;
+    let high_wavelen = original_context / high_freq_factor;
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = theta.powf(-2.0 * i as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            let scaled = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / factor
+            } else {
+                let smooth = (original_context / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            };
+            freq / scaled
+        })
+        .collect()
 }
 
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {

@@ -27,6 +27,8 @@ struct HfConfig {
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
 }
 fn default_eps() -> f32 {
     1e-5
@@ -53,7 +55,42 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, bool)> {
         "llama" | "mistral" | "qwen2" => hf.model_type.clone(),
         other => return Err(EngineError::UnsupportedArchitecture(other.to_string())),
     };
+    let head_dim = hf
+        .head_dim
+        .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+    let rope_freq_divisors = match &hf.rope_scaling {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(rs) => {
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            let num = |k: &str| rs.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+            let factor = num("factor")
+                .ok_or_else(|| EngineError::invalid(&path, "rope_scaling.factor missing"))?;
+            match kind {
+                "default" => Vec::new(),
+                "linear" => vec![factor; head_dim / 2],
+                "llama3" => crate::model::llama3_rope_divisors(
+                    hf.rope_theta,
+                    head_dim,
+                    factor,
+                    num("low_freq_factor").unwrap_or(1.0),
+                    num("high_freq_factor").unwrap_or(4.0),
+                    num("original_max_position_embeddings").unwrap_or(8192.0),
+                ),
+                other => {
+                    return Err(EngineError::invalid(
+                        &path,
+                        format!("rope_scaling type `{other}` is not supported"),
+                    ))
+                }
+            }
+        }
+    };
     let cfg = ModelConfig {
+        rope_freq_divisors,
         arch,
         n_layer: hf.num_hidden_layers,
         hidden: hf.hidden_size,

@@ -22,6 +22,8 @@ pub struct TinySpec {
     /// Weight type of the GGUF projections.
     pub gguf_dtype: GgmlDType,
     pub arch: &'static str,
+    /// Llama 3 rope scaling (factor 8, low 1, high 4, original context 32).
+    pub llama3_rope: bool,
 }
 
 impl Default for TinySpec {
@@ -36,6 +38,7 @@ impl Default for TinySpec {
             seed: 1,
             gguf_dtype: GgmlDType::F32,
             arch: "llama",
+            llama3_rope: false,
         }
     }
 }
@@ -164,6 +167,11 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
         "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_kv_head,
         "vocab_size": tokens.len(), "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": s.context, "tie_word_embeddings": true});
+    let mut cfg = cfg;
+    if s.llama3_rope {
+        cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32});
+    }
     std::fs::write(hf.join("config.json"), cfg.to_string()).map_err(io(&hf))?;
 
     // GGUF
@@ -254,6 +262,14 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
             GgmlDType::F32
         };
         qts.push((gname(name), QTensor::quantize(&t, dtype)?));
+    }
+    if s.llama3_rope {
+        let d = crate::model::llama3_rope_divisors(10000.0, hd, 8.0, 1.0, 4.0, 32.0);
+        let t = Tensor::from_vec(d, hd / 2, &Device::Cpu)?;
+        qts.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
     }
     let path = dir.join("model.gguf");
     let mut f = std::fs::File::create(&path).map_err(io(&path))?;

@@ -59,6 +59,32 @@ fn gguf_with_permuted_qk_matches_safetensors() {
 }
 
 #[test]
+fn llama3_rope_scaling_from_config_and_gguf_agree_and_matter() {
+    let dir = tmpdir("rope3");
+    let (g, hf) = tiny::write(
+        &dir,
+        &TinySpec {
+            llama3_rope: true,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let (plain, _) = tiny::write(&dir.join("plain"), &TinySpec::default()).unwrap();
+    let toks: Vec<u32> = (3..100).collect();
+    let a = logits_of(&load(&g).unwrap().model, &toks);
+    let b = logits_of(&load(&hf).unwrap().model, &toks);
+    let c = logits_of(&load(&plain).unwrap().model, &toks);
+    let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(max_diff(&a, &b) < 1e-3 * spread, "{}", max_diff(&a, &b));
+    assert!(max_diff(&a, &c) > 1e-2 * spread, "scaling had no effect");
+    // HF's llama3 rule at Llama 3.1's settings: fast frequencies kept, slow ones / 8
+    let d = retune_engine::model::llama3_rope_divisors(500_000.0, 128, 8.0, 1.0, 4.0, 8192.0);
+    assert_eq!(d[0], 1.0);
+    assert!((d[63] - 8.0).abs() < 1e-4);
+    assert!(d.windows(2).all(|w| w[1] >= w[0] - 1e-6));
+}
+
+#[test]
 fn quantized_gguf_stays_close_to_f32() {
     let dir = tmpdir("quant");
     // K-quants need 256-wide rows
