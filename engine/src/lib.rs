@@ -10,6 +10,7 @@ pub mod kernels_f32;
 pub mod kv;
 pub mod linear;
 pub mod load;
+pub mod lora;
 pub mod model;
 pub mod safetensors;
 pub mod sampler;

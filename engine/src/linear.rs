@@ -79,7 +79,7 @@ const TILE_TOKENS: usize = 3;
 
 /// Up to [`TILE_ROWS`] weight rows against all `t` tokens, in register tiles.
 #[inline]
-fn rows_times_tokens(
+pub(crate) fn rows_times_tokens(
     rows: &[&[f32]],
     x: &[f32],
     cols: usize,

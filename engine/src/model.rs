@@ -7,6 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::kernels;
 use crate::kv::KvCache;
 use crate::linear::{matmul_many, Linear};
+use crate::lora::{self, Span};
 use half::f16;
 use rayon::prelude::*;
 
@@ -86,6 +87,8 @@ pub struct Model {
 /// cache already holds.
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
+    /// LoRA adapter applied to this sequence's projections (`None` = base model).
+    pub adapter: Option<&'a retune_adapters::LoraAdapter>,
     pub kv: &'a mut KvCache,
     /// Whether logits for the last token are wanted (false for non-final prefill chunks).
     pub want_logits: bool,
@@ -123,6 +126,16 @@ impl Model {
             rope_cos,
             rope_sin,
         })
+    }
+
+    /// Projection shapes LoRA adapters are validated against (HF module order).
+    pub fn base_shapes(&self) -> retune_adapters::BaseShapes {
+        let c = &self.cfg;
+        let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+        retune_adapters::BaseShapes {
+            n_layers: c.n_layer,
+            dims: [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)],
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -168,9 +181,34 @@ impl Model {
             it.kv.reserve(it.tokens.len());
         }
         let mut xn = vec![0f32; t * h];
+        let mut spans = Vec::with_capacity(items.len());
+        let mut start = 0;
+        for it in items.iter() {
+            spans.push(Span {
+                start,
+                len: it.tokens.len(),
+                adapter: it.adapter,
+            });
+            start += it.tokens.len();
+        }
+        let any_lora = spans.iter().any(|s| s.adapter.is_some());
+        // base projection for the whole batch, then per-row adapter deltas
+        let project = |lins: &[&Linear],
+                       modules: &[usize],
+                       layer: usize,
+                       x: &[f32]|
+         -> Result<Vec<Vec<f32>>> {
+            let mut outs = matmul_many(lins, x, t)?;
+            if any_lora {
+                for ((out, l), &m) in outs.iter_mut().zip(lins).zip(modules) {
+                    lora::add_deltas(&spans, layer, m, x, l.cols, out, l.rows);
+                }
+            }
+            Ok(outs)
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, c.rms_eps, &mut xn);
-            let mut qkv = matmul_many(&[&layer.q, &layer.k, &layer.v], &xn, t)?;
+            let mut qkv = project(&[&layer.q, &layer.k, &layer.v], &[0, 1, 2], li, &xn)?;
             let v = qkv.pop().unwrap_or_default();
             let mut k = qkv.pop().unwrap_or_default();
             let mut q = qkv.pop().unwrap_or_default();
@@ -188,16 +226,20 @@ impl Model {
                 off += n;
             }
             let attn = self.attention(items, li, &q, &pos);
-            let o = layer.o.forward(&attn, t)?;
+            let o = project(&[&layer.o], &[3], li, &attn)?
+                .pop()
+                .unwrap_or_default();
             add_in_place(&mut x, &o);
             rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
-            let mut gu = matmul_many(&[&layer.gate, &layer.up], &xn, t)?;
+            let mut gu = project(&[&layer.gate, &layer.up], &[4, 5], li, &xn)?;
             let up = gu.pop().unwrap_or_default();
             let mut gate = gu.pop().unwrap_or_default();
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            let down = layer.down.forward(&gate, t)?;
+            let down = project(&[&layer.down], &[6], li, &gate)?
+                .pop()
+                .unwrap_or_default();
             add_in_place(&mut x, &down);
         }
         for it in items.iter_mut() {

@@ -9,6 +9,7 @@ use crate::model::{BatchItem, Model};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::stream::{Detok, StopText};
 use crate::tokenizer::Tok;
+use retune_adapters::{Acquire, AdapterPool, LoraAdapter};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -44,6 +45,18 @@ impl Default for EngineConfig {
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Adapter version handle (opaque, immutable); `None` = base model.
+    pub adapter: Option<String>,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
+        Self {
+            prompt,
+            params,
+            adapter: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,11 +144,21 @@ pub struct Engine {
 
 impl Engine {
     pub fn start(model: Model, tok: Tok, cfg: EngineConfig) -> Result<Self> {
+        Self::start_with_pool(model, tok, cfg, None)
+    }
+
+    /// Start with an adapter pool: requests may then name an adapter.
+    pub fn start_with_pool(
+        model: Model,
+        tok: Tok,
+        cfg: EngineConfig,
+        pool: Option<Arc<AdapterPool>>,
+    ) -> Result<Self> {
         let (tx, rx) = sync_channel(cfg.max_queue.max(1));
         let tok = Arc::new(tok);
         let stats = Arc::new(EngineStats::default());
         let context = model.cfg.context;
-        let pool = rayon::ThreadPoolBuilder::new()
+        let compute = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
             .thread_name(|i| format!("retune-compute-{i}"))
             .build()
@@ -148,10 +171,12 @@ impl Engine {
             stats: stats.clone(),
             active: Vec::new(),
             reserved: 0,
+            pool,
+            loading: Vec::new(),
         };
         std::thread::Builder::new()
             .name("retune-scheduler".into())
-            .spawn(move || pool.install(move || worker.run()))
+            .spawn(move || compute.install(move || worker.run()))
             .map_err(|e| EngineError::InvalidRequest(format!("cannot spawn scheduler: {e}")))?;
         Ok(Self {
             tx,
@@ -238,6 +263,13 @@ struct Seq {
     stop: StopText,
     tx: UnboundedSender<Event>,
     reserve: usize,
+    adapter: Option<Arc<LoraAdapter>>,
+}
+
+enum Resolved {
+    Ready(Option<Arc<LoraAdapter>>),
+    Pending,
+    Failed(String),
 }
 
 struct Worker {
@@ -248,20 +280,37 @@ struct Worker {
     stats: Arc<EngineStats>,
     active: Vec<Seq>,
     reserved: usize,
+    pool: Option<Arc<AdapterPool>>,
+    /// Admitted from the queue, waiting for their adapter to load.
+    loading: Vec<Job>,
 }
 
 impl Worker {
     fn run(mut self) {
         let mut pending: Option<Job> = None;
         loop {
-            if self.active.is_empty() && pending.is_none() {
+            if self.active.is_empty() && pending.is_none() && self.loading.is_empty() {
                 match self.rx.recv() {
                     Ok(job) => pending = Some(job),
                     Err(_) => return, // engine dropped and nothing left to do
                 }
             }
-            // admission
-            while self.active.len() < self.cfg.max_batch.max(1) {
+            // sequences whose adapter was loading: admit the ready ones
+            let loading = std::mem::take(&mut self.loading);
+            for job in loading {
+                if job.tx.is_closed() {
+                    continue;
+                }
+                match self.resolve_adapter(&job) {
+                    Resolved::Ready(a) if self.fits(&job) => self.admit(job, a),
+                    Resolved::Failed(msg) => drop(job.tx.send(Event::Error(msg))),
+                    _ => self.loading.push(job),
+                }
+            }
+            // admission from the queue
+            while self.active.len() < self.cfg.max_batch.max(1)
+                && self.loading.len() < self.cfg.max_queue.max(1)
+            {
                 let job = match pending.take() {
                     Some(j) => j,
                     None => match self.rx.try_recv() {
@@ -269,23 +318,35 @@ impl Worker {
                         Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                     },
                 };
-                let reserve =
-                    (job.req.prompt.len() + job.req.params.max_tokens).min(self.model.cfg.context);
-                if !self.active.is_empty() && self.reserved + reserve > self.cfg.max_kv_tokens {
+                if !self.fits(&job) {
                     pending = Some(job);
                     break;
                 }
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                self.admit(job, reserve);
+                if job.tx.is_closed() {
+                    continue;
+                }
+                match self.resolve_adapter(&job) {
+                    Resolved::Ready(a) => self.admit(job, a),
+                    Resolved::Pending => self.loading.push(job),
+                    Resolved::Failed(msg) => drop(job.tx.send(Event::Error(msg))),
+                }
             }
             // cancellation: the caller dropped its stream
+            let before = self.active.len();
             self.active.retain(|s| !s.tx.is_closed());
+            if self.active.len() != before {
+                self.release_adapters();
+            }
             self.reserved = self.active.iter().map(|s| s.reserve).sum();
             self.stats
                 .running
                 .store(self.active.len(), Ordering::Relaxed);
             if !self.active.is_empty() {
                 self.step();
+            } else if !self.loading.is_empty() {
+                // only waiting for adapter loads: do not spin
+                std::thread::sleep(std::time::Duration::from_micros(500));
             }
             self.stats.kv_bytes.store(
                 self.active.iter().map(|s| s.kv.bytes()).sum(),
@@ -294,7 +355,40 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, job: Job, reserve: usize) {
+    fn reserve_of(&self, job: &Job) -> usize {
+        (job.req.prompt.len() + job.req.params.max_tokens).min(self.model.cfg.context)
+    }
+
+    /// KV budget: a job fits if nothing runs or its reservation fits.
+    fn fits(&self, job: &Job) -> bool {
+        self.active.is_empty() || self.reserved + self.reserve_of(job) <= self.cfg.max_kv_tokens
+    }
+
+    fn resolve_adapter(&self, job: &Job) -> Resolved {
+        let Some(handle) = &job.req.adapter else {
+            return Resolved::Ready(None);
+        };
+        let Some(pool) = &self.pool else {
+            return Resolved::Failed(format!(
+                "adapter `{handle}` requested but this engine has no adapter pool"
+            ));
+        };
+        match pool.acquire(handle) {
+            Acquire::Ready(a) => Resolved::Ready(Some(a)),
+            Acquire::Pending => Resolved::Pending,
+            Acquire::Failed(e) => Resolved::Failed(format!("adapter `{handle}`: {e}")),
+        }
+    }
+
+    /// Let the pool evict what finished sequences no longer hold.
+    fn release_adapters(&self) {
+        if let Some(pool) = &self.pool {
+            pool.trim();
+        }
+    }
+
+    fn admit(&mut self, job: Job, adapter: Option<Arc<LoraAdapter>>) {
+        let reserve = self.reserve_of(&job);
         self.reserved += reserve;
         self.stats
             .prompt_tokens
@@ -312,6 +406,7 @@ impl Worker {
             stop: StopText::new(stops),
             tx: job.tx,
             reserve,
+            adapter,
         });
     }
 
@@ -332,13 +427,17 @@ impl Worker {
             }
         }
         let logits = {
-            let mut caches: Vec<Option<&mut KvCache>> =
-                self.active.iter_mut().map(|s| Some(&mut s.kv)).collect();
+            let mut caches: Vec<Option<(&mut KvCache, Option<&LoraAdapter>)>> = self
+                .active
+                .iter_mut()
+                .map(|s| Some((&mut s.kv, s.adapter.as_deref())))
+                .collect();
             let mut items: Vec<BatchItem<'_>> = inputs
                 .iter()
                 .filter_map(|(i, toks, want)| {
-                    caches[*i].take().map(|kv| BatchItem {
+                    caches[*i].take().map(|(kv, adapter)| BatchItem {
                         tokens: toks,
+                        adapter,
                         kv,
                         want_logits: *want,
                     })
@@ -392,6 +491,7 @@ impl Worker {
                 idx += 1;
                 !finished.contains(&(idx - 1))
             });
+            self.release_adapters();
         }
     }
 }

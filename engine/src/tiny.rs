@@ -287,3 +287,47 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
     std::fs::write(hf.join("tokenizer_config.json"), tc.to_string()).map_err(io(&hf))?;
     Ok((path, hf))
 }
+
+/// A PEFT-format LoRA adapter for a tiny model: `rank` on each module of
+/// `modules` (indices into [`retune_adapters::MODULES`]), B scaled by `b_scale`.
+pub fn write_adapter(
+    dir: &Path,
+    s: &TinySpec,
+    rank: usize,
+    modules: &[usize],
+    seed: u64,
+    alpha: f32,
+    b_scale: f32,
+) -> Result<()> {
+    use retune_adapters::MODULES;
+    let hd = s.hidden / s.n_head;
+    let (h, q, kv, f) = (s.hidden, s.n_head * hd, s.n_kv_head * hd, s.ffn);
+    let dims = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)];
+    let mut r = Lcg(seed);
+    let mut tensors = std::collections::HashMap::new();
+    for layer in 0..s.n_layer {
+        for &m in modules {
+            let (out, inp) = dims[m];
+            let path = if m < 4 { "self_attn" } else { "mlp" };
+            let base = format!(
+                "base_model.model.model.layers.{layer}.{path}.{}",
+                MODULES[m]
+            );
+            tensors.insert(
+                format!("{base}.lora_A.weight"),
+                r.tensor(&[rank, inp], 1.0 / (inp as f32).sqrt(), 0.0)?,
+            );
+            tensors.insert(
+                format!("{base}.lora_B.weight"),
+                r.tensor(&[out, rank], b_scale, 0.0)?,
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    let targets: Vec<&str> = modules.iter().map(|&m| MODULES[m]).collect();
+    let cfg = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "target_modules": targets, "bias": "none", "use_rslora": false, "base_model_name_or_path": "tiny"});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).map_err(io(dir))?;
+    Ok(())
+}

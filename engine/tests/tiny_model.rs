@@ -16,6 +16,7 @@ fn tmpdir(name: &str) -> PathBuf {
 fn logits_of(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut kv = model.new_cache();
     let mut items = [BatchItem {
+        adapter: None,
         tokens,
         kv: &mut kv,
         want_logits: true,
@@ -142,6 +143,7 @@ fn chunked_prefill_and_token_by_token_decode_are_bit_identical() {
     for chunk in toks.chunks(7) {
         last = m
             .forward(&mut [BatchItem {
+                adapter: None,
                 tokens: chunk,
                 kv: &mut kv,
                 want_logits: true,
@@ -197,7 +199,11 @@ fn greedy(prompt: Vec<u32>, n: usize) -> GenerateRequest {
         stop_on_eos: false,
         ..SamplingParams::greedy(n)
     };
-    GenerateRequest { prompt, params }
+    GenerateRequest {
+        prompt,
+        params,
+        adapter: None,
+    }
 }
 
 #[test]

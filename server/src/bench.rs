@@ -10,13 +10,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
-    GenerateRequest {
+    GenerateRequest::new(
         prompt,
-        params: SamplingParams {
+        SamplingParams {
             stop_on_eos: false,
             ..SamplingParams::greedy(n)
         },
-    }
+    )
 }
 
 fn peak_rss_mb() -> f64 {

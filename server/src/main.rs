@@ -107,10 +107,7 @@ fn generate(args: &mut Args) -> Result<()> {
         ..SamplingParams::greedy(max_tokens)
     };
     let start = std::time::Instant::now();
-    let mut stream = engine.submit(GenerateRequest {
-        prompt: ids.clone(),
-        params,
-    })?;
+    let mut stream = engine.submit(GenerateRequest::new(ids.clone(), params))?;
     let mut out = std::io::stdout().lock();
     let mut first = None;
     while let Some(ev) = stream.blocking_next() {

@@ -14,6 +14,7 @@ fn loaded() -> &'static Loaded {
 /// Feed `tokens` and return the logits of the last one.
 fn feed(m: &Model, tokens: &[u32], kv: &mut retune_engine::kv::KvCache) -> Vec<f32> {
     m.forward(&mut [BatchItem {
+        adapter: None,
         tokens,
         kv,
         want_logits: true,
@@ -138,12 +139,14 @@ fn greedy_tokens_identical_alone_and_in_a_batch_of_eight() {
         },
     )
     .unwrap();
-    let req = |p: &Vec<u32>| GenerateRequest {
-        prompt: p.clone(),
-        params: SamplingParams {
-            stop_on_eos: false,
-            ..SamplingParams::greedy(24)
-        },
+    let req = |p: &Vec<u32>| {
+        GenerateRequest::new(
+            p.clone(),
+            SamplingParams {
+                stop_on_eos: false,
+                ..SamplingParams::greedy(24)
+            },
+        )
     };
     let alone: Vec<Vec<u32>> = prompts
         .iter()

@@ -1,0 +1,474 @@
+//! PEFT LoRA adapters.
+//!
+//! Tensor names: `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`
+//! (A is `[r, in]`, B is `[out, r]`); the delta of a module is `s · B · A` with
+//! `s = alpha / r` (or `alpha / √r` with rsLoRA). Every tensor is checked against
+//! the base model's shapes before use; unsupported PEFT features are refused by name.
+
+use crate::error::AdapterError;
+use regex::Regex;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The projections LoRA may target, in the engine's order.
+pub const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+fn module_path(m: usize) -> &'static str {
+    if m < 4 {
+        "self_attn"
+    } else {
+        "mlp"
+    }
+}
+
+/// `(out, in)` of each of [`MODULES`] and the layer count of the base model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BaseShapes {
+    pub n_layers: usize,
+    pub dims: [(usize, usize); 7],
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadLimits {
+    pub max_rank: usize,
+    pub max_file_bytes: u64,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        Self {
+            max_rank: 256,
+            max_file_bytes: 2 << 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default)]
+    pub peft_type: Option<String>,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f32,
+    #[serde(default)]
+    pub use_rslora: bool,
+    pub target_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f32>,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+}
+
+impl AdapterConfig {
+    pub fn validate(&self) -> Result<(), AdapterError> {
+        let unsupported = |field: &str, reason: &str| {
+            Err(AdapterError::Unsupported {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        if let Some(p) = &self.peft_type {
+            if p != "LORA" {
+                return unsupported(
+                    "peft_type",
+                    &format!("`{p}`; only LORA adapters are served"),
+                );
+            }
+        }
+        if self.use_dora {
+            return unsupported("use_dora", "DoRA adapters are not supported");
+        }
+        if self.fan_in_fan_out {
+            return unsupported(
+                "fan_in_fan_out",
+                "only nn.Linear-layout weights are supported",
+            );
+        }
+        if self.bias.as_deref().is_some_and(|b| b != "none") {
+            return unsupported("bias", "trained biases are not supported");
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return unsupported(
+                "modules_to_save",
+                "fully trained modules (embeddings, lm_head) are not supported",
+            );
+        }
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("layers_to_transform", "not supported");
+        }
+        if self.r == 0 {
+            return Err(AdapterError::Config {
+                field: "r".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(AdapterError::Config {
+                field: "lora_alpha".into(),
+                reason: "must be finite".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// PEFT's pattern rule: a key matches a module name ending in it as a dotted suffix.
+    fn pattern_value<T: Copy>(
+        patterns: &BTreeMap<String, T>,
+        name: &str,
+    ) -> Result<Option<T>, AdapterError> {
+        for (pat, v) in patterns {
+            let re =
+                Regex::new(&format!(r"^(.*\.)?({pat})$")).map_err(|e| AdapterError::Config {
+                    field: "rank_pattern/alpha_pattern".into(),
+                    reason: e.to_string(),
+                })?;
+            if re.is_match(name) {
+                return Ok(Some(*v));
+            }
+        }
+        Ok(None)
+    }
+
+    fn targets(&self, name: &str, module: &str) -> Result<bool, AdapterError> {
+        Ok(match &self.target_modules {
+            None => true,
+            Some(TargetModules::One(s)) if s == "all-linear" => true,
+            Some(TargetModules::One(re)) => Regex::new(&format!("^(?:{re})$"))
+                .map_err(|e| AdapterError::Config {
+                    field: "target_modules".into(),
+                    reason: e.to_string(),
+                })?
+                .is_match(name),
+            Some(TargetModules::List(l)) => l
+                .iter()
+                .any(|t| t == module || name.ends_with(&format!(".{t}"))),
+        })
+    }
+}
+
+/// One module's low-rank update, f32, row-major.
+#[derive(Clone, Debug)]
+pub struct LoraPair {
+    pub rank: usize,
+    pub scale: f32,
+    /// `[rank, in]`
+    pub a: Vec<f32>,
+    /// `[out, rank]`
+    pub b: Vec<f32>,
+}
+
+/// A loaded adapter: per layer, per module of [`MODULES`], an optional pair.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    pub layers: Vec<[Option<LoraPair>; 7]>,
+    /// Bytes held by the weights.
+    pub bytes: usize,
+    pub config: AdapterConfig,
+}
+
+impl LoraAdapter {
+    pub fn pair(&self, layer: usize, module: usize) -> Option<&LoraPair> {
+        self.layers.get(layer).and_then(|l| l[module].as_ref())
+    }
+
+    pub fn max_rank(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.rank)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, AdapterError> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AdapterError::NotFound(path.to_path_buf()),
+        _ => AdapterError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    if meta.len() > max {
+        return Err(AdapterError::TooLarge {
+            path: path.to_path_buf(),
+            bytes: meta.len(),
+            max,
+        });
+    }
+    std::fs::read(path).map_err(|e| AdapterError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+fn to_f32(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, AdapterError> {
+    let d = t.data();
+    let v: Vec<f32> = match t.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(AdapterError::Tensor {
+                name: name.into(),
+                reason: format!("dtype {other:?} (need f32/f16/bf16)"),
+            })
+        }
+    };
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(AdapterError::NonFinite { name: name.into() });
+    }
+    Ok(v)
+}
+
+/// Parse `base_model.model.model.layers.N.<path>.<module>.lora_{A,B}[.default].weight`.
+fn parse_name(name: &str) -> Option<(usize, usize, bool)> {
+    let rest = name.strip_prefix("base_model.model.")?;
+    let rest = rest.strip_prefix("model.").unwrap_or(rest);
+    let rest = rest.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let (module_path_name, which) = rest.rsplit_once('.')?;
+    let is_a = match which {
+        "lora_A" => true,
+        "lora_B" => false,
+        _ => return None,
+    };
+    let (sub, module) = module_path_name.split_once('.')?;
+    let m = MODULES.iter().position(|x| *x == module)?;
+    (sub == module_path(m)).then_some((layer, m, is_a))
+}
+
+/// Load and validate a PEFT LoRA adapter directory against the base model.
+pub fn load_peft(
+    dir: &Path,
+    base: &BaseShapes,
+    limits: &LoadLimits,
+) -> Result<LoraAdapter, AdapterError> {
+    let cfg_path = dir.join("adapter_config.json");
+    let cfg_bytes = read_limited(&cfg_path, 1 << 20)?;
+    let config: AdapterConfig =
+        serde_json::from_slice(&cfg_bytes).map_err(|e| AdapterError::Config {
+            field: "(file)".into(),
+            reason: e.to_string(),
+        })?;
+    config.validate()?;
+    let st_path: PathBuf = dir.join("adapter_model.safetensors");
+    if !st_path.exists() && dir.join("adapter_model.bin").exists() {
+        return Err(AdapterError::Unsupported {
+            field: "adapter_model.bin".into(),
+            reason: "pickle checkpoints are not loaded; save with safe_serialization=True".into(),
+        });
+    }
+    let bytes = read_limited(&st_path, limits.max_file_bytes)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Corrupt {
+        path: st_path.clone(),
+        reason: e.to_string(),
+    })?;
+
+    let mut halves: HashMap<(usize, usize), (Option<Vec<f32>>, Option<Vec<f32>>, usize)> =
+        HashMap::new();
+    for (name, view) in st.tensors() {
+        let Some((layer, m, is_a)) = parse_name(&name) else {
+            return Err(AdapterError::Unsupported {
+                field: name.clone(),
+                reason: "only lora_A/lora_B of q,k,v,o,gate,up,down projections are supported"
+                    .into(),
+            });
+        };
+        if layer >= base.n_layers {
+            return Err(AdapterError::Shape {
+                name,
+                got: vec![layer],
+                expected: vec![base.n_layers],
+            });
+        }
+        let (out, inp) = base.dims[m];
+        let shape = view.shape().to_vec();
+        let rank = if is_a {
+            shape.first().copied()
+        } else {
+            shape.get(1).copied()
+        }
+        .unwrap_or(0);
+        let expected = if is_a {
+            vec![rank, inp]
+        } else {
+            vec![out, rank]
+        };
+        if shape.len() != 2 || shape != expected || rank == 0 {
+            return Err(AdapterError::Shape {
+                name,
+                got: shape,
+                expected,
+            });
+        }
+        let module_name = format!("model.layers.{layer}.{}.{}", module_path(m), MODULES[m]);
+        if !config.targets(&module_name, MODULES[m])? {
+            return Err(AdapterError::Config {
+                field: "target_modules".into(),
+                reason: format!(
+                    "weights present for `{module_name}`, which target_modules does not name"
+                ),
+            });
+        }
+        if rank > limits.max_rank {
+            return Err(AdapterError::RankTooLarge {
+                module: module_name,
+                rank,
+                max: limits.max_rank,
+            });
+        }
+        let data = to_f32(&name, &view)?;
+        let e = halves.entry((layer, m)).or_insert((None, None, rank));
+        if e.2 != rank {
+            return Err(AdapterError::Shape {
+                name,
+                got: vec![rank],
+                expected: vec![e.2],
+            });
+        }
+        if is_a {
+            e.0 = Some(data);
+        } else {
+            e.1 = Some(data);
+        }
+    }
+    if halves.is_empty() {
+        return Err(AdapterError::Corrupt {
+            path: st_path,
+            reason: "no LoRA tensors".into(),
+        });
+    }
+    let mut layers: Vec<[Option<LoraPair>; 7]> =
+        (0..base.n_layers).map(|_| Default::default()).collect();
+    let mut total = 0;
+    for ((layer, m), (a, b, rank)) in halves {
+        let module_name = format!("model.layers.{layer}.{}.{}", module_path(m), MODULES[m]);
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(AdapterError::Tensor {
+                name: module_name,
+                reason: "lora_A and lora_B must both be present".into(),
+            });
+        };
+        let r_cfg =
+            AdapterConfig::pattern_value(&config.rank_pattern, &module_name)?.unwrap_or(config.r);
+        if r_cfg != rank {
+            return Err(AdapterError::Config {
+                field: "r/rank_pattern".into(),
+                reason: format!(
+                    "`{module_name}` has rank {rank} in its weights but {r_cfg} in the config"
+                ),
+            });
+        }
+        let alpha = AdapterConfig::pattern_value(&config.alpha_pattern, &module_name)?
+            .unwrap_or(config.lora_alpha);
+        let scale = if config.use_rslora {
+            alpha / (rank as f32).sqrt()
+        } else {
+            alpha / rank as f32
+        };
+        total += (a.len() + b.len()) * 4;
+        layers[layer][m] = Some(LoraPair { rank, scale, a, b });
+    }
+    Ok(LoraAdapter {
+        layers,
+        bytes: total,
+        config,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_peft_tensor_names() {
+        assert_eq!(
+            parse_name("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            Some((3, 0, true))
+        );
+        assert_eq!(
+            parse_name("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"),
+            Some((0, 6, false))
+        );
+        assert_eq!(
+            parse_name("base_model.model.model.layers.0.mlp.q_proj.lora_B.weight"),
+            None
+        );
+        assert_eq!(parse_name("base_model.model.lm_head.lora_A.weight"), None);
+        assert_eq!(
+            parse_name("base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"),
+            None
+        );
+    }
+
+    #[test]
+    fn patterns_follow_peft_suffix_rule() {
+        let mut p = BTreeMap::new();
+        p.insert("q_proj".to_string(), 4usize);
+        p.insert(r"layers\.1\.mlp\.down_proj".to_string(), 16usize);
+        assert_eq!(
+            AdapterConfig::pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(),
+            Some(4)
+        );
+        assert_eq!(
+            AdapterConfig::pattern_value(&p, "model.layers.1.mlp.down_proj").unwrap(),
+            Some(16)
+        );
+        assert_eq!(
+            AdapterConfig::pattern_value(&p, "model.layers.2.mlp.down_proj").unwrap(),
+            None
+        );
+        assert_eq!(
+            AdapterConfig::pattern_value(&p, "model.layers.0.self_attn.xq_proj").unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Adapter pool: adapters loaded on demand (on a loader thread, never the decode
+//! thread), kept up to count and byte limits, least-recently-used evicted. An
+//! adapter a running sequence holds (its `Arc` is shared) is never evicted.
+
+use crate::error::AdapterError;
+use crate::peft::{load_peft, BaseShapes, LoadLimits, LoraAdapter};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Where an adapter version's files are. The registry implements this; tests and
+/// simple deployments use [`DirSource`].
+pub trait AdapterSource: Send + Sync {
+    fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError>;
+}
+
+/// `handle` is a directory name under `root`.
+pub struct DirSource {
+    pub root: PathBuf,
+}
+
+impl AdapterSource for DirSource {
+    fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError> {
+        let ok = !handle.is_empty()
+            && handle != "."
+            && handle != ".."
+            && handle
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !ok {
+            return Err(AdapterError::Config {
+                field: "adapter".into(),
+                reason: format!("invalid adapter handle `{handle}`"),
+            });
+        }
+        Ok(self.root.join(handle))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_adapters: usize,
+    pub max_bytes: usize,
+    pub limits: LoadLimits,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_adapters: 64,
+            max_bytes: 2 << 30,
+            limits: LoadLimits::default(),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Default)]
+pub struct PoolStats {
+    pub resident: AtomicUsize,
+    pub bytes: AtomicUsize,
+    pub loads: AtomicU64,
+    pub load_failures: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Total load time, microseconds (loads / this = mean).
+    pub load_micros: AtomicU64,
+}
+
+pub enum Acquire {
+    Ready(Arc<LoraAdapter>),
+    /// Loading on the loader thread; ask again later.
+    Pending,
+    Failed(Arc<AdapterError>),
+}
+
+enum Entry {
+    Loading,
+    Ready {
+        adapter: Arc<LoraAdapter>,
+        last_used: u64,
+    },
+    Failed(Arc<AdapterError>),
+}
+
+struct State {
+    entries: HashMap<String, Entry>,
+    clock: u64,
+    latencies_us: Vec<u64>,
+}
+
+pub struct AdapterPool {
+    state: Mutex<State>,
+    cfg: PoolConfig,
+    stats: PoolStats,
+    tx: Mutex<Sender<String>>,
+}
+
+impl AdapterPool {
+    pub fn new(source: Arc<dyn AdapterSource>, base: BaseShapes, cfg: PoolConfig) -> Arc<Self> {
+        let (tx, rx) = channel::<String>();
+        let pool = Arc::new(Self {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                clock: 0,
+                latencies_us: Vec::new(),
+            }),
+            cfg,
+            stats: PoolStats::default(),
+            tx: Mutex::new(tx),
+        });
+        let weak = Arc::downgrade(&pool);
+        let spawned = std::thread::Builder::new()
+            .name("retune-adapter-loader".into())
+            .spawn(move || {
+                while let Ok(handle) = rx.recv() {
+                    let Some(pool) = weak.upgrade() else { return };
+                    let start = Instant::now();
+                    let result = source
+                        .locate(&handle)
+                        .and_then(|dir| load_peft(&dir, &base, &pool.cfg.limits));
+                    pool.finish_load(handle, result, start.elapsed().as_micros() as u64);
+                }
+            });
+        if let Err(e) = spawned {
+            // no loader: every acquire reports the failure instead of hanging
+            let mut st = pool.lock();
+            st.entries.insert(
+                String::new(),
+                Entry::Failed(Arc::new(AdapterError::Io {
+                    path: PathBuf::new(),
+                    source: e,
+                })),
+            );
+        }
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.stats
+    }
+
+    /// Load-time percentiles in microseconds (p50, p99) over recorded loads.
+    pub fn load_latency_us(&self) -> Option<(u64, u64)> {
+        let mut v = self.lock().latencies_us.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
+    }
+
+    /// Handles of resident adapters.
+    pub fn resident(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut v: Vec<String> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Ready { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Get an adapter for a sequence, starting a load if it is not resident. A
+    /// failed load is reported once and forgotten, so a later request retries.
+    pub fn acquire(&self, handle: &str) -> Acquire {
+        let mut st = self.lock();
+        st.clock += 1;
+        let now = st.clock;
+        match st.entries.get_mut(handle) {
+            Some(Entry::Ready { adapter, last_used }) => {
+                *last_used = now;
+                Acquire::Ready(adapter.clone())
+            }
+            Some(Entry::Loading) => Acquire::Pending,
+            Some(Entry::Failed(_)) => match st.entries.remove(handle) {
+                Some(Entry::Failed(e)) => Acquire::Failed(e),
+                _ => Acquire::Pending,
+            },
+            None => {
+                if let Some(Entry::Failed(e)) = st.entries.get("") {
+                    return Acquire::Failed(e.clone());
+                }
+                st.entries.insert(handle.to_string(), Entry::Loading);
+                let sent = self
+                    .tx
+                    .lock()
+                    .map(|tx| tx.send(handle.to_string()).is_ok())
+                    .unwrap_or(false);
+                if !sent {
+                    st.entries.remove(handle);
+                    return Acquire::Failed(Arc::new(AdapterError::Config {
+                        field: "adapter".into(),
+                        reason: "adapter loader has stopped".into(),
+                    }));
+                }
+                Acquire::Pending
+            }
+        }
+    }
+
+    fn finish_load(&self, handle: String, result: Result<LoraAdapter, AdapterError>, micros: u64) {
+        let mut st = self.lock();
+        match result {
+            Ok(a) => {
+                self.stats.loads.fetch_add(1, Ordering::Relaxed);
+                self.stats.load_micros.fetch_add(micros, Ordering::Relaxed);
+                st.latencies_us.push(micros);
+                if st.latencies_us.len() > 4096 {
+                    st.latencies_us.drain(..2048);
+                }
+                st.clock += 1;
+                let now = st.clock;
+                st.entries.insert(
+                    handle,
+                    Entry::Ready {
+                        adapter: Arc::new(a),
+                        last_used: now,
+                    },
+                );
+                self.evict(&mut st);
+            }
+            Err(e) => {
+                self.stats.load_failures.fetch_add(1, Ordering::Relaxed);
+                st.entries.insert(handle, Entry::Failed(Arc::new(e)));
+            }
+        }
+        self.publish(&st);
+    }
+
+    /// Evict least-recently-used adapters nobody holds until within limits.
+    fn evict(&self, st: &mut State) {
+        loop {
+            let ready: Vec<(&String, u64, usize, bool)> = st
+                .entries
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Ready { adapter, last_used } => {
+                        Some((k, *last_used, adapter.bytes, Arc::strong_count(adapter) > 1))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let bytes: usize = ready.iter().map(|r| r.2).sum();
+            if ready.len() <= self.cfg.max_adapters && bytes <= self.cfg.max_bytes {
+                return;
+            }
+            let Some(victim) = ready
+                .iter()
+                .filter(|r| !r.3)
+                .min_by_key(|r| r.1)
+                .map(|r| r.0.clone())
+            else {
+                return; // everything resident is in use: stay over the limit until released
+            };
+            st.entries.remove(&victim);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Re-apply limits (after sequences released adapters).
+    pub fn trim(&self) {
+        let mut st = self.lock();
+        self.evict(&mut st);
+        self.publish(&st);
+    }
+
+    fn publish(&self, st: &State) {
+        let (n, b) = st.entries.values().fold((0, 0), |(n, b), e| match e {
+            Entry::Ready { adapter, .. } => (n + 1, b + adapter.bytes),
+            _ => (n, b),
+        });
+        self.stats.resident.store(n, Ordering::Relaxed);
+        self.stats.bytes.store(b, Ordering::Relaxed);
+    }
+}

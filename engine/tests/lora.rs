@@ -1,0 +1,442 @@
+//! Multi-LoRA on tiny random models: merged-weight reference, mixed batches,
+//! GGUF Q/K layout, the adapter pool, and bad adapters.
+
+use retune_adapters::{
+    load_peft, Acquire, AdapterError, AdapterPool, DirSource, LoadLimits, LoraAdapter, PoolConfig,
+};
+use retune_engine::linear::Weight;
+use retune_engine::tiny::{self, TinySpec};
+use retune_engine::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("retune-lora-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn logits(model: &Model, tokens: &[u32], adapter: Option<&LoraAdapter>) -> Vec<f32> {
+    let mut kv = model.new_cache();
+    model
+        .forward(&mut [BatchItem {
+            tokens,
+            adapter,
+            kv: &mut kv,
+            want_logits: true,
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const ALL: [usize; 7] = [0, 1, 2, 3, 4, 5, 6];
+
+/// W ← W + s·B·A in every adapted f32 linear.
+fn merge(model: &mut Model, a: &LoraAdapter) {
+    for (li, layer) in model.layers.iter_mut().enumerate() {
+        let lins = [
+            &mut layer.q,
+            &mut layer.k,
+            &mut layer.v,
+            &mut layer.o,
+            &mut layer.gate,
+            &mut layer.up,
+            &mut layer.down,
+        ];
+        for (m, lin) in lins.into_iter().enumerate() {
+            let Some(p) = a.pair(li, m) else { continue };
+            let Weight::F32(w) = &mut lin.weight else {
+                panic!("f32 base expected")
+            };
+            for o in 0..lin.rows {
+                for i in 0..lin.cols {
+                    let d: f32 = (0..p.rank)
+                        .map(|k| p.b[o * p.rank + k] * p.a[k * lin.cols + i])
+                        .sum();
+                    w[o * lin.cols + i] += p.scale * d;
+                }
+            }
+        }
+    }
+}
+
+fn adapter(
+    dir: &Path,
+    spec: &TinySpec,
+    model: &Model,
+    rank: usize,
+    modules: &[usize],
+    seed: u64,
+) -> LoraAdapter {
+    tiny::write_adapter(dir, spec, rank, modules, seed, 2.0 * rank as f32, 0.05).unwrap();
+    load_peft(dir, &model.base_shapes(), &LoadLimits::default()).unwrap()
+}
+
+#[test]
+fn adapter_output_equals_merged_dense_reference_for_hf_and_permuted_gguf_bases() {
+    let dir = tmpdir("merged");
+    let spec = TinySpec::default();
+    let (gguf, hf) = tiny::write(&dir, &spec).unwrap();
+    let base = load(&hf).unwrap().model;
+    let a = adapter(&dir.join("a"), &spec, &base, 8, &ALL, 7);
+    let toks: Vec<u32> = (3..60).collect();
+    let plain = logits(&base, &toks, None);
+    let with = logits(&base, &toks, Some(&a));
+    let mut merged = load(&hf).unwrap().model;
+    merge(&mut merged, &a);
+    let reference = logits(&merged, &toks, None);
+    let spread = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // tolerance: f32 rounding of two summation orders, 1e-4 of the logit range
+    assert!(
+        max_diff(&with, &reference) < 1e-4 * spread,
+        "{}",
+        max_diff(&with, &reference)
+    );
+    assert!(
+        max_diff(&plain, &reference) > 1e-2 * spread,
+        "adapter too weak to test anything"
+    );
+    // GGUF stores Q/K rows permuted; the adapter must land on the same rows
+    let g = load(&gguf).unwrap().model;
+    let via_gguf = logits(&g, &toks, Some(&a));
+    assert!(
+        max_diff(&via_gguf, &reference) < 1e-3 * spread,
+        "{}",
+        max_diff(&via_gguf, &reference)
+    );
+}
+
+#[test]
+fn mixed_batch_with_base_and_three_ranks_equals_each_row_alone() {
+    let dir = tmpdir("mixed");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(
+        &dir,
+        &TinySpec {
+            gguf_dtype: candle_core::quantized::GgmlDType::Q4_1,
+            ..spec.clone()
+        },
+    )
+    .unwrap();
+    let m = load(&gguf).unwrap().model;
+    let a4 = adapter(&dir.join("r4"), &spec, &m, 4, &[0, 2], 1);
+    let a8 = adapter(&dir.join("r8"), &spec, &m, 8, &ALL, 2);
+    let a16 = adapter(&dir.join("r16"), &spec, &m, 16, &[3, 4, 5, 6], 3);
+    let rows: Vec<(Vec<u32>, Option<&LoraAdapter>)> = vec![
+        ((3..20).collect(), None),
+        ((5..9).collect(), Some(&a4)),
+        ((7..40).collect(), Some(&a8)),
+        ((11..12).collect(), Some(&a16)),
+        ((20..31).collect(), Some(&a8)),
+        ((40..47).collect(), None),
+    ];
+    let alone: Vec<Vec<f32>> = rows.iter().map(|(t, a)| logits(&m, t, *a)).collect();
+    let mut caches: Vec<_> = rows.iter().map(|_| m.new_cache()).collect();
+    let mut items: Vec<BatchItem<'_>> = rows
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|((t, a), kv)| BatchItem {
+            tokens: t,
+            adapter: *a,
+            kv,
+            want_logits: true,
+        })
+        .collect();
+    let batched = m.forward(&mut items).unwrap();
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a, b, "row {i}");
+    }
+    assert_ne!(
+        alone[2],
+        logits(&m, &rows[2].0, None),
+        "adapter changes the row"
+    );
+}
+
+fn pool_for(root: &Path, m: &Model, cfg: PoolConfig) -> Arc<AdapterPool> {
+    AdapterPool::new(
+        Arc::new(DirSource {
+            root: root.to_path_buf(),
+        }),
+        m.base_shapes(),
+        cfg,
+    )
+}
+
+fn wait_ready(pool: &AdapterPool, h: &str) -> std::result::Result<Arc<LoraAdapter>, Arc<AdapterError>> {
+    let t = Instant::now();
+    loop {
+        match pool.acquire(h) {
+            Acquire::Ready(a) => return Ok(a),
+            Acquire::Failed(e) => return Err(e),
+            Acquire::Pending => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "load of {h} never finished"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+#[test]
+fn pool_evicts_lru_never_in_use_and_reloads_transparently() {
+    let dir = tmpdir("pool");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let m = load(&gguf).unwrap().model;
+    for (i, h) in ["a", "b", "c"].iter().enumerate() {
+        tiny::write_adapter(
+            &dir.join("adapters").join(h),
+            &spec,
+            4,
+            &ALL,
+            i as u64,
+            8.0,
+            0.05,
+        )
+        .unwrap();
+    }
+    let pool = pool_for(
+        &dir.join("adapters"),
+        &m,
+        PoolConfig {
+            max_adapters: 2,
+            ..PoolConfig::default()
+        },
+    );
+    let held_a = wait_ready(&pool, "a").unwrap();
+    drop(wait_ready(&pool, "b").unwrap());
+    drop(wait_ready(&pool, "c").unwrap()); // over the limit: b is LRU and free, a is held
+    assert_eq!(pool.resident(), vec!["a".to_string(), "c".to_string()]);
+    assert_eq!(
+        pool.stats()
+            .evictions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(held_a);
+    let b = wait_ready(&pool, "b").unwrap(); // reload: a is now LRU and free
+    assert_eq!(pool.resident(), vec!["b".to_string(), "c".to_string()]);
+    assert_eq!(
+        pool.stats()
+            .loads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    assert!(
+        b.bytes > 0
+            && pool
+                .stats()
+                .bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= b.bytes
+    );
+    assert!(pool.load_latency_us().is_some());
+}
+
+#[test]
+fn engine_serves_mixed_adapters_and_isolates_a_bad_one() {
+    let dir = tmpdir("engine");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let root = dir.join("adapters");
+    tiny::write_adapter(&root.join("good"), &spec, 8, &ALL, 5, 16.0, 0.5).unwrap();
+    std::fs::create_dir_all(root.join("broken")).unwrap();
+    std::fs::write(
+        root.join("broken/adapter_config.json"),
+        r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("broken/adapter_model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json",
+    )
+    .unwrap();
+    let l = load(&gguf).unwrap();
+    let pool = pool_for(&root, &l.model, PoolConfig::default());
+    let engine =
+        Engine::start_with_pool(l.model, l.tok, EngineConfig::default(), Some(pool.clone()))
+            .unwrap();
+    let req = |adapter: Option<&str>| GenerateRequest {
+        prompt: vec![5, 6, 7, 8],
+        params: SamplingParams {
+            stop_on_eos: false,
+            ..SamplingParams::greedy(12)
+        },
+        adapter: adapter.map(str::to_string),
+    };
+    let base = engine.generate_blocking(req(None)).unwrap().ids();
+    let good = engine.generate_blocking(req(Some("good"))).unwrap().ids();
+    assert_ne!(base, good, "adapter changes greedy output");
+    // all at once, the broken adapter among them
+    let streams: Vec<_> = [None, Some("good"), Some("broken"), Some("good"), None]
+        .iter()
+        .map(|a| engine.submit(req(*a)).unwrap())
+        .collect();
+    let mut results = Vec::new();
+    for mut s in streams {
+        let mut ids = Vec::new();
+        let outcome = loop {
+            match s.blocking_next() {
+                Some(Event::Token(t)) => ids.push(t.id),
+                Some(Event::Done(_)) => break Ok(ids),
+                Some(Event::Error(e)) => break Err(e),
+                None => panic!("stream ended"),
+            }
+        };
+        results.push(outcome);
+    }
+    assert_eq!(results[0].as_ref().unwrap(), &base);
+    assert_eq!(results[1].as_ref().unwrap(), &good);
+    let err = results[2].as_ref().unwrap_err();
+    assert!(err.contains("broken") && err.contains("corrupt"), "{err}");
+    assert_eq!(results[3].as_ref().unwrap(), &good);
+    assert_eq!(results[4].as_ref().unwrap(), &base);
+    // unknown handle and path tricks are errors too, and the engine keeps serving
+    for h in ["missing", "../x"] {
+        let mut s = engine.submit(req(Some(h))).unwrap();
+        assert!(matches!(s.blocking_next(), Some(Event::Error(_))), "{h}");
+    }
+    assert_eq!(
+        engine.generate_blocking(req(Some("good"))).unwrap().ids(),
+        good
+    );
+}
+
+#[test]
+fn bad_adapters_get_typed_errors() {
+    let dir = tmpdir("bad");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let m = load(&gguf).unwrap().model;
+    let shapes = m.base_shapes();
+    let lim = LoadLimits::default();
+    let good = dir.join("good");
+    tiny::write_adapter(&good, &spec, 8, &ALL, 1, 16.0, 0.05).unwrap();
+    let st = std::fs::read(good.join("adapter_model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(good.join("adapter_config.json")).unwrap();
+    let variant = |name: &str, cfg_text: &str, st_bytes: &[u8]| -> AdapterError {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_config.json"), cfg_text).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), st_bytes).unwrap();
+        load_peft(&d, &shapes, &lim).unwrap_err()
+    };
+    assert!(matches!(
+        load_peft(&dir.join("nowhere"), &shapes, &lim),
+        Err(AdapterError::NotFound(_))
+    ));
+    assert!(matches!(
+        variant("trunc", &cfg, &st[..st.len() / 2]),
+        AdapterError::Corrupt { .. }
+    ));
+    let mut bomb = (u64::MAX / 2).to_le_bytes().to_vec();
+    bomb.extend_from_slice(b"{}");
+    assert!(matches!(
+        variant("bomb", &cfg, &bomb),
+        AdapterError::Corrupt { .. }
+    ));
+    let e = variant(
+        "dora",
+        &cfg.replace("\"bias\":\"none\"", "\"bias\":\"none\",\"use_dora\":true"),
+        &st,
+    );
+    assert!(
+        matches!(&e, AdapterError::Unsupported { field, .. } if field == "use_dora"),
+        "{e}"
+    );
+    let e = variant(
+        "bias",
+        &cfg.replace("\"bias\":\"none\"", "\"bias\":\"all\""),
+        &st,
+    );
+    assert!(
+        matches!(&e, AdapterError::Unsupported { field, .. } if field == "bias"),
+        "{e}"
+    );
+    let e = variant("rank", &cfg.replace("\"r\":8", "\"r\":4"), &st);
+    assert!(matches!(&e, AdapterError::Config { .. }), "{e}");
+    let e = load_peft(
+        &good,
+        &shapes,
+        &LoadLimits {
+            max_rank: 4,
+            ..LoadLimits::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AdapterError::RankTooLarge {
+                rank: 8,
+                max: 4,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = load_peft(
+        &good,
+        &shapes,
+        &LoadLimits {
+            max_file_bytes: 100,
+            ..LoadLimits::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, AdapterError::TooLarge { .. }), "{e}");
+    // adapter made for another base (wider hidden size)
+    let other = TinySpec {
+        hidden: 128,
+        ..spec.clone()
+    };
+    tiny::write_adapter(&dir.join("other"), &other, 8, &ALL, 1, 16.0, 0.05).unwrap();
+    assert!(matches!(
+        load_peft(&dir.join("other"), &shapes, &lim),
+        Err(AdapterError::Shape { .. })
+    ));
+    // NaN weights and an lm_head adapter
+    let dev = candle_core::Device::Cpu;
+    let mut ts =
+        candle_core::safetensors::load(good.join("adapter_model.safetensors"), &dev).unwrap();
+    let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let shape = ts[name].dims().to_vec();
+    ts.insert(
+        name.into(),
+        candle_core::Tensor::full(f32::NAN, shape, &dev).unwrap(),
+    );
+    let nan_dir = dir.join("nan");
+    std::fs::create_dir_all(&nan_dir).unwrap();
+    std::fs::write(nan_dir.join("adapter_config.json"), &cfg).unwrap();
+    candle_core::safetensors::save(&ts, nan_dir.join("adapter_model.safetensors")).unwrap();
+    assert!(matches!(
+        load_peft(&nan_dir, &shapes, &lim),
+        Err(AdapterError::NonFinite { .. })
+    ));
+    let mut ts =
+        candle_core::safetensors::load(good.join("adapter_model.safetensors"), &dev).unwrap();
+    ts.insert(
+        "base_model.model.lm_head.lora_A.weight".into(),
+        candle_core::Tensor::zeros((8, 64), candle_core::DType::F32, &dev).unwrap(),
+    );
+    let lm = dir.join("lm");
+    std::fs::create_dir_all(&lm).unwrap();
+    std::fs::write(lm.join("adapter_config.json"), &cfg).unwrap();
+    candle_core::safetensors::save(&ts, lm.join("adapter_model.safetensors")).unwrap();
+    assert!(matches!(
+        load_peft(&lm, &shapes, &lim),
+        Err(AdapterError::Unsupported { .. })
+    ));
+}
