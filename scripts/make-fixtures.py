@@ -15,6 +15,8 @@ Also records /tokenize results for tricky strings.
 import hashlib, json, sys, urllib.request
 
 BASE, OUT = sys.argv[1], sys.argv[2]
+# optional: apply llama-server's LoRA adapter 0 at this scale on every request
+LORA = [{"id": 0, "scale": float(sys.argv[4])}] if len(sys.argv) > 4 else None
 
 def post(path, body):
     req = urllib.request.Request(BASE + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -49,8 +51,11 @@ fx = {"source": "llama.cpp llama-server (vendored in llama-cpp-python 0.3.36 sdi
 for msgs in CHATS:
     rendered = post("/apply-template", {"messages": msgs})["prompt"]
     toks = post("/tokenize", {"content": rendered, "add_special": True, "parse_special": True})["tokens"]
-    r = post("/completion", {"prompt": toks, "n_predict": 32, "temperature": 0, "n_probs": 5,
-                             "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"], "top_k": 1})
+    body = {"prompt": toks, "n_predict": 32, "temperature": 0, "n_probs": 5,
+            "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"], "top_k": 1}
+    if LORA is not None:
+        body["lora"] = LORA
+    r = post("/completion", body)
     steps = [{"id": p["id"], "top": [[t["id"], t["logprob"]] for t in p["top_logprobs"]]}
              for p in r["completion_probabilities"]]
     fx["chats"].append({"messages": msgs, "rendered": rendered, "prompt_tokens": toks,

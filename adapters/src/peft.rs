@@ -87,7 +87,21 @@ pub struct AdapterConfig {
     pub modules_to_save: Option<Vec<String>>,
     #[serde(default)]
     pub layers_to_transform: Option<serde_json::Value>,
+    /// Newer PEFT features that change what the weights mean; refused when set.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
+
+/// PEFT config fields whose non-default values change the math; refused.
+const REFUSED_WHEN_SET: [(&str, &str); 7] = [
+    ("lora_bias", "a trained bias on lora_B"),
+    ("target_parameters", "LoRA on raw parameters (MoE experts)"),
+    ("trainable_token_indices", "trained embedding rows"),
+    ("layer_replication", "replicated layers"),
+    ("alora_invocation_tokens", "activated LoRA (aLoRA)"),
+    ("use_qalora", "QA-LoRA pooling"),
+    ("use_bdlora", "block-diagonal LoRA"),
+];
 
 impl AdapterConfig {
     pub fn validate(&self) -> Result<(), AdapterError> {
@@ -129,6 +143,19 @@ impl AdapterConfig {
             .is_some_and(|v| !v.is_null())
         {
             return unsupported("layers_to_transform", "not supported");
+        }
+        for (field, what) in REFUSED_WHEN_SET {
+            let set = match self.other.get(field) {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {
+                    false
+                }
+                Some(serde_json::Value::Array(a)) => !a.is_empty(),
+                Some(serde_json::Value::Object(o)) => !o.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                return unsupported(field, &format!("{what} is not supported"));
+            }
         }
         if self.r == 0 {
             return Err(AdapterError::Config {

@@ -7,7 +7,7 @@
 
 use crate::linear::rows_times_tokens;
 use rayon::prelude::*;
-use retune_adapters::LoraAdapter;
+use retune_adapters::{LoraAdapter, LoraPair};
 
 /// A contiguous run of batch tokens and the adapter they use.
 #[derive(Clone, Copy)]
@@ -16,6 +16,9 @@ pub struct Span<'a> {
     pub len: usize,
     pub adapter: Option<&'a LoraAdapter>,
 }
+
+/// Output rows per expand job.
+const EXPAND_ROWS: usize = 128;
 
 /// `out` is `[t, rows]`, `x` is `[t, cols]`.
 pub fn add_deltas(
@@ -28,62 +31,69 @@ pub fn add_deltas(
     rows: usize,
 ) {
     // group token indices by adapter identity
-    let mut groups: Vec<(&LoraAdapter, Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(&LoraPair, usize, Vec<usize>)> = Vec::new();
     for s in spans {
         let Some(a) = s.adapter else { continue };
-        if a.pair(layer, module).is_none() {
-            continue;
-        }
-        let toks = s.start..s.start + s.len;
-        match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, a)) {
-            Some((_, v)) => v.extend(toks),
-            None => groups.push((a, toks.collect())),
-        }
-    }
-    for (adapter, toks) in groups {
-        let Some(p) = adapter.pair(layer, module) else {
+        let Some(pair) = a.pair(layer, module) else {
             continue;
         };
-        let n = toks.len();
-        // shrink: xa = A x for this group's tokens
-        let mut xs = Vec::with_capacity(n * cols);
-        for &t in &toks {
-            xs.extend_from_slice(&x[t * cols..(t + 1) * cols]);
+        let toks = s.start..s.start + s.len;
+        let id = a as *const LoraAdapter as usize; // identity of the loaded adapter
+        match groups.iter_mut().find(|(_, g, _)| *g == id) {
+            Some((_, _, v)) => v.extend(toks),
+            None => groups.push((pair, id, toks.collect())),
         }
-        let mut xa = vec![0f32; n * p.rank];
-        let a_rows: Vec<&[f32]> = p.a.chunks_exact(cols).collect();
-        for chunk in (0..p.rank).step_by(4) {
-            let rws = &a_rows[chunk..(chunk + 4).min(p.rank)];
-            rows_times_tokens(rws, &xs, cols, n, |ri, ti, v| {
-                xa[ti * p.rank + chunk + ri] = v
-            });
-        }
-        // expand: out += s · B xa, parallel over output rows
-        let b_rows: Vec<&[f32]> = p.b.chunks_exact(p.rank).collect();
-        let chunk_rows = 64;
-        let deltas: Vec<(usize, Vec<f32>)> = (0..rows)
-            .step_by(chunk_rows)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|r0| {
-                let r1 = (r0 + chunk_rows).min(rows);
-                let mut d = vec![0f32; n * (r1 - r0)];
-                for r in (r0..r1).step_by(4) {
-                    let rws = &b_rows[r..(r + 4).min(r1)];
-                    rows_times_tokens(rws, &xa, p.rank, n, |ri, ti, v| {
-                        d[ti * (r1 - r0) + r - r0 + ri] = v
-                    });
-                }
-                (r0, d)
-            })
-            .collect();
-        for (r0, d) in deltas {
-            let w = d.len() / n;
-            for (i, &t) in toks.iter().enumerate() {
-                let o = &mut out[t * rows + r0..t * rows + r0 + w];
-                for (oo, dd) in o.iter_mut().zip(&d[i * w..(i + 1) * w]) {
-                    *oo += p.scale * dd;
-                }
+    }
+    if groups.is_empty() {
+        return;
+    }
+    // shrink, one job per adapter: xa = A x over its tokens
+    let shrunk: Vec<Vec<f32>> = groups
+        .par_iter()
+        .map(|(p, _, toks)| {
+            let xs: Vec<f32> = toks
+                .iter()
+                .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
+                .collect();
+            let mut xa = vec![0f32; toks.len() * p.rank];
+            let a_rows: Vec<&[f32]> = p.a.chunks_exact(cols).collect();
+            for r0 in (0..p.rank).step_by(4) {
+                let rws = &a_rows[r0..(r0 + 4).min(p.rank)];
+                rows_times_tokens(rws, &xs, cols, toks.len(), |ri, ti, v| {
+                    xa[ti * p.rank + r0 + ri] = v
+                });
+            }
+            xa
+        })
+        .collect();
+    // expand, one job per (adapter, block of output rows): d = B xa
+    let jobs: Vec<(usize, usize)> = (0..groups.len())
+        .flat_map(|g| (0..rows).step_by(EXPAND_ROWS).map(move |r| (g, r)))
+        .collect();
+    let deltas: Vec<Vec<f32>> = jobs
+        .par_iter()
+        .map(|&(g, r0)| {
+            let (p, _, toks) = &groups[g];
+            let r1 = (r0 + EXPAND_ROWS).min(rows);
+            let w = r1 - r0;
+            let mut d = vec![0f32; toks.len() * w];
+            let b_rows: Vec<&[f32]> = p.b[r0 * p.rank..r1 * p.rank].chunks_exact(p.rank).collect();
+            for r in (0..w).step_by(4) {
+                let rws = &b_rows[r..(r + 4).min(w)];
+                rows_times_tokens(rws, &shrunk[g], p.rank, toks.len(), |ri, ti, v| {
+                    d[ti * w + r + ri] = v
+                });
+            }
+            d
+        })
+        .collect();
+    for (&(g, r0), d) in jobs.iter().zip(&deltas) {
+        let (p, _, toks) = &groups[g];
+        let w = d.len() / toks.len();
+        for (i, &t) in toks.iter().enumerate() {
+            let o = &mut out[t * rows + r0..t * rows + r0 + w];
+            for (oo, dd) in o.iter_mut().zip(&d[i * w..(i + 1) * w]) {
+                *oo += p.scale * dd;
             }
         }
     }

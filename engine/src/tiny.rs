@@ -299,15 +299,31 @@ pub fn write_adapter(
     alpha: f32,
     b_scale: f32,
 ) -> Result<()> {
-    use retune_adapters::MODULES;
     let hd = s.hidden / s.n_head;
     let (h, q, kv, f) = (s.hidden, s.n_head * hd, s.n_kv_head * hd, s.ffn);
-    let dims = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)];
+    let shapes = retune_adapters::BaseShapes {
+        n_layers: s.n_layer,
+        dims: [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)],
+    };
+    write_random_adapter(dir, &shapes, rank, modules, seed, alpha, b_scale)
+}
+
+/// A random PEFT-format LoRA adapter for any base (tests and benchmarks).
+pub fn write_random_adapter(
+    dir: &Path,
+    shapes: &retune_adapters::BaseShapes,
+    rank: usize,
+    modules: &[usize],
+    seed: u64,
+    alpha: f32,
+    b_scale: f32,
+) -> Result<()> {
+    use retune_adapters::MODULES;
     let mut r = Lcg(seed);
     let mut tensors = std::collections::HashMap::new();
-    for layer in 0..s.n_layer {
+    for layer in 0..shapes.n_layers {
         for &m in modules {
-            let (out, inp) = dims[m];
+            let (out, inp) = shapes.dims[m];
             let path = if m < 4 { "self_attn" } else { "mlp" };
             let base = format!(
                 "base_model.model.model.layers.{layer}.{path}.{}",
@@ -327,7 +343,7 @@ pub fn write_adapter(
     candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
     let targets: Vec<&str> = modules.iter().map(|&m| MODULES[m]).collect();
     let cfg = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-        "target_modules": targets, "bias": "none", "use_rslora": false, "base_model_name_or_path": "tiny"});
+        "target_modules": targets, "bias": "none", "use_rslora": false, "base_model_name_or_path": "random"});
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).map_err(io(dir))?;
     Ok(())
 }

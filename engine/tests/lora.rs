@@ -172,7 +172,10 @@ fn pool_for(root: &Path, m: &Model, cfg: PoolConfig) -> Arc<AdapterPool> {
     )
 }
 
-fn wait_ready(pool: &AdapterPool, h: &str) -> std::result::Result<Arc<LoraAdapter>, Arc<AdapterError>> {
+fn wait_ready(
+    pool: &AdapterPool,
+    h: &str,
+) -> std::result::Result<Arc<LoraAdapter>, Arc<AdapterError>> {
     let t = Instant::now();
     loop {
         match pool.acquire(h) {
@@ -363,6 +366,15 @@ fn bad_adapters_get_typed_errors() {
     );
     assert!(
         matches!(&e, AdapterError::Unsupported { field, .. } if field == "bias"),
+        "{e}"
+    );
+    let e = variant(
+        "lora_bias",
+        &cfg.replace("\"bias\":\"none\"", "\"bias\":\"none\",\"lora_bias\":true"),
+        &st,
+    );
+    assert!(
+        matches!(&e, AdapterError::Unsupported { field, .. } if field == "lora_bias"),
         "{e}"
     );
     let e = variant("rank", &cfg.replace("\"r\":8", "\"r\":4"), &st);

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use retune_engine::{load, Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
@@ -62,17 +63,23 @@ fn timed(engine: &Engine, r: GenerateRequest) -> Result<(f64, f64, usize)> {
 /// first token (all prefills done) and the last token; end-to-end is all tokens
 /// over the whole wall time, prefill included.
 fn aggregate(engine: &Engine, n: usize, tokens: usize) -> Result<(f64, f64)> {
+    let reqs = (0..n).map(|i| req(prompt16(i), tokens)).collect();
+    aggregate_reqs(engine, reqs)
+}
+
+/// A distinct 16-token prompt per stream.
+fn prompt16(i: usize) -> Vec<u32> {
+    (0..16)
+        .map(|j| (100 + i * 37 + j * 11) as u32 % 40_000 + 50)
+        .collect()
+}
+
+fn aggregate_reqs(engine: &Engine, reqs: Vec<GenerateRequest>) -> Result<(f64, f64)> {
     let generated = || engine.stats().generated_tokens.load(Ordering::Relaxed);
     let start = Instant::now();
-    let mut streams: Vec<_> = (0..n)
-        .map(|i| {
-            engine.submit(req(
-                (0..16)
-                    .map(|j| (100 + i * 37 + j * 11) as u32 % 40_000 + 50)
-                    .collect(),
-                tokens,
-            ))
-        })
+    let mut streams: Vec<_> = reqs
+        .into_iter()
+        .map(|r| engine.submit(r))
         .collect::<std::result::Result<_, _>>()?;
     let mut total = 0;
     for s in streams.iter_mut() {
@@ -127,6 +134,7 @@ pub fn run(args: &mut Args) -> Result<()> {
         .opt("--llama-bench")?
         .or_else(|| std::env::var("LLAMA_BENCH").ok());
     let decode_tokens = args.parsed::<usize>("--decode-tokens")?.unwrap_or(128);
+    let lora = args.flag("--lora");
     let loaded = load(&path)?;
     let vocab = loaded.model.cfg.vocab as u32;
     let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
@@ -170,5 +178,118 @@ pub fn run(args: &mut Args) -> Result<()> {
         );
     }
     println!("| peak RSS MB | {:.0} | | |", peak_rss_mb());
+    if lora {
+        drop(engine);
+        lora_bench(&path, decode_tokens)?;
+    }
+    Ok(())
+}
+
+/// Bytes a base-only decode step reads: every projection once plus the output layer.
+fn base_bytes(m: &retune_engine::Model) -> usize {
+    use retune_engine::linear::{Linear, Weight};
+    let size = |l: &Linear| match &l.weight {
+        Weight::Blocks { data, .. } => data.len(),
+        Weight::F32(w) => w.len() * 4,
+        Weight::Candle(_) => 0,
+    };
+    let layers: usize = m
+        .layers
+        .iter()
+        .map(|l| {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|x| size(x))
+                .sum::<usize>()
+        })
+        .sum();
+    layers + size(m.lm_head.as_ref().unwrap_or(&m.embed))
+}
+
+/// 64 streams over 0/1/8/64 distinct adapters, against the memory-traffic bound.
+fn lora_bench(path: &Path, tokens: usize) -> Result<()> {
+    use retune_adapters::{AdapterPool, DirSource, PoolConfig};
+    let loaded = load(path)?;
+    let shapes = loaded.model.base_shapes();
+    let base = base_bytes(&loaded.model);
+    let root = std::env::temp_dir().join(format!("retune-lora-bench-{}", std::process::id()));
+    let shapes_list: [(&str, usize, &[usize]); 2] = [
+        ("r16-all7", 16, &[0, 1, 2, 3, 4, 5, 6]),
+        ("r8-qv", 8, &[0, 2]),
+    ];
+    for (name, rank, modules) in shapes_list {
+        for i in 0..64 {
+            retune_engine::tiny::write_random_adapter(
+                &root.join(format!("{name}-{i}")),
+                &shapes,
+                rank,
+                modules,
+                i as u64,
+                2.0 * rank as f32,
+                0.02,
+            )?;
+        }
+    }
+    let pool = AdapterPool::new(
+        Arc::new(DirSource { root: root.clone() }),
+        shapes,
+        PoolConfig {
+            max_adapters: 256,
+            max_bytes: 8 << 30,
+            ..PoolConfig::default()
+        },
+    );
+    let engine = Engine::start_with_pool(
+        loaded.model,
+        loaded.tok,
+        EngineConfig::default(),
+        Some(pool.clone()),
+    )?;
+    // cold loads from local disk (page cache warm from writing them)
+    for (name, _, _) in shapes_list {
+        for i in 0..64 {
+            let h = format!("{name}-{i}");
+            while matches!(pool.acquire(&h), retune_adapters::Acquire::Pending) {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+    }
+    let (p50, p99) = pool.load_latency_us().unwrap_or((0, 0));
+    println!(
+        "\n| adapters (64 streams) | decode tok/s | bound tok/s | vs bound |\n|---|---|---|---|"
+    );
+    let streams = 64;
+    let run = |name: &str, distinct: usize| -> Result<f64> {
+        let reqs: Vec<GenerateRequest> = (0..streams)
+            .map(|i| {
+                let mut r = req(prompt16(i), tokens);
+                r.adapter = (distinct > 0).then(|| format!("{name}-{}", i % distinct));
+                r
+            })
+            .collect();
+        Ok(aggregate_reqs(&engine, reqs)?.0)
+    };
+    let base_tps = run("", 0)?;
+    println!("| base only | {base_tps:.1} | {base_tps:.1} | 1.00x |");
+    for (name, rank, modules) in shapes_list {
+        let a = pool.acquire(&format!("{name}-0"));
+        let abytes = match a {
+            retune_adapters::Acquire::Ready(a) => a.bytes,
+            _ => 0,
+        };
+        for distinct in [1, 8, 64] {
+            let tps = run(name, distinct)?;
+            let bound = base_tps * base as f64 / (base + distinct * abytes) as f64;
+            println!("| {name} (r={rank}, {} modules), {distinct} distinct | {tps:.1} | {bound:.1} | {:.2}x |", modules.len(), tps / bound);
+        }
+        println!("| {name}: resident bytes per adapter | {abytes} | | |");
+    }
+    println!("| base bytes read per decode step | {base} | | |");
+    println!(
+        "| adapter cold load p50 / p99 (128 loads) | {:.2} ms / {:.2} ms | | |",
+        p50 as f64 / 1e3,
+        p99 as f64 / 1e3
+    );
+    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }

@@ -1,26 +1,13 @@
 //! The engine against llama.cpp on the real SmolLM2-135M Q4_1 GGUF (same file,
 //! same prompt tokens), using outputs recorded from llama-server.
 
-use retune_e2e::{llamacpp_fixture, model_path};
-use retune_engine::sampler::{argmax, log_sum_exp};
+use retune_e2e::{llamacpp_fixture, model_path, teacher_forced};
 use retune_engine::*;
 use std::sync::OnceLock;
 
 fn loaded() -> &'static Loaded {
     static L: OnceLock<Loaded> = OnceLock::new();
     L.get_or_init(|| load(&model_path()).expect("load real model"))
-}
-
-/// Feed `tokens` and return the logits of the last one.
-fn feed(m: &Model, tokens: &[u32], kv: &mut retune_engine::kv::KvCache) -> Vec<f32> {
-    m.forward(&mut [BatchItem {
-        adapter: None,
-        tokens,
-        kv,
-        want_logits: true,
-    }])
-    .unwrap()
-    .remove(0)
 }
 
 #[test]
@@ -63,58 +50,22 @@ fn tokenizer_matches_llamacpp_tokenize_and_detokenize() {
 
 #[test]
 fn teacher_forced_top1_and_first_step_logprobs_match_llamacpp() {
-    let m = &loaded().model;
-    let (mut decisive, mut violations, mut max_first) = (0, Vec::new(), 0f32);
-    let mut agree_free = Vec::new();
-    for (ci, chat) in llamacpp_fixture().chats.iter().enumerate() {
-        let mut kv = m.new_cache();
-        let mut logits = feed(m, &chat.prompt_tokens, &mut kv);
-        for (si, step) in chat.steps.iter().enumerate() {
-            let lse = log_sum_exp(&logits);
-            if si == 0 {
-                for &(id, lp) in &step.top {
-                    let ours = logits[id as usize] - lse;
-                    max_first = max_first.max((ours - lp).abs());
-                    assert!(
-                        (ours - lp).abs() <= 0.35,
-                        "chat {ci} first step token {id}: ours {ours} llama.cpp {lp}"
-                    );
-                }
-            }
-            if step.top.len() >= 2 && step.top[0].1 - step.top[1].1 > 0.3 {
-                decisive += 1;
-                let ours = argmax(&logits);
-                if ours != step.top[0].0 {
-                    violations.push((ci, si, ours, step.top[0].0));
-                }
-            }
-            if si + 1 < chat.steps.len() {
-                logits = feed(m, &[step.id], &mut kv);
-            }
-        }
-        // free-running greedy: how long do we follow llama.cpp's text?
-        let mut kv = m.new_cache();
-        let mut l = feed(m, &chat.prompt_tokens, &mut kv);
-        let mut n = 0;
-        for &want in &chat.continuation {
-            let t = argmax(&l);
-            if t != want {
-                break;
-            }
-            n += 1;
-            l = feed(m, &[t], &mut kv);
-        }
-        agree_free.push((n, chat.continuation.len()));
-    }
-    println!("decisive steps {decisive}, violations {violations:?}, max first-step |Δlogprob| {max_first:.4}");
-    println!("free-running greedy agreement (tokens matched / llama.cpp length): {agree_free:?}");
+    let r = teacher_forced(&loaded().model, None, &llamacpp_fixture());
+    println!("{r:?}");
     assert!(
-        decisive >= 100,
-        "too few decisive steps ({decisive}) for a meaningful check"
+        r.decisive >= 100,
+        "too few decisive steps ({}) for a meaningful check",
+        r.decisive
     );
     assert!(
-        violations.is_empty(),
-        "top-1 disagreements at decisive steps: {violations:?}"
+        r.violations.is_empty(),
+        "top-1 disagreements at decisive steps: {:?}",
+        r.violations
+    );
+    assert!(
+        r.max_first_step_diff <= 0.35,
+        "first-step top-5 logprobs differ by {}",
+        r.max_first_step_diff
     );
 }
 
