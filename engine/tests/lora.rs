@@ -452,3 +452,66 @@ fn bad_adapters_get_typed_errors() {
         Err(AdapterError::Unsupported { .. })
     ));
 }
+
+/// A source that takes its time, like a cold network volume.
+struct SlowSource {
+    root: PathBuf,
+    delay: Duration,
+}
+
+impl retune_adapters::AdapterSource for SlowSource {
+    fn locate(&self, handle: &str) -> std::result::Result<PathBuf, AdapterError> {
+        std::thread::sleep(self.delay);
+        DirSource {
+            root: self.root.clone(),
+        }
+        .locate(handle)
+    }
+}
+
+#[test]
+fn a_loading_adapter_does_not_block_other_sequences() {
+    let dir = tmpdir("slow");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let root = dir.join("adapters");
+    tiny::write_adapter(&root.join("late"), &spec, 8, &ALL, 5, 16.0, 0.5).unwrap();
+    let l = load(&gguf).unwrap();
+    let source = Arc::new(SlowSource {
+        root,
+        delay: Duration::from_millis(400),
+    });
+    let pool = AdapterPool::new(source, l.model.base_shapes(), PoolConfig::default());
+    let engine =
+        Engine::start_with_pool(l.model, l.tok, EngineConfig::default(), Some(pool)).unwrap();
+    let req = |adapter: Option<&str>| GenerateRequest {
+        prompt: vec![5, 6, 7],
+        params: SamplingParams {
+            stop_on_eos: false,
+            ..SamplingParams::greedy(8)
+        },
+        adapter: adapter.map(str::to_string),
+    };
+    let start = Instant::now();
+    let mut late = engine.submit(req(Some("late"))).unwrap();
+    let base = engine.generate_blocking(req(None)).unwrap();
+    let base_done = start.elapsed();
+    assert_eq!(base.tokens.len(), 8);
+    assert!(
+        base_done < Duration::from_millis(300),
+        "base waited for the adapter load: {base_done:?}"
+    );
+    let mut n = 0;
+    while let Some(ev) = late.blocking_next() {
+        match ev {
+            Event::Token(_) => n += 1,
+            Event::Done(_) => break,
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(n, 8);
+    assert!(
+        start.elapsed() >= Duration::from_millis(400),
+        "adapter sequence ran before its adapter loaded"
+    );
+}

@@ -12,7 +12,7 @@ mod bench;
 
 const USAGE: &str = "usage:
   retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--threads N] [--raw] PROMPT
-  retune bench --model PATH [--llama-bench PATH] [--decode-tokens N]";
+  retune bench --model PATH [--llama-bench PATH] [--decode-tokens N] [--lora [--keep-adapters DIR]]";
 
 struct Args {
     rest: Vec<String>,
