@@ -264,6 +264,38 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, AdapterError> {
     })
 }
 
+/// Map the weights file read-only (adapter versions are immutable files: the store
+/// writes new versions by rename, never in place).
+fn map_limited(path: &Path, max: u64) -> Result<memmap2::Mmap, AdapterError> {
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AdapterError::NotFound(path.to_path_buf()),
+        _ => AdapterError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|e| AdapterError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?
+        .len();
+    if len > max {
+        return Err(AdapterError::TooLarge {
+            path: path.to_path_buf(),
+            bytes: len,
+            max,
+        });
+    }
+    // SAFETY: the mapping is only read while `load_peft` runs and the file is an
+    // immutable adapter version (see above).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| AdapterError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
 fn to_f32(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, AdapterError> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
@@ -333,7 +365,7 @@ pub fn load_peft(
             reason: "pickle checkpoints are not loaded; save with safe_serialization=True".into(),
         });
     }
-    let bytes = read_limited(&st_path, limits.max_file_bytes)?;
+    let bytes = map_limited(&st_path, limits.max_file_bytes)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Corrupt {
         path: st_path.clone(),
         reason: e.to_string(),
