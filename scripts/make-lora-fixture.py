@@ -57,6 +57,8 @@ json.dump({"source": "transformers + peft, GGUF weights dequantized to f32", "ch
 lora_gguf = os.path.join(work, "lora.gguf")
 subprocess.check_call([sys.executable, os.path.join(llama_dir, "convert_lora_to_gguf.py"), "--base", os.path.join(work, "hf"),
                        "--outtype", "f32", "--outfile", lora_gguf, os.path.join(out, "adapter")])
-print(f"""now:
+print(f"""now (default llama.cpp settings, then its f32 KV cache without flash attention):
   {llama_dir}/build/bin/llama-server -m {gguf} --lora {lora_gguf} --port 8091 -t 2 -c 4096 -np 1 &
-  python3 scripts/make-fixtures.py http://127.0.0.1:8091 {out}/llamacpp_lora.json <model sha256> 1.0""")
+  python3 scripts/make-fixtures.py http://127.0.0.1:8091 {out}/llamacpp_lora.json <model sha256> 1.0
+  {llama_dir}/build/bin/llama-server -m {gguf} --lora {lora_gguf} --port 8092 -t 2 -c 4096 -np 1 -ctk f32 -ctv f32 -fa off &
+  python3 scripts/make-fixtures.py http://127.0.0.1:8092 {out}/llamacpp_lora_f32kv.json <model sha256> 1.0""")

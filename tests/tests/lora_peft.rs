@@ -120,3 +120,24 @@ fn peft_adapter_on_q4_1_gguf_agrees_with_llamacpp_serving_it() {
         }
     }
 }
+
+/// The same check, literally (no amendment), against llama.cpp run with an f32 KV
+/// cache and flash attention off (`-ctk f32 -ctv f32 -fa off`), its most exact path.
+#[test]
+fn peft_adapter_passes_the_literal_check_against_llamacpp_f32_kv() {
+    let (m, a) = setup();
+    let fx: LlamaCppFixture = read_fixture("lora/llamacpp_lora_f32kv.json");
+    let r = teacher_forced(m, Some(a), &fx);
+    println!("{r:?}");
+    assert!(r.decisive >= 100, "too few decisive steps ({})", r.decisive);
+    assert!(
+        r.violations.is_empty(),
+        "top-1 disagreements at decisive steps: {:?}",
+        r.violations
+    );
+    assert!(
+        r.max_first_step_diff <= 0.35,
+        "first-step top-5 logprobs differ by {}",
+        r.max_first_step_diff
+    );
+}
