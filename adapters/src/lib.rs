@@ -5,7 +5,14 @@
 pub mod error;
 pub mod peft;
 pub mod pool;
+pub mod registry;
+pub mod store;
 
 pub use error::AdapterError;
 pub use peft::{load_peft, AdapterConfig, BaseShapes, LoadLimits, LoraAdapter, LoraPair, MODULES};
 pub use pool::{Acquire, AdapterPool, AdapterSource, DirSource, PoolConfig, PoolStats};
+pub use registry::{
+    AdapterState, AliasChange, Expect, JournalEntry, NewVersion, Registry, RegistryError,
+    ServedBase, VersionInfo,
+};
+pub use store::{BlobStore, LocalStore};

@@ -1,0 +1,676 @@
+//! Adapter registry: tenants' adapters, immutable content-addressed versions,
+//! aliases (`live`, `previous`, `canary`) changed by compare-and-set, and an
+//! append-only journal, in SQLite (WAL). Every state change and its journal entry
+//! commit in one `BEGIN IMMEDIATE` transaction, so concurrent processes serialise.
+
+use crate::error::AdapterError;
+use crate::peft::{load_peft, BaseShapes, LoadLimits};
+use crate::pool::AdapterSource;
+use crate::store::{check_name, content_id, BlobStore, FILES};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: expected live version {expected}, found {actual}")]
+    Conflict { expected: String, actual: String },
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("invalid adapter: {0}")]
+    Adapter(#[from] AdapterError),
+    #[error("registry database: {0}")]
+    Db(String),
+    #[error("i/o: {0}")]
+    Io(String),
+}
+
+impl From<rusqlite::Error> for RegistryError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(e.to_string())
+    }
+}
+
+type R<T> = Result<T, RegistryError>;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct VersionInfo {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub source: String,
+    pub parent: Option<String>,
+    pub base_fingerprint: String,
+    pub size: u64,
+    pub metadata: serde_json::Value,
+    pub retired: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct AdapterState {
+    pub live: Option<String>,
+    pub previous: Option<String>,
+    /// Canary version and the percentage of traffic it gets.
+    pub canary: Option<(String, u8)>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct JournalEntry {
+    pub seq: i64,
+    pub at: i64,
+    pub event: String,
+    pub version: Option<String>,
+    pub previous: Option<String>,
+    pub actor: String,
+    pub reason: String,
+}
+
+/// An alias change, for in-process subscribers (the server's hot-swap).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AliasChange {
+    pub tenant: String,
+    pub name: String,
+    pub seq: i64,
+    pub state: AdapterState,
+}
+
+/// What a promotion expects the current live version to be.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expect {
+    Any,
+    NoLive,
+    Version(String),
+}
+
+/// A version to register.
+pub struct NewVersion<'a> {
+    pub tenant: &'a str,
+    pub name: &'a str,
+    /// Directory with `adapter_config.json` and `adapter_model.safetensors`.
+    pub dir: &'a Path,
+    /// `upload`, `path:...`, `trainer:<run>`.
+    pub source: &'a str,
+    pub parent: Option<&'a str>,
+    pub metadata: serde_json::Value,
+    /// Fingerprint of the base the adapter was made for, when the uploader states one.
+    pub claimed_base: Option<&'a str>,
+    pub actor: &'a str,
+}
+
+/// The served base model: shapes adapters are validated against and its fingerprint.
+#[derive(Clone, Debug)]
+pub struct ServedBase {
+    pub shapes: BaseShapes,
+    pub fingerprint: String,
+}
+
+pub struct Registry {
+    db: Mutex<Connection>,
+    store: Arc<dyn BlobStore>,
+    max_version_bytes: u64,
+    limits: LoadLimits,
+    subscribers: Mutex<Vec<Sender<AliasChange>>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS versions (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, id TEXT NOT NULL,
+    created_at INTEGER NOT NULL, source TEXT NOT NULL, parent TEXT,
+    base_fingerprint TEXT NOT NULL, size INTEGER NOT NULL, metadata TEXT NOT NULL,
+    retired INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant, name, id));
+CREATE TABLE IF NOT EXISTS aliases (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL,
+    version TEXT NOT NULL, percent INTEGER,
+    PRIMARY KEY (tenant, name, alias));
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
+    tenant TEXT NOT NULL, name TEXT NOT NULL, event TEXT NOT NULL,
+    version TEXT, previous TEXT, actor TEXT NOT NULL, reason TEXT NOT NULL);
+";
+
+impl Registry {
+    pub fn open(db_path: &Path, store: Arc<dyn BlobStore>, max_version_bytes: u64) -> R<Self> {
+        let conn = Connection::open(db_path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            db: Mutex::new(conn),
+            store,
+            max_version_bytes,
+            limits: LoadLimits {
+                max_file_bytes: max_version_bytes,
+                ..LoadLimits::default()
+            },
+            subscribers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serving handle of a version, as the adapter pool and engine see it.
+    pub fn handle(tenant: &str, name: &str, id: &str) -> String {
+        format!("{tenant}/{name}/{id}")
+    }
+
+    /// Register a version (idempotent: the same files give the same id).
+    pub fn register(&self, v: NewVersion<'_>, base: &ServedBase) -> R<VersionInfo> {
+        check_name("tenant", v.tenant)?;
+        check_name("adapter name", v.name)?;
+        if let Some(claimed) = v.claimed_base {
+            if claimed != base.fingerprint {
+                return Err(RegistryError::Rejected(format!(
+                    "adapter was made for base `{claimed}`, this server serves `{}`",
+                    base.fingerprint
+                )));
+            }
+        }
+        let mut files = Vec::new();
+        let mut size = 0u64;
+        for f in FILES {
+            let p = v.dir.join(f);
+            let meta = std::fs::symlink_metadata(&p)
+                .map_err(|_| RegistryError::NotFound(p.display().to_string()))?;
+            if !meta.file_type().is_file() {
+                return Err(RegistryError::Forbidden(format!(
+                    "{} is not a regular file",
+                    p.display()
+                )));
+            }
+            size += meta.len();
+            if size > self.max_version_bytes {
+                return Err(RegistryError::TooLarge(format!(
+                    "version exceeds {} bytes",
+                    self.max_version_bytes
+                )));
+            }
+            files.push((
+                f,
+                std::fs::read(&p)
+                    .map_err(|e| RegistryError::Io(format!("{}: {e}", p.display())))?,
+            ));
+        }
+        let id = content_id(&files);
+        if let Some(existing) = self.version(v.tenant, v.name, &id).ok() {
+            return Ok(existing);
+        }
+        if let Some(parent) = v.parent {
+            self.version(v.tenant, v.name, parent)?;
+        }
+        let key = Self::handle(v.tenant, v.name, &id);
+        self.store.put(&key, &files)?;
+        let dir = self.store.local_dir(&key)?;
+        if let Err(e) = load_peft(&dir, &base.shapes, &self.limits) {
+            let _ = self.store.delete(&key); // never referenced: safe to drop
+            return Err(RegistryError::Rejected(format!("{e}")));
+        }
+        let info = VersionInfo {
+            id: id.clone(),
+            tenant: v.tenant.into(),
+            name: v.name.into(),
+            created_at: now_ms(),
+            source: v.source.into(),
+            parent: v.parent.map(str::to_string),
+            base_fingerprint: base.fingerprint.clone(),
+            size,
+            metadata: v.metadata,
+            retired: false,
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![info.tenant, info.name, info.id, info.created_at, info.source, info.parent, info.base_fingerprint, info.size as i64, info.metadata.to_string()],
+        )?;
+        journal(
+            &tx,
+            v.tenant,
+            v.name,
+            "register",
+            Some(&id),
+            None,
+            v.actor,
+            v.source,
+        )?;
+        tx.commit()?;
+        Ok(info)
+    }
+
+    pub fn version(&self, tenant: &str, name: &str, id: &str) -> R<VersionInfo> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired
+             FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+            params![tenant, name, id],
+            row_to_version,
+        )
+        .optional()?
+        .ok_or_else(|| RegistryError::NotFound(format!("version {tenant}/{name}@{id}")))
+    }
+
+    pub fn versions(&self, tenant: &str, name: &str) -> R<Vec<VersionInfo>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired
+             FROM versions WHERE tenant = ?1 AND name = ?2 ORDER BY created_at, id",
+        )?;
+        let v = st
+            .query_map(params![tenant, name], row_to_version)?
+            .collect::<Result<Vec<_>, _>>()?;
+        if v.is_empty() {
+            return Err(RegistryError::NotFound(format!("adapter {tenant}/{name}")));
+        }
+        Ok(v)
+    }
+
+    /// Every adapter (optionally of one tenant) with its aliases.
+    pub fn list(&self, tenant: Option<&str>) -> R<Vec<(String, String, AdapterState)>> {
+        let names: Vec<(String, String)> = {
+            let conn = self.conn();
+            let mut st = conn.prepare(
+                "SELECT DISTINCT tenant, name FROM versions WHERE (?1 IS NULL OR tenant = ?1) ORDER BY tenant, name",
+            )?;
+            let rows = st
+                .query_map(params![tenant], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows
+        };
+        names
+            .into_iter()
+            .map(|(t, n)| Ok((t.clone(), n.clone(), self.state(&t, &n)?)))
+            .collect()
+    }
+
+    pub fn state(&self, tenant: &str, name: &str) -> R<AdapterState> {
+        state_of(&self.conn(), tenant, name)
+    }
+
+    pub fn journal(&self, tenant: &str, name: &str) -> R<Vec<JournalEntry>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT seq, at, event, version, previous, actor, reason FROM journal WHERE tenant = ?1 AND name = ?2 ORDER BY seq",
+        )?;
+        let v = st
+            .query_map(params![tenant, name], |r| {
+                Ok(JournalEntry {
+                    seq: r.get(0)?,
+                    at: r.get(1)?,
+                    event: r.get(2)?,
+                    version: r.get(3)?,
+                    previous: r.get(4)?,
+                    actor: r.get(5)?,
+                    reason: r.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    /// Highest journal sequence number: other processes poll it to learn of changes.
+    pub fn change_counter(&self) -> R<i64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// In-process feed of alias changes.
+    pub fn subscribe(&self) -> Receiver<AliasChange> {
+        let (tx, rx) = channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    fn notify(&self, tenant: &str, name: &str, state: &AdapterState) {
+        let seq = self.change_counter().unwrap_or(0);
+        let change = AliasChange {
+            tenant: tenant.into(),
+            name: name.into(),
+            seq,
+            state: state.clone(),
+        };
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.send(change.clone()).is_ok());
+    }
+
+    /// Make `version` live if the current live version is what the caller expects.
+    pub fn promote(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+        expected: Expect,
+        actor: &str,
+        reason: &str,
+    ) -> R<AdapterState> {
+        let state = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            servable(&tx, tenant, name, version)?;
+            let cur = state_of(&tx, tenant, name)?;
+            let ok = match &expected {
+                Expect::Any => true,
+                Expect::NoLive => cur.live.is_none(),
+                Expect::Version(v) => cur.live.as_deref() == Some(v.as_str()),
+            };
+            if !ok {
+                return Err(RegistryError::Conflict {
+                    expected: match expected {
+                        Expect::Version(v) => v,
+                        _ => "none".into(),
+                    },
+                    actual: cur.live.unwrap_or_else(|| "none".into()),
+                });
+            }
+            if cur.live.as_deref() != Some(version) {
+                if let Some(l) = &cur.live {
+                    set_alias(&tx, tenant, name, "previous", l, None)?;
+                }
+                set_alias(&tx, tenant, name, "live", version, None)?;
+            }
+            journal(
+                &tx,
+                tenant,
+                name,
+                "promote",
+                Some(version),
+                cur.live.as_deref(),
+                actor,
+                reason,
+            )?;
+            let st = state_of(&tx, tenant, name)?;
+            tx.commit()?;
+            st
+        };
+        self.notify(tenant, name, &state);
+        Ok(state)
+    }
+
+    /// Undo: swap live and previous, or make a named version live.
+    pub fn rollback(
+        &self,
+        tenant: &str,
+        name: &str,
+        to: Option<&str>,
+        actor: &str,
+        reason: &str,
+    ) -> R<AdapterState> {
+        let state = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let cur = state_of(&tx, tenant, name)?;
+            let live = cur.live.clone().ok_or_else(|| {
+                RegistryError::NotFound(format!("live version of {tenant}/{name}"))
+            })?;
+            let target = match to {
+                Some(v) => v.to_string(),
+                None => cur.previous.clone().ok_or_else(|| {
+                    RegistryError::NotFound(format!("previous version of {tenant}/{name}"))
+                })?,
+            };
+            servable(&tx, tenant, name, &target)?;
+            set_alias(&tx, tenant, name, "previous", &live, None)?;
+            set_alias(&tx, tenant, name, "live", &target, None)?;
+            journal(
+                &tx,
+                tenant,
+                name,
+                "rollback",
+                Some(&target),
+                Some(&live),
+                actor,
+                reason,
+            )?;
+            let st = state_of(&tx, tenant, name)?;
+            tx.commit()?;
+            st
+        };
+        self.notify(tenant, name, &state);
+        Ok(state)
+    }
+
+    /// Route `percent`% of the adapter's traffic to `version`, or clear the canary.
+    pub fn set_canary(
+        &self,
+        tenant: &str,
+        name: &str,
+        canary: Option<(&str, u8)>,
+        actor: &str,
+        reason: &str,
+    ) -> R<AdapterState> {
+        let state = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            state_of(&tx, tenant, name)?;
+            match canary {
+                Some((v, pct)) => {
+                    if pct > 100 {
+                        return Err(RegistryError::Rejected(format!(
+                            "canary percentage {pct} above 100"
+                        )));
+                    }
+                    servable(&tx, tenant, name, v)?;
+                    set_alias(&tx, tenant, name, "canary", v, Some(pct))?;
+                    journal(
+                        &tx,
+                        tenant,
+                        name,
+                        "canary",
+                        Some(v),
+                        None,
+                        actor,
+                        &format!("{pct}%: {reason}"),
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
+                        params![tenant, name],
+                    )?;
+                    journal(&tx, tenant, name, "canary-clear", None, None, actor, reason)?;
+                }
+            }
+            let st = state_of(&tx, tenant, name)?;
+            tx.commit()?;
+            st
+        };
+        self.notify(tenant, name, &state);
+        Ok(state)
+    }
+
+    /// Never servable again. The live version cannot be retired (roll back first).
+    pub fn retire(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+        actor: &str,
+        reason: &str,
+    ) -> R<AdapterState> {
+        let state = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            servable(&tx, tenant, name, version)?;
+            let cur = state_of(&tx, tenant, name)?;
+            if cur.live.as_deref() == Some(version) {
+                return Err(RegistryError::Rejected(format!(
+                    "{version} is live; promote or roll back first"
+                )));
+            }
+            tx.execute(
+                "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+                params![tenant, name, version],
+            )?;
+            tx.execute(
+                "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+                params![tenant, name, version],
+            )?;
+            journal(
+                &tx,
+                tenant,
+                name,
+                "retire",
+                Some(version),
+                None,
+                actor,
+                reason,
+            )?;
+            let st = state_of(&tx, tenant, name)?;
+            tx.commit()?;
+            st
+        };
+        self.notify(tenant, name, &state);
+        Ok(state)
+    }
+}
+
+/// The adapter pool resolves `tenant/name/id` handles through the registry.
+impl AdapterSource for Registry {
+    fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError> {
+        let parts: Vec<&str> = handle.split('/').collect();
+        let refuse = |reason: String| AdapterError::Config {
+            field: "adapter".into(),
+            reason,
+        };
+        let [tenant, name, id] = parts.as_slice() else {
+            return Err(refuse(format!("bad handle `{handle}`")));
+        };
+        let v = self
+            .version(tenant, name, id)
+            .map_err(|e| refuse(e.to_string()))?;
+        if v.retired {
+            return Err(refuse(format!("version {handle} is retired")));
+        }
+        self.store
+            .local_dir(handle)
+            .map_err(|e| refuse(e.to_string()))
+    }
+}
+
+fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
+    let meta: String = r.get(8)?;
+    Ok(VersionInfo {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        name: r.get(2)?,
+        created_at: r.get(3)?,
+        source: r.get(4)?,
+        parent: r.get(5)?,
+        base_fingerprint: r.get(6)?,
+        size: r.get::<_, i64>(7)? as u64,
+        metadata: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
+        retired: r.get::<_, i64>(9)? != 0,
+    })
+}
+
+fn state_of(conn: &Connection, tenant: &str, name: &str) -> R<AdapterState> {
+    let known: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2",
+        params![tenant, name],
+        |r| r.get(0),
+    )?;
+    if known == 0 {
+        return Err(RegistryError::NotFound(format!("adapter {tenant}/{name}")));
+    }
+    let mut st = AdapterState::default();
+    let mut q = conn
+        .prepare("SELECT alias, version, percent FROM aliases WHERE tenant = ?1 AND name = ?2")?;
+    let rows = q.query_map(params![tenant, name], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (alias, version, pct) = row?;
+        match alias.as_str() {
+            "live" => st.live = Some(version),
+            "previous" => st.previous = Some(version),
+            "canary" => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
+            _ => {}
+        }
+    }
+    Ok(st)
+}
+
+fn servable(conn: &Connection, tenant: &str, name: &str, version: &str) -> R<()> {
+    let retired: Option<i64> = conn
+        .query_row(
+            "SELECT retired FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+            params![tenant, name, version],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match retired {
+        None => Err(RegistryError::NotFound(format!(
+            "version {tenant}/{name}@{version}"
+        ))),
+        Some(1) => Err(RegistryError::Rejected(format!(
+            "version {version} is retired"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+fn set_alias(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+    alias: &str,
+    version: &str,
+    pct: Option<u8>,
+) -> R<()> {
+    conn.execute(
+        "INSERT INTO aliases (tenant, name, alias, version, percent) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (tenant, name, alias) DO UPDATE SET version = excluded.version, percent = excluded.percent",
+        params![tenant, name, alias, version, pct.map(i64::from)],
+    )?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn journal(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+    event: &str,
+    version: Option<&str>,
+    previous: Option<&str>,
+    actor: &str,
+    reason: &str,
+) -> R<()> {
+    conn.execute(
+        "INSERT INTO journal (at, tenant, name, event, version, previous, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![now_ms(), tenant, name, event, version, previous, actor, reason],
+    )?;
+    Ok(())
+}

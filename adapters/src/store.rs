@@ -1,0 +1,151 @@
+//! Version files: immutable directories under the adapter root, written to a
+//! temporary place, fsynced, then renamed into place. Behind [`BlobStore`] so a
+//! multi-replica deployment can put them in object storage later.
+
+use crate::registry::RegistryError;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The files of one adapter version.
+pub const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+pub trait BlobStore: Send + Sync {
+    /// Store `files` (name, bytes) as version `key` (`tenant/name/id`); idempotent.
+    fn put(&self, key: &str, files: &[(&str, Vec<u8>)]) -> Result<(), RegistryError>;
+    /// A local directory holding the version's files (for the loader).
+    fn local_dir(&self, key: &str) -> Result<PathBuf, RegistryError>;
+    fn delete(&self, key: &str) -> Result<(), RegistryError>;
+}
+
+/// Content hash of a version: sha256 over each file's name, length and bytes.
+pub fn content_id(files: &[(&str, Vec<u8>)]) -> String {
+    let mut h = Sha256::new();
+    for (name, bytes) in files {
+        h.update(name.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()[..32]
+        .to_string()
+}
+
+/// Tenant, adapter and version names: `[a-z0-9][a-z0-9._-]{0,63}`, no `..`.
+pub fn check_name(what: &str, s: &str) -> Result<(), RegistryError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && !s.contains("..")
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Forbidden(format!("invalid {what} `{s}`")))
+    }
+}
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> RegistryError + '_ {
+    move |e| RegistryError::Io(format!("{}: {e}", path.display()))
+}
+
+impl LocalStore {
+    pub fn new(root: &Path) -> Result<Self, RegistryError> {
+        std::fs::create_dir_all(root.join(".tmp")).map_err(io(root))?;
+        let root = root.canonicalize().map_err(io(root))?;
+        Ok(Self { root })
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, RegistryError> {
+        let parts: Vec<&str> = key.split('/').collect();
+        if parts.len() != 3 {
+            return Err(RegistryError::Forbidden(format!("bad version key `{key}`")));
+        }
+        for p in &parts {
+            check_name("path component", p)?;
+        }
+        Ok(self.root.join(parts[0]).join(parts[1]).join(parts[2]))
+    }
+
+    fn fsync_dir(p: &Path) -> Result<(), RegistryError> {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(io(p))
+    }
+}
+
+impl BlobStore for LocalStore {
+    fn put(&self, key: &str, files: &[(&str, Vec<u8>)]) -> Result<(), RegistryError> {
+        let dest = self.path_of(key)?;
+        if dest.exists() {
+            return Ok(()); // same key = same content
+        }
+        let tmp = self.root.join(".tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            key.replace('/', "_")
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        for (name, bytes) in files {
+            let p = tmp.join(name);
+            let mut f = std::fs::File::create(&p).map_err(io(&p))?;
+            f.write_all(bytes)
+                .and_then(|_| f.sync_all())
+                .map_err(io(&p))?;
+        }
+        Self::fsync_dir(&tmp)?;
+        let parent = dest
+            .parent()
+            .ok_or_else(|| RegistryError::Forbidden(key.into()))?;
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        match std::fs::rename(&tmp, &dest) {
+            Ok(()) => {}
+            Err(_) if dest.exists() => {
+                let _ = std::fs::remove_dir_all(&tmp); // a concurrent writer stored the same content
+            }
+            Err(e) => return Err(io(&dest)(e)),
+        }
+        Self::fsync_dir(parent)
+    }
+
+    fn local_dir(&self, key: &str) -> Result<PathBuf, RegistryError> {
+        let p = self.path_of(key)?;
+        let real = p
+            .canonicalize()
+            .map_err(|_| RegistryError::NotFound(format!("files of version {key}")))?;
+        if !real.starts_with(&self.root) {
+            return Err(RegistryError::Forbidden(format!(
+                "version {key} resolves outside the adapter root"
+            )));
+        }
+        for f in FILES {
+            let meta = std::fs::symlink_metadata(real.join(f))
+                .map_err(|_| RegistryError::NotFound(format!("{key}/{f}")))?;
+            if !meta.file_type().is_file() {
+                return Err(RegistryError::Forbidden(format!(
+                    "{key}/{f} is not a regular file"
+                )));
+            }
+        }
+        Ok(real)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RegistryError> {
+        let p = self.path_of(key)?;
+        match std::fs::remove_dir_all(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+}

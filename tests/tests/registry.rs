@@ -1,0 +1,394 @@
+//! Adapter registry and store: versions, compare-and-set promotion, rollback,
+//! restart, concurrency, crash safety, bad input.
+
+use retune_adapters::*;
+use retune_engine::tiny::{self, TinySpec};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("retune-reg-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn base() -> ServedBase {
+    let s = TinySpec::default();
+    let hd = s.hidden / s.n_head;
+    let (h, q, kv, f) = (s.hidden, s.n_head * hd, s.n_kv_head * hd, s.ffn);
+    ServedBase {
+        shapes: BaseShapes {
+            n_layers: s.n_layer,
+            dims: [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)],
+        },
+        fingerprint: "tiny-llama-test".into(),
+    }
+}
+
+fn open(dir: &Path) -> Registry {
+    let store = Arc::new(LocalStore::new(&dir.join("store")).unwrap());
+    Registry::open(&dir.join("registry.db"), store, 64 << 20).unwrap()
+}
+
+fn upload(dir: &Path, seed: u64) -> PathBuf {
+    let p = dir.join(format!("upload-{seed}"));
+    tiny::write_adapter(&p, &TinySpec::default(), 4, &[0, 2], seed, 8.0, 0.05).unwrap();
+    p
+}
+
+fn new<'a>(dir: &'a Path, tenant: &'a str, name: &'a str) -> NewVersion<'a> {
+    NewVersion {
+        tenant,
+        name,
+        dir,
+        source: "upload",
+        parent: None,
+        metadata: serde_json::json!({"note": "test"}),
+        claimed_base: None,
+        actor: "alice",
+    }
+}
+
+#[test]
+fn promote_rollback_twice_restart_and_journal() {
+    let dir = tmpdir("story");
+    let (u1, u2) = (upload(&dir, 1), upload(&dir, 2));
+    let reg = open(&dir);
+    let feed = reg.subscribe();
+    let v1 = reg.register(new(&u1, "acme", "tickets"), &base()).unwrap();
+    let again = reg.register(new(&u1, "acme", "tickets"), &base()).unwrap();
+    assert_eq!(v1.id, again.id, "same files, same version id");
+    let v2 = reg
+        .register(
+            NewVersion {
+                parent: Some(&v1.id),
+                ..new(&u2, "acme", "tickets")
+            },
+            &base(),
+        )
+        .unwrap();
+    assert_ne!(v1.id, v2.id);
+    reg.promote("acme", "tickets", &v1.id, Expect::NoLive, "alice", "first")
+        .unwrap();
+    let s = reg
+        .promote(
+            "acme",
+            "tickets",
+            &v2.id,
+            Expect::Version(v1.id.clone()),
+            "bob",
+            "better evals",
+        )
+        .unwrap();
+    assert_eq!(
+        (s.live.as_deref(), s.previous.as_deref()),
+        (Some(v2.id.as_str()), Some(v1.id.as_str()))
+    );
+    assert_eq!(
+        feed.try_recv().unwrap().state.live.as_deref(),
+        Some(v1.id.as_str())
+    );
+    let counter = reg.change_counter().unwrap();
+    let s1 = reg
+        .rollback("acme", "tickets", None, "carol", "complaints")
+        .unwrap();
+    assert_eq!(
+        (s1.live.as_deref(), s1.previous.as_deref()),
+        (Some(v1.id.as_str()), Some(v2.id.as_str()))
+    );
+    let s2 = reg
+        .rollback("acme", "tickets", None, "carol", "false alarm")
+        .unwrap();
+    assert_eq!(s2, s, "rolling back twice returns to where we started");
+    assert!(reg.change_counter().unwrap() > counter);
+    let events: Vec<String> = reg
+        .journal("acme", "tickets")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(
+        events,
+        ["register", "register", "promote", "promote", "rollback", "rollback"]
+    );
+    let journal = reg.journal("acme", "tickets").unwrap();
+    assert_eq!(journal[4].reason, "complaints");
+    assert_eq!(journal[4].previous.as_deref(), Some(v2.id.as_str()));
+    let versions = reg.versions("acme", "tickets").unwrap();
+    drop(reg);
+    // restart restores aliases and history exactly
+    let reg = open(&dir);
+    assert_eq!(reg.state("acme", "tickets").unwrap(), s2);
+    assert_eq!(reg.journal("acme", "tickets").unwrap(), journal);
+    assert_eq!(reg.versions("acme", "tickets").unwrap(), versions);
+    assert_eq!(
+        reg.version("acme", "tickets", &v2.id)
+            .unwrap()
+            .parent
+            .as_deref(),
+        Some(v1.id.as_str())
+    );
+    // the pool loads versions through the registry
+    let reg = Arc::new(reg);
+    let pool = AdapterPool::new(reg.clone(), base().shapes, PoolConfig::default());
+    let h = Registry::handle("acme", "tickets", &v2.id);
+    let t = std::time::Instant::now();
+    while !matches!(pool.acquire(&h), Acquire::Ready(_)) {
+        assert!(t.elapsed().as_secs() < 10);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // canary and retire
+    let s = reg
+        .set_canary("acme", "tickets", Some((&v1.id, 10)), "alice", "try")
+        .unwrap();
+    assert_eq!(s.canary, Some((v1.id.clone(), 10)));
+    assert!(
+        matches!(
+            reg.retire("acme", "tickets", &v2.id, "alice", "x"),
+            Err(RegistryError::Rejected(_))
+        ),
+        "live cannot be retired"
+    );
+    let s = reg
+        .retire("acme", "tickets", &v1.id, "alice", "bad")
+        .unwrap();
+    assert_eq!(s.canary, None);
+    assert!(matches!(
+        reg.promote("acme", "tickets", &v1.id, Expect::Any, "a", "r"),
+        Err(RegistryError::Rejected(_))
+    ));
+    assert!(
+        reg.locate(&Registry::handle("acme", "tickets", &v1.id))
+            .is_err(),
+        "retired versions are not servable"
+    );
+}
+
+#[test]
+fn two_concurrent_promoters_with_the_same_expectation_one_wins() {
+    let dir = tmpdir("race");
+    let reg = open(&dir);
+    let ids: Vec<String> = (1..=3)
+        .map(|s| {
+            reg.register(new(&upload(&dir, s), "t", "a"), &base())
+                .unwrap()
+                .id
+        })
+        .collect();
+    reg.promote("t", "a", &ids[0], Expect::NoLive, "x", "init")
+        .unwrap();
+    drop(reg);
+    for round in 0..5 {
+        let live = open(&dir).state("t", "a").unwrap().live.unwrap();
+        let expected = live.clone();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let handles: Vec<_> = (1..=2)
+            .map(|k| {
+                let (dir, expected, b) = (dir.clone(), expected.clone(), barrier.clone());
+                let target = ids[(round + k) % 3].clone();
+                std::thread::spawn(move || {
+                    let reg = open(&dir); // own connection, like another process
+                    b.wait();
+                    reg.promote(
+                        "t",
+                        "a",
+                        &target,
+                        Expect::Version(expected),
+                        &format!("p{k}"),
+                        "race",
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        let conflicts = results
+            .iter()
+            .filter(|r| matches!(r, Err(RegistryError::Conflict { .. })))
+            .count();
+        assert_eq!((wins, conflicts), (1, 1), "round {round}: {results:?}");
+    }
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    let dir = tmpdir("bad");
+    let reg = open(&dir);
+    let u = upload(&dir, 1);
+    let v = reg.register(new(&u, "t", "a"), &base()).unwrap();
+    assert!(matches!(
+        reg.state("nobody", "a"),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        reg.state("t", "nothing"),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        reg.promote("t", "a", "deadbeef", Expect::Any, "x", "y"),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(
+        matches!(
+            reg.rollback("t", "a", None, "x", "y"),
+            Err(RegistryError::NotFound(_))
+        ),
+        "nothing live yet"
+    );
+    for bad in ["../evil", "UPPER", "", "a/b"] {
+        assert!(
+            matches!(
+                reg.register(new(&u, bad, "a"), &base()),
+                Err(RegistryError::Forbidden(_))
+            ),
+            "{bad}"
+        );
+    }
+    assert!(reg.locate("t/a/../../etc").is_err());
+    // a symlinked file is refused (it could point anywhere)
+    let link = dir.join("linked");
+    std::fs::create_dir_all(&link).unwrap();
+    std::fs::copy(
+        u.join("adapter_config.json"),
+        link.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        u.join("adapter_model.safetensors"),
+        link.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert!(matches!(
+        reg.register(new(&link, "t", "a"), &base()),
+        Err(RegistryError::Forbidden(_))
+    ));
+    // oversized
+    let small = Registry::open(
+        &dir.join("small.db"),
+        Arc::new(LocalStore::new(&dir.join("s2")).unwrap()),
+        1000,
+    )
+    .unwrap();
+    assert!(matches!(
+        small.register(new(&u, "t", "a"), &base()),
+        Err(RegistryError::TooLarge(_))
+    ));
+    // made for another base: shapes, or a stated fingerprint
+    let other = dir.join("other");
+    tiny::write_adapter(
+        &other,
+        &TinySpec {
+            hidden: 128,
+            ..TinySpec::default()
+        },
+        4,
+        &[0],
+        1,
+        8.0,
+        0.05,
+    )
+    .unwrap();
+    let e = reg.register(new(&other, "t", "a"), &base()).unwrap_err();
+    assert!(
+        matches!(&e, RegistryError::Rejected(r) if r.contains("shape")),
+        "{e}"
+    );
+    let e = reg
+        .register(
+            NewVersion {
+                claimed_base: Some("llama-3-8b"),
+                ..new(&u, "t", "a")
+            },
+            &base(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Rejected(_)));
+    assert!(matches!(
+        reg.register(new(&dir.join("missing"), "t", "a"), &base()),
+        Err(RegistryError::NotFound(_))
+    ));
+    // the registry still works
+    reg.promote("t", "a", &v.id, Expect::NoLive, "x", "ok")
+        .unwrap();
+}
+
+/// Child mode for the crash test: register and promote in a loop until killed.
+fn crash_child(dir: &Path) {
+    let reg = open(dir);
+    let mut seed = 100;
+    loop {
+        seed += 1;
+        let u = upload(dir, seed);
+        let Ok(v) = reg.register(new(&u, "c", "a"), &base()) else {
+            continue;
+        };
+        let _ = reg.promote("c", "a", &v.id, Expect::Any, "child", "loop");
+        let _ = std::fs::remove_dir_all(&u);
+    }
+}
+
+#[test]
+fn sigkill_during_register_and_promote_leaves_a_consistent_registry() {
+    if let Ok(d) = std::env::var("RETUNE_CRASH_CHILD") {
+        crash_child(Path::new(&d));
+        return;
+    }
+    let dir = tmpdir("crash");
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    for round in 0..8 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "sigkill_during_register_and_promote_leaves_a_consistent_registry",
+                "--nocapture",
+            ])
+            .env("RETUNE_CRASH_CHILD", &dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(150 + rng % 400));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let reg = open(&dir);
+        let Ok(state) = reg.state("c", "a") else {
+            continue;
+        }; // killed before the first register
+        let base = base();
+        for v in [&state.live, &state.previous].into_iter().flatten() {
+            let path = reg
+                .locate(&Registry::handle("c", "a", v))
+                .unwrap_or_else(|e| panic!("round {round}: alias to {v}: {e}"));
+            load_peft(&path, &base.shapes, &LoadLimits::default())
+                .unwrap_or_else(|e| panic!("round {round}: {v}: {e}"));
+        }
+        for v in reg.versions("c", "a").unwrap() {
+            assert!(
+                reg.locate(&Registry::handle("c", "a", &v.id)).is_ok(),
+                "round {round}: registered {} has no files",
+                v.id
+            );
+        }
+    }
+    // the children really were killed mid-work, many times over
+    let reg = open(&dir);
+    let promotes = reg
+        .journal("c", "a")
+        .unwrap()
+        .iter()
+        .filter(|e| e.event == "promote")
+        .count();
+    println!(
+        "{} versions, {promotes} promotions across 8 killed children",
+        reg.versions("c", "a").unwrap().len()
+    );
+    assert!(
+        promotes >= 8,
+        "children made too little progress to test anything ({promotes})"
+    );
+}
