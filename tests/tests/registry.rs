@@ -186,7 +186,9 @@ fn two_concurrent_promoters_with_the_same_expectation_one_wins() {
         let handles: Vec<_> = (1..=2)
             .map(|k| {
                 let (dir, expected, b) = (dir.clone(), expected.clone(), barrier.clone());
-                let target = ids[(round + k) % 3].clone();
+                // two different versions, neither of them the current live one
+                let others: Vec<&String> = ids.iter().filter(|v| **v != expected).collect();
+                let target = others[(round + k) % 2].clone();
                 std::thread::spawn(move || {
                     let reg = open(&dir); // own connection, like another process
                     b.wait();
