@@ -552,6 +552,51 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Delete versions no alias references, keeping the `keep` most recent ones.
+    /// Rows and files go; the journal keeps a `delete` event for each.
+    pub fn gc(&self, tenant: &str, name: &str, keep: usize, actor: &str) -> R<Vec<String>> {
+        let doomed: Vec<String> = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            state_of(&tx, tenant, name)?;
+            let ids: Vec<String> = {
+                let mut st = tx.prepare(
+                    "SELECT id FROM versions v WHERE tenant = ?1 AND name = ?2
+                     AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.tenant = v.tenant AND a.name = v.name AND a.version = v.id)
+                     ORDER BY created_at DESC, id DESC",
+                )?;
+                let rows = st
+                    .query_map(params![tenant, name], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                rows.into_iter().skip(keep).collect()
+            };
+            for id in &ids {
+                tx.execute(
+                    "DELETE FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+                    params![tenant, name, id],
+                )?;
+                journal(
+                    &tx,
+                    tenant,
+                    name,
+                    "delete",
+                    Some(id),
+                    None,
+                    actor,
+                    &format!("gc, keep {keep}"),
+                )?;
+            }
+            tx.commit()?;
+            ids
+        };
+        for id in &doomed {
+            self.store.delete(&Self::handle(tenant, name, id))?; // a crash here leaves only unreferenced files
+        }
+        Ok(doomed)
+    }
+}
+
 /// The adapter pool resolves `tenant/name/id` handles through the registry.
 impl AdapterSource for Registry {
     fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError> {

@@ -138,6 +138,28 @@ impl Model {
         }
     }
 
+    /// Identifies the served base: its shapes and a hash of its final norm weights
+    /// (distinct for every fine-tune of the same architecture). Adapters record it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let c = &self.cfg;
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{}:{}:{}:{}:{}:{}:{}",
+            c.arch, c.n_layer, c.hidden, c.ffn, c.n_head, c.n_kv_head, c.vocab
+        ));
+        for v in &self.norm {
+            h.update(v.to_le_bytes());
+        }
+        let hex: String = h
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{}-{}x{}-{hex}", c.arch, c.n_layer, c.hidden)
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.n_layer, self.cfg.kv_dim())
     }

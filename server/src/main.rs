@@ -8,10 +8,12 @@ use retune_engine::{
 use std::io::Write;
 use std::path::PathBuf;
 
+mod adapters_cli;
 mod bench;
 
 const USAGE: &str = "usage:
   retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--threads N] [--raw] PROMPT
+  retune adapters --root DIR list|show|register|promote|rollback|canary|retire|gc ...
   retune bench --model PATH [--llama-bench PATH] [--decode-tokens N] [--lora [--keep-adapters DIR]]";
 
 struct Args {
@@ -58,6 +60,7 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "generate" => generate(&mut args),
         "bench" => bench::run(&mut args),
+        "adapters" => adapters_cli::run(&mut args),
         _ => bail!("unknown command `{cmd}`\n{USAGE}"),
     }
 }

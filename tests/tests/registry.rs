@@ -138,6 +138,32 @@ fn promote_rollback_twice_restart_and_journal() {
         assert!(t.elapsed().as_secs() < 10);
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    // garbage collection keeps aliased versions and the most recent others
+    let u3 = upload(&dir, 3);
+    let v3 = reg.register(new(&u3, "acme", "tickets"), &base()).unwrap();
+    assert!(
+        reg.gc("acme", "tickets", 1, "janitor").unwrap().is_empty(),
+        "v3 is the one kept"
+    );
+    assert_eq!(
+        reg.gc("acme", "tickets", 0, "janitor").unwrap(),
+        vec![v3.id.clone()]
+    );
+    assert!(matches!(
+        reg.version("acme", "tickets", &v3.id),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(reg
+        .locate(&Registry::handle("acme", "tickets", &v3.id))
+        .is_err());
+    assert_eq!(
+        reg.journal("acme", "tickets")
+            .unwrap()
+            .last()
+            .unwrap()
+            .event,
+        "delete"
+    );
     // canary and retire
     let s = reg
         .set_canary("acme", "tickets", Some((&v1.id, 10)), "alice", "try")
