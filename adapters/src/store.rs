@@ -62,6 +62,21 @@ impl LocalStore {
     pub fn new(root: &Path) -> Result<Self, RegistryError> {
         std::fs::create_dir_all(root.join(".tmp")).map_err(io(root))?;
         let root = root.canonicalize().map_err(io(root))?;
+        // leftovers of writers that crashed mid-write (never referenced by the registry)
+        let stale = std::time::Duration::from_secs(600);
+        if let Ok(entries) = std::fs::read_dir(root.join(".tmp")) {
+            for e in entries.flatten() {
+                let old = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|a| a > stale);
+                if old {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(Self { root })
     }
 
