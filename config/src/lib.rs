@@ -1,1 +1,267 @@
-//! retune-config
+//! Settings for every retune process: a TOML file plus `RETUNE_<SECTION>__<KEY>`
+//! environment overrides, validated once at startup.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read settings file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("settings: {0}")]
+    Parse(String),
+    #[error("settings: `{field}` {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub server: ServerSettings,
+    pub model: ModelSettings,
+    #[serde(default)]
+    pub engine: EngineSettings,
+    #[serde(default)]
+    pub adapters: AdapterSettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub tenants: Vec<TenantSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub max_body_bytes: usize,
+    /// Seconds in-flight streams get to finish after SIGTERM.
+    pub drain_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 1 << 20,
+            drain_seconds: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub path: PathBuf,
+    /// The id clients use for the base model.
+    #[serde(default = "default_model_id")]
+    pub id: String,
+}
+
+fn default_model_id() -> String {
+    "base".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub prefill_chunk: usize,
+    pub max_kv_tokens: usize,
+    pub threads: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_cap: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            max_queue: 256,
+            prefill_chunk: 512,
+            max_kv_tokens: 65_536,
+            threads: 0,
+            max_tokens_cap: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterSettings {
+    /// Registry root (registry.db + store/). None: no adapters.
+    pub root: Option<PathBuf>,
+    pub max_resident: usize,
+    pub max_resident_bytes: usize,
+    pub max_rank: usize,
+    pub max_version_bytes: u64,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        Self {
+            root: None,
+            max_resident: 64,
+            max_resident_bytes: 2 << 30,
+            max_rank: 256,
+            max_version_bytes: 1 << 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// sha256 (hex) of the admin API key; None disables the admin API.
+    pub admin_key_sha256: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    pub name: String,
+    /// sha256 (hex) of each API key of this tenant.
+    pub key_sha256: Vec<String>,
+}
+
+impl Settings {
+    /// Read `path` (TOML), apply `RETUNE_SECTION__KEY=value` overrides from `env`, validate.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        Self::from_toml(&text, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("RETUNE_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let value = v
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .or_else(|_| v.parse::<bool>().map(toml::Value::Boolean))
+                .unwrap_or(toml::Value::String(v));
+            let table = doc
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: section.clone(),
+                    reason: "is not a section".into(),
+                })?;
+            table.insert(key, value);
+        }
+        let s: Settings = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.engine.max_batch == 0 || self.engine.max_queue == 0 {
+            return bad("engine.max_batch/max_queue", "must be at least 1");
+        }
+        if self.engine.max_tokens_cap == 0 {
+            return bad("engine.max_tokens_cap", "must be at least 1");
+        }
+        if self.server.max_body_bytes < 1024 {
+            return bad("server.max_body_bytes", "must be at least 1024");
+        }
+        let hex64 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+        if let Some(k) = &self.auth.admin_key_sha256 {
+            if !hex64(k) {
+                return bad("auth.admin_key_sha256", "must be a 64-character hex sha256");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tenants {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_".contains(c))
+            {
+                return bad(
+                    "tenants.name",
+                    &format!("`{}` must be lowercase letters, digits, - or _", t.name),
+                );
+            }
+            if !names.insert(&t.name) {
+                return bad("tenants.name", &format!("`{}` appears twice", t.name));
+            }
+            if t.key_sha256.is_empty() || !t.key_sha256.iter().all(|k| hex64(k)) {
+                return bad(
+                    "tenants.key_sha256",
+                    &format!("tenant `{}` needs 64-character hex sha256 keys", t.name),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[model]\npath = \"m.gguf\"\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
+
+    #[test]
+    fn defaults_env_overrides_and_validation() {
+        let s = Settings::from_toml(BASE, []).unwrap();
+        assert_eq!(s.server.port, 8080);
+        assert_eq!(s.model.id, "base");
+        let s = Settings::from_toml(
+            BASE,
+            [
+                ("RETUNE_SERVER__PORT".into(), "9000".into()),
+                ("RETUNE_MODEL__ID".into(), "smol".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!((s.server.port, s.model.id.as_str()), (9000, "smol"));
+        assert!(
+            Settings::from_toml(BASE, [("RETUNE_ENGINE__MAX_BATCH".into(), "0".into())]).is_err()
+        );
+        assert!(Settings::from_toml("[model]\npath = 1", []).is_err());
+        assert!(
+            Settings::from_toml(&format!("{BASE}[server]\nbogus = 1\n"), []).is_err(),
+            "unknown keys are errors"
+        );
+        let dup = format!(
+            "{BASE}[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n",
+            "b".repeat(64)
+        );
+        assert!(Settings::from_toml(&dup, []).is_err());
+    }
+}
