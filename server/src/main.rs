@@ -13,6 +13,8 @@ mod bench;
 
 const USAGE: &str = "usage:
   retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--threads N] [--raw] PROMPT
+  retune serve --config FILE   (settings: TOML + RETUNE_SECTION__KEY env overrides)
+  retune serve --model PATH    (embedded defaults: 127.0.0.1:8080, API key `local`)
   retune adapters --root DIR list|show|register|promote|rollback|canary|retire|gc ...
   retune bench --model PATH [--llama-bench PATH] [--decode-tokens N] [--lora [--keep-adapters DIR]]";
 
@@ -61,8 +63,30 @@ fn main() -> Result<()> {
         "generate" => generate(&mut args),
         "bench" => bench::run(&mut args),
         "adapters" => adapters_cli::run(&mut args),
+        "serve" => serve(&mut args),
         _ => bail!("unknown command `{cmd}`\n{USAGE}"),
     }
+}
+
+fn serve(args: &mut Args) -> Result<()> {
+    let settings = match (args.opt("--config")?, args.opt("--model")?) {
+        (Some(path), _) => {
+            retune_config::Settings::load(std::path::Path::new(&path), std::env::vars())?
+        }
+        // embedded defaults: the model, local port 8080, no tenants but an open local key
+        (None, Some(model)) => {
+            let toml = format!(
+                "[model]\npath = {model:?}\nid = \"smollm2-135m-instruct\"\n[[tenants]]\nname = \"local\"\nkey_sha256 = [\"{}\"]\n",
+                retune_server::auth::hash_key("local")
+            );
+            retune_config::Settings::from_toml(&toml, std::env::vars())?
+        }
+        (None, None) => bail!("serve needs --config FILE or --model PATH\n{USAGE}"),
+    };
+    let app = retune_server::Application::build(settings)?;
+    eprintln!("retune listening on port {}", app.port());
+    actix_web::rt::System::new().block_on(app.run_until_stopped())?;
+    Ok(())
 }
 
 fn model_path(args: &mut Args) -> Result<PathBuf> {

@@ -1,0 +1,86 @@
+//! Every Prometheus metric retune exports, in one place.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub ttft: Histogram,
+    pub tokens: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub running: IntGauge,
+    pub adapters_resident: IntGauge,
+    pub adapter_bytes: IntGauge,
+    pub adapter_loads: IntGauge,
+    pub adapter_evictions: IntGauge,
+    pub by_version: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "retune_requests_total",
+                "HTTP requests by route, status and tenant",
+            ),
+            &["route", "status", "tenant"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "retune_request_duration_seconds",
+                "Request duration by route",
+            ),
+            &["route"],
+        )?;
+        let ttft = Histogram::with_opts(HistogramOpts::new(
+            "retune_time_to_first_token_seconds",
+            "Time to first token",
+        ))?;
+        let tokens = IntCounterVec::new(
+            Opts::new("retune_tokens_total", "Prompt and completion tokens"),
+            &["kind"],
+        )?;
+        let queue_depth = IntGauge::new("retune_queue_depth", "Requests waiting for admission")?;
+        let running = IntGauge::new("retune_running_sequences", "Sequences in the running batch")?;
+        let adapters_resident =
+            IntGauge::new("retune_adapters_resident", "Adapters held in memory")?;
+        let adapter_bytes = IntGauge::new("retune_adapter_bytes", "Bytes of resident adapters")?;
+        let adapter_loads = IntGauge::new("retune_adapter_loads", "Adapter loads since start")?;
+        let adapter_evictions =
+            IntGauge::new("retune_adapter_evictions", "Adapter evictions since start")?;
+        let by_version = IntCounterVec::new(
+            Opts::new(
+                "retune_requests_by_adapter_version_total",
+                "Generations by adapter and served version",
+            ),
+            &["adapter", "version"],
+        )?;
+        r.register(Box::new(requests.clone()))?;
+        r.register(Box::new(duration.clone()))?;
+        r.register(Box::new(ttft.clone()))?;
+        r.register(Box::new(tokens.clone()))?;
+        r.register(Box::new(queue_depth.clone()))?;
+        r.register(Box::new(running.clone()))?;
+        r.register(Box::new(adapters_resident.clone()))?;
+        r.register(Box::new(adapter_bytes.clone()))?;
+        r.register(Box::new(adapter_loads.clone()))?;
+        r.register(Box::new(adapter_evictions.clone()))?;
+        r.register(Box::new(by_version.clone()))?;
+        Ok(Self {
+            registry: r,
+            requests,
+            duration,
+            ttft,
+            tokens,
+            queue_depth,
+            running,
+            adapters_resident,
+            adapter_bytes,
+            adapter_loads,
+            adapter_evictions,
+            by_version,
+        })
+    }
+}

@@ -1,0 +1,89 @@
+//! OpenAI request and response bodies (the subset retune serves).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: String,
+}
+
+/// Fields shared by chat and text completions.
+#[derive(Deserialize)]
+pub struct Common {
+    pub model: String,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub user: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<usize>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: String,
+    /// Legacy completions: number of top logprobs.
+    pub logprobs: Option<usize>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Serialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}

@@ -1,0 +1,274 @@
+//! The HTTP API on a tiny model: routes, errors, tenants, streaming.
+
+use retune_adapters::{Expect, LocalStore, NewVersion, Registry, ServedBase};
+use retune_config::Settings;
+use retune_engine::tiny::{self, TinySpec};
+use retune_server::{auth::hash_key, Application};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+
+struct TestApp {
+    port: u16,
+    version: String,
+}
+
+fn spawn_app(name: &str) -> TestApp {
+    let dir = std::env::temp_dir().join(format!("retune-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = TinySpec::default();
+    let (model, _) = tiny::write(&dir.join("model"), &spec).unwrap();
+    // one adapter for tenant acme, promoted
+    let root = dir.join("adapters");
+    let m = retune_engine::load(&model).unwrap().model;
+    let base = ServedBase {
+        shapes: m.base_shapes(),
+        fingerprint: m.fingerprint(),
+    };
+    let reg = Registry::open(
+        &root.join("registry.db"),
+        Arc::new(LocalStore::new(&root.join("store")).unwrap()),
+        1 << 30,
+    )
+    .unwrap();
+    let up = dir.join("upload");
+    tiny::write_adapter(&up, &spec, 8, &[0, 1, 2, 3, 4, 5, 6], 3, 16.0, 0.5).unwrap();
+    let v = reg
+        .register(
+            NewVersion {
+                tenant: "acme",
+                name: "tickets",
+                dir: &up,
+                source: "upload",
+                parent: None,
+                metadata: serde_json::json!({}),
+                claimed_base: None,
+                actor: "t",
+            },
+            &base,
+        )
+        .unwrap();
+    reg.promote("acme", "tickets", &v.id, Expect::NoLive, "t", "init")
+        .unwrap();
+    drop(reg);
+    let toml = format!(
+        "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[adapters]\nroot = {:?}\n\
+         [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n",
+        model.to_string_lossy(),
+        root.to_string_lossy(),
+        hash_key("acme-key"),
+        hash_key("globex-key")
+    );
+    let settings = Settings::from_toml(&toml, []).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let app = Application::build(settings).unwrap();
+        tx.send(app.port()).unwrap();
+        actix_web::rt::System::new()
+            .block_on(app.run_until_stopped())
+            .unwrap();
+    });
+    TestApp {
+        port: rx.recv().unwrap(),
+        version: v.id,
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(pos) = b.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[..pos]).unwrap().trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[pos + 2..pos + 2 + n]);
+        b = &b[pos + 2 + n + 2..];
+    }
+    out
+}
+
+fn http(app: &TestApp, method: &str, path: &str, key: Option<&str>, body: &str) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", app.port)).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let headers = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    let status = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).to_string(),
+    }
+}
+
+fn json(r: &Resp) -> serde_json::Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body))
+}
+
+#[test]
+fn routes_tenants_errors_and_streaming() {
+    let app = spawn_app("main");
+    assert_eq!(http(&app, "GET", "/health", None, "").status, 200);
+    assert_eq!(http(&app, "GET", "/ready", None, "").status, 200);
+    // auth
+    let r = http(&app, "GET", "/v1/models", None, "");
+    assert_eq!(r.status, 401);
+    assert_eq!(json(&r)["error"]["type"], "authentication_error");
+    assert_eq!(
+        http(&app, "GET", "/v1/models", Some("wrong"), "").status,
+        401
+    );
+    // models: acme sees its adapter, globex only the base
+    let ids = |k: &str| -> Vec<String> {
+        json(&http(&app, "GET", "/v1/models", Some(k), ""))["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("acme-key"), ["tiny", "tickets"]);
+    assert_eq!(ids("globex-key"), ["tiny"]);
+    // chat on the base and on the adapter
+    let chat = |model: &str, key: &str, extra: &str| {
+        http(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(key),
+            &format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello world"}}],"max_tokens":8,"temperature":0{extra}}}"#
+            ),
+        )
+    };
+    let r = chat("tiny", "acme-key", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = json(&r);
+    assert_eq!(j["object"], "chat.completion");
+    assert_eq!(j["usage"]["completion_tokens"], 8);
+    assert_eq!(j["choices"][0]["finish_reason"], "length");
+    assert!(j["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let r = chat("tickets", "acme-key", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.headers
+            .contains(&format!("x-retune-adapter-version: {}", app.version)),
+        "{}",
+        r.headers
+    );
+    assert_eq!(json(&r)["model"], format!("tickets@{}", app.version));
+    let pinned = chat(&format!("tickets@{}", app.version), "acme-key", "");
+    assert_eq!(json(&pinned)["choices"], json(&r)["choices"]);
+    // another tenant's adapter does not exist for globex
+    let r = chat("tickets", "globex-key", "");
+    assert_eq!(r.status, 404);
+    assert_eq!(json(&r)["error"]["code"], "model_not_found");
+    // errors in OpenAI shape
+    let r = http(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some("acme-key"),
+        "{not json",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(json(&r)["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        chat("tiny", "acme-key", r#","max_tokens":100000"#).status,
+        400
+    );
+    let big = format!(r#"{{"model":"tiny","prompt":"{}"}}"#, "x".repeat(5000));
+    assert_eq!(
+        http(&app, "POST", "/v1/completions", Some("acme-key"), &big).status,
+        413
+    );
+    let long = format!(
+        r#"{{"model":"tiny","prompt":"{}","max_tokens":4}}"#,
+        "hello ".repeat(600)
+    );
+    assert_eq!(
+        http(&app, "POST", "/v1/completions", Some("acme-key"), &long).status,
+        400,
+        "prompt over context"
+    );
+    // text completion with logprobs
+    let r = http(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some("acme-key"),
+        r#"{"model":"tiny","prompt":"hello","max_tokens":4,"temperature":0,"logprobs":2}"#,
+    );
+    let j = json(&r);
+    assert_eq!(j["object"], "text_completion");
+    assert_eq!(
+        j["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    // streaming: role first, content deltas, finish, usage, [DONE]; same text as non-streaming
+    let r = chat(
+        "tickets",
+        "acme-key",
+        r#","stream":true,"stream_options":{"include_usage":true}"#,
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("text/event-stream"));
+    let events: Vec<&str> = r
+        .body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.trim_start_matches("data: "))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 8);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        json(&chat("tickets", "acme-key", ""))["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+    );
+    // metrics
+    let m = http(&app, "GET", "/metrics", None, "");
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body.contains("retune_requests_total") && m.body.contains("retune_adapters_resident"),
+        "{}",
+        m.body
+    );
+    let _ = Path::new("/");
+}
