@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 RETUNE_MODEL="$(./scripts/fetch-model.sh)"
 export RETUNE_MODEL
 cargo nextest run --workspace --release --no-fail-fast "$@"
+cargo build --release -q -p retune-server --bin retune
+./scripts/openai-client-test.sh

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The official openai Python package against a real `retune serve` on the real model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${RETUNE_MODEL:-$(./scripts/fetch-model.sh)}"
+VENV="${RETUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/retune}/venv-openai"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai==1.*"
+fi
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+RETUNE_SERVER__PORT=$PORT ./target/release/retune serve --model "$MODEL" > /tmp/retune-openai-test.log 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+"$VENV/bin/python" tests/openai_client/test_openai.py "http://127.0.0.1:$PORT" local smollm2-135m-instruct
