@@ -12,6 +12,8 @@ use std::sync::Arc;
 struct TestApp {
     port: u16,
     version: String,
+    version2: String,
+    root: std::path::PathBuf,
 }
 
 fn spawn_app(name: &str) -> TestApp {
@@ -51,6 +53,19 @@ fn spawn_app(name: &str) -> TestApp {
         .unwrap();
     reg.promote("acme", "tickets", &v.id, Expect::NoLive, "t", "init")
         .unwrap();
+    let up2 = dir.join("upload2");
+    tiny::write_adapter(&up2, &spec, 8, &[0, 1, 2, 3, 4, 5, 6], 4, 16.0, 0.5).unwrap();
+    let second = NewVersion {
+        tenant: "acme",
+        name: "tickets",
+        dir: &up2,
+        source: "upload",
+        parent: Some(&v.id),
+        metadata: serde_json::json!({}),
+        claimed_base: None,
+        actor: "t",
+    };
+    let v2 = reg.register(second, &base).unwrap();
     drop(reg);
     let toml = format!(
         "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[adapters]\nroot = {:?}\n\
@@ -72,6 +87,8 @@ fn spawn_app(name: &str) -> TestApp {
     TestApp {
         port: rx.recv().unwrap(),
         version: v.id,
+        version2: v2.id,
+        root,
     }
 }
 
@@ -271,4 +288,123 @@ fn routes_tenants_errors_and_streaming() {
         m.body
     );
     let _ = Path::new("/");
+}
+
+#[test]
+fn hot_swap_under_load_fails_nothing_and_each_response_matches_its_version() {
+    let app = Arc::new(spawn_app("swap"));
+    let body = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello world"}}],"max_tokens":12,"temperature":0}}"#
+        )
+    };
+    let text = |r: &Resp| {
+        json(r)["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut expected = std::collections::HashMap::new();
+    for v in [&app.version, &app.version2] {
+        let r = http(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some("acme-key"),
+            &body(&format!("tickets@{v}")),
+        );
+        assert_eq!(r.status, 200);
+        expected.insert(v.clone(), text(&r));
+    }
+    assert_ne!(
+        expected[&app.version], expected[&app.version2],
+        "versions must be distinguishable"
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, root, a, b) = (
+            stop.clone(),
+            app.root.clone(),
+            app.version.clone(),
+            app.version2.clone(),
+        );
+        std::thread::spawn(move || {
+            let reg = Registry::open(
+                &root.join("registry.db"),
+                Arc::new(LocalStore::new(&root.join("store")).unwrap()),
+                1 << 30,
+            )
+            .unwrap();
+            let mut swaps = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let live = reg.state("acme", "tickets").unwrap().live.unwrap();
+                if swaps % 3 == 2 {
+                    reg.rollback("acme", "tickets", None, "swapper", "test")
+                        .unwrap();
+                } else {
+                    let next = if live == a { &b } else { &a };
+                    reg.promote(
+                        "acme",
+                        "tickets",
+                        next,
+                        Expect::Version(live),
+                        "swapper",
+                        "test",
+                    )
+                    .unwrap();
+                }
+                swaps += 1;
+                std::thread::sleep(std::time::Duration::from_millis(150));
+            }
+            swaps
+        })
+    };
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (app, stop, expected) = (app.clone(), stop.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::HashMap::<String, usize>::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http(
+                        &app,
+                        "POST",
+                        "/v1/chat/completions",
+                        Some("acme-key"),
+                        &body("tickets"),
+                    );
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    let v = r
+                        .headers
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-retune-adapter-version: "))
+                        .unwrap()
+                        .trim()
+                        .to_string();
+                    assert_eq!(
+                        text(&r),
+                        expected[&v],
+                        "response does not match the version {v} its header names"
+                    );
+                    *seen.entry(v).or_default() += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let mut total = std::collections::HashMap::<String, usize>::new();
+    for c in clients {
+        for (v, n) in c.join().unwrap() {
+            *total.entry(v).or_default() += n;
+        }
+    }
+    println!("{swaps} swaps, responses by version: {total:?}");
+    assert!(swaps >= 10);
+    assert_eq!(
+        total.len(),
+        2,
+        "both versions served during the swaps: {total:?}"
+    );
 }
