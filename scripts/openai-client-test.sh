@@ -17,3 +17,13 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 "$VENV/bin/python" tests/openai_client/test_openai.py "http://127.0.0.1:$PORT" local smollm2-135m-instruct
+# the metrics exposition passes promtool's checks
+curl -sf "http://127.0.0.1:$PORT/metrics" > /tmp/retune-metrics.txt
+if command -v promtool >/dev/null; then
+  promtool check metrics < /tmp/retune-metrics.txt
+  echo "promtool check metrics: OK"
+elif [ -n "${CI:-}" ]; then
+  echo "promtool missing (Debian package prometheus)" >&2; exit 1
+else
+  echo "promtool not installed: skipped the metrics check (CI installs it)"
+fi
