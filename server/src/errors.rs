@@ -15,6 +15,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("the server is overloaded; retry shortly")]
     Overloaded,
     #[error("{0}")]
@@ -30,6 +34,8 @@ impl ApiError {
             Self::Unauthorized(_) => ("authentication_error", "invalid_api_key"),
             Self::NotFound(_) => ("invalid_request_error", "model_not_found"),
             Self::TooLarge(_) => ("invalid_request_error", "request_too_large"),
+            Self::Conflict(_) => ("invalid_request_error", "conflict"),
+            Self::Forbidden(_) => ("permission_error", "forbidden"),
             Self::Overloaded => ("rate_limit_error", "overloaded"),
             Self::Unavailable(_) => ("server_error", "unavailable"),
             Self::Internal(_) => ("server_error", "internal_error"),
@@ -44,6 +50,8 @@ impl ResponseError for ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,6 +78,20 @@ impl From<EngineError> for ApiError {
             | EngineError::Template(_) => Self::BadRequest(e.to_string()),
             EngineError::ShutDown => Self::Unavailable(e.to_string()),
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<retune_adapters::RegistryError> for ApiError {
+    fn from(e: retune_adapters::RegistryError) -> Self {
+        use retune_adapters::RegistryError as R;
+        match e {
+            R::NotFound(_) => Self::NotFound(e.to_string()),
+            R::Conflict { .. } => Self::Conflict(e.to_string()),
+            R::Forbidden(_) => Self::Forbidden(e.to_string()),
+            R::TooLarge(_) => Self::TooLarge(e.to_string()),
+            R::Rejected(_) | R::Adapter(_) => Self::BadRequest(e.to_string()),
+            R::Db(_) | R::Io(_) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! retune's HTTP server: OpenAI-compatible API over the engine, per-tenant
 //! adapter routing through the registry, Prometheus metrics.
 
+pub mod admin;
 pub mod auth;
 pub mod errors;
 pub mod metrics;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub pool: Option<Arc<AdapterPool>>,
     pub metrics: metrics::Metrics,
     pub vocab: usize,
+    /// The served base, for validating registered adapters.
+    pub base: ServedBase,
 }
 
 pub struct Application {
@@ -108,12 +111,14 @@ impl Application {
             pool,
             metrics,
             vocab,
+            base,
         });
         let drain = state.settings.server.drain_seconds;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .configure(routes::configure)
+                .configure(admin::configure)
         })
         .listen(listener)
         .map_err(|e| StartError::Bind {

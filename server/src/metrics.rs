@@ -15,6 +15,8 @@ pub struct Metrics {
     pub adapter_loads: IntGauge,
     pub adapter_evictions: IntGauge,
     pub by_version: IntCounterVec,
+    pub swaps: IntCounterVec,
+    pub itl: Histogram,
 }
 
 impl Metrics {
@@ -68,6 +70,24 @@ impl Metrics {
         r.register(Box::new(adapter_loads.clone()))?;
         r.register(Box::new(adapter_evictions.clone()))?;
         r.register(Box::new(by_version.clone()))?;
+        let swaps = IntCounterVec::new(
+            Opts::new(
+                "retune_adapter_changes_total",
+                "Admin alias changes by operation",
+            ),
+            &["op"],
+        )?;
+        let itl = Histogram::with_opts(
+            HistogramOpts::new(
+                "retune_inter_token_latency_seconds",
+                "Time between streamed tokens",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+        )?;
+        r.register(Box::new(swaps.clone()))?;
+        r.register(Box::new(itl.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -81,6 +101,8 @@ impl Metrics {
             adapter_loads,
             adapter_evictions,
             by_version,
+            swaps,
+            itl,
         })
     }
 }

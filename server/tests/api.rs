@@ -69,9 +69,10 @@ fn spawn_app(name: &str) -> TestApp {
     drop(reg);
     let toml = format!(
         "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[adapters]\nroot = {:?}\n\
-         [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n",
+         [auth]\nadmin_key_sha256 = \"{}\"\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n",
         model.to_string_lossy(),
         root.to_string_lossy(),
+        hash_key("admin-key"),
         hash_key("acme-key"),
         hash_key("globex-key")
     );
@@ -406,5 +407,126 @@ fn hot_swap_under_load_fails_nothing_and_each_response_matches_its_version() {
         total.len(),
         2,
         "both versions served during the swaps: {total:?}"
+    );
+}
+
+#[test]
+fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
+    let app = spawn_app("admin");
+    let p = "/admin/adapters/acme/tickets";
+    assert_eq!(
+        http(&app, "GET", p, Some("acme-key"), "").status,
+        401,
+        "tenants are not admins"
+    );
+    let show = json(&http(&app, "GET", p, Some("admin-key"), ""));
+    assert_eq!(show["state"]["live"], app.version.as_str());
+    // compare-and-set: a stale expectation conflicts
+    let body =
+        |v: &str, e: &str| format!(r#"{{"version":"{v}","expected":"{e}","reason":"test"}}"#);
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/promote"),
+        Some("admin-key"),
+        &body(&app.version2, "deadbeef"),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/promote"),
+        Some("admin-key"),
+        &body(&app.version2, &app.version),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(json(&r)["live"], app.version2.as_str());
+    let served = http(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some("acme-key"),
+        r#"{"model":"tickets","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#,
+    );
+    assert!(
+        served.headers.contains(&app.version2),
+        "the swap reached serving"
+    );
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/rollback"),
+        Some("admin-key"),
+        r#"{"reason":"bad"}"#,
+    );
+    assert_eq!(json(&r)["live"], app.version.as_str());
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/canary"),
+        Some("admin-key"),
+        &format!(r#"{{"version":"{}","percent":50}}"#, app.version2),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // with a 50% canary both versions serve, chosen per request id
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let r = http(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some("acme-key"),
+            r#"{"model":"tickets","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#,
+        );
+        seen.insert(
+            r.headers
+                .lines()
+                .find_map(|l| l.strip_prefix("x-retune-adapter-version: "))
+                .unwrap()
+                .trim()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/retire"),
+        Some("admin-key"),
+        &format!(r#"{{"version":"{}"}}"#, app.version),
+    );
+    assert_eq!(
+        r.status, 400,
+        "the live version cannot be retired: {}",
+        r.body
+    );
+    let journal = json(&http(&app, "GET", p, Some("admin-key"), ""))["journal"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(journal >= 6);
+    assert_eq!(
+        http(
+            &app,
+            "GET",
+            "/admin/adapters/acme/nothing",
+            Some("admin-key"),
+            ""
+        )
+        .status,
+        404
+    );
+    let list = json(&http(
+        &app,
+        "GET",
+        "/admin/adapters?tenant=acme",
+        Some("admin-key"),
+        "",
+    ));
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    let metrics = http(&app, "GET", "/metrics", None, "").body;
+    assert!(
+        metrics.contains("retune_adapter_changes_total{op=\"promote\"} 1"),
+        "{metrics}"
     );
 }

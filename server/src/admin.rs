@@ -1,0 +1,226 @@
+//! Admin API (admin key): register, promote (compare-and-set), rollback, canary,
+//! retire, list and show adapter versions. Registry calls run off the async runtime.
+
+use crate::errors::ApiError;
+use crate::AppState;
+use actix_web::{web, HttpRequest, HttpResponse};
+use retune_adapters::{Expect, NewVersion, Registry};
+use serde::Deserialize;
+use std::sync::Arc;
+
+type Data = web::Data<AppState>;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/admin/adapters", web::get().to(list))
+        .route("/admin/adapters/{tenant}/{name}", web::get().to(show))
+        .route(
+            "/admin/adapters/{tenant}/{name}/versions",
+            web::post().to(register),
+        )
+        .route(
+            "/admin/adapters/{tenant}/{name}/promote",
+            web::post().to(promote),
+        )
+        .route(
+            "/admin/adapters/{tenant}/{name}/rollback",
+            web::post().to(rollback),
+        )
+        .route(
+            "/admin/adapters/{tenant}/{name}/canary",
+            web::post().to(canary),
+        )
+        .route(
+            "/admin/adapters/{tenant}/{name}/retire",
+            web::post().to(retire),
+        );
+}
+
+fn admin(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+    let key = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing `Authorization: Bearer <admin key>`".into())
+        })?;
+    if !state.keys.is_admin(key) {
+        return Err(ApiError::Unauthorized("admin key required".into()));
+    }
+    state
+        .registry
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("no adapter registry configured".into()))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    tenant: Option<String>,
+}
+
+async fn list(
+    state: Data,
+    req: HttpRequest,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let tenant = q.into_inner().tenant;
+    let rows = blocking(move || Ok(reg.list(tenant.as_deref())?)).await?;
+    let data: Vec<_> = rows
+        .into_iter()
+        .map(|(t, n, s)| serde_json::json!({"tenant": t, "name": n, "state": s}))
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({"data": data})))
+}
+
+async fn show(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let (t, n) = path.into_inner();
+    let v = blocking(move || {
+        Ok(serde_json::json!({"state": reg.state(&t, &n)?, "versions": reg.versions(&t, &n)?, "journal": reg.journal(&t, &n)?}))
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    /// A directory on the server's filesystem (the trainer sidecar's shared volume).
+    path: String,
+    parent: Option<String>,
+    #[serde(default)]
+    metadata: serde_json::Value,
+    source: Option<String>,
+    base_fingerprint: Option<String>,
+    actor: Option<String>,
+}
+
+async fn register(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: web::Json<RegisterBody>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let (t, n) = path.into_inner();
+    let b = body.into_inner();
+    let base = state.base.clone();
+    let info = blocking(move || {
+        let source = b.source.unwrap_or_else(|| format!("path:{}", b.path));
+        let v = NewVersion {
+            tenant: &t,
+            name: &n,
+            dir: std::path::Path::new(&b.path),
+            source: &source,
+            parent: b.parent.as_deref(),
+            metadata: b.metadata,
+            claimed_base: b.base_fingerprint.as_deref(),
+            actor: b.actor.as_deref().unwrap_or("admin"),
+        };
+        Ok(reg.register(v, &base)?)
+    })
+    .await?;
+    Ok(HttpResponse::Created().json(info))
+}
+
+#[derive(Deserialize)]
+struct Change {
+    version: Option<String>,
+    /// Promote: the live version the caller saw (`"none"` for no live version).
+    expected: Option<String>,
+    /// Rollback target (default: previous).
+    to: Option<String>,
+    percent: Option<u8>,
+    #[serde(default)]
+    clear: bool,
+    actor: Option<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn change(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: web::Json<Change>,
+    op: &'static str,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let (t, n) = path.into_inner();
+    let c = body.into_inner();
+    let metrics = state.clone();
+    let st = blocking(move || {
+        let actor = c.actor.as_deref().unwrap_or("admin");
+        let need = |v: &Option<String>| {
+            v.clone()
+                .ok_or_else(|| ApiError::BadRequest("`version` is required".into()))
+        };
+        Ok(match op {
+            "promote" => {
+                let expect = match c.expected.as_deref() {
+                    None => Expect::Any,
+                    Some("none") => Expect::NoLive,
+                    Some(v) => Expect::Version(v.into()),
+                };
+                reg.promote(&t, &n, &need(&c.version)?, expect, actor, &c.reason)?
+            }
+            "rollback" => reg.rollback(&t, &n, c.to.as_deref(), actor, &c.reason)?,
+            "canary" if c.clear => reg.set_canary(&t, &n, None, actor, &c.reason)?,
+            "canary" => {
+                let pct = c
+                    .percent
+                    .ok_or_else(|| ApiError::BadRequest("`percent` is required".into()))?;
+                reg.set_canary(&t, &n, Some((&need(&c.version)?, pct)), actor, &c.reason)?
+            }
+            _ => reg.retire(&t, &n, &need(&c.version)?, actor, &c.reason)?,
+        })
+    })
+    .await?;
+    metrics.metrics.swaps.with_label_values(&[op]).inc();
+    Ok(HttpResponse::Ok().json(st))
+}
+
+async fn promote(
+    s: Data,
+    r: HttpRequest,
+    p: web::Path<(String, String)>,
+    b: web::Json<Change>,
+) -> Result<HttpResponse, ApiError> {
+    change(s, r, p, b, "promote").await
+}
+async fn rollback(
+    s: Data,
+    r: HttpRequest,
+    p: web::Path<(String, String)>,
+    b: web::Json<Change>,
+) -> Result<HttpResponse, ApiError> {
+    change(s, r, p, b, "rollback").await
+}
+async fn canary(
+    s: Data,
+    r: HttpRequest,
+    p: web::Path<(String, String)>,
+    b: web::Json<Change>,
+) -> Result<HttpResponse, ApiError> {
+    change(s, r, p, b, "canary").await
+}
+async fn retire(
+    s: Data,
+    r: HttpRequest,
+    p: web::Path<(String, String)>,
+    b: web::Json<Change>,
+) -> Result<HttpResponse, ApiError> {
+    change(s, r, p, b, "retire").await
+}
