@@ -17,6 +17,11 @@ struct TestApp {
 }
 
 fn spawn_app(name: &str) -> TestApp {
+    spawn_app_with(name, "max_tokens_cap = 64")
+}
+
+/// `engine` is the body of the `[engine]` section.
+fn spawn_app_with(name: &str, engine: &str) -> TestApp {
     let dir = std::env::temp_dir().join(format!("retune-api-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let spec = TinySpec::default();
@@ -68,9 +73,10 @@ fn spawn_app(name: &str) -> TestApp {
     let v2 = reg.register(second, &base).unwrap();
     drop(reg);
     let toml = format!(
-        "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[adapters]\nroot = {:?}\n\
+        "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\n{}\n[adapters]\nroot = {:?}\n\
          [auth]\nadmin_key_sha256 = \"{}\"\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n",
         model.to_string_lossy(),
+        engine,
         root.to_string_lossy(),
         hash_key("admin-key"),
         hash_key("acme-key"),
@@ -529,4 +535,38 @@ fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
         metrics.contains("retune_adapter_changes_total{op=\"promote\"} 1"),
         "{metrics}"
     );
+}
+
+#[test]
+fn full_queue_answers_429_with_retry_after() {
+    let app = Arc::new(spawn_app_with(
+        "busy",
+        "max_tokens_cap = 256\nmax_batch = 1\nmax_queue = 1",
+    ));
+    let body = r#"{"model":"tiny","prompt":"hello","max_tokens":200,"temperature":0}"#;
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            std::thread::spawn(move || {
+                http(&app, "POST", "/v1/completions", Some("acme-key"), body)
+            })
+        })
+        .collect();
+    let resps: Vec<Resp> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let busy: Vec<&Resp> = resps.iter().filter(|r| r.status == 429).collect();
+    assert!(
+        !busy.is_empty(),
+        "{:?}",
+        resps.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(resps.iter().all(|r| r.status == 200 || r.status == 429));
+    assert!(
+        busy[0]
+            .headers
+            .to_ascii_lowercase()
+            .contains("retry-after: 1"),
+        "{}",
+        busy[0].headers
+    );
+    assert_eq!(json(busy[0])["error"]["type"], "rate_limit_error");
 }
