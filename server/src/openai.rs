@@ -45,6 +45,9 @@ pub struct Common {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
+    /// Non-standard (as in vLLM/llama.cpp): keep generating past end-of-sequence.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Deserialize)]

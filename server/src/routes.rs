@@ -175,6 +175,7 @@ fn params(
             })
             .unwrap_or_default(),
         logprobs,
+        stop_on_eos: !c.ignore_eos,
         ..SamplingParams::default()
     };
     p.validate()?;
