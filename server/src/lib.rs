@@ -6,7 +6,7 @@ pub mod auth;
 pub mod errors;
 pub mod metrics;
 pub mod openai;
-mod routes;
+pub mod routes;
 
 use actix_web::{web, App, HttpServer};
 use retune_adapters::{AdapterPool, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase};
@@ -117,6 +117,35 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .wrap_fn(|req, srv| {
+                    use actix_web::dev::Service;
+                    use actix_web::HttpMessage;
+                    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let state = req.app_data::<web::Data<AppState>>().cloned();
+                    let start = std::time::Instant::now();
+                    let fut = srv.call(req);
+                    async move {
+                        let res = fut.await?;
+                        if let Some(st) = state {
+                            let tenant = res
+                                .request()
+                                .extensions()
+                                .get::<routes::TenantLabel>()
+                                .map(|t| t.0.clone());
+                            let tenant = tenant.unwrap_or_else(|| "-".into());
+                            let status = res.status().as_u16().to_string();
+                            st.metrics
+                                .requests
+                                .with_label_values(&[&route, &status, &tenant])
+                                .inc();
+                            st.metrics
+                                .duration
+                                .with_label_values(&[&route])
+                                .observe(start.elapsed().as_secs_f64());
+                        }
+                        Ok(res)
+                    }
+                })
                 .configure(routes::configure)
                 .configure(admin::configure)
         })

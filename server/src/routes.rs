@@ -4,13 +4,16 @@ use crate::errors::ApiError;
 use crate::openai::*;
 use crate::AppState;
 use actix_web::web::{self, Bytes};
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use retune_engine::{ChatMessage, Event, FinishReason, GenerateRequest, SamplingParams};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 type Data = web::Data<AppState>;
+
+/// The authenticated tenant, for the request metrics middleware.
+pub struct TenantLabel(pub String);
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
@@ -60,10 +63,12 @@ fn tenant<'a>(state: &'a AppState, req: &HttpRequest) -> Result<&'a str, ApiErro
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::Unauthorized("missing `Authorization: Bearer <key>`".into()))?;
-    state
+    let t = state
         .keys
         .tenant(key)
-        .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))
+        .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+    req.extensions_mut().insert(TenantLabel(t.to_string()));
+    Ok(t)
 }
 
 async fn models(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -246,7 +251,6 @@ async fn chat(
     };
     generate(
         state,
-        t,
         GenerateRequest {
             prompt,
             params,
@@ -285,7 +289,6 @@ async fn completions(
     };
     generate(
         state,
-        t,
         GenerateRequest {
             prompt,
             params,
@@ -315,26 +318,11 @@ fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<Toke
     })
 }
 
-async fn generate(
-    state: Data,
-    tenant: String,
-    greq: GenerateRequest,
-    job: Job,
-) -> Result<HttpResponse, ApiError> {
+async fn generate(state: Data, greq: GenerateRequest, job: Job) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let prompt_tokens = greq.prompt.len();
     let adapter_name = greq.adapter.clone();
     let mut stream = state.engine.submit(greq)?;
-    let route = if job.chat {
-        "/v1/chat/completions"
-    } else {
-        "/v1/completions"
-    };
-    state
-        .metrics
-        .requests
-        .with_label_values(&[route, "200", &tenant])
-        .inc();
     if let (Some(v), Some(h)) = (&job.version, &adapter_name) {
         let name = h.split('/').nth(1).unwrap_or("");
         state
@@ -384,11 +372,6 @@ async fn generate(
                         .tokens
                         .with_label_values(&["completion"])
                         .inc_by(c.completion_tokens as u64);
-                    state
-                        .metrics
-                        .duration
-                        .with_label_values(&[route])
-                        .observe(started.elapsed().as_secs_f64());
                     let logprobs = job.logprobs.then(|| serde_json::json!({"content": lps}));
                     let choice = if job.chat {
                         serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text},

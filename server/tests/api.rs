@@ -22,9 +22,12 @@ fn spawn_app(name: &str) -> TestApp {
 
 /// `engine` is the body of the `[engine]` section.
 fn spawn_app_with(name: &str, engine: &str) -> TestApp {
+    spawn_app_spec(name, engine, TinySpec::default())
+}
+
+fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
     let dir = std::env::temp_dir().join(format!("retune-api-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let spec = TinySpec::default();
     let (model, _) = tiny::write(&dir.join("model"), &spec).unwrap();
     // one adapter for tenant acme, promoted
     let root = dir.join("adapters");
@@ -569,4 +572,43 @@ fn full_queue_answers_429_with_retry_after() {
         busy[0].headers
     );
     assert_eq!(json(busy[0])["error"]["type"], "rate_limit_error");
+}
+
+#[test]
+fn client_disconnect_cancels_the_generation() {
+    // big enough that 8000 tokens take several seconds
+    let spec = TinySpec {
+        hidden: 256,
+        ffn: 1024,
+        n_layer: 8,
+        context: 8192,
+        ..TinySpec::default()
+    };
+    let app = spawn_app_spec("disconnect", "max_tokens_cap = 8000", spec);
+    let running = |app: &TestApp| -> i64 {
+        let m = http(app, "GET", "/metrics", None, "").body;
+        m.lines()
+            .find_map(|l| l.strip_prefix("retune_running_sequences "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut s = TcpStream::connect(("127.0.0.1", app.port)).unwrap();
+    let body = r#"{"model":"tiny","prompt":"hello","max_tokens":8000,"temperature":0,"stream":true,"ignore_eos":true}"#;
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer acme-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut first = [0u8; 256];
+    assert!(s.read(&mut first).unwrap() > 0);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(running(&app), 1, "the stream is generating");
+    drop(s); // the client goes away mid-stream
+    let t = std::time::Instant::now();
+    while running(&app) != 0 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "generation kept running after the client left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    println!("cancelled {:?} after the disconnect", t.elapsed());
 }
