@@ -42,6 +42,8 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Seconds in-flight streams get to finish after SIGTERM.
     pub drain_seconds: u64,
+    /// Distinct adapters with their own metric series (the rest share `other`).
+    pub max_metric_adapters: usize,
 }
 
 impl Default for ServerSettings {

@@ -127,6 +127,9 @@ pub struct EngineStats {
     pub kv_bytes: AtomicUsize,
     pub generated_tokens: AtomicUsize,
     pub prompt_tokens: AtomicUsize,
+    /// Tokens in the most recent forward step (decode rows + prefill chunk).
+    pub last_step_tokens: AtomicUsize,
+    pub steps: AtomicUsize,
 }
 
 struct Job {
@@ -426,6 +429,10 @@ impl Worker {
                 ));
             }
         }
+        self.stats
+            .last_step_tokens
+            .store(inputs.iter().map(|i| i.1.len()).sum(), Ordering::Relaxed);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = {
             let mut caches: Vec<Option<(&mut KvCache, Option<&LoraAdapter>)>> = self
                 .active

@@ -89,7 +89,8 @@ impl Application {
             threads: e.threads,
         };
         let engine = Engine::start_with_pool(loaded.model, loaded.tok, cfg, pool.clone())?;
-        let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
+        let metrics = metrics::Metrics::new(settings.server.max_metric_adapters)
+            .map_err(|e| StartError::Metrics(e.to_string()))?;
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&addr).map_err(|e| StartError::Bind {
             addr: addr.clone(),

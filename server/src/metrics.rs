@@ -17,10 +17,29 @@ pub struct Metrics {
     pub by_version: IntCounterVec,
     pub swaps: IntCounterVec,
     pub itl: Histogram,
+    pub step_tokens: IntGauge,
+    pub adapter_load_seconds: prometheus::Gauge,
+    /// Adapters that already have `by_version` series; capped to bound label sets.
+    seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
+    max_adapters: usize,
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Self> {
+    /// Count a generation by adapter and version; beyond `max_adapters` distinct
+    /// adapters the adapter label becomes `other`.
+    pub fn count_version(&self, adapter: &str, version: &str) {
+        let mut seen = self.seen_adapters.lock().unwrap_or_else(|p| p.into_inner());
+        let known = seen.contains(adapter)
+            || (seen.len() < self.max_adapters && seen.insert(adapter.to_string()));
+        let (a, v) = if known {
+            (adapter, version)
+        } else {
+            ("other", "other")
+        };
+        self.by_version.with_label_values(&[a, v]).inc();
+    }
+
+    pub fn new(max_adapters: usize) -> prometheus::Result<Self> {
         let r = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -87,6 +106,16 @@ impl Metrics {
             ]),
         )?;
         r.register(Box::new(swaps.clone()))?;
+        let step_tokens = IntGauge::new(
+            "retune_batch_tokens",
+            "Tokens in the most recent engine step (batch size)",
+        )?;
+        let adapter_load_seconds = prometheus::Gauge::new(
+            "retune_adapter_load_seconds_total",
+            "Time spent loading adapters",
+        )?;
+        r.register(Box::new(step_tokens.clone()))?;
+        r.register(Box::new(adapter_load_seconds.clone()))?;
         r.register(Box::new(itl.clone()))?;
         Ok(Self {
             registry: r,
@@ -103,6 +132,10 @@ impl Metrics {
             by_version,
             swaps,
             itl,
+            step_tokens,
+            adapter_load_seconds,
+            seen_adapters: Default::default(),
+            max_adapters,
         })
     }
 }

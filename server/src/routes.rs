@@ -37,6 +37,8 @@ async fn metrics(state: Data) -> HttpResponse {
     let s = state.engine.stats();
     m.queue_depth.set(s.queued.load(Ordering::Relaxed) as i64);
     m.running.set(s.running.load(Ordering::Relaxed) as i64);
+    m.step_tokens
+        .set(s.last_step_tokens.load(Ordering::Relaxed) as i64);
     if let Some(p) = &state.pool {
         let ps = p.stats();
         m.adapters_resident
@@ -45,6 +47,8 @@ async fn metrics(state: Data) -> HttpResponse {
         m.adapter_loads.set(ps.loads.load(Ordering::Relaxed) as i64);
         m.adapter_evictions
             .set(ps.evictions.load(Ordering::Relaxed) as i64);
+        m.adapter_load_seconds
+            .set(ps.load_micros.load(Ordering::Relaxed) as f64 / 1e6);
     }
     let mut out = Vec::new();
     use prometheus::Encoder;
@@ -327,9 +331,7 @@ async fn generate(state: Data, greq: GenerateRequest, job: Job) -> Result<HttpRe
         let name = h.split('/').nth(1).unwrap_or("");
         state
             .metrics
-            .by_version
-            .with_label_values(&[name, v.rsplit('@').next().unwrap_or("")])
-            .inc();
+            .count_version(name, v.rsplit('@').next().unwrap_or(""));
     }
     let mut resp = HttpResponse::Ok();
     if let Some(v) = &job.version {
