@@ -53,6 +53,7 @@ impl Default for ServerSettings {
             port: 8080,
             max_body_bytes: 1 << 20,
             drain_seconds: 30,
+            max_metric_adapters: 256,
         }
     }
 }
