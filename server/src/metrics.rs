@@ -111,7 +111,7 @@ impl Metrics {
             "Tokens in the most recent engine step (batch size)",
         )?;
         let adapter_load_seconds = prometheus::Gauge::new(
-            "retune_adapter_load_seconds_total",
+            "retune_adapter_load_seconds",
             "Time spent loading adapters",
         )?;
         r.register(Box::new(step_tokens.clone()))?;
