@@ -110,10 +110,8 @@ impl Metrics {
             "retune_batch_tokens",
             "Tokens in the most recent engine step (batch size)",
         )?;
-        let adapter_load_seconds = prometheus::Gauge::new(
-            "retune_adapter_load_seconds",
-            "Time spent loading adapters",
-        )?;
+        let adapter_load_seconds =
+            prometheus::Gauge::new("retune_adapter_load_seconds", "Time spent loading adapters")?;
         r.register(Box::new(step_tokens.clone()))?;
         r.register(Box::new(adapter_load_seconds.clone()))?;
         r.register(Box::new(itl.clone()))?;

@@ -533,9 +533,61 @@ fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
         "",
     ));
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    // upload a new version in the request body, then promote it
+    let up = std::env::temp_dir().join(format!("retune-upload-{}", std::process::id()));
+    tiny::write_adapter(&up, &TinySpec::default(), 4, &[0, 2], 9, 8.0, 0.5).unwrap();
+    use base64::Engine as _;
+    let weights = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(up.join("adapter_model.safetensors")).unwrap());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(up.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let body = serde_json::json!({"adapter_config": cfg, "adapter_model_base64": weights, "parent": app.version}).to_string();
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/upload"),
+        Some("admin-key"),
+        &body,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let uploaded = json(&r)["id"].as_str().unwrap().to_string();
+    assert_eq!(json(&r)["source"], "upload");
+    let bad = serde_json::json!({"adapter_config": cfg, "adapter_model_base64": "not base64!"})
+        .to_string();
+    assert_eq!(
+        http(
+            &app,
+            "POST",
+            &format!("{p}/upload"),
+            Some("admin-key"),
+            &bad
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        http(
+            &app,
+            "POST",
+            &format!("{p}/upload"),
+            Some("acme-key"),
+            &body
+        )
+        .status,
+        401
+    );
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/promote"),
+        Some("admin-key"),
+        &format!(r#"{{"version":"{uploaded}"}}"#),
+    );
+    assert_eq!(json(&r)["live"], uploaded.as_str());
     let metrics = http(&app, "GET", "/metrics", None, "").body;
     assert!(
-        metrics.contains("retune_adapter_changes_total{op=\"promote\"} 1"),
+        metrics.contains("retune_adapter_changes_total{op=\"promote\"} 2"),
         "{metrics}"
     );
 }
