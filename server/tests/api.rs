@@ -553,6 +553,25 @@ fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
     assert_eq!(r.status, 201, "{}", r.body);
     let uploaded = json(&r)["id"].as_str().unwrap().to_string();
     assert_eq!(json(&r)["source"], "upload");
+    // register from a path on the server (the trainer sidecar's shared volume)
+    let up2 = std::env::temp_dir().join(format!("retune-upload2-{}", std::process::id()));
+    tiny::write_adapter(&up2, &TinySpec::default(), 4, &[0, 2], 10, 8.0, 0.5).unwrap();
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/versions"),
+        Some("admin-key"),
+        &serde_json::json!({"path": up2}).to_string(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/versions"),
+        Some("admin-key"),
+        r#"{"path": "/nonexistent"}"#,
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
     let bad = serde_json::json!({"adapter_config": cfg, "adapter_model_base64": "not base64!"})
         .to_string();
     assert_eq!(
