@@ -361,6 +361,26 @@ impl Registry {
             .retain(|s| s.send(change.clone()).is_ok());
     }
 
+    /// Run one alias change: `BEGIN IMMEDIATE`, `f`, read the new state, commit,
+    /// then tell subscribers.
+    fn mutate(
+        &self,
+        tenant: &str,
+        name: &str,
+        f: impl FnOnce(&Connection) -> R<()>,
+    ) -> R<AdapterState> {
+        let state = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            f(&tx)?;
+            let st = state_of(&tx, tenant, name)?;
+            tx.commit()?;
+            st
+        };
+        self.notify(tenant, name, &state);
+        Ok(state)
+    }
+
     /// Make `version` live if the current live version is what the caller expects.
     pub fn promote(
         &self,
@@ -371,9 +391,7 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> R<AdapterState> {
-        let state = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.mutate(tenant, name, |tx| {
             servable(&tx, tenant, name, version)?;
             let cur = state_of(&tx, tenant, name)?;
             let ok = match &expected {
@@ -406,12 +424,8 @@ impl Registry {
                 actor,
                 reason,
             )?;
-            let st = state_of(&tx, tenant, name)?;
-            tx.commit()?;
-            st
-        };
-        self.notify(tenant, name, &state);
-        Ok(state)
+            Ok(())
+        })
     }
 
     /// Undo: swap live and previous, or make a named version live.
@@ -423,9 +437,7 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> R<AdapterState> {
-        let state = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.mutate(tenant, name, |tx| {
             let cur = state_of(&tx, tenant, name)?;
             let live = cur.live.clone().ok_or_else(|| {
                 RegistryError::NotFound(format!("live version of {tenant}/{name}"))
@@ -449,12 +461,8 @@ impl Registry {
                 actor,
                 reason,
             )?;
-            let st = state_of(&tx, tenant, name)?;
-            tx.commit()?;
-            st
-        };
-        self.notify(tenant, name, &state);
-        Ok(state)
+            Ok(())
+        })
     }
 
     /// Route `percent`% of the adapter's traffic to `version`, or clear the canary.
@@ -466,9 +474,7 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> R<AdapterState> {
-        let state = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.mutate(tenant, name, |tx| {
             state_of(&tx, tenant, name)?;
             match canary {
                 Some((v, pct)) => {
@@ -498,12 +504,8 @@ impl Registry {
                     journal(&tx, tenant, name, "canary-clear", None, None, actor, reason)?;
                 }
             }
-            let st = state_of(&tx, tenant, name)?;
-            tx.commit()?;
-            st
-        };
-        self.notify(tenant, name, &state);
-        Ok(state)
+            Ok(())
+        })
     }
 
     /// Never servable again. The live version cannot be retired (roll back first).
@@ -515,9 +517,7 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> R<AdapterState> {
-        let state = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.mutate(tenant, name, |tx| {
             servable(&tx, tenant, name, version)?;
             let cur = state_of(&tx, tenant, name)?;
             if cur.live.as_deref() == Some(version) {
@@ -543,12 +543,8 @@ impl Registry {
                 actor,
                 reason,
             )?;
-            let st = state_of(&tx, tenant, name)?;
-            tx.commit()?;
-            st
-        };
-        self.notify(tenant, name, &state);
-        Ok(state)
+            Ok(())
+        })
     }
 }
 
