@@ -129,7 +129,6 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicUsize,
     /// Tokens in the most recent forward step (decode rows + prefill chunk).
     pub last_step_tokens: AtomicUsize,
-    pub steps: AtomicUsize,
 }
 
 struct Job {
@@ -432,7 +431,6 @@ impl Worker {
         self.stats
             .last_step_tokens
             .store(inputs.iter().map(|i| i.1.len()).sum(), Ordering::Relaxed);
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = {
             let mut caches: Vec<Option<(&mut KvCache, Option<&LoraAdapter>)>> = self
                 .active

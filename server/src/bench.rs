@@ -252,7 +252,6 @@ fn lora_bench(path: &Path, tokens: usize, keep: Option<PathBuf>) -> Result<()> {
     let mut cold = Vec::new();
     for (name, _, _) in shapes_list {
         let before = pool.stats().loads.load(Ordering::Relaxed);
-        let t = Instant::now();
         let mut lat = Vec::new();
         for i in 0..64 {
             let h = format!("{name}-{i}");
@@ -264,13 +263,7 @@ fn lora_bench(path: &Path, tokens: usize, keep: Option<PathBuf>) -> Result<()> {
         }
         lat.sort_by(f64::total_cmp);
         let loads = pool.stats().loads.load(Ordering::Relaxed) - before;
-        cold.push((
-            name,
-            lat[lat.len() / 2],
-            lat[(lat.len() * 99) / 100],
-            loads,
-            t.elapsed().as_secs_f64(),
-        ));
+        cold.push((name, lat[lat.len() / 2], lat[(lat.len() * 99) / 100], loads));
     }
     println!(
         "\n| adapters (64 streams) | decode tok/s | bound tok/s | vs bound | end-to-end tok/s |\n|---|---|---|---|---|"
@@ -306,7 +299,7 @@ fn lora_bench(path: &Path, tokens: usize, keep: Option<PathBuf>) -> Result<()> {
         println!("| {name}: resident bytes per adapter | {abytes} | | |");
     }
     println!("| base bytes read per decode step | {base} | | |");
-    for (name, p50, p99, loads, _) in cold {
+    for (name, p50, p99, loads) in cold {
         println!("| {name}: cold load p50 / p99 ({loads} loads, page cache warm) | {p50:.2} ms / {p99:.2} ms | | |");
     }
     if keep.is_none() {

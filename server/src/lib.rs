@@ -40,7 +40,6 @@ pub struct AppState {
     pub registry: Option<Arc<Registry>>,
     pub pool: Option<Arc<AdapterPool>>,
     pub metrics: metrics::Metrics,
-    pub vocab: usize,
     /// The served base, for validating registered adapters.
     pub base: ServedBase,
 }
@@ -58,7 +57,6 @@ impl Application {
             shapes: loaded.model.base_shapes(),
             fingerprint: loaded.model.fingerprint(),
         };
-        let vocab = loaded.model.cfg.vocab;
         let (registry, pool) = match &settings.adapters.root {
             Some(root) => {
                 let store = Arc::new(LocalStore::new(&root.join("store"))?);
@@ -111,7 +109,6 @@ impl Application {
             registry,
             pool,
             metrics,
-            vocab,
             base,
         });
         let drain = state.settings.server.drain_seconds;

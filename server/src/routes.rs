@@ -220,17 +220,57 @@ struct Job {
     logprobs: bool,
 }
 
+/// Authenticate, read and parse the body, and resolve the model: the part chat
+/// and text completions share.
+async fn admit<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    id_prefix: &str,
+    model_of: impl Fn(&T) -> &str,
+) -> Result<(T, String, Option<String>, String), ApiError> {
+    let t = tenant(state, req)?.to_string();
+    let raw = body(state, payload).await?;
+    let r: T = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let id = completion_id(id_prefix);
+    let (adapter, model) = resolve(state, &t, model_of(&r), &id)?;
+    Ok((r, id, adapter, model))
+}
+
+impl Job {
+    fn new(
+        id: String,
+        adapter: &Option<String>,
+        model: String,
+        chat: bool,
+        common: &Common,
+        logprobs: bool,
+    ) -> Self {
+        Self {
+            id,
+            version: adapter.as_ref().map(|_| model.clone()),
+            model,
+            chat,
+            stream: common.stream,
+            include_usage: common
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            logprobs,
+        }
+    }
+}
+
 async fn chat(
     state: Data,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let t = tenant(&state, &req)?.to_string();
-    let raw = body(&state, payload).await?;
-    let r: ChatRequest = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    let id = completion_id("chatcmpl");
-    let (adapter, model) = resolve(&state, &t, &r.common.model, &id)?;
+    let (r, id, adapter, model) = admit(&state, &req, payload, "chatcmpl", |r: &ChatRequest| {
+        &r.common.model
+    })
+    .await?;
     let msgs: Vec<ChatMessage> = r
         .messages
         .iter()
@@ -240,19 +280,7 @@ async fn chat(
     let prompt = state.engine.tokenizer().encode(&text, true)?;
     let top = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
     let params = params(&state, &r.common, top)?;
-    let job = Job {
-        id,
-        version: adapter.as_ref().map(|_| model.clone()),
-        model,
-        chat: true,
-        stream: r.common.stream,
-        include_usage: r
-            .common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage),
-        logprobs: r.logprobs,
-    };
+    let job = Job::new(id, &adapter, model, true, &r.common, r.logprobs);
     generate(
         state,
         GenerateRequest {
@@ -270,27 +298,13 @@ async fn completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let t = tenant(&state, &req)?.to_string();
-    let raw = body(&state, payload).await?;
-    let r: CompletionRequest = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    let id = completion_id("cmpl");
-    let (adapter, model) = resolve(&state, &t, &r.common.model, &id)?;
+    let (r, id, adapter, model) = admit(&state, &req, payload, "cmpl", |r: &CompletionRequest| {
+        &r.common.model
+    })
+    .await?;
     let prompt = state.engine.tokenizer().encode(&r.prompt, true)?;
     let params = params(&state, &r.common, r.logprobs)?;
-    let job = Job {
-        id,
-        version: adapter.as_ref().map(|_| model.clone()),
-        model,
-        chat: false,
-        stream: r.common.stream,
-        include_usage: r
-            .common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage),
-        logprobs: r.logprobs.is_some(),
-    };
+    let job = Job::new(id, &adapter, model, false, &r.common, r.logprobs.is_some());
     generate(
         state,
         GenerateRequest {
@@ -305,20 +319,22 @@ async fn completions(
 
 fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<TokenLogprob> {
     let tok = state.engine.tokenizer();
-    let piece = |id: u32| tok.decode(&[id], false).unwrap_or_default();
-    t.logprob.map(|lp| TokenLogprob {
-        token: piece(t.id),
-        logprob: lp,
-        bytes: piece(t.id).into_bytes(),
-        top_logprobs: t
-            .top
-            .iter()
-            .map(|(id, l)| TopLogprob {
-                token: piece(*id),
-                logprob: *l,
-                bytes: piece(*id).into_bytes(),
-            })
-            .collect(),
+    let top = |id: u32, logprob: f32| {
+        let token = tok.decode(&[id], false).unwrap_or_default();
+        TopLogprob {
+            bytes: token.clone().into_bytes(),
+            token,
+            logprob,
+        }
+    };
+    t.logprob.map(|lp| {
+        let own = top(t.id, lp);
+        TokenLogprob {
+            token: own.token,
+            logprob: lp,
+            bytes: own.bytes,
+            top_logprobs: t.top.iter().map(|&(id, l)| top(id, l)).collect(),
+        }
     })
 }
 

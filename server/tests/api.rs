@@ -6,7 +6,6 @@ use retune_engine::tiny::{self, TinySpec};
 use retune_server::{auth::hash_key, Application};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::sync::Arc;
 
 struct TestApp {
@@ -297,7 +296,6 @@ fn routes_tenants_errors_and_streaming() {
         "{}",
         m.body
     );
-    let _ = Path::new("/");
 }
 
 #[test]
