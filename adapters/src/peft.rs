@@ -219,15 +219,41 @@ pub struct LoraPair {
 }
 
 /// A loaded adapter: per layer, per module of [`MODULES`], an optional pair.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct LoraAdapter {
     pub layers: Vec<[Option<LoraPair>; 7]>,
     /// Bytes held by the weights.
     pub bytes: usize,
     pub config: AdapterConfig,
+    /// Process-unique identity of this loaded copy (never reused), so a device
+    /// backend can cache its uploaded weights safely.
+    id: u64,
+}
+
+impl Clone for LoraAdapter {
+    /// A clone is a new loaded copy: it gets a fresh identity, since its weights
+    /// may be changed independently.
+    fn clone(&self) -> Self {
+        Self::new(self.layers.clone(), self.bytes, self.config.clone())
+    }
 }
 
 impl LoraAdapter {
+    pub fn new(layers: Vec<[Option<LoraPair>; 7]>, bytes: usize, config: AdapterConfig) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self {
+            layers,
+            bytes,
+            config,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Process-unique identity of this loaded copy.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn pair(&self, layer: usize, module: usize) -> Option<&LoraPair> {
         self.layers.get(layer).and_then(|l| l[module].as_ref())
     }
@@ -476,11 +502,7 @@ pub fn load_peft(
         total += (a.len() + b.len()) * 4;
         layers[layer][m] = Some(LoraPair { rank, scale, a, b });
     }
-    Ok(LoraAdapter {
-        layers,
-        bytes: total,
-        config,
-    })
+    Ok(LoraAdapter::new(layers, total, config))
 }
 
 #[cfg(test)]

@@ -81,6 +81,22 @@ pub struct EngineSettings {
     pub threads: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_cap: usize,
+    /// Where the model runs: `cpu` (native quantized CPU kernels), `cuda` / `cuda:N`
+    /// (the tensor backend on a GPU; needs a `--features cuda` build) or
+    /// `candle-cpu` (the tensor backend on candle's CPU device, for checks).
+    pub device: String,
+    /// Tensor backend: weight dtype (`bf16`, `f16`, `f32`).
+    pub dtype: String,
+    /// Tensor backend: `dense` (GGUF quants dequantized at load) or `quantized`
+    /// (GGUF blocks kept as candle quantized matmuls).
+    pub weights: String,
+    /// Tensor backend: positions per KV slot (one slot per `max_batch` sequence,
+    /// preallocated on the device).
+    pub slot_context: usize,
+    /// Tensor backend: adapters resident on the device at once.
+    pub device_adapter_slots: usize,
+    /// Tensor backend: largest LoRA rank the device adapter slabs hold.
+    pub device_max_rank: usize,
 }
 
 impl Default for EngineSettings {
@@ -92,6 +108,12 @@ impl Default for EngineSettings {
             max_kv_tokens: 65_536,
             threads: 0,
             max_tokens_cap: 4096,
+            device: "cpu".into(),
+            dtype: "bf16".into(),
+            weights: "dense".into(),
+            slot_context: 4096,
+            device_adapter_slots: 64,
+            device_max_rank: 16,
         }
     }
 }
@@ -196,6 +218,26 @@ impl Settings {
         }
         if self.engine.max_tokens_cap == 0 {
             return bad("engine.max_tokens_cap", "must be at least 1");
+        }
+        let e = &self.engine;
+        let cuda_n = e
+            .device
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !(["cpu", "cuda", "candle-cpu"].contains(&e.device.as_str()) || cuda_n) {
+            return bad("engine.device", "must be cpu, cuda, cuda:N or candle-cpu");
+        }
+        if !["bf16", "f16", "f32"].contains(&e.dtype.as_str()) {
+            return bad("engine.dtype", "must be bf16, f16 or f32");
+        }
+        if !["dense", "quantized"].contains(&e.weights.as_str()) {
+            return bad("engine.weights", "must be dense or quantized");
+        }
+        if e.slot_context == 0 || e.device_adapter_slots == 0 || e.device_max_rank == 0 {
+            return bad(
+                "engine.slot_context/device_adapter_slots/device_max_rank",
+                "must be at least 1",
+            );
         }
         if self.server.max_body_bytes < 1024 {
             return bad("server.max_body_bytes", "must be at least 1024");

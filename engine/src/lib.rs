@@ -3,6 +3,7 @@
 //! continuous-batching scheduler on its own compute threads.
 
 pub mod chat;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
@@ -20,6 +21,7 @@ pub mod tiny;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use device::{Backend, Cache, DeviceModel, DeviceOptions, WeightMode};
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
 pub use model::{BatchItem, Model, ModelConfig};

@@ -85,11 +85,12 @@ pub struct Model {
 
 /// One sequence's slice of a batched forward: new tokens appended after what its
 /// cache already holds.
-pub struct BatchItem<'a> {
+pub struct BatchItem<'a, C = KvCache> {
     pub tokens: &'a [u32],
     /// LoRA adapter applied to this sequence's projections (`None` = base model).
     pub adapter: Option<&'a retune_adapters::LoraAdapter>,
-    pub kv: &'a mut KvCache,
+    /// The sequence's KV cache (host, or a device backend's).
+    pub kv: &'a mut C,
     /// Whether logits for the last token are wanted (false for non-final prefill chunks).
     pub want_logits: bool,
 }
@@ -103,20 +104,7 @@ impl Model {
         lm_head: Option<Linear>,
     ) -> Result<Self> {
         cfg.validate()?;
-        let half = cfg.head_dim / 2;
-        let mut rope_cos = Vec::with_capacity(cfg.context * half);
-        let mut rope_sin = Vec::with_capacity(cfg.context * half);
-        for p in 0..cfg.context {
-            for i in 0..half {
-                let mut freq = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
-                if let Some(d) = cfg.rope_freq_divisors.get(i) {
-                    freq /= d;
-                }
-                let a = p as f32 * freq;
-                rope_cos.push(a.cos());
-                rope_sin.push(a.sin());
-            }
-        }
+        let (rope_cos, rope_sin) = rope_tables(&cfg);
         Ok(Self {
             cfg,
             embed,
@@ -333,6 +321,25 @@ impl Model {
             });
         out
     }
+}
+
+/// Rope cos/sin tables, `[context, head_dim / 2]` each (shared by every backend).
+pub(crate) fn rope_tables(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+    let half = cfg.head_dim / 2;
+    let mut rope_cos = Vec::with_capacity(cfg.context * half);
+    let mut rope_sin = Vec::with_capacity(cfg.context * half);
+    for p in 0..cfg.context {
+        for i in 0..half {
+            let mut freq = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
+            if let Some(d) = cfg.rope_freq_divisors.get(i) {
+                freq /= d;
+            }
+            let a = p as f32 * freq;
+            rope_cos.push(a.cos());
+            rope_sin.push(a.sin());
+        }
+    }
+    (rope_cos, rope_sin)
 }
 
 /// One query head over `n` cached positions of its kv head (at `off` within each

@@ -3,9 +3,9 @@
 //! drops sequences whose caller went away, runs one forward over all decode
 //! tokens plus a budgeted chunk of pending prefill, samples, and streams events.
 
+use crate::device::{Backend, Cache};
 use crate::error::{EngineError, Result};
-use crate::kv::KvCache;
-use crate::model::{BatchItem, Model};
+use crate::model::BatchItem;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::stream::{Detok, StopText};
 use crate::tokenizer::Tok;
@@ -145,21 +145,25 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(model: Model, tok: Tok, cfg: EngineConfig) -> Result<Self> {
+    pub fn start(model: impl Into<Backend>, tok: Tok, cfg: EngineConfig) -> Result<Self> {
         Self::start_with_pool(model, tok, cfg, None)
     }
 
     /// Start with an adapter pool: requests may then name an adapter.
     pub fn start_with_pool(
-        model: Model,
+        model: impl Into<Backend>,
         tok: Tok,
-        cfg: EngineConfig,
+        mut cfg: EngineConfig,
         pool: Option<Arc<AdapterPool>>,
     ) -> Result<Self> {
+        let model: Backend = model.into();
+        if let Some(n) = model.max_sequences() {
+            cfg.max_batch = cfg.max_batch.min(n);
+        }
         let (tx, rx) = sync_channel(cfg.max_queue.max(1));
         let tok = Arc::new(tok);
         let stats = Arc::new(EngineStats::default());
-        let context = model.cfg.context;
+        let context = model.cfg().context;
         let compute = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
             .thread_name(|i| format!("retune-compute-{i}"))
@@ -259,7 +263,7 @@ struct Seq {
     fed: usize,
     last: Option<u32>,
     generated: usize,
-    kv: KvCache,
+    kv: Cache,
     sampler: Sampler,
     detok: Detok,
     stop: StopText,
@@ -275,7 +279,7 @@ enum Resolved {
 }
 
 struct Worker {
-    model: Model,
+    model: Backend,
     tok: Arc<Tok>,
     cfg: EngineConfig,
     rx: Receiver<Job>,
@@ -358,7 +362,7 @@ impl Worker {
     }
 
     fn reserve_of(&self, job: &Job) -> usize {
-        (job.req.prompt.len() + job.req.params.max_tokens).min(self.model.cfg.context)
+        (job.req.prompt.len() + job.req.params.max_tokens).min(self.model.cfg().context)
     }
 
     /// KV budget: a job fits if nothing runs or its reservation fits.
@@ -390,6 +394,13 @@ impl Worker {
     }
 
     fn admit(&mut self, job: Job, adapter: Option<Arc<LoraAdapter>>) {
+        let kv = match self.model.new_cache() {
+            Ok(kv) => kv,
+            Err(e) => {
+                let _ = job.tx.send(Event::Error(e.to_string()));
+                return;
+            }
+        };
         let reserve = self.reserve_of(&job);
         self.reserved += reserve;
         self.stats
@@ -402,7 +413,7 @@ impl Worker {
             fed: 0,
             last: None,
             generated: 0,
-            kv: self.model.new_cache(),
+            kv,
             sampler: Sampler::new(job.req.params),
             detok: Detok::default(),
             stop: StopText::new(stops),
@@ -432,12 +443,12 @@ impl Worker {
             .last_step_tokens
             .store(inputs.iter().map(|i| i.1.len()).sum(), Ordering::Relaxed);
         let logits = {
-            let mut caches: Vec<Option<(&mut KvCache, Option<&LoraAdapter>)>> = self
+            let mut caches: Vec<Option<(&mut Cache, Option<&LoraAdapter>)>> = self
                 .active
                 .iter_mut()
                 .map(|s| Some((&mut s.kv, s.adapter.as_deref())))
                 .collect();
-            let mut items: Vec<BatchItem<'_>> = inputs
+            let mut items: Vec<BatchItem<'_, Cache>> = inputs
                 .iter()
                 .filter_map(|(i, toks, want)| {
                     caches[*i].take().map(|(kv, adapter)| BatchItem {
@@ -478,7 +489,7 @@ impl Worker {
             let Some(l) = logits.next() else { break };
             let sampled = s.sampler.sample(&l);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if let Some(reason) = emit(s, &self.tok, sampled, self.model.cfg.context) {
+            if let Some(reason) = emit(s, &self.tok, sampled, self.model.cfg().context) {
                 let tail = s.stop.flush();
                 let tail = if reason.1 { String::new() } else { tail };
                 let _ = s.tx.send(Event::Done(Completion {

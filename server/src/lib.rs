@@ -86,7 +86,12 @@ impl Application {
             max_kv_tokens: e.max_kv_tokens,
             threads: e.threads,
         };
-        let engine = Engine::start_with_pool(loaded.model, loaded.tok, cfg, pool.clone())?;
+        let backend = retune_engine::device::build_backend(
+            loaded.model,
+            &e.device,
+            &retune_engine::device::options_from_settings(e)?,
+        )?;
+        let engine = Engine::start_with_pool(backend, loaded.tok, cfg, pool.clone())?;
         let metrics = metrics::Metrics::new(settings.server.max_metric_adapters)
             .map_err(|e| StartError::Metrics(e.to_string()))?;
         let addr = format!("{}:{}", settings.server.host, settings.server.port);

@@ -681,3 +681,70 @@ fn client_disconnect_cancels_the_generation() {
     }
     println!("cancelled {:?} after the disconnect", t.elapsed());
 }
+
+#[test]
+fn tensor_backend_serves_the_same_completions_and_cuda_without_the_feature_is_a_clear_error() {
+    let native = spawn_app("native-backend");
+    let tensor = spawn_app_with(
+        "tensor-backend",
+        "max_tokens_cap = 64\ndevice = \"candle-cpu\"\ndtype = \"f32\"\nmax_batch = 8\nslot_context = 128",
+    );
+    for model in ["tiny", "tickets"] {
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello world"}}],"max_tokens":12,"temperature":0}}"#
+        );
+        let a = http(
+            &native,
+            "POST",
+            "/v1/chat/completions",
+            Some("acme-key"),
+            &body,
+        );
+        let b = http(
+            &tensor,
+            "POST",
+            "/v1/chat/completions",
+            Some("acme-key"),
+            &body,
+        );
+        assert_eq!((a.status, b.status), (200, 200), "{} {}", a.body, b.body);
+        assert_eq!(
+            json(&a)["choices"][0]["message"]["content"],
+            json(&b)["choices"][0]["message"]["content"],
+            "{model}"
+        );
+    }
+    // prompt longer than a KV slot: the usual 400, not a crash
+    let long = "hello ".repeat(100);
+    let r = http(
+        &tensor,
+        "POST",
+        "/v1/completions",
+        Some("acme-key"),
+        &format!(r#"{{"model":"tiny","prompt":"{long}","max_tokens":4}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // settings are checked before anything loads
+    let bad = Settings::from_toml(
+        "[model]\npath = \"/nonexistent\"\n[engine]\ndevice = \"tpu\"\n",
+        [],
+    );
+    assert!(bad.unwrap_err().to_string().contains("engine.device"));
+    if cfg!(not(feature = "cuda")) {
+        let dir = std::env::temp_dir().join(format!("retune-api-{}-nocuda", std::process::id()));
+        let (model, _) = tiny::write(&dir, &TinySpec::default()).unwrap();
+        let s = Settings::from_toml(
+            &format!(
+                "[server]\nport = 0\n[model]\npath = {:?}\n[engine]\ndevice = \"cuda\"\n",
+                model.to_string_lossy()
+            ),
+            [],
+        )
+        .unwrap();
+        let err = Application::build(s)
+            .err()
+            .expect("cuda without the feature must fail")
+            .to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}
