@@ -770,6 +770,13 @@ impl DeviceModel {
         };
 
         let scale = 1.0 / (hd as f64).sqrt();
+        // attention matmuls: f32 for f32 models (as the CPU engine: f16 cache rows
+        // widened), else directly on the bf16/f16 cache (no copy of the slab)
+        let att = if self.dtype == DType::F32 {
+            DType::F32
+        } else {
+            self.kv_dtype
+        };
         for li in 0..c.n_layer {
             let layer = &self.layers[li];
             let xn = self.rms(&x, &layer.attn_norm)?.to_dtype(self.dtype)?;
@@ -795,20 +802,17 @@ impl DeviceModel {
             let mut parts = Vec::with_capacity(1 + prefill.len());
             if let Some((hi, lmax, mask, dec_tok, dec_slots)) = &dec_plan {
                 // queries placed at their slot: [hi, nkv, group, hd]
-                let qd = q.index_select(dec_tok, 0)?;
-                let qs = Tensor::zeros((*hi, nh * hd), DType::F32, dev)?
+                let qd = q.index_select(dec_tok, 0)?.to_dtype(att)?;
+                let qs = Tensor::zeros((*hi, nh * hd), att, dev)?
                     .index_add(dec_slots, &qd, 0)?
                     .reshape((*hi, nkv, group, hd))?;
-                let kk = k4
-                    .narrow(0, 0, *hi)?
-                    .narrow(2, 0, *lmax)?
-                    .to_dtype(DType::F32)?;
-                let vv = v4
-                    .narrow(0, 0, *hi)?
-                    .narrow(2, 0, *lmax)?
-                    .to_dtype(DType::F32)?;
-                let s = (qs.matmul(&kk.transpose(2, 3)?)? * scale)?.broadcast_add(mask)?;
-                let o = Self::softmax(&s)?.matmul(&vv)?; // [hi, nkv, group, hd]
+                // strided views of the slab (copied only when the dtype changes)
+                let kk = k4.narrow(0, 0, *hi)?.narrow(2, 0, *lmax)?.to_dtype(att)?;
+                let vv = v4.narrow(0, 0, *hi)?.narrow(2, 0, *lmax)?.to_dtype(att)?;
+                let s = qs.matmul(&kk.transpose(2, 3)?)?.to_dtype(DType::F32)?;
+                let s = (s * scale)?.broadcast_add(mask)?;
+                let p = Self::softmax(&s)?.to_dtype(att)?;
+                let o = p.matmul(&vv)?.to_dtype(DType::F32)?; // [hi, nkv, group, hd]
                 parts.push(o.reshape((*hi, nh * hd))?.index_select(dec_slots, 0)?);
             }
             for (&(s0, n, slot, len), mask) in prefill.iter().zip(&prefill_masks) {
@@ -818,19 +822,22 @@ impl DeviceModel {
                     .reshape((n, nkv, group, hd))?
                     .permute((1, 2, 0, 3))?
                     .contiguous()?
-                    .reshape((nkv, group * n, hd))?;
+                    .reshape((nkv, group * n, hd))?
+                    .to_dtype(att)?;
                 let kk = k4
                     .narrow(0, slot, 1)?
                     .squeeze(0)?
                     .narrow(1, 0, l)?
-                    .to_dtype(DType::F32)?;
+                    .to_dtype(att)?;
                 let vv = v4
                     .narrow(0, slot, 1)?
                     .squeeze(0)?
                     .narrow(1, 0, l)?
-                    .to_dtype(DType::F32)?;
-                let s = (qi.matmul(&kk.transpose(1, 2)?)? * scale)?.broadcast_add(mask)?;
-                let o = Self::softmax(&s)?.matmul(&vv)?; // [nkv, group * n, hd]
+                    .to_dtype(att)?;
+                let s = qi.matmul(&kk.transpose(1, 2)?)?.to_dtype(DType::F32)?;
+                let s = (s * scale)?.broadcast_add(mask)?;
+                let p = Self::softmax(&s)?.to_dtype(att)?;
+                let o = p.matmul(&vv)?.to_dtype(DType::F32)?; // [nkv, group * n, hd]
                 parts.push(
                     o.reshape((nkv, group, n, hd))?
                         .permute((2, 0, 1, 3))?

@@ -10,13 +10,17 @@ use std::path::PathBuf;
 
 mod adapters_cli;
 mod bench;
+mod bench_device;
 
 const USAGE: &str = "usage:
   retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--threads N] [--raw] PROMPT
   retune serve --config FILE   (settings: TOML + RETUNE_SECTION__KEY env overrides)
   retune serve --model PATH    (embedded defaults: 127.0.0.1:8080, API key `local`)
   retune adapters --root DIR list|show|register|promote|rollback|canary|retire|gc ...
-  retune bench --model PATH [--llama-bench PATH] [--decode-tokens N] [--lora [--keep-adapters DIR]]";
+  retune bench --model PATH [--llama-bench PATH] [--decode-tokens N] [--lora [--keep-adapters DIR]]
+  retune bench-device --model PATH [--device cuda] [--dtype bf16] [--weights dense|quantized] [--streams 64]
+      [--prompt-tokens 128] [--decode-tokens 128] [--adapters-dir DIR --distinct 0,1,16,100] [--json FILE]
+  retune check-device --model GGUF [--device cuda] [--dtype f32] [--prompts FIXTURE] [--tokens 32] [--adapter DIR]";
 
 struct Args {
     rest: Vec<String>,
@@ -62,6 +66,8 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "generate" => generate(&mut args),
         "bench" => bench::run(&mut args),
+        "bench-device" => bench_device::run_bench(&mut args),
+        "check-device" => bench_device::run_check(&mut args),
         "adapters" => adapters_cli::run(&mut args),
         "serve" => serve(&mut args),
         _ => bail!("unknown command `{cmd}`\n{USAGE}"),
