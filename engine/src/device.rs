@@ -196,6 +196,23 @@ impl Drop for DeviceKv {
     }
 }
 
+/// Which device adapter slots a step uses.
+enum SlotSel {
+    /// `n_ad` consecutive slots from this one (a view of the slab)
+    Run(usize),
+    Gather(Tensor),
+}
+
+struct LoraPlan {
+    n_ad: usize,
+    gmax: usize,
+    /// `[n_ad * gmax]` token row per grouped row; `None` = the batch order already is
+    gather: Option<Tensor>,
+    /// `[t]` grouped row per token (`n_ad * gmax` = no adapter: a zero row)
+    scatter: Option<Tensor>,
+    slots: SlotSel,
+}
+
 struct AdapterSlots {
     /// adapter identity → (slot, last step it was used)
     map: HashMap<u64, (usize, u64)>,
@@ -717,8 +734,8 @@ impl DeviceModel {
                 start += n;
             }
             let gmax = members.iter().map(Vec::len).max().unwrap_or(0);
-            let pad = t as u32; // index of an appended zero row
-            let mut gather = vec![pad; n_ad * gmax];
+            // padding rows gather any real row: their results are never scattered back
+            let mut gather = vec![0u32; n_ad * gmax];
             let mut scatter = vec![(n_ad * gmax) as u32; t];
             for (g, m) in members.iter().enumerate() {
                 for (k, &tok) in m.iter().enumerate() {
@@ -726,42 +743,73 @@ impl DeviceModel {
                     scatter[tok as usize] = (g * gmax + k) as u32;
                 }
             }
+            // every row in one adapter group, in order (e.g. one adapter for the
+            // whole batch): no gather and no scatter
+            let identity =
+                n_ad * gmax == t && scatter.iter().enumerate().all(|(i, &s)| s as usize == i);
+            // adapter slots in ascending runs (the usual case when adapters were first
+            // used in batch order): a view of the slab instead of a gather
+            let run = ad_slots.windows(2).all(|w| w[1] == w[0] + 1);
             let slots: Vec<u32> = ad_slots.iter().map(|&s| s as u32).collect();
-            Some((
+            Some(LoraPlan {
                 n_ad,
                 gmax,
-                self.u32s(&gather)?,
-                self.u32s(&scatter)?,
-                self.u32s(&slots)?,
-            ))
+                gather: if identity {
+                    None
+                } else {
+                    Some(self.u32s(&gather)?)
+                },
+                scatter: if identity {
+                    None
+                } else {
+                    Some(self.u32s(&scatter)?)
+                },
+                slots: if run {
+                    SlotSel::Run(ad_slots[0])
+                } else {
+                    SlotSel::Gather(self.u32s(&slots)?)
+                },
+            })
         };
         // base projection + per-row adapter deltas for modules sharing input `xin`
         let project = |li: usize, modules: &[usize], xin: &Tensor| -> Result<Vec<Tensor>> {
             let layer = &self.layers[li];
             let xg = match &lora {
-                Some((n_ad, gmax, gather, _, _)) => {
+                Some(p) => {
                     let cols = xin.dim(1)?;
-                    let zero = Tensor::zeros((1, cols), xin.dtype(), dev)?;
-                    Some(
-                        Tensor::cat(&[xin, &zero], 0)?
-                            .index_select(gather, 0)?
-                            .reshape((*n_ad, *gmax, cols))?,
-                    )
+                    let x = match &p.gather {
+                        Some(g) => xin.index_select(g, 0)?,
+                        None => xin.clone(),
+                    };
+                    Some(x.reshape((p.n_ad, p.gmax, cols))?)
                 }
                 None => None,
             };
             let mut outs = Vec::with_capacity(modules.len());
             for &m in modules {
                 let mut y = layer.proj[m].forward(xin)?;
-                if let (Some(xg), Some((n_ad, gmax, _, scatter, slots))) = (&xg, &lora) {
-                    let a = self.lora_a[li][m].index_select(slots, 0)?; // [n_ad, r, in]
-                    let b = self.lora_b[li][m].index_select(slots, 0)?; // [n_ad, out, r]
+                if let (Some(xg), Some(p)) = (&xg, &lora) {
+                    let (a, b) = match &p.slots {
+                        SlotSel::Run(s0) => (
+                            self.lora_a[li][m].narrow(0, *s0, p.n_ad)?,
+                            self.lora_b[li][m].narrow(0, *s0, p.n_ad)?,
+                        ),
+                        SlotSel::Gather(ix) => (
+                            self.lora_a[li][m].index_select(ix, 0)?,
+                            self.lora_b[li][m].index_select(ix, 0)?,
+                        ),
+                    }; // A [n_ad, r, in], B [n_ad, out, r]
                     let xa = xg.matmul(&a.transpose(1, 2)?)?; // [n_ad, g, r]
                     let d = xa.matmul(&b.transpose(1, 2)?)?; // [n_ad, g, out]
                     let rows = d.dim(2)?;
-                    let d = d.reshape((n_ad * gmax, rows))?;
-                    let zero = Tensor::zeros((1, rows), d.dtype(), dev)?;
-                    let delta = Tensor::cat(&[&d, &zero], 0)?.index_select(scatter, 0)?;
+                    let d = d.reshape((p.n_ad * p.gmax, rows))?;
+                    let delta = match &p.scatter {
+                        Some(sc) => {
+                            let zero = Tensor::zeros((1, rows), d.dtype(), dev)?;
+                            Tensor::cat(&[&d, &zero], 0)?.index_select(sc, 0)?
+                        }
+                        None => d,
+                    };
                     y = (y + delta)?;
                 }
                 outs.push(y);
@@ -945,38 +993,35 @@ impl Backend {
     }
 
     pub fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>> {
-        let wrong = || EngineError::InvalidRequest("cache from another backend".into());
         match self {
-            Self::Host(m) => {
-                let mut v = items
-                    .iter_mut()
-                    .map(|it| match &mut *it.kv {
-                        Cache::Host(kv) => Ok(BatchItem {
-                            tokens: it.tokens,
-                            adapter: it.adapter,
-                            kv,
-                            want_logits: it.want_logits,
-                        }),
-                        Cache::Device(_) => Err(wrong()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                m.forward(&mut v)
-            }
-            Self::Device(m) => {
-                let mut v = items
-                    .iter_mut()
-                    .map(|it| match &mut *it.kv {
-                        Cache::Device(kv) => Ok(BatchItem {
-                            tokens: it.tokens,
-                            adapter: it.adapter,
-                            kv,
-                            want_logits: it.want_logits,
-                        }),
-                        Cache::Host(_) => Err(wrong()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                m.forward(&mut v)
-            }
+            Self::Host(m) => m.forward(&mut view(items, |c| match c {
+                Cache::Host(kv) => Some(kv),
+                Cache::Device(_) => None,
+            })?),
+            Self::Device(m) => m.forward(&mut view(items, |c| match c {
+                Cache::Device(kv) => Some(kv),
+                Cache::Host(_) => None,
+            })?),
         }
     }
+}
+
+/// The batch with each item's cache narrowed to one backend's type.
+fn view<'a, 'b, C>(
+    items: &'a mut [BatchItem<'b, Cache>],
+    pick: impl Fn(&'a mut Cache) -> Option<&'a mut C>,
+) -> Result<Vec<BatchItem<'a, C>>> {
+    items
+        .iter_mut()
+        .map(|it| {
+            Ok(BatchItem {
+                tokens: it.tokens,
+                adapter: it.adapter,
+                want_logits: it.want_logits,
+                kv: pick(&mut *it.kv).ok_or_else(|| {
+                    EngineError::InvalidRequest("cache from another backend".into())
+                })?,
+            })
+        })
+        .collect()
 }

@@ -253,6 +253,48 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
         max_diff(&alone[2], &one(&rows[2].0, None)) > 1e-2 * spread(&alone[2]),
         "adapter changes the row"
     );
+    drop(items);
+    drop(caches); // the KV slots go back
+                  // reversed: the adapters' device slots are now out of order (gathered, not a view)
+    let mut caches: Vec<_> = rows.iter().map(|_| dev.new_cache().unwrap()).collect();
+    let mut items: Vec<BatchItem<'_, device::DeviceKv>> = rows
+        .iter()
+        .rev()
+        .zip(caches.iter_mut())
+        .map(|((t, a), kv)| BatchItem {
+            tokens: t,
+            adapter: *a,
+            kv,
+            want_logits: true,
+        })
+        .collect();
+    let reversed = dev.forward(&mut items).unwrap();
+    for (i, (a, b)) in alone.iter().rev().zip(&reversed).enumerate() {
+        assert!(
+            max_diff(a, b) <= 1e-5 * spread(a),
+            "reversed row {i}: {}",
+            max_diff(a, b)
+        );
+    }
+    drop(items);
+    drop(caches);
+    // every row on one adapter, in order: the no-gather path
+    let same: Vec<Vec<u32>> = vec![(3..20).collect(), vec![7], (30..41).collect()];
+    let alone16: Vec<Vec<f32>> = same.iter().map(|t| one(t, Some(&a16))).collect();
+    let mut caches: Vec<_> = same.iter().map(|_| dev.new_cache().unwrap()).collect();
+    let mut items: Vec<BatchItem<'_, device::DeviceKv>> = same
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(t, kv)| BatchItem {
+            tokens: t,
+            adapter: Some(&a16),
+            kv,
+            want_logits: true,
+        })
+        .collect();
+    for (a, b) in alone16.iter().zip(&dev.forward(&mut items).unwrap()) {
+        assert!(max_diff(a, b) <= 1e-5 * spread(a), "{}", max_diff(a, b));
+    }
 }
 
 #[test]
