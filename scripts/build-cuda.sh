@@ -32,4 +32,6 @@ cargo build --release -p retune-server --features cuda
 mkdir -p dist
 cp target/release/retune dist/retune-cuda
 strip dist/retune-cuda
-ls -l dist/retune-cuda
+# compressed copy for carrying to a GPU machine (the PTX text compresses ~3.5x)
+gzip -9 -c dist/retune-cuda > dist/retune-cuda.gz
+ls -l dist/retune-cuda dist/retune-cuda.gz

@@ -24,7 +24,7 @@ use crate::kv::KvCache;
 use crate::linear::{Linear, Weight};
 use crate::model::{rope_tables, BatchItem, Model, ModelConfig};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use retune_adapters::LoraAdapter;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -570,31 +570,24 @@ impl DeviceModel {
         Ok(Tensor::from_slice(v, v.len(), &self.device)?)
     }
 
+    /// RMS norm of f32 rows (candle's fused kernel: one launch).
     fn rms(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + self.cfg.rms_eps as f64)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+        Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_eps)?)
     }
 
-    /// Neox rope on `[t, heads * head_dim]` f32 rows with per-row cos/sin `[t, 1, half]`.
+    /// Neox (half-split) rope on `[t, heads * head_dim]` f32 rows, each row at its
+    /// own position: cos/sin are `[t, 1, half]` (candle's fused kernel, with every
+    /// token as its own batch entry).
     fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = self.cfg.head_dim;
-        let half = hd / 2;
         let t = x.dim(0)?;
-        let x = x.reshape((t, heads, hd))?;
-        let x1 = x.narrow(2, 0, half)?;
-        let x2 = x.narrow(2, half, half)?;
-        let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-        let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
-        Ok(Tensor::cat(&[r1, r2], 2)?.reshape((t, heads * hd))?)
+        let x = x.reshape((t, heads, 1, hd))?;
+        Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?.reshape((t, heads * hd))?)
     }
 
-    /// Softmax over the last dim in f32 (masked entries are -inf).
+    /// Softmax over the last dim in f32 (masked entries are -inf; fused kernel).
     fn softmax(x: &Tensor) -> Result<Tensor> {
-        let m = x.max_keepdim(D::Minus1)?;
-        let e = x.broadcast_sub(&m)?.exp()?;
-        let s = e.sum_keepdim(D::Minus1)?;
-        Ok(e.broadcast_div(&s)?)
+        Ok(candle_nn::ops::softmax_last_dim(x)?)
     }
 
     /// The slab of one layer as `[slots, kv_heads, context, head_dim]`.

@@ -188,9 +188,9 @@ fn tensor_backend_equals_the_native_engine_with_mixed_adapters_and_chunked_prefi
         },
     ];
     let worst = run_both(&host, &dev, &plans, 12, 1e-3);
-    // same dequantized weights, f32 activations, f16 cache: only summation order
-    // differs (measured 1.6e-6)
-    assert!(worst < 1e-5, "max relative logit difference {worst}");
+    // same dequantized weights, f32 activations, f16 cache: only the order of f32
+    // operations differs (candle's fused rms norm / rope / softmax; measured 1.0e-5)
+    assert!(worst < 5e-5, "max relative logit difference {worst}");
     // every distinct adapter was uploaded once and reused across steps
     assert_eq!(dev.adapter_uploads(), 3);
 }
@@ -243,7 +243,8 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
     let batched = dev.forward(&mut items).unwrap();
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert!(
-            max_diff(a, b) <= 1e-5 * spread(a),
+            // f32 matmuls of different shapes (measured up to 1.3e-5)
+            max_diff(a, b) <= 5e-5 * spread(a),
             "row {i}: {}",
             max_diff(a, b)
         );
@@ -271,7 +272,7 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
     let reversed = dev.forward(&mut items).unwrap();
     for (i, (a, b)) in alone.iter().rev().zip(&reversed).enumerate() {
         assert!(
-            max_diff(a, b) <= 1e-5 * spread(a),
+            max_diff(a, b) <= 5e-5 * spread(a),
             "reversed row {i}: {}",
             max_diff(a, b)
         );
@@ -293,7 +294,7 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
         })
         .collect();
     for (a, b) in alone16.iter().zip(&dev.forward(&mut items).unwrap()) {
-        assert!(max_diff(a, b) <= 1e-5 * spread(a), "{}", max_diff(a, b));
+        assert!(max_diff(a, b) <= 5e-5 * spread(a), "{}", max_diff(a, b));
     }
 }
 

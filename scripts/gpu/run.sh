@@ -15,6 +15,9 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 BIN=dist/retune-cuda
+if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
+  gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"
+fi
 # CUDA 13 runtime libraries from the PyTorch wheels on that machine
 libdirs=$(python3 - <<'PY'
 import glob, os, site
