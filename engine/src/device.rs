@@ -245,14 +245,15 @@ pub struct DeviceModel {
     fingerprint: String,
 }
 
-fn host_f32(l: &Linear) -> Result<Vec<f32>> {
-    Ok(match &l.weight {
-        Weight::F32(w) => w.clone(), // one layer at a time; the host copy is dropped after
+/// The weight as dense f32 rows (consumes the host copy).
+fn host_f32(l: Linear) -> Result<Vec<f32>> {
+    Ok(match l.weight {
+        Weight::F32(w) => w,
         Weight::Blocks { format, data } => {
             let rb = data.len() / l.rows.max(1);
             let mut out = vec![0f32; l.rows * l.cols];
             for (r, o) in out.chunks_exact_mut(l.cols).enumerate() {
-                kernels_f32::dequant_row(*format, &data[r * rb..(r + 1) * rb], o);
+                kernels_f32::dequant_row(format, &data[r * rb..(r + 1) * rb], o);
             }
             out
         }
@@ -306,17 +307,18 @@ impl DeviceModel {
         let mut cfg = host_cfg.clone();
         cfg.context = host_cfg.context.min(opts.slot_context);
         let dt = opts.dtype;
-        let dense = |l: &Linear| -> Result<Tensor> {
-            let w = Tensor::from_vec(host_f32(l)?, (l.rows, l.cols), &Device::Cpu)?;
+        let dense = |l: Linear| -> Result<Tensor> {
+            let shape = (l.rows, l.cols);
+            let w = Tensor::from_vec(host_f32(l)?, shape, &Device::Cpu)?;
             Ok(w.to_device(device)?.to_dtype(dt)?)
         };
-        let linear = |l: &Linear| -> Result<DLinear> {
+        let linear = |l: Linear| -> Result<DLinear> {
             let b = match &l.bias {
                 Some(b) => Some(Tensor::from_slice(b, l.rows, device)?.to_dtype(dt)?),
                 None => None,
             };
             if opts.weights == WeightMode::Quantized {
-                if let Some((gd, data)) = ggml_of(l) {
+                if let Some((gd, data)) = ggml_of(&l) {
                     let q = qtensor_from_ggml(gd, data, vec![l.rows, l.cols], device)?;
                     return Ok(DLinear::Quant {
                         w: QMatMul::from_qtensor(q)?,
@@ -327,8 +329,8 @@ impl DeviceModel {
             Ok(DLinear::Dense { w: dense(l)?, b })
         };
         let vec1 = |v: &[f32]| -> Result<Tensor> { Ok(Tensor::from_slice(v, v.len(), device)?) };
-        let embed_t = dense(&embed)?;
-        let lm_head = match &lm_head {
+        let embed_t = dense(embed)?;
+        let lm_head = match lm_head {
             Some(l) => Some(linear(l)?),
             None => None,
         };
@@ -338,13 +340,13 @@ impl DeviceModel {
                 attn_norm: vec1(&l.attn_norm)?,
                 ffn_norm: vec1(&l.ffn_norm)?,
                 proj: [
-                    linear(&l.q)?,
-                    linear(&l.k)?,
-                    linear(&l.v)?,
-                    linear(&l.o)?,
-                    linear(&l.gate)?,
-                    linear(&l.up)?,
-                    linear(&l.down)?,
+                    linear(l.q)?,
+                    linear(l.k)?,
+                    linear(l.v)?,
+                    linear(l.o)?,
+                    linear(l.gate)?,
+                    linear(l.up)?,
+                    linear(l.down)?,
                 ],
             });
             // `l` (host weights of this layer) is dropped here
@@ -599,7 +601,7 @@ impl DeviceModel {
     /// Run the batch; returns f32 logits for each item with `want_logits`, in item order.
     pub fn forward(&self, items: &mut [BatchItem<'_, DeviceKv>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
-        let (h, hd, nh, nkv) = (c.hidden, c.head_dim, c.n_head, c.n_kv_head);
+        let (hd, nh, nkv) = (c.head_dim, c.n_head, c.n_kv_head);
         let group = nh / nkv;
         let t: usize = items.iter().map(|it| it.tokens.len()).sum();
         if t == 0 {
@@ -915,7 +917,6 @@ impl DeviceModel {
             Some(l) => l.forward(&xl)?,
             None => xl.matmul(&self.embed.t()?)?,
         };
-        let _ = h;
         Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
     }
 }
