@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
+pub(crate) fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
     GenerateRequest::new(
         prompt,
         SamplingParams {

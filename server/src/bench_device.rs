@@ -9,22 +9,33 @@ use super::Args;
 use anyhow::{bail, Context, Result};
 use retune_adapters::{Acquire, AdapterPool, DirSource, LoadLimits, PoolConfig};
 use retune_engine::device::{build_backend, parse_dtype, DeviceOptions, WeightMode};
-use retune_engine::{load, Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
+use retune_engine::{load, Engine, EngineConfig, Event, GenerateRequest};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn req(prompt: Vec<u32>, n: usize, adapter: Option<String>) -> GenerateRequest {
-    let mut r = GenerateRequest::new(
-        prompt,
-        SamplingParams {
-            stop_on_eos: false,
-            ..SamplingParams::greedy(n)
-        },
-    );
-    r.adapter = adapter;
-    r
+/// Largest |x - y| relative to the range of `x`.
+fn rel_diff(x: &[f32], y: &[f32]) -> f32 {
+    let range = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / range
+}
+
+/// (argmax, gap between the top two values)
+fn argmax(v: &[f32]) -> (usize, f32) {
+    let mut b = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in v.iter().enumerate() {
+        if x > b.1 {
+            b = (i, x, b.1);
+        } else if x > b.2 {
+            b.2 = x;
+        }
+    }
+    (b.0, b.1 - b.2)
 }
 
 struct Run {
@@ -44,14 +55,13 @@ fn run(engine: &Engine, reqs: Vec<GenerateRequest>) -> Result<Run> {
         .map(|r| engine.submit(r))
         .collect::<std::result::Result<_, _>>()?;
     let n = streams.len();
-    let firsts = std::sync::Mutex::new(Vec::new());
     let all_started = std::sync::Barrier::new(n + 1);
     let g0 = std::sync::Mutex::new((Instant::now(), 0usize));
     let results: Vec<Result<(f64, f64)>> = std::thread::scope(|sc| {
         let handles: Vec<_> = streams
             .into_iter()
             .map(|mut s| {
-                let (firsts, all_started) = (&firsts, &all_started);
+                let all_started = &all_started;
                 sc.spawn(move || -> Result<(f64, f64)> {
                     let mut times = Vec::new();
                     let mut waited = false;
@@ -62,9 +72,6 @@ fn run(engine: &Engine, reqs: Vec<GenerateRequest>) -> Result<Run> {
                                 times.push(Instant::now());
                                 if !waited {
                                     waited = true;
-                                    if let Ok(mut f) = firsts.lock() {
-                                        f.push(start.elapsed());
-                                    }
                                     all_started.wait();
                                 }
                             }
@@ -222,11 +229,9 @@ pub fn run_bench(args: &mut Args) -> Result<()> {
     let batch = |n: usize, distinct: usize, tokens: usize| -> Vec<GenerateRequest> {
         (0..n)
             .map(|i| {
-                req(
-                    prompt(i),
-                    tokens,
-                    (distinct > 0).then(|| format!("a{}", i % distinct)),
-                )
+                let mut r = super::bench::req(prompt(i), tokens);
+                r.adapter = (distinct > 0).then(|| format!("a{}", i % distinct));
+                r
             })
             .collect()
     };
@@ -368,17 +373,6 @@ pub fn run_check(args: &mut Args) -> Result<()> {
             bail!("--device must name a tensor-backend device (cuda, cuda:N, candle-cpu)")
         }
     };
-    let argmax = |v: &[f32]| -> (usize, f32) {
-        let mut b = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
-        for (i, &x) in v.iter().enumerate() {
-            if x > b.1 {
-                b = (i, x, b.1);
-            } else if x > b.2 {
-                b.2 = x;
-            }
-        }
-        (b.0, b.1 - b.2)
-    };
     let mut failed = false;
     let mut worst = 0f32;
     println!("| prompt | tokens equal | first divergence (step, CPU top-2 gap) | max |Δlogit| / range |\n|---|---|---|---|");
@@ -405,14 +399,7 @@ pub fn run_check(args: &mut Args) -> Result<()> {
                     want_logits: true,
                 }])?
                 .remove(0);
-            let range = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = x
-                .iter()
-                .zip(&y)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max)
-                / range;
-            rel = rel.max(d);
+            rel = rel.max(rel_diff(&x, &y));
             let (tx, gap) = argmax(&x);
             let (ty, _) = argmax(&y);
             if tx != ty && diverged.is_none() {
@@ -504,13 +491,7 @@ pub fn run_check(args: &mut Args) -> Result<()> {
         let batched = dev.forward(&mut items)?;
         println!("\n| mixed batch row | adapter rank | tokens equal | max |Δlogit| / range vs alone |\n|---|---|---|---|");
         for (i, ((x, y), (_, a))) in alone.iter().zip(&batched).zip(&rows).enumerate() {
-            let range = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = x
-                .iter()
-                .zip(y)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max)
-                / range;
+            let d = rel_diff(x, y);
             let same = argmax(x).0 == argmax(y).0;
             failed |= !same || d > tol;
             println!(
