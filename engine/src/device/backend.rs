@@ -1,0 +1,103 @@
+use super::{DeviceKv, DeviceModel};
+use crate::error::{EngineError, Result};
+use crate::kv::KvCache;
+use crate::model::{BatchItem, Model, ModelConfig};
+
+/// What the scheduler runs: the native CPU engine or the tensor backend.
+pub enum Backend {
+    Host(Model),
+    Device(DeviceModel),
+}
+
+impl From<Model> for Backend {
+    fn from(m: Model) -> Self {
+        Self::Host(m)
+    }
+}
+
+impl From<DeviceModel> for Backend {
+    fn from(m: DeviceModel) -> Self {
+        Self::Device(m)
+    }
+}
+
+/// A sequence's cache in whichever backend runs it.
+pub enum Cache {
+    Host(KvCache),
+    Device(DeviceKv),
+}
+
+impl Cache {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Host(c) => c.len(),
+            Self::Device(c) => c.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Host(c) => c.bytes(),
+            Self::Device(c) => c.bytes(),
+        }
+    }
+}
+
+impl Backend {
+    pub fn cfg(&self) -> &ModelConfig {
+        match self {
+            Self::Host(m) => &m.cfg,
+            Self::Device(m) => &m.cfg,
+        }
+    }
+
+    pub fn new_cache(&self) -> Result<Cache> {
+        Ok(match self {
+            Self::Host(m) => Cache::Host(m.new_cache()),
+            Self::Device(m) => Cache::Device(m.new_cache()?),
+        })
+    }
+
+    /// Concurrent sequences the backend can hold (`None` = limited by memory only).
+    pub fn max_sequences(&self) -> Option<usize> {
+        match self {
+            Self::Host(_) => None,
+            Self::Device(m) => Some(m.slots()),
+        }
+    }
+
+    pub fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Host(m) => m.forward(&mut view(items, |c| match c {
+                Cache::Host(kv) => Some(kv),
+                Cache::Device(_) => None,
+            })?),
+            Self::Device(m) => m.forward(&mut view(items, |c| match c {
+                Cache::Device(kv) => Some(kv),
+                Cache::Host(_) => None,
+            })?),
+        }
+    }
+}
+
+/// The batch with each item's cache narrowed to one backend's type.
+fn view<'a, 'b, C>(
+    items: &'a mut [BatchItem<'b, Cache>],
+    pick: impl Fn(&'a mut Cache) -> Option<&'a mut C>,
+) -> Result<Vec<BatchItem<'a, C>>> {
+    items
+        .iter_mut()
+        .map(|it| {
+            Ok(BatchItem {
+                tokens: it.tokens,
+                adapter: it.adapter,
+                want_logits: it.want_logits,
+                kv: pick(&mut *it.kv).ok_or_else(|| {
+                    EngineError::InvalidRequest("cache from another backend".into())
+                })?,
+            })
+        })
+        .collect()
+}
