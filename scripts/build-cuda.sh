@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build `retune` with the CUDA tensor backend on a machine without a GPU or a
+# Build `retune` and `retune-bench` with the CUDA tensor backend on a machine without a GPU or a
 # system CUDA, from pinned CUDA 13.0 PyPI wheels (PTX a 13.0 driver accepts), and
-# leave a stripped binary in dist/retune-cuda. Recipe: ../shared/notes/cuda-build.md.
+# leave stripped binaries in dist/retune-cuda and dist/retune-bench-cuda. Recipe: ../shared/notes/cuda-build.md.
 # Run time needs the driver's libcuda.so.1 and CUDA 13 libcublas/libcublasLt/
 # libcurand/libcudart (PyTorch's cu13 wheels carry them; scripts/gpu/run.sh finds them).
 set -euo pipefail
@@ -28,10 +28,13 @@ if [ ! -f "$LINK/libcuda.so" ]; then
     | sort -u | awk '{print "int "$1"(void){return 999;}"}' > "$LINK/stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/stub.c"
 fi
-cargo build --release -p retune-server --features cuda
+cargo build --release -p retune-server -p retune-bench --features cuda
 mkdir -p dist
 cp target/release/retune dist/retune-cuda
-strip dist/retune-cuda
-# compressed copy for carrying to a GPU machine (the PTX text compresses ~3.5x)
-gzip -9 -c dist/retune-cuda > dist/retune-cuda.gz
-ls -l dist/retune-cuda dist/retune-cuda.gz
+cp target/release/retune-bench dist/retune-bench-cuda
+for b in dist/retune-cuda dist/retune-bench-cuda; do
+  strip "$b"
+  # compressed copy for carrying to a GPU machine (the PTX text compresses ~3.5x)
+  gzip -9 -c "$b" > "$b.gz"
+  ls -l "$b" "$b.gz"
+done

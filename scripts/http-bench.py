@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """HTTP-side load for BENCHMARKS.md: N concurrent streaming /v1/completions against
 `retune serve`, 128 tokens each (ignore_eos). Prints aggregate decode tok/s (tokens
-after every stream had its first token, over that window, as `retune bench` counts
+after every stream had its first token, over that window, as `retune-bench engine` counts
 inside the engine) and time-to-first-token p50/p99.
 
   python3 scripts/http-bench.py http://127.0.0.1:8080 local smollm2-135m-instruct 32

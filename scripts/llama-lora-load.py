@@ -11,7 +11,7 @@ base, n, k, n_predict = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys
 done = []
 
 def one(i):
-    prompt = [(100 + i * 37 + j * 11) % 40000 + 50 for j in range(16)]  # same prompts as retune bench
+    prompt = [(100 + i * 37 + j * 11) % 40000 + 50 for j in range(16)]  # same prompts as retune-bench engine
     lora = [{"id": a, "scale": 1.0 if (k > 0 and a == i % k) else 0.0} for a in range(k)]
     body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "ignore_eos": True,
             "cache_prompt": False, "lora": lora}

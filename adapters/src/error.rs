@@ -36,3 +36,30 @@ pub enum AdapterError {
         max: usize,
     },
 }
+
+/// Why a registry or store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: expected live version {expected}, found {actual}")]
+    Conflict { expected: String, actual: String },
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("invalid adapter: {0}")]
+    Adapter(#[from] AdapterError),
+    #[error("registry database: {0}")]
+    Db(String),
+    #[error("i/o: {0}")]
+    Io(String),
+}
+
+impl From<rusqlite::Error> for RegistryError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(e.to_string())
+    }
+}

@@ -1,18 +1,19 @@
 //! LoRA adapters: the PEFT on-disk format (`adapter_config.json` +
-//! `adapter_model.safetensors`), validated against the base model's shapes, and
-//! (next issue) the registry and store of adapter versions.
+//! `adapter_model.safetensors`) validated against the base model's shapes, the
+//! registry and store of adapter versions, resolved references, and the pool.
 
 pub mod error;
+pub mod names;
 pub mod peft;
 pub mod pool;
 pub mod registry;
 pub mod store;
 
-pub use error::AdapterError;
+pub use error::{AdapterError, RegistryError};
+pub use names::{check_name, AdapterRef, Via};
 pub use peft::{load_peft, AdapterConfig, BaseShapes, LoadLimits, LoraAdapter, LoraPair, MODULES};
 pub use pool::{Acquire, AdapterPool, AdapterSource, DirSource, PoolConfig, PoolStats};
 pub use registry::{
-    AdapterState, AliasChange, Expect, JournalEntry, NewVersion, Registry, RegistryError,
-    ServedBase, VersionInfo,
+    AdapterState, AliasChange, Expect, JournalEntry, NewVersion, Registry, ServedBase, VersionInfo,
 };
 pub use store::{BlobStore, LocalStore};

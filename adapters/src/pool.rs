@@ -3,6 +3,7 @@
 //! adapter a running sequence holds (its `Arc` is shared) is never evicted.
 
 use crate::error::AdapterError;
+use crate::names::AdapterRef;
 use crate::peft::{load_peft, BaseShapes, LoadLimits, LoraAdapter};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,32 +12,21 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Where an adapter version's files are. The registry implements this; tests and
+/// Where a resolved adapter version's files are. The registry implements this (a
+/// store lookup, no database query: the reference was resolved already); tests and
 /// simple deployments use [`DirSource`].
 pub trait AdapterSource: Send + Sync {
-    fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError>;
+    fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError>;
 }
 
-/// `handle` is a directory name under `root`.
+/// Each adapter is the directory `root/<name>` (tenant and version are not used).
 pub struct DirSource {
     pub root: PathBuf,
 }
 
 impl AdapterSource for DirSource {
-    fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError> {
-        let ok = !handle.is_empty()
-            && handle != "."
-            && handle != ".."
-            && handle
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !ok {
-            return Err(AdapterError::Config {
-                field: "adapter".into(),
-                reason: format!("invalid adapter handle `{handle}`"),
-            });
-        }
-        Ok(self.root.join(handle))
+    fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError> {
+        Ok(self.root.join(adapter.name())) // a checked name: no separators, no `..`
     }
 }
 
@@ -95,12 +85,12 @@ pub struct AdapterPool {
     state: Mutex<State>,
     cfg: PoolConfig,
     stats: PoolStats,
-    tx: Mutex<Sender<String>>,
+    tx: Mutex<Sender<AdapterRef>>,
 }
 
 impl AdapterPool {
     pub fn new(source: Arc<dyn AdapterSource>, base: BaseShapes, cfg: PoolConfig) -> Arc<Self> {
-        let (tx, rx) = channel::<String>();
+        let (tx, rx) = channel::<AdapterRef>();
         let pool = Arc::new(Self {
             state: Mutex::new(State {
                 entries: HashMap::new(),
@@ -115,13 +105,14 @@ impl AdapterPool {
         let spawned = std::thread::Builder::new()
             .name("retune-adapter-loader".into())
             .spawn(move || {
-                while let Ok(handle) = rx.recv() {
+                while let Ok(adapter) = rx.recv() {
                     let Some(pool) = weak.upgrade() else { return };
                     let start = Instant::now();
                     let result = source
-                        .locate(&handle)
+                        .locate(&adapter)
                         .and_then(|dir| load_peft(&dir, &base, &pool.cfg.limits));
-                    pool.finish_load(handle, result, start.elapsed().as_micros() as u64);
+                    let micros = start.elapsed().as_micros() as u64;
+                    pool.finish_load(adapter.key(), result, micros);
                 }
             });
         if let Err(e) = spawned {
@@ -157,7 +148,7 @@ impl AdapterPool {
         Some((at(0.5), at(0.99)))
     }
 
-    /// Handles of resident adapters.
+    /// Keys (`tenant/name/version`) of resident adapters.
     pub fn resident(&self) -> Vec<String> {
         let st = self.lock();
         let mut v: Vec<String> = st
@@ -172,7 +163,9 @@ impl AdapterPool {
 
     /// Get an adapter for a sequence, starting a load if it is not resident. A
     /// failed load is reported once and forgotten, so a later request retries.
-    pub fn acquire(&self, handle: &str) -> Acquire {
+    pub fn acquire(&self, adapter: &AdapterRef) -> Acquire {
+        let key = adapter.key();
+        let handle = key.as_str();
         let mut st = self.lock();
         st.clock += 1;
         let now = st.clock;
@@ -194,7 +187,7 @@ impl AdapterPool {
                 let sent = self
                     .tx
                     .lock()
-                    .map(|tx| tx.send(handle.to_string()).is_ok())
+                    .map(|tx| tx.send(adapter.clone()).is_ok())
                     .unwrap_or(false);
                 if !sent {
                     st.entries.remove(handle);

@@ -3,41 +3,16 @@
 //! append-only journal, in SQLite (WAL). Every state change and its journal entry
 //! commit in one `BEGIN IMMEDIATE` transaction, so concurrent processes serialise.
 
-use crate::error::AdapterError;
+use crate::error::{AdapterError, RegistryError};
+use crate::names::{check_name, store_key, AdapterRef, Via};
 use crate::peft::{load_peft, BaseShapes, LoadLimits};
 use crate::pool::AdapterSource;
-use crate::store::{check_name, content_id, BlobStore, FILES};
+use crate::store::{content_id, BlobStore, FILES};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("not found: {0}")]
-    NotFound(String),
-    #[error("conflict: expected live version {expected}, found {actual}")]
-    Conflict { expected: String, actual: String },
-    #[error("forbidden: {0}")]
-    Forbidden(String),
-    #[error("too large: {0}")]
-    TooLarge(String),
-    #[error("rejected: {0}")]
-    Rejected(String),
-    #[error("invalid adapter: {0}")]
-    Adapter(#[from] AdapterError),
-    #[error("registry database: {0}")]
-    Db(String),
-    #[error("i/o: {0}")]
-    Io(String),
-}
-
-impl From<rusqlite::Error> for RegistryError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Db(e.to_string())
-    }
-}
 
 type R<T> = Result<T, RegistryError>;
 
@@ -169,11 +144,6 @@ impl Registry {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Serving handle of a version, as the adapter pool and engine see it.
-    pub fn handle(tenant: &str, name: &str, id: &str) -> String {
-        format!("{tenant}/{name}/{id}")
-    }
-
     /// Register a version (idempotent: the same files give the same id).
     pub fn register(&self, v: NewVersion<'_>, base: &ServedBase) -> R<VersionInfo> {
         check_name("tenant", v.tenant)?;
@@ -218,7 +188,7 @@ impl Registry {
         if let Some(parent) = v.parent {
             self.version(v.tenant, v.name, parent)?;
         }
-        let key = Self::handle(v.tenant, v.name, &id);
+        let key = store_key(v.tenant, v.name, &id);
         self.store.put(&key, &files)?;
         let dir = self.store.local_dir(&key)?;
         if let Err(e) = load_peft(&dir, &base.shapes, &self.limits) {
@@ -305,6 +275,50 @@ impl Registry {
 
     pub fn state(&self, tenant: &str, name: &str) -> R<AdapterState> {
         state_of(&self.conn(), tenant, name)
+    }
+
+    /// Resolve a client's model name for `tenant`: `name` routes to the canary when
+    /// `bucket` (0..100, stable per request) falls in its share, else to `live`;
+    /// `name@version` pins a version. Unknown, retired and not-live are all `NotFound`.
+    pub fn resolve(&self, tenant: &str, model: &str, bucket: u8) -> R<AdapterRef> {
+        let not_found = || RegistryError::NotFound(format!("model `{model}`"));
+        let (name, pinned) = match model.split_once('@') {
+            Some((n, v)) => (n, Some(v)),
+            None => (model, None),
+        };
+        if check_name("adapter name", name).is_err() {
+            return Err(not_found());
+        }
+        let conn = self.conn();
+        let (version, via) = match pinned {
+            Some(v) => {
+                servable(&conn, tenant, name, v).map_err(|_| not_found())?;
+                (v.to_string(), Via::Pinned)
+            }
+            None => {
+                let st = state_of(&conn, tenant, name).map_err(|e| match e {
+                    RegistryError::NotFound(_) => not_found(),
+                    other => other,
+                })?;
+                match (st.canary, st.live) {
+                    (Some((c, pct)), _) if bucket < pct => (c, Via::Canary),
+                    (_, Some(live)) => (live, Via::Live),
+                    _ => return Err(not_found()),
+                }
+            }
+        };
+        AdapterRef::new(tenant, name, &version, via).map_err(|_| not_found())
+    }
+
+    /// The files of a version that may be served (not retired, files present).
+    pub fn servable_dir(&self, adapter: &AdapterRef) -> R<PathBuf> {
+        servable(
+            &self.conn(),
+            adapter.tenant(),
+            adapter.name(),
+            adapter.version(),
+        )?;
+        self.store.local_dir(&adapter.key())
     }
 
     pub fn journal(&self, tenant: &str, name: &str) -> R<Vec<JournalEntry>> {
@@ -587,32 +601,22 @@ impl Registry {
             ids
         };
         for id in &doomed {
-            self.store.delete(&Self::handle(tenant, name, id))?; // a crash here leaves only unreferenced files
+            self.store.delete(&store_key(tenant, name, id))?; // a crash here leaves only unreferenced files
         }
         Ok(doomed)
     }
 }
 
-/// The adapter pool resolves `tenant/name/id` handles through the registry.
+/// The pool loads a resolved version's files straight from the store: the
+/// registry was asked once, when the request resolved its adapter.
 impl AdapterSource for Registry {
-    fn locate(&self, handle: &str) -> Result<PathBuf, AdapterError> {
-        let parts: Vec<&str> = handle.split('/').collect();
-        let refuse = |reason: String| AdapterError::Config {
-            field: "adapter".into(),
-            reason,
-        };
-        let [tenant, name, id] = parts.as_slice() else {
-            return Err(refuse(format!("bad handle `{handle}`")));
-        };
-        let v = self
-            .version(tenant, name, id)
-            .map_err(|e| refuse(e.to_string()))?;
-        if v.retired {
-            return Err(refuse(format!("version {handle} is retired")));
-        }
+    fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError> {
         self.store
-            .local_dir(handle)
-            .map_err(|e| refuse(e.to_string()))
+            .local_dir(&adapter.key())
+            .map_err(|e| AdapterError::Config {
+                field: "adapter".into(),
+                reason: e.to_string(),
+            })
     }
 }
 

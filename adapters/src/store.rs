@@ -2,7 +2,8 @@
 //! temporary place, fsynced, then renamed into place. Behind [`BlobStore`] so a
 //! multi-replica deployment can put them in object storage later.
 
-use crate::registry::RegistryError;
+use crate::error::RegistryError;
+use crate::names::check_name;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,23 +32,6 @@ pub fn content_id(files: &[(&str, Vec<u8>)]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<String>()[..32]
         .to_string()
-}
-
-/// Tenant, adapter and version names: `[a-z0-9][a-z0-9._-]{0,63}`, no `..`.
-pub fn check_name(what: &str, s: &str) -> Result<(), RegistryError> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && !s.contains("..")
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::Forbidden(format!("invalid {what} `{s}`")))
-    }
 }
 
 pub struct LocalStore {

@@ -2,6 +2,7 @@
 //! quantized CPU kernels, tokenizer and chat template, sampling, and a
 //! continuous-batching scheduler on its own compute threads.
 
+pub mod backend;
 pub mod chat;
 pub mod device;
 pub mod error;
@@ -17,17 +18,21 @@ pub mod safetensors;
 pub mod sampler;
 pub mod scheduler;
 pub mod stream;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+#[cfg(feature = "test-utils")]
 pub mod tiny;
 pub mod tokenizer;
 
+pub use backend::{
+    Backend, BackendStats, Completion, ErrorKind, Event, EventSender, FinishReason, GenError,
+    GenerationStream, Health, Timings, TokenEvent, ValidRequest,
+};
 pub use chat::{ChatMessage, ChatTemplate};
-pub use device::{Backend, Cache, DeviceModel, DeviceOptions, WeightMode};
+pub use device::{Cache, Compute, DeviceModel, DeviceOptions, WeightMode};
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
 pub use model::{BatchItem, Model, ModelConfig};
 pub use sampler::{Sampler, SamplingParams};
-pub use scheduler::{
-    Completion, Engine, EngineConfig, Event, FinishReason, GenerateRequest, Generated,
-    GenerationStream, TokenEvent,
-};
+pub use scheduler::{Engine, EngineConfig, GenerateRequest, Generated};
 pub use tokenizer::Tok;

@@ -3,17 +3,21 @@
 //! drops sequences whose caller went away, runs one forward over all decode
 //! tokens plus a budgeted chunk of pending prefill, samples, and streams events.
 
-use crate::device::{Backend, Cache};
+use crate::backend::{
+    Backend, BackendStats, Clock, Completion, ErrorKind, Event, EventSender, FinishReason,
+    GenError, GenerationStream, Health, TokenEvent, ValidRequest,
+};
+use crate::chat::{ChatTemplate, CHATML};
+use crate::device::{Cache, Compute};
 use crate::error::{EngineError, Result};
 use crate::model::BatchItem;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::stream::{Detok, StopText};
 use crate::tokenizer::Tok;
-use retune_adapters::{Acquire, AdapterPool, LoraAdapter};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use retune_adapters::{Acquire, AdapterPool, AdapterRef, LoraAdapter};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -41,12 +45,14 @@ impl Default for EngineConfig {
     }
 }
 
+/// A request before validation (the CLI, tests, evals); `Engine::generate` checks
+/// it into a [`ValidRequest`].
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
-    /// Adapter version handle (opaque, immutable); `None` = base model.
-    pub adapter: Option<String>,
+    /// A resolved adapter version; `None` = base model.
+    pub adapter: Option<AdapterRef>,
 }
 
 impl GenerateRequest {
@@ -56,53 +62,6 @@ impl GenerateRequest {
             params,
             adapter: None,
         }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// eos, a stop token or a stop string.
-    Stop,
-    /// max_tokens or the context is full.
-    Length,
-}
-
-#[derive(Clone, Debug)]
-pub struct TokenEvent {
-    pub id: u32,
-    /// New text (may be empty while a UTF-8 character or a possible stop string is incomplete).
-    pub text: String,
-    pub logprob: Option<f32>,
-    pub top: Vec<(u32, f32)>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Completion {
-    pub finish: FinishReason,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    /// Trailing text released at the end (held back for stop-string matching).
-    pub tail: String,
-}
-
-#[derive(Clone, Debug)]
-pub enum Event {
-    Token(TokenEvent),
-    Done(Completion),
-    Error(String),
-}
-
-/// Receiving end of a generation. Dropping it cancels the sequence and frees its KV cache.
-pub struct GenerationStream {
-    rx: UnboundedReceiver<Event>,
-}
-
-impl GenerationStream {
-    pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
-    }
-    pub fn blocking_next(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
     }
 }
 
@@ -132,31 +91,46 @@ pub struct EngineStats {
 }
 
 struct Job {
-    req: GenerateRequest,
-    tx: UnboundedSender<Event>,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    adapter: Option<AdapterRef>,
+    clock: Clock,
+    tx: EventSender,
 }
 
 pub struct Engine {
     tx: SyncSender<Job>,
     tok: Arc<Tok>,
+    template: ChatTemplate,
     context: usize,
     stats: Arc<EngineStats>,
     max_queue: usize,
+    /// False once the scheduler thread has exited (or panicked).
+    alive: Arc<AtomicBool>,
+}
+
+/// Marks the engine dead when the scheduler thread ends, however it ends.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Engine {
-    pub fn start(model: impl Into<Backend>, tok: Tok, cfg: EngineConfig) -> Result<Self> {
+    pub fn start(model: impl Into<Compute>, tok: Tok, cfg: EngineConfig) -> Result<Self> {
         Self::start_with_pool(model, tok, cfg, None)
     }
 
     /// Start with an adapter pool: requests may then name an adapter.
     pub fn start_with_pool(
-        model: impl Into<Backend>,
+        model: impl Into<Compute>,
         tok: Tok,
         mut cfg: EngineConfig,
         pool: Option<Arc<AdapterPool>>,
     ) -> Result<Self> {
-        let model: Backend = model.into();
+        let model: Compute = model.into();
         if let Some(n) = model.max_sequences() {
             cfg.max_batch = cfg.max_batch.min(n);
         }
@@ -180,61 +154,55 @@ impl Engine {
             pool,
             loading: Vec::new(),
         };
+        let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
+        let template =
+            ChatTemplate::new(CHATML, &piece(tok.bos), &piece(tok.eos.first().copied()))?;
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name("retune-scheduler".into())
-            .spawn(move || compute.install(move || worker.run()))
+            .spawn(move || {
+                let _guard = guard;
+                compute.install(move || worker.run())
+            })
             .map_err(|e| EngineError::InvalidRequest(format!("cannot spawn scheduler: {e}")))?;
         Ok(Self {
             tx,
             tok,
+            template,
             context,
             stats,
             max_queue: cfg.max_queue,
+            alive,
         })
     }
 
-    pub fn tokenizer(&self) -> &Tok {
-        &self.tok
+    /// Use the model's own chat template (the default is ChatML).
+    pub fn with_template(mut self, template: ChatTemplate) -> Self {
+        self.template = template;
+        self
     }
 
-    pub fn stats(&self) -> &EngineStats {
+    /// The live counters (the [`Backend::stats`] snapshot reads them).
+    pub fn counters(&self) -> &EngineStats {
         &self.stats
     }
 
-    pub fn context(&self) -> usize {
-        self.context
-    }
-
-    /// Queue a request. Fails fast with `Overloaded` when the queue is full.
-    pub fn submit(&self, req: GenerateRequest) -> Result<GenerationStream> {
-        req.params.validate()?;
-        if req.prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if req.prompt.len() >= self.context {
-            return Err(EngineError::PromptTooLong {
-                prompt: req.prompt.len(),
-                max_tokens: req.params.max_tokens,
-                context: self.context,
-            });
-        }
-        let (etx, erx) = unbounded_channel();
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Job { req, tx: etx }) {
-            Ok(()) => Ok(GenerationStream { rx: erx }),
-            Err(e) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(match e {
-                    TrySendError::Full(_) => EngineError::Overloaded(self.max_queue),
-                    TrySendError::Disconnected(_) => EngineError::ShutDown,
-                })
-            }
-        }
+    /// Validate and queue a request (the CLI, tests, evals).
+    pub fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> std::result::Result<GenerationStream, GenError> {
+        let valid = self.validate(req.prompt, req.params, req.adapter)?;
+        self.submit(valid)
     }
 
     /// Submit and wait for the whole result (CLI, tests, evals). Not for async contexts.
-    pub fn generate_blocking(&self, req: GenerateRequest) -> Result<Generated> {
-        let mut stream = self.submit(req)?;
+    pub fn generate_blocking(
+        &self,
+        req: GenerateRequest,
+    ) -> std::result::Result<Generated, GenError> {
+        let mut stream = self.generate(req)?;
         let mut tokens = Vec::new();
         let mut text = String::new();
         while let Some(ev) = stream.blocking_next() {
@@ -248,13 +216,73 @@ impl Engine {
                     return Ok(Generated {
                         tokens,
                         text,
-                        completion: c,
+                        completion: *c,
                     });
                 }
-                Event::Error(e) => return Err(EngineError::InvalidRequest(e)),
+                Event::Error(e) => return Err(e),
             }
         }
-        Err(EngineError::ShutDown)
+        Err(EngineError::ShutDown.into())
+    }
+}
+
+impl Backend for Engine {
+    /// Fails fast with `Capacity` when the queue is full.
+    fn submit(&self, req: ValidRequest) -> std::result::Result<GenerationStream, GenError> {
+        let (prompt, params, adapter) = req.into_parts();
+        let (etx, erx) = GenerationStream::channel();
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            prompt,
+            params,
+            adapter,
+            clock: Clock::start(),
+            tx: etx,
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(erx),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => EngineError::Overloaded(self.max_queue),
+                    TrySendError::Disconnected(_) => EngineError::ShutDown,
+                }
+                .into())
+            }
+        }
+    }
+
+    fn tokenizer(&self) -> &Tok {
+        &self.tok
+    }
+
+    fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    fn context(&self) -> usize {
+        self.context
+    }
+
+    fn health(&self) -> Health {
+        if self.alive.load(Ordering::Relaxed) {
+            Health::Ready
+        } else {
+            Health::Unavailable("the scheduler thread has stopped".into())
+        }
+    }
+
+    fn stats(&self) -> BackendStats {
+        let s = &self.stats;
+        let get = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        BackendStats {
+            queued: get(&s.queued),
+            running: get(&s.running),
+            kv_bytes: get(&s.kv_bytes),
+            generated_tokens: get(&s.generated_tokens),
+            prompt_tokens: get(&s.prompt_tokens),
+            last_step_tokens: get(&s.last_step_tokens),
+        }
     }
 }
 
@@ -262,24 +290,26 @@ struct Seq {
     prompt: Vec<u32>,
     fed: usize,
     last: Option<u32>,
-    generated: usize,
+    output: Vec<u32>,
     kv: Cache,
     sampler: Sampler,
     detok: Detok,
     stop: StopText,
-    tx: UnboundedSender<Event>,
+    tx: EventSender,
     reserve: usize,
-    adapter: Option<Arc<LoraAdapter>>,
+    /// The loaded adapter and the reference it was resolved from.
+    adapter: Option<(Arc<LoraAdapter>, AdapterRef)>,
+    clock: Clock,
 }
 
 enum Resolved {
     Ready(Option<Arc<LoraAdapter>>),
     Pending,
-    Failed(String),
+    Failed(GenError),
 }
 
 struct Worker {
-    model: Backend,
+    model: Compute,
     tok: Arc<Tok>,
     cfg: EngineConfig,
     rx: Receiver<Job>,
@@ -309,7 +339,7 @@ impl Worker {
                 }
                 match self.resolve_adapter(&job) {
                     Resolved::Ready(a) if self.fits(&job) => self.admit(job, a),
-                    Resolved::Failed(msg) => drop(job.tx.send(Event::Error(msg))),
+                    Resolved::Failed(e) => drop(job.tx.send(Event::Error(e))),
                     _ => self.loading.push(job),
                 }
             }
@@ -335,7 +365,7 @@ impl Worker {
                 match self.resolve_adapter(&job) {
                     Resolved::Ready(a) => self.admit(job, a),
                     Resolved::Pending => self.loading.push(job),
-                    Resolved::Failed(msg) => drop(job.tx.send(Event::Error(msg))),
+                    Resolved::Failed(e) => drop(job.tx.send(Event::Error(e))),
                 }
             }
             // cancellation: the caller dropped its stream
@@ -362,7 +392,7 @@ impl Worker {
     }
 
     fn reserve_of(&self, job: &Job) -> usize {
-        (job.req.prompt.len() + job.req.params.max_tokens).min(self.model.cfg().context)
+        (job.prompt.len() + job.params.max_tokens).min(self.model.cfg().context)
     }
 
     /// KV budget: a job fits if nothing runs or its reservation fits.
@@ -371,18 +401,22 @@ impl Worker {
     }
 
     fn resolve_adapter(&self, job: &Job) -> Resolved {
-        let Some(handle) = &job.req.adapter else {
+        let Some(adapter) = &job.adapter else {
             return Resolved::Ready(None);
         };
         let Some(pool) = &self.pool else {
-            return Resolved::Failed(format!(
-                "adapter `{handle}` requested but this engine has no adapter pool"
+            return Resolved::Failed(GenError::new(
+                ErrorKind::Adapter,
+                format!("adapter {adapter} requested but this engine has no adapter pool"),
             ));
         };
-        match pool.acquire(handle) {
+        match pool.acquire(adapter) {
             Acquire::Ready(a) => Resolved::Ready(Some(a)),
             Acquire::Pending => Resolved::Pending,
-            Acquire::Failed(e) => Resolved::Failed(format!("adapter `{handle}`: {e}")),
+            Acquire::Failed(e) => Resolved::Failed(GenError::new(
+                ErrorKind::Adapter,
+                format!("adapter {adapter}: {e}"),
+            )),
         }
     }
 
@@ -393,11 +427,11 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, job: Job, adapter: Option<Arc<LoraAdapter>>) {
+    fn admit(&mut self, mut job: Job, adapter: Option<Arc<LoraAdapter>>) {
         let kv = match self.model.new_cache() {
             Ok(kv) => kv,
             Err(e) => {
-                let _ = job.tx.send(Event::Error(e.to_string()));
+                let _ = job.tx.send(Event::Error(GenError::internal(e.to_string())));
                 return;
             }
         };
@@ -405,21 +439,24 @@ impl Worker {
         self.reserved += reserve;
         self.stats
             .prompt_tokens
-            .fetch_add(job.req.prompt.len(), Ordering::Relaxed);
-        let mut stops = job.req.params.stop.clone();
+            .fetch_add(job.prompt.len(), Ordering::Relaxed);
+        let mut stops = job.params.stop.clone();
         stops.retain(|s| !s.is_empty());
+        job.clock.admitted = Some(std::time::Instant::now());
+        let adapter = adapter.zip(job.adapter);
         self.active.push(Seq {
-            prompt: job.req.prompt,
+            prompt: job.prompt,
             fed: 0,
             last: None,
-            generated: 0,
+            output: Vec::new(),
             kv,
-            sampler: Sampler::new(job.req.params),
+            sampler: Sampler::new(job.params),
             detok: Detok::default(),
             stop: StopText::new(stops),
             tx: job.tx,
             reserve,
             adapter,
+            clock: job.clock,
         });
     }
 
@@ -446,7 +483,7 @@ impl Worker {
             let mut caches: Vec<Option<(&mut Cache, Option<&LoraAdapter>)>> = self
                 .active
                 .iter_mut()
-                .map(|s| Some((&mut s.kv, s.adapter.as_deref())))
+                .map(|s| Some((&mut s.kv, s.adapter.as_ref().map(|a| &*a.0))))
                 .collect();
             let mut items: Vec<BatchItem<'_, Cache>> = inputs
                 .iter()
@@ -464,8 +501,9 @@ impl Worker {
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
+                let err = GenError::internal(format!("forward step: {e}"));
                 for (i, _, _) in &inputs {
-                    let _ = self.active[*i].tx.send(Event::Error(e.to_string()));
+                    let _ = self.active[*i].tx.send(Event::Error(err.clone()));
                 }
                 let failed: Vec<usize> = inputs.iter().map(|x| x.0).collect();
                 let mut idx = 0;
@@ -492,12 +530,16 @@ impl Worker {
             if let Some(reason) = emit(s, &self.tok, sampled, self.model.cfg().context) {
                 let tail = s.stop.flush();
                 let tail = if reason.1 { String::new() } else { tail };
-                let _ = s.tx.send(Event::Done(Completion {
+                let record = Completion {
                     finish: reason.0,
-                    prompt_tokens: s.prompt.len(),
-                    completion_tokens: s.generated,
+                    prompt: std::mem::take(&mut s.prompt),
+                    output: std::mem::take(&mut s.output),
+                    adapter: s.adapter.as_ref().map(|a| a.1.clone()),
+                    params: s.sampler.params().clone(),
+                    timings: s.clock.timings(),
                     tail,
-                }));
+                };
+                let _ = s.tx.send(Event::Done(Box::new(record)));
                 finished.push(*i);
             }
         }
@@ -516,7 +558,10 @@ impl Worker {
 /// ended it) when the sequence is done.
 fn emit(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize) -> Option<(FinishReason, bool)> {
     let id = sampled.token;
-    s.generated += 1;
+    s.output.push(id);
+    s.clock
+        .first_token
+        .get_or_insert_with(std::time::Instant::now);
     s.last = Some(id);
     let p = s.sampler.params();
     let is_stop_token = p.stop_token_ids.contains(&id) || (p.stop_on_eos && tok.eos.contains(&id));
@@ -536,7 +581,7 @@ fn emit(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize) -> Option<(Fin
         Some((FinishReason::Stop, false))
     } else if hit {
         Some((FinishReason::Stop, true))
-    } else if s.generated >= max_tokens || s.kv.len() + 1 >= context {
+    } else if s.output.len() >= max_tokens || s.kv.len() + 1 >= context {
         Some((FinishReason::Length, false))
     } else {
         None

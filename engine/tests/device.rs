@@ -509,7 +509,7 @@ fn the_scheduler_runs_the_tensor_backend_with_the_same_greedy_tokens() {
     let run = |engine: Engine| -> Vec<Vec<u32>> {
         let streams: Vec<_> = prompts
             .iter()
-            .map(|p| engine.submit(greedy(p.clone())).unwrap())
+            .map(|p| engine.generate(greedy(p.clone())).unwrap())
             .collect();
         streams
             .into_iter()

@@ -2,7 +2,8 @@
 //! GGUF Q/K layout, the adapter pool, and bad adapters.
 
 use retune_adapters::{
-    load_peft, Acquire, AdapterError, AdapterPool, DirSource, LoadLimits, LoraAdapter, PoolConfig,
+    load_peft, Acquire, AdapterError, AdapterPool, AdapterRef, DirSource, LoadLimits, LoraAdapter,
+    PoolConfig, Via,
 };
 use retune_engine::linear::Weight;
 use retune_engine::tiny::{self, TinySpec};
@@ -172,13 +173,18 @@ fn pool_for(root: &Path, m: &Model, cfg: PoolConfig) -> Arc<AdapterPool> {
     )
 }
 
+/// The adapter in directory `name` of a [`DirSource`].
+fn aref(name: &str) -> AdapterRef {
+    AdapterRef::new("t", name, "v1", Via::Pinned).unwrap()
+}
+
 fn wait_ready(
     pool: &AdapterPool,
     h: &str,
 ) -> std::result::Result<Arc<LoraAdapter>, Arc<AdapterError>> {
     let t = Instant::now();
     loop {
-        match pool.acquire(h) {
+        match pool.acquire(&aref(h)) {
             Acquire::Ready(a) => return Ok(a),
             Acquire::Failed(e) => return Err(e),
             Acquire::Pending => {
@@ -221,7 +227,10 @@ fn pool_evicts_lru_never_in_use_and_reloads_transparently() {
     let held_a = wait_ready(&pool, "a").unwrap();
     drop(wait_ready(&pool, "b").unwrap());
     drop(wait_ready(&pool, "c").unwrap()); // over the limit: b is LRU and free, a is held
-    assert_eq!(pool.resident(), vec!["a".to_string(), "c".to_string()]);
+    assert_eq!(
+        pool.resident(),
+        vec!["t/a/v1".to_string(), "t/c/v1".to_string()]
+    );
     assert_eq!(
         pool.stats()
             .evictions
@@ -230,7 +239,10 @@ fn pool_evicts_lru_never_in_use_and_reloads_transparently() {
     );
     drop(held_a);
     let b = wait_ready(&pool, "b").unwrap(); // reload: a is now LRU and free
-    assert_eq!(pool.resident(), vec!["b".to_string(), "c".to_string()]);
+    assert_eq!(
+        pool.resident(),
+        vec!["t/b/v1".to_string(), "t/c/v1".to_string()]
+    );
     assert_eq!(
         pool.stats()
             .loads
@@ -277,7 +289,7 @@ fn engine_serves_mixed_adapters_and_isolates_a_bad_one() {
             stop_on_eos: false,
             ..SamplingParams::greedy(12)
         },
-        adapter: adapter.map(str::to_string),
+        adapter: adapter.map(aref),
     };
     let base = engine.generate_blocking(req(None)).unwrap().ids();
     let good = engine.generate_blocking(req(Some("good"))).unwrap().ids();
@@ -285,7 +297,7 @@ fn engine_serves_mixed_adapters_and_isolates_a_bad_one() {
     // all at once, the broken adapter among them
     let streams: Vec<_> = [None, Some("good"), Some("broken"), Some("good"), None]
         .iter()
-        .map(|a| engine.submit(req(*a)).unwrap())
+        .map(|a| engine.generate(req(*a)).unwrap())
         .collect();
     let mut results = Vec::new();
     for mut s in streams {
@@ -303,14 +315,24 @@ fn engine_serves_mixed_adapters_and_isolates_a_bad_one() {
     assert_eq!(results[0].as_ref().unwrap(), &base);
     assert_eq!(results[1].as_ref().unwrap(), &good);
     let err = results[2].as_ref().unwrap_err();
-    assert!(err.contains("broken") && err.contains("corrupt"), "{err}");
+    assert_eq!(err.kind, ErrorKind::Adapter);
+    assert!(
+        err.message.contains("broken") && err.message.contains("corrupt"),
+        "{err}"
+    );
     assert_eq!(results[3].as_ref().unwrap(), &good);
     assert_eq!(results[4].as_ref().unwrap(), &base);
-    // unknown handle and path tricks are errors too, and the engine keeps serving
-    for h in ["missing", "../x"] {
-        let mut s = engine.submit(req(Some(h))).unwrap();
-        assert!(matches!(s.blocking_next(), Some(Event::Error(_))), "{h}");
-    }
+    // an unknown adapter is an adapter error, a path trick cannot even be named,
+    // and the engine keeps serving
+    let mut s = engine.generate(req(Some("missing"))).unwrap();
+    assert!(matches!(
+        s.blocking_next(),
+        Some(Event::Error(GenError {
+            kind: ErrorKind::Adapter,
+            ..
+        }))
+    ));
+    assert!(AdapterRef::new("t", "../x", "v1", Via::Pinned).is_err());
     assert_eq!(
         engine.generate_blocking(req(Some("good"))).unwrap().ids(),
         good
@@ -460,12 +482,12 @@ struct SlowSource {
 }
 
 impl retune_adapters::AdapterSource for SlowSource {
-    fn locate(&self, handle: &str) -> std::result::Result<PathBuf, AdapterError> {
+    fn locate(&self, adapter: &AdapterRef) -> std::result::Result<PathBuf, AdapterError> {
         std::thread::sleep(self.delay);
         DirSource {
             root: self.root.clone(),
         }
-        .locate(handle)
+        .locate(adapter)
     }
 }
 
@@ -490,10 +512,10 @@ fn a_loading_adapter_does_not_block_other_sequences() {
             stop_on_eos: false,
             ..SamplingParams::greedy(8)
         },
-        adapter: adapter.map(str::to_string),
+        adapter: adapter.map(aref),
     };
     let start = Instant::now();
-    let mut late = engine.submit(req(Some("late"))).unwrap();
+    let mut late = engine.generate(req(Some("late"))).unwrap();
     let base = engine.generate_blocking(req(None)).unwrap();
     let base_done = start.elapsed();
     assert_eq!(base.tokens.len(), 8);

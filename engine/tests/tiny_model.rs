@@ -233,7 +233,7 @@ fn batch_invariance_alone_vs_batch_of_eight() {
         .collect();
     let streams: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(greedy(p.clone(), 24)).unwrap())
+        .map(|p| engine.generate(greedy(p.clone(), 24)).unwrap())
         .collect();
     for (mut s, want) in streams.into_iter().zip(&alone) {
         let mut got = Vec::new();
@@ -254,26 +254,14 @@ fn batch_invariance_alone_vs_batch_of_eight() {
 #[test]
 fn dropping_the_stream_cancels_and_frees_the_kv_cache() {
     let engine = tiny_engine("cancel", EngineConfig::default());
-    let mut s = engine.submit(greedy(vec![5, 6, 7], 200)).unwrap();
+    let mut s = engine.generate(greedy(vec![5, 6, 7], 200)).unwrap();
     assert!(matches!(s.blocking_next(), Some(Event::Token(_))));
-    assert_eq!(
-        engine
-            .stats()
-            .running
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(engine.stats().running, 1);
     drop(s);
     let t = Instant::now();
     loop {
-        let running = engine
-            .stats()
-            .running
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let kv = engine
-            .stats()
-            .kv_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let running = engine.stats().running;
+        let kv = engine.stats().kv_bytes;
         if running == 0 && kv == 0 {
             break;
         }
@@ -307,9 +295,9 @@ fn full_queue_answers_overloaded() {
     let mut held = Vec::new();
     let mut overloaded = 0;
     for _ in 0..10 {
-        match engine.submit(greedy(vec![5, 6, 7], 250)) {
+        match engine.generate(greedy(vec![5, 6, 7], 250)) {
             Ok(s) => held.push(s),
-            Err(EngineError::Overloaded(2)) => overloaded += 1,
+            Err(e) if e.kind == ErrorKind::Capacity => overloaded += 1,
             Err(e) => panic!("{e}"),
         }
     }
@@ -403,17 +391,16 @@ fn bad_inputs_give_typed_errors() {
     let l = load(&g).unwrap();
     let engine = Engine::start(l.model, l.tok, EngineConfig::default()).unwrap();
     let long = vec![5u32; 300];
-    assert!(matches!(
-        engine.submit(greedy(long, 4)),
-        Err(EngineError::PromptTooLong { prompt: 300, .. })
-    ));
-    assert!(matches!(
-        engine.submit(greedy(vec![], 4)),
-        Err(EngineError::EmptyPrompt)
-    ));
+    let refused = |r: std::result::Result<GenerationStream, GenError>| match r {
+        Err(e) if e.kind == ErrorKind::Client => e.message,
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    assert!(refused(engine.generate(greedy(long, 4))).contains("prompt has 300 tokens"));
+    assert_eq!(refused(engine.generate(greedy(vec![], 4))), "empty prompt");
     assert!(matches!(
         engine
-            .submit(greedy(vec![100_000], 4))
+            .generate(greedy(vec![100_000], 4))
             .map(|mut s| s.blocking_next()),
         Ok(Some(Event::Error(_)))
     ));
@@ -438,4 +425,45 @@ fn incremental_detokenisation_never_splits_utf8() {
         "a partial character is held back"
     );
     assert_eq!(pieces.concat(), text);
+}
+
+#[test]
+fn a_sampled_completion_replayed_with_its_recorded_seed_gives_the_same_text() {
+    let engine = tiny_engine("replay", EngineConfig::default());
+    let sampled = |seed: Option<u64>| {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed,
+            stop_on_eos: false,
+            ..SamplingParams::greedy(24)
+        };
+        engine
+            .generate_blocking(GenerateRequest::new(vec![5, 6, 7, 8], params))
+            .unwrap()
+    };
+    let first = sampled(None);
+    let rec = &first.completion;
+    let seed = rec
+        .seed()
+        .expect("a seed is drawn when the request gives none");
+    // the record holds what a replay needs and what capture stores
+    assert_eq!(rec.prompt, vec![5, 6, 7, 8]);
+    assert_eq!(rec.output, first.ids());
+    assert_eq!(rec.completion_tokens(), 24);
+    assert_eq!(rec.finish, FinishReason::Length);
+    assert!(rec.adapter.is_none());
+    assert_eq!((rec.params.temperature, rec.params.top_p), (1.0, 0.95));
+    let t = &rec.timings;
+    assert!(t.queued <= t.first_token && t.first_token <= t.total && t.total > Duration::ZERO);
+    // another unseeded request draws another seed, so (almost surely) other text
+    let others: Vec<Generated> = (0..3).map(|_| sampled(None)).collect();
+    assert!(
+        others.iter().any(|o| o.ids() != first.ids()),
+        "sampling is not random without a seed"
+    );
+    let replay = sampled(Some(seed));
+    assert_eq!(replay.ids(), first.ids());
+    assert_eq!(replay.text, first.text);
+    assert_eq!(replay.completion.seed(), Some(seed));
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a random-weight llama model (bf16 safetensors, HF layout) and N random
 PEFT LoRA adapters for it, for throughput benchmarks. Both retune
-(`retune bench-device`) and transformers+peft (`peft_bench.py`) read these files.
+(`retune-bench device`) and transformers+peft (`peft_bench.py`) read these files.
 
   python3 scripts/gpu/make_model.py --out /tmp/l8b --shape llama3-8b --adapters 100
   python3 scripts/gpu/make_model.py --out /tmp/tiny --shape tiny --adapters 4 --device cpu

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The peer for `retune bench-device`: HF transformers + peft on the same model and
+"""The peer for `retune-bench device`: HF transformers + peft on the same model and
 adapter files (scripts/gpu/make_model.py), same stream count and token counts.
 
   python3 scripts/gpu/peft_bench.py --model /tmp/l8b --streams 64 --distinct 0,1,16,100 --json out.json
@@ -21,7 +21,7 @@ import torch
 
 
 def prompts(n, length, vocab):
-    # same recipe as retune bench-device
+    # same recipe as retune-bench device
     return torch.tensor([[((i * 7919 + j * 104729) % (min(vocab, 32000) - 10) + 10)
                           for j in range(length)] for i in range(n)], dtype=torch.long)
 

@@ -4,7 +4,7 @@
 # scripts/build-cuda.sh. Results go to $OUT (or ./gpu-out).
 #
 #   scripts/gpu/run.sh check    SMOLLM2_GGUF   # greedy tokens + logits vs the CPU engine, mixed adapters
-#   scripts/gpu/run.sh retune   [DISTINCT]     # 8B-shaped model: retune bench-device (0,1,16,100 adapters)
+#   scripts/gpu/run.sh retune   [DISTINCT]     # 8B-shaped model: retune-bench device (0,1,16,100 adapters)
 #   scripts/gpu/run.sh peft     [DISTINCT]     # same model and adapters: transformers+peft peer
 #
 # Each part fits one 10-minute device call; `retune` and `peft` each write the
@@ -15,9 +15,12 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 BIN=dist/retune-cuda
-if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
-  gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"
-fi
+BENCH=dist/retune-bench-cuda
+for b in "$BIN" "$BENCH"; do
+  if [ ! -x "$b" ] && [ -f "$b.gz" ]; then
+    gunzip -c "$b.gz" > "$b" && chmod +x "$b"
+  fi
+done
 # CUDA 13 runtime libraries from the PyTorch wheels on that machine
 libdirs=$(python3 - <<'PY'
 import glob, os, site
@@ -33,20 +36,20 @@ PY
 )
 export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
-ldd "$BIN" | grep -E "cuda|cublas|curand|not found" | tee -a "$OUT/device.txt"
+ldd "$BENCH" | grep -E "cuda|cublas|curand|not found" | tee -a "$OUT/device.txt"
 part=${1:-}
 shift || true
 case "$part" in
   check)
     gguf=${1:?path to SmolLM2-135M-Instruct.Q4_1.gguf}
     for dt in f32 bf16; do
-      "$BIN" check-device --model "$gguf" --device cuda --dtype "$dt" --tokens 32 --mixed \
+      "$BENCH" check-device --model "$gguf" --device cuda --dtype "$dt" --tokens 32 --mixed \
         2>&1 | tee "$OUT/check-$dt.txt" || true
     done
     ;;
   retune)
     python3 scripts/gpu/make_model.py --out /tmp/l8b --shape llama3-8b --adapters 100
-    "$BIN" bench-device --model /tmp/l8b --device cuda --dtype bf16 --streams 64 \
+    "$BENCH" device --model /tmp/l8b --device cuda --dtype bf16 --streams 64 \
       --prompt-tokens 128 --decode-tokens 128 --adapters-dir /tmp/l8b/adapters \
       --distinct "${1:-0,1,16,100}" --json "$OUT/retune.json" 2>&1 | tee "$OUT/retune.txt"
     ;;

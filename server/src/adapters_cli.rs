@@ -1,21 +1,101 @@
 //! `retune adapters ...`: the registry from the command line (JSON output).
 
-use super::Args;
 use anyhow::{bail, Context, Result};
 use retune_adapters::{Expect, LocalStore, NewVersion, Registry, ServedBase};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const USAGE: &str = "usage: retune adapters --root DIR <command>
-  list [--tenant T]
-  show TENANT/NAME
-  register TENANT/NAME ADAPTER_DIR --model PATH [--parent ID] [--source S] [--metadata JSON]
-  promote TENANT/NAME VERSION [--expect VERSION|none]
-  rollback TENANT/NAME [--to VERSION]
-  canary TENANT/NAME (VERSION PERCENT | --clear)
-  retire TENANT/NAME VERSION
-  gc TENANT/NAME --keep N
-common: [--actor NAME] [--reason TEXT]";
+/// `retune adapters`: the adapter registry from the command line (JSON output).
+#[derive(clap::Args)]
+pub struct AdaptersArgs {
+    /// Adapter root: registry.db and store/ (the server's `adapters.root`).
+    #[arg(long)]
+    root: PathBuf,
+    /// Who makes the change (recorded in the journal); defaults to $USER.
+    #[arg(long, global = true)]
+    actor: Option<String>,
+    /// Why (recorded in the journal).
+    #[arg(long, global = true, default_value = "")]
+    reason: String,
+    #[command(subcommand)]
+    command: AdaptersCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum AdaptersCommand {
+    /// List adapters and their aliases.
+    List {
+        /// Only this tenant's adapters.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Aliases, versions and journal of one adapter.
+    Show {
+        /// TENANT/NAME
+        adapter: String,
+    },
+    /// Register a PEFT adapter directory as a new version (validated against the base).
+    Register {
+        /// TENANT/NAME
+        adapter: String,
+        /// Directory with adapter_config.json and adapter_model.safetensors.
+        dir: PathBuf,
+        /// The served base model (GGUF or HF directory) the adapter must fit.
+        #[arg(long)]
+        model: PathBuf,
+        /// The version this one was derived from.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Where the version came from (default `path:DIR`).
+        #[arg(long)]
+        source: Option<String>,
+        /// Metadata to store with the version (a JSON object).
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// Make a version live (compare-and-set on the current live version).
+    Promote {
+        /// TENANT/NAME
+        adapter: String,
+        version: String,
+        /// The live version expected now (`none` = nothing live); refused if it differs.
+        #[arg(long)]
+        expect: Option<String>,
+    },
+    /// Make the previous (or a named) version live again.
+    Rollback {
+        /// TENANT/NAME
+        adapter: String,
+        /// The version to go back to (default: the previous live one).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Send a share of traffic to a version, or stop (--clear).
+    Canary {
+        /// TENANT/NAME
+        adapter: String,
+        version: Option<String>,
+        /// Percent of requests, 0..=100.
+        percent: Option<u8>,
+        /// Remove the canary.
+        #[arg(long, conflicts_with_all = ["version", "percent"])]
+        clear: bool,
+    },
+    /// Mark a version unservable (not the live one).
+    Retire {
+        /// TENANT/NAME
+        adapter: String,
+        version: String,
+    },
+    /// Delete unaliased versions, keeping the newest N.
+    Gc {
+        /// TENANT/NAME
+        adapter: String,
+        /// Unaliased versions to keep.
+        #[arg(long)]
+        keep: usize,
+    },
+}
 
 fn open(root: &Path) -> Result<Registry> {
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
@@ -24,7 +104,7 @@ fn open(root: &Path) -> Result<Registry> {
 
 fn split(s: &str) -> Result<(&str, &str)> {
     s.split_once('/')
-        .with_context(|| format!("expected TENANT/NAME, got `{s}`\n{USAGE}"))
+        .with_context(|| format!("expected TENANT/NAME, got `{s}`"))
 }
 
 fn print(v: impl serde::Serialize) -> Result<()> {
@@ -32,51 +112,47 @@ fn print(v: impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &mut Args) -> Result<()> {
-    let root = PathBuf::from(args.opt("--root")?.context(USAGE)?);
+pub fn run(args: &AdaptersArgs) -> Result<()> {
     let actor = args
-        .opt("--actor")?
+        .actor
+        .clone()
         .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "cli".into()));
-    let reason = args.opt("--reason")?.unwrap_or_default();
-    let tenant = args.opt("--tenant")?;
-    let model = args.opt("--model")?;
-    let parent = args.opt("--parent")?;
-    let source = args.opt("--source")?;
-    let metadata = args.opt("--metadata")?;
-    let expect = args.opt("--expect")?;
-    let to = args.opt("--to")?;
-    let keep = args.parsed::<usize>("--keep")?;
-    let clear = args.flag("--clear");
-    let pos: Vec<String> = std::mem::take(&mut args.rest);
-    let Some((cmd, rest)) = pos.split_first() else {
-        bail!("{USAGE}")
-    };
-    let reg = open(&root)?;
-    match (cmd.as_str(), rest) {
-        ("list", []) => print(reg.list(tenant.as_deref())?),
-        ("show", [tn]) => {
-            let (t, n) = split(tn)?;
+    let reason = &args.reason;
+    let reg = open(&args.root)?;
+    use AdaptersCommand as C;
+    match &args.command {
+        C::List { tenant } => print(reg.list(tenant.as_deref())?),
+        C::Show { adapter } => {
+            let (t, n) = split(adapter)?;
             print(
                 serde_json::json!({"state": reg.state(t, n)?, "versions": reg.versions(t, n)?, "journal": reg.journal(t, n)?}),
             )
         }
-        ("register", [tn, dir]) => {
-            let (t, n) = split(tn)?;
-            let model = model.context("register needs --model PATH (the served base)")?;
-            let m = retune_engine::load(Path::new(&model))?.model;
+        C::Register {
+            adapter,
+            dir,
+            model,
+            parent,
+            source,
+            metadata,
+        } => {
+            let (t, n) = split(adapter)?;
+            let m = retune_engine::load(model)?.model;
             let base = ServedBase {
                 shapes: m.base_shapes(),
                 fingerprint: m.fingerprint(),
             };
             let metadata = match metadata {
-                Some(j) => serde_json::from_str(&j).context("--metadata must be JSON")?,
+                Some(j) => serde_json::from_str(j).context("--metadata must be JSON")?,
                 None => serde_json::json!({}),
             };
-            let source = source.unwrap_or_else(|| format!("path:{dir}"));
+            let source = source
+                .clone()
+                .unwrap_or_else(|| format!("path:{}", dir.display()));
             let v = NewVersion {
                 tenant: t,
                 name: n,
-                dir: Path::new(dir),
+                dir,
                 source: &source,
                 parent: parent.as_deref(),
                 metadata,
@@ -85,36 +161,44 @@ pub fn run(args: &mut Args) -> Result<()> {
             };
             print(reg.register(v, &base)?)
         }
-        ("promote", [tn, v]) => {
-            let (t, n) = split(tn)?;
+        C::Promote {
+            adapter,
+            version,
+            expect,
+        } => {
+            let (t, n) = split(adapter)?;
             let expect = match expect.as_deref() {
                 None => Expect::Any,
                 Some("none") => Expect::NoLive,
                 Some(e) => Expect::Version(e.to_string()),
             };
-            print(reg.promote(t, n, v, expect, &actor, &reason)?)
+            print(reg.promote(t, n, version, expect, &actor, reason)?)
         }
-        ("rollback", [tn]) => {
-            let (t, n) = split(tn)?;
-            print(reg.rollback(t, n, to.as_deref(), &actor, &reason)?)
+        C::Rollback { adapter, to } => {
+            let (t, n) = split(adapter)?;
+            print(reg.rollback(t, n, to.as_deref(), &actor, reason)?)
         }
-        ("canary", [tn]) if clear => {
-            let (t, n) = split(tn)?;
-            print(reg.set_canary(t, n, None, &actor, &reason)?)
+        C::Canary {
+            adapter,
+            version,
+            percent,
+            clear,
+        } => {
+            let (t, n) = split(adapter)?;
+            let canary = match (version, percent, clear) {
+                (_, _, true) => None,
+                (Some(v), Some(p), false) if *p <= 100 => Some((v.as_str(), *p)),
+                _ => bail!("canary needs VERSION PERCENT (0..=100) or --clear"),
+            };
+            print(reg.set_canary(t, n, canary, &actor, reason)?)
         }
-        ("canary", [tn, v, pct]) => {
-            let (t, n) = split(tn)?;
-            let pct: u8 = pct.parse().context("PERCENT must be 0..=100")?;
-            print(reg.set_canary(t, n, Some((v, pct)), &actor, &reason)?)
+        C::Retire { adapter, version } => {
+            let (t, n) = split(adapter)?;
+            print(reg.retire(t, n, version, &actor, reason)?)
         }
-        ("retire", [tn, v]) => {
-            let (t, n) = split(tn)?;
-            print(reg.retire(t, n, v, &actor, &reason)?)
+        C::Gc { adapter, keep } => {
+            let (t, n) = split(adapter)?;
+            print(reg.gc(t, n, *keep, &actor)?)
         }
-        ("gc", [tn]) => {
-            let (t, n) = split(tn)?;
-            print(reg.gc(t, n, keep.context("gc needs --keep N")?, &actor)?)
-        }
-        _ => bail!("unknown or malformed adapters command\n{USAGE}"),
     }
 }

@@ -3,7 +3,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use retune_engine::EngineError;
+use retune_engine::{EngineError, ErrorKind, GenError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -23,12 +23,17 @@ pub enum ApiError {
     Overloaded,
     #[error("{0}")]
     Unavailable(String),
-    #[error("{0}")]
+    /// The adapter version could not be served; the detail is logged, not shown.
+    #[error("adapter unavailable: {0}")]
+    Adapter(String),
+    /// A server fault; the detail is logged with the request id, never shown.
+    #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl ApiError {
-    fn kind(&self) -> (&'static str, &'static str) {
+    /// `error.type` and `error.code` of the OpenAI shape.
+    pub fn kind(&self) -> (&'static str, &'static str) {
         match self {
             Self::BadRequest(_) => ("invalid_request_error", "invalid_request"),
             Self::Unauthorized(_) => ("authentication_error", "invalid_api_key"),
@@ -38,8 +43,44 @@ impl ApiError {
             Self::Forbidden(_) => ("permission_error", "forbidden"),
             Self::Overloaded => ("rate_limit_error", "overloaded"),
             Self::Unavailable(_) => ("server_error", "unavailable"),
+            Self::Adapter(_) => ("server_error", "adapter_unavailable"),
             Self::Internal(_) => ("server_error", "internal_error"),
         }
+    }
+
+    /// Detail that is for the log only (its text may name files or internals).
+    pub fn hidden_detail(&self) -> Option<&str> {
+        match self {
+            Self::Adapter(d) | Self::Internal(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// What a client may read.
+    pub fn public_message(&self, request_id: Option<&str>) -> String {
+        let rid = request_id
+            .map(|r| format!(" (request id {r})"))
+            .unwrap_or_default();
+        match self {
+            Self::Adapter(_) => format!("the adapter could not be served{rid}"),
+            Self::Internal(_) => format!("internal server error{rid}"),
+            other => other.to_string(),
+        }
+    }
+
+    /// The OpenAI error object.
+    pub fn body(&self, request_id: Option<&str>) -> serde_json::Value {
+        let (kind, code) = self.kind();
+        serde_json::json!({"error": {"message": self.public_message(request_id), "type": kind, "param": null, "code": code}})
+    }
+
+    /// The response, with the request id in the message of a server fault.
+    pub fn response(&self, request_id: Option<&str>) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        if matches!(self, Self::Overloaded) {
+            resp.insert_header(("Retry-After", "1"));
+        }
+        resp.json(self.body(request_id))
     }
 }
 
@@ -53,32 +94,33 @@ impl ResponseError for ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Adapter(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
+    /// Without the request id; the request middleware answers server faults
+    /// again with it (and logs their detail).
     fn error_response(&self) -> HttpResponse {
-        let (kind, code) = self.kind();
-        let mut resp = HttpResponse::build(self.status_code());
-        if matches!(self, Self::Overloaded) {
-            resp.insert_header(("Retry-After", "1"));
+        self.response(None)
+    }
+}
+
+impl From<GenError> for ApiError {
+    fn from(e: GenError) -> Self {
+        match e.kind {
+            ErrorKind::Client => Self::BadRequest(e.message),
+            ErrorKind::Adapter => Self::Adapter(e.message),
+            ErrorKind::Capacity => Self::Overloaded,
+            ErrorKind::Unavailable => Self::Unavailable("the server is shutting down".into()),
+            ErrorKind::Internal => Self::Internal(e.message),
         }
-        resp.json(serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": null, "code": code}}))
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::Overloaded(_) => Self::Overloaded,
-            EngineError::PromptTooLong { .. }
-            | EngineError::EmptyPrompt
-            | EngineError::InvalidRequest(_)
-            | EngineError::Template(_) => Self::BadRequest(e.to_string()),
-            EngineError::ShutDown => Self::Unavailable(e.to_string()),
-            other => Self::Internal(other.to_string()),
-        }
+        GenError::from(e).into()
     }
 }
 

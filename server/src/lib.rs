@@ -8,10 +8,11 @@ pub mod metrics;
 pub mod openai;
 pub mod routes;
 
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App, HttpServer, ResponseError};
+use errors::ApiError;
 use retune_adapters::{AdapterPool, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase};
 use retune_config::Settings;
-use retune_engine::{load, ChatTemplate, Engine, EngineConfig};
+use retune_engine::{load, Backend, Engine, EngineConfig};
 use std::net::TcpListener;
 use std::sync::Arc;
 
@@ -34,14 +35,125 @@ pub enum StartError {
 /// Everything a request handler needs.
 pub struct AppState {
     pub settings: Settings,
-    pub engine: Engine,
-    pub template: ChatTemplate,
+    pub backend: Arc<dyn Backend>,
     pub keys: auth::Keys,
     pub registry: Option<Arc<Registry>>,
     pub pool: Option<Arc<AdapterPool>>,
     pub metrics: metrics::Metrics,
     /// The served base, for validating registered adapters.
     pub base: ServedBase,
+}
+
+impl AppState {
+    pub fn new(
+        settings: Settings,
+        backend: Arc<dyn Backend>,
+        registry: Option<Arc<Registry>>,
+        pool: Option<Arc<AdapterPool>>,
+        base: ServedBase,
+    ) -> Result<Self, StartError> {
+        let metrics = metrics::Metrics::new(settings.server.max_metric_adapters)
+            .map_err(|e| StartError::Metrics(e.to_string()))?;
+        Ok(Self {
+            keys: auth::Keys::new(&settings),
+            settings,
+            backend,
+            registry,
+            pool,
+            metrics,
+            base,
+        })
+    }
+}
+
+/// The id of one HTTP request: taken from a well-formed `x-request-id` header or
+/// drawn, echoed in the response header and in the message of every server fault.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    fn of(req: &actix_web::dev::ServiceRequest) -> Self {
+        let given = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            });
+        Self(match given {
+            Some(v) => v.to_string(),
+            None => format!("req-{:016x}", rand::random::<u64>()),
+        })
+    }
+}
+
+/// The whole HTTP application on `state`: routes, the request id, request
+/// metrics, and server faults logged with their detail and answered without it.
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        .wrap_fn(|req, srv| {
+            use actix_web::dev::Service;
+            use actix_web::HttpMessage;
+            let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+            let state = req.app_data::<web::Data<AppState>>().cloned();
+            let rid = RequestId::of(&req);
+            req.extensions_mut().insert(rid.clone());
+            let start = std::time::Instant::now();
+            let fut = srv.call(req);
+            async move {
+                let res = fut.await?;
+                let res = match res.response().error().and_then(|e| e.as_error::<ApiError>()) {
+                    Some(err) if err.hidden_detail().is_some() => {
+                        tracing::error!(request_id = %rid.0, route = %route, status = err.status_code().as_u16(),
+                            detail = err.hidden_detail().unwrap_or_default(), "request failed");
+                        let fresh = err.response(Some(&rid.0));
+                        res.into_response(fresh.map_into_boxed_body())
+                    }
+                    _ => res.map_into_boxed_body(),
+                };
+                let mut res = res;
+                if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&rid.0) {
+                    res.headers_mut().insert(
+                        actix_web::http::header::HeaderName::from_static("x-request-id"),
+                        v,
+                    );
+                }
+                if let Some(st) = state {
+                    let tenant = res
+                        .request()
+                        .extensions()
+                        .get::<routes::TenantLabel>()
+                        .map(|t| t.0.clone());
+                    let tenant = tenant.unwrap_or_else(|| "-".into());
+                    let status = res.status().as_u16().to_string();
+                    st.metrics
+                        .requests
+                        .with_label_values(&[&route, &status, &tenant])
+                        .inc();
+                    st.metrics
+                        .duration
+                        .with_label_values(&[&route])
+                        .observe(start.elapsed().as_secs_f64());
+                }
+                Ok(res)
+            }
+        })
+        .configure(routes::configure)
+        .configure(admin::configure)
 }
 
 pub struct Application {
@@ -86,79 +198,36 @@ impl Application {
             max_kv_tokens: e.max_kv_tokens,
             threads: e.threads,
         };
-        let backend = retune_engine::device::build_backend(
+        let compute = retune_engine::device::build_backend(
             loaded.model,
             &e.device,
             &retune_engine::device::options_from_settings(e)?,
         )?;
-        let engine = Engine::start_with_pool(backend, loaded.tok, cfg, pool.clone())?;
-        let metrics = metrics::Metrics::new(settings.server.max_metric_adapters)
-            .map_err(|e| StartError::Metrics(e.to_string()))?;
-        let addr = format!("{}:{}", settings.server.host, settings.server.port);
-        let listener = TcpListener::bind(&addr).map_err(|e| StartError::Bind {
+        let engine = Engine::start_with_pool(compute, loaded.tok, cfg, pool.clone())?
+            .with_template(loaded.template);
+        let state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
+        Self::serve(state)
+    }
+
+    /// Bind and serve `state` (any backend).
+    pub fn serve(state: AppState) -> Result<Self, StartError> {
+        let addr = format!(
+            "{}:{}",
+            state.settings.server.host, state.settings.server.port
+        );
+        let bind = |e: std::io::Error| StartError::Bind {
             addr: addr.clone(),
             source: e,
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| StartError::Bind {
-                addr: addr.clone(),
-                source: e,
-            })?
-            .port();
-        let state = web::Data::new(AppState {
-            keys: auth::Keys::new(&settings),
-            template: loaded.template,
-            settings,
-            engine,
-            registry,
-            pool,
-            metrics,
-            base,
-        });
+        };
+        let listener = TcpListener::bind(&addr).map_err(bind)?;
+        let port = listener.local_addr().map_err(bind)?.port();
         let drain = state.settings.server.drain_seconds;
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .wrap_fn(|req, srv| {
-                    use actix_web::dev::Service;
-                    use actix_web::HttpMessage;
-                    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-                    let state = req.app_data::<web::Data<AppState>>().cloned();
-                    let start = std::time::Instant::now();
-                    let fut = srv.call(req);
-                    async move {
-                        let res = fut.await?;
-                        if let Some(st) = state {
-                            let tenant = res
-                                .request()
-                                .extensions()
-                                .get::<routes::TenantLabel>()
-                                .map(|t| t.0.clone());
-                            let tenant = tenant.unwrap_or_else(|| "-".into());
-                            let status = res.status().as_u16().to_string();
-                            st.metrics
-                                .requests
-                                .with_label_values(&[&route, &status, &tenant])
-                                .inc();
-                            st.metrics
-                                .duration
-                                .with_label_values(&[&route])
-                                .observe(start.elapsed().as_secs_f64());
-                        }
-                        Ok(res)
-                    }
-                })
-                .configure(routes::configure)
-                .configure(admin::configure)
-        })
-        .listen(listener)
-        .map_err(|e| StartError::Bind {
-            addr: addr.clone(),
-            source: e,
-        })?
-        .shutdown_timeout(drain)
-        .run();
+        let state = web::Data::new(state);
+        let server = HttpServer::new(move || app(state.clone()))
+            .listen(listener)
+            .map_err(bind)?
+            .shutdown_timeout(drain)
+            .run();
         Ok(Self { server, port })
     }
 

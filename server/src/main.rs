@@ -1,93 +1,121 @@
-//! `retune` command line: `generate` (one prompt, chat template applied) and
-//! `bench` (engine throughput; see BENCHMARKS.md).
+//! `retune`: serve the OpenAI API, generate from one prompt, manage the adapter
+//! registry. Benchmarks live in the `retune-bench` binary.
 
 use anyhow::{bail, Context, Result};
-use retune_engine::{
-    load, ChatMessage, Engine, EngineConfig, Event, GenerateRequest, SamplingParams,
-};
+use clap::{Parser, Subcommand};
+use retune_engine::SamplingParams;
+use retune_engine::{load, Backend, ChatMessage, Engine, EngineConfig, Event};
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 mod adapters_cli;
-mod bench;
-mod bench_device;
 
-const USAGE: &str = "usage:
-  retune generate --model PATH [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] [--threads N] [--raw] PROMPT
-  retune serve --config FILE   (settings: TOML + RETUNE_SECTION__KEY env overrides)
-  retune serve --model PATH    (embedded defaults: 127.0.0.1:8080, API key `local`)
-  retune adapters --root DIR list|show|register|promote|rollback|canary|retire|gc ...
-  retune bench --model PATH [--llama-bench PATH] [--decode-tokens N] [--lora [--keep-adapters DIR]]
-  retune bench-device --model PATH [--device cuda] [--dtype bf16] [--weights dense|quantized] [--streams 64]
-      [--prompt-tokens 128] [--decode-tokens 128] [--adapters-dir DIR --distinct 0,1,16,100] [--json FILE]
-  retune check-device --model GGUF [--device cuda] [--dtype f32] [--prompts FIXTURE] [--tokens 32] [--adapter DIR]";
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  runtime failure: bad settings (the message names the key), model load, bind, registry, generation
+  2  usage error: unknown command or flag, missing or malformed argument";
 
-struct Args {
-    rest: Vec<String>,
+#[derive(Parser)]
+#[command(
+    name = "retune",
+    version,
+    about = "One base LLM, many LoRA adapters per request and tenant: the OpenAI API server",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-impl Args {
-    fn flag(&mut self, name: &str) -> bool {
-        let before = self.rest.len();
-        self.rest.retain(|a| a != name);
-        before != self.rest.len()
-    }
-    fn opt(&mut self, name: &str) -> Result<Option<String>> {
-        match self.rest.iter().position(|a| a == name) {
-            Some(i) if i + 1 < self.rest.len() => {
-                let v = self.rest.remove(i + 1);
-                self.rest.remove(i);
-                Ok(Some(v))
-            }
-            Some(_) => bail!("{name} needs a value\n{USAGE}"),
-            None => Ok(None),
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API (and the admin API) until SIGTERM/SIGINT.
+    #[command(after_help = EXIT_CODES)]
+    Serve(ServeArgs),
+    /// Generate from one prompt on the CPU engine (the chat template is applied unless --raw).
+    #[command(after_help = EXIT_CODES)]
+    Generate(GenerateArgs),
+    /// The adapter registry: list, show, register, promote, rollback, canary, retire, gc.
+    #[command(after_help = EXIT_CODES)]
+    Adapters(adapters_cli::AdaptersArgs),
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ServeArgs {
+    /// Settings file (TOML); RETUNE_<SECTION>__<KEY> environment variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve this model on embedded defaults: 127.0.0.1:8080, one tenant `local` with API key `local`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The model: a GGUF file or an HF safetensors directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of the sampler (drawn when not given; printed at the end).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A system message before the prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Compute threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// The prompt (several words are joined with spaces).
+    #[arg(required = true)]
+    prompt: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // usage errors exit 2
+    let result = match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Generate(a) => generate(a),
+        Command::Adapters(a) => adapters_cli::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Result<Option<T>>
-    where
-        T::Err: std::error::Error + Send + Sync + 'static,
-    {
-        self.opt(name)?
-            .map(|v| {
-                v.parse::<T>()
-                    .with_context(|| format!("bad value for {name}"))
-            })
-            .transpose()
-    }
 }
 
-fn main() -> Result<()> {
-    let mut argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.is_empty() {
-        bail!("{USAGE}");
-    }
-    let cmd = argv.remove(0);
-    let mut args = Args { rest: argv };
-    match cmd.as_str() {
-        "generate" => generate(&mut args),
-        "bench" => bench::run(&mut args),
-        "bench-device" => bench_device::run_bench(&mut args),
-        "check-device" => bench_device::run_check(&mut args),
-        "adapters" => adapters_cli::run(&mut args),
-        "serve" => serve(&mut args),
-        _ => bail!("unknown command `{cmd}`\n{USAGE}"),
-    }
-}
-
-fn serve(args: &mut Args) -> Result<()> {
-    let settings = match (args.opt("--config")?, args.opt("--model")?) {
-        (Some(path), _) => {
-            retune_config::Settings::load(std::path::Path::new(&path), std::env::vars())?
-        }
-        // embedded defaults: the model, local port 8080, no tenants but an open local key
+fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let settings = match (args.config, args.model) {
+        (Some(path), _) => retune_config::Settings::load(&path, std::env::vars())?,
+        // embedded defaults: the model, local port 8080, one tenant with the key `local`
         (None, Some(model)) => {
             let toml = format!(
-                "[model]\npath = {model:?}\nid = \"smollm2-135m-instruct\"\n[[tenants]]\nname = \"local\"\nkey_sha256 = [\"{}\"]\n",
+                "[model]\npath = {:?}\nid = \"smollm2-135m-instruct\"\n[[tenants]]\nname = \"local\"\nkey_sha256 = [\"{}\"]\n",
+                model.to_string_lossy(),
                 retune_server::auth::hash_key("local")
             );
             retune_config::Settings::from_toml(&toml, std::env::vars())?
         }
-        (None, None) => bail!("serve needs --config FILE or --model PATH\n{USAGE}"),
+        (None, None) => bail!("serve needs --config FILE or --model PATH"),
     };
     let app = retune_server::Application::build(settings)?;
     eprintln!("retune listening on port {}", app.port());
@@ -95,32 +123,15 @@ fn serve(args: &mut Args) -> Result<()> {
     Ok(())
 }
 
-fn model_path(args: &mut Args) -> Result<PathBuf> {
-    match args.opt("--model")? {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => bail!("--model PATH is required\n{USAGE}"),
-    }
-}
-
-fn generate(args: &mut Args) -> Result<()> {
-    let path = model_path(args)?;
-    let raw = args.flag("--raw");
-    let max_tokens = args.parsed::<usize>("--max-tokens")?.unwrap_or(128);
-    let temperature = args.parsed::<f32>("--temperature")?.unwrap_or(0.0);
-    let seed = args.parsed::<u64>("--seed")?;
-    let system = args.opt("--system")?;
-    let threads = args.parsed::<usize>("--threads")?.unwrap_or(0);
-    let prompt = args.rest.join(" ");
-    if prompt.is_empty() {
-        bail!("a PROMPT is required\n{USAGE}");
-    }
-    let loaded = load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let text = if raw {
+fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = a.prompt.join(" ");
+    let loaded = load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let text = if a.raw {
         prompt
     } else {
         let mut msgs = Vec::new();
-        if let Some(s) = system {
-            msgs.push(ChatMessage::new("system", &s));
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
         }
         msgs.push(ChatMessage::new("user", &prompt));
         loaded.template.render(&msgs, true)?
@@ -130,17 +141,18 @@ fn generate(args: &mut Args) -> Result<()> {
         loaded.model,
         loaded.tok,
         EngineConfig {
-            threads,
+            threads: a.threads,
             ..EngineConfig::default()
         },
     )?;
     let params = SamplingParams {
-        temperature,
-        seed,
-        ..SamplingParams::greedy(max_tokens)
+        temperature: a.temperature,
+        seed: a.seed,
+        ..SamplingParams::greedy(a.max_tokens)
     };
     let start = std::time::Instant::now();
-    let mut stream = engine.submit(GenerateRequest::new(ids.clone(), params))?;
+    let valid = engine.validate(ids, params, None)?;
+    let mut stream = engine.submit(valid)?;
     let mut out = std::io::stdout().lock();
     let mut first = None;
     while let Some(ev) = stream.blocking_next() {
@@ -156,16 +168,17 @@ fn generate(args: &mut Args) -> Result<()> {
                 let ttft = first.unwrap_or(total);
                 let decode = (total - ttft).as_secs_f64();
                 eprintln!(
-                    "[{} prompt tokens, {} generated, finish {:?}, first token {:.0} ms, decode {:.1} tok/s]",
-                    c.prompt_tokens,
-                    c.completion_tokens,
+                    "[{} prompt tokens, {} generated, finish {:?}, seed {}, first token {:.0} ms, decode {:.1} tok/s]",
+                    c.prompt_tokens(),
+                    c.completion_tokens(),
                     c.finish,
+                    c.seed().unwrap_or_default(),
                     ttft.as_secs_f64() * 1e3,
-                    (c.completion_tokens.saturating_sub(1)) as f64 / decode.max(1e-9)
+                    (c.completion_tokens().saturating_sub(1)) as f64 / decode.max(1e-9)
                 );
                 return Ok(());
             }
-            Event::Error(e) => bail!("generation failed: {e}"),
+            Event::Error(e) => bail!("generation failed: {}", e.message),
         }
     }
     bail!("engine stopped")

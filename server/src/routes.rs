@@ -3,10 +3,12 @@
 use crate::errors::ApiError;
 use crate::openai::*;
 use crate::AppState;
+use crate::RequestId;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use retune_engine::{ChatMessage, Event, FinishReason, GenerateRequest, SamplingParams};
+use retune_adapters::{AdapterRef, RegistryError};
+use retune_engine::{ChatMessage, Completion, Event, Health, SamplingParams, ValidRequest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -28,17 +30,22 @@ async fn health() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-async fn ready() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+async fn ready(state: Data) -> HttpResponse {
+    match state.backend.health() {
+        Health::Ready => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Health::Unavailable(why) => {
+            tracing::warn!(reason = %why, "not ready");
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "unavailable"}))
+        }
+    }
 }
 
-async fn metrics(state: Data) -> HttpResponse {
+async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
     let m = &state.metrics;
-    let s = state.engine.stats();
-    m.queue_depth.set(s.queued.load(Ordering::Relaxed) as i64);
-    m.running.set(s.running.load(Ordering::Relaxed) as i64);
-    m.step_tokens
-        .set(s.last_step_tokens.load(Ordering::Relaxed) as i64);
+    let s = state.backend.stats();
+    m.queue_depth.set(s.queued as i64);
+    m.running.set(s.running as i64);
+    m.step_tokens.set(s.last_step_tokens as i64);
     if let Some(p) = &state.pool {
         let ps = p.stats();
         m.adapters_resident
@@ -52,12 +59,12 @@ async fn metrics(state: Data) -> HttpResponse {
     }
     let mut out = Vec::new();
     use prometheus::Encoder;
-    match prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut out) {
-        Ok(()) => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4")
-            .body(out),
-        Err(e) => actix_web::ResponseError::error_response(&ApiError::Internal(e.to_string())),
-    }
+    prometheus::TextEncoder::new()
+        .encode(&m.registry.gather(), &mut out)
+        .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(out))
 }
 
 fn tenant<'a>(state: &'a AppState, req: &HttpRequest) -> Result<&'a str, ApiError> {
@@ -81,10 +88,11 @@ async fn models(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError>
         serde_json::json!({"id": state.settings.model.id, "object": "model", "owned_by": "retune"}),
     ];
     if let Some(reg) = &state.registry {
-        for (_, name, st) in reg
-            .list(Some(t))
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-        {
+        let (reg, tenant) = (reg.clone(), t.to_string());
+        let listed = web::block(move || reg.list(Some(&tenant)))
+            .await
+            .map_err(|e| ApiError::Internal(format!("registry list: {e}")))??;
+        for (_, name, st) in listed {
             if let Some(live) = st.live {
                 data.push(serde_json::json!({"id": name, "object": "model", "owned_by": t, "version": live}));
             }
@@ -109,49 +117,35 @@ async fn body(state: &AppState, mut payload: web::Payload) -> Result<Bytes, ApiE
     Ok(buf.freeze())
 }
 
-/// `model` → (adapter handle, the model name to report).
-fn resolve(
+/// `model` → the adapter version it names for `tenant` (`None` = the base).
+/// `request_id` picks the canary bucket, stable per request.
+async fn resolve(
     state: &AppState,
     tenant: &str,
     model: &str,
     request_id: &str,
-) -> Result<(Option<String>, String), ApiError> {
+) -> Result<Option<AdapterRef>, ApiError> {
     if model == state.settings.model.id {
-        return Ok((None, model.to_string()));
+        return Ok(None);
     }
     let not_found = || ApiError::NotFound(format!("model `{model}` does not exist"));
-    let reg = state.registry.as_ref().ok_or_else(not_found)?;
-    let (name, version) = match model.split_once('@') {
-        Some((n, v)) => (n, Some(v)),
-        None => (model, None),
-    };
-    let version = match version {
-        Some(v) => {
-            let info = reg.version(tenant, name, v).map_err(|_| not_found())?;
-            if info.retired {
-                return Err(not_found());
-            }
-            v.to_string()
-        }
-        None => {
-            let st = reg.state(tenant, name).map_err(|_| not_found())?;
-            let bucket = request_id
-                .bytes()
-                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
-                % 100;
-            match (st.canary, st.live) {
-                (Some((c, pct)), _) if bucket < pct as u32 => c,
-                (_, Some(live)) => live,
-                _ => return Err(not_found()),
-            }
-        }
-    };
-    Ok((
-        Some(retune_adapters::Registry::handle(tenant, name, &version)),
-        format!("{name}@{version}"),
-    ))
+    let reg = state.registry.clone().ok_or_else(not_found)?;
+    let bucket = (request_id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+        % 100) as u8;
+    let (tenant, m) = (tenant.to_string(), model.to_string());
+    let resolved = web::block(move || reg.resolve(&tenant, &m, bucket))
+        .await
+        .map_err(|e| ApiError::Internal(format!("registry resolve: {e}")))?;
+    match resolved {
+        Ok(r) => Ok(Some(r)),
+        Err(RegistryError::NotFound(_)) => Err(not_found()),
+        Err(e) => Err(e.into()),
+    }
 }
 
+/// Sampling parameters from the request, checked before any expensive work.
 fn params(
     state: &AppState,
     c: &Common,
@@ -203,63 +197,77 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn finish(f: &FinishReason) -> &'static str {
-    match f {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
+/// What the response needs to know about one generation.
 struct Job {
     id: String,
+    request_id: String,
+    /// The model name reported: the base id or `name@version`.
     model: String,
-    version: Option<String>,
     chat: bool,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
 }
 
-/// Authenticate, read and parse the body, and resolve the model: the part chat
-/// and text completions share.
+/// A parsed, authenticated request with its adapter resolved: the part chat and
+/// text completions share.
+struct Admitted<T> {
+    body: T,
+    job: Job,
+    params: SamplingParams,
+    adapter: Option<AdapterRef>,
+}
+
 async fn admit<T: serde::de::DeserializeOwned>(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
     id_prefix: &str,
-    model_of: impl Fn(&T) -> &str,
-) -> Result<(T, String, Option<String>, String), ApiError> {
+    common: impl Fn(&T) -> &Common,
+    logprobs: impl Fn(&T) -> Option<usize>,
+    chat: bool,
+) -> Result<Admitted<T>, ApiError> {
     let t = tenant(state, req)?.to_string();
     let raw = body(state, payload).await?;
     let r: T = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let c = common(&r);
+    let lp = logprobs(&r);
+    let params = params(state, c, lp)?;
     let id = completion_id(id_prefix);
-    let (adapter, model) = resolve(state, &t, model_of(&r), &id)?;
-    Ok((r, id, adapter, model))
+    let adapter = resolve(state, &t, &c.model, &id).await?;
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let job = Job {
+        id,
+        request_id,
+        model: adapter
+            .as_ref()
+            .map(AdapterRef::model)
+            .unwrap_or_else(|| c.model.clone()),
+        chat,
+        stream: c.stream,
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs: lp.is_some(),
+    };
+    Ok(Admitted {
+        body: r,
+        job,
+        params,
+        adapter,
+    })
 }
 
-impl Job {
-    fn new(
-        id: String,
-        adapter: &Option<String>,
-        model: String,
-        chat: bool,
-        common: &Common,
-        logprobs: bool,
-    ) -> Self {
-        Self {
-            id,
-            version: adapter.as_ref().map(|_| model.clone()),
-            model,
-            chat,
-            stream: common.stream,
-            include_usage: common
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.include_usage),
-            logprobs,
-        }
-    }
+/// Tokenise off the async runtime.
+async fn encode(state: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
+    let backend = state.backend.clone();
+    web::block(move || backend.tokenizer().encode(&text, true))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 async fn chat(
@@ -267,30 +275,26 @@ async fn chat(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (r, id, adapter, model) = admit(&state, &req, payload, "chatcmpl", |r: &ChatRequest| {
-        &r.common.model
-    })
+    let a = admit(
+        &state,
+        &req,
+        payload,
+        "chatcmpl",
+        |r: &ChatRequest| &r.common,
+        |r| r.logprobs.then(|| r.top_logprobs.unwrap_or(0)),
+        true,
+    )
     .await?;
-    let msgs: Vec<ChatMessage> = r
+    let msgs: Vec<ChatMessage> = a
+        .body
         .messages
         .iter()
         .map(|m| ChatMessage::new(&m.role, &m.content))
         .collect();
-    let text = state.template.render(&msgs, true)?;
-    let prompt = state.engine.tokenizer().encode(&text, true)?;
-    let top = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
-    let params = params(&state, &r.common, top)?;
-    let job = Job::new(id, &adapter, model, true, &r.common, r.logprobs);
-    generate(
-        state,
-        GenerateRequest {
-            prompt,
-            params,
-            adapter,
-        },
-        job,
-    )
-    .await
+    let text = state.backend.template().render(&msgs, true)?;
+    let prompt = encode(&state, text).await?;
+    let valid = state.backend.validate(prompt, a.params, a.adapter)?;
+    generate(state, valid, a.job).await
 }
 
 async fn completions(
@@ -298,27 +302,23 @@ async fn completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (r, id, adapter, model) = admit(&state, &req, payload, "cmpl", |r: &CompletionRequest| {
-        &r.common.model
-    })
-    .await?;
-    let prompt = state.engine.tokenizer().encode(&r.prompt, true)?;
-    let params = params(&state, &r.common, r.logprobs)?;
-    let job = Job::new(id, &adapter, model, false, &r.common, r.logprobs.is_some());
-    generate(
-        state,
-        GenerateRequest {
-            prompt,
-            params,
-            adapter,
-        },
-        job,
+    let a = admit(
+        &state,
+        &req,
+        payload,
+        "cmpl",
+        |r: &CompletionRequest| &r.common,
+        |r| r.logprobs,
+        false,
     )
-    .await
+    .await?;
+    let prompt = encode(&state, a.body.prompt).await?;
+    let valid = state.backend.validate(prompt, a.params, a.adapter)?;
+    generate(state, valid, a.job).await
 }
 
 fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<TokenLogprob> {
-    let tok = state.engine.tokenizer();
+    let tok = state.backend.tokenizer();
     let top = |id: u32, logprob: f32| {
         let token = tok.decode(&[id], false).unwrap_or_default();
         TopLogprob {
@@ -338,25 +338,49 @@ fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<Toke
     })
 }
 
-async fn generate(state: Data, greq: GenerateRequest, job: Job) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let prompt_tokens = greq.prompt.len();
-    let adapter_name = greq.adapter.clone();
-    let mut stream = state.engine.submit(greq)?;
-    if let (Some(v), Some(h)) = (&job.version, &adapter_name) {
-        let name = h.split('/').nth(1).unwrap_or("");
-        state
-            .metrics
-            .count_version(name, v.rsplit('@').next().unwrap_or(""));
+fn count_tokens(state: &AppState, c: &Completion) {
+    let t = &state.metrics.tokens;
+    t.with_label_values(&["prompt"])
+        .inc_by(c.prompt_tokens() as u64);
+    t.with_label_values(&["completion"])
+        .inc_by(c.completion_tokens() as u64);
+}
+
+fn usage(c: &Completion) -> Usage {
+    Usage {
+        prompt_tokens: c.prompt_tokens(),
+        completion_tokens: c.completion_tokens(),
+        total_tokens: c.prompt_tokens() + c.completion_tokens(),
     }
+}
+
+/// The SSE error event of a failed stream: the client sees a kind's public
+/// message; a server fault's detail goes to the log with the request id.
+fn stream_error(job: &Job, err: ApiError) -> String {
+    if let Some(detail) = err.hidden_detail() {
+        tracing::error!(request_id = %job.request_id, completion_id = %job.id, detail, "stream failed");
+    }
+    format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        err.body(Some(&job.request_id))
+    )
+}
+
+async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let adapter = valid.adapter().cloned();
+    let mut stream = state.backend.submit(valid)?;
     let mut resp = HttpResponse::Ok();
-    if let Some(v) = &job.version {
-        resp.insert_header((
-            "x-retune-adapter-version",
-            v.rsplit('@').next().unwrap_or("").to_string(),
-        ));
+    if let Some(a) = &adapter {
+        state.metrics.count_version(a.name(), a.version());
+        resp.insert_header(("x-retune-adapter-version", a.version().to_string()));
     }
     let created = now();
+    let object = match (job.chat, job.stream) {
+        (true, false) => "chat.completion",
+        (true, true) => "chat.completion.chunk",
+        (false, _) => "text_completion",
+    };
     if !job.stream {
         let mut text = String::new();
         let mut lps = Vec::new();
@@ -375,40 +399,26 @@ async fn generate(state: Data, greq: GenerateRequest, job: Job) -> Result<HttpRe
                 }
                 Some(Event::Done(c)) => {
                     text.push_str(&c.tail);
-                    let usage = Usage {
-                        prompt_tokens,
-                        completion_tokens: c.completion_tokens,
-                        total_tokens: prompt_tokens + c.completion_tokens,
-                    };
-                    state
-                        .metrics
-                        .tokens
-                        .with_label_values(&["prompt"])
-                        .inc_by(prompt_tokens as u64);
-                    state
-                        .metrics
-                        .tokens
-                        .with_label_values(&["completion"])
-                        .inc_by(c.completion_tokens as u64);
+                    count_tokens(&state, &c);
                     let logprobs = job.logprobs.then(|| serde_json::json!({"content": lps}));
+                    let finish = c.finish.as_str();
                     let choice = if job.chat {
                         serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text},
-                            "finish_reason": finish(&c.finish), "logprobs": logprobs})
+                            "finish_reason": finish, "logprobs": logprobs})
                     } else {
-                        serde_json::json!({"index": 0, "text": text, "finish_reason": finish(&c.finish), "logprobs": logprobs})
-                    };
-                    let object = if job.chat {
-                        "chat.completion"
-                    } else {
-                        "text_completion"
+                        serde_json::json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs})
                     };
                     return Ok(resp.json(
                         serde_json::json!({"id": job.id, "object": object, "created": created,
-                        "model": job.model, "choices": [choice], "usage": usage}),
+                        "model": job.model, "choices": [choice], "usage": usage(&c)}),
                     ));
                 }
-                Some(Event::Error(e)) => return Err(ApiError::BadRequest(e)),
-                None => return Err(ApiError::Unavailable("engine stopped".into())),
+                Some(Event::Error(e)) => return Err(e.into()),
+                None => {
+                    return Err(ApiError::Internal(
+                        "generation ended without a result".into(),
+                    ))
+                }
             }
         }
     }
@@ -422,11 +432,6 @@ async fn generate(state: Data, greq: GenerateRequest, job: Job) -> Result<HttpRe
                 if done {
                     return None;
                 }
-                let object = if job.chat {
-                    "chat.completion.chunk"
-                } else {
-                    "text_completion"
-                };
                 let chunk = |choice: serde_json::Value| serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [choice]});
                 let mut out = String::new();
                 let mut finished = false;
@@ -452,38 +457,30 @@ async fn generate(state: Data, greq: GenerateRequest, job: Job) -> Result<HttpRe
                         out.push_str(&format!("data: {}\n\n", chunk(choice)));
                     }
                     Some(Event::Done(c)) => {
+                        let finish = c.finish.as_str();
                         let choice = if job.chat {
-                            serde_json::json!({"index": 0, "delta": {"content": c.tail}, "finish_reason": finish(&c.finish)})
+                            serde_json::json!({"index": 0, "delta": {"content": c.tail}, "finish_reason": finish})
                         } else {
-                            serde_json::json!({"index": 0, "text": c.tail, "finish_reason": finish(&c.finish)})
+                            serde_json::json!({"index": 0, "text": c.tail, "finish_reason": finish})
                         };
                         out.push_str(&format!("data: {}\n\n", chunk(choice)));
                         if job.include_usage {
-                            let usage = Usage {
-                                prompt_tokens,
-                                completion_tokens: c.completion_tokens,
-                                total_tokens: prompt_tokens + c.completion_tokens,
-                            };
-                            let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage});
+                            let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage(&c)});
                             out.push_str(&format!("data: {u}\n\n"));
                         }
-                        st.metrics
-                            .tokens
-                            .with_label_values(&["prompt"])
-                            .inc_by(prompt_tokens as u64);
-                        st.metrics
-                            .tokens
-                            .with_label_values(&["completion"])
-                            .inc_by(c.completion_tokens as u64);
+                        count_tokens(&st, &c);
                         out.push_str("data: [DONE]\n\n");
                         finished = true;
                     }
                     Some(Event::Error(e)) => {
-                        let err = serde_json::json!({"error": {"message": e, "type": "server_error", "param": null, "code": "generation_failed"}});
-                        out.push_str(&format!("data: {err}\n\ndata: [DONE]\n\n"));
+                        out.push_str(&stream_error(&job, e.into()));
                         finished = true;
                     }
-                    None => return None,
+                    None => {
+                        let err = ApiError::Internal("generation ended without a result".into());
+                        out.push_str(&stream_error(&job, err));
+                        finished = true;
+                    }
                 }
                 Some((
                     Ok::<Bytes, actix_web::Error>(Bytes::from(out)),

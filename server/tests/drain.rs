@@ -32,8 +32,12 @@ fn sigterm_drains_in_flight_streams_and_exits_zero() {
         .spawn()
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
+    // log lines may come first: the port is on the `listening` line
     let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    while !line.contains("listening on port") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no listening line");
+    }
     let port: u16 = line
         .trim()
         .rsplit(' ')

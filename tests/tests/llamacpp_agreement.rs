@@ -105,7 +105,7 @@ fn greedy_tokens_identical_alone_and_in_a_batch_of_eight() {
         .collect();
     let streams: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(req(p)).unwrap())
+        .map(|p| engine.generate(req(p)).unwrap())
         .collect();
     for (i, (mut s, want)) in streams.into_iter().zip(&alone).enumerate() {
         let mut got = Vec::new();

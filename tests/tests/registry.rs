@@ -132,7 +132,7 @@ fn promote_rollback_twice_restart_and_journal() {
     // the pool loads versions through the registry
     let reg = Arc::new(reg);
     let pool = AdapterPool::new(reg.clone(), base().shapes, PoolConfig::default());
-    let h = Registry::handle("acme", "tickets", &v2.id);
+    let h = AdapterRef::new("acme", "tickets", &v2.id, Via::Pinned).unwrap();
     let t = std::time::Instant::now();
     while !matches!(pool.acquire(&h), Acquire::Ready(_)) {
         assert!(t.elapsed().as_secs() < 10);
@@ -154,7 +154,7 @@ fn promote_rollback_twice_restart_and_journal() {
         Err(RegistryError::NotFound(_))
     ));
     assert!(reg
-        .locate(&Registry::handle("acme", "tickets", &v3.id))
+        .servable_dir(&AdapterRef::new("acme", "tickets", &v3.id, Via::Pinned).unwrap())
         .is_err());
     assert_eq!(
         reg.journal("acme", "tickets")
@@ -185,10 +185,76 @@ fn promote_rollback_twice_restart_and_journal() {
         Err(RegistryError::Rejected(_))
     ));
     assert!(
-        reg.locate(&Registry::handle("acme", "tickets", &v1.id))
+        reg.servable_dir(&AdapterRef::new("acme", "tickets", &v1.id, Via::Pinned).unwrap())
             .is_err(),
         "retired versions are not servable"
     );
+}
+
+#[test]
+fn resolve_gives_one_reference_for_live_canary_and_pinned_and_hides_the_rest() {
+    let dir = tmpdir("resolve");
+    let reg = open(&dir);
+    let not_found =
+        |r: Result<AdapterRef, RegistryError>| matches!(r, Err(RegistryError::NotFound(_)));
+    assert!(
+        not_found(reg.resolve("acme", "tickets", 0)),
+        "unknown adapter"
+    );
+    let v1 = reg
+        .register(new(&upload(&dir, 1), "acme", "tickets"), &base())
+        .unwrap();
+    assert!(
+        not_found(reg.resolve("acme", "tickets", 0)),
+        "nothing live yet"
+    );
+    reg.promote("acme", "tickets", &v1.id, Expect::NoLive, "a", "r")
+        .unwrap();
+    let v2 = reg
+        .register(new(&upload(&dir, 2), "acme", "tickets"), &base())
+        .unwrap();
+    let live = reg.resolve("acme", "tickets", 0).unwrap();
+    assert_eq!(
+        (live.tenant(), live.name(), live.version(), live.via()),
+        ("acme", "tickets", v1.id.as_str(), Via::Live)
+    );
+    assert_eq!(live.key(), format!("acme/tickets/{}", v1.id));
+    let pinned = reg
+        .resolve("acme", &format!("tickets@{}", v2.id), 0)
+        .unwrap();
+    assert_eq!(
+        (pinned.version(), pinned.via()),
+        (v2.id.as_str(), Via::Pinned)
+    );
+    // the canary takes the buckets below its share
+    reg.set_canary("acme", "tickets", Some((&v2.id, 30)), "a", "try")
+        .unwrap();
+    let at = |bucket| reg.resolve("acme", "tickets", bucket).unwrap();
+    assert_eq!(
+        (at(29).version(), at(29).via()),
+        (v2.id.as_str(), Via::Canary)
+    );
+    assert_eq!(
+        (at(30).version(), at(30).via()),
+        (v1.id.as_str(), Via::Live)
+    );
+    // another tenant, a retired pinned version and a malformed name are all not found
+    assert!(not_found(reg.resolve("globex", "tickets", 0)));
+    reg.set_canary("acme", "tickets", None, "a", "stop")
+        .unwrap();
+    reg.retire("acme", "tickets", &v2.id, "a", "bad").unwrap();
+    assert!(not_found(reg.resolve(
+        "acme",
+        &format!("tickets@{}", v2.id),
+        0
+    )));
+    assert!(not_found(reg.resolve("acme", "../tickets", 0)));
+    assert!(not_found(reg.resolve("acme", "tickets@../../x", 0)));
+    // the pool's source finds the files of a resolved version without the database
+    assert!(AdapterSource::locate(&reg, &live)
+        .unwrap()
+        .join("adapter_config.json")
+        .is_file());
 }
 
 #[test]
@@ -273,7 +339,7 @@ fn bad_input_gets_typed_errors() {
             "{bad}"
         );
     }
-    assert!(reg.locate("t/a/../../etc").is_err());
+    assert!(AdapterRef::new("t", "a", "../../etc", Via::Pinned).is_err());
     // a symlinked file is refused (it could point anywhere)
     let link = dir.join("linked");
     std::fs::create_dir_all(&link).unwrap();
@@ -390,14 +456,15 @@ fn sigkill_during_register_and_promote_leaves_a_consistent_registry() {
         let base = base();
         for v in [&state.live, &state.previous].into_iter().flatten() {
             let path = reg
-                .locate(&Registry::handle("c", "a", v))
+                .servable_dir(&AdapterRef::new("c", "a", v, Via::Pinned).unwrap())
                 .unwrap_or_else(|e| panic!("round {round}: alias to {v}: {e}"));
             load_peft(&path, &base.shapes, &LoadLimits::default())
                 .unwrap_or_else(|e| panic!("round {round}: {v}: {e}"));
         }
         for v in reg.versions("c", "a").unwrap() {
             assert!(
-                reg.locate(&Registry::handle("c", "a", &v.id)).is_ok(),
+                reg.servable_dir(&AdapterRef::new("c", "a", &v.id, Via::Pinned).unwrap())
+                    .is_ok(),
                 "round {round}: registered {} has no files",
                 v.id
             );

@@ -19,13 +19,13 @@
 //!   adapter: the kernel count per step does not grow with the number of adapters.
 
 mod adapter_slots;
-mod backend;
+mod compute;
 mod forward;
 mod kv;
 mod options;
 mod plan;
 
-pub use backend::{Backend, Cache};
+pub use compute::{Cache, Compute};
 pub use kv::DeviceKv;
 pub use options::{
     build_backend, options_from_settings, parse_device, parse_dtype, DeviceOptions, WeightMode,

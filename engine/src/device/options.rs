@@ -1,4 +1,4 @@
-use super::{Backend, DeviceModel};
+use super::{Compute, DeviceModel};
 use crate::error::{EngineError, Result};
 use crate::model::Model;
 use candle_core::{DType, Device};
@@ -96,17 +96,17 @@ pub fn options_from_settings(e: &retune_config::EngineSettings) -> Result<Device
 /// The backend a device setting names: `cpu` = the native CPU engine; `candle-cpu`
 /// = the tensor backend on candle's CPU device; `cuda` / `cuda:N` = the tensor
 /// backend on that GPU (a clear error when the build has no CUDA or no GPU is found).
-pub fn build_backend(model: Model, device: &str, opts: &DeviceOptions) -> Result<Backend> {
+pub fn build_backend(model: Model, device: &str, opts: &DeviceOptions) -> Result<Compute> {
     match device {
-        "cpu" => Ok(Backend::Host(model)),
-        "candle-cpu" => Ok(Backend::Device(DeviceModel::from_model(
+        "cpu" => Ok(Compute::Host(model)),
+        "candle-cpu" => Ok(Compute::Device(DeviceModel::from_model(
             model,
             &Device::Cpu,
             opts,
         )?)),
         name => {
             let dev = parse_device(name)?;
-            Ok(Backend::Device(DeviceModel::from_model(model, &dev, opts)?))
+            Ok(Compute::Device(DeviceModel::from_model(model, &dev, opts)?))
         }
     }
 }

@@ -1,14 +1,19 @@
-//! `retune bench`: prefill, single-stream decode, aggregate decode at 8/32/64
+//! `retune-bench engine`: prefill, single-stream decode, aggregate decode at 8/32/64
 //! concurrent sequences and peak RSS on one model; optionally runs llama.cpp's
 //! `llama-bench -t 2` on the same GGUF in the same run and prints ratios.
 
-use super::Args;
 use anyhow::{bail, Context, Result};
-use retune_engine::{load, Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
+use retune_adapters::{AdapterRef, Via};
+use retune_engine::{load, Backend, Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The adapter in directory `name` of a `DirSource`.
+pub(crate) fn bench_adapter(name: &str) -> Result<AdapterRef> {
+    Ok(AdapterRef::new("bench", name, "v1", Via::Pinned)?)
+}
 
 pub(crate) fn req(prompt: Vec<u32>, n: usize) -> GenerateRequest {
     GenerateRequest::new(
@@ -40,7 +45,7 @@ fn peak_rss_mb() -> f64 {
 /// (seconds to first token, seconds for the rest, tokens)
 fn timed(engine: &Engine, r: GenerateRequest) -> Result<(f64, f64, usize)> {
     let start = Instant::now();
-    let mut s = engine.submit(r)?;
+    let mut s = engine.generate(r)?;
     let mut first = None;
     let mut n = 0;
     while let Some(ev) = s.blocking_next() {
@@ -75,11 +80,11 @@ fn prompt16(i: usize) -> Vec<u32> {
 }
 
 fn aggregate_reqs(engine: &Engine, reqs: Vec<GenerateRequest>) -> Result<(f64, f64)> {
-    let generated = || engine.stats().generated_tokens.load(Ordering::Relaxed);
+    let generated = || engine.stats().generated_tokens;
     let start = Instant::now();
     let mut streams: Vec<_> = reqs
         .into_iter()
-        .map(|r| engine.submit(r))
+        .map(|r| engine.generate(r))
         .collect::<std::result::Result<_, _>>()?;
     let mut total = 0;
     for s in streams.iter_mut() {
@@ -128,14 +133,32 @@ fn llama_bench(bin: &Path, model: &Path) -> Result<(f64, f64)> {
     Ok((pp, tg))
 }
 
-pub fn run(args: &mut Args) -> Result<()> {
-    let path = super::model_path(args)?;
-    let llama = args
-        .opt("--llama-bench")?
-        .or_else(|| std::env::var("LLAMA_BENCH").ok());
-    let decode_tokens = args.parsed::<usize>("--decode-tokens")?.unwrap_or(128);
-    let lora = args.flag("--lora");
-    let keep_adapters = args.opt("--keep-adapters")?.map(PathBuf::from);
+/// `retune-bench engine`: the native CPU engine against llama.cpp on one GGUF.
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    /// The model (GGUF file or HF safetensors directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// llama.cpp's `llama-bench` binary, run on the same model in the same run.
+    #[arg(long, env = "LLAMA_BENCH")]
+    llama_bench: Option<String>,
+    /// Tokens decoded per stream.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Also measure multi-LoRA decode (64 synthetic adapters per shape).
+    #[arg(long)]
+    lora: bool,
+    /// Keep the synthetic adapters in this directory (with --lora).
+    #[arg(long)]
+    keep_adapters: Option<PathBuf>,
+}
+
+pub fn run(args: &EngineArgs) -> Result<()> {
+    let path = args.model.clone();
+    let llama = args.llama_bench.clone();
+    let decode_tokens = args.decode_tokens;
+    let lora = args.lora;
+    let keep_adapters = args.keep_adapters.clone();
     let loaded = load(&path)?;
     let vocab = loaded.model.cfg.vocab as u32;
     let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
@@ -254,7 +277,7 @@ fn lora_bench(path: &Path, tokens: usize, keep: Option<PathBuf>) -> Result<()> {
         let before = pool.stats().loads.load(Ordering::Relaxed);
         let mut lat = Vec::new();
         for i in 0..64 {
-            let h = format!("{name}-{i}");
+            let h = bench_adapter(&format!("{name}-{i}"))?;
             let t1 = Instant::now();
             while matches!(pool.acquire(&h), retune_adapters::Acquire::Pending) {
                 std::thread::sleep(std::time::Duration::from_micros(100));
@@ -273,16 +296,19 @@ fn lora_bench(path: &Path, tokens: usize, keep: Option<PathBuf>) -> Result<()> {
         let reqs: Vec<GenerateRequest> = (0..streams)
             .map(|i| {
                 let mut r = req(prompt16(i), tokens);
-                r.adapter = (distinct > 0).then(|| format!("{name}-{}", i % distinct));
-                r
+                r.adapter = match distinct {
+                    0 => None,
+                    d => Some(bench_adapter(&format!("{name}-{}", i % d))?),
+                };
+                Ok(r)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         aggregate_reqs(&engine, reqs)
     };
     let (base_tps, base_e2e) = run("", 0)?;
     println!("| base only | {base_tps:.1} | {base_tps:.1} | 1.00x | {base_e2e:.1} |");
     for (name, rank, modules) in shapes_list {
-        let a = pool.acquire(&format!("{name}-0"));
+        let a = pool.acquire(&bench_adapter(&format!("{name}-0"))?);
         let abytes = match a {
             retune_adapters::Acquire::Ready(a) => a.bytes,
             _ => 0,

@@ -4,18 +4,18 @@ use crate::kv::KvCache;
 use crate::model::{BatchItem, Model, ModelConfig};
 
 /// What the scheduler runs: the native CPU engine or the tensor backend.
-pub enum Backend {
+pub enum Compute {
     Host(Model),
     Device(DeviceModel),
 }
 
-impl From<Model> for Backend {
+impl From<Model> for Compute {
     fn from(m: Model) -> Self {
         Self::Host(m)
     }
 }
 
-impl From<DeviceModel> for Backend {
+impl From<DeviceModel> for Compute {
     fn from(m: DeviceModel) -> Self {
         Self::Device(m)
     }
@@ -45,7 +45,7 @@ impl Cache {
     }
 }
 
-impl Backend {
+impl Compute {
     pub fn cfg(&self) -> &ModelConfig {
         match self {
             Self::Host(m) => &m.cfg,

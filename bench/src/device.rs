@@ -1,17 +1,15 @@
-//! `retune bench-device`: the tensor backend (GPU with a `cuda` build) at N
+//! `retune-bench device`: the tensor backend (GPU with a `cuda` build) at N
 //! concurrent streams with 0 and several distinct LoRA adapters, against the
 //! memory-traffic bound, plus time to first token and inter-token latency at 1 and
 //! N streams. Adapters come from a directory of PEFT adapters (`a0`, `a1`, ...), as
 //! `scripts/gpu/make_model.py` writes them, so the transformers+peft peer reads the
 //! same files. See docs/gpu.md.
 
-use super::Args;
 use anyhow::{bail, Context, Result};
 use retune_adapters::{Acquire, AdapterPool, DirSource, LoadLimits, PoolConfig};
 use retune_engine::device::{build_backend, parse_dtype, DeviceOptions, WeightMode};
-use retune_engine::{load, Engine, EngineConfig, Event, GenerateRequest};
+use retune_engine::{load, Backend, Compute, Engine, EngineConfig, Event, GenerateRequest};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,11 +46,11 @@ struct Run {
 
 /// Submit all requests at once; one thread per stream records token times.
 fn run(engine: &Engine, reqs: Vec<GenerateRequest>) -> Result<Run> {
-    let generated = || engine.stats().generated_tokens.load(Ordering::Relaxed);
+    let generated = || engine.stats().generated_tokens;
     let start = Instant::now();
     let streams: Vec<_> = reqs
         .into_iter()
-        .map(|r| engine.submit(r))
+        .map(|r| engine.generate(r))
         .collect::<std::result::Result<_, _>>()?;
     let n = streams.len();
     let all_started = std::sync::Barrier::new(n + 1);
@@ -139,30 +137,56 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-pub fn run_bench(args: &mut Args) -> Result<()> {
-    let path = super::model_path(args)?;
-    let device = args.opt("--device")?.unwrap_or_else(|| "cuda".into());
-    let dtype = parse_dtype(&args.opt("--dtype")?.unwrap_or_else(|| "bf16".into()))?;
-    let weights = match args.opt("--weights")?.as_deref() {
-        None | Some("dense") => WeightMode::Dense,
-        Some("quantized") => WeightMode::Quantized,
-        Some(w) => bail!("--weights {w}: dense or quantized"),
+/// `retune-bench device`: the tensor backend at N streams with 0..k distinct adapters.
+#[derive(clap::Args)]
+pub struct DeviceArgs {
+    /// The model (GGUF file or HF safetensors directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Tensor-backend device: cuda, cuda:N or candle-cpu.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Weight dtype on the device: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Projection weights on the device: dense or quantized (GGUF blocks).
+    #[arg(long, default_value = "dense")]
+    weights: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 64)]
+    streams: usize,
+    /// Prompt tokens per stream.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens decoded per stream.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Directory of PEFT adapters a0, a1, ... (needed when --distinct has counts above 0).
+    #[arg(long)]
+    adapters_dir: Option<PathBuf>,
+    /// Comma-separated numbers of distinct adapters to run.
+    #[arg(long, default_value = "0,1,16,100", value_delimiter = ',')]
+    distinct: Vec<usize>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run_bench(args: &DeviceArgs) -> Result<()> {
+    let path = args.model.clone();
+    let device = args.device.clone();
+    let dtype = parse_dtype(&args.dtype)?;
+    let weights = match args.weights.as_str() {
+        "dense" => WeightMode::Dense,
+        "quantized" => WeightMode::Quantized,
+        w => bail!("--weights {w}: dense or quantized"),
     };
-    let streams = args.parsed::<usize>("--streams")?.unwrap_or(64);
-    let prompt_tokens = args.parsed::<usize>("--prompt-tokens")?.unwrap_or(128);
-    let decode_tokens = args.parsed::<usize>("--decode-tokens")?.unwrap_or(128);
-    let adapters_dir = args.opt("--adapters-dir")?.map(PathBuf::from);
-    let distinct: Vec<usize> = args
-        .opt("--distinct")?
-        .unwrap_or_else(|| "0,1,16,100".into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<usize>()
-                .context("--distinct: comma-separated counts")
-        })
-        .collect::<Result<_>>()?;
-    let json_out = args.opt("--json")?.map(PathBuf::from);
+    let streams = args.streams;
+    let prompt_tokens = args.prompt_tokens;
+    let decode_tokens = args.decode_tokens;
+    let adapters_dir = args.adapters_dir.clone();
+    let distinct = args.distinct.clone();
+    let json_out = args.json.clone();
     let max_distinct = distinct.iter().copied().max().unwrap_or(0);
     if max_distinct > 0 && adapters_dir.is_none() {
         bail!("--distinct above 0 needs --adapters-dir DIR (subdirectories a0, a1, ...)");
@@ -226,25 +250,28 @@ pub fn run_bench(args: &mut Args) -> Result<()> {
             .map(|j| ((i * 7919 + j * 104_729) % (vocab.min(32_000) - 10) + 10) as u32)
             .collect()
     };
-    let batch = |n: usize, distinct: usize, tokens: usize| -> Vec<GenerateRequest> {
+    let batch = |n: usize, distinct: usize, tokens: usize| -> Result<Vec<GenerateRequest>> {
         (0..n)
             .map(|i| {
-                let mut r = super::bench::req(prompt(i), tokens);
-                r.adapter = (distinct > 0).then(|| format!("a{}", i % distinct));
-                r
+                let mut r = crate::engine::req(prompt(i), tokens);
+                r.adapter = match distinct {
+                    0 => None,
+                    d => Some(crate::engine::bench_adapter(&format!("a{}", i % d))?),
+                };
+                Ok(r)
             })
             .collect()
     };
     // warm-up: kernels loaded, allocator primed
-    run(&engine, batch(streams.min(4), 0, 4))?;
+    run(&engine, batch(streams.min(4), 0, 4)?)?;
     println!(
         "device {device}, dtype {dtype:?}, weights {weights:?}, model {} ({} layers, hidden {}), load {load_s:.1}s",
         path.display(),
         cfg.n_layer,
         cfg.hidden
     );
-    let one = run(&engine, batch(1, 0, decode_tokens))?;
-    let many = run(&engine, batch(streams, 0, decode_tokens))?;
+    let one = run(&engine, batch(1, 0, decode_tokens)?)?;
+    let many = run(&engine, batch(streams, 0, decode_tokens)?)?;
     println!("\n| streams | TTFT p50 / p99 ms | inter-token mean p50 / p99 ms | decode tok/s |\n|---|---|---|---|");
     for (n, r) in [(1, &one), (streams, &many)] {
         println!(
@@ -266,7 +293,7 @@ pub fn run_bench(args: &mut Args) -> Result<()> {
         // load every adapter into the pool and onto the device first (not timed)
         if let Some(pool) = &pool {
             for i in 0..d {
-                let h = format!("a{i}");
+                let h = crate::engine::bench_adapter(&format!("a{i}"))?;
                 let t = Instant::now();
                 loop {
                     match pool.acquire(&h) {
@@ -280,8 +307,8 @@ pub fn run_bench(args: &mut Args) -> Result<()> {
                 }
             }
         }
-        run(&engine, batch(streams, d, 2))?;
-        let r = run(&engine, batch(streams, d, decode_tokens))?;
+        run(&engine, batch(streams, d, 2)?)?;
+        let r = run(&engine, batch(streams, d, decode_tokens)?)?;
         let bound = base_tps * base_bytes as f64 / (base_bytes + d * adapter_bytes) as f64;
         println!(
             "| {d} | {:.1} | {bound:.1} | {:.2}x |",
@@ -318,18 +345,48 @@ pub fn run_bench(args: &mut Args) -> Result<()> {
 /// first divergence, the CPU's top-2 gap there (a divergence inside a near-tie is
 /// floating point), plus the largest logit difference relative to the logit range.
 /// Exits non-zero if any divergence is not a near tie or logits drift past `--tol`.
-pub fn run_check(args: &mut Args) -> Result<()> {
-    let path = super::model_path(args)?;
-    let device = args.opt("--device")?.unwrap_or_else(|| "cuda".into());
-    let dtype = parse_dtype(&args.opt("--dtype")?.unwrap_or_else(|| "f32".into()))?;
-    let fixture = args
-        .opt("--prompts")?
-        .unwrap_or_else(|| "tests/fixtures/llamacpp_smollm2_q4_1.json".into());
-    let steps = args.parsed::<usize>("--tokens")?.unwrap_or(32);
-    let tol = args.parsed::<f32>("--tol")?.unwrap_or(0.01);
-    let tie = args.parsed::<f32>("--tie")?.unwrap_or(0.05);
-    let adapter = args.opt("--adapter")?;
-    let mixed = args.flag("--mixed");
+/// `retune-bench check-device`: greedy decoding on the tensor backend vs the CPU engine.
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// The GGUF model the fixture prompts were made for.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tensor-backend device: cuda, cuda:N or candle-cpu.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Weight dtype on the device: bf16, f16 or f32.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// llama.cpp fixture with the chat prompts.
+    #[arg(long, default_value = "tests/fixtures/llamacpp_smollm2_q4_1.json")]
+    prompts: String,
+    /// Greedy steps per prompt.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Largest logit difference allowed, relative to the logit range.
+    #[arg(long, default_value_t = 0.01)]
+    tol: f32,
+    /// A divergence where the CPU's top-2 gap is below this is a near tie (not a failure).
+    #[arg(long, default_value_t = 0.05)]
+    tie: f32,
+    /// A PEFT adapter directory to apply on both sides.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Also check a mixed batch (base, r4, r8, r16 rows) against each row alone.
+    #[arg(long)]
+    mixed: bool,
+}
+
+pub fn run_check(args: &CheckArgs) -> Result<()> {
+    let path = args.model.clone();
+    let device = args.device.clone();
+    let dtype = parse_dtype(&args.dtype)?;
+    let fixture = args.prompts.clone();
+    let steps = args.tokens;
+    let tol = args.tol;
+    let tie = args.tie;
+    let adapter = args.adapter.clone();
+    let mixed = args.mixed;
     let f: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&fixture).with_context(|| format!("reading {fixture}"))?,
     )?;
@@ -368,8 +425,8 @@ pub fn run_check(args: &mut Args) -> Result<()> {
         max_rank: a.as_ref().map_or(16, |a| a.max_rank().max(16)),
     };
     let dev = match build_backend(load(&path)?.model, &device, &opts)? {
-        retune_engine::Backend::Device(d) => d,
-        retune_engine::Backend::Host(_) => {
+        Compute::Device(d) => d,
+        Compute::Host(_) => {
             bail!("--device must name a tensor-backend device (cuda, cuda:N, candle-cpu)")
         }
     };

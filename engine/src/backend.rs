@@ -1,0 +1,314 @@
+//! The seam between a front end (the HTTP server, the CLI, evals) and generation:
+//! a [`Backend`] takes a [`ValidRequest`] and answers with a stream of typed
+//! [`Event`]s. The scheduler's [`crate::Engine`] implements it; front-end tests use
+//! a scripted fake (`testing::ScriptedBackend`, feature `test-utils`).
+
+use crate::chat::ChatTemplate;
+use crate::error::EngineError;
+use crate::sampler::SamplingParams;
+use crate::tokenizer::Tok;
+use retune_adapters::AdapterRef;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// Who is at fault when generation fails; the server maps each to a status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request cannot be served as sent (its message is for the client).
+    Client,
+    /// The resolved adapter version could not be loaded or run.
+    Adapter,
+    /// Queue or memory is full: retry later.
+    Capacity,
+    /// The backend is shutting down or has stopped.
+    Unavailable,
+    /// A fault of the server (its message may name files: log it, never show it).
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Adapter => "adapter",
+            Self::Capacity => "capacity",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// A failed generation: a kind and a message (safe to show only for `Client`).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct GenError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl GenError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn client(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Client, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+}
+
+impl From<EngineError> for GenError {
+    fn from(e: EngineError) -> Self {
+        let kind = match &e {
+            EngineError::PromptTooLong { .. }
+            | EngineError::EmptyPrompt
+            | EngineError::InvalidRequest(_)
+            | EngineError::Template(_) => ErrorKind::Client,
+            EngineError::Overloaded(_) => ErrorKind::Capacity,
+            EngineError::ShutDown => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+/// A request that passed every check a backend makes before queueing: sampling
+/// parameters, prompt length against the context, and a seed (drawn here when
+/// the caller gave none, so the completion can be replayed).
+#[derive(Clone, Debug)]
+pub struct ValidRequest {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    adapter: Option<AdapterRef>,
+}
+
+impl ValidRequest {
+    pub fn new(
+        prompt: Vec<u32>,
+        mut params: SamplingParams,
+        adapter: Option<AdapterRef>,
+        context: usize,
+    ) -> Result<Self, GenError> {
+        params.validate().map_err(GenError::from)?;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt.into());
+        }
+        if prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt.len(),
+                max_tokens: params.max_tokens,
+                context,
+            }
+            .into());
+        }
+        params.seed = Some(params.seed.unwrap_or_else(rand::random));
+        Ok(Self {
+            prompt,
+            params,
+            adapter,
+        })
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// The parameters, with `seed` always set.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    pub fn adapter(&self) -> Option<&AdapterRef> {
+        self.adapter.as_ref()
+    }
+
+    pub fn into_parts(self) -> (Vec<u32>, SamplingParams, Option<AdapterRef>) {
+        (self.prompt, self.params, self.adapter)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// eos, a stop token or a stop string.
+    Stop,
+    /// max_tokens or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// New text (may be empty while a UTF-8 character or a possible stop string is incomplete).
+    pub text: String,
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Times of one generation, from its submission.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Waiting for admission (queue, KV budget, adapter load).
+    pub queued: Duration,
+    /// To the first sampled token.
+    pub first_token: Duration,
+    pub total: Duration,
+}
+
+/// The record of a finished generation: enough to capture it and to replay it
+/// (same prompt, parameters with the seed, adapter version → same output).
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub finish: FinishReason,
+    pub prompt: Vec<u32>,
+    /// Every sampled token id, the stop token included.
+    pub output: Vec<u32>,
+    pub adapter: Option<AdapterRef>,
+    /// The parameters used, `seed` set to the seed actually used.
+    pub params: SamplingParams,
+    pub timings: Timings,
+    /// Trailing text released at the end (held back for stop-string matching).
+    pub tail: String,
+}
+
+impl Completion {
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt.len()
+    }
+
+    pub fn completion_tokens(&self) -> usize {
+        self.output.len()
+    }
+
+    pub fn seed(&self) -> Option<u64> {
+        self.params.seed
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Token(TokenEvent),
+    Done(Box<Completion>),
+    /// Generation failed; nothing follows.
+    Error(GenError),
+}
+
+/// The sending end of a generation's events.
+pub struct EventSender {
+    tx: UnboundedSender<Event>,
+}
+
+impl EventSender {
+    /// Send an event; false when the receiver is gone.
+    pub fn send(&self, ev: Event) -> bool {
+        self.tx.send(ev).is_ok()
+    }
+
+    /// The caller dropped its stream: stop working for it.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Receiving end of a generation. Dropping it cancels the sequence and frees its KV cache.
+pub struct GenerationStream {
+    rx: UnboundedReceiver<Event>,
+}
+
+impl GenerationStream {
+    /// A connected pair, for backends (and fakes) to produce events into.
+    pub fn channel() -> (EventSender, GenerationStream) {
+        let (tx, rx) = unbounded_channel();
+        (EventSender { tx }, GenerationStream { rx })
+    }
+
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    /// Not serving (the reason is for logs and operators).
+    Unavailable(String),
+}
+
+/// A snapshot of a backend's counters, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub queued: usize,
+    pub running: usize,
+    pub kv_bytes: usize,
+    pub generated_tokens: usize,
+    pub prompt_tokens: usize,
+    /// Tokens in the most recent forward step (decode rows + prefill chunk).
+    pub last_step_tokens: usize,
+}
+
+/// What the HTTP server needs from generation.
+pub trait Backend: Send + Sync + 'static {
+    /// Queue a validated request. Never blocks: a full queue is `Capacity`.
+    fn submit(&self, req: ValidRequest) -> Result<GenerationStream, GenError>;
+    fn tokenizer(&self) -> &Tok;
+    fn template(&self) -> &ChatTemplate;
+    /// Positions a sequence may use (prompt + generated).
+    fn context(&self) -> usize;
+    fn health(&self) -> Health;
+    fn stats(&self) -> BackendStats;
+
+    /// Check a request against this backend's limits.
+    fn validate(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        adapter: Option<AdapterRef>,
+    ) -> Result<ValidRequest, GenError> {
+        ValidRequest::new(prompt, params, adapter, self.context())
+    }
+}
+
+/// When a request was submitted, for [`Timings`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    pub submitted: Instant,
+    pub admitted: Option<Instant>,
+    pub first_token: Option<Instant>,
+}
+
+impl Clock {
+    pub fn start() -> Self {
+        Self {
+            submitted: Instant::now(),
+            admitted: None,
+            first_token: None,
+        }
+    }
+
+    pub fn timings(&self) -> Timings {
+        let since = |t: Option<Instant>| t.map(|t| t - self.submitted).unwrap_or_default();
+        Timings {
+            queued: since(self.admitted),
+            first_token: since(self.first_token),
+            total: self.submitted.elapsed(),
+        }
+    }
+}
