@@ -1,0 +1,188 @@
+//! The examples store and the capture writer.
+
+use retune_datasets::*;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("retune-data-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn completion(id: &str, tenant: &str) -> CapturedCompletion {
+    CapturedCompletion {
+        id: id.into(),
+        tenant: tenant.into(),
+        adapter: Some("tickets".into()),
+        version: Some("0abc".into()),
+        base_fingerprint: "base".into(),
+        request: serde_json::json!({"messages": [{"role": "user", "content": "my card was charged twice"}]}),
+        params: serde_json::json!({"temperature": 0.7, "seed": 42}),
+        output_text: "card_payment_wrong_amount".into(),
+        output_ids: vec![5, 6, 7],
+        finish: "stop".into(),
+        prompt_tokens: 12,
+        completion_tokens: 3,
+        ttft_ms: 1.5,
+        total_ms: 3.0,
+        user: Some("u1".into()),
+        created_at: 1,
+    }
+}
+
+#[test]
+fn a_captured_completion_reads_back_exactly_and_only_for_its_tenant() {
+    let s = SqliteStore::open(&tmp("read").join("datasets.db")).unwrap();
+    let c = completion("cmpl-1", "acme");
+    s.record(&[c.clone(), c.clone()]).unwrap(); // a repeated id is ignored
+    assert_eq!(s.completion("acme", "cmpl-1").unwrap(), c);
+    assert!(matches!(s.completion("globex", "cmpl-1"), Err(DataError::NotFound(_))));
+    assert!(matches!(s.completion("acme", "cmpl-2"), Err(DataError::NotFound(_))));
+}
+
+#[test]
+fn a_later_correction_supersedes_an_earlier_one_and_history_is_kept() {
+    let dir = tmp("feedback");
+    let s = SqliteStore::open(&dir.join("datasets.db")).unwrap();
+    s.record(&[completion("cmpl-1", "acme")]).unwrap();
+    let fb = |f: Feedback| Feedback {
+        completion_id: "cmpl-1".into(),
+        ..f
+    };
+    s.add_feedback("acme", &fb(Feedback {
+        rating: Some(Rating::Down),
+        correction: Some("card_payment_fee_charged".into()),
+        labels: [("intent".to_string(), "fee".to_string())].into(),
+        ..Feedback::default()
+    }))
+    .unwrap();
+    let st = s
+        .add_feedback("acme", &fb(Feedback {
+            correction: Some("transaction_charged_twice".into()),
+            labels: [("intent".to_string(), "twice".to_string()), ("lang".to_string(), "en".to_string())].into(),
+            subject_id: Some("person-7".into()),
+            ..Feedback::default()
+        }))
+        .unwrap();
+    assert_eq!(st.correction.as_deref(), Some("transaction_charged_twice"));
+    assert_eq!(st.rating, Some(-1), "a field not given again is kept");
+    assert_eq!(st.labels["intent"], "twice");
+    assert_eq!(st.labels["lang"], "en");
+    assert_eq!(st.subject_id.as_deref(), Some("person-7"));
+    assert_eq!(st.events, 2);
+    // durable and the same after reopening
+    drop(s);
+    let s = SqliteStore::open(&dir.join("datasets.db")).unwrap();
+    assert_eq!(s.feedback("acme", "cmpl-1").unwrap(), st);
+    // another tenant cannot read or write it, exactly like an unknown id
+    for (t, id) in [("globex", "cmpl-1"), ("acme", "cmpl-9")] {
+        assert!(matches!(s.feedback(t, id), Err(DataError::NotFound(_))));
+        let r = s.add_feedback(t, &Feedback {
+            completion_id: id.into(),
+            rating: Some(Rating::Up),
+            ..Feedback::default()
+        });
+        assert!(matches!(r, Err(DataError::NotFound(_))));
+    }
+    assert_eq!(s.feedback("acme", "cmpl-1").unwrap().events, 2);
+}
+
+#[test]
+fn malformed_feedback_names_its_field() {
+    let s = SqliteStore::open(&tmp("bad").join("datasets.db")).unwrap();
+    s.record(&[completion("cmpl-1", "acme")]).unwrap();
+    let field = |fb: Feedback| match s.add_feedback("acme", &fb) {
+        Err(DataError::Invalid { field, .. }) => field,
+        other => panic!("{other:?}"),
+    };
+    let base = Feedback {
+        completion_id: "cmpl-1".into(),
+        ..Feedback::default()
+    };
+    assert_eq!(field(base.clone()), "rating", "empty feedback");
+    assert_eq!(
+        field(Feedback {
+            correction: Some("x".repeat(300_000)),
+            ..base.clone()
+        }),
+        "correction"
+    );
+    assert_eq!(
+        field(Feedback {
+            labels: [(String::new(), "v".to_string())].into(),
+            ..base.clone()
+        }),
+        "labels"
+    );
+    assert_eq!(
+        field(Feedback {
+            subject_id: Some(String::new()),
+            ..base.clone()
+        }),
+        "subject_id"
+    );
+    assert!(matches!(Rating::from_i64(2), Err(DataError::Invalid { .. })));
+}
+
+/// A store that fails or stalls on demand.
+struct Flaky {
+    inner: SqliteStore,
+    fail: Mutex<bool>,
+    stall: Mutex<Duration>,
+}
+
+impl DatasetStore for Flaky {
+    fn record(&self, batch: &[CapturedCompletion]) -> Result<(), DataError> {
+        std::thread::sleep(*self.stall.lock().unwrap());
+        if *self.fail.lock().unwrap() {
+            return Err(DataError::Db("disk full".into()));
+        }
+        self.inner.record(batch)
+    }
+    fn completion(&self, t: &str, id: &str) -> Result<CapturedCompletion, DataError> {
+        self.inner.completion(t, id)
+    }
+    fn add_feedback(&self, t: &str, fb: &Feedback) -> Result<FeedbackState, DataError> {
+        self.inner.add_feedback(t, fb)
+    }
+    fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
+        self.inner.feedback(t, id)
+    }
+}
+
+#[test]
+fn the_writer_drops_and_counts_when_the_store_fails_or_falls_behind() {
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&tmp("flaky").join("datasets.db")).unwrap(),
+        fail: Mutex::new(true),
+        stall: Mutex::new(Duration::ZERO),
+    });
+    let w = CaptureWriter::start(store.clone(), 4).unwrap();
+    for i in 0..3 {
+        assert!(w.capture(completion(&format!("f{i}"), "acme")));
+    }
+    assert!(w.flush(Duration::from_secs(10)));
+    assert_eq!(w.stats().dropped.load(Ordering::Relaxed), 3, "store failed");
+    assert_eq!(w.stats().captured.load(Ordering::Relaxed), 0);
+    // a stalled store: the queue fills, capture never blocks, the rest is dropped
+    *store.fail.lock().unwrap() = false;
+    *store.stall.lock().unwrap() = Duration::from_millis(300);
+    let t = std::time::Instant::now();
+    let accepted = (0..50)
+        .filter(|i| w.capture(completion(&format!("s{i}"), "acme")))
+        .count();
+    assert!(t.elapsed() < Duration::from_millis(200), "capture blocked: {:?}", t.elapsed());
+    assert!(accepted <= 4 + 1, "{accepted} accepted by a queue of 4 (+1 in the writer's hands)");
+    *store.stall.lock().unwrap() = Duration::ZERO;
+    assert!(w.flush(Duration::from_secs(10)));
+    let (c, d) = (
+        w.stats().captured.load(Ordering::Relaxed),
+        w.stats().dropped.load(Ordering::Relaxed),
+    );
+    assert_eq!(c as usize, accepted);
+    assert_eq!(d as usize, 3 + 50 - accepted);
+    assert!(store.completion("acme", "s0").is_ok());
+}
