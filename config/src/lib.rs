@@ -31,6 +31,8 @@ pub struct Settings {
     #[serde(default)]
     pub auth: AuthSettings,
     #[serde(default)]
+    pub datasets: DatasetSettings,
+    #[serde(default)]
     pub tenants: Vec<TenantSettings>,
 }
 
@@ -154,6 +156,54 @@ pub struct TenantSettings {
     pub name: String,
     /// sha256 (hex) of each API key of this tenant.
     pub key_sha256: Vec<String>,
+    #[serde(default)]
+    pub capture: CaptureSettings,
+}
+
+/// What of a tenant's traffic is recorded (on by default).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSettings {
+    pub enabled: bool,
+    /// Share of completions recorded, 0..=1.
+    pub sample_rate: f64,
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sample_rate: 1.0,
+        }
+    }
+}
+
+/// The examples store (captured completions, feedback).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetSettings {
+    /// SQLite file; default `<adapters.root>/datasets.db`; no file, no capture.
+    pub path: Option<PathBuf>,
+    /// Records waiting for the writer before new ones are dropped (and counted).
+    pub capture_queue: usize,
+}
+
+impl Default for DatasetSettings {
+    fn default() -> Self {
+        Self {
+            path: None,
+            capture_queue: 4096,
+        }
+    }
+}
+
+impl DatasetSettings {
+    /// Where the store is, given the settings around it.
+    pub fn resolved_path(&self, adapters: &AdapterSettings) -> Option<PathBuf> {
+        self.path
+            .clone()
+            .or_else(|| adapters.root.as_ref().map(|r| r.join("datasets.db")))
+    }
 }
 
 impl Settings {
@@ -239,6 +289,9 @@ impl Settings {
                 "must be at least 1",
             );
         }
+        if self.datasets.capture_queue == 0 {
+            return bad("datasets.capture_queue", "must be at least 1");
+        }
         if self.server.max_body_bytes < 1024 {
             return bad("server.max_body_bytes", "must be at least 1024");
         }
@@ -263,6 +316,12 @@ impl Settings {
             }
             if !names.insert(&t.name) {
                 return bad("tenants.name", &format!("`{}` appears twice", t.name));
+            }
+            if !(0.0..=1.0).contains(&t.capture.sample_rate) {
+                return bad(
+                    "tenants.capture.sample_rate",
+                    &format!("tenant `{}`: must be in [0, 1]", t.name),
+                );
             }
             if t.key_sha256.is_empty() || !t.key_sha256.iter().all(|k| hex64(k)) {
                 return bad(

@@ -76,7 +76,10 @@ pub const MAX_FIELD_BYTES: usize = 1024;
 impl Feedback {
     pub fn validate(&self) -> Result<(), DataError> {
         if self.completion_id.is_empty() || self.completion_id.len() > 128 {
-            return Err(DataError::invalid("completion_id", "must be 1 to 128 bytes"));
+            return Err(DataError::invalid(
+                "completion_id",
+                "must be 1 to 128 bytes",
+            ));
         }
         if self.rating.is_none()
             && self.correction.is_none()
@@ -89,14 +92,21 @@ impl Feedback {
                 "feedback needs at least one of rating, correction, labels, subject_id, comment",
             ));
         }
-        if self.correction.as_ref().is_some_and(|c| c.len() > MAX_CORRECTION_BYTES) {
+        if self
+            .correction
+            .as_ref()
+            .is_some_and(|c| c.len() > MAX_CORRECTION_BYTES)
+        {
             return Err(DataError::invalid(
                 "correction",
                 format!("longer than {MAX_CORRECTION_BYTES} bytes"),
             ));
         }
         if self.labels.len() > MAX_LABELS {
-            return Err(DataError::invalid("labels", format!("more than {MAX_LABELS} labels")));
+            return Err(DataError::invalid(
+                "labels",
+                format!("more than {MAX_LABELS} labels"),
+            ));
         }
         for (k, v) in &self.labels {
             if k.is_empty() || k.len() > MAX_FIELD_BYTES || v.len() > MAX_FIELD_BYTES {
@@ -107,8 +117,13 @@ impl Feedback {
             }
         }
         for (field, v) in [("subject_id", &self.subject_id), ("comment", &self.comment)] {
-            if v.as_ref().is_some_and(|s| s.is_empty() || s.len() > MAX_FIELD_BYTES) {
-                return Err(DataError::invalid(field, format!("must be 1 to {MAX_FIELD_BYTES} bytes")));
+            if v.as_ref()
+                .is_some_and(|s| s.is_empty() || s.len() > MAX_FIELD_BYTES)
+            {
+                return Err(DataError::invalid(
+                    field,
+                    format!("must be 1 to {MAX_FIELD_BYTES} bytes"),
+                ));
             }
         }
         Ok(())

@@ -39,8 +39,14 @@ fn a_captured_completion_reads_back_exactly_and_only_for_its_tenant() {
     let c = completion("cmpl-1", "acme");
     s.record(&[c.clone(), c.clone()]).unwrap(); // a repeated id is ignored
     assert_eq!(s.completion("acme", "cmpl-1").unwrap(), c);
-    assert!(matches!(s.completion("globex", "cmpl-1"), Err(DataError::NotFound(_))));
-    assert!(matches!(s.completion("acme", "cmpl-2"), Err(DataError::NotFound(_))));
+    assert!(matches!(
+        s.completion("globex", "cmpl-1"),
+        Err(DataError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.completion("acme", "cmpl-2"),
+        Err(DataError::NotFound(_))
+    ));
 }
 
 #[test]
@@ -52,20 +58,30 @@ fn a_later_correction_supersedes_an_earlier_one_and_history_is_kept() {
         completion_id: "cmpl-1".into(),
         ..f
     };
-    s.add_feedback("acme", &fb(Feedback {
-        rating: Some(Rating::Down),
-        correction: Some("card_payment_fee_charged".into()),
-        labels: [("intent".to_string(), "fee".to_string())].into(),
-        ..Feedback::default()
-    }))
+    s.add_feedback(
+        "acme",
+        &fb(Feedback {
+            rating: Some(Rating::Down),
+            correction: Some("card_payment_fee_charged".into()),
+            labels: [("intent".to_string(), "fee".to_string())].into(),
+            ..Feedback::default()
+        }),
+    )
     .unwrap();
     let st = s
-        .add_feedback("acme", &fb(Feedback {
-            correction: Some("transaction_charged_twice".into()),
-            labels: [("intent".to_string(), "twice".to_string()), ("lang".to_string(), "en".to_string())].into(),
-            subject_id: Some("person-7".into()),
-            ..Feedback::default()
-        }))
+        .add_feedback(
+            "acme",
+            &fb(Feedback {
+                correction: Some("transaction_charged_twice".into()),
+                labels: [
+                    ("intent".to_string(), "twice".to_string()),
+                    ("lang".to_string(), "en".to_string()),
+                ]
+                .into(),
+                subject_id: Some("person-7".into()),
+                ..Feedback::default()
+            }),
+        )
         .unwrap();
     assert_eq!(st.correction.as_deref(), Some("transaction_charged_twice"));
     assert_eq!(st.rating, Some(-1), "a field not given again is kept");
@@ -80,11 +96,14 @@ fn a_later_correction_supersedes_an_earlier_one_and_history_is_kept() {
     // another tenant cannot read or write it, exactly like an unknown id
     for (t, id) in [("globex", "cmpl-1"), ("acme", "cmpl-9")] {
         assert!(matches!(s.feedback(t, id), Err(DataError::NotFound(_))));
-        let r = s.add_feedback(t, &Feedback {
-            completion_id: id.into(),
-            rating: Some(Rating::Up),
-            ..Feedback::default()
-        });
+        let r = s.add_feedback(
+            t,
+            &Feedback {
+                completion_id: id.into(),
+                rating: Some(Rating::Up),
+                ..Feedback::default()
+            },
+        );
         assert!(matches!(r, Err(DataError::NotFound(_))));
     }
     assert_eq!(s.feedback("acme", "cmpl-1").unwrap().events, 2);
@@ -124,7 +143,10 @@ fn malformed_feedback_names_its_field() {
         }),
         "subject_id"
     );
-    assert!(matches!(Rating::from_i64(2), Err(DataError::Invalid { .. })));
+    assert!(matches!(
+        Rating::from_i64(2),
+        Err(DataError::Invalid { .. })
+    ));
 }
 
 /// A store that fails or stalls on demand.
@@ -174,8 +196,15 @@ fn the_writer_drops_and_counts_when_the_store_fails_or_falls_behind() {
     let accepted = (0..50)
         .filter(|i| w.capture(completion(&format!("s{i}"), "acme")))
         .count();
-    assert!(t.elapsed() < Duration::from_millis(200), "capture blocked: {:?}", t.elapsed());
-    assert!(accepted <= 4 + 1, "{accepted} accepted by a queue of 4 (+1 in the writer's hands)");
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "capture blocked: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        accepted <= 4 + 1,
+        "{accepted} accepted by a queue of 4 (+1 in the writer's hands)"
+    );
     *store.stall.lock().unwrap() = Duration::ZERO;
     assert!(w.flush(Duration::from_secs(10)));
     let (c, d) = (

@@ -4,7 +4,7 @@ use crate::error::{EngineError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,

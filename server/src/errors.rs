@@ -9,6 +9,12 @@ use retune_engine::{EngineError, ErrorKind, GenError};
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// A bad value of one request field (OpenAI's `param`).
+    #[error("`{param}`: {message}")]
+    InvalidParam { param: String, message: String },
+    /// Not a model: a completion, feedback, ...
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -36,6 +42,8 @@ impl ApiError {
     pub fn kind(&self) -> (&'static str, &'static str) {
         match self {
             Self::BadRequest(_) => ("invalid_request_error", "invalid_request"),
+            Self::InvalidParam { .. } => ("invalid_request_error", "invalid_value"),
+            Self::Missing(_) => ("invalid_request_error", "not_found"),
             Self::Unauthorized(_) => ("authentication_error", "invalid_api_key"),
             Self::NotFound(_) => ("invalid_request_error", "model_not_found"),
             Self::TooLarge(_) => ("invalid_request_error", "request_too_large"),
@@ -71,7 +79,11 @@ impl ApiError {
     /// The OpenAI error object.
     pub fn body(&self, request_id: Option<&str>) -> serde_json::Value {
         let (kind, code) = self.kind();
-        serde_json::json!({"error": {"message": self.public_message(request_id), "type": kind, "param": null, "code": code}})
+        let param = match self {
+            Self::InvalidParam { param, .. } => Some(param.as_str()),
+            _ => None,
+        };
+        serde_json::json!({"error": {"message": self.public_message(request_id), "type": kind, "param": param, "code": code}})
     }
 
     /// The response, with the request id in the message of a server fault.
@@ -87,7 +99,8 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            Self::Missing(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -134,6 +147,20 @@ impl From<retune_adapters::RegistryError> for ApiError {
             R::TooLarge(_) => Self::TooLarge(e.to_string()),
             R::Rejected(_) | R::Adapter(_) => Self::BadRequest(e.to_string()),
             R::Db(_) | R::Io(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<retune_datasets::DataError> for ApiError {
+    fn from(e: retune_datasets::DataError) -> Self {
+        use retune_datasets::DataError as D;
+        match e {
+            D::NotFound(what) => Self::Missing(format!("{what} does not exist")),
+            D::Invalid { field, reason } => Self::InvalidParam {
+                param: field,
+                message: reason,
+            },
+            D::Db(_) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod errors;
+pub mod feedback;
 pub mod metrics;
 pub mod openai;
 pub mod routes;
@@ -12,6 +13,7 @@ use actix_web::{web, App, HttpServer, ResponseError};
 use errors::ApiError;
 use retune_adapters::{AdapterPool, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase};
 use retune_config::Settings;
+use retune_datasets::{CaptureWriter, DatasetStore, SqliteStore};
 use retune_engine::{load, Backend, Engine, EngineConfig};
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -30,6 +32,10 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("opening the datasets store: {0}")]
+    Datasets(#[from] retune_datasets::DataError),
+    #[error("starting the capture writer: {0}")]
+    Capture(std::io::Error),
 }
 
 /// Everything a request handler needs.
@@ -42,6 +48,9 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// The served base, for validating registered adapters.
     pub base: ServedBase,
+    /// Captured completions and feedback (none: capture off, no feedback API).
+    pub data: Option<Arc<dyn DatasetStore>>,
+    pub capture: Option<CaptureWriter>,
 }
 
 impl AppState {
@@ -62,7 +71,18 @@ impl AppState {
             pool,
             metrics,
             base,
+            data: None,
+            capture: None,
         })
+    }
+
+    /// Record completions into `store` (through a bounded writer) and serve feedback on it.
+    pub fn with_datasets(mut self, store: Arc<dyn DatasetStore>) -> Result<Self, StartError> {
+        let writer = CaptureWriter::start(store.clone(), self.settings.datasets.capture_queue)
+            .map_err(StartError::Capture)?;
+        self.data = Some(store);
+        self.capture = Some(writer);
+        Ok(self)
     }
 }
 
@@ -153,6 +173,7 @@ pub fn app(
             }
         })
         .configure(routes::configure)
+        .configure(feedback::configure)
         .configure(admin::configure)
 }
 
@@ -205,7 +226,11 @@ impl Application {
         )?;
         let engine = Engine::start_with_pool(compute, loaded.tok, cfg, pool.clone())?
             .with_template(loaded.template);
-        let state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
+        let data = settings.datasets.resolved_path(&settings.adapters);
+        let mut state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
+        if let Some(path) = data {
+            state = state.with_datasets(Arc::new(SqliteStore::open(&path)?))?;
+        }
         Self::serve(state)
     }
 

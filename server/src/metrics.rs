@@ -19,6 +19,9 @@ pub struct Metrics {
     pub itl: Histogram,
     pub step_tokens: IntGauge,
     pub adapter_load_seconds: prometheus::Gauge,
+    pub captured: prometheus::IntCounter,
+    pub capture_dropped: prometheus::IntCounter,
+    pub feedback: IntCounterVec,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
@@ -115,6 +118,21 @@ impl Metrics {
         r.register(Box::new(step_tokens.clone()))?;
         r.register(Box::new(adapter_load_seconds.clone()))?;
         r.register(Box::new(itl.clone()))?;
+        let captured = prometheus::IntCounter::new(
+            "retune_capture_total",
+            "Completions written to the datasets store",
+        )?;
+        let capture_dropped = prometheus::IntCounter::new(
+            "retune_capture_dropped_total",
+            "Completions not captured: queue full or store failing",
+        )?;
+        let feedback = IntCounterVec::new(
+            Opts::new("retune_feedback_total", "Feedback writes by kind"),
+            &["kind"],
+        )?;
+        r.register(Box::new(captured.clone()))?;
+        r.register(Box::new(capture_dropped.clone()))?;
+        r.register(Box::new(feedback.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -132,8 +150,19 @@ impl Metrics {
             itl,
             step_tokens,
             adapter_load_seconds,
+            captured,
+            capture_dropped,
+            feedback,
             seen_adapters: Default::default(),
             max_adapters,
         })
+    }
+}
+
+/// Raise a counter to a monotonic total kept elsewhere (an atomic of another crate).
+pub fn catch_up(c: &prometheus::IntCounter, total: u64) {
+    let now = c.get();
+    if total > now {
+        c.inc_by(total - now);
     }
 }

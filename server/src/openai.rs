@@ -24,7 +24,7 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 pub struct ChatMessageIn {
     pub role: String,
     pub content: String,

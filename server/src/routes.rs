@@ -8,6 +8,7 @@ use actix_web::web::{self, Bytes};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use retune_adapters::{AdapterRef, RegistryError};
+use retune_datasets::CapturedCompletion;
 use retune_engine::{ChatMessage, Completion, Event, Health, SamplingParams, ValidRequest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -57,6 +58,11 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
         m.adapter_load_seconds
             .set(ps.load_micros.load(Ordering::Relaxed) as f64 / 1e6);
     }
+    if let Some(w) = &state.capture {
+        let cs = w.stats();
+        crate::metrics::catch_up(&m.captured, cs.captured.load(Ordering::Relaxed));
+        crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
+    }
     let mut out = Vec::new();
     use prometheus::Encoder;
     prometheus::TextEncoder::new()
@@ -67,7 +73,7 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
         .body(out))
 }
 
-fn tenant<'a>(state: &'a AppState, req: &HttpRequest) -> Result<&'a str, ApiError> {
+pub(crate) fn tenant<'a>(state: &'a AppState, req: &HttpRequest) -> Result<&'a str, ApiError> {
     let key = req
         .headers()
         .get("authorization")
@@ -102,7 +108,7 @@ async fn models(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError>
 }
 
 /// Read the body up to the configured limit.
-async fn body(state: &AppState, mut payload: web::Payload) -> Result<Bytes, ApiError> {
+pub(crate) async fn body(state: &AppState, mut payload: web::Payload) -> Result<Bytes, ApiError> {
     let limit = state.settings.server.max_body_bytes;
     let mut buf = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
@@ -207,6 +213,16 @@ struct Job {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// Set when this completion is to be captured.
+    capture: Option<CaptureCtx>,
+}
+
+/// What a captured record needs beyond the completion itself.
+struct CaptureCtx {
+    tenant: String,
+    /// The messages or prompt as sent.
+    request: serde_json::Value,
+    user: Option<String>,
 }
 
 /// A parsed, authenticated request with its adapter resolved: the part chat and
@@ -229,6 +245,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
 ) -> Result<Admitted<T>, ApiError> {
     let t = tenant(state, req)?.to_string();
     let raw = body(state, payload).await?;
+    let capture = state.capture.is_some() && sampled(state, &t);
     let r: T = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let c = common(&r);
@@ -252,6 +269,11 @@ async fn admit<T: serde::de::DeserializeOwned>(
         stream: c.stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: lp.is_some(),
+        capture: capture.then(|| CaptureCtx {
+            tenant: t,
+            request: serde_json::Value::Null,
+            user: c.user.clone(),
+        }),
     };
     Ok(Admitted {
         body: r,
@@ -259,6 +281,48 @@ async fn admit<T: serde::de::DeserializeOwned>(
         params,
         adapter,
     })
+}
+
+/// Whether this tenant's settings record this completion.
+fn sampled(state: &AppState, tenant: &str) -> bool {
+    let Some(t) = state.settings.tenants.iter().find(|t| t.name == tenant) else {
+        return false;
+    };
+    t.capture.enabled
+        && (t.capture.sample_rate >= 1.0 || rand::random::<f64>() < t.capture.sample_rate)
+}
+
+/// Queue the record of a finished completion (never blocks; a full queue drops it).
+fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
+    let (Some(ctx), Some(w)) = (&job.capture, &state.capture) else {
+        return;
+    };
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    w.capture(CapturedCompletion {
+        id: job.id.clone(),
+        tenant: ctx.tenant.clone(),
+        adapter: c.adapter.as_ref().map(|a| a.name().to_string()),
+        version: c.adapter.as_ref().map(|a| a.version().to_string()),
+        base_fingerprint: state.base.fingerprint.clone(),
+        request: ctx.request.clone(),
+        params: serde_json::to_value(&c.params).unwrap_or_default(),
+        output_text: text,
+        output_ids: c.output.clone(),
+        finish: c.finish.as_str().into(),
+        prompt_tokens: c.prompt_tokens(),
+        completion_tokens: c.completion_tokens(),
+        ttft_ms: ms(c.timings.first_token),
+        total_ms: ms(c.timings.total),
+        user: ctx.user.clone(),
+        created_at: now_ms(),
+    });
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Tokenise off the async runtime.
@@ -275,7 +339,7 @@ async fn chat(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let a = admit(
+    let mut a = admit(
         &state,
         &req,
         payload,
@@ -285,6 +349,9 @@ async fn chat(
         true,
     )
     .await?;
+    if let Some(ctx) = &mut a.job.capture {
+        ctx.request = serde_json::json!({ "messages": a.body.messages });
+    }
     let msgs: Vec<ChatMessage> = a
         .body
         .messages
@@ -302,7 +369,7 @@ async fn completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let a = admit(
+    let mut a = admit(
         &state,
         &req,
         payload,
@@ -312,6 +379,9 @@ async fn completions(
         false,
     )
     .await?;
+    if let Some(ctx) = &mut a.job.capture {
+        ctx.request = serde_json::json!({ "prompt": a.body.prompt });
+    }
     let prompt = encode(&state, a.body.prompt).await?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;
     generate(state, valid, a.job).await
@@ -400,6 +470,7 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                 Some(Event::Done(c)) => {
                     text.push_str(&c.tail);
                     count_tokens(&state, &c);
+                    capture(&state, &job, &c, text.clone());
                     let logprobs = job.logprobs.then(|| serde_json::json!({"content": lps}));
                     let finish = c.finish.as_str();
                     let choice = if job.chat {
@@ -425,8 +496,8 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
     // SSE: dropping this stream (client gone) drops the engine stream and cancels.
     let st = state.clone();
     let sse = futures_util::stream::unfold(
-        (stream, job, true, false),
-        move |(mut s, job, first, done)| {
+        (stream, job, true, false, String::new()),
+        move |(mut s, job, first, done, mut sent)| {
             let st = st.clone();
             async move {
                 if done {
@@ -455,6 +526,9 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                             serde_json::json!({"index": 0, "text": t.text, "finish_reason": null, "logprobs": lp})
                         };
                         out.push_str(&format!("data: {}\n\n", chunk(choice)));
+                        if job.capture.is_some() {
+                            sent.push_str(&t.text);
+                        }
                     }
                     Some(Event::Done(c)) => {
                         let finish = c.finish.as_str();
@@ -469,6 +543,10 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                             out.push_str(&format!("data: {u}\n\n"));
                         }
                         count_tokens(&st, &c);
+                        if job.capture.is_some() {
+                            sent.push_str(&c.tail);
+                            capture(&st, &job, &c, std::mem::take(&mut sent));
+                        }
                         out.push_str("data: [DONE]\n\n");
                         finished = true;
                     }
@@ -484,7 +562,7 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                 }
                 Some((
                     Ok::<Bytes, actix_web::Error>(Bytes::from(out)),
-                    (s, job, false, finished),
+                    (s, job, false, finished, sent),
                 ))
             }
         },

@@ -1,0 +1,310 @@
+//! Capture and the feedback API on the scripted backend (no model, no socket).
+
+use actix_web::{test, web};
+use retune_adapters::{BaseShapes, ServedBase};
+use retune_config::Settings;
+use retune_datasets::*;
+use retune_engine::testing::{Script, ScriptedBackend, Step};
+use retune_engine::FinishReason;
+use retune_server::{app, auth::hash_key, AppState};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("retune-capture-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// acme captures everything; globex has capture off.
+fn state(
+    dir: &std::path::Path,
+    store: Arc<dyn DatasetStore>,
+) -> (web::Data<AppState>, Arc<ScriptedBackend>) {
+    let b = Arc::new(ScriptedBackend::tiny(&dir.join("tok")).unwrap());
+    let toml = format!(
+        "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n\
+         [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n\
+         [[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nenabled = false\n",
+        hash_key("acme-key"),
+        hash_key("globex-key")
+    );
+    let settings = Settings::from_toml(&toml, []).unwrap();
+    let base = ServedBase {
+        shapes: BaseShapes {
+            n_layers: 2,
+            dims: [(64, 64); 7],
+        },
+        fingerprint: "fake-base".into(),
+    };
+    let st = AppState::new(settings, b.clone(), None, None, base)
+        .unwrap()
+        .with_datasets(store)
+        .unwrap();
+    (web::Data::new(st), b)
+}
+
+fn chat(key: &str, stream: bool) -> test::TestRequest {
+    test::TestRequest::post()
+        .uri("/v1/chat/completions")
+        .insert_header(("authorization", format!("Bearer {key}")))
+        .set_json(serde_json::json!({
+            "model": "tiny", "stream": stream, "temperature": 0.7, "max_tokens": 8, "user": "u-9",
+            "messages": [{"role": "user", "content": "my card was charged twice"}]
+        }))
+}
+
+fn feedback(key: &str, body: serde_json::Value) -> actix_http::Request {
+    test::TestRequest::post()
+        .uri("/v1/feedback")
+        .insert_header(("authorization", format!("Bearer {key}")))
+        .set_json(body)
+        .to_request()
+}
+
+fn script(b: &ScriptedBackend, pieces: &[&str]) {
+    let mut steps: Vec<Step> = pieces.iter().map(|p| Step::Token(p.to_string())).collect();
+    steps.push(Step::Finish(FinishReason::Stop));
+    b.push(Script::Stream(steps));
+}
+
+#[actix_web::test]
+async fn streamed_and_plain_completions_are_captured_with_the_text_the_client_got() {
+    let dir = tmp("both");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, b) = state(&dir, store.clone());
+    let capture = st.capture.clone().unwrap();
+    let svc = test::init_service(app(st)).await;
+    script(&b, &["card_", "payment"]);
+    let resp = test::call_service(&svc, chat("acme-key", false).to_request()).await;
+    let j: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+    let plain_id = j["id"].as_str().unwrap().to_string();
+    script(&b, &["é", "\u{1F600}", " ok"]);
+    let resp = test::call_service(&svc, chat("acme-key", true).to_request()).await;
+    let sse = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+    let chunks: Vec<serde_json::Value> = sse
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed_id = chunks[0]["id"].as_str().unwrap().to_string();
+    let received: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(capture.flush(Duration::from_secs(10)));
+    let plain = store.completion("acme", &plain_id).unwrap();
+    assert_eq!(plain.output_text, "card_payment");
+    assert_eq!(plain.output_ids, vec![1000, 1001]);
+    assert_eq!(
+        plain.request["messages"][0]["content"],
+        "my card was charged twice"
+    );
+    assert_eq!(plain.user.as_deref(), Some("u-9"));
+    assert_eq!(plain.base_fingerprint, "fake-base");
+    assert_eq!(
+        (plain.adapter.as_deref(), plain.finish.as_str()),
+        (None, "stop")
+    );
+    assert!(
+        plain.params["seed"].is_u64(),
+        "the seed used is recorded: {}",
+        plain.params
+    );
+    assert_eq!(plain.params["temperature"], 0.7f32 as f64);
+    let streamed = store.completion("acme", &streamed_id).unwrap();
+    assert_eq!(streamed.output_text, received);
+    assert_eq!(received, "é\u{1F600} ok");
+    // a tenant with capture off leaves nothing
+    script(&b, &["x"]);
+    let resp = test::call_service(&svc, chat("globex-key", false).to_request()).await;
+    let j: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+    assert!(capture.flush(Duration::from_secs(10)));
+    assert!(store
+        .completion("globex", j["id"].as_str().unwrap())
+        .is_err());
+}
+
+#[actix_web::test]
+async fn feedback_is_durable_versioned_and_private_to_its_tenant() {
+    let dir = tmp("feedback");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, b) = state(&dir, store.clone());
+    let svc = test::init_service(app(st)).await;
+    script(&b, &["fee"]);
+    let resp = test::call_service(&svc, chat("acme-key", false).to_request()).await;
+    let j: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    // right after the completion: the writer is caught up before the lookup fails
+    let resp = test::call_service(
+        &svc,
+        feedback("acme-key", serde_json::json!({"completion_id": id, "rating": -1, "correction": "wrong_fee", "labels": {"intent": "fee"}})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let resp = test::call_service(
+        &svc,
+        feedback("acme-key", serde_json::json!({"completion_id": id, "correction": {"role": "assistant", "content": "charged_twice"}, "subject_id": "p-7"})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    // on disk before the answer: a fresh connection sees it
+    let fresh = SqliteStore::open(&dir.join("datasets.db")).unwrap();
+    let st = fresh.feedback("acme", &id).unwrap();
+    assert_eq!(st.correction.as_deref(), Some("charged_twice"));
+    assert_eq!((st.rating, st.events), (Some(-1), 2));
+    let req = test::TestRequest::get()
+        .uri(&format!("/v1/feedback/{id}"))
+        .insert_header(("authorization", "Bearer acme-key"))
+        .to_request();
+    let got: serde_json::Value =
+        serde_json::from_slice(&test::read_body(test::call_service(&svc, req).await).await)
+            .unwrap();
+    assert_eq!(got["correction"], "charged_twice");
+    assert_eq!(got["labels"]["intent"], "fee");
+    assert_eq!(got["subject_id"], "p-7");
+    // another tenant's id and an unknown id: the same 404 (but for the id itself)
+    let other = test::call_service(
+        &svc,
+        feedback(
+            "globex-key",
+            serde_json::json!({"completion_id": id, "rating": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(other.status(), 404);
+    let other = String::from_utf8(test::read_body(other).await.to_vec()).unwrap();
+    let unknown = test::call_service(
+        &svc,
+        feedback(
+            "globex-key",
+            serde_json::json!({"completion_id": "chatcmpl-nope", "rating": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(unknown.status(), 404);
+    let unknown = String::from_utf8(test::read_body(unknown).await.to_vec()).unwrap();
+    assert_eq!(
+        other.replace(&id, "ID"),
+        unknown.replace("chatcmpl-nope", "ID")
+    );
+    let req = test::TestRequest::get()
+        .uri(&format!("/v1/feedback/{id}"))
+        .insert_header(("authorization", "Bearer globex-key"))
+        .to_request();
+    assert_eq!(test::call_service(&svc, req).await.status(), 404);
+    assert_eq!(
+        fresh.feedback("acme", &id).unwrap().events,
+        2,
+        "nothing written by globex"
+    );
+}
+
+#[actix_web::test]
+async fn malformed_feedback_is_a_400_naming_the_field() {
+    let dir = tmp("bad");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, _) = state(&dir, store);
+    let svc = test::init_service(app(st)).await;
+    for (body, param) in [
+        (
+            serde_json::json!({"completion_id": "c", "rating": 5}),
+            "rating",
+        ),
+        (
+            serde_json::json!({"completion_id": "c", "rating": "up"}),
+            "rating",
+        ),
+        (
+            serde_json::json!({"completion_id": "c", "labels": {"a": 1}}),
+            "labels",
+        ),
+        (
+            serde_json::json!({"completion_id": "c", "labels": ["a"]}),
+            "labels",
+        ),
+        (
+            serde_json::json!({"completion_id": "c", "correction": {"role": "user", "content": "x"}}),
+            "correction",
+        ),
+        (
+            serde_json::json!({"completion_id": "c", "correction": 3}),
+            "correction",
+        ),
+        (serde_json::json!({"rating": 1}), "completion_id"),
+        (serde_json::json!({"completion_id": "c"}), "rating"),
+        (
+            serde_json::json!({"completion_id": "c", "rating": 1, "ratng": 1}),
+            "ratng",
+        ),
+    ] {
+        let resp = test::call_service(&svc, feedback("acme-key", body.clone())).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        let j: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+        assert_eq!(j["error"]["param"], param, "{body}: {j}");
+    }
+    let req = test::TestRequest::post()
+        .uri("/v1/feedback")
+        .insert_header(("authorization", "Bearer acme-key"))
+        .insert_header(("content-type", "application/json"))
+        .set_payload(vec![b'x'; 8 << 20])
+        .to_request();
+    assert_eq!(test::call_service(&svc, req).await.status(), 413);
+}
+
+/// A store whose writes fail, like a full disk.
+struct Broken(SqliteStore);
+
+impl DatasetStore for Broken {
+    fn record(&self, _: &[CapturedCompletion]) -> Result<(), DataError> {
+        Err(DataError::Db("disk I/O error".into()))
+    }
+    fn completion(&self, t: &str, id: &str) -> Result<CapturedCompletion, DataError> {
+        self.0.completion(t, id)
+    }
+    fn add_feedback(&self, _: &str, _: &Feedback) -> Result<FeedbackState, DataError> {
+        Err(DataError::Db(
+            "disk I/O error at /var/lib/retune/datasets.db".into(),
+        ))
+    }
+    fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
+        self.0.feedback(t, id)
+    }
+}
+
+#[actix_web::test]
+async fn completions_succeed_and_drops_are_counted_while_the_store_fails() {
+    let dir = tmp("broken");
+    let store = Arc::new(Broken(SqliteStore::open(&dir.join("datasets.db")).unwrap()));
+    let (st, _) = state(&dir, store);
+    let capture = st.capture.clone().unwrap();
+    let svc = test::init_service(app(st)).await;
+    for stream in [false, true, false] {
+        let resp = test::call_service(&svc, chat("acme-key", stream).to_request()).await;
+        assert_eq!(resp.status(), 200);
+        test::read_body(resp).await;
+    }
+    assert!(capture.flush(Duration::from_secs(10)));
+    let req = test::TestRequest::get().uri("/metrics").to_request();
+    let m = String::from_utf8(
+        test::read_body(test::call_service(&svc, req).await)
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(m.contains("retune_capture_dropped_total 3"), "{m}");
+    // a feedback write the store refuses is a 5xx without the path
+    let resp = test::call_service(
+        &svc,
+        feedback(
+            "acme-key",
+            serde_json::json!({"completion_id": "c", "rating": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 500);
+    let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+    assert!(!body.contains("/var/lib"), "{body}");
+}
