@@ -4,6 +4,7 @@
 //! Stores sit behind [`DatasetStore`]: SQLite embedded, PostgreSQL later.
 
 pub mod capture;
+pub mod curate;
 pub mod error;
 pub mod record;
 pub mod sqlite;
