@@ -71,7 +71,7 @@ fn patterns() -> &'static Patterns {
 }
 
 /// What a scrub replaced, by kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Scrubbed {
     pub emails: usize,
     pub ibans: usize,
@@ -201,17 +201,26 @@ mod tests {
             }
         );
         // failed checksums: an order number and a mistyped IBAN stay as they are
-        let (t, n) = scrub("order 4539 5787 6362 1487 ref DE89370400440532013001 at 12:30 on 2024-05-01");
+        let (t, n) =
+            scrub("order 4539 5787 6362 1487 ref DE89370400440532013001 at 12:30 on 2024-05-01");
         assert_eq!(n.cards + n.ibans, 0, "{t}");
-        assert!(t.contains("4539 5787 6362 1487") && t.contains("DE89370400440532013001"), "{t}");
-        assert!(t.contains("2024-05-01"), "a date is not a phone number: {t}");
+        assert!(
+            t.contains("4539 5787 6362 1487") && t.contains("DE89370400440532013001"),
+            "{t}"
+        );
+        assert!(
+            t.contains("2024-05-01"),
+            "a date is not a phone number: {t}"
+        );
     }
 
     #[test]
     fn the_split_depends_only_on_the_normalised_input() {
         let k = input_key(&normalise("  My card   was charged\ttwice "));
         assert_eq!(k, input_key("My card was charged twice"));
-        let sides: Vec<Split> = (0..1000).map(|i| split_of(&input_key(&format!("q{i}")), 10)).collect();
+        let sides: Vec<Split> = (0..1000)
+            .map(|i| split_of(&input_key(&format!("q{i}")), 10))
+            .collect();
         let eval = sides.iter().filter(|s| **s == Split::Eval).count();
         assert!((60..=140).contains(&eval), "{eval} of 1000 in eval at 10%");
         assert_eq!(split_of(&k, 10), split_of(&k, 10));

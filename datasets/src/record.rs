@@ -167,3 +167,51 @@ impl FeedbackState {
         self.updated_at = Some(at);
     }
 }
+
+/// One chat message of an example (OpenAI fine-tuning format; `weight` 0 or 1 on
+/// assistant messages says whether to train on it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+}
+
+/// A training example in one of the two formats.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ExampleBody {
+    Chat { messages: Vec<Message> },
+    Text { prompt: String, completion: String },
+}
+
+impl ExampleBody {
+    /// The input as one normalised string (roles kept) and the target output.
+    pub fn input_output(&self) -> (String, String) {
+        use crate::curate::normalise;
+        match self {
+            Self::Chat { messages } => {
+                let (last, before) = match messages.split_last() {
+                    Some((l, b)) if l.role == "assistant" => (normalise(&l.content), b),
+                    _ => (String::new(), &messages[..]),
+                };
+                let input = before
+                    .iter()
+                    .map(|m| format!("{}: {}", m.role, normalise(&m.content)))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                (input, last)
+            }
+            Self::Text { prompt, completion } => (normalise(prompt), normalise(completion)),
+        }
+    }
+}
+
+/// An example to import, with what curation and erasure need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImportRow {
+    pub body: ExampleBody,
+    pub subject_id: Option<String>,
+    pub label: Option<String>,
+}

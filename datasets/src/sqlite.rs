@@ -2,8 +2,10 @@
 //! returned is on disk) beside, not inside, the adapter registry's database.
 
 use crate::error::DataError;
-use crate::record::{CapturedCompletion, Feedback, FeedbackState, Rating};
+use crate::record::{CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Rating};
+use crate::snapshot::{content_id, curate, Candidate, Manifest, Origin, Policy, SnapshotRow};
 use crate::DatasetStore;
+use crate::{Erased, Lineage};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +25,18 @@ CREATE TABLE IF NOT EXISTS feedback (
     created_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_by_completion ON feedback (completion_id, seq);
 CREATE INDEX IF NOT EXISTS feedback_by_subject ON feedback (tenant, subject_id);
+CREATE TABLE IF NOT EXISTS examples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, adapter TEXT NOT NULL,
+    body TEXT NOT NULL, source TEXT NOT NULL, subject_id TEXT, label TEXT, created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS examples_by_adapter ON examples (tenant, adapter);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, adapter TEXT NOT NULL, created_at INTEGER NOT NULL,
+    manifest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshot_rows (
+    snapshot TEXT NOT NULL, seq INTEGER NOT NULL, row TEXT NOT NULL, PRIMARY KEY (snapshot, seq));
+CREATE TABLE IF NOT EXISTS snapshot_subjects (
+    snapshot TEXT NOT NULL, seq INTEGER NOT NULL, subject_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS snapshot_subjects_by_subject ON snapshot_subjects (subject_id);
 ";
 
 pub struct SqliteStore {
@@ -211,4 +225,305 @@ impl DatasetStore for SqliteStore {
         owned(&conn, tenant, completion_id)?;
         state_of(&conn, completion_id)
     }
+    /// Import examples for `tenant/adapter` (one transaction); returns how many.
+    fn import(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        source: &str,
+        rows: &[ImportRow],
+    ) -> Result<usize, DataError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO examples (tenant, adapter, body, source, subject_id, label, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let at = now_ms();
+            for r in rows {
+                ins.execute(params![
+                    tenant,
+                    adapter,
+                    js(&r.body)?,
+                    source,
+                    r.subject_id,
+                    r.label,
+                    at
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(rows.len())
+    }
+
+    /// Curate the current examples of `tenant/adapter` into a snapshot (the same
+    /// content gives the same id, stored once).
+    fn snapshot(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        policy: &Policy,
+    ) -> Result<Manifest, DataError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let c = curate(&candidates(&tx, tenant, adapter)?, policy);
+        let id = content_id(tenant, adapter, policy, &c.rows);
+        if let Some(m) = tx
+            .query_row(
+                "SELECT manifest FROM snapshots WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            return parse(&m, "manifest");
+        }
+        let mut labels: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for r in &c.rows {
+            if let Some(l) = &r.label {
+                let e = labels.entry(l.clone()).or_default();
+                match r.split {
+                    crate::curate::Split::Train => e.0 += 1,
+                    crate::curate::Split::Eval => e.1 += 1,
+                }
+            }
+        }
+        let eval = c
+            .rows
+            .iter()
+            .filter(|r| r.split == crate::curate::Split::Eval)
+            .count();
+        let m = Manifest {
+            id: id.clone(),
+            tenant: tenant.into(),
+            adapter: adapter.into(),
+            created_at: now_ms(),
+            policy: policy.clone(),
+            train: c.rows.len() - eval,
+            eval,
+            labels,
+            dropped: c.dropped,
+            conflicts: c.conflicts,
+            scrubbed: c.scrubbed,
+            erased: 0,
+        };
+        tx.execute(
+            "INSERT INTO snapshots (id, tenant, adapter, created_at, manifest) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, tenant, adapter, m.created_at, js(&m)?],
+        )?;
+        {
+            let mut row = tx.prepare_cached(
+                "INSERT INTO snapshot_rows (snapshot, seq, row) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut subj = tx.prepare_cached(
+                "INSERT INTO snapshot_subjects (snapshot, seq, subject_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for (i, r) in c.rows.iter().enumerate() {
+                row.execute(params![id, i as i64, js(r)?])?;
+                for s in &r.subject_ids {
+                    subj.execute(params![id, i as i64, s])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(m)
+    }
+
+    fn manifest(&self, tenant: &str, id: &str) -> Result<Manifest, DataError> {
+        let m: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT manifest FROM snapshots WHERE id = ?1 AND tenant = ?2",
+                params![id, tenant],
+                |r| r.get(0),
+            )
+            .optional()?;
+        parse(
+            &m.ok_or_else(|| DataError::NotFound(format!("snapshot `{id}`")))?,
+            "manifest",
+        )
+    }
+
+    /// Manifests of a tenant's snapshots (of one adapter when given), oldest first.
+    fn snapshots(&self, tenant: &str, adapter: Option<&str>) -> Result<Vec<Manifest>, DataError> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT manifest FROM snapshots WHERE tenant = ?1 AND (?2 IS NULL OR adapter = ?2) ORDER BY created_at, id",
+        )?;
+        let rows = q.query_map(params![tenant, adapter], |r| r.get::<_, String>(0))?;
+        rows.map(|m| parse(&m?, "manifest")).collect()
+    }
+
+    /// The rows of a snapshot, in order.
+    fn snapshot_rows(&self, tenant: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
+        self.manifest(tenant, id)?;
+        let conn = self.conn();
+        let mut q =
+            conn.prepare("SELECT row FROM snapshot_rows WHERE snapshot = ?1 ORDER BY seq")?;
+        let rows = q.query_map(params![id], |r| r.get::<_, String>(0))?;
+        rows.map(|r| parse(&r?, "snapshot row")).collect()
+    }
+
+    /// Snapshots of `tenant` with a row about `subject`.
+    fn lineage(&self, tenant: &str, subject: &str) -> Result<Lineage, DataError> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT DISTINCT s.id FROM snapshot_subjects j JOIN snapshots s ON s.id = j.snapshot
+             WHERE s.tenant = ?1 AND j.subject_id = ?2 ORDER BY s.id",
+        )?;
+        let snapshots = q
+            .query_map(params![tenant, subject], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Lineage { snapshots })
+    }
+
+    /// Delete every captured call, feedback row, example and snapshot row about
+    /// `subject` (one transaction). Returns what went and the snapshots it touched.
+    fn erase(&self, tenant: &str, subject: &str) -> Result<Erased, DataError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let touched: Vec<(String, i64)> = {
+            let mut q = tx.prepare(
+                "SELECT j.snapshot, j.seq FROM snapshot_subjects j JOIN snapshots s ON s.id = j.snapshot
+                 WHERE s.tenant = ?1 AND j.subject_id = ?2",
+            )?;
+            let rows = q.query_map(params![tenant, subject], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut snapshots: Vec<String> = touched.iter().map(|t| t.0.clone()).collect();
+        snapshots.sort();
+        snapshots.dedup();
+        for (snap, seq) in &touched {
+            tx.execute(
+                "DELETE FROM snapshot_rows WHERE snapshot = ?1 AND seq = ?2",
+                params![snap, seq],
+            )?;
+            tx.execute(
+                "DELETE FROM snapshot_subjects WHERE snapshot = ?1 AND seq = ?2",
+                params![snap, seq],
+            )?;
+        }
+        for snap in &snapshots {
+            let n = touched.iter().filter(|t| &t.0 == snap).count();
+            let m: String = tx.query_row(
+                "SELECT manifest FROM snapshots WHERE id = ?1",
+                params![snap],
+                |r| r.get(0),
+            )?;
+            let mut m: Manifest = parse(&m, "manifest")?;
+            m.erased += n;
+            tx.execute(
+                "UPDATE snapshots SET manifest = ?1 WHERE id = ?2",
+                params![js(&m)?, snap],
+            )?;
+        }
+        let completions: Vec<String> = {
+            let mut q = tx.prepare(
+                "SELECT DISTINCT completion_id FROM feedback WHERE tenant = ?1 AND subject_id = ?2",
+            )?;
+            let rows = q.query_map(params![tenant, subject], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut feedback = 0;
+        for c in &completions {
+            feedback += tx.execute(
+                "DELETE FROM feedback WHERE completion_id = ?1 AND tenant = ?2",
+                params![c, tenant],
+            )?;
+            tx.execute(
+                "DELETE FROM completions WHERE id = ?1 AND tenant = ?2",
+                params![c, tenant],
+            )?;
+        }
+        let examples = tx.execute(
+            "DELETE FROM examples WHERE tenant = ?1 AND subject_id = ?2",
+            params![tenant, subject],
+        )?;
+        tx.commit()?;
+        Ok(Erased {
+            completions: completions.len(),
+            feedback,
+            examples,
+            snapshot_rows: touched.len(),
+            snapshots,
+        })
+    }
+}
+
+fn js<T: serde::Serialize>(v: &T) -> Result<String, DataError> {
+    serde_json::to_string(v).map_err(|e| DataError::Db(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, DataError> {
+    serde_json::from_str(s).map_err(|e| DataError::Db(format!("{what}: {e}")))
+}
+
+fn candidates(conn: &Connection, tenant: &str, adapter: &str) -> Result<Vec<Candidate>, DataError> {
+    let mut out = Vec::new();
+    let mut q = conn.prepare(
+        "SELECT id, body, subject_id, label FROM examples WHERE tenant = ?1 AND adapter = ?2 ORDER BY id",
+    )?;
+    let rows = q.query_map(params![tenant, adapter], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, body, subject_id, label) = row?;
+        out.push(Candidate {
+            body: parse(&body, "example")?,
+            origin: Origin::Import { id },
+            subject_id,
+            label,
+        });
+    }
+    let mut q = conn.prepare(
+        "SELECT id, request, output_text FROM completions WHERE tenant = ?1 AND adapter = ?2 ORDER BY created_at, id",
+    )?;
+    let rows = q.query_map(params![tenant, adapter], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, request, output) = row?;
+        let fb = state_of(conn, &id)?;
+        let req: serde_json::Value = parse(&request, "captured request")?;
+        let body = if let Some(ms) = req.get("messages") {
+            let mut messages: Vec<crate::record::Message> =
+                parse(&ms.to_string(), "captured messages")?;
+            messages.push(crate::record::Message {
+                role: "assistant".into(),
+                content: output,
+                weight: None,
+            });
+            ExampleBody::Chat { messages }
+        } else {
+            ExampleBody::Text {
+                prompt: req
+                    .get("prompt")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or_default()
+                    .into(),
+                completion: output,
+            }
+        };
+        out.push(Candidate {
+            body,
+            origin: Origin::Capture {
+                id,
+                correction: fb.correction.clone(),
+                rating: fb.rating,
+            },
+            subject_id: fb.subject_id.clone(),
+            label: fb.labels.get("label").cloned(),
+        });
+    }
+    Ok(out)
 }

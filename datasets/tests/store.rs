@@ -173,6 +173,27 @@ impl DatasetStore for Flaky {
     fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
         self.inner.feedback(t, id)
     }
+    fn import(&self, t: &str, a: &str, s: &str, rows: &[ImportRow]) -> Result<usize, DataError> {
+        self.inner.import(t, a, s, rows)
+    }
+    fn snapshot(&self, t: &str, a: &str, p: &Policy) -> Result<Manifest, DataError> {
+        self.inner.snapshot(t, a, p)
+    }
+    fn manifest(&self, t: &str, id: &str) -> Result<Manifest, DataError> {
+        self.inner.manifest(t, id)
+    }
+    fn snapshots(&self, t: &str, a: Option<&str>) -> Result<Vec<Manifest>, DataError> {
+        self.inner.snapshots(t, a)
+    }
+    fn snapshot_rows(&self, t: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
+        self.inner.snapshot_rows(t, id)
+    }
+    fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
+        self.inner.lineage(t, s)
+    }
+    fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
+        self.inner.erase(t, s)
+    }
 }
 
 #[test]

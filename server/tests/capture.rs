@@ -272,6 +272,27 @@ impl DatasetStore for Broken {
     fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
         self.0.feedback(t, id)
     }
+    fn import(&self, t: &str, a: &str, s: &str, rows: &[ImportRow]) -> Result<usize, DataError> {
+        self.0.import(t, a, s, rows)
+    }
+    fn snapshot(&self, t: &str, a: &str, p: &Policy) -> Result<Manifest, DataError> {
+        self.0.snapshot(t, a, p)
+    }
+    fn manifest(&self, t: &str, id: &str) -> Result<Manifest, DataError> {
+        self.0.manifest(t, id)
+    }
+    fn snapshots(&self, t: &str, a: Option<&str>) -> Result<Vec<Manifest>, DataError> {
+        self.0.snapshots(t, a)
+    }
+    fn snapshot_rows(&self, t: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
+        self.0.snapshot_rows(t, id)
+    }
+    fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
+        self.0.lineage(t, s)
+    }
+    fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
+        self.0.erase(t, s)
+    }
 }
 
 #[actix_web::test]
