@@ -523,6 +523,70 @@ impl Registry {
     }
 
     /// Never servable again. The live version cannot be retired (roll back first).
+    /// Versions of `tenant` registered with `metadata.snapshot` among `snapshots`:
+    /// the lineage from training data to adapter versions.
+    pub fn trained_on(&self, tenant: &str, snapshots: &[String]) -> R<Vec<VersionInfo>> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired
+             FROM versions WHERE tenant = ?1 AND json_extract(metadata, '$.snapshot') = ?2
+             ORDER BY name, created_at, id",
+        )?;
+        let mut out = Vec::new();
+        for snap in snapshots {
+            let rows = q.query_map(params![tenant, snap], row_to_version)?;
+            for v in rows {
+                out.push(v?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mark a version tainted (its training data was erased): a journal entry;
+    /// the version stays servable until a policy or a person acts.
+    pub fn taint(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+        actor: &str,
+        reason: &str,
+    ) -> R<AdapterState> {
+        self.mutate(tenant, name, |tx| {
+            let known: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+                params![tenant, name, version],
+                |r| r.get(0),
+            )?;
+            if known == 0 {
+                return Err(RegistryError::NotFound(format!(
+                    "version {tenant}/{name}@{version}"
+                )));
+            }
+            journal(
+                tx,
+                tenant,
+                name,
+                "taint",
+                Some(version),
+                None,
+                actor,
+                reason,
+            )
+        })
+    }
+
+    /// The tainted versions of an adapter.
+    pub fn tainted(&self, tenant: &str, name: &str) -> R<Vec<String>> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT DISTINCT version FROM journal WHERE tenant = ?1 AND name = ?2 AND event = 'taint'
+             AND version IS NOT NULL ORDER BY version",
+        )?;
+        let rows = q.query_map(params![tenant, name], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn retire(
         &self,
         tenant: &str,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod adapters_cli;
+mod data_cli;
 
 const EXIT_CODES: &str = "Exit codes:
   0  success
@@ -39,6 +40,9 @@ enum Command {
     /// The adapter registry: list, show, register, promote, rollback, canary, retire, gc.
     #[command(after_help = EXIT_CODES)]
     Adapters(adapters_cli::AdaptersArgs),
+    /// The datasets store: import, export, snapshot, show, list, erase.
+    #[command(after_help = EXIT_CODES)]
+    Data(data_cli::DataArgs),
 }
 
 #[derive(clap::Args)]
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(a),
         Command::Generate(a) => generate(a),
         Command::Adapters(a) => adapters_cli::run(&a),
+        Command::Data(a) => data_cli::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

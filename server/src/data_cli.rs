@@ -1,0 +1,167 @@
+//! `retune data ...`: the datasets store from the command line (JSON output).
+
+use anyhow::{bail, Context, Result};
+use retune_adapters::{LocalStore, Registry};
+use retune_datasets::{parse_jsonl, DatasetStore, Policy, SqliteStore};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `retune data`: captured completions, imports, snapshots, erasure.
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// Data root (the server's `adapters.root`): datasets.db beside registry.db.
+    #[arg(long)]
+    root: PathBuf,
+    /// Who acts (recorded in the registry journal on erasure); defaults to $USER.
+    #[arg(long, global = true)]
+    actor: Option<String>,
+    #[command(subcommand)]
+    command: DataCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum DataCommand {
+    /// Import examples from JSONL (OpenAI `{"messages": [...]}` or prompt/completion lines).
+    Import {
+        /// TENANT/ADAPTER the examples are for.
+        adapter: String,
+        /// The JSONL file.
+        file: PathBuf,
+    },
+    /// Curate the examples of TENANT/ADAPTER into a snapshot; prints its manifest.
+    Snapshot {
+        /// TENANT/ADAPTER
+        adapter: String,
+        /// Do not count +1-rated outputs as examples.
+        #[arg(long)]
+        no_positive: bool,
+        /// Keep personal data (no scrub of emails, phones, cards, IBANs).
+        #[arg(long)]
+        no_scrub: bool,
+        /// Percent of the input-hash space held out for eval.
+        #[arg(long, default_value_t = 10)]
+        eval_percent: u8,
+    },
+    /// Write a snapshot as JSONL (the import format) to stdout or a file.
+    Export {
+        /// The tenant the snapshot belongs to.
+        tenant: String,
+        /// Snapshot id.
+        snapshot: String,
+        /// Only this split: train or eval.
+        #[arg(long)]
+        split: Option<String>,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The manifest of a snapshot.
+    Show { tenant: String, snapshot: String },
+    /// Snapshots of a tenant (of one adapter when given).
+    List {
+        tenant: String,
+        #[arg(long)]
+        adapter: Option<String>,
+    },
+    /// Delete everything about a subject and taint every version trained on it.
+    Erase {
+        #[arg(long)]
+        tenant: String,
+        /// The person the data is about (`subject_id` of feedback and imports).
+        #[arg(long)]
+        subject: String,
+    },
+}
+
+fn split(s: &str) -> Result<(&str, &str)> {
+    s.split_once('/')
+        .with_context(|| format!("expected TENANT/ADAPTER, got `{s}`"))
+}
+
+fn print(v: impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+pub fn run(args: &DataArgs) -> Result<()> {
+    let store = SqliteStore::open(&args.root.join("datasets.db"))?;
+    let actor = args
+        .actor
+        .clone()
+        .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "cli".into()));
+    use DataCommand as C;
+    match &args.command {
+        C::Import { adapter, file } => {
+            let (t, a) = split(adapter)?;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let (rows, errors) = parse_jsonl(&text);
+            let source = format!("import:{}", file.display());
+            let imported = store.import(t, a, &source, &rows)?;
+            print(serde_json::json!({"imported": imported, "errors": errors}))?;
+            if !errors.is_empty() {
+                bail!("{} line(s) not imported (listed above)", errors.len());
+            }
+            Ok(())
+        }
+        C::Snapshot {
+            adapter,
+            no_positive,
+            no_scrub,
+            eval_percent,
+        } => {
+            let (t, a) = split(adapter)?;
+            if *eval_percent > 100 {
+                bail!("--eval-percent must be 0..=100");
+            }
+            let policy = Policy {
+                include_positive: !no_positive,
+                scrub: !no_scrub,
+                eval_percent: *eval_percent,
+            };
+            print(store.snapshot(t, a, &policy)?)
+        }
+        C::Export {
+            tenant,
+            snapshot,
+            split,
+            out,
+        } => {
+            let want = match split.as_deref() {
+                None => None,
+                Some("train") => Some(retune_datasets::curate::Split::Train),
+                Some("eval") => Some(retune_datasets::curate::Split::Eval),
+                Some(s) => bail!("--split {s}: train or eval"),
+            };
+            let mut text = String::new();
+            for r in store.snapshot_rows(tenant, snapshot)? {
+                if want.is_none_or(|w| w == r.split) {
+                    text.push_str(&retune_datasets::import::to_line(&r.body));
+                    text.push('\n');
+                }
+            }
+            match out {
+                Some(p) => {
+                    std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => std::io::stdout().lock().write_all(text.as_bytes())?,
+            }
+            Ok(())
+        }
+        C::Show { tenant, snapshot } => print(store.manifest(tenant, snapshot)?),
+        C::List { tenant, adapter } => print(store.snapshots(tenant, adapter.as_deref())?),
+        C::Erase { tenant, subject } => {
+            let reg_path = args.root.join("registry.db");
+            let registry = if reg_path.exists() {
+                let blobs = Arc::new(LocalStore::new(&args.root.join("store"))?);
+                Some(Registry::open(&reg_path, blobs, 4 << 30)?)
+            } else {
+                None
+            };
+            let report =
+                retune_server::erasure::erase(&store, registry.as_ref(), tenant, subject, &actor)?;
+            print(report)
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! `retune data` end to end through the real binary: import with a bad line,
+//! snapshot, lineage into registered versions, erasure that taints exactly the
+//! versions trained on the subject's data, export.
+
+use retune_engine::tiny::{self, TinySpec};
+use std::process::Command;
+
+fn retune(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_retune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+fn line(q: &str, a: &str, subject: Option<&str>) -> String {
+    let mut v = serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]});
+    if let Some(s) = subject {
+        v["subject_id"] = s.into();
+    }
+    v.to_string()
+}
+
+#[test]
+fn erasing_a_subject_taints_exactly_the_versions_trained_on_its_data() {
+    let dir = std::env::temp_dir().join(format!("retune-data-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = TinySpec::default();
+    let (model, _) = tiny::write(&dir.join("model"), &spec).unwrap();
+    let model = model.to_string_lossy().to_string();
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let root = root.to_string_lossy().to_string();
+    let f1 = dir.join("tickets.jsonl");
+    std::fs::write(
+        &f1,
+        [
+            line(
+                "ZED-PRIVATE lost my card",
+                "lost_or_stolen_card",
+                Some("zed"),
+            ),
+            "{broken".to_string(),
+            line("card arrived?", "card_arrival", None),
+            line("fee?", "card_payment_fee_charged", Some("olga")),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (code, out, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "import",
+        "acme/tickets",
+        f1.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "a bad line is a failure: {err}");
+    let r = json(&out);
+    assert_eq!(r["imported"], 3);
+    assert_eq!(r["errors"][0]["line"], 2);
+    let f2 = dir.join("other.jsonl");
+    std::fs::write(&f2, line("hello", "greeting", Some("olga"))).unwrap();
+    assert_eq!(
+        retune(&[
+            "data",
+            "--root",
+            &root,
+            "import",
+            "acme/other",
+            f2.to_str().unwrap()
+        ])
+        .0,
+        0
+    );
+    let (code, out, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "snapshot",
+        "acme/tickets",
+        "--no-scrub",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let s1 = json(&out);
+    let (_, out, _) = retune(&["data", "--root", &root, "snapshot", "acme/other"]);
+    let s2 = json(&out);
+    let (s1, s2) = (
+        s1["id"].as_str().unwrap().to_string(),
+        s2["id"].as_str().unwrap().to_string(),
+    );
+    // versions: two trained on s1 (tickets), one on s2 (other), one with no lineage
+    let mut versions = Vec::new();
+    for (i, (name, snap)) in [
+        ("tickets", Some(&s1)),
+        ("tickets", Some(&s1)),
+        ("other", Some(&s2)),
+        ("tickets", None),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let a = dir.join(format!("a{i}"));
+        tiny::write_adapter(&a, &spec, 4, &[0, 2], i as u64 + 1, 8.0, 0.05).unwrap();
+        let meta = match snap {
+            Some(s) => serde_json::json!({ "snapshot": s }).to_string(),
+            None => "{}".into(),
+        };
+        let (code, out, err) = retune(&[
+            "adapters",
+            "--root",
+            &root,
+            "register",
+            &format!("acme/{name}"),
+            a.to_str().unwrap(),
+            "--model",
+            &model,
+            "--metadata",
+            &meta,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        versions.push(json(&out)["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        retune(&[
+            "adapters",
+            "--root",
+            &root,
+            "promote",
+            "acme/tickets",
+            &versions[1]
+        ])
+        .0,
+        0
+    );
+    let (code, out, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "erase",
+        "--tenant",
+        "acme",
+        "--subject",
+        "zed",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report = json(&out);
+    assert_eq!(report["erased"]["examples"], 1);
+    assert_eq!(report["erased"]["snapshots"], serde_json::json!([s1]));
+    let mut tainted: Vec<(String, bool)> = report["tainted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["version"].as_str().unwrap().to_string(),
+                t["live"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    tainted.sort();
+    let mut want = vec![(versions[0].clone(), false), (versions[1].clone(), true)];
+    want.sort();
+    assert_eq!(
+        tainted, want,
+        "exactly the versions trained on s1; the live one flagged"
+    );
+    let (_, out, _) = retune(&["adapters", "--root", &root, "show", "acme/tickets"]);
+    let taints = json(&out)["journal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "taint")
+        .count();
+    assert_eq!(taints, 2);
+    // the export holds the rest and nothing of zed
+    let (code, out, _) = retune(&["data", "--root", &root, "export", "acme", &s1]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(!out.contains("ZED-PRIVATE"));
+    let (_, out, _) = retune(&["data", "--root", &root, "show", "acme", &s1]);
+    assert_eq!(json(&out)["erased"], 1);
+    // erasing a subject nobody trained on taints nothing
+    let (_, out, _) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "erase",
+        "--tenant",
+        "acme",
+        "--subject",
+        "nobody",
+    ]);
+    assert_eq!(json(&out)["tainted"], serde_json::json!([]));
+}
