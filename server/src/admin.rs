@@ -39,7 +39,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-fn admin(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+/// The admin key, checked.
+pub(crate) fn admin_key(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     let key = req
         .headers()
         .get("authorization")
@@ -51,13 +52,18 @@ fn admin(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError>
     if !state.keys.is_admin(key) {
         return Err(ApiError::Unauthorized("admin key required".into()));
     }
+    Ok(())
+}
+
+fn admin(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
+    admin_key(state, req)?;
     state
         .registry
         .clone()
         .ok_or_else(|| ApiError::Unavailable("no adapter registry configured".into()))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     web::block(f)
@@ -93,7 +99,11 @@ async fn show(
     let reg = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || {
-        Ok(serde_json::json!({"state": reg.state(&t, &n)?, "versions": reg.versions(&t, &n)?, "journal": reg.journal(&t, &n)?}))
+        let state = reg.state(&t, &n)?;
+        let tainted = reg.tainted(&t, &n)?;
+        let live_tainted = state.live.as_ref().is_some_and(|l| tainted.contains(l));
+        Ok(serde_json::json!({"state": state, "versions": reg.versions(&t, &n)?, "journal": reg.journal(&t, &n)?,
+            "tainted": tainted, "live_tainted": live_tainted}))
     })
     .await?;
     Ok(HttpResponse::Ok().json(v))

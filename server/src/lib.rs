@@ -2,6 +2,7 @@
 //! adapter routing through the registry, Prometheus metrics.
 
 pub mod admin;
+pub mod admin_data;
 pub mod auth;
 pub mod erasure;
 pub mod errors;
@@ -176,6 +177,7 @@ pub fn app(
         .configure(routes::configure)
         .configure(feedback::configure)
         .configure(admin::configure)
+        .configure(admin_data::configure)
 }
 
 pub struct Application {

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub captured: prometheus::IntCounter,
     pub capture_dropped: prometheus::IntCounter,
     pub feedback: IntCounterVec,
+    pub tainted_live: IntGauge,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
@@ -133,6 +134,11 @@ impl Metrics {
         r.register(Box::new(captured.clone()))?;
         r.register(Box::new(capture_dropped.clone()))?;
         r.register(Box::new(feedback.clone()))?;
+        let tainted_live = IntGauge::new(
+            "retune_tainted_live_adapters",
+            "Adapters whose live version was trained on erased data",
+        )?;
+        r.register(Box::new(tainted_live.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -153,6 +159,7 @@ impl Metrics {
             captured,
             capture_dropped,
             feedback,
+            tainted_live,
             seen_adapters: Default::default(),
             max_adapters,
         })

@@ -63,6 +63,23 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
         crate::metrics::catch_up(&m.captured, cs.captured.load(Ordering::Relaxed));
         crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
     }
+    if let Some(reg) = state.registry.clone() {
+        let n = web::block(move || -> Result<i64, RegistryError> {
+            let mut n = 0;
+            for (t, name, st) in reg.list(None)? {
+                if st
+                    .live
+                    .is_some_and(|l| reg.tainted(&t, &name).is_ok_and(|v| v.contains(&l)))
+                {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
+        m.tainted_live.set(n);
+    }
     let mut out = Vec::new();
     use prometheus::Encoder;
     prometheus::TextEncoder::new()

@@ -24,9 +24,10 @@ fn state(
 ) -> (web::Data<AppState>, Arc<ScriptedBackend>) {
     let b = Arc::new(ScriptedBackend::tiny(&dir.join("tok")).unwrap());
     let toml = format!(
-        "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n\
+        "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[auth]\nadmin_key_sha256 = \"{}\"\n\
          [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n\
          [[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nenabled = false\n",
+        hash_key("admin-key"),
         hash_key("acme-key"),
         hash_key("globex-key")
     );
@@ -328,4 +329,85 @@ async fn completions_succeed_and_drops_are_counted_while_the_store_fails() {
     assert_eq!(resp.status(), 500);
     let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
     assert!(!body.contains("/var/lib"), "{body}");
+}
+
+#[actix_web::test]
+async fn the_admin_data_api_imports_snapshots_exports_and_erases() {
+    let dir = tmp("admin");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, b) = state(&dir, store);
+    let svc = test::init_service(app(st)).await;
+    let admin = |method: test::TestRequest, uri: &str| {
+        method
+            .uri(uri)
+            .insert_header(("authorization", "Bearer admin-key"))
+    };
+    let jsonl = [
+        r#"{"messages": [{"role": "user", "content": "where is my card"}, {"role": "assistant", "content": "card_arrival"}], "subject_id": "zed"}"#,
+        "not json",
+        r#"{"prompt": "fee?", "completion": "card_payment_fee_charged"}"#,
+    ]
+    .join("\n");
+    let req = admin(test::TestRequest::post(), "/admin/data/acme/tickets/import")
+        .set_payload(jsonl)
+        .to_request();
+    let j: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(j["imported"], 2);
+    assert_eq!(j["errors"][0]["line"], 2);
+    // a corrected capture of the base model is not an example of the adapter
+    script(&b, &["wrong"]);
+    let resp = test::call_service(&svc, chat("acme-key", false).to_request()).await;
+    let c: serde_json::Value = test::read_body_json(resp).await;
+    let fbr = feedback(
+        "acme-key",
+        serde_json::json!({"completion_id": c["id"], "correction": "transaction_charged_twice"}),
+    );
+    assert_eq!(test::call_service(&svc, fbr).await.status(), 200);
+    let req = admin(
+        test::TestRequest::post(),
+        "/admin/data/acme/tickets/snapshots",
+    )
+    .to_request();
+    let m: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(
+        m["train"].as_u64().unwrap() + m["eval"].as_u64().unwrap(),
+        2,
+        "{m}"
+    );
+    let id = m["id"].as_str().unwrap().to_string();
+    let req = admin(
+        test::TestRequest::get(),
+        &format!("/admin/data/acme/snapshots/{id}/export"),
+    )
+    .to_request();
+    let text = String::from_utf8(
+        test::read_body(test::call_service(&svc, req).await)
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(text.lines().count(), 2);
+    assert!(
+        text.contains("card_arrival") && !text.contains("transaction_charged_twice"),
+        "{text}"
+    );
+    let req = admin(test::TestRequest::post(), "/admin/data/acme/erase")
+        .set_json(serde_json::json!({"subject_id": "zed"}))
+        .to_request();
+    let r: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(r["erased"]["examples"], 1);
+    assert_eq!(r["erased"]["snapshots"], serde_json::json!([id]));
+    // a tenant key is not an admin key
+    let req = test::TestRequest::post()
+        .uri("/admin/data/acme/erase")
+        .insert_header(("authorization", "Bearer acme-key"))
+        .set_json(serde_json::json!({"subject_id": "zed"}))
+        .to_request();
+    assert_eq!(test::call_service(&svc, req).await.status(), 401);
+    let req = admin(
+        test::TestRequest::get(),
+        "/admin/data/globex/snapshots/nope",
+    )
+    .to_request();
+    assert_eq!(test::call_service(&svc, req).await.status(), 404);
 }

@@ -1,0 +1,154 @@
+//! Admin API for the datasets store (admin key): import JSONL for an adapter,
+//! curate a snapshot, read and export snapshots, erase a subject.
+
+use crate::admin::{admin_key, blocking};
+use crate::errors::ApiError;
+use crate::routes::body;
+use crate::AppState;
+use actix_web::{web, HttpRequest, HttpResponse};
+use retune_datasets::{parse_jsonl, DatasetStore, Policy};
+use std::sync::Arc;
+
+type Data = web::Data<AppState>;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/admin/data/{tenant}/{adapter}/import",
+        web::post().to(import),
+    )
+    .route(
+        "/admin/data/{tenant}/{adapter}/snapshots",
+        web::post().to(snapshot),
+    )
+    .route(
+        "/admin/data/{tenant}/snapshots/{id}",
+        web::get().to(manifest),
+    )
+    .route(
+        "/admin/data/{tenant}/snapshots/{id}/export",
+        web::get().to(export),
+    )
+    .route("/admin/data/{tenant}/erase", web::post().to(erase));
+}
+
+fn store(state: &AppState, req: &HttpRequest) -> Result<Arc<dyn DatasetStore>, ApiError> {
+    admin_key(state, req)?;
+    state
+        .data
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("no datasets store is configured".into()))
+}
+
+/// The body is JSONL; the answer lists every bad line by number (the rest is imported).
+async fn import(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let s = store(&state, &req)?;
+    let (t, a) = path.into_inner();
+    let raw = body(&state, payload).await?;
+    let text = String::from_utf8(raw.to_vec())
+        .map_err(|_| ApiError::BadRequest("the body must be UTF-8 JSONL".into()))?;
+    let (imported, errors) = blocking(move || {
+        let (rows, errors) = parse_jsonl(&text);
+        Ok((s.import(&t, &a, "import:admin", &rows)?, errors))
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"imported": imported, "errors": errors})))
+}
+
+async fn snapshot(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let s = store(&state, &req)?;
+    let (t, a) = path.into_inner();
+    let raw = body(&state, payload).await?;
+    let policy: Policy = if raw.iter().all(u8::is_ascii_whitespace) {
+        Policy::default()
+    } else {
+        serde_json::from_slice(&raw)
+            .map_err(|e| ApiError::BadRequest(format!("invalid policy: {e}")))?
+    };
+    if policy.eval_percent > 100 {
+        return Err(ApiError::InvalidParam {
+            param: "eval_percent".into(),
+            message: "must be 0..=100".into(),
+        });
+    }
+    let m = blocking(move || Ok(s.snapshot(&t, &a, &policy)?)).await?;
+    Ok(HttpResponse::Ok().json(m))
+}
+
+async fn manifest(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let s = store(&state, &req)?;
+    let (t, id) = path.into_inner();
+    let m = blocking(move || Ok(s.manifest(&t, &id)?)).await?;
+    Ok(HttpResponse::Ok().json(m))
+}
+
+async fn export(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let s = store(&state, &req)?;
+    let (t, id) = path.into_inner();
+    let text = blocking(move || {
+        let mut out = String::new();
+        for r in s.snapshot_rows(&t, &id)? {
+            out.push_str(&retune_datasets::import::to_line(&r.body));
+            out.push('\n');
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/jsonl")
+        .body(text))
+}
+
+#[derive(serde::Deserialize)]
+struct EraseBody {
+    subject_id: String,
+    actor: Option<String>,
+}
+
+async fn erase(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let s = store(&state, &req)?;
+    let t = path.into_inner();
+    let raw = body(&state, payload).await?;
+    let b: EraseBody = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    if b.subject_id.is_empty() {
+        return Err(ApiError::InvalidParam {
+            param: "subject_id".into(),
+            message: "must not be empty".into(),
+        });
+    }
+    let reg = state.registry.clone();
+    let report = blocking(move || {
+        let actor = b.actor.unwrap_or_else(|| "admin".into());
+        crate::erasure::erase(s.as_ref(), reg.as_deref(), &t, &b.subject_id, &actor).map_err(|e| {
+            match e {
+                crate::erasure::ErasureError::Data(d) => ApiError::from(d),
+                crate::erasure::ErasureError::Registry(r) => ApiError::from(r),
+            }
+        })
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(report))
+}
