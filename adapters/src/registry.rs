@@ -292,7 +292,10 @@ impl Registry {
         let conn = self.conn();
         let (version, via) = match pinned {
             Some(v) => {
-                servable(&conn, tenant, name, v).map_err(|_| not_found())?;
+                servable(&conn, tenant, name, v).map_err(|e| match e {
+                    RegistryError::NotFound(_) | RegistryError::Rejected(_) => not_found(),
+                    other => other,
+                })?;
                 (v.to_string(), Via::Pinned)
             }
             None => {
@@ -522,7 +525,6 @@ impl Registry {
         })
     }
 
-    /// Never servable again. The live version cannot be retired (roll back first).
     /// Versions of `tenant` registered with `metadata.snapshot` among `snapshots`:
     /// the lineage from training data to adapter versions.
     pub fn trained_on(&self, tenant: &str, snapshots: &[String]) -> R<Vec<VersionInfo>> {
@@ -587,6 +589,7 @@ impl Registry {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Never servable again. The live version cannot be retired (roll back first).
     pub fn retire(
         &self,
         tenant: &str,

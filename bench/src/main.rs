@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod datasets;
 mod device;
 mod engine;
 
@@ -29,6 +30,8 @@ enum Command {
     /// Greedy decoding of the llama.cpp fixture prompts on the tensor backend vs the
     /// native CPU engine, step by step; non-zero exit on an unexplained divergence.
     CheckDevice(device::CheckArgs),
+    /// The examples store: import rows/s, snapshot time, durable feedback writes/s.
+    Datasets(datasets::DatasetsArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Engine(a) => engine::run(a),
         Command::Device(a) => device::run_bench(a),
         Command::CheckDevice(a) => device::run_check(a),
+        Command::Datasets(a) => datasets::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,9 +66,10 @@ impl GenError {
 impl From<EngineError> for GenError {
     fn from(e: EngineError) -> Self {
         let kind = match &e {
+            // `InvalidRequest` is also raised deep in the engine: a client error
+            // only where a request is validated (`ValidRequest::new`)
             EngineError::PromptTooLong { .. }
             | EngineError::EmptyPrompt
-            | EngineError::InvalidRequest(_)
             | EngineError::Template(_) => ErrorKind::Client,
             EngineError::Overloaded(_) => ErrorKind::Capacity,
             EngineError::ShutDown => ErrorKind::Unavailable,
@@ -95,7 +96,9 @@ impl ValidRequest {
         adapter: Option<AdapterRef>,
         context: usize,
     ) -> Result<Self, GenError> {
-        params.validate().map_err(GenError::from)?;
+        params
+            .validate()
+            .map_err(|e| GenError::client(e.to_string()))?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
         }

@@ -59,7 +59,11 @@ impl ChatTemplate {
             bos_token => self.bos,
             eos_token => self.eos,
         })
-        .map_err(|e| EngineError::Template(format!("{e:#}")))
+        .map_err(|e| match (e.kind(), e.detail()) {
+            // `raise_exception("...")` in the template: a message for whoever sent the messages
+            (ErrorKind::InvalidOperation, Some(msg)) => EngineError::Template(msg.to_string()),
+            _ => EngineError::Internal(format!("chat template: {e:#}")),
+        })
     }
 }
 

@@ -40,6 +40,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A fault of the server (a bug, a broken template, a poisoned lock): never the client's.
+    #[error("internal: {0}")]
+    Internal(String),
     #[error("engine overloaded: {0} requests already queued")]
     Overloaded(usize),
     #[error("engine has shut down")]

@@ -74,7 +74,7 @@ impl ScriptedBackend {
         *lock(&self.health) = h;
     }
 
-    /// The requests submitted so far, as validated.
+    /// The requests submitted so far (refused ones too), as validated.
     pub fn submitted(&self) -> Vec<ValidRequest> {
         lock(&self.submitted).clone()
     }
@@ -92,11 +92,11 @@ impl Backend for ScriptedBackend {
                 Step::Finish(FinishReason::Stop),
             ])
         });
+        lock(&self.submitted).push(req.clone());
         let steps = match script {
             Script::Refuse(e) => return Err(e),
             Script::Stream(steps) => steps,
         };
-        lock(&self.submitted).push(req.clone());
         let (tx, rx) = GenerationStream::channel();
         let mut output = Vec::new();
         for step in steps {

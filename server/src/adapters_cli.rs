@@ -32,11 +32,13 @@ enum AdaptersCommand {
     /// Aliases, versions and journal of one adapter.
     Show {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
     },
     /// Register a PEFT adapter directory as a new version (validated against the base).
     Register {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
         /// Directory with adapter_config.json and adapter_model.safetensors.
         dir: PathBuf,
@@ -49,13 +51,14 @@ enum AdaptersCommand {
         /// Where the version came from (default `path:DIR`).
         #[arg(long)]
         source: Option<String>,
-        /// Metadata to store with the version (a JSON object).
-        #[arg(long)]
-        metadata: Option<String>,
+        /// Metadata to store with the version (a JSON object, e.g. `{"snapshot": "ID"}`).
+        #[arg(long, value_parser = json_object)]
+        metadata: Option<serde_json::Value>,
     },
     /// Make a version live (compare-and-set on the current live version).
     Promote {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
         version: String,
         /// The live version expected now (`none` = nothing live); refused if it differs.
@@ -65,6 +68,7 @@ enum AdaptersCommand {
     /// Make the previous (or a named) version live again.
     Rollback {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
         /// The version to go back to (default: the previous live one).
         #[arg(long)]
@@ -73,9 +77,12 @@ enum AdaptersCommand {
     /// Send a share of traffic to a version, or stop (--clear).
     Canary {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
+        #[arg(required_unless_present = "clear")]
         version: Option<String>,
         /// Percent of requests, 0..=100.
+        #[arg(required_unless_present = "clear", value_parser = clap::value_parser!(u8).range(0..=100))]
         percent: Option<u8>,
         /// Remove the canary.
         #[arg(long, conflicts_with_all = ["version", "percent"])]
@@ -84,12 +91,14 @@ enum AdaptersCommand {
     /// Mark a version unservable (not the live one).
     Retire {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
         version: String,
     },
     /// Delete unaliased versions, keeping the newest N.
     Gc {
         /// TENANT/NAME
+        #[arg(value_parser = tenant_name)]
         adapter: String,
         /// Unaliased versions to keep.
         #[arg(long)]
@@ -100,6 +109,22 @@ enum AdaptersCommand {
 fn open(root: &Path) -> Result<Registry> {
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
     Ok(Registry::open(&root.join("registry.db"), store, 4 << 30)?)
+}
+
+/// `TENANT/NAME`, checked when the command line is parsed (a usage error).
+pub(crate) fn tenant_name(s: &str) -> std::result::Result<String, String> {
+    match s.split_once('/') {
+        Some((t, n)) if !t.is_empty() && !n.is_empty() && !n.contains('/') => Ok(s.to_string()),
+        _ => Err(format!("expected TENANT/NAME, got `{s}`")),
+    }
+}
+
+fn json_object(s: &str) -> std::result::Result<serde_json::Value, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err("must be a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
 }
 
 fn split(s: &str) -> Result<(&str, &str)> {
@@ -142,10 +167,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
                 shapes: m.base_shapes(),
                 fingerprint: m.fingerprint(),
             };
-            let metadata = match metadata {
-                Some(j) => serde_json::from_str(j).context("--metadata must be JSON")?,
-                None => serde_json::json!({}),
-            };
+            let metadata = metadata.clone().unwrap_or_else(|| serde_json::json!({}));
             let source = source
                 .clone()
                 .unwrap_or_else(|| format!("path:{}", dir.display()));

@@ -25,6 +25,7 @@ enum DataCommand {
     /// Import examples from JSONL (OpenAI `{"messages": [...]}` or prompt/completion lines).
     Import {
         /// TENANT/ADAPTER the examples are for.
+        #[arg(value_parser = crate::adapters_cli::tenant_name)]
         adapter: String,
         /// The JSONL file.
         file: PathBuf,
@@ -32,6 +33,7 @@ enum DataCommand {
     /// Curate the examples of TENANT/ADAPTER into a snapshot; prints its manifest.
     Snapshot {
         /// TENANT/ADAPTER
+        #[arg(value_parser = crate::adapters_cli::tenant_name)]
         adapter: String,
         /// Do not count +1-rated outputs as examples.
         #[arg(long)]
@@ -40,7 +42,7 @@ enum DataCommand {
         #[arg(long)]
         no_scrub: bool,
         /// Percent of the input-hash space held out for eval.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
         eval_percent: u8,
     },
     /// Write a snapshot as JSONL (the import format) to stdout or a file.
@@ -112,9 +114,6 @@ pub fn run(args: &DataArgs) -> Result<()> {
             eval_percent,
         } => {
             let (t, a) = split(adapter)?;
-            if *eval_percent > 100 {
-                bail!("--eval-percent must be 0..=100");
-            }
             let policy = Policy {
                 include_positive: !no_positive,
                 scrub: !no_scrub,

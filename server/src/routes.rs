@@ -204,7 +204,8 @@ fn params(
         stop_on_eos: !c.ignore_eos,
         ..SamplingParams::default()
     };
-    p.validate()?;
+    p.validate()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(p)
 }
 
@@ -441,6 +442,17 @@ fn usage(c: &Completion) -> Usage {
     }
 }
 
+/// A generation that ended without a last event: the backend stopped (503) or lost it (500).
+fn ended(state: &AppState) -> ApiError {
+    match state.backend.health() {
+        Health::Ready => ApiError::Internal("generation ended without a result".into()),
+        Health::Unavailable(why) => {
+            tracing::warn!(reason = %why, "generation ended: backend unavailable");
+            ApiError::Unavailable("the server is shutting down".into())
+        }
+    }
+}
+
 /// The SSE error event of a failed stream: the client sees a kind's public
 /// message; a server fault's detail goes to the log with the request id.
 fn stream_error(job: &Job, err: ApiError) -> String {
@@ -502,11 +514,7 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                     ));
                 }
                 Some(Event::Error(e)) => return Err(e.into()),
-                None => {
-                    return Err(ApiError::Internal(
-                        "generation ended without a result".into(),
-                    ))
-                }
+                None => return Err(ended(&state)),
             }
         }
     }
@@ -572,8 +580,7 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                         finished = true;
                     }
                     None => {
-                        let err = ApiError::Internal("generation ended without a result".into());
-                        out.push_str(&stream_error(&job, err));
+                        out.push_str(&stream_error(&job, ended(&st)));
                         finished = true;
                     }
                 }

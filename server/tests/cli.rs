@@ -19,9 +19,12 @@ fn help_lists_every_command_and_documents_exit_codes() {
     let out = retune(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let help = text(&out.stdout);
-    for cmd in ["serve", "generate", "adapters", "Exit codes"] {
-        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+    // a command is a line of the `Commands:` list, not a word of a description
+    let listed = |help: &str, cmd: &str| help.lines().any(|l| l.starts_with(&format!("  {cmd} ")));
+    for cmd in ["serve", "generate", "adapters", "data"] {
+        assert!(listed(&help, cmd), "{cmd} missing from:\n{help}");
     }
+    assert!(help.contains("Exit codes:\n  0  success"), "{help}");
     let serve = text(&retune(&["serve", "--help"]).stdout);
     assert!(
         serve.contains("--config") && serve.contains("Settings file"),
@@ -35,7 +38,7 @@ fn help_lists_every_command_and_documents_exit_codes() {
     for cmd in [
         "list", "show", "register", "promote", "rollback", "canary", "retire", "gc",
     ] {
-        assert!(adapters.contains(cmd), "{cmd} missing from:\n{adapters}");
+        assert!(listed(&adapters, cmd), "{cmd} missing from:\n{adapters}");
     }
     let promote = text(&retune(&["adapters", "--root", "x", "promote", "--help"]).stdout);
     assert!(promote.contains("--expect"), "{promote}");
@@ -69,6 +72,34 @@ fn usage_errors_exit_2_and_runtime_failures_exit_1() {
         retune(&["generate", "--model", "m.gguf"]).status.code(),
         Some(2)
     );
+    for bad in [
+        &["adapters", "--root", "r", "show", "no-slash"][..],
+        &["adapters", "--root", "r", "canary", "a/b", "v1", "101"],
+        &["adapters", "--root", "r", "canary", "a/b"],
+        &[
+            "adapters",
+            "--root",
+            "r",
+            "register",
+            "a/b",
+            "d",
+            "--model",
+            "m",
+            "--metadata",
+            "[1]",
+        ],
+        &[
+            "data",
+            "--root",
+            "r",
+            "snapshot",
+            "a/b",
+            "--eval-percent",
+            "200",
+        ],
+    ] {
+        assert_eq!(retune(bad).status.code(), Some(2), "{bad:?}");
+    }
     let out = retune(&["generate", "--model", "/nonexistent/m.gguf", "hi"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -85,13 +116,16 @@ fn a_bad_setting_exits_1_and_names_the_key() {
     let cases = [
         (
             "[server]\nport = \"x\"\n[model]\npath = \"m.gguf\"\n",
-            "port",
+            "`server.port`",
         ),
         (
             "[model]\npath = \"m.gguf\"\n[engine]\nmax_batch = 0\n",
-            "max_batch",
+            "engine.max_batch",
         ),
-        ("[model]\npath = \"m.gguf\"\n[server]\nprot = 1\n", "prot"),
+        (
+            "[model]\npath = \"m.gguf\"\n[server]\nprot = 1\n",
+            "unknown field `prot`",
+        ),
     ];
     for (i, (toml, key)) in cases.iter().enumerate() {
         let f = dir.join(format!("s{i}.toml"));

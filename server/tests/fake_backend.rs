@@ -174,10 +174,11 @@ async fn overload_at_submit_answers_429_and_the_stream_is_not_started() {
     let resp = test::call_service(&svc, chat(true).to_request()).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
-    assert!(b.submitted().is_empty());
+    assert_eq!(b.submitted().len(), 1, "the backend refused it");
     // the next request is served
     let resp = test::call_service(&svc, chat(false).to_request()).await;
     assert_eq!(resp.status(), 200);
+    assert_eq!(b.submitted().len(), 2);
 }
 
 #[actix_web::test]
@@ -192,11 +193,18 @@ async fn a_backend_that_goes_away_mid_stream_ends_the_stream_with_an_error() {
     assert!(ev[1].contains("\"server_error\""));
     assert_eq!(ev[2], "[DONE]");
     let resp = test::call_service(&svc, chat(false).to_request()).await;
-    assert_eq!(resp.status(), 500);
-    // and readiness follows the backend's health
+    assert_eq!(
+        resp.status(),
+        500,
+        "a lost result of a healthy backend is a fault"
+    );
+    // a backend that stopped: readiness says so, and a lost result is a 503
     b.set_health(Health::Unavailable("scheduler stopped".into()));
     let req = test::TestRequest::get().uri("/ready").to_request();
     assert_eq!(test::call_service(&svc, req).await.status(), 503);
+    b.push(Script::Stream(vec![Step::HangUp]));
+    let resp = test::call_service(&svc, chat(false).to_request()).await;
+    assert_eq!(resp.status(), 503);
 }
 
 #[actix_web::test]

@@ -189,6 +189,13 @@ fn promote_rollback_twice_restart_and_journal() {
             .is_err(),
         "retired versions are not servable"
     );
+    assert!(
+        matches!(
+            reg.resolve("acme", &format!("tickets@{}", v1.id), 0),
+            Err(RegistryError::NotFound(_))
+        ),
+        "and a request pinning one is not found"
+    );
 }
 
 #[test]
