@@ -167,6 +167,11 @@ pub struct CaptureSettings {
     pub enabled: bool,
     /// Share of completions recorded, 0..=1.
     pub sample_rate: f64,
+    /// Days a captured completion (and its feedback) is kept; none = kept until erased.
+    pub retention_days: Option<u32>,
+    /// Replace emails, phone numbers, cards and IBANs before storing (the output
+    /// token ids, which would carry them, are then not stored).
+    pub scrub: bool,
 }
 
 impl Default for CaptureSettings {
@@ -174,6 +179,8 @@ impl Default for CaptureSettings {
         Self {
             enabled: true,
             sample_rate: 1.0,
+            retention_days: None,
+            scrub: false,
         }
     }
 }

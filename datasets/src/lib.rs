@@ -65,4 +65,7 @@ pub trait DatasetStore: Send + Sync {
     fn lineage(&self, tenant: &str, subject: &str) -> Result<Lineage, DataError>;
     /// Delete everything about `subject`, from snapshots too.
     fn erase(&self, tenant: &str, subject: &str) -> Result<Erased, DataError>;
+    /// Retention: delete `tenant`'s captured completions created before
+    /// `before_ms` (Unix ms), with their feedback; returns how many.
+    fn purge_before(&self, tenant: &str, before_ms: i64) -> Result<usize, DataError>;
 }

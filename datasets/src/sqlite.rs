@@ -380,6 +380,22 @@ impl DatasetStore for SqliteStore {
 
     /// Delete every captured call, feedback row, example and snapshot row about
     /// `subject` (one transaction). Returns what went and the snapshots it touched.
+    fn purge_before(&self, tenant: &str, before_ms: i64) -> Result<usize, DataError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM feedback WHERE tenant = ?1 AND completion_id IN
+             (SELECT id FROM completions WHERE tenant = ?1 AND created_at < ?2)",
+            params![tenant, before_ms],
+        )?;
+        let n = tx.execute(
+            "DELETE FROM completions WHERE tenant = ?1 AND created_at < ?2",
+            params![tenant, before_ms],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
     fn erase(&self, tenant: &str, subject: &str) -> Result<Erased, DataError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -110,6 +110,38 @@ fn a_later_correction_supersedes_an_earlier_one_and_history_is_kept() {
 }
 
 #[test]
+fn retention_purges_old_captures_with_their_feedback_and_only_for_that_tenant() {
+    let s = SqliteStore::open(&tmp("retention").join("datasets.db")).unwrap();
+    let at = |id: &str, tenant: &str, t: i64| CapturedCompletion {
+        created_at: t,
+        ..completion(id, tenant)
+    };
+    s.record(&[
+        at("old", "acme", 1_000),
+        at("new", "acme", 5_000),
+        at("other", "globex", 1_000),
+    ])
+    .unwrap();
+    s.add_feedback(
+        "acme",
+        &Feedback {
+            completion_id: "old".into(),
+            rating: Some(Rating::Up),
+            ..Feedback::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.purge_before("acme", 2_000).unwrap(), 1);
+    assert!(s.completion("acme", "old").is_err());
+    assert!(s.feedback("acme", "old").is_err());
+    assert!(s.completion("acme", "new").is_ok());
+    assert!(
+        s.completion("globex", "other").is_ok(),
+        "another tenant's rule"
+    );
+}
+
+#[test]
 fn malformed_feedback_names_its_field() {
     let s = SqliteStore::open(&tmp("bad").join("datasets.db")).unwrap();
     s.record(&[completion("cmpl-1", "acme")]).unwrap();
@@ -193,6 +225,9 @@ impl DatasetStore for Flaky {
     }
     fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
         self.inner.erase(t, s)
+    }
+    fn purge_before(&self, t: &str, before: i64) -> Result<usize, DataError> {
+        self.inner.purge_before(t, before)
     }
 }
 

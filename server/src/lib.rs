@@ -180,6 +180,42 @@ pub fn app(
         .configure(admin_data::configure)
 }
 
+/// Apply each tenant's capture retention now and then every hour, on its own thread.
+fn spawn_retention(store: Arc<dyn DatasetStore>, settings: &Settings) {
+    let rules: Vec<(String, u32)> = settings
+        .tenants
+        .iter()
+        .filter_map(|t| t.capture.retention_days.map(|d| (t.name.clone(), d)))
+        .collect();
+    if rules.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("retune-retention".into())
+        .spawn(move || loop {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            for (tenant, days) in &rules {
+                let before = now - i64::from(*days) * 86_400_000;
+                match store.purge_before(tenant, before) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(tenant = %tenant, purged = n, "capture retention")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(tenant = %tenant, error = %e, "capture retention failed")
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the retention thread: retention is not applied");
+    }
+}
+
 pub struct Application {
     server: actix_web::dev::Server,
     port: u16,
@@ -232,7 +268,9 @@ impl Application {
         let data = settings.datasets.resolved_path(&settings.adapters);
         let mut state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
         if let Some(path) = data {
-            state = state.with_datasets(Arc::new(SqliteStore::open(&path)?))?;
+            let store: Arc<dyn DatasetStore> = Arc::new(SqliteStore::open(&path)?);
+            spawn_retention(store.clone(), &state.settings);
+            state = state.with_datasets(store)?;
         }
         Self::serve(state)
     }

@@ -241,6 +241,8 @@ struct CaptureCtx {
     /// The messages or prompt as sent.
     request: serde_json::Value,
     user: Option<String>,
+    /// Scrub personal data before storing (tenant setting).
+    scrub: bool,
 }
 
 /// A parsed, authenticated request with its adapter resolved: the part chat and
@@ -264,6 +266,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
     let t = tenant(state, req)?.to_string();
     let raw = body(state, payload).await?;
     let capture = state.capture.is_some() && sampled(state, &t);
+    let scrub = capture_settings(state, &t).is_some_and(|c| c.scrub);
     let r: T = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let c = common(&r);
@@ -291,6 +294,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
             tenant: t,
             request: serde_json::Value::Null,
             user: c.user.clone(),
+            scrub,
         }),
     };
     Ok(Admitted {
@@ -301,13 +305,23 @@ async fn admit<T: serde::de::DeserializeOwned>(
     })
 }
 
+fn capture_settings<'a>(
+    state: &'a AppState,
+    tenant: &str,
+) -> Option<&'a retune_config::CaptureSettings> {
+    state
+        .settings
+        .tenants
+        .iter()
+        .find(|t| t.name == tenant)
+        .map(|t| &t.capture)
+}
+
 /// Whether this tenant's settings record this completion.
 fn sampled(state: &AppState, tenant: &str) -> bool {
-    let Some(t) = state.settings.tenants.iter().find(|t| t.name == tenant) else {
-        return false;
-    };
-    t.capture.enabled
-        && (t.capture.sample_rate >= 1.0 || rand::random::<f64>() < t.capture.sample_rate)
+    capture_settings(state, tenant).is_some_and(|c| {
+        c.enabled && (c.sample_rate >= 1.0 || rand::random::<f64>() < c.sample_rate)
+    })
 }
 
 /// Queue the record of a finished completion (never blocks; a full queue drops it).
@@ -316,7 +330,7 @@ fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
         return;
     };
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    w.capture(CapturedCompletion {
+    let mut record = CapturedCompletion {
         id: job.id.clone(),
         tenant: ctx.tenant.clone(),
         adapter: c.adapter.as_ref().map(|a| a.name().to_string()),
@@ -333,7 +347,28 @@ fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
         total_ms: ms(c.timings.total),
         user: ctx.user.clone(),
         created_at: now_ms(),
-    });
+    };
+    if ctx.scrub {
+        scrub_record(&mut record);
+    }
+    w.capture(record);
+}
+
+/// Personal data out of a record before it is stored: text scrubbed, token ids
+/// (which would still spell it) dropped.
+fn scrub_record(r: &mut CapturedCompletion) {
+    use retune_datasets::curate::scrub;
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => *s = scrub(s).0,
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            serde_json::Value::Object(o) => o.values_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut r.request);
+    r.output_text = scrub(&r.output_text).0;
+    r.output_ids.clear();
 }
 
 fn now_ms() -> i64 {

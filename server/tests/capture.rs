@@ -26,10 +26,12 @@ fn state(
     let toml = format!(
         "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[auth]\nadmin_key_sha256 = \"{}\"\n\
          [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n\
-         [[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nenabled = false\n",
+         [[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nenabled = false\n\
+         [[tenants]]\nname = \"initech\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nscrub = true\n",
         hash_key("admin-key"),
         hash_key("acme-key"),
-        hash_key("globex-key")
+        hash_key("globex-key"),
+        hash_key("initech-key")
     );
     let settings = Settings::from_toml(&toml, []).unwrap();
     let base = ServedBase {
@@ -126,6 +128,37 @@ async fn streamed_and_plain_completions_are_captured_with_the_text_the_client_go
     assert!(store
         .completion("globex", j["id"].as_str().unwrap())
         .is_err());
+}
+
+#[actix_web::test]
+async fn a_tenant_that_scrubs_before_store_keeps_no_personal_data() {
+    let dir = tmp("scrub");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, b) = state(&dir, store.clone());
+    let capture = st.capture.clone().unwrap();
+    let svc = test::init_service(app(st)).await;
+    script(&b, &["write to ", "ann@example.com"]);
+    let req = test::TestRequest::post()
+        .uri("/v1/chat/completions")
+        .insert_header(("authorization", "Bearer initech-key"))
+        .set_json(serde_json::json!({"model": "tiny", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "my card 4539 5787 6362 1486 was charged"}]}))
+        .to_request();
+    let j: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(
+        j["choices"][0]["message"]["content"], "write to ann@example.com",
+        "the client gets the text"
+    );
+    assert!(capture.flush(Duration::from_secs(10)));
+    let c = store
+        .completion("initech", j["id"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        c.request["messages"][0]["content"],
+        "my card [CARD] was charged"
+    );
+    assert_eq!(c.output_text, "write to [EMAIL]");
+    assert!(c.output_ids.is_empty(), "ids would spell the address");
 }
 
 #[actix_web::test]
@@ -293,6 +326,9 @@ impl DatasetStore for Broken {
     }
     fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
         self.0.erase(t, s)
+    }
+    fn purge_before(&self, t: &str, before: i64) -> Result<usize, DataError> {
+        self.0.purge_before(t, before)
     }
 }
 
