@@ -578,6 +578,30 @@ impl Registry {
         })
     }
 
+    /// Ask the trainer for a new version without the erased data (a journal entry
+    /// the trainer daemon consumes).
+    pub fn request_retrain(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+        actor: &str,
+        reason: &str,
+    ) -> R<AdapterState> {
+        self.mutate(tenant, name, |tx| {
+            journal(
+                tx,
+                tenant,
+                name,
+                "retrain",
+                Some(version),
+                None,
+                actor,
+                reason,
+            )
+        })
+    }
+
     /// The tainted versions of an adapter.
     pub fn tainted(&self, tenant: &str, name: &str) -> R<Vec<String>> {
         let conn = self.conn();

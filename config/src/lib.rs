@@ -158,6 +158,14 @@ pub struct TenantSettings {
     pub key_sha256: Vec<String>,
     #[serde(default)]
     pub capture: CaptureSettings,
+    /// What follows when an erasure taints a live version: `report` (flag it),
+    /// `rollback` (to the newest untainted version), `retrain` (ask the trainer).
+    #[serde(default = "report")]
+    pub on_tainted_live: String,
+}
+
+fn report() -> String {
+    "report".into()
 }
 
 /// What of a tenant's traffic is recorded (on by default).
@@ -323,6 +331,12 @@ impl Settings {
             }
             if !names.insert(&t.name) {
                 return bad("tenants.name", &format!("`{}` appears twice", t.name));
+            }
+            if !["report", "rollback", "retrain"].contains(&t.on_tainted_live.as_str()) {
+                return bad(
+                    "tenants.on_tainted_live",
+                    &format!("tenant `{}`: must be report, rollback or retrain", t.name),
+                );
             }
             if !(0.0..=1.0).contains(&t.capture.sample_rate) {
                 return bad(

@@ -140,13 +140,26 @@ async fn erase(
         });
     }
     let reg = state.registry.clone();
+    let policy = state
+        .settings
+        .tenants
+        .iter()
+        .find(|x| x.name == t)
+        .and_then(|x| x.on_tainted_live.parse().ok())
+        .unwrap_or(crate::erasure::OnTaintedLive::Report);
     let report = blocking(move || {
         let actor = b.actor.unwrap_or_else(|| "admin".into());
-        crate::erasure::erase(s.as_ref(), reg.as_deref(), &t, &b.subject_id, &actor).map_err(|e| {
-            match e {
-                crate::erasure::ErasureError::Data(d) => ApiError::from(d),
-                crate::erasure::ErasureError::Registry(r) => ApiError::from(r),
-            }
+        crate::erasure::erase(
+            s.as_ref(),
+            reg.as_deref(),
+            &t,
+            &b.subject_id,
+            &actor,
+            policy,
+        )
+        .map_err(|e| match e {
+            crate::erasure::ErasureError::Data(d) => ApiError::from(d),
+            crate::erasure::ErasureError::Registry(r) => ApiError::from(r),
         })
     })
     .await?;

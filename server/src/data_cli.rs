@@ -73,6 +73,10 @@ enum DataCommand {
         /// The person the data is about (`subject_id` of feedback and imports).
         #[arg(long)]
         subject: String,
+        /// What follows for a tainted live version: report, rollback (to the newest
+        /// untainted version) or retrain (journal a request for the trainer).
+        #[arg(long, default_value = "report")]
+        on_tainted_live: retune_server::erasure::OnTaintedLive,
     },
 }
 
@@ -150,7 +154,11 @@ pub fn run(args: &DataArgs) -> Result<()> {
         }
         C::Show { tenant, snapshot } => print(store.manifest(tenant, snapshot)?),
         C::List { tenant, adapter } => print(store.snapshots(tenant, adapter.as_deref())?),
-        C::Erase { tenant, subject } => {
+        C::Erase {
+            tenant,
+            subject,
+            on_tainted_live,
+        } => {
             let reg_path = args.root.join("registry.db");
             let registry = if reg_path.exists() {
                 let blobs = Arc::new(LocalStore::new(&args.root.join("store"))?);
@@ -158,8 +166,14 @@ pub fn run(args: &DataArgs) -> Result<()> {
             } else {
                 None
             };
-            let report =
-                retune_server::erasure::erase(&store, registry.as_ref(), tenant, subject, &actor)?;
+            let report = retune_server::erasure::erase(
+                &store,
+                registry.as_ref(),
+                tenant,
+                subject,
+                &actor,
+                *on_tainted_live,
+            )?;
             print(report)
         }
     }

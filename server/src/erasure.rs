@@ -9,8 +9,34 @@ use retune_datasets::{DatasetStore, Erased};
 pub struct TaintedVersion {
     pub adapter: String,
     pub version: String,
-    /// The version is live now.
+    /// The version was live when it was tainted.
     pub live: bool,
+    /// What the tenant's policy did about a tainted live version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+}
+
+/// What follows when erasure taints a live version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTaintedLive {
+    /// Flag it (journal, admin API, metric); a person decides.
+    Report,
+    /// Promote the newest untainted, unretired version (compare-and-set on the tainted one).
+    Rollback,
+    /// Journal a `retrain` request for the trainer.
+    Retrain,
+}
+
+impl std::str::FromStr for OnTaintedLive {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "report" => Ok(Self::Report),
+            "rollback" => Ok(Self::Rollback),
+            "retrain" => Ok(Self::Retrain),
+            _ => Err(format!("`{s}`: report, rollback or retrain")),
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -33,6 +59,7 @@ pub fn erase(
     tenant: &str,
     subject: &str,
     actor: &str,
+    policy: OnTaintedLive,
 ) -> Result<ErasureReport, ErasureError> {
     let erased = data.erase(tenant, subject)?;
     let mut tainted = Vec::new();
@@ -43,12 +70,61 @@ pub fn erase(
                 v.metadata["snapshot"].as_str().unwrap_or("?")
             );
             let st = reg.taint(tenant, &v.name, &v.id, actor, &reason)?;
+            let live = st.live.as_deref() == Some(v.id.as_str());
             tainted.push(TaintedVersion {
-                live: st.live.as_deref() == Some(v.id.as_str()),
+                live,
                 adapter: v.name,
                 version: v.id,
+                action: None,
             });
+        }
+        for t in tainted.iter_mut().filter(|t| t.live) {
+            t.action = Some(act(reg, tenant, t, actor, policy)?);
         }
     }
     Ok(ErasureReport { erased, tainted })
+}
+
+fn act(
+    reg: &Registry,
+    tenant: &str,
+    t: &TaintedVersion,
+    actor: &str,
+    policy: OnTaintedLive,
+) -> Result<String, ErasureError> {
+    match policy {
+        OnTaintedLive::Report => Ok("reported".into()),
+        OnTaintedLive::Retrain => {
+            reg.request_retrain(
+                tenant,
+                &t.adapter,
+                &t.version,
+                actor,
+                "live version tainted by erasure",
+            )?;
+            Ok("retrain requested".into())
+        }
+        OnTaintedLive::Rollback => {
+            let tainted = reg.tainted(tenant, &t.adapter)?;
+            let target = reg
+                .versions(tenant, &t.adapter)?
+                .into_iter()
+                .rev()
+                .find(|v| !v.retired && !tainted.contains(&v.id));
+            match target {
+                Some(v) => {
+                    reg.promote(
+                        tenant,
+                        &t.adapter,
+                        &v.id,
+                        retune_adapters::Expect::Version(t.version.clone()),
+                        actor,
+                        "live version tainted by erasure",
+                    )?;
+                    Ok(format!("rolled back to {}", v.id))
+                }
+                None => Ok("no untainted version to roll back to: reported".into()),
+            }
+        }
+    }
 }

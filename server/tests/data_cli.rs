@@ -188,6 +188,57 @@ fn erasing_a_subject_taints_exactly_the_versions_trained_on_its_data() {
     assert!(!out.contains("ZED-PRIVATE"));
     let (_, out, _) = retune(&["data", "--root", &root, "show", "acme", &s1]);
     assert_eq!(json(&out)["erased"], 1);
+    // with the rollback policy a tainted live version is replaced by the newest
+    // untainted one (olga is in both snapshots: tickets and other)
+    let (code, out, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "erase",
+        "--tenant",
+        "acme",
+        "--subject",
+        "olga",
+        "--on-tainted-live",
+        "rollback",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report = json(&out);
+    let live_row: Vec<&serde_json::Value> = report["tainted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["live"] == true)
+        .collect();
+    assert_eq!(live_row.len(), 1, "{report}");
+    assert_eq!(
+        live_row[0]["action"],
+        format!("rolled back to {}", versions[3])
+    );
+    assert_eq!(
+        report["tainted"].as_array().unwrap().len(),
+        3,
+        "v0, v1 (tickets) and v2 (other)"
+    );
+    let (_, out, _) = retune(&["adapters", "--root", &root, "show", "acme/tickets"]);
+    assert_eq!(json(&out)["state"]["live"], versions[3].as_str());
+    assert_eq!(
+        retune(&[
+            "data",
+            "--root",
+            &root,
+            "erase",
+            "--tenant",
+            "acme",
+            "--subject",
+            "x",
+            "--on-tainted-live",
+            "delete"
+        ])
+        .0,
+        2,
+        "an unknown policy is a usage error"
+    );
     // erasing a subject nobody trained on taints nothing
     let (_, out, _) = retune(&[
         "data",
