@@ -66,6 +66,13 @@ enum DataCommand {
         #[arg(long)]
         adapter: Option<String>,
     },
+    /// Which snapshots hold data about a subject, and which adapter versions were trained on them.
+    Lineage {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        subject: String,
+    },
     /// Delete everything about a subject and taint every version trained on it.
     Erase {
         #[arg(long)]
@@ -88,6 +95,16 @@ fn split(s: &str) -> Result<(&str, &str)> {
 fn print(v: impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
+}
+
+/// The registry beside the datasets store, if there is one.
+fn open_registry(root: &std::path::Path) -> Result<Option<Registry>> {
+    let path = root.join("registry.db");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let blobs = Arc::new(LocalStore::new(&root.join("store"))?);
+    Ok(Some(Registry::open(&path, blobs, 4 << 30)?))
 }
 
 pub fn run(args: &DataArgs) -> Result<()> {
@@ -153,19 +170,21 @@ pub fn run(args: &DataArgs) -> Result<()> {
             Ok(())
         }
         C::Show { tenant, snapshot } => print(store.manifest(tenant, snapshot)?),
+        C::Lineage { tenant, subject } => {
+            let l = store.lineage(tenant, subject)?;
+            let versions = match open_registry(&args.root)? {
+                Some(reg) => reg.trained_on(tenant, &l.snapshots)?,
+                None => Vec::new(),
+            };
+            print(serde_json::json!({"snapshots": l.snapshots, "versions": versions}))
+        }
         C::List { tenant, adapter } => print(store.snapshots(tenant, adapter.as_deref())?),
         C::Erase {
             tenant,
             subject,
             on_tainted_live,
         } => {
-            let reg_path = args.root.join("registry.db");
-            let registry = if reg_path.exists() {
-                let blobs = Arc::new(LocalStore::new(&args.root.join("store"))?);
-                Some(Registry::open(&reg_path, blobs, 4 << 30)?)
-            } else {
-                None
-            };
+            let registry = open_registry(&args.root)?;
             let report = retune_server::erasure::erase(
                 &store,
                 registry.as_ref(),

@@ -141,6 +141,30 @@ fn erasing_a_subject_taints_exactly_the_versions_trained_on_its_data() {
         .0,
         0
     );
+    // lineage before erasure: the snapshot and exactly the two versions trained on it
+    let (code, out, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "lineage",
+        "--tenant",
+        "acme",
+        "--subject",
+        "zed",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let l = json(&out);
+    assert_eq!(l["snapshots"], serde_json::json!([s1]));
+    let mut ids: Vec<&str> = l["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut want_ids = vec![versions[0].as_str(), versions[1].as_str()];
+    want_ids.sort();
+    assert_eq!(ids, want_ids);
     let (code, out, err) = retune(&[
         "data",
         "--root",
