@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS snapshot_rows (
 CREATE TABLE IF NOT EXISTS snapshot_subjects (
     snapshot TEXT NOT NULL, seq INTEGER NOT NULL, subject_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS snapshot_subjects_by_subject ON snapshot_subjects (subject_id);
+CREATE TABLE IF NOT EXISTS split_assignments (
+    tenant TEXT NOT NULL, adapter TEXT NOT NULL, eval_percent INTEGER NOT NULL,
+    input_key TEXT NOT NULL, label TEXT, split TEXT NOT NULL,
+    PRIMARY KEY (tenant, adapter, eval_percent, input_key));
 ";
 
 pub struct SqliteStore {
@@ -267,7 +271,8 @@ impl DatasetStore for SqliteStore {
     ) -> Result<Manifest, DataError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let c = curate(&candidates(&tx, tenant, adapter)?, policy);
+        let mut c = curate(&candidates(&tx, tenant, adapter)?, policy);
+        assign_splits(&tx, tenant, adapter, policy.eval_percent, &mut c.rows)?;
         let id = content_id(tenant, adapter, policy, &c.rows);
         if let Some(m) = tx
             .query_row(
@@ -411,6 +416,21 @@ impl DatasetStore for SqliteStore {
         snapshots.sort();
         snapshots.dedup();
         for (snap, seq) in &touched {
+            // the split assignment is keyed by a hash of the subject's text: it goes too
+            let row: Option<String> = tx
+                .query_row(
+                    "SELECT row FROM snapshot_rows WHERE snapshot = ?1 AND seq = ?2",
+                    params![snap, seq],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(row) = row {
+                let row: SnapshotRow = parse(&row, "snapshot row")?;
+                tx.execute(
+                    "DELETE FROM split_assignments WHERE tenant = ?1 AND input_key = ?2",
+                    params![tenant, row.input_key],
+                )?;
+            }
             tx.execute(
                 "DELETE FROM snapshot_rows WHERE snapshot = ?1 AND seq = ?2",
                 params![snap, seq],
@@ -465,6 +485,71 @@ impl DatasetStore for SqliteStore {
             snapshots,
         })
     }
+}
+
+/// The side of each row: the one its input was given the first time it was seen
+/// (so it never changes), else a new assignment. A labelled input goes to eval
+/// when that keeps its label's eval share at or under `eval_percent` (stratified);
+/// an unlabelled one by the hash of its input.
+fn assign_splits(
+    conn: &Connection,
+    tenant: &str,
+    adapter: &str,
+    eval_percent: u8,
+    rows: &mut [SnapshotRow],
+) -> Result<(), DataError> {
+    use crate::curate::Split;
+    let name = |s: Split| match s {
+        Split::Train => "train",
+        Split::Eval => "eval",
+    };
+    let mut known = conn.prepare_cached(
+        "SELECT split FROM split_assignments WHERE tenant = ?1 AND adapter = ?2 AND eval_percent = ?3 AND input_key = ?4",
+    )?;
+    let mut counts = conn.prepare_cached(
+        "SELECT COUNT(*), COALESCE(SUM(split = 'eval'), 0) FROM split_assignments
+         WHERE tenant = ?1 AND adapter = ?2 AND eval_percent = ?3 AND label = ?4",
+    )?;
+    let mut put = conn.prepare_cached(
+        "INSERT INTO split_assignments (tenant, adapter, eval_percent, input_key, label, split)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let p = i64::from(eval_percent);
+    for r in rows.iter_mut() {
+        let prior: Option<String> = known
+            .query_row(params![tenant, adapter, p, r.input_key], |x| x.get(0))
+            .optional()?;
+        r.split = match prior.as_deref() {
+            Some("eval") => Split::Eval,
+            Some(_) => Split::Train,
+            None => {
+                let split = match &r.label {
+                    Some(label) => {
+                        let (total, eval): (i64, i64) = counts
+                            .query_row(params![tenant, adapter, p, label], |x| {
+                                Ok((x.get(0)?, x.get(1)?))
+                            })?;
+                        if (eval + 1) * 100 <= (total + 1) * p {
+                            Split::Eval
+                        } else {
+                            Split::Train
+                        }
+                    }
+                    None => r.split, // the hash split curation gave it
+                };
+                put.execute(params![
+                    tenant,
+                    adapter,
+                    p,
+                    r.input_key,
+                    r.label,
+                    name(split)
+                ])?;
+                split
+            }
+        };
+    }
+    Ok(())
 }
 
 fn js<T: serde::Serialize>(v: &T) -> Result<String, DataError> {

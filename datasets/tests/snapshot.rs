@@ -209,6 +209,49 @@ fn an_input_never_changes_side_across_reimports_and_snapshots() {
 }
 
 #[test]
+fn labelled_inputs_are_split_per_label_and_keep_their_side() {
+    let s = SqliteStore::open(&tmp("strat").join("d.db")).unwrap();
+    let labelled = |label: &str, n: usize, from: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| serde_json::json!({"messages": [{"role": "user", "content": format!("{label} question {i}")},
+                {"role": "assistant", "content": label}], "label": label}).to_string())
+            .collect()
+    };
+    let mut lines = labelled("card_arrival", 200, 0);
+    lines.extend(labelled("refund", 50, 0));
+    lines.extend(labelled("rare", 20, 0));
+    s.import("acme", "t", "import:1", &parse_jsonl(&lines.join("\n")).0)
+        .unwrap();
+    let m1 = s.snapshot("acme", "t", &Policy::default()).unwrap();
+    for (label, n) in [("card_arrival", 200), ("refund", 50), ("rare", 20)] {
+        let (train, eval) = m1.labels[label];
+        assert_eq!(train + eval, n);
+        assert_eq!(eval, n / 10, "{label}: exactly 10% of each label is eval");
+    }
+    let side = |id: &str| -> BTreeMap<String, Split> {
+        s.snapshot_rows("acme", id)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.body.input_output().0, r.split))
+            .collect()
+    };
+    let before = side(&m1.id);
+    s.import(
+        "acme",
+        "t",
+        "import:2",
+        &parse_jsonl(&labelled("refund", 50, 50).join("\n")).0,
+    )
+    .unwrap();
+    let m2 = s.snapshot("acme", "t", &Policy::default()).unwrap();
+    assert_eq!(m2.labels["refund"], (90, 10));
+    let after = side(&m2.id);
+    for (input, split) in &before {
+        assert_eq!(after[input], *split, "{input} changed side");
+    }
+}
+
+#[test]
 fn erasure_leaves_no_row_of_the_subject_and_names_the_snapshots_it_touched() {
     let dir = tmp("erase");
     let s = SqliteStore::open(&dir.join("d.db")).unwrap();

@@ -81,6 +81,10 @@ async fn snapshot(
         });
     }
     let m = blocking(move || Ok(s.snapshot(&t, &a, &policy)?)).await?;
+    state
+        .metrics
+        .snapshot_examples
+        .observe((m.train + m.eval) as f64);
     Ok(HttpResponse::Ok().json(m))
 }
 

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub capture_dropped: prometheus::IntCounter,
     pub feedback: IntCounterVec,
     pub tainted_live: IntGauge,
+    pub snapshot_examples: Histogram,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
@@ -139,6 +140,14 @@ impl Metrics {
             "Adapters whose live version was trained on erased data",
         )?;
         r.register(Box::new(tainted_live.clone()))?;
+        let snapshot_examples = Histogram::with_opts(
+            HistogramOpts::new(
+                "retune_dataset_snapshot_examples",
+                "Examples in each dataset snapshot made through the admin API",
+            )
+            .buckets(vec![10.0, 100.0, 1e3, 1e4, 1e5, 1e6]),
+        )?;
+        r.register(Box::new(snapshot_examples.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -160,6 +169,7 @@ impl Metrics {
             capture_dropped,
             feedback,
             tainted_live,
+            snapshot_examples,
             seen_adapters: Default::default(),
             max_adapters,
         })
