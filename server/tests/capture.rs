@@ -447,3 +447,78 @@ async fn the_admin_data_api_imports_snapshots_exports_and_erases() {
     .to_request();
     assert_eq!(test::call_service(&svc, req).await.status(), 404);
 }
+
+/// A store that takes its time, like a saturated disk.
+struct Slow(SqliteStore);
+
+impl DatasetStore for Slow {
+    fn record(&self, batch: &[CapturedCompletion]) -> Result<(), DataError> {
+        std::thread::sleep(Duration::from_millis(1500));
+        self.0.record(batch)
+    }
+    fn completion(&self, t: &str, id: &str) -> Result<CapturedCompletion, DataError> {
+        self.0.completion(t, id)
+    }
+    fn add_feedback(&self, t: &str, fb: &Feedback) -> Result<FeedbackState, DataError> {
+        self.0.add_feedback(t, fb)
+    }
+    fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
+        self.0.feedback(t, id)
+    }
+    fn import(&self, t: &str, a: &str, s: &str, rows: &[ImportRow]) -> Result<usize, DataError> {
+        self.0.import(t, a, s, rows)
+    }
+    fn snapshot(&self, t: &str, a: &str, p: &Policy) -> Result<Manifest, DataError> {
+        self.0.snapshot(t, a, p)
+    }
+    fn manifest(&self, t: &str, id: &str) -> Result<Manifest, DataError> {
+        self.0.manifest(t, id)
+    }
+    fn snapshots(&self, t: &str, a: Option<&str>) -> Result<Vec<Manifest>, DataError> {
+        self.0.snapshots(t, a)
+    }
+    fn snapshot_rows(&self, t: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
+        self.0.snapshot_rows(t, id)
+    }
+    fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
+        self.0.lineage(t, s)
+    }
+    fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
+        self.0.erase(t, s)
+    }
+    fn purge_before(&self, t: &str, before: i64) -> Result<usize, DataError> {
+        self.0.purge_before(t, before)
+    }
+}
+
+#[actix_web::test]
+async fn a_slow_store_never_delays_a_completion() {
+    let dir = tmp("slow");
+    let store = Arc::new(Slow(SqliteStore::open(&dir.join("datasets.db")).unwrap()));
+    let (st, _) = state(&dir, store.clone());
+    let capture = st.capture.clone().unwrap();
+    let svc = test::init_service(app(st)).await;
+    let t = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for stream in [false, true, false, true] {
+        let resp = test::call_service(&svc, chat("acme-key", stream).to_request()).await;
+        assert_eq!(resp.status(), 200);
+        let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+        ids.push(
+            body.split("cmpl-")
+                .nth(1)
+                .map(|r| format!("chatcmpl-{}", &r[..32]))
+                .unwrap(),
+        );
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "completions waited for the store: {:?}",
+        t.elapsed()
+    );
+    // and the records arrive once the store catches up
+    assert!(capture.flush(Duration::from_secs(20)));
+    for id in &ids {
+        assert!(store.completion("acme", id).is_ok(), "{id}");
+    }
+}
