@@ -602,6 +602,17 @@ impl Registry {
         })
     }
 
+    /// Adapters (of every tenant) whose live version is tainted: one query, for metrics.
+    pub fn tainted_live_count(&self) -> R<i64> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM aliases a WHERE a.alias = 'live' AND EXISTS (
+                 SELECT 1 FROM journal j WHERE j.tenant = a.tenant AND j.name = a.name
+                 AND j.event = 'taint' AND j.version = a.version)",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     /// The tainted versions of an adapter.
     pub fn tainted(&self, tenant: &str, name: &str) -> R<Vec<String>> {
         let conn = self.conn();

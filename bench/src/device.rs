@@ -339,7 +339,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
-/// `retune check-device`: greedy decoding of the fixture prompts on the tensor
+/// `retune-bench check-device`: greedy decoding of the fixture prompts on the tensor
 /// backend (on `--device`) and on the native CPU engine, step by step with the same
 /// input tokens; reports, per prompt, whether the greedy tokens are equal and, at a
 /// first divergence, the CPU's top-2 gap there (a divergence inside a near-tie is

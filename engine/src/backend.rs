@@ -90,7 +90,8 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
-    pub fn new(
+    /// Callers outside the engine go through [`Backend::validate`], which knows the context.
+    pub(crate) fn new(
         prompt: Vec<u32>,
         mut params: SamplingParams,
         adapter: Option<AdapterRef>,

@@ -183,11 +183,6 @@ impl Engine {
         self
     }
 
-    /// The live counters (the [`Backend::stats`] snapshot reads them).
-    pub fn counters(&self) -> &EngineStats {
-        &self.stats
-    }
-
     /// Validate and queue a request (the CLI, tests, evals).
     pub fn generate(
         &self,

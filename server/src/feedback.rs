@@ -128,14 +128,12 @@ async fn with_catch_up<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let store = store(state)?;
     let writer = state.capture.clone();
-    web::block(move || match op(store.as_ref()) {
-        Err(DataError::NotFound(_)) if writer.is_some() => {
-            if let Some(w) = &writer {
-                w.flush(Duration::from_secs(2));
-            }
+    web::block(move || match (op(store.as_ref()), &writer) {
+        (Err(DataError::NotFound(_)), Some(w)) => {
+            w.flush(Duration::from_secs(2));
             op(store.as_ref())
         }
-        other => other,
+        (other, _) => other,
     })
     .await
     .map_err(|e| ApiError::Internal(format!("datasets task: {e}")))?

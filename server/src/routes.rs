@@ -64,20 +64,9 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
         crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
     }
     if let Some(reg) = state.registry.clone() {
-        let n = web::block(move || -> Result<i64, RegistryError> {
-            let mut n = 0;
-            for (t, name, st) in reg.list(None)? {
-                if st
-                    .live
-                    .is_some_and(|l| reg.tainted(&t, &name).is_ok_and(|v| v.contains(&l)))
-                {
-                    n += 1;
-                }
-            }
-            Ok(n)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
+        let n = web::block(move || reg.tainted_live_count())
+            .await
+            .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
         m.tainted_live.set(n);
     }
     let mut out = Vec::new();
@@ -141,7 +130,7 @@ pub(crate) async fn body(state: &AppState, mut payload: web::Payload) -> Result<
 }
 
 /// `model` → the adapter version it names for `tenant` (`None` = the base).
-/// `request_id` picks the canary bucket, stable per request.
+/// `request_id` (the completion id) picks the canary bucket, stable per request.
 async fn resolve(
     state: &AppState,
     tenant: &str,
@@ -265,8 +254,9 @@ async fn admit<T: serde::de::DeserializeOwned>(
 ) -> Result<Admitted<T>, ApiError> {
     let t = tenant(state, req)?.to_string();
     let raw = body(state, payload).await?;
-    let capture = state.capture.is_some() && sampled(state, &t);
-    let scrub = capture_settings(state, &t).is_some_and(|c| c.scrub);
+    let settings = capture_settings(state, &t).filter(|_| state.capture.is_some());
+    let capture = settings.is_some_and(sampled);
+    let scrub = settings.is_some_and(|c| c.scrub);
     let r: T = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let c = common(&r);
@@ -317,11 +307,9 @@ fn capture_settings<'a>(
         .map(|t| &t.capture)
 }
 
-/// Whether this tenant's settings record this completion.
-fn sampled(state: &AppState, tenant: &str) -> bool {
-    capture_settings(state, tenant).is_some_and(|c| {
-        c.enabled && (c.sample_rate >= 1.0 || rand::random::<f64>() < c.sample_rate)
-    })
+/// Whether the tenant's capture settings record this completion.
+fn sampled(c: &retune_config::CaptureSettings) -> bool {
+    c.enabled && (c.sample_rate >= 1.0 || rand::random::<f64>() < c.sample_rate)
 }
 
 /// Queue the record of a finished completion (never blocks; a full queue drops it).

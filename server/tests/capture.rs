@@ -288,54 +288,78 @@ async fn malformed_feedback_is_a_400_naming_the_field() {
     assert_eq!(test::call_service(&svc, req).await.status(), 413);
 }
 
-/// A store whose writes fail, like a full disk.
-struct Broken(SqliteStore);
+/// A store that fails its writes (a full disk) or takes its time (a saturated one).
+struct Faulty {
+    inner: SqliteStore,
+    fail: bool,
+    delay: Duration,
+}
 
-impl DatasetStore for Broken {
-    fn record(&self, _: &[CapturedCompletion]) -> Result<(), DataError> {
-        Err(DataError::Db("disk I/O error".into()))
+impl Faulty {
+    fn new(dir: &std::path::Path, fail: bool, delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner: SqliteStore::open(&dir.join("datasets.db")).unwrap(),
+            fail,
+            delay,
+        })
+    }
+
+    fn write(&self) -> Result<(), DataError> {
+        std::thread::sleep(self.delay);
+        match self.fail {
+            true => Err(DataError::Db(
+                "disk I/O error at /var/lib/retune/datasets.db".into(),
+            )),
+            false => Ok(()),
+        }
+    }
+}
+
+impl DatasetStore for Faulty {
+    fn record(&self, batch: &[CapturedCompletion]) -> Result<(), DataError> {
+        self.write()?;
+        self.inner.record(batch)
     }
     fn completion(&self, t: &str, id: &str) -> Result<CapturedCompletion, DataError> {
-        self.0.completion(t, id)
+        self.inner.completion(t, id)
     }
-    fn add_feedback(&self, _: &str, _: &Feedback) -> Result<FeedbackState, DataError> {
-        Err(DataError::Db(
-            "disk I/O error at /var/lib/retune/datasets.db".into(),
-        ))
+    fn add_feedback(&self, t: &str, fb: &Feedback) -> Result<FeedbackState, DataError> {
+        self.write()?;
+        self.inner.add_feedback(t, fb)
     }
     fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
-        self.0.feedback(t, id)
+        self.inner.feedback(t, id)
     }
     fn import(&self, t: &str, a: &str, s: &str, rows: &[ImportRow]) -> Result<usize, DataError> {
-        self.0.import(t, a, s, rows)
+        self.inner.import(t, a, s, rows)
     }
     fn snapshot(&self, t: &str, a: &str, p: &Policy) -> Result<Manifest, DataError> {
-        self.0.snapshot(t, a, p)
+        self.inner.snapshot(t, a, p)
     }
     fn manifest(&self, t: &str, id: &str) -> Result<Manifest, DataError> {
-        self.0.manifest(t, id)
+        self.inner.manifest(t, id)
     }
     fn snapshots(&self, t: &str, a: Option<&str>) -> Result<Vec<Manifest>, DataError> {
-        self.0.snapshots(t, a)
+        self.inner.snapshots(t, a)
     }
     fn snapshot_rows(&self, t: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
-        self.0.snapshot_rows(t, id)
+        self.inner.snapshot_rows(t, id)
     }
     fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
-        self.0.lineage(t, s)
+        self.inner.lineage(t, s)
     }
     fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
-        self.0.erase(t, s)
+        self.inner.erase(t, s)
     }
     fn purge_before(&self, t: &str, before: i64) -> Result<usize, DataError> {
-        self.0.purge_before(t, before)
+        self.inner.purge_before(t, before)
     }
 }
 
 #[actix_web::test]
 async fn completions_succeed_and_drops_are_counted_while_the_store_fails() {
     let dir = tmp("broken");
-    let store = Arc::new(Broken(SqliteStore::open(&dir.join("datasets.db")).unwrap()));
+    let store = Faulty::new(&dir, true, Duration::ZERO);
     let (st, _) = state(&dir, store);
     let capture = st.capture.clone().unwrap();
     let svc = test::init_service(app(st)).await;
@@ -448,53 +472,10 @@ async fn the_admin_data_api_imports_snapshots_exports_and_erases() {
     assert_eq!(test::call_service(&svc, req).await.status(), 404);
 }
 
-/// A store that takes its time, like a saturated disk.
-struct Slow(SqliteStore);
-
-impl DatasetStore for Slow {
-    fn record(&self, batch: &[CapturedCompletion]) -> Result<(), DataError> {
-        std::thread::sleep(Duration::from_millis(1500));
-        self.0.record(batch)
-    }
-    fn completion(&self, t: &str, id: &str) -> Result<CapturedCompletion, DataError> {
-        self.0.completion(t, id)
-    }
-    fn add_feedback(&self, t: &str, fb: &Feedback) -> Result<FeedbackState, DataError> {
-        self.0.add_feedback(t, fb)
-    }
-    fn feedback(&self, t: &str, id: &str) -> Result<FeedbackState, DataError> {
-        self.0.feedback(t, id)
-    }
-    fn import(&self, t: &str, a: &str, s: &str, rows: &[ImportRow]) -> Result<usize, DataError> {
-        self.0.import(t, a, s, rows)
-    }
-    fn snapshot(&self, t: &str, a: &str, p: &Policy) -> Result<Manifest, DataError> {
-        self.0.snapshot(t, a, p)
-    }
-    fn manifest(&self, t: &str, id: &str) -> Result<Manifest, DataError> {
-        self.0.manifest(t, id)
-    }
-    fn snapshots(&self, t: &str, a: Option<&str>) -> Result<Vec<Manifest>, DataError> {
-        self.0.snapshots(t, a)
-    }
-    fn snapshot_rows(&self, t: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
-        self.0.snapshot_rows(t, id)
-    }
-    fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
-        self.0.lineage(t, s)
-    }
-    fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
-        self.0.erase(t, s)
-    }
-    fn purge_before(&self, t: &str, before: i64) -> Result<usize, DataError> {
-        self.0.purge_before(t, before)
-    }
-}
-
 #[actix_web::test]
 async fn a_slow_store_never_delays_a_completion() {
     let dir = tmp("slow");
-    let store = Arc::new(Slow(SqliteStore::open(&dir.join("datasets.db")).unwrap()));
+    let store = Faulty::new(&dir, false, Duration::from_millis(1500));
     let (st, _) = state(&dir, store.clone());
     let capture = st.capture.clone().unwrap();
     let svc = test::init_service(app(st)).await;

@@ -265,6 +265,45 @@ fn resolve_gives_one_reference_for_live_canary_and_pinned_and_hides_the_rest() {
 }
 
 #[test]
+fn a_tainted_live_version_is_counted_until_it_is_no_longer_live() {
+    let dir = tmpdir("taint");
+    let reg = open(&dir);
+    let v1 = reg
+        .register(new(&upload(&dir, 1), "acme", "tickets"), &base())
+        .unwrap();
+    let v2 = reg
+        .register(new(&upload(&dir, 2), "acme", "tickets"), &base())
+        .unwrap();
+    reg.promote("acme", "tickets", &v1.id, Expect::NoLive, "a", "r")
+        .unwrap();
+    assert_eq!(reg.tainted_live_count().unwrap(), 0);
+    reg.taint("acme", "tickets", &v2.id, "a", "erased").unwrap();
+    assert_eq!(reg.tainted_live_count().unwrap(), 0, "v2 is not live");
+    reg.taint("acme", "tickets", &v1.id, "a", "erased").unwrap();
+    assert_eq!(reg.tainted_live_count().unwrap(), 1);
+    assert_eq!(reg.tainted("acme", "tickets").unwrap().len(), 2);
+    reg.taint("acme", "tickets", &v1.id, "a", "again").unwrap();
+    assert_eq!(reg.tainted_live_count().unwrap(), 1, "counted once");
+    let v3 = reg
+        .register(new(&upload(&dir, 3), "acme", "tickets"), &base())
+        .unwrap();
+    reg.promote(
+        "acme",
+        "tickets",
+        &v3.id,
+        Expect::Version(v1.id.clone()),
+        "a",
+        "r",
+    )
+    .unwrap();
+    assert_eq!(reg.tainted_live_count().unwrap(), 0);
+    assert!(matches!(
+        reg.taint("acme", "tickets", "nope", "a", "r"),
+        Err(RegistryError::NotFound(_))
+    ));
+}
+
+#[test]
 fn two_concurrent_promoters_with_the_same_expectation_one_wins() {
     let dir = tmpdir("race");
     let reg = open(&dir);
