@@ -29,7 +29,10 @@ pub use backend::{
     GenerationStream, Health, Timings, TokenEvent, ValidRequest,
 };
 pub use chat::{ChatMessage, ChatTemplate};
-pub use device::{Cache, Compute, DeviceModel, DeviceOptions, WeightMode};
+pub use device::{
+    grad_of, weighted_nll, Cache, Compute, DeviceModel, DeviceOptions, Dropout, LoraParam, Mode,
+    TrainBatch, TrainLora, WeightMode,
+};
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
 pub use model::{BatchItem, Model, ModelConfig};

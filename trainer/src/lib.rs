@@ -1,1 +1,26 @@
-//! retune-trainer
+//! retune's trainer: LoRA fine-tuning on the served base model, in Rust on
+//! candle, through the engine's own forward in its training mode.
+//!
+//! - [`examples`]: examples tokenized exactly as the server renders prompts,
+//!   loss on assistant tokens;
+//! - [`batches`]: length-bucketed, seeded batches;
+//! - [`lora`]: PEFT's init, PEFT directories in and out;
+//! - [`optim`]: AdamW, warm-up + cosine, clipping;
+//! - [`train`]: the loop (accumulation, eval loss, early stopping, checkpoints);
+//! - [`run`]: a whole job from a snapshot or JSONL file to a registered version.
+
+pub mod batches;
+pub mod error;
+pub mod examples;
+pub mod lora;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod train;
+
+pub use error::{Result, TrainError};
+pub use examples::{encode, prepare, Encoded, Overflow, Prepared};
+pub use lora::{Adapter, LoraSpec};
+pub use optim::{AdamW, AdamWConfig};
+pub use run::{register, run, DataSource, Job, JobResult};
+pub use train::{train, Progress, RunInputs, TrainSettings, TrainingRecord};

@@ -1,4 +1,5 @@
 use super::plan::{LoraPlan, SlotSel};
+use super::train::Mode;
 use super::{DeviceKv, DeviceModel};
 use crate::error::{EngineError, Result};
 use crate::model::BatchItem;
@@ -37,26 +38,6 @@ pub(super) struct DLayer {
 impl DeviceModel {
     fn u32s(&self, v: &[u32]) -> Result<Tensor> {
         Ok(Tensor::from_slice(v, v.len(), &self.device)?)
-    }
-
-    /// RMS norm of f32 rows (candle's fused kernel: one launch).
-    fn rms(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_eps)?)
-    }
-
-    /// Neox (half-split) rope on `[t, heads * head_dim]` f32 rows, each row at its
-    /// own position: cos/sin are `[t, 1, half]` (candle's fused kernel, with every
-    /// token as its own batch entry).
-    fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = self.cfg.head_dim;
-        let t = x.dim(0)?;
-        let x = x.reshape((t, heads, 1, hd))?;
-        Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?.reshape((t, heads * hd))?)
-    }
-
-    /// Softmax over the last dim in f32 (masked entries are -inf; fused kernel).
-    fn softmax(x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::softmax_last_dim(x)?)
     }
 
     /// The slab of one layer as `[slots, kv_heads, context, head_dim]`.
@@ -289,13 +270,15 @@ impl DeviceModel {
         };
         for li in 0..c.n_layer {
             let layer = &self.layers[li];
-            let xn = self.rms(&x, &layer.attn_norm)?.to_dtype(self.dtype)?;
+            let xn = self
+                .rms_mode(&x, &layer.attn_norm, Mode::Serve)?
+                .to_dtype(self.dtype)?;
             let mut qkv = project(li, &[0, 1, 2], &xn)?.into_iter();
             let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 return Err(EngineError::InvalidRequest("projection count".into()));
             };
-            let q = self.rope(&q.to_dtype(DType::F32)?, nh, &cos, &sin)?;
-            let k = self.rope(&k.to_dtype(DType::F32)?, nkv, &cos, &sin)?;
+            let q = self.rope_mode(&q.to_dtype(DType::F32)?, nh, &cos, &sin, Mode::Serve)?;
+            let k = self.rope_mode(&k.to_dtype(DType::F32)?, nkv, &cos, &sin, Mode::Serve)?;
             let (ks, vs) = &self.kv[li];
             ks.scatter_set(
                 &kv_idx,
@@ -321,7 +304,7 @@ impl DeviceModel {
                 let vv = v4.narrow(0, 0, *hi)?.narrow(2, 0, *lmax)?.to_dtype(att)?;
                 let s = qs.matmul(&kk.transpose(2, 3)?)?.to_dtype(DType::F32)?;
                 let s = (s * scale)?.broadcast_add(mask)?;
-                let p = Self::softmax(&s)?.to_dtype(att)?;
+                let p = Self::softmax_mode(&s, Mode::Serve)?.to_dtype(att)?;
                 let o = p.matmul(&vv)?.to_dtype(DType::F32)?; // [hi, nkv, group, hd]
                 parts.push(o.reshape((*hi, nh * hd))?.index_select(dec_slots, 0)?);
             }
@@ -346,7 +329,7 @@ impl DeviceModel {
                     .to_dtype(att)?;
                 let s = qi.matmul(&kk.transpose(1, 2)?)?.to_dtype(DType::F32)?;
                 let s = (s * scale)?.broadcast_add(mask)?;
-                let p = Self::softmax(&s)?.to_dtype(att)?;
+                let p = Self::softmax_mode(&s, Mode::Serve)?.to_dtype(att)?;
                 let o = p.matmul(&vv)?.to_dtype(DType::F32)?; // [nkv, group * n, hd]
                 parts.push(
                     o.reshape((nkv, group, n, hd))?
@@ -357,7 +340,9 @@ impl DeviceModel {
             let attn = Tensor::cat(&parts, 0)?.index_select(&inverse, 0)?;
             let o = project(li, &[3], &attn.to_dtype(self.dtype)?)?;
             x = (x + o[0].to_dtype(DType::F32)?)?;
-            let xn = self.rms(&x, &layer.ffn_norm)?.to_dtype(self.dtype)?;
+            let xn = self
+                .rms_mode(&x, &layer.ffn_norm, Mode::Serve)?
+                .to_dtype(self.dtype)?;
             let gu = project(li, &[4, 5], &xn)?;
             let act = (gu[0].silu()? * &gu[1])?;
             let down = project(li, &[6], &act)?;
@@ -378,7 +363,11 @@ impl DeviceModel {
             return Ok(Vec::new());
         }
         let xl = self
-            .rms(&x.index_select(&self.u32s(&last)?, 0)?, &self.norm)?
+            .rms_mode(
+                &x.index_select(&self.u32s(&last)?, 0)?,
+                &self.norm,
+                Mode::Serve,
+            )?
             .to_dtype(self.dtype)?;
         let logits = match &self.lm_head {
             Some(l) => l.forward(&xl)?,

@@ -24,12 +24,14 @@ mod forward;
 mod kv;
 mod options;
 mod plan;
+mod train;
 
 pub use compute::{Cache, Compute};
 pub use kv::DeviceKv;
 pub use options::{
     build_backend, options_from_settings, parse_device, parse_dtype, DeviceOptions, WeightMode,
 };
+pub use train::{grad_of, weighted_nll, Dropout, LoraParam, Mode, TrainBatch, TrainLora};
 
 use crate::error::{EngineError, Result};
 use crate::kernels_f32;

@@ -1,0 +1,430 @@
+//! The tensor backend's training mode: the same layers, weights and module order
+//! as the serving forward in `forward.rs`, run over whole sequences without a KV
+//! cache, with LoRA A/B as trainable [`Var`]s.
+//!
+//! candle 0.11 has no backward for its fused `rms_norm`, `rope*`,
+//! `softmax_last_dim` or `QMatMul` (the gradient is silently cut), so training
+//! uses differentiable forms of each ([`Mode::Train`]) and dense f32 weights.
+//! Frozen projections run through [`FrozenLinear`], whose backward computes only
+//! the input gradient (candle's matmul backward would also compute a weight-sized
+//! gradient nobody reads). Sequences whose LoRA starts at layer `k` build no
+//! graph below `k` (nothing there is a variable), so backward stops there.
+
+use super::forward::DLinear;
+use super::{DeviceModel, DeviceOptions, WeightMode};
+use crate::error::{EngineError, Result};
+use crate::model::Model;
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
+
+/// Which forms of the norm, rope and softmax a forward uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// candle's fused kernels (no backward).
+    Serve,
+    /// differentiable compositions of elementary ops.
+    Train,
+}
+
+/// One LoRA pair being trained: `delta = dropout(x) · Aᵀ · Bᵀ · scale`.
+pub struct LoraParam {
+    /// `[rank, in]`
+    pub a: Var,
+    /// `[out, rank]`
+    pub b: Var,
+    pub scale: f64,
+}
+
+/// The trainable adapter: per layer, per module (q, k, v, o, gate, up, down).
+pub struct TrainLora {
+    pub layers: Vec<[Option<LoraParam>; 7]>,
+}
+
+impl TrainLora {
+    /// The lowest layer holding a LoRA pair (where backward stops).
+    pub fn lowest_layer(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .position(|l| l.iter().any(Option::is_some))
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.iter().flatten())
+            .flat_map(|p| [&p.a, &p.b])
+    }
+}
+
+/// Right-padded rows of token ids, `batch × len` (padding is never attended to by
+/// real tokens: attention is causal).
+pub struct TrainBatch {
+    pub tokens: Vec<u32>,
+    pub batch: usize,
+    pub len: usize,
+}
+
+/// Inverted-dropout masks on each LoRA input, drawn from a seed (reproducible).
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// A frozen `x · Wᵀ` whose backward returns the input gradient only.
+struct FrozenLinear {
+    /// `[out, in]`, contiguous f32 on the CPU
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (n, wk) = self.w.dims2()?;
+        if wk != k {
+            candle_core::bail!("frozen-linear: input has {k} columns, weight {wk}");
+        }
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("frozen-linear: contiguous f32 input expected"),
+        };
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = match (&*ws, wl.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("frozen-linear: contiguous f32 CPU weight expected"),
+        };
+        let mut y = vec![0f32; m * n];
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // y[m, n] = x[m, k] · wᵀ (w is [n, k] row-major: wᵀ has row stride 1, column stride k)
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0f32,
+                1f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// `x · Wᵀ` with a frozen `W`: on the CPU the input-gradient-only op, elsewhere
+/// candle's matmul (correct, with an unused weight gradient).
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        Ok(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })?)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
+impl DLinear {
+    fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense { w, b } => {
+                let y = frozen_matmul(x, w)?;
+                Ok(match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+            Self::Quant { .. } => Err(EngineError::InvalidRequest(
+                "training needs dense base weights (quantized blocks have no backward)".into(),
+            )),
+        }
+    }
+}
+
+/// A reproducible keep-mask `[rows, cols]` scaled by `1 / (1 - p)`.
+fn dropout_mask(rows: usize, cols: usize, d: Dropout, salt: u64, dev: &Device) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(d.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let keep = 1.0 / (1.0 - d.p);
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| if rng.gen::<f32>() < d.p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(v, (rows, cols), dev)?)
+}
+
+impl DeviceModel {
+    /// A copy of `model` for training: dense f32 weights on `device`, rope tables for
+    /// `max_len` positions, a one-slot cache (the serving forward stays usable, e.g.
+    /// to compare logits).
+    pub fn for_training(model: Model, device: &Device, max_len: usize) -> Result<Self> {
+        let max_len = max_len.min(model.cfg.context).max(1);
+        let opts = DeviceOptions {
+            dtype: DType::F32,
+            weights: WeightMode::Dense,
+            slots: 1,
+            slot_context: max_len,
+            adapter_slots: 1,
+            max_rank: 1,
+        };
+        Self::from_model(model, device, &opts)
+    }
+
+    /// RMS norm of f32 rows.
+    pub(super) fn rms_mode(&self, x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Serve => Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_eps)?),
+            Mode::Train => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let inv = (ms + self.cfg.rms_eps as f64)?.sqrt()?.recip()?;
+                Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+            }
+        }
+    }
+
+    /// Neox (half-split) rope on `[t, heads * head_dim]` rows; `cos`/`sin` are
+    /// `[t, 1, half]` (each row at its own position).
+    pub(super) fn rope_mode(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let hd = self.cfg.head_dim;
+        let t = x.dim(0)?;
+        match mode {
+            Mode::Serve => {
+                let x = x.reshape((t, heads, 1, hd))?;
+                Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?.reshape((t, heads * hd))?)
+            }
+            Mode::Train => {
+                let half = hd / 2;
+                let x = x.reshape((t, heads, hd))?;
+                let x1 = x.narrow(2, 0, half)?;
+                let x2 = x.narrow(2, half, half)?;
+                let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+                let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+                Ok(Tensor::cat(&[r1, r2], 2)?.reshape((t, heads * hd))?)
+            }
+        }
+    }
+
+    /// Softmax over the last dim in f32 (masked entries are -inf).
+    pub(super) fn softmax_mode(x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Serve => Ok(candle_nn::ops::softmax_last_dim(x)?),
+            Mode::Train => Ok(candle_nn::ops::softmax(x, D::Minus1)?),
+        }
+    }
+
+    /// The embedding rows of `batch` (the input of layer 0), f32 `[batch·len, hidden]`.
+    pub fn train_embed(&self, batch: &TrainBatch) -> Result<Tensor> {
+        self.check_batch(batch)?;
+        let ids = Tensor::from_slice(&batch.tokens, batch.tokens.len(), &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+    }
+
+    fn check_batch(&self, b: &TrainBatch) -> Result<()> {
+        if b.batch == 0 || b.len == 0 || b.tokens.len() != b.batch * b.len {
+            return Err(EngineError::InvalidRequest(format!(
+                "training batch of {} tokens is not {} rows of {}",
+                b.tokens.len(),
+                b.batch,
+                b.len
+            )));
+        }
+        if b.len > self.cfg.context {
+            return Err(EngineError::PromptTooLong {
+                prompt: b.len,
+                max_tokens: 0,
+                context: self.cfg.context,
+            });
+        }
+        if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {t} out of vocabulary"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run layers `from..to` over whole sequences. `x`: the residual stream entering
+    /// layer `from`, `[batch·len, hidden]` f32. LoRA pairs in `lora` apply where present.
+    pub fn train_layers(
+        &self,
+        x: Tensor,
+        batch: &TrainBatch,
+        lora: Option<&TrainLora>,
+        layers: std::ops::Range<usize>,
+        dropout: Option<Dropout>,
+        step_salt: u64,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (hd, nh, nkv) = (c.head_dim, c.n_head, c.n_kv_head);
+        let group = nh / nkv;
+        let (bsz, len) = (batch.batch, batch.len);
+        let t = bsz * len;
+        let dev = &self.device;
+        let half = hd / 2;
+        let cos = self.cos.narrow(0, 0, len)?;
+        let sin = self.sin.narrow(0, 0, len)?;
+        // positions 0..len for every row: [t, 1, half]
+        let cos = cos
+            .unsqueeze(0)?
+            .broadcast_as((bsz, len, half))?
+            .reshape((t, 1, half))?;
+        let sin = sin
+            .unsqueeze(0)?
+            .broadcast_as((bsz, len, half))?
+            .reshape((t, 1, half))?;
+        // causal mask for rows (query head within its group, position)
+        let mut m = vec![f32::NEG_INFINITY; group * len * len];
+        for r in 0..group * len {
+            let i = r % len;
+            m[r * len..r * len + i + 1].fill(0.0);
+        }
+        let mask = Tensor::from_vec(m, (group * len, len), dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = x;
+        let mut salt = step_salt.wrapping_mul(1_000_003);
+        for li in layers {
+            let layer = &self.layers[li];
+            let pairs = lora.and_then(|l| l.layers.get(li));
+            let mut project = |m: usize, xin: &Tensor| -> Result<Tensor> {
+                let y = layer.proj[m].forward_frozen(xin)?;
+                match pairs.and_then(|p| p[m].as_ref()) {
+                    None => Ok(y),
+                    Some(p) => {
+                        salt = salt.wrapping_add(1);
+                        let xi = match dropout {
+                            Some(d) if d.p > 0.0 => {
+                                let (r, cols) = xin.dims2()?;
+                                (xin * dropout_mask(r, cols, d, salt, dev)?)?
+                            }
+                            _ => xin.clone(),
+                        };
+                        let xa = xi.matmul(&p.a.as_tensor().t()?)?;
+                        let d = (xa.matmul(&p.b.as_tensor().t()?)? * p.scale)?;
+                        Ok((y + d)?)
+                    }
+                }
+            };
+            let xn = self.rms_mode(&x, &layer.attn_norm, Mode::Train)?;
+            let q = project(0, &xn)?;
+            let k = project(1, &xn)?;
+            let v = project(2, &xn)?;
+            let q = self.rope_mode(&q, nh, &cos, &sin, Mode::Train)?;
+            let k = self.rope_mode(&k, nkv, &cos, &sin, Mode::Train)?;
+            // q: [b, nkv, group·len, hd]; k, v: [b, nkv, len, hd]
+            let q = q
+                .reshape((bsz, len, nkv, group, hd))?
+                .permute((0, 2, 3, 1, 4))?
+                .contiguous()?
+                .reshape((bsz, nkv, group * len, hd))?;
+            let k = k
+                .reshape((bsz, len, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = v
+                .reshape((bsz, len, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+            let s = s.broadcast_add(&mask)?;
+            let p = Self::softmax_mode(&s, Mode::Train)?;
+            let o = p.matmul(&v)?; // [b, nkv, group·len, hd]
+            let o = o
+                .reshape((bsz, nkv, group, len, hd))?
+                .permute((0, 3, 1, 2, 4))?
+                .contiguous()?
+                .reshape((t, nh * hd))?;
+            let o = project(3, &o)?;
+            x = (x + o)?;
+            let xn = self.rms_mode(&x, &layer.ffn_norm, Mode::Train)?;
+            let g = project(4, &xn)?;
+            let u = project(5, &xn)?;
+            let act = (candle_nn::ops::silu(&g)? * u)?;
+            let down = project(6, &act)?;
+            x = (x + down)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and output projection of the residual-stream rows `rows` of `x`
+    /// (only where a loss is read): f32 logits `[rows, vocab]`.
+    pub fn train_head(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(rows, rows.len(), &self.device)?;
+        let xl = self.rms_mode(&x.index_select(&idx, 0)?, &self.norm, Mode::Train)?;
+        match &self.lm_head {
+            Some(l) => l.forward_frozen(&xl),
+            None => frozen_matmul(&xl, &self.embed),
+        }
+    }
+
+    /// Whole training forward: logits at `rows` (flat indices `b·len + i`).
+    pub fn train_logits(
+        &self,
+        batch: &TrainBatch,
+        lora: Option<&TrainLora>,
+        rows: &[u32],
+        dropout: Option<Dropout>,
+        step_salt: u64,
+    ) -> Result<Tensor> {
+        let x = self.train_embed(batch)?;
+        let x = self.train_layers(x, batch, lora, 0..self.cfg.n_layer, dropout, step_salt)?;
+        self.train_head(&x, rows)
+    }
+}
+
+/// Weighted mean negative log-likelihood of `targets` under `logits` `[n, vocab]`:
+/// `Σ wᵢ·nllᵢ / norm`.
+pub fn weighted_nll(
+    logits: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+    norm: f64,
+) -> Result<Tensor> {
+    let dev = logits.device();
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::from_slice(targets, (targets.len(), 1), dev)?;
+    let picked = lp.gather(&idx, 1)?.squeeze(1)?;
+    let w = Tensor::from_slice(weights, weights.len(), dev)?;
+    Ok(((picked * w)?.sum_all()? * (-1.0 / norm))?)
+}
+
+/// The gradient of `var` from a backward pass, zeros when nothing reached it.
+pub fn grad_of(grads: &GradStore, var: &Var) -> Result<Tensor> {
+    Ok(match grads.get(var.as_tensor()) {
+        Some(g) => g.clone(),
+        None => var.as_tensor().zeros_like()?,
+    })
+}

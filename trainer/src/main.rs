@@ -1,0 +1,478 @@
+//! `retune-trainer`: train a LoRA adapter on the served base model.
+//!
+//! Exit codes: 0 done, 2 bad input (data, settings, base mismatch), 1 any other
+//! failure.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use retune_trainer::batches::{epoch_batches, MicroBatch};
+use retune_trainer::run::prepare_source;
+use retune_trainer::{
+    register, run, DataSource, Job, LoraSpec, Overflow, Progress, TrainError, TrainSettings,
+};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "retune-trainer",
+    version,
+    about = "LoRA fine-tuning for retune"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train an adapter: writes OUT/adapter (PEFT), OUT/training.json, OUT/loss.svg.
+    Train(TrainArgs),
+    /// Write the micro-batches a run would train on (JSONL: input_ids and labels
+    /// with -100 where no loss is read), for peers measured on the same data.
+    Tokenize {
+        #[command(flatten)]
+        common: Common,
+        /// Output JSONL file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Epochs of batches to write.
+        #[arg(long, default_value_t = 1)]
+        epochs: u64,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The base model: the served GGUF file or HF safetensors directory.
+    #[arg(long, env = "RETUNE_MODEL")]
+    model: PathBuf,
+    /// Train on this dataset snapshot (from ROOT/datasets.db).
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    snapshot: Option<String>,
+    /// Tenant of the snapshot (default: the tenant of --register).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Train on an OpenAI-format JSONL file (chat or prompt/completion).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// With --data: percent of examples (by input hash) held out for eval loss.
+    #[arg(long, default_value_t = 10)]
+    eval_percent: u8,
+    /// Data root (the server's `adapters.root`: registry.db, store/, datasets.db).
+    #[arg(long, env = "RETUNE_ROOT", default_value = "data")]
+    root: PathBuf,
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Longer examples are dropped or truncated (counted either way).
+    #[arg(long, value_enum, default_value_t = Overflow::Drop)]
+    overflow: Overflow,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Register the result as a new version of TENANT/NAME (not promoted).
+    #[arg(long, value_name = "TENANT/NAME")]
+    register: Option<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f32,
+    /// Scale by alpha/sqrt(rank) (rsLoRA).
+    #[arg(long)]
+    rslora: bool,
+    /// Target modules (any of q,k,v,o,gate,up,down; `all`).
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    modules: Vec<String>,
+    /// LoRA on the top N layers only (default: every layer).
+    #[arg(long)]
+    top_layers: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 30)]
+    warmup: usize,
+    #[arg(long, default_value_t = 1.0)]
+    epochs: f64,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Stop after this many minutes of training (the best adapter so far is kept).
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Clip gradients to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Eval loss every N steps (0: at each epoch end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Early stop after N evals without improvement (0: off).
+    #[arg(long, default_value_t = 0)]
+    patience: usize,
+    #[arg(long, default_value_t = 8)]
+    min_examples: usize,
+    /// Checkpoint every N steps (resume with --resume).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Resume from OUT/checkpoint when it matches these settings and data.
+    #[arg(long)]
+    resume: bool,
+    /// Start from this PEFT adapter instead of a fresh init.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Recompute the frozen layers below the LoRA layers every epoch.
+    #[arg(long)]
+    no_cache_frozen: bool,
+    /// Also save the adapter after these minutes of training (OUT/at-<m>min).
+    #[arg(long, value_delimiter = ',')]
+    save_at_minutes: Vec<f64>,
+}
+
+fn modules(names: &[String]) -> anyhow::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for n in names {
+        let n = n.trim().trim_end_matches("_proj");
+        if n == "all" {
+            out.extend(0..7);
+            continue;
+        }
+        let i = ["q", "k", "v", "o", "gate", "up", "down"]
+            .iter()
+            .position(|m| *m == n)
+            .ok_or_else(|| TrainError::Setting(format!("unknown module `{n}`")))?;
+        out.push(i);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn split_ref(r: &str) -> anyhow::Result<(String, String)> {
+    match r.split_once('/') {
+        Some((t, n)) if !t.is_empty() && !n.is_empty() => Ok((t.into(), n.into())),
+        _ => Err(TrainError::Setting(format!("--register `{r}`: expected TENANT/NAME")).into()),
+    }
+}
+
+fn source(c: &Common) -> anyhow::Result<DataSource> {
+    if let Some(id) = &c.snapshot {
+        let tenant = match (&c.tenant, &c.register) {
+            (Some(t), _) => t.clone(),
+            (None, Some(r)) => split_ref(r)?.0,
+            (None, None) => {
+                return Err(TrainError::Setting(
+                    "--snapshot needs --tenant (or --register TENANT/NAME)".into(),
+                )
+                .into())
+            }
+        };
+        return Ok(DataSource::Snapshot {
+            root: c.root.clone(),
+            tenant,
+            id: id.clone(),
+        });
+    }
+    let path = c
+        .data
+        .clone()
+        .ok_or_else(|| TrainError::Setting("--snapshot or --data is required".into()))?;
+    if c.eval_percent > 50 {
+        return Err(TrainError::Setting("--eval-percent at most 50".into()).into());
+    }
+    Ok(DataSource::Jsonl {
+        path,
+        eval_percent: c.eval_percent,
+    })
+}
+
+struct Loaded {
+    model: retune_engine::DeviceModel,
+    tok: retune_engine::Tok,
+    template: retune_engine::ChatTemplate,
+    base_name: String,
+}
+
+fn load(c: &Common, max_len: usize) -> anyhow::Result<Loaded> {
+    let l =
+        retune_engine::load(&c.model).with_context(|| format!("loading {}", c.model.display()))?;
+    let dev = retune_engine::device::parse_device(&c.device)?;
+    let model = retune_engine::DeviceModel::for_training(l.model, &dev, max_len)?;
+    Ok(Loaded {
+        model,
+        tok: l.tok,
+        template: l.template,
+        base_name: c
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+    })
+}
+
+fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSettings> {
+    let first_layer = match a.top_layers {
+        Some(0) => {
+            return Err(TrainError::Setting("--top-layers must be at least 1".into()).into())
+        }
+        Some(k) => n_layers.saturating_sub(k),
+        None => 0,
+    };
+    let c = &a.common;
+    Ok(TrainSettings {
+        lora: LoraSpec {
+            rank: a.rank,
+            alpha: a.alpha,
+            rslora: a.rslora,
+            modules: modules(&a.modules)?,
+            first_layer,
+        },
+        dropout: a.dropout,
+        optim: retune_trainer::AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        warmup_steps: a.warmup,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        max_minutes: a.max_minutes,
+        batch_size: c.batch_size,
+        grad_accum: a.grad_accum,
+        max_grad_norm: a.max_grad_norm,
+        max_len: c.max_len,
+        overflow: c.overflow,
+        eval_every: a.eval_every,
+        patience: a.patience,
+        seed: c.seed,
+        min_examples: a.min_examples,
+        checkpoint_every: a.checkpoint_every,
+        cache_frozen: !a.no_cache_frozen,
+        save_at_minutes: a.save_at_minutes.clone(),
+    })
+}
+
+fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let reg = c.register.as_deref().map(split_ref).transpose()?;
+    let src = source(c)?;
+    let l = load(c, c.max_len)?;
+    let s = settings(&a, l.model.cfg.n_layer)?;
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::new(1);
+    if tty {
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  elapsed {elapsed_precise}  eta {eta_precise}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut last_log = std::time::Instant::now();
+    let mut last_eval = String::new();
+    let job = Job {
+        model: &l.model,
+        tok: &l.tok,
+        template: &l.template,
+        source: src,
+        settings: s,
+        out: a.out.clone(),
+        init: a.init.clone(),
+        resume: a.resume,
+        base_name: l.base_name.clone(),
+    };
+    let res = run(job, |p| match p {
+        Progress::Step {
+            step,
+            total,
+            loss,
+            lr,
+            tokens_per_s,
+            elapsed_s,
+        } => {
+            bar.set_length(*total as u64);
+            bar.set_position(*step as u64);
+            bar.set_message(format!(
+                "loss {loss:.4}{last_eval}  {tokens_per_s:.0} tok/s  lr {lr:.2e}"
+            ));
+            if !tty && (last_log.elapsed().as_secs() >= 10 || step == total) {
+                last_log = std::time::Instant::now();
+                let eta = elapsed_s / *step as f64 * (*total - *step) as f64;
+                eprintln!(
+                    "step {step}/{total} loss {loss:.4}{last_eval} {tokens_per_s:.0} tok/s lr {lr:.2e} elapsed {elapsed_s:.0}s eta {eta:.0}s"
+                );
+            }
+            std::ops::ControlFlow::Continue(())
+        }
+        Progress::Eval { step, loss } => {
+            last_eval = format!("  eval {loss:.4}");
+            if !tty {
+                eprintln!("eval at step {step}: {loss:.4}");
+            }
+            std::ops::ControlFlow::Continue(())
+        }
+        Progress::Saved { path } => {
+            bar.println(format!("saved {}", path.display()));
+            std::ops::ControlFlow::Continue(())
+        }
+    })?;
+    bar.finish_and_clear();
+    let r = &res.record;
+    println!(
+        "trained {} steps ({:.2} epochs, {}) on {} examples ({} eval; dropped {:?}, truncated {}): {:.0} tokens/s, peak {:.0} MiB, {:.0} s",
+        r.steps,
+        r.epochs_done,
+        r.stopped,
+        r.examples,
+        r.eval_examples,
+        r.dropped,
+        r.truncated,
+        r.tokens_per_second,
+        r.peak_rss_mib,
+        r.wall_seconds
+    );
+    if let Some((s, e)) = r.best_eval {
+        println!("best eval loss {e:.4} at step {s}");
+    }
+    println!("adapter: {}", res.adapter_dir.display());
+    println!("record:  {}", res.record_path.display());
+    println!("plot:    {}", res.plot_path.display());
+    if let Some((tenant, name)) = reg {
+        let v = register(&c.root, &tenant, &name, &res.adapter_dir, r, &l.model, None)?;
+        println!("registered {tenant}/{name} version {} (not promoted)", v.id);
+    }
+    Ok(())
+}
+
+fn tokenize_cmd(c: Common, out: PathBuf, epochs: u64) -> anyhow::Result<()> {
+    let src = source(&c)?;
+    let l =
+        retune_engine::load(&c.model).with_context(|| format!("loading {}", c.model.display()))?;
+    let s = TrainSettings {
+        max_len: c.max_len,
+        overflow: c.overflow,
+        batch_size: c.batch_size,
+        seed: c.seed,
+        ..Default::default()
+    };
+    let (train, _, _) = prepare_source(&src, &l.tok, &l.template, &s)?;
+    let lengths: Vec<usize> = train.examples.iter().map(|e| e.tokens.len()).collect();
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?,
+    );
+    let mut n = 0;
+    for epoch in 0..epochs {
+        for ids in epoch_batches(&lengths, c.batch_size, c.seed, epoch) {
+            let refs: Vec<_> = ids.iter().map(|&i| &train.examples[i]).collect();
+            let _ = MicroBatch::new(&refs, 0);
+            let input_ids: Vec<&[u32]> = refs.iter().map(|e| e.tokens.as_slice()).collect();
+            let labels: Vec<Vec<i64>> = refs
+                .iter()
+                .map(|e| {
+                    e.tokens
+                        .iter()
+                        .zip(&e.weights)
+                        .map(|(&t, &w)| if w > 0.0 { t as i64 } else { -100 })
+                        .collect()
+                })
+                .collect();
+            serde_json::to_writer(
+                &mut f,
+                &serde_json::json!({"input_ids": input_ids, "labels": labels}),
+            )?;
+            f.write_all(b"\n")?;
+            n += 1;
+        }
+    }
+    f.flush()?;
+    println!(
+        "{n} batches of {} examples ({} tokens per epoch; dropped {:?}) → {}",
+        train.examples.len(),
+        train.tokens(),
+        train.dropped,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Keep freed memory in the process: training allocates and frees the same
+/// activation-sized buffers every step, and glibc's defaults hand each large one
+/// back to the kernel (the next step then pays a page fault per 4 KiB; measured
+/// at ≈ 15% of a step's time on SmolLM2).
+fn keep_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+fn main() {
+    if std::env::var_os("RETUNE_MALLOPT").is_some() {
+        keep_freed_memory();
+    }
+    let cli = Cli::parse();
+    let threads = match &cli.cmd {
+        Cmd::Train(a) => a.common.threads,
+        Cmd::Tokenize { common, .. } => common.threads,
+    };
+    if let Some(t) = threads {
+        // before anything starts rayon: candle and gemm size their work by it
+        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let res = match cli.cmd {
+        Cmd::Train(a) => train_cmd(a),
+        Cmd::Tokenize {
+            common,
+            out,
+            epochs,
+        } => tokenize_cmd(common, out, epochs),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        let bad_input = e.downcast_ref::<TrainError>().is_some_and(|t| {
+            matches!(
+                t,
+                TrainError::Data(_)
+                    | TrainError::Datasets(
+                        retune_datasets::DataError::NotFound(_)
+                            | retune_datasets::DataError::Invalid { .. }
+                    )
+                    | TrainError::Setting(_)
+                    | TrainError::BaseMismatch(_)
+                    | TrainError::Checkpoint { .. }
+            )
+        });
+        std::process::exit(if bad_input { 2 } else { 1 });
+    }
+}

@@ -1,0 +1,102 @@
+//! AdamW (PyTorch's update order), warm-up + cosine schedule, clipping by
+//! global norm.
+
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// First and second moments per parameter, and the step count.
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub t: u64,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig, vars: &[&Var]) -> Result<Self> {
+        let m = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = m.clone();
+        Ok(Self { cfg, m, v, t: 0 })
+    }
+
+    /// One update with learning rate `lr` (the schedule's value for this step).
+    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.t += 1;
+        let c = &self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let step_size = lr / bc1;
+        for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+            let p = var.as_tensor();
+            let p = if c.weight_decay != 0.0 {
+                (p * (1.0 - lr * c.weight_decay))?
+            } else {
+                p.clone()
+            };
+            let p = (p - ((&m / denom)? * step_size)?)?;
+            var.set(&p)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// Linear warm-up to `peak` over `warmup` steps, then cosine decay to 0 at `total`
+/// (Hugging Face's `get_cosine_schedule_with_warmup`).
+pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+}
+
+/// The global L2 norm of `grads`.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut s = 0f64;
+    for g in grads {
+        s += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(s.sqrt())
+}
+
+/// Scale `grads` so their global norm is at most `max` (PyTorch's
+/// `clip_grad_norm_`: coefficient `max / (norm + 1e-6)`, capped at 1).
+pub fn clip(grads: &mut [Tensor], norm: f64, max: f64) -> Result<()> {
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,770 @@
+//! The training loop: micro-batches through the engine's training forward, loss
+//! on assistant tokens, gradient accumulation, clipping, AdamW on a warm-up +
+//! cosine schedule, eval loss with early stopping, checkpoints that resume to the
+//! same bytes, and a record of the run.
+
+use crate::batches::{epoch_batches, MicroBatch};
+use crate::error::{io, Result, TrainError};
+use crate::examples::{Encoded, Overflow, Prepared};
+use crate::lora::{write_dir_atomic, Adapter, LoraSpec};
+use crate::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig};
+use candle_core::{Device, Tensor};
+use retune_engine::{grad_of, weighted_nll, DeviceModel, Dropout, TrainBatch};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that shapes a run (recorded with the adapter).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub lora: LoraSpec,
+    /// LoRA dropout on the adapter's input (0 = none).
+    pub dropout: f32,
+    pub optim: AdamWConfig,
+    pub warmup_steps: usize,
+    /// Passes over the training split (the schedule's length unless `max_steps`).
+    pub epochs: f64,
+    pub max_steps: Option<usize>,
+    /// Stop (keeping what was learned) after this much training time.
+    pub max_minutes: Option<f64>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub max_grad_norm: f64,
+    pub max_len: usize,
+    pub overflow: Overflow,
+    /// Eval loss every this many steps (0: at the end of each epoch).
+    pub eval_every: usize,
+    /// Stop after this many evals without a better eval loss (0: never).
+    pub patience: usize,
+    pub seed: u64,
+    pub min_examples: usize,
+    /// Checkpoint every this many steps (0: only when stopping early).
+    pub checkpoint_every: usize,
+    /// Keep the frozen layers' outputs below the lowest LoRA layer across epochs.
+    pub cache_frozen: bool,
+    /// Also save the adapter as it is after these many minutes of training.
+    pub save_at_minutes: Vec<f64>,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            lora: LoraSpec {
+                rank: 16,
+                alpha: 32.0,
+                rslora: false,
+                modules: (0..7).collect(),
+                first_layer: 0,
+            },
+            dropout: 0.0,
+            optim: AdamWConfig::default(),
+            warmup_steps: 30,
+            epochs: 1.0,
+            max_steps: None,
+            max_minutes: None,
+            batch_size: 16,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            max_len: 512,
+            overflow: Overflow::Drop,
+            eval_every: 0,
+            patience: 0,
+            seed: 0,
+            min_examples: 8,
+            checkpoint_every: 0,
+            cache_frozen: true,
+            save_at_minutes: Vec::new(),
+        }
+    }
+}
+
+/// What a run reports as it goes.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    Step {
+        step: usize,
+        total: usize,
+        loss: f32,
+        lr: f64,
+        tokens_per_s: f64,
+        elapsed_s: f64,
+    },
+    Eval {
+        step: usize,
+        loss: f32,
+    },
+    Saved {
+        path: PathBuf,
+    },
+}
+
+/// The training record stored as the version's metadata.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainingRecord {
+    pub settings: TrainSettings,
+    pub snapshot: Option<String>,
+    pub data_source: String,
+    pub data_hash: String,
+    pub base_fingerprint: String,
+    pub seed: u64,
+    pub examples: usize,
+    pub eval_examples: usize,
+    pub dropped: BTreeMap<String, usize>,
+    pub truncated: usize,
+    pub steps: usize,
+    pub planned_steps: usize,
+    pub epochs_done: f64,
+    /// mean loss per optimizer step
+    pub loss_curve: Vec<f32>,
+    /// (step, eval loss)
+    pub eval_curve: Vec<(usize, f32)>,
+    pub best_eval: Option<(usize, f32)>,
+    pub stopped: String,
+    pub wall_seconds: f64,
+    /// real (unpadded) tokens through forward+backward per second
+    pub tokens_per_second: f64,
+    pub trained_tokens: u64,
+    pub peak_rss_mib: f64,
+    pub threads: usize,
+    pub resumed_from: Option<usize>,
+}
+
+/// A run's inputs besides the model.
+pub struct RunInputs<'a> {
+    pub train: &'a Prepared,
+    pub eval: &'a Prepared,
+    pub settings: &'a TrainSettings,
+    /// Start from this adapter instead of PEFT's init.
+    pub init: Option<&'a Path>,
+    /// Where checkpoints live (resumed from when present and matching).
+    pub checkpoint_dir: Option<&'a Path>,
+    /// Where `save_at_minutes` adapters go (`<dir>/at-<m>min`).
+    pub out_dir: Option<&'a Path>,
+    pub base_name: &'a str,
+    pub snapshot: Option<String>,
+    pub data_source: String,
+}
+
+pub struct Outcome {
+    pub adapter: Adapter,
+    pub record: TrainingRecord,
+}
+
+fn data_hash(train: &Prepared, eval: &Prepared) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (tag, set) in [("train", train), ("eval", eval)] {
+        h.update(tag.as_bytes());
+        for e in &set.examples {
+            h.update((e.tokens.len() as u64).to_le_bytes());
+            for (t, w) in e.tokens.iter().zip(&e.weights) {
+                h.update(t.to_le_bytes());
+                h.update(w.to_le_bytes());
+            }
+        }
+    }
+    h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Peak resident memory of this process (MiB), from `/proc/self/status`.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Frozen layers' outputs per example (rows of `hidden` floats), filled lazily.
+struct FrozenCache {
+    hidden: usize,
+    rows: Vec<Option<Vec<f32>>>,
+}
+
+/// Pad-token id for batch rows (never attended to by real tokens).
+const PAD: u32 = 0;
+
+struct Ctx<'a> {
+    model: &'a DeviceModel,
+    adapter: &'a Adapter,
+    settings: &'a TrainSettings,
+    first: usize,
+    cache: Option<FrozenCache>,
+}
+
+impl Ctx<'_> {
+    /// Residual stream entering the lowest LoRA layer for `ids`' examples.
+    fn entry(&mut self, examples: &[Encoded], ids: &[usize], mb: &MicroBatch) -> Result<Tensor> {
+        let dev = self.model.device().clone();
+        let x = self.model.train_embed(&mb.batch)?;
+        if self.first == 0 {
+            return Ok(x);
+        }
+        let Some(cache) = &mut self.cache else {
+            return Ok(self
+                .model
+                .train_layers(x, &mb.batch, None, 0..self.first, None, 0)?);
+        };
+        let h = cache.hidden;
+        let len = mb.batch.len;
+        if ids.iter().any(|&i| cache.rows[i].is_none()) {
+            let y = self
+                .model
+                .train_layers(x, &mb.batch, None, 0..self.first, None, 0)?;
+            let y: Vec<f32> = y.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            for (b, &i) in ids.iter().enumerate() {
+                let n = examples[i].tokens.len();
+                cache.rows[i] = Some(y[b * len * h..(b * len + n) * h].to_vec());
+            }
+        }
+        let mut flat = vec![0f32; ids.len() * len * h];
+        for (b, &i) in ids.iter().enumerate() {
+            if let Some(r) = &cache.rows[i] {
+                flat[b * len * h..b * len * h + r.len()].copy_from_slice(r);
+            }
+        }
+        Ok(Tensor::from_vec(flat, (ids.len() * len, h), &dev)?)
+    }
+
+    /// Loss tensor of one micro-batch, normalised by `norm`.
+    fn loss(
+        &mut self,
+        examples: &[Encoded],
+        ids: &[usize],
+        norm: f64,
+        dropout: Option<Dropout>,
+        salt: u64,
+    ) -> Result<(Tensor, usize)> {
+        let refs: Vec<&Encoded> = ids.iter().map(|&i| &examples[i]).collect();
+        let mb = MicroBatch::new(&refs, PAD);
+        let x = self.entry(examples, ids, &mb)?;
+        let n = self.model.cfg.n_layer;
+        let x = self.model.train_layers(
+            x,
+            &mb.batch,
+            Some(&self.adapter.lora),
+            self.first..n,
+            dropout,
+            salt,
+        )?;
+        let logits = self.model.train_head(&x, &mb.rows)?;
+        Ok((
+            weighted_nll(&logits, &mb.targets, &mb.weights, norm)?,
+            mb.tokens,
+        ))
+    }
+
+    /// Weighted mean NLL over `set` (no update).
+    fn eval_loss(&mut self, set: &Prepared) -> Result<Option<f32>> {
+        if set.examples.is_empty() {
+            return Ok(None);
+        }
+        let mut order: Vec<usize> = (0..set.examples.len()).collect();
+        order.sort_by_key(|&i| set.examples[i].tokens.len());
+        let mut total = 0f64;
+        let mut weight = 0f64;
+        let saved = self.cache.take();
+        for chunk in order.chunks(self.settings.batch_size.max(1)) {
+            let refs: Vec<&Encoded> = chunk.iter().map(|&i| &set.examples[i]).collect();
+            let mb = MicroBatch::new(&refs, PAD);
+            let w = mb.weight();
+            let (l, _) = self.loss(&set.examples, chunk, 1.0, None, 0)?;
+            total += l.to_scalar::<f32>()? as f64;
+            weight += w;
+        }
+        self.cache = saved;
+        Ok(Some((total / weight.max(1e-12)) as f32))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    key: String,
+    step: usize,
+    loss_curve: Vec<f32>,
+    eval_curve: Vec<(usize, f32)>,
+    best_eval: Option<(usize, f32)>,
+    since_best: usize,
+    trained_tokens: u64,
+    train_seconds: f64,
+}
+
+fn checkpoint_key(settings: &TrainSettings, data: &str, base: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut s = settings.clone();
+    // how long a run may take does not change what it computes
+    s.max_minutes = None;
+    s.save_at_minutes.clear();
+    s.checkpoint_every = 0;
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&s).unwrap_or_default());
+    h.update(data.as_bytes());
+    h.update(base.as_bytes());
+    h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    adapter: &Adapter,
+    opt: &AdamW,
+    best: Option<&[Tensor]>,
+    meta: &CheckpointMeta,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let vals = adapter.values()?;
+    for (i, ((name, _), v)) in adapter.named().into_iter().zip(vals).enumerate() {
+        tensors.push((format!("p.{name}"), v));
+        tensors.push((format!("m.{name}"), opt.m[i].clone()));
+        tensors.push((format!("v.{name}"), opt.v[i].clone()));
+        if let Some(b) = best {
+            tensors.push((format!("b.{name}"), b[i].clone()));
+        }
+    }
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| v.to_device(&Device::Cpu).map(|v| (k, v)))
+        .collect::<candle_core::Result<_>>()?;
+    let tmp = dir.with_extension("state.tmp");
+    candle_core::safetensors::save(&map, &tmp)?;
+    let st = std::fs::read(&tmp).map_err(io(&tmp))?;
+    let _ = std::fs::remove_file(&tmp);
+    let js = serde_json::to_vec_pretty(meta).map_err(|e| TrainError::Setting(e.to_string()))?;
+    write_dir_atomic(dir, &[("state.safetensors", &st), ("state.json", &js)])
+}
+
+struct Resumed {
+    meta: CheckpointMeta,
+    best: Option<Vec<Tensor>>,
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    key: &str,
+    adapter: &Adapter,
+    opt: &mut AdamW,
+    dev: &Device,
+) -> Result<Option<Resumed>> {
+    let js = dir.join("state.json");
+    if !js.exists() {
+        return Ok(None);
+    }
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let meta: CheckpointMeta = serde_json::from_slice(&std::fs::read(&js).map_err(io(&js))?)
+        .map_err(|e| bad(e.to_string()))?;
+    if meta.key != key {
+        return Err(bad(
+            "made with other settings, data or base model; remove it or use another --out".into(),
+        ));
+    }
+    let st = candle_core::safetensors::load(dir.join("state.safetensors"), dev)?;
+    let get = |k: String| {
+        st.get(&k)
+            .cloned()
+            .ok_or_else(|| bad(format!("missing {k}")))
+    };
+    let mut best = Vec::new();
+    for (i, (name, var)) in adapter.named().into_iter().enumerate() {
+        var.set(&get(format!("p.{name}"))?)?;
+        opt.m[i] = get(format!("m.{name}"))?;
+        opt.v[i] = get(format!("v.{name}"))?;
+        if let Some(b) = st.get(&format!("b.{name}")) {
+            best.push(b.clone());
+        }
+    }
+    opt.t = meta.step as u64;
+    let best = (!best.is_empty()).then_some(best);
+    Ok(Some(Resumed { meta, best }))
+}
+
+/// Train an adapter on `model` (built with [`DeviceModel::for_training`]).
+pub fn train(
+    model: &DeviceModel,
+    inp: RunInputs<'_>,
+    mut progress: impl FnMut(&Progress) -> ControlFlow<()>,
+) -> Result<Outcome> {
+    let s = inp.settings;
+    let shapes = model.base_shapes();
+    let dev = model.device().clone();
+    let train = inp.train;
+    if train.examples.is_empty() {
+        return Err(TrainError::Data(format!(
+            "no training examples left (dropped: {:?})",
+            train.dropped
+        )));
+    }
+    if train.examples.len() < s.min_examples {
+        return Err(TrainError::Data(format!(
+            "{} training examples, at least {} needed (--min-examples)",
+            train.examples.len(),
+            s.min_examples
+        )));
+    }
+    if s.batch_size == 0 || s.grad_accum == 0 {
+        return Err(TrainError::Setting(
+            "batch size and accumulation must be ≥ 1".into(),
+        ));
+    }
+    if !(0.0..1.0).contains(&s.dropout) {
+        return Err(TrainError::Setting(format!(
+            "dropout {} (0 ≤ p < 1)",
+            s.dropout
+        )));
+    }
+    let adapter = match inp.init {
+        Some(dir) => {
+            let a = Adapter::from_peft(dir, &shapes, &dev)?;
+            if a.spec.rank != s.lora.rank || a.spec.modules != s.lora.modules {
+                return Err(TrainError::Setting(format!(
+                    "the starting adapter has rank {} on modules {:?}; the settings say {} on {:?}",
+                    a.spec.rank, a.spec.modules, s.lora.rank, s.lora.modules
+                )));
+            }
+            a
+        }
+        None => Adapter::init(&s.lora, &shapes, s.seed, &dev)?,
+    };
+    let first = adapter.lora.lowest_layer().unwrap_or(0);
+    let vars: Vec<_> = adapter.lora.vars().cloned().collect();
+    let var_refs: Vec<&candle_core::Var> = vars.iter().collect();
+    let mut opt = AdamW::new(s.optim.clone(), &var_refs)?;
+
+    let lengths: Vec<usize> = train.examples.iter().map(|e| e.tokens.len()).collect();
+    let per_epoch = lengths.len().div_ceil(s.batch_size);
+    let steps_per_epoch = per_epoch.div_ceil(s.grad_accum).max(1);
+    let total = s
+        .max_steps
+        .unwrap_or_else(|| ((s.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
+    let dhash = data_hash(train, inp.eval);
+    let fingerprint = model.fingerprint();
+    let key = checkpoint_key(s, &dhash, &fingerprint);
+    let mut ctx = Ctx {
+        model,
+        adapter: &adapter,
+        settings: s,
+        first,
+        cache: (s.cache_frozen && first > 0).then(|| FrozenCache {
+            hidden: model.cfg.hidden,
+            rows: vec![None; train.examples.len()],
+        }),
+    };
+
+    let mut step = 0usize;
+    let mut loss_curve = Vec::new();
+    let mut eval_curve: Vec<(usize, f32)> = Vec::new();
+    let mut best_eval: Option<(usize, f32)> = None;
+    let mut best_vals: Option<Vec<Tensor>> = None;
+    let mut since_best = 0usize;
+    let mut trained_tokens = 0u64;
+    let mut prior_seconds = 0f64;
+    let mut resumed_from = None;
+    if let Some(dir) = inp.checkpoint_dir {
+        if let Some(r) = load_checkpoint(dir, &key, &adapter, &mut opt, &dev)? {
+            step = r.meta.step;
+            resumed_from = Some(step);
+            loss_curve = r.meta.loss_curve;
+            eval_curve = r.meta.eval_curve;
+            best_eval = r.meta.best_eval;
+            since_best = r.meta.since_best;
+            trained_tokens = r.meta.trained_tokens;
+            prior_seconds = r.meta.train_seconds;
+            best_vals = r.best;
+        }
+    }
+
+    let started = Instant::now();
+    let elapsed = |prior: f64| prior + started.elapsed().as_secs_f64();
+    let mut save_marks: Vec<f64> = s.save_at_minutes.clone();
+    save_marks.sort_by(|a, b| a.total_cmp(b));
+    save_marks.retain(|&m| m * 60.0 > prior_seconds);
+    let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
+    let dropout = (s.dropout > 0.0).then_some(Dropout {
+        p: s.dropout,
+        seed: s.seed,
+    });
+    let mut stopped = "completed the schedule".to_string();
+    let mut tokens_window = (Instant::now(), 0u64);
+    let save_ckpt = |step: usize,
+                     opt: &AdamW,
+                     best_vals: &Option<Vec<Tensor>>,
+                     loss_curve: &[f32],
+                     eval_curve: &[(usize, f32)],
+                     best_eval: Option<(usize, f32)>,
+                     since_best: usize,
+                     trained_tokens: u64,
+                     secs: f64|
+     -> Result<Option<PathBuf>> {
+        let Some(dir) = inp.checkpoint_dir else {
+            return Ok(None);
+        };
+        let meta = CheckpointMeta {
+            key: key.clone(),
+            step,
+            loss_curve: loss_curve.to_vec(),
+            eval_curve: eval_curve.to_vec(),
+            best_eval,
+            since_best,
+            trained_tokens,
+            train_seconds: secs,
+        };
+        save_checkpoint(dir, &adapter, opt, best_vals.as_deref(), &meta)?;
+        Ok(Some(dir.to_path_buf()))
+    };
+
+    while step < total {
+        // this step's micro-batches
+        let mut micro = Vec::with_capacity(s.grad_accum);
+        for k in 0..s.grad_accum {
+            let g = step * s.grad_accum + k;
+            let epoch = (g / per_epoch) as u64;
+            if epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                epoch_cache = Some((epoch, epoch_batches(&lengths, s.batch_size, s.seed, epoch)));
+            }
+            if let Some((_, b)) = &epoch_cache {
+                micro.push(b[g % per_epoch].clone());
+            }
+        }
+        let norm: f64 = micro
+            .iter()
+            .flat_map(|ids| ids.iter())
+            .map(|&i| {
+                let e = &train.examples[i];
+                e.weights[1..].iter().map(|&w| w as f64).sum::<f64>()
+            })
+            .sum();
+        let mut grads: Vec<Tensor> = Vec::new();
+        let mut loss = 0f32;
+        let mut toks = 0usize;
+        for (k, ids) in micro.iter().enumerate() {
+            let salt = (step * s.grad_accum + k) as u64;
+            let (l, n) = ctx.loss(&train.examples, ids, norm.max(1e-12), dropout, salt)?;
+            toks += n;
+            let lv = l.to_scalar::<f32>()?;
+            if !lv.is_finite() {
+                let cp = save_ckpt(
+                    step,
+                    &opt,
+                    &best_vals,
+                    &loss_curve,
+                    &eval_curve,
+                    best_eval,
+                    since_best,
+                    trained_tokens,
+                    elapsed(prior_seconds),
+                )?;
+                return Err(TrainError::NonFinite {
+                    what: "loss",
+                    step,
+                    checkpoint: cp,
+                });
+            }
+            loss += lv;
+            let gs = l.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                let g = grad_of(&gs, v)?;
+                if grads.len() <= i {
+                    grads.push(g);
+                } else {
+                    grads[i] = grads[i].add(&g)?;
+                }
+            }
+        }
+        let gnorm = global_norm(&grads)?;
+        if !gnorm.is_finite() {
+            let cp = save_ckpt(
+                step,
+                &opt,
+                &best_vals,
+                &loss_curve,
+                &eval_curve,
+                best_eval,
+                since_best,
+                trained_tokens,
+                elapsed(prior_seconds),
+            )?;
+            return Err(TrainError::NonFinite {
+                what: "gradient",
+                step,
+                checkpoint: cp,
+            });
+        }
+        if s.max_grad_norm > 0.0 {
+            clip(&mut grads, gnorm, s.max_grad_norm)?;
+        }
+        let lr = lr_at(step, s.warmup_steps, total, s.optim.lr);
+        opt.step(&var_refs, &grads, lr)?;
+        step += 1;
+        trained_tokens += toks as u64;
+        tokens_window.1 += toks as u64;
+        loss_curve.push(loss);
+        let tps = tokens_window.1 as f64 / tokens_window.0.elapsed().as_secs_f64().max(1e-9);
+        let flow = progress(&Progress::Step {
+            step,
+            total,
+            loss,
+            lr,
+            tokens_per_s: tps,
+            elapsed_s: elapsed(prior_seconds),
+        });
+        if flow.is_break() {
+            let cp = save_ckpt(
+                step,
+                &opt,
+                &best_vals,
+                &loss_curve,
+                &eval_curve,
+                best_eval,
+                since_best,
+                trained_tokens,
+                elapsed(prior_seconds),
+            )?;
+            return Err(TrainError::Interrupted {
+                step,
+                checkpoint: cp,
+            });
+        }
+
+        let epoch_end = step % steps_per_epoch == 0;
+        let eval_due = !inp.eval.examples.is_empty()
+            && ((s.eval_every > 0 && step % s.eval_every == 0)
+                || (s.eval_every == 0 && epoch_end)
+                || step == total);
+        if eval_due {
+            if let Some(el) = ctx.eval_loss(inp.eval)? {
+                eval_curve.push((step, el));
+                let _ = progress(&Progress::Eval { step, loss: el });
+                if best_eval.is_none_or(|(_, b)| el < b) {
+                    best_eval = Some((step, el));
+                    best_vals = Some(adapter.values()?);
+                    since_best = 0;
+                } else {
+                    since_best += 1;
+                    if s.patience > 0 && since_best >= s.patience {
+                        stopped =
+                            format!("early stop: eval loss did not improve for {since_best} evals");
+                        break;
+                    }
+                }
+            }
+        }
+        let secs = elapsed(prior_seconds);
+        while let Some(&m) = save_marks.first() {
+            if secs < m * 60.0 {
+                break;
+            }
+            save_marks.remove(0);
+            if let Some(out) = inp.out_dir {
+                let p = out.join(format!("at-{m}min"));
+                adapter.save_peft(&p, inp.base_name)?;
+                let _ = progress(&Progress::Saved { path: p });
+            }
+        }
+        if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < total {
+            if let Some(p) = save_ckpt(
+                step,
+                &opt,
+                &best_vals,
+                &loss_curve,
+                &eval_curve,
+                best_eval,
+                since_best,
+                trained_tokens,
+                secs,
+            )? {
+                let _ = progress(&Progress::Saved { path: p });
+            }
+        }
+        if s.max_minutes.is_some_and(|m| secs >= m * 60.0) {
+            stopped = format!("time budget of {} minutes", s.max_minutes.unwrap_or(0.0));
+            break;
+        }
+    }
+    // a stopped run evaluates what it has, so the best is chosen on the same terms
+    if !inp.eval.examples.is_empty() && eval_curve.last().is_none_or(|(st, _)| *st != step) {
+        if let Some(el) = ctx.eval_loss(inp.eval)? {
+            eval_curve.push((step, el));
+            let _ = progress(&Progress::Eval { step, loss: el });
+            if best_eval.is_none_or(|(_, b)| el < b) {
+                best_eval = Some((step, el));
+                best_vals = None;
+            }
+        }
+    }
+    if let Some(b) = &best_vals {
+        adapter.set_values(b)?;
+    }
+    let wall = elapsed(prior_seconds);
+    let record = TrainingRecord {
+        settings: s.clone(),
+        snapshot: inp.snapshot.clone(),
+        data_source: inp.data_source.clone(),
+        data_hash: dhash,
+        base_fingerprint: fingerprint,
+        seed: s.seed,
+        examples: train.examples.len(),
+        eval_examples: inp.eval.examples.len(),
+        dropped: train.dropped.clone(),
+        truncated: train.truncated,
+        steps: step,
+        planned_steps: total,
+        epochs_done: step as f64 / steps_per_epoch as f64,
+        loss_curve,
+        eval_curve,
+        best_eval,
+        stopped,
+        wall_seconds: wall,
+        tokens_per_second: trained_tokens as f64 / wall.max(1e-9),
+        trained_tokens,
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+        resumed_from,
+    };
+    drop(ctx);
+    Ok(Outcome { adapter, record })
+}
+
+/// Tokens of a batch for callers that only need the engine's batch type.
+pub fn batch_of(examples: &[&Encoded]) -> TrainBatch {
+    MicroBatch::new(examples, PAD).batch
+}
+
+/// Weighted mean NLL of `set` under `adapter` (the eval loss a run reports).
+pub fn eval_loss_of(
+    model: &DeviceModel,
+    adapter: &Adapter,
+    set: &Prepared,
+    batch_size: usize,
+) -> Result<f32> {
+    let settings = TrainSettings {
+        batch_size,
+        ..TrainSettings::default()
+    };
+    let mut ctx = Ctx {
+        model,
+        adapter,
+        settings: &settings,
+        first: adapter.lora.lowest_layer().unwrap_or(0),
+        cache: None,
+    };
+    ctx.eval_loss(set)?
+        .ok_or_else(|| TrainError::Data("no eval examples".into()))
+}

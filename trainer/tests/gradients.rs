@@ -1,0 +1,377 @@
+//! The training forward is right to the gradient:
+//! - against HF `peft` + `torch` (tests/fixtures/trainer, made once by
+//!   scripts/make-trainer-fixture.py): loss, every parameter's gradient norm,
+//!   full gradients of four tensors, the clipped AdamW step and the loss after it;
+//! - against finite differences, every module of every layer, A and B;
+//! - with B = 0 it equals the serving engine's logits; an adapter the trainer
+//!   saved, registered and served reproduces the trainer's logits.
+
+use candle_core::{Device, Tensor, Var};
+use retune_engine::{weighted_nll, DeviceModel};
+use retune_trainer::batches::MicroBatch;
+use retune_trainer::optim::{clip, global_norm, AdamW, AdamWConfig};
+use retune_trainer::{Adapter, Encoded};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trainer")
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    input_ids: Vec<Vec<u32>>,
+    attention_mask: Vec<Vec<u32>>,
+    labels: Vec<Vec<i64>>,
+}
+
+#[derive(Deserialize)]
+struct AdamWFx {
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+}
+
+#[derive(Deserialize)]
+struct FirstStep {
+    batch: Batch,
+    loss: f64,
+    grad_norms: HashMap<String, f64>,
+    grads: HashMap<String, Vec<Vec<f64>>>,
+    total_grad_norm: f64,
+    adamw: AdamWFx,
+    loss_after_step: f64,
+}
+
+fn read_fixture() -> FirstStep {
+    let p = fixture().join("first_step.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("fixture json")
+}
+
+fn examples(b: &Batch) -> Vec<Encoded> {
+    b.input_ids
+        .iter()
+        .zip(&b.attention_mask)
+        .zip(&b.labels)
+        .map(|((ids, m), l)| {
+            let n = m.iter().filter(|&&v| v == 1).count();
+            Encoded {
+                tokens: ids[..n].to_vec(),
+                weights: l[..n]
+                    .iter()
+                    .map(|&v| if v == -100 { 0.0 } else { 1.0 })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn fixture_model() -> DeviceModel {
+    let m = retune_engine::safetensors::load_model(&fixture().join("base")).expect("base");
+    DeviceModel::for_training(m, &Device::Cpu, 64).expect("training model")
+}
+
+fn loss_of(model: &DeviceModel, ad: &Adapter, mb: &MicroBatch) -> Tensor {
+    let logits = model
+        .train_logits(&mb.batch, Some(&ad.lora), &mb.rows, None, 0)
+        .expect("forward");
+    weighted_nll(&logits, &mb.targets, &mb.weights, mb.weight()).expect("loss")
+}
+
+fn short(name: &str) -> &str {
+    name.strip_prefix("base_model.model.model.").unwrap_or(name)
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+#[test]
+fn one_step_agrees_with_hf_peft_and_torch() {
+    let fx = read_fixture();
+    let model = fixture_model();
+    let shapes = model.base_shapes();
+    let ad = Adapter::from_peft(&fixture().join("adapter_init"), &shapes, &Device::Cpu).unwrap();
+    assert_eq!(
+        ad.named().len(),
+        fx.grad_norms.len(),
+        "every PEFT parameter is trained"
+    );
+    let ex = examples(&fx.batch);
+    let refs: Vec<&Encoded> = ex.iter().collect();
+    let mb = MicroBatch::new(&refs, 0);
+    let loss = loss_of(&model, &ad, &mb);
+    let lv = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(rel(lv, fx.loss) < 1e-5, "loss {lv} vs peft {}", fx.loss);
+
+    let gs = loss.backward().unwrap();
+    let mut grads = Vec::new();
+    for (name, var) in ad.named() {
+        let g = gs
+            .get(var.as_tensor())
+            .expect("a gradient for every parameter")
+            .clone();
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64;
+        let want = fx.grad_norms[short(&name)];
+        assert!(rel(n, want) < 1e-3, "{name}: |grad| {n} vs peft {want}");
+        if let Some(full) = fx.grads.get(short(&name)) {
+            let ours: Vec<Vec<f32>> = g.to_vec2().unwrap();
+            let mut worst = 0f64;
+            for (r, w) in ours.iter().zip(full) {
+                for (a, b) in r.iter().zip(w) {
+                    worst = worst.max((*a as f64 - b).abs());
+                }
+            }
+            assert!(
+                worst < 1e-3 * want,
+                "{name}: max elementwise diff {worst} (|g| {want})"
+            );
+        }
+        grads.push(g);
+    }
+    let total = global_norm(&grads).unwrap();
+    assert!(
+        rel(total, fx.total_grad_norm) < 1e-3,
+        "total norm {total} vs {}",
+        fx.total_grad_norm
+    );
+
+    // clipping engages in this fixture (max norm below the total), then AdamW
+    assert!(fx.adamw.max_grad_norm < total);
+    clip(&mut grads, total, fx.adamw.max_grad_norm).unwrap();
+    let vars: Vec<&Var> = ad.lora.vars().collect();
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            lr: fx.adamw.lr,
+            beta1: fx.adamw.betas.0,
+            beta2: fx.adamw.betas.1,
+            eps: fx.adamw.eps,
+            weight_decay: fx.adamw.weight_decay,
+        },
+        &vars,
+    )
+    .unwrap();
+    opt.step(&vars, &grads, fx.adamw.lr).unwrap();
+    let after = loss_of(&model, &ad, &mb).to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        rel(after, fx.loss_after_step) < 1e-4,
+        "loss after step {after} vs peft {}",
+        fx.loss_after_step
+    );
+    let stepped =
+        Adapter::from_peft(&fixture().join("adapter_step1"), &shapes, &Device::Cpu).unwrap();
+    for ((name, ours), (_, theirs)) in ad.named().into_iter().zip(stepped.named()) {
+        let d = (ours.as_tensor() - theirs.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d < 2e-5,
+            "{name}: parameters after the step differ from peft's by {d}"
+        );
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_for_every_module_and_layer() {
+    let fx = read_fixture();
+    let model = fixture_model();
+    let shapes = model.base_shapes();
+    let ad = Adapter::from_peft(&fixture().join("adapter_init"), &shapes, &Device::Cpu).unwrap();
+    let ex = examples(&fx.batch);
+    let refs: Vec<&Encoded> = ex.iter().collect();
+    let mb = MicroBatch::new(&refs, 0);
+    let loss = loss_of(&model, &ad, &mb);
+    let gs = loss.backward().unwrap();
+    let eps = 4e-3f64;
+    let mut checked = 0;
+    for (k, (name, var)) in ad.named().into_iter().enumerate() {
+        let theta = var.as_tensor().copy().unwrap();
+        // a ±1 direction from a fixed seed
+        let n = theta.elem_count();
+        let mut s = 0x9E37_79B9u64 + k as u64;
+        let d: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (s >> 33) & 1 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
+        let d = Tensor::from_vec(d, theta.shape(), &Device::Cpu).unwrap();
+        let g = gs.get(var.as_tensor()).expect("gradient").clone();
+        let analytic = (&g * &d)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let central = |h: f64| {
+            var.set(&(&theta + (&d * h).unwrap()).unwrap()).unwrap();
+            let up = loss_of(&model, &ad, &mb).to_scalar::<f32>().unwrap() as f64;
+            var.set(&(&theta - (&d * h).unwrap()).unwrap()).unwrap();
+            let down = loss_of(&model, &ad, &mb).to_scalar::<f32>().unwrap() as f64;
+            var.set(&theta).unwrap();
+            (up - down) / (2.0 * h)
+        };
+        // Richardson extrapolation of two central differences; steps small enough
+        // for this random tiny model's loss (it bends sharply at h ≈ 1e-2 along
+        // some directions), large enough that f32 rounding of the loss stays small
+        let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
+        eprintln!("{name}: analytic {analytic:.6} numeric {numeric:.6}");
+        // a cut gradient (zero) would fail here: every directional derivative is sizeable
+        assert!(
+            numeric.abs() > 1e-3,
+            "{name}: finite difference {numeric} too small to check"
+        );
+        assert!(
+            (numeric - analytic).abs() < 0.03 * numeric.abs() + 2e-4,
+            "{name}: analytic {analytic} vs finite difference {numeric}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2 * 7 * shapes.n_layers);
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("retune-trainer-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Logits of the serving engine (the native CPU model) at every position of
+/// `tokens`, fed one token at a time through its KV cache.
+fn served_logits(
+    m: &retune_engine::Model,
+    tokens: &[u32],
+    adapter: Option<&retune_adapters::LoraAdapter>,
+) -> Vec<Vec<f32>> {
+    let mut kv = m.new_cache();
+    let mut out = Vec::new();
+    for t in tokens {
+        let mut items = [retune_engine::BatchItem {
+            tokens: std::slice::from_ref(t),
+            adapter,
+            kv: &mut kv,
+            want_logits: true,
+        }];
+        out.push(m.forward(&mut items).unwrap().remove(0));
+    }
+    out
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() {
+    let dir = tmpdir("serve");
+    let spec = retune_engine::tiny::TinySpec::default();
+    let (gguf, _) = retune_engine::tiny::write(&dir, &spec).unwrap();
+    let serve = retune_engine::load(&gguf).unwrap().model;
+    let model =
+        DeviceModel::for_training(retune_engine::load(&gguf).unwrap().model, &Device::Cpu, 64)
+            .unwrap();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 37 % 200 + 3) as u32).collect();
+    let ex = Encoded {
+        tokens: tokens.clone(),
+        weights: vec![1.0; tokens.len()],
+    };
+    let mb = MicroBatch::new(&[&ex], 0);
+    let rows: Vec<u32> = (0..tokens.len() as u32).collect();
+    let shapes = model.base_shapes();
+    let spec_l = retune_trainer::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        modules: (0..7).collect(),
+        first_layer: 0,
+    };
+    // PEFT init: B = 0, so the adapter changes nothing
+    let ad = Adapter::init(&spec_l, &shapes, 7, &Device::Cpu).unwrap();
+    let train: Vec<Vec<f32>> = model
+        .train_logits(&mb.batch, Some(&ad.lora), &rows, None, 0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let served = served_logits(&serve, &tokens, None);
+    let d = max_diff(&train, &served);
+    let scale = served.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(scale > 0.5, "logits are not trivially small ({scale})");
+    // the serving engine keeps K/V in f16: agreement to f16 rounding
+    assert!(
+        d < 5e-3 * scale,
+        "B = 0 training logits vs serving: max diff {d} (max |logit| {scale})"
+    );
+
+    // give B values, save, register, load the served version, compare
+    for v in ad.lora.vars() {
+        let t = v.as_tensor();
+        let r = Tensor::randn(0f32, 0.2, t.shape(), &Device::Cpu).unwrap();
+        v.set(&(t + r).unwrap()).unwrap();
+    }
+    let trained: Vec<Vec<f32>> = model
+        .train_logits(&mb.batch, Some(&ad.lora), &rows, None, 0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert!(
+        max_diff(&trained, &served) > 0.1,
+        "the adapter changes the logits"
+    );
+    let out = dir.join("adapter");
+    ad.save_peft(&out, "tiny").unwrap();
+    let record: retune_trainer::TrainingRecord = serde_json::from_value(serde_json::json!({
+        "settings": retune_trainer::TrainSettings::default(), "snapshot": "snap-1", "data_source": "test",
+        "data_hash": "h", "base_fingerprint": model.fingerprint(), "seed": 7, "examples": 1, "eval_examples": 0,
+        "dropped": {}, "truncated": 0, "steps": 0, "planned_steps": 0, "epochs_done": 0.0, "loss_curve": [],
+        "eval_curve": [], "best_eval": null, "stopped": "", "wall_seconds": 0.0, "tokens_per_second": 0.0,
+        "trained_tokens": 0, "peak_rss_mib": 0.0, "threads": 1, "resumed_from": null
+    }))
+    .unwrap();
+    let root = dir.join("root");
+    let v = retune_trainer::register(&root, "acme", "tone", &out, &record, &model, None).unwrap();
+    let store = std::sync::Arc::new(retune_adapters::LocalStore::new(&root.join("store")).unwrap());
+    let reg = retune_adapters::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap();
+    assert_eq!(
+        reg.trained_on("acme", &["snap-1".into()]).unwrap().len(),
+        1,
+        "lineage recorded"
+    );
+    let r = retune_adapters::AdapterRef::new("acme", "tone", &v.id, retune_adapters::Via::Pinned)
+        .unwrap();
+    let served_dir = reg.servable_dir(&r).unwrap();
+    let la =
+        retune_adapters::load_peft(&served_dir, &serve.base_shapes(), &Default::default()).unwrap();
+    let with_adapter = served_logits(&serve, &tokens, Some(&la));
+    let d = max_diff(&trained, &with_adapter);
+    let scale = trained.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+    // f16 K/V rounding in the serving cache, relative to the logits' size
+    assert!(
+        d < 5e-3 * scale,
+        "served trained adapter vs trainer logits: max diff {d} (max |logit| {scale})"
+    );
+}
