@@ -11,6 +11,7 @@
 
 pub mod batches;
 pub mod error;
+pub mod eval;
 pub mod examples;
 pub mod lora;
 pub mod optim;

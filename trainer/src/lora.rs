@@ -59,6 +59,8 @@ pub struct Adapter {
     pub spec: LoraSpec,
     pub n_layers: usize,
     pub lora: TrainLora,
+    /// Recorded in the saved config (PEFT's `lora_dropout`).
+    pub dropout: f32,
 }
 
 fn module_path(layer: usize, m: usize) -> String {
@@ -97,6 +99,7 @@ impl Adapter {
             spec: spec.clone(),
             n_layers: shapes.n_layers,
             lora: TrainLora { layers },
+            dropout: 0.0,
         })
     }
 
@@ -104,6 +107,12 @@ impl Adapter {
     /// all its pairs must share one rank and scale.
     pub fn from_peft(dir: &Path, shapes: &BaseShapes, dev: &Device) -> Result<Self> {
         let a = retune_adapters::load_peft(dir, shapes, &LoadLimits::default())?;
+        if !a.config.rank_pattern.is_empty() || !a.config.alpha_pattern.is_empty() {
+            return Err(TrainError::Setting(format!(
+                "{}: adapters with rank_pattern/alpha_pattern cannot be trained further",
+                dir.display()
+            )));
+        }
         let mut spec: Option<LoraSpec> = None;
         let mut layers = Vec::with_capacity(shapes.n_layers);
         let mut first = None;
@@ -152,6 +161,7 @@ impl Adapter {
             spec,
             n_layers: shapes.n_layers,
             lora: TrainLora { layers },
+            dropout: 0.0,
         })
     }
 
@@ -193,7 +203,7 @@ impl Adapter {
             "lora_alpha": self.spec.alpha,
             "use_rslora": self.spec.rslora,
             "target_modules": target,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,

@@ -29,6 +29,26 @@ struct Cli {
 enum Cmd {
     /// Train an adapter: writes OUT/adapter (PEFT), OUT/training.json, OUT/loss.svg.
     Train(TrainArgs),
+    /// Exact-match accuracy of greedy answers on chat examples (JSONL), for the
+    /// base model and each adapter, with the serving engine's forward.
+    Eval {
+        #[arg(long, env = "RETUNE_MODEL")]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// PEFT adapter directories (none: the base model alone).
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        /// First N examples only.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 24)]
+        max_new: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Write the micro-batches a run would train on (JSONL: input_ids and labels
     /// with -100 where no loss is read), for peers measured on the same data.
     Tokenize {
@@ -137,8 +157,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
     /// Resume from OUT/checkpoint when it matches these settings and data.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fresh")]
     resume: bool,
+    /// Discard a checkpoint an earlier run left in OUT.
+    #[arg(long)]
+    fresh: bool,
     /// Start from this PEFT adapter instead of a fresh init.
     #[arg(long)]
     init: Option<PathBuf>,
@@ -302,6 +325,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         out: a.out.clone(),
         init: a.init.clone(),
         resume: a.resume,
+        fresh: a.fresh,
         base_name: l.base_name.clone(),
     };
     let res = run(job, |p| match p {
@@ -426,8 +450,58 @@ fn keep_freed_memory() {
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // up to 1 GiB of freed memory stays mapped (peak RSS unchanged: 4.3 GB on
+        // SmolLM2 batch 16 either way; 167 → 201 tokens/s)
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+fn eval_cmd(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    adapters: &[PathBuf],
+    limit: Option<usize>,
+    batch: usize,
+    max_new: usize,
+) -> anyhow::Result<()> {
+    let l = retune_engine::load(model).with_context(|| format!("loading {}", model.display()))?;
+    let text =
+        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let (rows, errors) = retune_datasets::parse_jsonl(&text);
+    if let Some(e) = errors.first() {
+        return Err(
+            TrainError::Data(format!("{}: line {}: {}", data.display(), e.line, e.reason)).into(),
+        );
+    }
+    let mut bodies: Vec<_> = rows.into_iter().map(|r| r.body).collect();
+    if let Some(n) = limit {
+        bodies.truncate(n);
+    }
+    let mut runs: Vec<(String, Option<retune_adapters::LoraAdapter>)> = Vec::new();
+    if adapters.is_empty() {
+        runs.push(("base".into(), None));
+    }
+    for a in adapters {
+        let la = retune_adapters::load_peft(a, &l.model.base_shapes(), &Default::default())
+            .with_context(|| format!("loading adapter {}", a.display()))?;
+        runs.push((a.display().to_string(), Some(la)));
+    }
+    for (name, a) in &runs {
+        let acc = retune_trainer::eval::exact_match(
+            &l.model,
+            &l.tok,
+            &l.template,
+            a.as_ref(),
+            &bodies,
+            max_new,
+            batch,
+        )?;
+        println!(
+            "{}",
+            serde_json::json!({"adapter": name, "accuracy": acc.accuracy, "correct": acc.correct, "total": acc.total, "seconds": acc.seconds})
+        );
+    }
+    Ok(())
 }
 
 fn main() {
@@ -438,6 +512,7 @@ fn main() {
     let threads = match &cli.cmd {
         Cmd::Train(a) => a.common.threads,
         Cmd::Tokenize { common, .. } => common.threads,
+        Cmd::Eval { threads, .. } => *threads,
     };
     if let Some(t) = threads {
         // before anything starts rayon: candle and gemm size their work by it
@@ -457,6 +532,15 @@ fn main() {
             out,
             epochs,
         } => tokenize_cmd(common, out, epochs),
+        Cmd::Eval {
+            model,
+            data,
+            adapter,
+            limit,
+            batch,
+            max_new,
+            ..
+        } => eval_cmd(&model, &data, &adapter, limit, batch, max_new),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -470,6 +554,7 @@ fn main() {
                     )
                     | TrainError::Setting(_)
                     | TrainError::BaseMismatch(_)
+                    | TrainError::Adapter(_)
                     | TrainError::Checkpoint { .. }
             )
         });

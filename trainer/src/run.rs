@@ -54,7 +54,15 @@ pub fn read_source(
             Ok((tr, ev, Some(id.clone())))
         }
         DataSource::Jsonl { path, eval_percent } => {
-            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    TrainError::Data(format!("{}: no such file", path.display()))
+                }
+                _ => TrainError::Io {
+                    path: path.clone(),
+                    source: e,
+                },
+            })?;
             let (rows, errors) = retune_datasets::parse_jsonl(&text);
             if let Some(e) = errors.first() {
                 return Err(TrainError::Data(format!(
@@ -90,7 +98,10 @@ pub struct Job<'a> {
     pub settings: TrainSettings,
     pub out: PathBuf,
     pub init: Option<PathBuf>,
+    /// Continue from `out/checkpoint`.
     pub resume: bool,
+    /// Discard a checkpoint left in `out/` (without `resume` or `fresh`, one is refused).
+    pub fresh: bool,
     /// `base_model_name_or_path` written into the adapter config.
     pub base_name: String,
 }
@@ -129,6 +140,12 @@ pub fn run(
     std::fs::create_dir_all(&job.out).map_err(io(&job.out))?;
     let ckpt = job.out.join("checkpoint");
     if !job.resume && ckpt.exists() {
+        if !job.fresh {
+            return Err(TrainError::Setting(format!(
+                "{} holds an earlier run's checkpoint: --resume continues it, --fresh discards it",
+                ckpt.display()
+            )));
+        }
         std::fs::remove_dir_all(&ckpt).map_err(io(&ckpt))?;
     }
     let outcome = train(

@@ -31,7 +31,8 @@ pub struct TrainSettings {
     pub max_minutes: Option<f64>,
     /// Examples per micro-batch.
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (steps run over the epoch boundary: the
+    /// batch order is a function of the global micro-batch index).
     pub grad_accum: usize,
     pub max_grad_norm: f64,
     pub max_len: usize,
@@ -42,7 +43,8 @@ pub struct TrainSettings {
     pub patience: usize,
     pub seed: u64,
     pub min_examples: usize,
-    /// Checkpoint every this many steps (0: only when stopping early).
+    /// Checkpoint every this many steps (0: never; an interrupted or non-finite
+    /// run still saves its last good state).
     pub checkpoint_every: usize,
     /// Keep the frozen layers' outputs below the lowest LoRA layer across epochs.
     pub cache_frozen: bool,
@@ -193,6 +195,9 @@ struct FrozenCache {
     hidden: usize,
     rows: Vec<Option<Vec<f32>>>,
 }
+
+/// Largest frozen-layer cache kept in memory (f32 rows of every training token).
+const FROZEN_CACHE_MAX_BYTES: u64 = 4 << 30;
 
 /// Pad-token id for batch rows (never attended to by real tokens).
 const PAD: u32 = 0;
@@ -433,16 +438,31 @@ pub fn train(
     let adapter = match inp.init {
         Some(dir) => {
             let a = Adapter::from_peft(dir, &shapes, &dev)?;
-            if a.spec.rank != s.lora.rank || a.spec.modules != s.lora.modules {
+            if a.spec != s.lora {
                 return Err(TrainError::Setting(format!(
-                    "the starting adapter has rank {} on modules {:?}; the settings say {} on {:?}",
-                    a.spec.rank, a.spec.modules, s.lora.rank, s.lora.modules
+                    "the starting adapter is {:?}; the settings say {:?} (give the same rank, alpha, rsLoRA, modules and layers)",
+                    a.spec, s.lora
                 )));
             }
             a
         }
         None => Adapter::init(&s.lora, &shapes, s.seed, &dev)?,
     };
+    let mut adapter = adapter;
+    adapter.dropout = s.dropout;
+    let longest = train
+        .examples
+        .iter()
+        .chain(&inp.eval.examples)
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(0);
+    if longest > model.cfg.context {
+        return Err(TrainError::Setting(format!(
+            "an example has {longest} tokens but the model trains on at most {} (max_len above the model's context?)",
+            model.cfg.context
+        )));
+    }
     let first = adapter.lora.lowest_layer().unwrap_or(0);
     let vars: Vec<_> = adapter.lora.vars().cloned().collect();
     let var_refs: Vec<&candle_core::Var> = vars.iter().collect();
@@ -462,7 +482,18 @@ pub fn train(
         adapter: &adapter,
         settings: s,
         first,
-        cache: (s.cache_frozen && first > 0).then(|| FrozenCache {
+        cache: (s.cache_frozen && first > 0 && {
+            let bytes = train.tokens() as u64 * model.cfg.hidden as u64 * 4;
+            let ok = bytes <= FROZEN_CACHE_MAX_BYTES;
+            if !ok {
+                tracing::warn!(
+                    bytes,
+                    "frozen-layer cache would exceed {FROZEN_CACHE_MAX_BYTES} bytes: recomputing instead"
+                );
+            }
+            ok
+        })
+        .then(|| FrozenCache {
             hidden: model.cfg.hidden,
             rows: vec![None; train.examples.len()],
         }),
@@ -625,24 +656,6 @@ pub fn train(
             tokens_per_s: tps,
             elapsed_s: elapsed(prior_seconds),
         });
-        if flow.is_break() {
-            let cp = save_ckpt(
-                step,
-                &opt,
-                &best_vals,
-                &loss_curve,
-                &eval_curve,
-                best_eval,
-                since_best,
-                trained_tokens,
-                elapsed(prior_seconds),
-            )?;
-            return Err(TrainError::Interrupted {
-                step,
-                checkpoint: cp,
-            });
-        }
-
         let epoch_end = step % steps_per_epoch == 0;
         let eval_due = !inp.eval.examples.is_empty()
             && ((s.eval_every > 0 && step % s.eval_every == 0)
@@ -650,6 +663,13 @@ pub fn train(
                 || step == total);
         if eval_due {
             if let Some(el) = ctx.eval_loss(inp.eval)? {
+                if !el.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        what: "eval loss",
+                        step,
+                        checkpoint: None,
+                    });
+                }
                 eval_curve.push((step, el));
                 let _ = progress(&Progress::Eval { step, loss: el });
                 if best_eval.is_none_or(|(_, b)| el < b) {
@@ -693,6 +713,25 @@ pub fn train(
                 let _ = progress(&Progress::Saved { path: p });
             }
         }
+        // an interruption lands after this step's eval and saves, so a resumed run
+        // continues exactly where this one would have
+        if flow.is_break() {
+            let cp = save_ckpt(
+                step,
+                &opt,
+                &best_vals,
+                &loss_curve,
+                &eval_curve,
+                best_eval,
+                since_best,
+                trained_tokens,
+                secs,
+            )?;
+            return Err(TrainError::Interrupted {
+                step,
+                checkpoint: cp,
+            });
+        }
         if s.max_minutes.is_some_and(|m| secs >= m * 60.0) {
             stopped = format!("time budget of {} minutes", s.max_minutes.unwrap_or(0.0));
             break;
@@ -700,7 +739,7 @@ pub fn train(
     }
     // a stopped run evaluates what it has, so the best is chosen on the same terms
     if !inp.eval.examples.is_empty() && eval_curve.last().is_none_or(|(st, _)| *st != step) {
-        if let Some(el) = ctx.eval_loss(inp.eval)? {
+        if let Some(el) = ctx.eval_loss(inp.eval)?.filter(|e| e.is_finite()) {
             eval_curve.push((step, el));
             let _ = progress(&Progress::Eval { step, loss: el });
             if best_eval.is_none_or(|(_, b)| el < b) {

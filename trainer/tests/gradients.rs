@@ -69,9 +69,11 @@ fn examples(b: &Batch) -> Vec<Encoded> {
         .collect()
 }
 
-fn fixture_model() -> DeviceModel {
+fn fixture_model(fused: bool) -> DeviceModel {
     let m = retune_engine::safetensors::load_model(&fixture().join("base")).expect("base");
-    DeviceModel::for_training(m, &Device::Cpu, 64).expect("training model")
+    let d = DeviceModel::for_training(m, &Device::Cpu, 64).expect("training model");
+    d.set_fused_training(fused);
+    d
 }
 
 fn loss_of(model: &DeviceModel, ad: &Adapter, mb: &MicroBatch) -> Tensor {
@@ -91,8 +93,28 @@ fn rel(a: f64, b: f64) -> f64 {
 
 #[test]
 fn one_step_agrees_with_hf_peft_and_torch() {
+    one_step(true);
+}
+
+/// The composed differentiable ops (what CUDA runs) on the CPU.
+#[test]
+fn one_step_agrees_with_hf_peft_and_torch_composed_ops() {
+    one_step(false);
+}
+
+#[test]
+fn gradients_match_finite_differences_for_every_module_and_layer() {
+    finite_differences(true);
+}
+
+#[test]
+fn gradients_match_finite_differences_composed_ops() {
+    finite_differences(false);
+}
+
+fn one_step(fused: bool) {
     let fx = read_fixture();
-    let model = fixture_model();
+    let model = fixture_model(fused);
     let shapes = model.base_shapes();
     let ad = Adapter::from_peft(&fixture().join("adapter_init"), &shapes, &Device::Cpu).unwrap();
     assert_eq!(
@@ -186,10 +208,9 @@ fn one_step_agrees_with_hf_peft_and_torch() {
     }
 }
 
-#[test]
-fn gradients_match_finite_differences_for_every_module_and_layer() {
+fn finite_differences(fused: bool) {
     let fx = read_fixture();
-    let model = fixture_model();
+    let model = fixture_model(fused);
     let shapes = model.base_shapes();
     let ad = Adapter::from_peft(&fixture().join("adapter_init"), &shapes, &Device::Cpu).unwrap();
     let ex = examples(&fx.batch);
@@ -236,7 +257,6 @@ fn gradients_match_finite_differences_for_every_module_and_layer() {
         // for this random tiny model's loss (it bends sharply at h ≈ 1e-2 along
         // some directions), large enough that f32 rounding of the loss stays small
         let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
-        eprintln!("{name}: analytic {analytic:.6} numeric {numeric:.6}");
         // a cut gradient (zero) would fail here: every directional derivative is sizeable
         assert!(
             numeric.abs() > 1e-3,

@@ -213,15 +213,25 @@ fn learns_reproducibly_and_resumes_to_the_same_bytes() {
         "another seed differs"
     );
 
-    // interrupted after step 6, then resumed from its checkpoint
+    // interrupted after step 6 (an eval step), then resumed from its checkpoint:
+    // the same losses, evals and bytes as a run never stopped
     let ckpt = dir.join("ckpt");
     let mut sc = s.clone();
     sc.checkpoint_every = 4;
+    sc.eval_every = 3;
+    let eval_set = prepare(&dataset(30)[24..], &t.tok, &t.template, 128, Overflow::Drop).unwrap();
+    let straight = train(&t.model, inputs(&train_set, &eval_set, &sc, None), go).unwrap();
+    let bytes_s = adapter_bytes(&straight.adapter, &dir.join("s"));
+    assert_eq!(straight.record.eval_curve.len(), 4);
     let stop = |p: &Progress| match p {
         Progress::Step { step: 6, .. } => ControlFlow::Break(()),
         _ => ControlFlow::Continue(()),
     };
-    match train(&t.model, inputs(&train_set, &none, &sc, Some(&ckpt)), stop) {
+    match train(
+        &t.model,
+        inputs(&train_set, &eval_set, &sc, Some(&ckpt)),
+        stop,
+    ) {
         Err(TrainError::Interrupted {
             step: 6,
             checkpoint: Some(_),
@@ -229,12 +239,19 @@ fn learns_reproducibly_and_resumes_to_the_same_bytes() {
         Err(e) => panic!("expected an interruption, got {e}"),
         Ok(_) => panic!("expected an interruption"),
     }
-    let r = train(&t.model, inputs(&train_set, &none, &sc, Some(&ckpt)), go).unwrap();
+    let r = train(
+        &t.model,
+        inputs(&train_set, &eval_set, &sc, Some(&ckpt)),
+        go,
+    )
+    .unwrap();
     assert_eq!(r.record.resumed_from, Some(6));
     assert_eq!(r.record.loss_curve.len(), 12);
-    assert_eq!(r.record.loss_curve[..], a.record.loss_curve[..]);
+    assert_eq!(r.record.loss_curve[..], straight.record.loss_curve[..]);
+    assert_eq!(r.record.eval_curve, straight.record.eval_curve);
+    assert_eq!(r.record.best_eval, straight.record.best_eval);
     assert_eq!(
-        bytes_a,
+        bytes_s,
         adapter_bytes(&r.adapter, &dir.join("r")),
         "resumed run, same bytes"
     );
@@ -242,7 +259,11 @@ fn learns_reproducibly_and_resumes_to_the_same_bytes() {
     // a checkpoint from other settings is refused, not silently mixed in
     let mut other = sc.clone();
     other.optim.lr = 2e-2;
-    match train(&t.model, inputs(&train_set, &none, &other, Some(&ckpt)), go) {
+    match train(
+        &t.model,
+        inputs(&train_set, &eval_set, &other, Some(&ckpt)),
+        go,
+    ) {
         Err(TrainError::Checkpoint { .. }) => {}
         Err(e) => panic!("expected a checkpoint mismatch, got {e}"),
         Ok(_) => panic!("expected a checkpoint mismatch"),

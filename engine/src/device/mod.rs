@@ -25,6 +25,7 @@ mod kv;
 mod options;
 mod plan;
 mod train;
+mod train_ops;
 
 pub use compute::{Cache, Compute};
 pub use kv::DeviceKv;
@@ -66,6 +67,9 @@ pub struct DeviceModel {
     adapters: Mutex<AdapterSlots>,
     base_shapes: retune_adapters::BaseShapes,
     fingerprint: String,
+    /// Training on the CPU runs fused ops (see `train_ops`); off, the composed
+    /// differentiable ops every device has.
+    fused_training: std::sync::atomic::AtomicBool,
 }
 
 /// The weight as dense f32 rows (consumes the host copy).
@@ -233,6 +237,7 @@ impl DeviceModel {
             }),
             base_shapes,
             fingerprint,
+            fused_training: std::sync::atomic::AtomicBool::new(true),
         })
     }
 

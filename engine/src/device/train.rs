@@ -11,6 +11,7 @@
 //! graph below `k` (nothing there is a variable), so backward stops there.
 
 use super::forward::DLinear;
+use super::train_ops::{LoraLinear, RmsNorm, Rope, SwiGlu};
 use super::{DeviceModel, DeviceOptions, WeightMode};
 use crate::error::{EngineError, Result};
 use crate::model::Model;
@@ -180,7 +181,55 @@ fn dropout_mask(rows: usize, cols: usize, d: Dropout, salt: u64, dev: &Device) -
     Ok(Tensor::from_vec(v, (rows, cols), dev)?)
 }
 
+impl DLinear {
+    /// `x · Wᵀ (+ bias) + lora` as one fused op (CPU, dense f32).
+    fn forward_lora_fused(&self, x: &Tensor, p: &LoraParam) -> Result<Tensor> {
+        let Self::Dense { w, b } = self else {
+            return Err(EngineError::InvalidRequest(
+                "training needs dense base weights (quantized blocks have no backward)".into(),
+            ));
+        };
+        let y = x.contiguous()?.apply_op3(
+            p.a.as_tensor(),
+            p.b.as_tensor(),
+            LoraLinear {
+                w: w.clone(),
+                scale: p.scale,
+            },
+        )?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
 impl DeviceModel {
+    /// Whether training runs the fused CPU ops (default) or the composed
+    /// differentiable ops (what other devices run; tests compare the two).
+    pub fn set_fused_training(&self, on: bool) {
+        self.fused_training
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn fused(&self) -> bool {
+        self.device.is_cpu()
+            && self
+                .fused_training
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn rms_train(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.fused() {
+            Ok(x.contiguous()?.apply_op1(RmsNorm {
+                w: w.clone(),
+                eps: self.cfg.rms_eps,
+            })?)
+        } else {
+            self.rms_mode(x, w, Mode::Train)
+        }
+    }
+
     /// A copy of `model` for training: dense f32 weights on `device`, rope tables for
     /// `max_len` positions, a one-slot cache (the serving forward stays usable, e.g.
     /// to compare logits).
@@ -314,14 +363,40 @@ impl DeviceModel {
         }
         let mask = Tensor::from_vec(m, (group * len, len), dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let fused = self.fused();
+        // [t, half] tables for the fused rope
+        let (cos2, sin2) = if fused {
+            (
+                cos.reshape((t, half))?.contiguous()?,
+                sin.reshape((t, half))?.contiguous()?,
+            )
+        } else {
+            (cos.clone(), sin.clone())
+        };
+        let rope = |x: &Tensor, heads: usize| -> Result<Tensor> {
+            if fused {
+                Ok(x.contiguous()?.apply_op1(Rope {
+                    cos: cos2.clone(),
+                    sin: sin2.clone(),
+                    heads,
+                })?)
+            } else {
+                self.rope_mode(x, heads, &cos, &sin, Mode::Train)
+            }
+        };
         let mut x = x;
         let mut salt = step_salt.wrapping_mul(1_000_003);
         for li in layers {
             let layer = &self.layers[li];
             let pairs = lora.and_then(|l| l.layers.get(li));
             let mut project = |m: usize, xin: &Tensor| -> Result<Tensor> {
+                let pair = pairs.and_then(|p| p[m].as_ref());
+                let no_dropout = dropout.is_none_or(|d| d.p <= 0.0);
+                if let (Some(p), true, true) = (pair, fused, no_dropout) {
+                    return layer.proj[m].forward_lora_fused(xin, p);
+                }
                 let y = layer.proj[m].forward_frozen(xin)?;
-                match pairs.and_then(|p| p[m].as_ref()) {
+                match pair {
                     None => Ok(y),
                     Some(p) => {
                         salt = salt.wrapping_add(1);
@@ -338,12 +413,12 @@ impl DeviceModel {
                     }
                 }
             };
-            let xn = self.rms_mode(&x, &layer.attn_norm, Mode::Train)?;
+            let xn = self.rms_train(&x, &layer.attn_norm)?;
             let q = project(0, &xn)?;
             let k = project(1, &xn)?;
             let v = project(2, &xn)?;
-            let q = self.rope_mode(&q, nh, &cos, &sin, Mode::Train)?;
-            let k = self.rope_mode(&k, nkv, &cos, &sin, Mode::Train)?;
+            let q = rope(&q, nh)?;
+            let k = rope(&k, nkv)?;
             // q: [b, nkv, group·len, hd]; k, v: [b, nkv, len, hd]
             let q = q
                 .reshape((bsz, len, nkv, group, hd))?
@@ -369,10 +444,14 @@ impl DeviceModel {
                 .reshape((t, nh * hd))?;
             let o = project(3, &o)?;
             x = (x + o)?;
-            let xn = self.rms_mode(&x, &layer.ffn_norm, Mode::Train)?;
+            let xn = self.rms_train(&x, &layer.ffn_norm)?;
             let g = project(4, &xn)?;
             let u = project(5, &xn)?;
-            let act = (candle_nn::ops::silu(&g)? * u)?;
+            let act = if fused {
+                g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?
+            } else {
+                (candle_nn::ops::silu(&g)? * u)?
+            };
             let down = project(6, &act)?;
             x = (x + down)?;
         }
@@ -383,7 +462,7 @@ impl DeviceModel {
     /// (only where a loss is read): f32 logits `[rows, vocab]`.
     pub fn train_head(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let idx = Tensor::from_slice(rows, rows.len(), &self.device)?;
-        let xl = self.rms_mode(&x.index_select(&idx, 0)?, &self.norm, Mode::Train)?;
+        let xl = self.rms_train(&x.index_select(&idx, 0)?, &self.norm)?;
         match &self.lm_head {
             Some(l) => l.forward_frozen(&xl),
             None => frozen_matmul(&xl, &self.embed),
