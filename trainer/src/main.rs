@@ -378,6 +378,9 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         r.peak_rss_mib,
         r.wall_seconds
     );
+    if let Some(t) = r.steady_tokens_per_second {
+        println!("after the first two steps: {t:.0} tokens/s");
+    }
     if let Some((s, e)) = r.best_eval {
         println!("best eval loss {e:.4} at step {s}");
     }

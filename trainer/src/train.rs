@@ -130,6 +130,8 @@ pub struct TrainingRecord {
     /// real (unpadded) tokens through forward+backward per second
     pub tokens_per_second: f64,
     pub trained_tokens: u64,
+    /// tokens per second after the first two steps (how the peer benchmark counts)
+    pub steady_tokens_per_second: Option<f64>,
     pub peak_rss_mib: f64,
     pub threads: usize,
     pub resumed_from: Option<usize>,
@@ -534,6 +536,9 @@ pub fn train(
     });
     let mut stopped = "completed the schedule".to_string();
     let mut tokens_window = (Instant::now(), 0u64);
+    // (elapsed, trained tokens) after this run's second step
+    let mut after_warmup: Option<(f64, u64)> = None;
+    let first_step = step;
     let save_ckpt = |step: usize,
                      opt: &AdamW,
                      best_vals: &Option<Vec<Tensor>>,
@@ -647,6 +652,9 @@ pub fn train(
         trained_tokens += toks as u64;
         tokens_window.1 += toks as u64;
         loss_curve.push(loss);
+        if step == first_step + 2 {
+            after_warmup = Some((elapsed(prior_seconds), trained_tokens));
+        }
         let tps = tokens_window.1 as f64 / tokens_window.0.elapsed().as_secs_f64().max(1e-9);
         let flow = progress(&Progress::Step {
             step,
@@ -773,6 +781,10 @@ pub fn train(
         wall_seconds: wall,
         tokens_per_second: trained_tokens as f64 / wall.max(1e-9),
         trained_tokens,
+        steady_tokens_per_second: after_warmup.and_then(|(t0, n0)| {
+            let dt = wall - t0;
+            (dt > 0.0 && trained_tokens > n0).then(|| (trained_tokens - n0) as f64 / dt)
+        }),
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
         resumed_from,

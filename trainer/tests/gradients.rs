@@ -259,11 +259,11 @@ fn finite_differences(fused: bool) {
         let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
         // a cut gradient (zero) would fail here: every directional derivative is sizeable
         assert!(
-            numeric.abs() > 1e-3,
+            numeric.abs() > 3e-3,
             "{name}: finite difference {numeric} too small to check"
         );
         assert!(
-            (numeric - analytic).abs() < 0.03 * numeric.abs() + 2e-4,
+            (numeric - analytic).abs() < 0.03 * numeric.abs() + 1e-3,
             "{name}: analytic {analytic} vs finite difference {numeric}"
         );
         checked += 1;
@@ -369,7 +369,7 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
         "data_hash": "h", "base_fingerprint": model.fingerprint(), "seed": 7, "examples": 1, "eval_examples": 0,
         "dropped": {}, "truncated": 0, "steps": 0, "planned_steps": 0, "epochs_done": 0.0, "loss_curve": [],
         "eval_curve": [], "best_eval": null, "stopped": "", "wall_seconds": 0.0, "tokens_per_second": 0.0,
-        "trained_tokens": 0, "peak_rss_mib": 0.0, "threads": 1, "resumed_from": null
+        "trained_tokens": 0, "steady_tokens_per_second": null, "peak_rss_mib": 0.0, "threads": 1, "resumed_from": null
     }))
     .unwrap();
     let root = dir.join("root");
