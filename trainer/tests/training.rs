@@ -408,3 +408,28 @@ fn a_different_base_is_refused_and_nothing_registered() {
         Ok(_) => panic!("expected an adapter error"),
     }
 }
+
+#[test]
+fn dropout_is_reproducible_and_changes_training() {
+    let dir = tmpdir("dropout");
+    let t = tiny(&dir, 1);
+    let set = prepare(&dataset(16), &t.tok, &t.template, 128, Overflow::Drop).unwrap();
+    let none = Prepared::default();
+    let mut s = settings();
+    s.max_steps = Some(4);
+    let plain = train(&t.model, inputs(&set, &none, &s, None), go).unwrap();
+    s.dropout = 0.3;
+    let d1 = train(&t.model, inputs(&set, &none, &s, None), go).unwrap();
+    let d2 = train(&t.model, inputs(&set, &none, &s, None), go).unwrap();
+    let (b0, b1, b2) = (
+        adapter_bytes(&plain.adapter, &dir.join("p")),
+        adapter_bytes(&d1.adapter, &dir.join("d1")),
+        adapter_bytes(&d2.adapter, &dir.join("d2")),
+    );
+    assert_eq!(b1, b2, "dropout masks come from the seed");
+    assert_ne!(b0, b1, "dropout changes what is learned");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("d1/adapter_config.json")).unwrap())
+            .unwrap();
+    assert!((cfg["lora_dropout"].as_f64().unwrap() - 0.3).abs() < 1e-6);
+}
