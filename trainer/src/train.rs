@@ -566,6 +566,22 @@ pub fn train(
         Ok(Some(dir.to_path_buf()))
     };
 
+    // the run's state as of now into the checkpoint directory
+    macro_rules! ckpt {
+        ($secs:expr) => {
+            save_ckpt(
+                step,
+                &opt,
+                &best_vals,
+                &loss_curve,
+                &eval_curve,
+                best_eval,
+                since_best,
+                trained_tokens,
+                $secs,
+            )
+        };
+    }
     while step < total {
         // this step's micro-batches
         let mut micro = Vec::with_capacity(s.grad_accum);
@@ -596,17 +612,7 @@ pub fn train(
             toks += n;
             let lv = l.to_scalar::<f32>()?;
             if !lv.is_finite() {
-                let cp = save_ckpt(
-                    step,
-                    &opt,
-                    &best_vals,
-                    &loss_curve,
-                    &eval_curve,
-                    best_eval,
-                    since_best,
-                    trained_tokens,
-                    elapsed(prior_seconds),
-                )?;
+                let cp = ckpt!(elapsed(prior_seconds))?;
                 return Err(TrainError::NonFinite {
                     what: "loss",
                     step,
@@ -626,17 +632,7 @@ pub fn train(
         }
         let gnorm = global_norm(&grads)?;
         if !gnorm.is_finite() {
-            let cp = save_ckpt(
-                step,
-                &opt,
-                &best_vals,
-                &loss_curve,
-                &eval_curve,
-                best_eval,
-                since_best,
-                trained_tokens,
-                elapsed(prior_seconds),
-            )?;
+            let cp = ckpt!(elapsed(prior_seconds))?;
             return Err(TrainError::NonFinite {
                 what: "gradient",
                 step,
@@ -707,34 +703,14 @@ pub fn train(
             }
         }
         if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < total {
-            if let Some(p) = save_ckpt(
-                step,
-                &opt,
-                &best_vals,
-                &loss_curve,
-                &eval_curve,
-                best_eval,
-                since_best,
-                trained_tokens,
-                secs,
-            )? {
+            if let Some(p) = ckpt!(secs)? {
                 let _ = progress(&Progress::Saved { path: p });
             }
         }
         // an interruption lands after this step's eval and saves, so a resumed run
         // continues exactly where this one would have
         if flow.is_break() {
-            let cp = save_ckpt(
-                step,
-                &opt,
-                &best_vals,
-                &loss_curve,
-                &eval_curve,
-                best_eval,
-                since_best,
-                trained_tokens,
-                secs,
-            )?;
+            let cp = ckpt!(secs)?;
             return Err(TrainError::Interrupted {
                 step,
                 checkpoint: cp,
