@@ -96,21 +96,18 @@ pub fn exact_match(
             }
             let live: Vec<usize> = (0..chunk.len()).filter(|&i| !done[i]).collect();
             let toks: Vec<[u32; 1]> = live.iter().map(|&i| [next[i]]).collect();
-            let mut items = Vec::with_capacity(live.len());
-            for (kv, (i, _)) in caches
+            let mut items: Vec<BatchItem<'_>> = caches
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| !done[*i])
-                .map(|(i, kv)| (kv, (i, ())))
-            {
-                let k = live.iter().position(|&j| j == i).unwrap_or(0);
-                items.push(BatchItem {
-                    tokens: &toks[k],
+                .zip(&toks)
+                .map(|((_, kv), t)| BatchItem {
+                    tokens: t,
                     adapter,
                     kv,
                     want_logits: true,
-                });
-            }
+                })
+                .collect();
             let logits = model.forward(&mut items)?;
             for (k, &i) in live.iter().enumerate() {
                 next[i] = argmax(&logits[k]);

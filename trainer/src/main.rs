@@ -6,7 +6,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use retune_trainer::batches::{epoch_batches, MicroBatch};
+use retune_trainer::batches::epoch_batches;
 use retune_trainer::run::prepare_source;
 use retune_trainer::{
     register, run, DataSource, Job, LoraSpec, Overflow, Progress, TrainError, TrainSettings,
@@ -414,7 +414,6 @@ fn tokenize_cmd(c: Common, out: PathBuf, epochs: u64) -> anyhow::Result<()> {
     for epoch in 0..epochs {
         for ids in epoch_batches(&lengths, c.batch_size, c.seed, epoch) {
             let refs: Vec<_> = ids.iter().map(|&i| &train.examples[i]).collect();
-            let _ = MicroBatch::new(&refs, 0);
             let input_ids: Vec<&[u32]> = refs.iter().map(|e| e.tokens.as_slice()).collect();
             let labels: Vec<Vec<i64>> = refs
                 .iter()

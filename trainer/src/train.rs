@@ -9,7 +9,7 @@ use crate::examples::{Encoded, Overflow, Prepared};
 use crate::lora::{write_dir_atomic, Adapter, LoraSpec};
 use crate::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig};
 use candle_core::{Device, Tensor};
-use retune_engine::{grad_of, weighted_nll, DeviceModel, Dropout, TrainBatch};
+use retune_engine::{grad_of, weighted_nll, DeviceModel, Dropout};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -254,7 +254,7 @@ impl Ctx<'_> {
         norm: f64,
         dropout: Option<Dropout>,
         salt: u64,
-    ) -> Result<(Tensor, usize)> {
+    ) -> Result<(Tensor, usize, f64)> {
         let refs: Vec<&Encoded> = ids.iter().map(|&i| &examples[i]).collect();
         let mb = MicroBatch::new(&refs, PAD);
         let x = self.entry(examples, ids, &mb)?;
@@ -271,6 +271,7 @@ impl Ctx<'_> {
         Ok((
             weighted_nll(&logits, &mb.targets, &mb.weights, norm)?,
             mb.tokens,
+            mb.weight(),
         ))
     }
 
@@ -285,10 +286,7 @@ impl Ctx<'_> {
         let mut weight = 0f64;
         let saved = self.cache.take();
         for chunk in order.chunks(self.settings.batch_size.max(1)) {
-            let refs: Vec<&Encoded> = chunk.iter().map(|&i| &set.examples[i]).collect();
-            let mb = MicroBatch::new(&refs, PAD);
-            let w = mb.weight();
-            let (l, _) = self.loss(&set.examples, chunk, 1.0, None, 0)?;
+            let (l, _, w) = self.loss(&set.examples, chunk, 1.0, None, 0)?;
             total += l.to_scalar::<f32>()? as f64;
             weight += w;
         }
@@ -608,7 +606,7 @@ pub fn train(
         let mut toks = 0usize;
         for (k, ids) in micro.iter().enumerate() {
             let salt = (step * s.grad_accum + k) as u64;
-            let (l, n) = ctx.loss(&train.examples, ids, norm.max(1e-12), dropout, salt)?;
+            let (l, n, _) = ctx.loss(&train.examples, ids, norm.max(1e-12), dropout, salt)?;
             toks += n;
             let lv = l.to_scalar::<f32>()?;
             if !lv.is_finite() {
@@ -767,11 +765,6 @@ pub fn train(
     };
     drop(ctx);
     Ok(Outcome { adapter, record })
-}
-
-/// Tokens of a batch for callers that only need the engine's batch type.
-pub fn batch_of(examples: &[&Encoded]) -> TrainBatch {
-    MicroBatch::new(examples, PAD).batch
 }
 
 /// Weighted mean NLL of `set` under `adapter` (the eval loss a run reports).

@@ -11,7 +11,7 @@
 //! graph below `k` (nothing there is a variable), so backward stops there.
 
 use super::forward::DLinear;
-use super::train_ops::{LoraLinear, RmsNorm, Rope, SwiGlu};
+use super::train_ops::{f32s, gemm_nt, tensor_f32, LoraLinear, RmsNorm, Rope, SwiGlu};
 use super::{DeviceModel, DeviceOptions, WeightMode};
 use crate::error::{EngineError, Result};
 use crate::model::Model;
@@ -89,46 +89,11 @@ impl CustomOp1 for FrozenLinear {
         if wk != k {
             candle_core::bail!("frozen-linear: input has {k} columns, weight {wk}");
         }
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("frozen-linear: contiguous f32 input expected"),
-        };
+        let x = f32s(s, l, "frozen-linear input")?;
         let (ws, wl) = self.w.storage_and_layout();
-        let w = match (&*ws, wl.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("frozen-linear: contiguous f32 CPU weight expected"),
-        };
+        let w = tensor_f32(&ws, wl, "frozen-linear weight")?;
         let mut y = vec![0f32; m * n];
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // y[m, n] = x[m, k] · wᵀ (w is [n, k] row-major: wᵀ has row stride 1, column stride k)
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        gemm_nt(&mut y, x, w, m, n, k, false, 1.0);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
