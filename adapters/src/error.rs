@@ -50,6 +50,9 @@ pub enum RegistryError {
     TooLarge(String),
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The trainer's lease on the adapter expired or passed to another trainer.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
     #[error("invalid adapter: {0}")]
     Adapter(#[from] AdapterError),
     #[error("registry database: {0}")]

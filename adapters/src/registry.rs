@@ -89,6 +89,11 @@ pub struct ServedBase {
     pub fingerprint: String,
 }
 
+pub(crate) enum Staged {
+    Existing(VersionInfo),
+    New { id: String, size: u64 },
+}
+
 pub struct Registry {
     db: Mutex<Connection>,
     store: Arc<dyn BlobStore>,
@@ -97,7 +102,7 @@ pub struct Registry {
     subscribers: Mutex<Vec<Sender<AliasChange>>>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -128,6 +133,7 @@ impl Registry {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::control::CONTROL_SCHEMA)?;
         Ok(Self {
             db: Mutex::new(conn),
             store,
@@ -140,12 +146,53 @@ impl Registry {
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Register a version (idempotent: the same files give the same id).
     pub fn register(&self, v: NewVersion<'_>, base: &ServedBase) -> R<VersionInfo> {
+        let (id, size) = match self.stage(&v, base)? {
+            Staged::Existing(existing) => return Ok(existing),
+            Staged::New { id, size } => (id, size),
+        };
+        let info = VersionInfo {
+            id: id.clone(),
+            tenant: v.tenant.into(),
+            name: v.name.into(),
+            created_at: now_ms(),
+            source: v.source.into(),
+            parent: v.parent.map(str::to_string),
+            base_fingerprint: base.fingerprint.clone(),
+            size,
+            metadata: v.metadata,
+            retired: false,
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![info.tenant, info.name, info.id, info.created_at, info.source, info.parent, info.base_fingerprint, info.size as i64, info.metadata.to_string()],
+        )?;
+        journal(
+            &tx,
+            v.tenant,
+            v.name,
+            "register",
+            Some(&id),
+            None,
+            v.actor,
+            v.source,
+        )?;
+        tx.commit()?;
+        Ok(info)
+    }
+
+    /// Read, store and validate a version's files; `Existing` when the same
+    /// content is already registered. Files stored here and never referenced by a
+    /// row (a crash before the row commits) are harmless: content-addressed, unserved.
+    pub(crate) fn stage(&self, v: &NewVersion<'_>, base: &ServedBase) -> R<Staged> {
         check_name("tenant", v.tenant)?;
         check_name("adapter name", v.name)?;
         if let Some(claimed) = v.claimed_base {
@@ -183,7 +230,7 @@ impl Registry {
         }
         let id = content_id(&files);
         if let Some(existing) = self.version(v.tenant, v.name, &id).ok() {
-            return Ok(existing);
+            return Ok(Staged::Existing(existing));
         }
         if let Some(parent) = v.parent {
             self.version(v.tenant, v.name, parent)?;
@@ -195,37 +242,7 @@ impl Registry {
             let _ = self.store.delete(&key); // never referenced: safe to drop
             return Err(RegistryError::Rejected(format!("{e}")));
         }
-        let info = VersionInfo {
-            id: id.clone(),
-            tenant: v.tenant.into(),
-            name: v.name.into(),
-            created_at: now_ms(),
-            source: v.source.into(),
-            parent: v.parent.map(str::to_string),
-            base_fingerprint: base.fingerprint.clone(),
-            size,
-            metadata: v.metadata,
-            retired: false,
-        };
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![info.tenant, info.name, info.id, info.created_at, info.source, info.parent, info.base_fingerprint, info.size as i64, info.metadata.to_string()],
-        )?;
-        journal(
-            &tx,
-            v.tenant,
-            v.name,
-            "register",
-            Some(&id),
-            None,
-            v.actor,
-            v.source,
-        )?;
-        tx.commit()?;
-        Ok(info)
+        Ok(Staged::New { id, size })
     }
 
     pub fn version(&self, tenant: &str, name: &str, id: &str) -> R<VersionInfo> {
@@ -364,7 +381,7 @@ impl Registry {
         rx
     }
 
-    fn notify(&self, tenant: &str, name: &str, state: &AdapterState) {
+    pub(crate) fn notify(&self, tenant: &str, name: &str, state: &AdapterState) {
         let seq = self.change_counter().unwrap_or(0);
         let change = AliasChange {
             tenant: tenant.into(),
@@ -722,7 +739,7 @@ impl AdapterSource for Registry {
     }
 }
 
-fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
+pub(crate) fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
     let meta: String = r.get(8)?;
     Ok(VersionInfo {
         id: r.get(0)?,
@@ -738,7 +755,7 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
     })
 }
 
-fn state_of(conn: &Connection, tenant: &str, name: &str) -> R<AdapterState> {
+pub(crate) fn state_of(conn: &Connection, tenant: &str, name: &str) -> R<AdapterState> {
     let known: i64 = conn.query_row(
         "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2",
         params![tenant, name],
@@ -769,7 +786,7 @@ fn state_of(conn: &Connection, tenant: &str, name: &str) -> R<AdapterState> {
     Ok(st)
 }
 
-fn servable(conn: &Connection, tenant: &str, name: &str, version: &str) -> R<()> {
+pub(crate) fn servable(conn: &Connection, tenant: &str, name: &str, version: &str) -> R<()> {
     let retired: Option<i64> = conn
         .query_row(
             "SELECT retired FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
@@ -788,7 +805,7 @@ fn servable(conn: &Connection, tenant: &str, name: &str, version: &str) -> R<()>
     }
 }
 
-fn set_alias(
+pub(crate) fn set_alias(
     conn: &Connection,
     tenant: &str,
     name: &str,
@@ -805,7 +822,7 @@ fn set_alias(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn journal(
+pub(crate) fn journal(
     conn: &Connection,
     tenant: &str,
     name: &str,

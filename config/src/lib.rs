@@ -1,6 +1,12 @@
 //! Settings for every retune process: a TOML file plus `RETUNE_<SECTION>__<KEY>`
 //! environment overrides, validated once at startup.
 
+mod trainer;
+
+pub use trainer::{
+    AdapterLoop, DataOptions, GateOptions, LoopSettings, TrainOptions, TrainerSettings,
+    TriggerSettings, WatchOptions,
+};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +40,8 @@ pub struct Settings {
     pub datasets: DatasetSettings,
     #[serde(default)]
     pub tenants: Vec<TenantSettings>,
+    #[serde(default)]
+    pub trainer: TrainerSettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -303,6 +311,9 @@ impl Settings {
                 "engine.slot_context/device_adapter_slots/device_max_rank",
                 "must be at least 1",
             );
+        }
+        if let Err((field, reason)) = self.trainer.validate() {
+            return Err(ConfigError::Invalid { field, reason });
         }
         if self.datasets.capture_queue == 0 {
             return bad("datasets.capture_queue", "must be at least 1");

@@ -37,6 +37,21 @@ pub struct Erased {
     pub snapshots: Vec<String>,
 }
 
+/// Live signals of one adapter version over a time range, from captured
+/// completions and their feedback.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Signals {
+    pub completions: usize,
+    /// Completions whose current rating is -1.
+    pub rated_down: usize,
+    /// Completions with a correction.
+    pub corrected: usize,
+    /// Completions that ended in an error.
+    pub errors: usize,
+    /// Completions with any of the three: the rate the watch tests.
+    pub bad: usize,
+}
+
 /// The examples store.
 pub trait DatasetStore: Send + Sync {
     /// Record captured completions (one transaction; an id seen before is ignored).
@@ -68,4 +83,27 @@ pub trait DatasetStore: Send + Sync {
     /// Retention: delete `tenant`'s captured completions created before
     /// `before_ms` (Unix ms), with their feedback; returns how many.
     fn purge_before(&self, tenant: &str, before_ms: i64) -> Result<usize, DataError>;
+    /// Examples of `tenant/adapter` that became candidates after `since_ms`:
+    /// imports, and captured completions whose feedback (a correction, or a +1
+    /// rating when `include_positive`) arrived since. Before curation (duplicates
+    /// and conflicts are counted), so a trigger, not a count of snapshot rows.
+    fn candidates_since(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        since_ms: i64,
+        include_positive: bool,
+    ) -> Result<usize, DataError>;
+    /// Signals of completions served by `version` of `tenant/adapter` created in
+    /// `[from_ms, to_ms)`.
+    fn signals(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        version: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Signals, DataError>;
+    /// Every (tenant, adapter) with imported examples or captured completions.
+    fn adapters(&self) -> Result<Vec<(String, String)>, DataError>;
 }

@@ -5,7 +5,7 @@ use crate::error::DataError;
 use crate::record::{CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Rating};
 use crate::snapshot::{content_id, curate, Candidate, Manifest, Origin, Policy, SnapshotRow};
 use crate::DatasetStore;
-use crate::{Erased, Lineage};
+use crate::{Erased, Lineage, Signals};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -399,6 +399,78 @@ impl DatasetStore for SqliteStore {
         )?;
         tx.commit()?;
         Ok(n)
+    }
+
+    fn candidates_since(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        since_ms: i64,
+        include_positive: bool,
+    ) -> Result<usize, DataError> {
+        let conn = self.conn();
+        let imports: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM examples WHERE tenant = ?1 AND adapter = ?2 AND created_at > ?3",
+            params![tenant, adapter, since_ms],
+            |r| r.get(0),
+        )?;
+        // a completion counts once, when its latest feedback arrived since
+        let captures: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM completions c WHERE c.tenant = ?1 AND c.adapter = ?2
+             AND (SELECT MAX(f.created_at) FROM feedback f WHERE f.completion_id = c.id) > ?3
+             AND (EXISTS (SELECT 1 FROM feedback f WHERE f.completion_id = c.id AND f.correction IS NOT NULL)
+                  OR (?4 AND (SELECT f.rating FROM feedback f WHERE f.completion_id = c.id AND f.rating IS NOT NULL
+                              ORDER BY f.seq DESC LIMIT 1) = 1))",
+            params![tenant, adapter, since_ms, include_positive],
+            |r| r.get(0),
+        )?;
+        Ok((imports + captures) as usize)
+    }
+
+    fn signals(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        version: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Signals, DataError> {
+        let conn = self.conn();
+        let mut q = conn.prepare_cached(
+            "SELECT c.finish = 'error',
+                    (SELECT f.rating FROM feedback f WHERE f.completion_id = c.id AND f.rating IS NOT NULL
+                     ORDER BY f.seq DESC LIMIT 1) = -1,
+                    EXISTS (SELECT 1 FROM feedback f WHERE f.completion_id = c.id AND f.correction IS NOT NULL)
+             FROM completions c WHERE c.tenant = ?1 AND c.adapter = ?2 AND c.version = ?3
+             AND c.created_at >= ?4 AND c.created_at < ?5",
+        )?;
+        let rows = q.query_map(params![tenant, adapter, version, from_ms, to_ms], |r| {
+            Ok((
+                r.get::<_, bool>(0)?,
+                r.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                r.get::<_, bool>(2)?,
+            ))
+        })?;
+        let mut s = Signals::default();
+        for row in rows {
+            let (err, down, corrected) = row?;
+            s.completions += 1;
+            s.errors += err as usize;
+            s.rated_down += down as usize;
+            s.corrected += corrected as usize;
+            s.bad += (err || down || corrected) as usize;
+        }
+        Ok(s)
+    }
+
+    fn adapters(&self) -> Result<Vec<(String, String)>, DataError> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT tenant, adapter FROM examples UNION SELECT tenant, adapter FROM completions
+             WHERE adapter IS NOT NULL ORDER BY 1, 2",
+        )?;
+        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn erase(&self, tenant: &str, subject: &str) -> Result<Erased, DataError> {

@@ -4,6 +4,7 @@
 
 use half::f16;
 
+#[derive(Clone)]
 pub struct KvCache {
     k: Vec<Vec<f16>>,
     v: Vec<Vec<f16>>,

@@ -142,7 +142,7 @@ impl From<retune_adapters::RegistryError> for ApiError {
         use retune_adapters::RegistryError as R;
         match e {
             R::NotFound(_) => Self::NotFound(e.to_string()),
-            R::Conflict { .. } => Self::Conflict(e.to_string()),
+            R::Conflict { .. } | R::LeaseLost(_) => Self::Conflict(e.to_string()),
             R::Forbidden(_) => Self::Forbidden(e.to_string()),
             R::TooLarge(_) => Self::TooLarge(e.to_string()),
             R::Rejected(_) | R::Adapter(_) => Self::BadRequest(e.to_string()),

@@ -15,7 +15,7 @@ pub struct Accuracy {
     pub seconds: f64,
 }
 
-fn argmax(v: &[f32]) -> u32 {
+pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
         if *x > v[best] {
@@ -27,7 +27,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// (prompt tokens, expected answer) of a chat example whose last message is the
 /// assistant's answer.
-fn case(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<(Vec<u32>, String)> {
+pub(crate) fn case(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<(Vec<u32>, String)> {
     let ExampleBody::Chat { messages } = body else {
         return Err(TrainError::Data("accuracy needs chat examples".into()));
     };
@@ -59,17 +59,94 @@ pub fn exact_match(
         .iter()
         .map(|b| case(b, tok, template))
         .collect::<Result<Vec<_>>>()?;
-    let mut correct = 0;
-    for chunk in cases.chunks(batch.max(1)) {
-        let mut caches: Vec<_> = chunk.iter().map(|_| model.new_cache()).collect();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.0.clone()).collect();
+    let answers = generate(model, tok, adapter, &prompts, max_new, batch)?;
+    let correct = answers
+        .iter()
+        .zip(&cases)
+        .filter(|(got, (_, want))| got.trim() == want)
+        .count();
+    let total = cases.len();
+    Ok(Accuracy {
+        correct,
+        total,
+        accuracy: correct as f64 / total.max(1) as f64,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Length of the token prefix every prompt shares.
+fn common_prefix(prompts: &[Vec<u32>]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    let mut n = first.len();
+    for p in &prompts[1..] {
+        n = n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+    }
+    n
+}
+
+/// Greedy decoding of each prompt (at most `max_new` tokens, stopping at an
+/// end-of-sequence token), `batch` prompts per forward, through the serving
+/// engine's CPU forward. A prefix every prompt shares (a long system prompt,
+/// few-shot turns) is computed once and its KV cache copied.
+pub fn generate(
+    model: &Model,
+    tok: &Tok,
+    adapter: Option<&LoraAdapter>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    batch: usize,
+) -> Result<Vec<String>> {
+    Ok(generate_ids(model, tok, adapter, prompts, max_new, batch)?
+        .iter()
+        .map(|ids| tok.decode(ids, true))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// [`generate`]'s token ids (without the end-of-sequence token).
+pub fn generate_ids(
+    model: &Model,
+    tok: &Tok,
+    adapter: Option<&LoraAdapter>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    batch: usize,
+) -> Result<Vec<Vec<u32>>> {
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(TrainError::Data("an empty prompt".into()));
+    }
+    // leave every prompt at least one token of its own to forward
+    let shared = common_prefix(prompts).min(prompts.iter().map(|p| p.len() - 1).min().unwrap_or(0));
+    let prefix_cache = if shared >= 8 {
+        let mut kv = model.new_cache();
+        let mut items = [BatchItem {
+            tokens: &prompts[0][..shared],
+            adapter,
+            kv: &mut kv,
+            want_logits: false,
+        }];
+        model.forward(&mut items)?;
+        Some(kv)
+    } else {
+        None
+    };
+    let skip = if prefix_cache.is_some() { shared } else { 0 };
+    let mut answers = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch.max(1)) {
+        let mut caches: Vec<_> = chunk
+            .iter()
+            .map(|_| prefix_cache.clone().unwrap_or_else(|| model.new_cache()))
+            .collect();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut done = vec![false; chunk.len()];
         let mut next: Vec<u32> = {
             let mut items: Vec<BatchItem<'_>> = chunk
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|((p, _), kv)| BatchItem {
-                    tokens: p,
+                .map(|(p, kv)| BatchItem {
+                    tokens: &p[skip..],
                     adapter,
                     kv,
                     want_logits: true,
@@ -81,7 +158,7 @@ pub fn exact_match(
                 .map(|l| argmax(l))
                 .collect()
         };
-        for _ in 0..max_new {
+        for step in 0..max_new {
             for (i, &t) in next.iter().enumerate() {
                 if !done[i] {
                     if tok.eos.contains(&t) {
@@ -91,7 +168,7 @@ pub fn exact_match(
                     }
                 }
             }
-            if done.iter().all(|d| *d) {
+            if done.iter().all(|d| *d) || step + 1 == max_new {
                 break;
             }
             let live: Vec<usize> = (0..chunk.len()).filter(|&i| !done[i]).collect();
@@ -113,17 +190,7 @@ pub fn exact_match(
                 next[i] = argmax(&logits[k]);
             }
         }
-        for (i, (_, want)) in chunk.iter().enumerate() {
-            if tok.decode(&out[i], true)?.trim() == want {
-                correct += 1;
-            }
-        }
+        answers.extend(out);
     }
-    let total = cases.len();
-    Ok(Accuracy {
-        correct,
-        total,
-        accuracy: correct as f64 / total.max(1) as f64,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(answers)
 }

@@ -13,10 +13,12 @@ pub mod batches;
 pub mod error;
 pub mod eval;
 pub mod examples;
+pub mod gate;
 pub mod lora;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod stats;
 pub mod train;
 
 pub use error::{Result, TrainError};

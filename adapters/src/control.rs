@@ -1,0 +1,612 @@
+//! What the trainer daemon needs from the registry, in the same database so that
+//! every step that matters is one transaction:
+//! - **leases**: one trainer per adapter at a time (holder + expiry, renewed
+//!   while it works; a registration checks the lease in its own transaction, so
+//!   a trainer whose lease lapsed cannot register);
+//! - **gated registration**: the version row, the gate's verdict, the alias change
+//!   (compare-and-set) and the watch that follows commit together or not at all;
+//! - **runs**: one row per training run, for the admin API, metrics and status;
+//! - **watches**: the live check after a promotion, and the compare-and-set
+//!   rollback or promotion it ends with.
+
+use crate::error::RegistryError;
+use crate::registry::{
+    journal, now_ms, servable, set_alias, state_of, AdapterState, Expect, NewVersion, Registry,
+    ServedBase, Staged, VersionInfo,
+};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+
+type R<T> = Result<T, RegistryError>;
+
+pub(crate) const CONTROL_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS leases (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL, expires_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name));
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL,
+    started_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, finished_at INTEGER,
+    status TEXT NOT NULL, snapshot TEXT, version TEXT, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_by_adapter ON runs (tenant, name, started_at);
+CREATE TABLE IF NOT EXISTS watches (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, previous TEXT,
+    mode TEXT NOT NULL, percent INTEGER, started_at INTEGER NOT NULL, promote_seq INTEGER NOT NULL,
+    status TEXT NOT NULL, verdict TEXT NOT NULL, updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name, version));
+";
+
+/// How a version that passed the gate reaches traffic.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rollout {
+    /// Make it live (compare-and-set on the live version the gate compared against).
+    Live,
+    /// Give it `percent`% of the traffic beside the live version.
+    Canary(u8),
+}
+
+/// The gate's decision for a staged version.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Passed: roll out if the live version is still `expect`; then watch it.
+    Pass {
+        expect: Expect,
+        rollout: Rollout,
+        /// Start a watch after the rollout.
+        watch: bool,
+        summary: String,
+    },
+    /// Failed: keep the version, retired (never servable), with the reasons.
+    Reject { reasons: String },
+}
+
+/// A training run as recorded.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RunInfo {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    pub holder: String,
+    pub started_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+    /// `running`, `promoted`, `canary`, `rejected`, `failed`, `skipped`, `crashed`.
+    pub status: String,
+    pub snapshot: Option<String>,
+    pub version: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// The watch of a rolled-out version.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WatchInfo {
+    pub tenant: String,
+    pub name: String,
+    pub version: String,
+    /// The version it is compared against (live before the rollout).
+    pub previous: Option<String>,
+    /// `canary` or `before_after`.
+    pub mode: String,
+    pub percent: Option<u8>,
+    pub started_at: i64,
+    /// Journal sequence of the rollout: alias changes after it by anyone else end the watch.
+    pub promote_seq: i64,
+    /// `watching`, `passed`, `rolled_back`, `superseded`, `inconclusive`.
+    pub status: String,
+    pub verdict: serde_json::Value,
+    pub updated_at: i64,
+}
+
+/// Counters for metrics and `status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct LoopCounts {
+    /// Runs by status.
+    pub runs: Vec<(String, i64)>,
+    pub gate_passes: i64,
+    pub gate_fails: i64,
+    pub auto_rollbacks: i64,
+    /// Unix ms of the last finished run.
+    pub last_run_finished: Option<i64>,
+    pub watching: i64,
+}
+
+fn lease_ok(conn: &Connection, tenant: &str, name: &str, holder: &str) -> R<()> {
+    let row: Option<(String, i64)> = conn
+        .query_row(
+            "SELECT holder, expires_at FROM leases WHERE tenant = ?1 AND name = ?2",
+            params![tenant, name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        Some((h, exp)) if h == holder && exp > now_ms() => Ok(()),
+        Some((h, _)) if h != holder => Err(RegistryError::LeaseLost(format!(
+            "{tenant}/{name} is leased to {h}"
+        ))),
+        _ => Err(RegistryError::LeaseLost(format!(
+            "the lease of {holder} on {tenant}/{name} expired"
+        ))),
+    }
+}
+
+fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunInfo> {
+    let detail: String = r.get(10)?;
+    Ok(RunInfo {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        name: r.get(2)?,
+        holder: r.get(3)?,
+        started_at: r.get(4)?,
+        updated_at: r.get(5)?,
+        finished_at: r.get(6)?,
+        status: r.get(7)?,
+        snapshot: r.get(8)?,
+        version: r.get(9)?,
+        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+fn row_to_watch(r: &rusqlite::Row<'_>) -> rusqlite::Result<WatchInfo> {
+    let verdict: String = r.get(9)?;
+    Ok(WatchInfo {
+        tenant: r.get(0)?,
+        name: r.get(1)?,
+        version: r.get(2)?,
+        previous: r.get(3)?,
+        mode: r.get(4)?,
+        percent: r.get::<_, Option<i64>>(5)?.map(|p| p.clamp(0, 100) as u8),
+        started_at: r.get(6)?,
+        promote_seq: r.get(7)?,
+        status: r.get(8)?,
+        verdict: serde_json::from_str(&verdict).unwrap_or(serde_json::Value::Null),
+        updated_at: r.get(10)?,
+    })
+}
+
+const RUN_COLS: &str = "id, tenant, name, holder, started_at, updated_at, finished_at, status, snapshot, version, detail";
+const WATCH_COLS: &str = "tenant, name, version, previous, mode, percent, started_at, promote_seq, status, verdict, updated_at";
+
+fn last_seq(conn: &Connection) -> R<i64> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
+        r.get(0)
+    })?)
+}
+
+impl Registry {
+    // ---- leases ----
+
+    /// Take the training lease on `tenant/name` for `ttl_ms` if it is free,
+    /// expired or already `holder`'s. `false`: someone else holds it.
+    pub fn acquire_lease(&self, tenant: &str, name: &str, holder: &str, ttl_ms: i64) -> R<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cur: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT holder, expires_at FROM leases WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let now = now_ms();
+        if let Some((h, exp)) = cur {
+            if h != holder && exp > now {
+                return Ok(false);
+            }
+        }
+        tx.execute(
+            "INSERT INTO leases (tenant, name, holder, expires_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant, name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+            params![tenant, name, holder, now + ttl_ms],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Extend `holder`'s lease; `LeaseLost` when it expired or passed to another.
+    pub fn renew_lease(&self, tenant: &str, name: &str, holder: &str, ttl_ms: i64) -> R<()> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE leases SET expires_at = ?4 WHERE tenant = ?1 AND name = ?2 AND holder = ?3 AND expires_at > ?5",
+            params![tenant, name, holder, now_ms() + ttl_ms, now_ms()],
+        )?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(RegistryError::LeaseLost(format!(
+                "{holder} no longer holds the lease on {tenant}/{name}"
+            )))
+        }
+    }
+
+    pub fn release_lease(&self, tenant: &str, name: &str, holder: &str) -> R<()> {
+        self.conn().execute(
+            "DELETE FROM leases WHERE tenant = ?1 AND name = ?2 AND holder = ?3",
+            params![tenant, name, holder],
+        )?;
+        Ok(())
+    }
+
+    /// The current holder of a lease that has not expired.
+    pub fn lease_holder(&self, tenant: &str, name: &str) -> R<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT holder FROM leases WHERE tenant = ?1 AND name = ?2 AND expires_at > ?3",
+                params![tenant, name, now_ms()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    // ---- gated registration ----
+
+    /// Register a version with the gate's decision, in one transaction under
+    /// `holder`'s lease: the version row (retired when rejected), `register` and
+    /// `gate-pass`/`gate-fail` journal entries, the rollout by compare-and-set and
+    /// the watch. A conflict (the live version changed since the gate read it) or a
+    /// lapsed lease writes nothing.
+    pub fn register_gated(
+        &self,
+        v: NewVersion<'_>,
+        base: &ServedBase,
+        decision: &Decision,
+        holder: &str,
+    ) -> R<(VersionInfo, AdapterState)> {
+        let (id, size, existing) = match self.stage(&v, base)? {
+            Staged::Existing(e) => (e.id.clone(), e.size, true),
+            Staged::New { id, size } => (id, size, false),
+        };
+        let (tenant, name) = (v.tenant, v.name);
+        let state = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            lease_ok(&tx, tenant, name, holder)?;
+            let rejected = matches!(decision, Decision::Reject { .. });
+            if !existing {
+                tx.execute(
+                    "INSERT INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata, retired)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![tenant, name, id, now_ms(), v.source, v.parent, base.fingerprint, size as i64,
+                            v.metadata.to_string(), rejected as i64],
+                )?;
+                journal(&tx, tenant, name, "register", Some(&id), None, v.actor, v.source)?;
+            }
+            match decision {
+                Decision::Reject { reasons } => {
+                    if existing {
+                        tx.execute(
+                            "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3
+                             AND NOT EXISTS (SELECT 1 FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'live' AND version = ?3)",
+                            params![tenant, name, id],
+                        )?;
+                    }
+                    journal(&tx, tenant, name, "gate-fail", Some(&id), None, v.actor, reasons)?;
+                }
+                Decision::Pass {
+                    expect,
+                    rollout,
+                    watch,
+                    summary,
+                } => {
+                    servable(&tx, tenant, name, &id)?;
+                    let cur = state_of(&tx, tenant, name)?;
+                    let ok = match expect {
+                        Expect::Any => true,
+                        Expect::NoLive => cur.live.is_none(),
+                        Expect::Version(e) => cur.live.as_deref() == Some(e.as_str()),
+                    };
+                    if !ok {
+                        return Err(RegistryError::Conflict {
+                            expected: match expect {
+                                Expect::Version(e) => e.clone(),
+                                _ => "none".into(),
+                            },
+                            actual: cur.live.unwrap_or_else(|| "none".into()),
+                        });
+                    }
+                    journal(&tx, tenant, name, "gate-pass", Some(&id), cur.live.as_deref(), v.actor, summary)?;
+                    let (mode, pct) = match rollout {
+                        Rollout::Live => {
+                            if cur.live.as_deref() != Some(id.as_str()) {
+                                if let Some(l) = &cur.live {
+                                    set_alias(&tx, tenant, name, "previous", l, None)?;
+                                }
+                                set_alias(&tx, tenant, name, "live", &id, None)?;
+                            }
+                            journal(&tx, tenant, name, "promote", Some(&id), cur.live.as_deref(), v.actor, summary)?;
+                            ("before_after", None)
+                        }
+                        Rollout::Canary(p) => {
+                            if *p == 0 || *p > 100 {
+                                return Err(RegistryError::Rejected(format!(
+                                    "canary percentage {p}: 1 to 100"
+                                )));
+                            }
+                            if cur.live.is_none() {
+                                // nothing to share traffic with: the first version goes live
+                                set_alias(&tx, tenant, name, "live", &id, None)?;
+                                journal(&tx, tenant, name, "promote", Some(&id), None, v.actor, summary)?;
+                                ("before_after", None)
+                            } else {
+                                set_alias(&tx, tenant, name, "canary", &id, Some(*p))?;
+                                journal(&tx, tenant, name, "canary", Some(&id), cur.live.as_deref(), v.actor,
+                                        &format!("{p}%: {summary}"))?;
+                                ("canary", Some(*p))
+                            }
+                        }
+                    };
+                    if *watch && cur.live.is_some() {
+                        let seq = last_seq(&tx)?;
+                        let now = now_ms();
+                        tx.execute(
+                            &format!("INSERT OR REPLACE INTO watches ({WATCH_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'watching', '{{}}', ?7)"),
+                            params![tenant, name, id, cur.live, mode, pct.map(i64::from), now, seq],
+                        )?;
+                    }
+                }
+            }
+            let st = state_of(&tx, tenant, name)?;
+            tx.commit()?;
+            st
+        };
+        self.notify(tenant, name, &state);
+        Ok((self.version(tenant, name, &id)?, state))
+    }
+
+    /// A journal entry about an adapter without an alias change (a failed run,
+    /// a watch's verdict).
+    pub fn note(
+        &self,
+        tenant: &str,
+        name: &str,
+        event: &str,
+        version: Option<&str>,
+        actor: &str,
+        reason: &str,
+    ) -> R<()> {
+        journal(&self.conn(), tenant, name, event, version, None, actor, reason)
+    }
+
+    // ---- runs ----
+
+    pub fn run_start(&self, id: &str, tenant: &str, name: &str, holder: &str) -> R<()> {
+        let now = now_ms();
+        self.conn().execute(
+            &format!("INSERT INTO runs ({RUN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, 'running', NULL, NULL, '{{}}')"),
+            params![id, tenant, name, holder, now],
+        )?;
+        Ok(())
+    }
+
+    /// Update a run; `finished` stamps its end.
+    pub fn run_update(
+        &self,
+        id: &str,
+        status: &str,
+        snapshot: Option<&str>,
+        version: Option<&str>,
+        detail: &serde_json::Value,
+        finished: bool,
+    ) -> R<()> {
+        let now = now_ms();
+        self.conn().execute(
+            "UPDATE runs SET status = ?2, snapshot = COALESCE(?3, snapshot), version = COALESCE(?4, version),
+             detail = ?5, updated_at = ?6, finished_at = CASE WHEN ?7 THEN ?6 ELSE finished_at END WHERE id = ?1",
+            params![id, status, snapshot, version, detail.to_string(), now, finished],
+        )?;
+        Ok(())
+    }
+
+    /// Runs left `running` on `tenant/name` by a trainer that no longer holds the
+    /// lease become `crashed`; returns how many.
+    pub fn mark_crashed(&self, tenant: &str, name: &str) -> R<usize> {
+        let conn = self.conn();
+        Ok(conn.execute(
+            "UPDATE runs SET status = 'crashed', finished_at = ?3, updated_at = ?3
+             WHERE tenant = ?1 AND name = ?2 AND status = 'running' AND NOT EXISTS (
+                 SELECT 1 FROM leases l WHERE l.tenant = ?1 AND l.name = ?2 AND l.holder = runs.holder AND l.expires_at > ?3)",
+            params![tenant, name, now_ms()],
+        )?)
+    }
+
+    /// Runs of `tenant/name`, newest first.
+    pub fn runs(&self, tenant: &str, name: &str, limit: usize) -> R<Vec<RunInfo>> {
+        let conn = self.conn();
+        let mut q = conn.prepare(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE tenant = ?1 AND name = ?2 ORDER BY started_at DESC, id DESC LIMIT ?3"
+        ))?;
+        let rows = q.query_map(params![tenant, name, limit as i64], row_to_run)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn run(&self, id: &str) -> R<RunInfo> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"),
+                params![id],
+                row_to_run,
+            )
+            .optional()?
+            .ok_or_else(|| RegistryError::NotFound(format!("run {id}")))
+    }
+
+    /// Every adapter with a run, as (tenant, name).
+    pub fn trained_adapters(&self) -> R<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut q = conn.prepare("SELECT DISTINCT tenant, name FROM runs ORDER BY tenant, name")?;
+        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn loop_counts(&self) -> R<LoopCounts> {
+        let conn = self.conn();
+        let mut q = conn.prepare("SELECT status, COUNT(*) FROM runs GROUP BY status ORDER BY status")?;
+        let runs = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = |event: &str| -> R<i64> {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM journal WHERE event = ?1",
+                params![event],
+                |r| r.get(0),
+            )?)
+        };
+        Ok(LoopCounts {
+            runs,
+            gate_passes: count("gate-pass")?,
+            gate_fails: count("gate-fail")?,
+            auto_rollbacks: count("auto-rollback")?,
+            last_run_finished: conn.query_row("SELECT MAX(finished_at) FROM runs", [], |r| r.get(0))?,
+            watching: conn.query_row(
+                "SELECT COUNT(*) FROM watches WHERE status = 'watching'",
+                [],
+                |r| r.get(0),
+            )?,
+        })
+    }
+
+    // ---- watches ----
+
+    /// Watches of `tenant/name`, newest first.
+    pub fn watches(&self, tenant: &str, name: &str) -> R<Vec<WatchInfo>> {
+        let conn = self.conn();
+        let mut q = conn.prepare(&format!(
+            "SELECT {WATCH_COLS} FROM watches WHERE tenant = ?1 AND name = ?2 ORDER BY started_at DESC"
+        ))?;
+        let rows = q.query_map(params![tenant, name], row_to_watch)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every watch still `watching`.
+    pub fn open_watches(&self) -> R<Vec<WatchInfo>> {
+        let conn = self.conn();
+        let mut q = conn.prepare(&format!(
+            "SELECT {WATCH_COLS} FROM watches WHERE status = 'watching' ORDER BY started_at"
+        ))?;
+        let rows = q.query_map([], row_to_watch)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Record the watch's latest figures (still watching).
+    pub fn watch_progress(&self, w: &WatchInfo, verdict: &serde_json::Value) -> R<()> {
+        self.conn().execute(
+            "UPDATE watches SET verdict = ?4, updated_at = ?5 WHERE tenant = ?1 AND name = ?2 AND version = ?3 AND status = 'watching'",
+            params![w.tenant, w.name, w.version, verdict.to_string(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// End a watch. `Regressed` rolls back by compare-and-set on the state the
+    /// watch created (the canary is still this version / the live version is still
+    /// this version), `Passed` promotes a canary the same way, `Inconclusive` and
+    /// `Superseded` change no alias. When anyone else changed the adapter's aliases
+    /// since the rollout, nothing is undone and the watch ends `superseded`.
+    /// Returns the status the watch ended with.
+    pub fn finish_watch(
+        &self,
+        w: &WatchInfo,
+        end: WatchEnd,
+        verdict: &serde_json::Value,
+        actor: &str,
+        reason: &str,
+    ) -> R<String> {
+        let (status, state) = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let still: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM watches WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+                    params![w.tenant, w.name, w.version],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if still.as_deref() != Some("watching") {
+                return Ok(still.unwrap_or_else(|| "unknown".into()));
+            }
+            let (t, n, v) = (w.tenant.as_str(), w.name.as_str(), w.version.as_str());
+            let others: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM journal WHERE tenant = ?1 AND name = ?2 AND seq > ?3
+                 AND event IN ('promote', 'rollback', 'canary', 'canary-clear', 'retire') AND actor != ?4",
+                params![t, n, w.promote_seq, actor],
+                |r| r.get(0),
+            )?;
+            let cur = state_of(&tx, t, n)?;
+            let in_place = match w.mode.as_str() {
+                "canary" => cur.canary.as_ref().map(|c| c.0.as_str()) == Some(v)
+                    && cur.live == w.previous,
+                _ => cur.live.as_deref() == Some(v),
+            };
+            let status = if others > 0 || !in_place {
+                journal(&tx, t, n, "watch-superseded", Some(v), None, actor,
+                        "the adapter's aliases changed since the rollout: nothing is undone")?;
+                "superseded"
+            } else {
+                match end {
+                    WatchEnd::Regressed => {
+                        match w.mode.as_str() {
+                            "canary" => {
+                                tx.execute(
+                                    "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
+                                    params![t, n],
+                                )?;
+                            }
+                            _ => {
+                                let prev = w.previous.as_deref().ok_or_else(|| {
+                                    RegistryError::NotFound(format!("previous version of {t}/{n}"))
+                                })?;
+                                servable(&tx, t, n, prev)?;
+                                set_alias(&tx, t, n, "live", prev, None)?;
+                                set_alias(&tx, t, n, "previous", v, None)?;
+                            }
+                        }
+                        tx.execute(
+                            "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+                            params![t, n, v],
+                        )?;
+                        tx.execute(
+                            "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+                            params![t, n, v],
+                        )?;
+                        journal(&tx, t, n, "auto-rollback", w.previous.as_deref(), Some(v), actor, reason)?;
+                        "rolled_back"
+                    }
+                    WatchEnd::Passed => {
+                        if w.mode == "canary" {
+                            if let Some(l) = &cur.live {
+                                set_alias(&tx, t, n, "previous", l, None)?;
+                            }
+                            set_alias(&tx, t, n, "live", v, None)?;
+                            tx.execute(
+                                "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
+                                params![t, n],
+                            )?;
+                            journal(&tx, t, n, "promote", Some(v), cur.live.as_deref(), actor, reason)?;
+                        }
+                        journal(&tx, t, n, "watch-pass", Some(v), None, actor, reason)?;
+                        "passed"
+                    }
+                    WatchEnd::Inconclusive => {
+                        journal(&tx, t, n, "watch-inconclusive", Some(v), None, actor, reason)?;
+                        "inconclusive"
+                    }
+                }
+            };
+            tx.execute(
+                "UPDATE watches SET status = ?4, verdict = ?5, updated_at = ?6 WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+                params![t, n, v, status, verdict.to_string(), now_ms()],
+            )?;
+            let st = state_of(&tx, t, n)?;
+            tx.commit()?;
+            (status.to_string(), st)
+        };
+        self.notify(&w.tenant, &w.name, &state);
+        Ok(status)
+    }
+}
+
+/// How a watch ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    Regressed,
+    Passed,
+    Inconclusive,
+}

@@ -1,0 +1,315 @@
+//! `[trainer]`: the trainer daemon — when it trains an adapter, how, what the
+//! eval gate demands, and how a rolled-out version is watched. `[trainer.defaults]`
+//! applies to every adapter; a `[[trainer.adapters]]` entry replaces whole groups
+//! (`trigger`, `train`, `gate`, `watch`, `data`) for one tenant's adapter.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerSettings {
+    /// Seconds between looks at the stores.
+    pub poll_seconds: f64,
+    /// A training lease lasts this long unless renewed (renewed while training).
+    pub lease_seconds: u64,
+    /// Compute threads for training and evals (0: all cores).
+    pub threads: usize,
+    /// Scheduling niceness of the trainer process (0..=19): serving on the same
+    /// node keeps the CPU when both want it.
+    pub nice: i32,
+    /// Work directory (runs' outputs); default `<adapters.root>/trainer`.
+    pub work_dir: Option<PathBuf>,
+    /// Also train adapters that have examples in the store but no entry below.
+    pub discover: bool,
+    pub defaults: LoopSettings,
+    pub adapters: Vec<AdapterLoop>,
+}
+
+impl Default for TrainerSettings {
+    fn default() -> Self {
+        Self {
+            poll_seconds: 30.0,
+            lease_seconds: 300,
+            threads: 0,
+            nice: 10,
+            work_dir: None,
+            discover: true,
+            defaults: LoopSettings::default(),
+            adapters: Vec::new(),
+        }
+    }
+}
+
+/// Everything the loop needs to know about one adapter.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopSettings {
+    pub trigger: TriggerSettings,
+    pub train: TrainOptions,
+    pub gate: GateOptions,
+    pub watch: WatchOptions,
+    pub data: DataOptions,
+}
+
+/// One adapter's entry: groups given here replace the defaults' groups.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterLoop {
+    pub tenant: String,
+    pub name: String,
+    /// `false`: the daemon leaves this adapter alone.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub trigger: Option<TriggerSettings>,
+    pub train: Option<TrainOptions>,
+    pub gate: Option<GateOptions>,
+    pub watch: Option<WatchOptions>,
+    pub data: Option<DataOptions>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl AdapterLoop {
+    /// This adapter's settings: its groups, else the defaults'.
+    pub fn resolve(&self, d: &LoopSettings) -> LoopSettings {
+        LoopSettings {
+            trigger: self.trigger.clone().unwrap_or_else(|| d.trigger.clone()),
+            train: self.train.clone().unwrap_or_else(|| d.train.clone()),
+            gate: self.gate.clone().unwrap_or_else(|| d.gate.clone()),
+            watch: self.watch.clone().unwrap_or_else(|| d.watch.clone()),
+            data: self.data.clone().unwrap_or_else(|| d.data.clone()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TriggerSettings {
+    /// Train when this many new accepted examples arrived since the last run.
+    pub min_new_examples: usize,
+    /// Also train on a schedule (minutes since the last run) when anything is new.
+    pub every_minutes: Option<f64>,
+    /// A snapshot with fewer training examples is not trained on.
+    pub min_examples: usize,
+}
+
+impl Default for TriggerSettings {
+    fn default() -> Self {
+        Self {
+            min_new_examples: 200,
+            every_minutes: None,
+            min_examples: 50,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainOptions {
+    pub rank: usize,
+    pub alpha: f32,
+    /// Any of q,k,v,o,gate,up,down, or `all`.
+    pub modules: Vec<String>,
+    /// LoRA on the top N layers only (none: every layer).
+    pub top_layers: Option<usize>,
+    pub lr: f64,
+    pub epochs: f64,
+    pub max_minutes: Option<f64>,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub warmup_steps: usize,
+    pub seed: u64,
+    /// Eval loss every N steps (0: each epoch end) with early stopping after
+    /// `patience` evals without improvement (0: off).
+    pub eval_every: usize,
+    pub patience: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            modules: vec!["all".into()],
+            top_layers: Some(8),
+            lr: 1e-3,
+            epochs: 2.0,
+            max_minutes: Some(30.0),
+            batch_size: 16,
+            max_len: 256,
+            warmup_steps: 30,
+            seed: 0,
+            eval_every: 0,
+            patience: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateOptions {
+    /// `auto` (label accuracy when examples carry labels, JSON when `json_keys`
+    /// is set, exact match for short answers, token F1 for long ones), `exact`,
+    /// `label`, `json`, `token_f1`.
+    pub metric: String,
+    /// The adapter's prompt for the base-model baseline: a system prompt…
+    pub system_prompt: Option<String>,
+    /// …and this many examples from the train split as earlier chat turns.
+    pub shots: usize,
+    /// Keys a JSON answer must hold (metric `json`).
+    pub json_keys: Vec<String>,
+    /// The candidate's score must reach this.
+    pub min_score: f64,
+    /// The lower end of the 95% interval of (candidate - live) must exceed this.
+    pub min_gain_over_live: f64,
+    /// Likewise against the best baseline (base model + prompt, constant answer).
+    pub min_gain_over_baseline: f64,
+    /// Mean per-token KL(base || candidate) on general prompts, in nats, at most.
+    pub max_forgetting: f64,
+    /// Eval examples used at most (a seeded sample of the eval split).
+    pub max_eval: usize,
+    pub max_new_tokens: usize,
+    /// `live` (promote; the watch compares before and after) or `canary`.
+    pub rollout: String,
+    pub canary_percent: u8,
+    /// Bootstrap resamples for the intervals.
+    pub bootstrap: usize,
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        Self {
+            metric: "auto".into(),
+            system_prompt: None,
+            shots: 0,
+            json_keys: Vec::new(),
+            min_score: 0.0,
+            min_gain_over_live: 0.0,
+            min_gain_over_baseline: 0.0,
+            max_forgetting: 1.0,
+            max_eval: 1000,
+            max_new_tokens: 32,
+            rollout: "canary".into(),
+            canary_percent: 20,
+            bootstrap: 2000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchOptions {
+    pub enabled: bool,
+    /// The verdict comes after this many minutes, once both versions have
+    /// `min_samples` completions (one look: no peeking).
+    pub window_minutes: f64,
+    pub min_samples: usize,
+    /// Give up (no verdict, nothing changes) after this many minutes.
+    pub max_minutes: f64,
+    /// One-sided significance of the two-proportion test on the bad-outcome rate
+    /// (rated -1, corrected, or an error).
+    pub alpha: f64,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_minutes: 60.0,
+            min_samples: 100,
+            max_minutes: 24.0 * 60.0,
+            alpha: 0.01,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataOptions {
+    /// Share of the input-hash space held out for the gate.
+    pub eval_percent: u8,
+    pub include_positive: bool,
+    pub scrub: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        Self {
+            eval_percent: 10,
+            include_positive: true,
+            scrub: true,
+        }
+    }
+}
+
+impl LoopSettings {
+    pub fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        let bad = |f: &str, r: &str| Err((format!("{at}.{f}"), r.to_string()));
+        if !["auto", "exact", "label", "json", "token_f1"].contains(&self.gate.metric.as_str()) {
+            return bad("gate.metric", "must be auto, exact, label, json or token_f1");
+        }
+        if self.gate.metric == "json" && self.gate.json_keys.is_empty() {
+            return bad("gate.json_keys", "the json metric needs the keys an answer must hold");
+        }
+        if !["live", "canary"].contains(&self.gate.rollout.as_str()) {
+            return bad("gate.rollout", "must be live or canary");
+        }
+        if self.gate.rollout == "canary" && !(1..=100).contains(&self.gate.canary_percent) {
+            return bad("gate.canary_percent", "must be 1 to 100");
+        }
+        if self.gate.max_eval == 0 || self.gate.max_new_tokens == 0 || self.gate.bootstrap < 100 {
+            return bad(
+                "gate.max_eval/max_new_tokens/bootstrap",
+                "must be at least 1, 1 and 100",
+            );
+        }
+        if !(self.gate.max_forgetting >= 0.0) {
+            return bad("gate.max_forgetting", "must be a number >= 0");
+        }
+        if !(self.watch.alpha > 0.0 && self.watch.alpha < 0.5) {
+            return bad("watch.alpha", "must be between 0 and 0.5");
+        }
+        if self.watch.min_samples == 0 || !(self.watch.window_minutes > 0.0) {
+            return bad("watch.min_samples/window_minutes", "must be positive");
+        }
+        if self.train.rank == 0 || self.train.batch_size == 0 || self.train.max_len < 8 {
+            return bad("train.rank/batch_size/max_len", "must be at least 1, 1 and 8");
+        }
+        if self.train.top_layers == Some(0) {
+            return bad("train.top_layers", "must be at least 1");
+        }
+        if !(self.train.lr > 0.0) || !(self.train.epochs > 0.0) {
+            return bad("train.lr/epochs", "must be positive");
+        }
+        if self.data.eval_percent == 0 || self.data.eval_percent > 50 {
+            return bad("data.eval_percent", "must be 1 to 50 (the gate needs held-out data)");
+        }
+        if self.trigger.min_new_examples == 0 {
+            return bad("trigger.min_new_examples", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl TrainerSettings {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(self.poll_seconds > 0.0) || self.lease_seconds < 10 {
+            return Err((
+                "trainer.poll_seconds/lease_seconds".into(),
+                "must be > 0 and at least 10".into(),
+            ));
+        }
+        if !(0..=19).contains(&self.nice) {
+            return Err(("trainer.nice".into(), "must be 0 to 19".into()));
+        }
+        self.defaults.validate("trainer.defaults")?;
+        for (i, a) in self.adapters.iter().enumerate() {
+            a.resolve(&self.defaults)
+                .validate(&format!("trainer.adapters[{i}]"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,578 @@
+//! The eval gate: a candidate reaches traffic only if, on its snapshot's eval
+//! split, it beats the live version and every baseline — the base model with the
+//! adapter's prompt (system prompt + k examples from the train split) and the
+//! most common training answer — by the paired difference (the lower end of its
+//! 95% paired-bootstrap interval above the configured gain), reaches the minimum
+//! score, and forgets little: the mean per-token KL(base || candidate) along the
+//! base model's own answers to general prompts stays under a bound.
+//!
+//! Every arm is decoded greedily by the serving engine's forward, with the
+//! adapter exactly as it is served.
+
+use crate::error::{Result, TrainError};
+use crate::eval::{generate, generate_ids};
+use crate::stats::{bootstrap_mean, mcnemar_exact, mean, paired_bootstrap, wilson};
+use retune_adapters::LoraAdapter;
+use retune_config::GateOptions;
+use retune_datasets::{ExampleBody, SnapshotRow};
+use retune_engine::{BatchItem, ChatMessage, ChatTemplate, Model, Tok};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// General prompts the forgetting check asks (none is about any tenant's task).
+pub const GENERAL_PROMPTS: &[&str] = &[
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is in one sentence.",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Write a Python function that reverses a string.",
+    "Why is the sky blue?",
+    "Name three planets of the solar system.",
+    "What should I pack for a weekend hiking trip?",
+    "Describe a cat to someone who has never seen one.",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    Exact,
+    Label,
+    Json,
+    TokenF1,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Arm {
+    pub name: String,
+    pub score: f64,
+    /// 95% interval of the score (Wilson for 0/1 scores, bootstrap otherwise).
+    pub interval: (f64, f64),
+    pub n: usize,
+    pub seconds: f64,
+    /// A few (expected, answer) pairs, to see what the arm does.
+    pub samples: Vec<(String, String)>,
+    #[serde(skip)]
+    pub scores: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub against: String,
+    /// Mean paired difference candidate - other.
+    pub gain: f64,
+    /// Its 95% paired-bootstrap interval.
+    pub interval: (f64, f64),
+    /// McNemar's exact two-sided p-value (0/1 metrics).
+    pub mcnemar_p: Option<f64>,
+    /// The lower end of the interval must exceed this.
+    pub required: f64,
+    pub beats: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Forgetting {
+    pub prompts: usize,
+    pub tokens: usize,
+    /// Mean per-token KL(base || candidate), nats.
+    pub kl: f64,
+    pub max_prompt_kl: f64,
+    pub bound: f64,
+    pub ok: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GateReport {
+    pub metric: Metric,
+    /// Eval examples scored (a seeded sample when the split is larger than `max_eval`).
+    pub eval_examples: usize,
+    pub eval_split: usize,
+    pub arms: Vec<Arm>,
+    pub vs_live: Option<Comparison>,
+    pub vs_baselines: Vec<Comparison>,
+    pub forgetting: Forgetting,
+    pub passed: bool,
+    pub reasons: Vec<String>,
+    pub seconds: f64,
+}
+
+impl GateReport {
+    /// One line for the journal.
+    pub fn summary(&self) -> String {
+        let arm = |n: &str| {
+            self.arms
+                .iter()
+                .find(|a| a.name == n)
+                .map(|a| format!("{n} {:.3}", a.score))
+        };
+        let mut parts: Vec<String> = ["candidate", "live", "base+prompt", "constant"]
+            .iter()
+            .filter_map(|n| arm(n))
+            .collect();
+        parts.push(format!("KL {:.3}", self.forgetting.kl));
+        let head = format!(
+            "{} {:?} on {} eval examples: {}",
+            if self.passed { "pass" } else { "fail" },
+            self.metric,
+            self.eval_examples,
+            parts.join(", ")
+        );
+        if self.reasons.is_empty() {
+            head
+        } else {
+            format!("{head}; {}", self.reasons.join("; "))
+        }
+    }
+}
+
+pub struct GateInputs<'a> {
+    pub model: &'a Model,
+    pub tok: &'a Tok,
+    pub template: &'a ChatTemplate,
+    pub train: &'a [SnapshotRow],
+    pub eval: &'a [SnapshotRow],
+    pub candidate: &'a LoraAdapter,
+    /// The live version (its id) when there is one.
+    pub live: Option<(&'a str, &'a LoraAdapter)>,
+    pub options: &'a GateOptions,
+    pub seed: u64,
+    /// Prompts per forward.
+    pub batch: usize,
+}
+
+fn hash64(seed: u64, s: &str) -> u64 {
+    let d = Sha256::new()
+        .chain_update(seed.to_le_bytes())
+        .chain_update(s.as_bytes())
+        .finalize();
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// The messages before the answer and the answer, of a chat or text example.
+fn split_example(body: &ExampleBody) -> Result<(Vec<ChatMessage>, String)> {
+    match body {
+        ExampleBody::Chat { messages } => {
+            let Some((last, before)) = messages
+                .split_last()
+                .filter(|(l, b)| l.role == "assistant" && !b.is_empty())
+            else {
+                return Err(TrainError::Data(
+                    "an eval example does not end with an assistant answer".into(),
+                ));
+            };
+            Ok((
+                before
+                    .iter()
+                    .map(|m| ChatMessage::new(&m.role, &m.content))
+                    .collect(),
+                last.content.clone(),
+            ))
+        }
+        ExampleBody::Text { prompt, completion } => {
+            Ok((vec![ChatMessage::new("user", prompt)], completion.clone()))
+        }
+    }
+}
+
+fn norm_label(s: &str) -> String {
+    s.trim()
+        .trim_matches(|c: char| c == '"' || c == '\'' || c == '.' || c == '`')
+        .trim()
+        .to_lowercase()
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// SQuAD-style token F1 of a bag of words.
+pub fn token_f1(pred: &str, want: &str) -> f64 {
+    let (p, w) = (words(pred), words(want));
+    if p.is_empty() || w.is_empty() {
+        return (p.is_empty() && w.is_empty()) as u8 as f64;
+    }
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for t in &w {
+        *counts.entry(t).or_default() += 1;
+    }
+    let mut same = 0;
+    for t in &p {
+        if let Some(c) = counts.get_mut(t.as_str()) {
+            if *c > 0 {
+                *c -= 1;
+                same += 1;
+            }
+        }
+    }
+    if same == 0 {
+        return 0.0;
+    }
+    let (pr, rc) = (same as f64 / p.len() as f64, same as f64 / w.len() as f64);
+    2.0 * pr * rc / (pr + rc)
+}
+
+/// JSON answer score: 0 unless it is a JSON object holding every required key;
+/// then the share of required keys whose values equal the expected answer's
+/// (1 when the expected answer is not JSON).
+pub fn json_score(pred: &str, want: &str, keys: &[String]) -> f64 {
+    let Ok(serde_json::Value::Object(p)) = serde_json::from_str::<serde_json::Value>(pred.trim())
+    else {
+        return 0.0;
+    };
+    if !keys.iter().all(|k| p.contains_key(k)) {
+        return 0.0;
+    }
+    match serde_json::from_str::<serde_json::Value>(want.trim()) {
+        Ok(serde_json::Value::Object(w)) if !keys.is_empty() => {
+            keys.iter().filter(|k| p.get(*k) == w.get(*k)).count() as f64 / keys.len() as f64
+        }
+        _ => 1.0,
+    }
+}
+
+pub fn score(metric: Metric, pred: &str, want: &str, keys: &[String]) -> f64 {
+    match metric {
+        Metric::Exact => (pred.trim() == want.trim()) as u8 as f64,
+        Metric::Label => (norm_label(pred) == norm_label(want)) as u8 as f64,
+        Metric::Json => json_score(pred, want, keys),
+        Metric::TokenF1 => token_f1(pred, want),
+    }
+}
+
+/// The metric for `auto`: labels when every eval row has one, JSON when keys are
+/// declared, exact match for short answers (median at most 8 words), token F1 else.
+pub fn choose_metric(opt: &GateOptions, eval: &[SnapshotRow]) -> Result<Metric> {
+    Ok(match opt.metric.as_str() {
+        "exact" => Metric::Exact,
+        "label" => Metric::Label,
+        "json" => Metric::Json,
+        "token_f1" => Metric::TokenF1,
+        "auto" => {
+            if !eval.is_empty() && eval.iter().all(|r| r.label.is_some()) {
+                Metric::Label
+            } else if !opt.json_keys.is_empty() {
+                Metric::Json
+            } else {
+                let mut lens = eval
+                    .iter()
+                    .map(|r| split_example(&r.body).map(|(_, a)| words(&a).len()))
+                    .collect::<Result<Vec<_>>>()?;
+                lens.sort_unstable();
+                if lens.get(lens.len() / 2).copied().unwrap_or(0) <= 8 {
+                    Metric::Exact
+                } else {
+                    Metric::TokenF1
+                }
+            }
+        }
+        other => return Err(TrainError::Setting(format!("gate.metric `{other}`"))),
+    })
+}
+
+fn expected(metric: Metric, row: &SnapshotRow) -> Result<String> {
+    let (_, answer) = split_example(&row.body)?;
+    Ok(match (metric, &row.label) {
+        (Metric::Label, Some(l)) => l.clone(),
+        _ => answer,
+    })
+}
+
+fn is_binary(x: &[f64]) -> bool {
+    x.iter().all(|v| *v == 0.0 || *v == 1.0)
+}
+
+fn arm(name: &str, answers: &[String], wants: &[String], m: Metric, keys: &[String], seed: u64, b: usize, secs: f64) -> Arm {
+    let scores: Vec<f64> = answers
+        .iter()
+        .zip(wants)
+        .map(|(a, w)| score(m, a, w, keys))
+        .collect();
+    let interval = if is_binary(&scores) {
+        wilson(scores.iter().filter(|s| **s == 1.0).count(), scores.len())
+    } else {
+        bootstrap_mean(&scores, b, seed)
+    };
+    Arm {
+        name: name.into(),
+        score: mean(&scores),
+        interval,
+        n: scores.len(),
+        seconds: secs,
+        samples: wants
+            .iter()
+            .zip(answers)
+            .take(3)
+            .map(|(w, a)| (w.clone(), a.clone()))
+            .collect(),
+        scores,
+    }
+}
+
+fn compare(cand: &Arm, other: &Arm, required: f64, b: usize, seed: u64) -> Comparison {
+    let interval = paired_bootstrap(&cand.scores, &other.scores, b, seed);
+    let mcnemar_p = (is_binary(&cand.scores) && is_binary(&other.scores)).then(|| {
+        let only_c = cand.scores.iter().zip(&other.scores).filter(|(c, o)| **c > **o).count();
+        let only_o = cand.scores.iter().zip(&other.scores).filter(|(c, o)| **c < **o).count();
+        mcnemar_exact(only_c, only_o)
+    });
+    Comparison {
+        against: other.name.clone(),
+        gain: cand.score - other.score,
+        interval,
+        mcnemar_p,
+        required,
+        beats: interval.0 > required,
+    }
+}
+
+fn render(template: &ChatTemplate, tok: &Tok, msgs: &[ChatMessage]) -> Result<Vec<u32>> {
+    Ok(tok.encode(&template.render(msgs, true)?, true)?)
+}
+
+/// The adapter's prompt for the base model: the system prompt, then `shots`
+/// train examples (seeded, distinct answers first) as earlier turns.
+fn prompt_prefix(opt: &GateOptions, train: &[SnapshotRow], seed: u64) -> Result<Vec<ChatMessage>> {
+    let mut out = Vec::new();
+    if let Some(s) = &opt.system_prompt {
+        out.push(ChatMessage::new("system", s));
+    }
+    let mut order: Vec<&SnapshotRow> = train.iter().collect();
+    order.sort_by_key(|r| hash64(seed, &r.input_key));
+    let mut seen = std::collections::BTreeSet::new();
+    let mut picked: Vec<&SnapshotRow> = Vec::new();
+    for r in &order {
+        if picked.len() == opt.shots {
+            break;
+        }
+        let (_, a) = split_example(&r.body)?;
+        if seen.insert(a) {
+            picked.push(r);
+        }
+    }
+    for r in &order {
+        if picked.len() >= opt.shots {
+            break;
+        }
+        if !picked.iter().any(|p| p.input_key == r.input_key) {
+            picked.push(r);
+        }
+    }
+    for r in picked {
+        let (msgs, a) = split_example(&r.body)?;
+        out.extend(msgs.into_iter().filter(|m| m.role != "system"));
+        out.push(ChatMessage::new("assistant", &a));
+    }
+    Ok(out)
+}
+
+fn with_prefix(prefix: &[ChatMessage], msgs: &[ChatMessage]) -> Vec<ChatMessage> {
+    // the example's own system message joins the adapter's prompt
+    let (sys, rest): (Vec<&ChatMessage>, Vec<&ChatMessage>) =
+        msgs.iter().partition(|m| m.role == "system");
+    let mut out: Vec<ChatMessage> = prefix.to_vec();
+    if let Some(s) = sys.first() {
+        match out.first_mut().filter(|m| m.role == "system") {
+            Some(first) => first.content = format!("{}\n\n{}", first.content, s.content),
+            None => out.insert(0, (*s).clone()),
+        }
+    }
+    out.extend(rest.into_iter().cloned());
+    out
+}
+
+fn log_softmax(l: &[f32]) -> Vec<f64> {
+    let m = l.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
+    let z = l.iter().map(|x| (*x as f64 - m).exp()).sum::<f64>().ln() + m;
+    l.iter().map(|x| *x as f64 - z).collect()
+}
+
+fn kl(base: &[f32], cand: &[f32]) -> f64 {
+    let (p, q) = (log_softmax(base), log_softmax(cand));
+    p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>().max(0.0)
+}
+
+/// Mean per-token KL(base || candidate) along the base model's greedy answers
+/// to [`GENERAL_PROMPTS`] (at most `max_new` tokens each, the end-of-turn included).
+pub fn forgetting(
+    model: &Model,
+    tok: &Tok,
+    template: &ChatTemplate,
+    candidate: &LoraAdapter,
+    max_new: usize,
+    bound: f64,
+) -> Result<Forgetting> {
+    let prompts = GENERAL_PROMPTS
+        .iter()
+        .map(|p| render(template, tok, &[ChatMessage::new("user", p)]))
+        .collect::<Result<Vec<_>>>()?;
+    let answers = generate_ids(model, tok, None, &prompts, max_new, prompts.len())?;
+    let (mut total, mut tokens, mut worst) = (0.0f64, 0usize, 0.0f64);
+    for (p, a) in prompts.iter().zip(&answers) {
+        let (mut kb, mut kc) = (model.new_cache(), model.new_cache());
+        let mut feed = p.clone();
+        let mut sum = 0.0;
+        for step in 0..=a.len() {
+            let lb = model.forward(&mut [BatchItem { tokens: &feed, adapter: None, kv: &mut kb, want_logits: true }])?;
+            let lc = model.forward(&mut [BatchItem { tokens: &feed, adapter: Some(candidate), kv: &mut kc, want_logits: true }])?;
+            let (Some(lb), Some(lc)) = (lb.first(), lc.first()) else {
+                return Err(TrainError::Setting("the model returned no logits".into()));
+            };
+            sum += kl(lb, lc);
+            if step < a.len() {
+                feed = vec![a[step]];
+            }
+        }
+        let n = a.len() + 1;
+        total += sum;
+        tokens += n;
+        worst = worst.max(sum / n as f64);
+    }
+    let kl = total / tokens.max(1) as f64;
+    Ok(Forgetting {
+        prompts: prompts.len(),
+        tokens,
+        kl,
+        max_prompt_kl: worst,
+        bound,
+        ok: kl <= bound,
+    })
+}
+
+/// Run the gate.
+pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
+    let started = std::time::Instant::now();
+    let opt = g.options;
+    if g.eval.is_empty() {
+        return Err(TrainError::Data(
+            "the snapshot's eval split is empty: the gate has nothing to judge on".into(),
+        ));
+    }
+    let metric = choose_metric(opt, g.eval)?;
+    // a seeded sample when the split is larger than max_eval
+    let mut rows: Vec<&SnapshotRow> = g.eval.iter().collect();
+    if rows.len() > opt.max_eval {
+        rows.sort_by_key(|r| hash64(g.seed, &r.input_key));
+        rows.truncate(opt.max_eval);
+    }
+    let wants = rows
+        .iter()
+        .map(|r| expected(metric, r))
+        .collect::<Result<Vec<_>>>()?;
+    let msgs = rows
+        .iter()
+        .map(|r| split_example(&r.body).map(|(m, _)| m))
+        .collect::<Result<Vec<_>>>()?;
+    let plain = msgs
+        .iter()
+        .map(|m| render(g.template, g.tok, m))
+        .collect::<Result<Vec<_>>>()?;
+    let keys = &opt.json_keys;
+    let b = opt.bootstrap;
+    let timed = |adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>]| -> Result<(Vec<String>, f64)> {
+        let t = std::time::Instant::now();
+        let out = generate(g.model, g.tok, adapter, prompts, opt.max_new_tokens, g.batch)?;
+        Ok((out, t.elapsed().as_secs_f64()))
+    };
+    let mut arms = Vec::new();
+    let (ans, s) = timed(Some(g.candidate), &plain)?;
+    arms.push(arm("candidate", &ans, &wants, metric, keys, g.seed, b, s));
+    if let Some((_, live)) = g.live {
+        let (ans, s) = timed(Some(live), &plain)?;
+        arms.push(arm("live", &ans, &wants, metric, keys, g.seed, b, s));
+    }
+    let prefix = prompt_prefix(opt, g.train, g.seed)?;
+    let prompted = msgs
+        .iter()
+        .map(|m| render(g.template, g.tok, &with_prefix(&prefix, m)))
+        .collect::<Result<Vec<_>>>()?;
+    let (ans, s) = timed(None, &prompted)?;
+    arms.push(arm("base+prompt", &ans, &wants, metric, keys, g.seed, b, s));
+    // the most common training answer, for every input
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in g.train {
+        *counts.entry(expected(metric, r)?).or_default() += 1;
+    }
+    if let Some((constant, _)) = counts.iter().max_by_key(|(a, n)| (**n, std::cmp::Reverse(a.as_str()))) {
+        let ans = vec![constant.clone(); wants.len()];
+        arms.push(arm("constant", &ans, &wants, metric, keys, g.seed, b, 0.0));
+    }
+    let forgetting = forgetting(
+        g.model,
+        g.tok,
+        g.template,
+        g.candidate,
+        opt.max_new_tokens,
+        opt.max_forgetting,
+    )?;
+    let cand = &arms[0];
+    let vs_live = arms
+        .iter()
+        .find(|a| a.name == "live")
+        .map(|l| compare(cand, l, opt.min_gain_over_live, b, g.seed));
+    let vs_baselines: Vec<Comparison> = arms
+        .iter()
+        .filter(|a| a.name == "base+prompt" || a.name == "constant")
+        .map(|o| compare(cand, o, opt.min_gain_over_baseline, b, g.seed))
+        .collect();
+    let mut reasons = Vec::new();
+    if cand.score < opt.min_score {
+        reasons.push(format!(
+            "score {:.3} below the minimum {:.3}",
+            cand.score, opt.min_score
+        ));
+    }
+    for c in vs_live.iter().chain(&vs_baselines) {
+        if !c.beats {
+            reasons.push(format!(
+                "does not beat {}: gain {:+.3}, 95% interval [{:+.3}, {:+.3}], needs the lower end above {:+.3}",
+                c.against, c.gain, c.interval.0, c.interval.1, c.required
+            ));
+        }
+    }
+    if !forgetting.ok {
+        reasons.push(format!(
+            "forgets: KL to the base {:.3} nats/token on general prompts, bound {:.3}",
+            forgetting.kl, forgetting.bound
+        ));
+    }
+    Ok(GateReport {
+        metric,
+        eval_examples: rows.len(),
+        eval_split: g.eval.len(),
+        passed: reasons.is_empty(),
+        arms,
+        vs_live,
+        vs_baselines,
+        forgetting,
+        reasons,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics() {
+        assert_eq!(score(Metric::Exact, " card_arrival\n", "card_arrival", &[]), 1.0);
+        assert_eq!(score(Metric::Exact, "Card_arrival", "card_arrival", &[]), 0.0);
+        assert_eq!(score(Metric::Label, "\"Card_Arrival\".", "card_arrival", &[]), 1.0);
+        let keys = vec!["intent".to_string(), "urgency".to_string()];
+        let want = r#"{"intent": "refund", "urgency": "high"}"#;
+        assert_eq!(json_score(r#"{"intent": "refund", "urgency": "low"}"#, want, &keys), 0.5);
+        assert_eq!(json_score(r#"{"intent": "refund"}"#, want, &keys), 0.0);
+        assert_eq!(json_score("intent: refund", want, &keys), 0.0);
+        assert_eq!(json_score(r#"{"intent": "x", "urgency": "y"}"#, "free text", &keys), 1.0);
+        // SQuAD: pred "the cat sat" vs "a cat sat down": 2 shared, P 2/3, R 2/4
+        assert!((token_f1("the cat sat", "a cat sat down") - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5)).abs() < 1e-12);
+        assert_eq!(token_f1("", ""), 1.0);
+        assert_eq!(token_f1("x", ""), 0.0);
+    }
+}
