@@ -408,6 +408,15 @@ impl Registry {
         )?)
     }
 
+    /// Runs `holder` left `running` (it is starting again, so they died with an
+    /// earlier process) become `crashed`; returns how many.
+    pub fn mark_crashed_of(&self, holder: &str) -> R<usize> {
+        Ok(self.conn().execute(
+            "UPDATE runs SET status = 'crashed', finished_at = ?2, updated_at = ?2 WHERE holder = ?1 AND status = 'running'",
+            params![holder, now_ms()],
+        )?)
+    }
+
     /// Runs of `tenant/name`, newest first.
     pub fn runs(&self, tenant: &str, name: &str, limit: usize) -> R<Vec<RunInfo>> {
         let conn = self.conn();

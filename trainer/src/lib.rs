@@ -10,6 +10,7 @@
 //! - [`run`]: a whole job from a snapshot or JSONL file to a registered version.
 
 pub mod batches;
+pub mod daemon;
 pub mod error;
 pub mod eval;
 pub mod examples;
@@ -20,6 +21,7 @@ pub mod plot;
 pub mod run;
 pub mod stats;
 pub mod train;
+pub mod watch;
 
 pub use error::{Result, TrainError};
 pub use examples::{encode, prepare, Encoded, Overflow, Prepared};

@@ -288,3 +288,27 @@ pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
+
+/// Module indices (into [`retune_adapters::MODULES`] order: q,k,v,o,gate,up,down)
+/// from names (`q`, `q_proj`, …, or `all`), sorted and deduplicated.
+pub fn parse_modules(names: &[String]) -> crate::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for n in names {
+        let n = n.trim().trim_end_matches("_proj");
+        if n == "all" {
+            out.extend(0..7);
+            continue;
+        }
+        let i = ["q", "k", "v", "o", "gate", "up", "down"]
+            .iter()
+            .position(|m| *m == n)
+            .ok_or_else(|| crate::TrainError::Setting(format!("unknown module `{n}`")))?;
+        out.push(i);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err(crate::TrainError::Setting("no target modules".into()));
+    }
+    Ok(out)
+}

@@ -49,6 +49,27 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// The loop: watch the examples store, train adapters that are due, gate
+    /// them, roll out the ones that pass, watch them and roll back regressions.
+    Daemon {
+        #[command(flatten)]
+        at: SettingsArgs,
+        /// One pass (watches, then at most one training), then exit.
+        #[arg(long)]
+        once: bool,
+        /// Lease holder name (default: $HOSTNAME, else `retune-trainer`). A
+        /// restarted daemon with the same name takes its leases back at once.
+        #[arg(long, env = "RETUNE_TRAINER_HOLDER")]
+        holder: Option<String>,
+    },
+    /// Every adapter the daemon looks after: aliases, lease, last runs, watch.
+    Status {
+        #[command(flatten)]
+        at: SettingsArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the micro-batches a run would train on (JSONL: input_ids and labels
     /// with -100 where no loss is read), for peers measured on the same data.
     Tokenize {
@@ -61,6 +82,37 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         epochs: u64,
     },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = true)]
+struct SettingsArgs {
+    /// The settings file the server reads (TOML; RETUNE_<SECTION>__<KEY> overrides).
+    #[arg(long, conflicts_with_all = ["model", "root"])]
+    config: Option<PathBuf>,
+    /// Embedded defaults instead: this model…
+    #[arg(long, requires = "root")]
+    model: Option<PathBuf>,
+    /// …and this data root (registry.db, store/, datasets.db).
+    #[arg(long, requires = "model")]
+    root: Option<PathBuf>,
+}
+
+impl SettingsArgs {
+    fn load(&self) -> anyhow::Result<retune_config::Settings> {
+        Ok(match (&self.config, &self.model, &self.root) {
+            (Some(p), _, _) => retune_config::Settings::load(p, std::env::vars())?,
+            (None, Some(m), Some(r)) => retune_config::Settings::from_toml(
+                &format!(
+                    "[model]\npath = {:?}\n[adapters]\nroot = {:?}\n",
+                    m.to_string_lossy(),
+                    r.to_string_lossy()
+                ),
+                std::env::vars(),
+            )?,
+            _ => anyhow::bail!("--config FILE, or --model PATH with --root DIR"),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -174,22 +226,7 @@ struct TrainArgs {
 }
 
 fn modules(names: &[String]) -> anyhow::Result<Vec<usize>> {
-    let mut out = Vec::new();
-    for n in names {
-        let n = n.trim().trim_end_matches("_proj");
-        if n == "all" {
-            out.extend(0..7);
-            continue;
-        }
-        let i = ["q", "k", "v", "o", "gate", "up", "down"]
-            .iter()
-            .position(|m| *m == n)
-            .ok_or_else(|| TrainError::Setting(format!("unknown module `{n}`")))?;
-        out.push(i);
-    }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
+    Ok(retune_trainer::lora::parse_modules(names)?)
 }
 
 fn split_ref(r: &str) -> anyhow::Result<(String, String)> {
@@ -212,7 +249,7 @@ fn source(c: &Common) -> anyhow::Result<DataSource> {
             }
         };
         return Ok(DataSource::Snapshot {
-            root: c.root.clone(),
+            db: c.root.join("datasets.db"),
             tenant,
             id: id.clone(),
         });
@@ -444,6 +481,92 @@ fn tokenize_cmd(c: Common, out: PathBuf, epochs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn daemon_cmd(at: &SettingsArgs, once: bool, holder: Option<String>) -> anyhow::Result<()> {
+    let settings = at.load()?;
+    let t = &settings.trainer;
+    // before any thread exists, so every thread inherits them
+    if t.threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", t.threads.to_string());
+    }
+    #[cfg(target_os = "linux")]
+    unsafe {
+        // serving on the same node wins the CPU when both want it
+        libc::setpriority(libc::PRIO_PROCESS, 0, t.nice);
+    }
+    let holder = holder
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "retune-trainer".into());
+    let poll = std::time::Duration::from_secs_f64(t.poll_seconds);
+    let d = retune_trainer::daemon::Daemon::open(settings, holder)?;
+    eprintln!("retune-trainer daemon: holder {}, looking every {:?}", d.holder, poll);
+    loop {
+        match d.pass() {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    println!("{}", serde_json::to_string(&o)?);
+                }
+            }
+            // a failing pass (a store briefly unavailable) is retried next pass
+            Err(e) if !once => tracing::error!("pass failed: {e}"),
+            Err(e) => return Err(e.into()),
+        }
+        if once {
+            return Ok(());
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+fn status_cmd(at: &SettingsArgs, json: bool) -> anyhow::Result<()> {
+    let settings = at.load()?;
+    let root = settings
+        .adapters
+        .root
+        .clone()
+        .ok_or_else(|| TrainError::Setting("adapters.root is not set".into()))?;
+    let st = retune_trainer::daemon::status(&settings, &root)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    let c = &st.counts;
+    println!(
+        "runs {:?}; gate passes {}, fails {}; automatic rollbacks {}; watching {}",
+        c.runs, c.gate_passes, c.gate_fails, c.auto_rollbacks, c.watching
+    );
+    for a in &st.adapters {
+        println!(
+            "{}/{}: live {}, canary {}, lease {}, {} new examples since the last data mark",
+            a.tenant,
+            a.name,
+            a.live.as_deref().unwrap_or("-"),
+            a.canary.as_ref().map(|c| format!("{} at {}%", c.0, c.1)).unwrap_or_else(|| "-".into()),
+            a.lease.as_deref().unwrap_or("free"),
+            a.new_examples
+        );
+        for r in &a.runs {
+            println!(
+                "  run {} {}{}: {}",
+                r.id,
+                r.status,
+                r.version.as_ref().map(|v| format!(" → {v}")).unwrap_or_default(),
+                r.detail.get("reason").and_then(|x| x.as_str()).unwrap_or("")
+            );
+        }
+        if let Some(w) = &a.watch {
+            println!(
+                "  watch {} ({}): {} {}",
+                w.version,
+                w.mode,
+                w.status,
+                w.verdict.get("state").and_then(|x| x.as_str()).unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Keep freed memory in the process: training allocates and frees the same
 /// activation-sized buffers every step, and glibc's defaults hand each large one
 /// back to the kernel (the next step then pays a page fault per 4 KiB; measured
@@ -515,6 +638,7 @@ fn main() {
         Cmd::Train(a) => a.common.threads,
         Cmd::Tokenize { common, .. } => common.threads,
         Cmd::Eval { threads, .. } => *threads,
+        Cmd::Daemon { .. } | Cmd::Status { .. } => None,
     };
     if let Some(t) = threads {
         // before anything starts rayon: candle and gemm size their work by it
@@ -543,6 +667,8 @@ fn main() {
             max_new,
             ..
         } => eval_cmd(&model, &data, &adapter, limit, batch, max_new),
+        Cmd::Daemon { at, once, holder } => daemon_cmd(&at, once, holder),
+        Cmd::Status { at, json } => status_cmd(&at, json),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 /// Where the examples come from.
 pub enum DataSource {
-    /// A snapshot in the datasets store at `root/datasets.db`: its train and eval splits.
+    /// A snapshot in the datasets store (SQLite file `db`): its train and eval splits.
     Snapshot {
-        root: PathBuf,
+        db: PathBuf,
         tenant: String,
         id: String,
     },
@@ -31,15 +31,14 @@ pub fn read_source(
     src: &DataSource,
 ) -> Result<(Vec<ExampleBody>, Vec<ExampleBody>, Option<String>)> {
     match src {
-        DataSource::Snapshot { root, tenant, id } => {
-            let db = root.join("datasets.db");
+        DataSource::Snapshot { db, tenant, id } => {
             if !db.exists() {
                 return Err(TrainError::Data(format!(
                     "no datasets store at {}",
                     db.display()
                 )));
             }
-            let store = SqliteStore::open(&db)?;
+            let store = SqliteStore::open(db)?;
             let rows = store.snapshot_rows(tenant, id)?;
             if rows.is_empty() {
                 return Err(TrainError::Data(format!("snapshot {id} is empty")));
