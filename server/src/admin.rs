@@ -36,7 +36,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/adapters/{tenant}/{name}/retire",
             web::post().to(retire),
-        );
+        )
+        .route("/admin/adapters/{tenant}/{name}/runs", web::get().to(runs))
+        .route("/admin/adapters/{tenant}/{name}/gate", web::get().to(gate))
+        .route("/admin/adapters/{tenant}/{name}/watch", web::get().to(watch));
 }
 
 /// The admin key, checked.
@@ -107,6 +110,55 @@ async fn show(
     })
     .await?;
     Ok(HttpResponse::Ok().json(v))
+}
+
+/// The trainer's runs of an adapter, newest first (what triggered each, its
+/// snapshot, training record, gate report and outcome).
+async fn runs(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let (t, n) = path.into_inner();
+    let v = blocking(move || Ok(reg.runs(&t, &n, 50)?)).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
+}
+
+/// The gate's verdict on every version it judged (passed ones and rejected,
+/// retired ones), oldest first.
+async fn gate(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let (t, n) = path.into_inner();
+    let v = blocking(move || {
+        Ok(reg
+            .versions(&t, &n)?
+            .into_iter()
+            .filter(|v| v.metadata.get("gate").is_some())
+            .map(|v| {
+                serde_json::json!({"version": v.id, "created_at": v.created_at, "retired": v.retired,
+                                   "run": v.metadata.get("run"), "gate": v.metadata["gate"]})
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
+}
+
+/// Watches after rollouts, newest first, with their latest figures.
+async fn watch(
+    state: Data,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = admin(&state, &req)?;
+    let (t, n) = path.into_inner();
+    let v = blocking(move || Ok(reg.watches(&t, &n)?)).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
 }
 
 #[derive(Deserialize)]

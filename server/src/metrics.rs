@@ -23,6 +23,12 @@ pub struct Metrics {
     pub capture_dropped: prometheus::IntCounter,
     pub feedback: IntCounterVec,
     pub tainted_live: IntGauge,
+    pub trainer_runs: IntCounterVec,
+    pub trainer_running: IntGauge,
+    pub gate_decisions: IntCounterVec,
+    pub auto_rollbacks: prometheus::IntCounter,
+    pub trainer_last_run: IntGauge,
+    pub watches_open: IntGauge,
     pub snapshot_examples: Histogram,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -140,6 +146,30 @@ impl Metrics {
             "Adapters whose live version was trained on erased data",
         )?;
         r.register(Box::new(tainted_live.clone()))?;
+        let trainer_runs = IntCounterVec::new(
+            Opts::new("retune_trainer_runs_total", "Finished trainer runs by outcome (promoted, canary, rejected, failed, skipped, crashed)"),
+            &["status"],
+        )?;
+        let trainer_running = IntGauge::new("retune_trainer_running_runs", "Trainer runs in progress")?;
+        let gate_decisions = IntCounterVec::new(
+            Opts::new("retune_gate_decisions_total", "Eval gate verdicts"),
+            &["result"],
+        )?;
+        let auto_rollbacks = prometheus::IntCounter::new(
+            "retune_auto_rollbacks_total",
+            "Rollouts undone by the watch after promotion",
+        )?;
+        let trainer_last_run = IntGauge::new(
+            "retune_trainer_last_run_timestamp_seconds",
+            "When the last trainer run finished (Unix seconds; 0: never)",
+        )?;
+        let watches_open = IntGauge::new("retune_watches_open", "Rolled-out versions being watched")?;
+        r.register(Box::new(trainer_runs.clone()))?;
+        r.register(Box::new(trainer_running.clone()))?;
+        r.register(Box::new(gate_decisions.clone()))?;
+        r.register(Box::new(auto_rollbacks.clone()))?;
+        r.register(Box::new(trainer_last_run.clone()))?;
+        r.register(Box::new(watches_open.clone()))?;
         let snapshot_examples = Histogram::with_opts(
             HistogramOpts::new(
                 "retune_dataset_snapshot_examples",
@@ -169,6 +199,12 @@ impl Metrics {
             capture_dropped,
             feedback,
             tainted_live,
+            trainer_runs,
+            trainer_running,
+            gate_decisions,
+            auto_rollbacks,
+            trainer_last_run,
+            watches_open,
             snapshot_examples,
             seen_adapters: Default::default(),
             max_adapters,

@@ -64,10 +64,25 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
         crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
     }
     if let Some(reg) = state.registry.clone() {
-        let n = web::block(move || reg.tainted_live_count())
+        let (n, c) = web::block(move || Ok::<_, retune_adapters::RegistryError>((reg.tainted_live_count()?, reg.loop_counts()?)))
             .await
             .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
         m.tainted_live.set(n);
+        // the trainer writes these to the shared registry; the server reports them
+        let mut running = 0;
+        for (status, count) in &c.runs {
+            if status == "running" {
+                running = *count;
+            } else {
+                crate::metrics::catch_up(&m.trainer_runs.with_label_values(&[status]), *count as u64);
+            }
+        }
+        m.trainer_running.set(running);
+        crate::metrics::catch_up(&m.gate_decisions.with_label_values(&["pass"]), c.gate_passes as u64);
+        crate::metrics::catch_up(&m.gate_decisions.with_label_values(&["fail"]), c.gate_fails as u64);
+        crate::metrics::catch_up(&m.auto_rollbacks, c.auto_rollbacks as u64);
+        m.trainer_last_run.set(c.last_run_finished.unwrap_or(0) / 1000);
+        m.watches_open.set(c.watching);
     }
     let mut out = Vec::new();
     use prometheus::Encoder;
@@ -232,6 +247,8 @@ struct CaptureCtx {
     user: Option<String>,
     /// Scrub personal data before storing (tenant setting).
     scrub: bool,
+    /// The adapter version serving it (set when it is submitted).
+    adapter: Option<retune_adapters::AdapterRef>,
 }
 
 /// A parsed, authenticated request with its adapter resolved: the part chat and
@@ -285,6 +302,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
             request: serde_json::Value::Null,
             user: c.user.clone(),
             scrub,
+            adapter: None,
         }),
     };
     Ok(Admitted {
@@ -333,6 +351,36 @@ fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
         completion_tokens: c.completion_tokens(),
         ttft_ms: ms(c.timings.first_token),
         total_ms: ms(c.timings.total),
+        user: ctx.user.clone(),
+        created_at: now_ms(),
+    };
+    if ctx.scrub {
+        scrub_record(&mut record);
+    }
+    w.capture(record);
+}
+
+/// Record a completion that failed (finish `error`): the watch after a rollout
+/// counts a version's errors from these.
+fn capture_error(state: &AppState, job: &Job, started: Instant) {
+    let (Some(ctx), Some(w)) = (&job.capture, &state.capture) else {
+        return;
+    };
+    let mut record = CapturedCompletion {
+        id: job.id.clone(),
+        tenant: ctx.tenant.clone(),
+        adapter: ctx.adapter.as_ref().map(|a| a.name().to_string()),
+        version: ctx.adapter.as_ref().map(|a| a.version().to_string()),
+        base_fingerprint: state.base.fingerprint.clone(),
+        request: ctx.request.clone(),
+        params: serde_json::Value::Null,
+        output_text: String::new(),
+        output_ids: Vec::new(),
+        finish: "error".into(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        ttft_ms: 0.0,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
         user: ctx.user.clone(),
         created_at: now_ms(),
     };
@@ -488,9 +536,12 @@ fn stream_error(job: &Job, err: ApiError) -> String {
     )
 }
 
-async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResponse, ApiError> {
+async fn generate(state: Data, valid: ValidRequest, mut job: Job) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let adapter = valid.adapter().cloned();
+    if let Some(ctx) = &mut job.capture {
+        ctx.adapter = adapter.clone();
+    }
     let mut stream = state.backend.submit(valid)?;
     let mut resp = HttpResponse::Ok();
     if let Some(a) = &adapter {
@@ -536,8 +587,14 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                         "model": job.model, "choices": [choice], "usage": usage(&c)}),
                     ));
                 }
-                Some(Event::Error(e)) => return Err(e.into()),
-                None => return Err(ended(&state)),
+                Some(Event::Error(e)) => {
+                    capture_error(&state, &job, started);
+                    return Err(e.into());
+                }
+                None => {
+                    capture_error(&state, &job, started);
+                    return Err(ended(&state));
+                }
             }
         }
     }
@@ -599,10 +656,12 @@ async fn generate(state: Data, valid: ValidRequest, job: Job) -> Result<HttpResp
                         finished = true;
                     }
                     Some(Event::Error(e)) => {
+                        capture_error(&st, &job, started);
                         out.push_str(&stream_error(&job, e.into()));
                         finished = true;
                     }
                     None => {
+                        capture_error(&st, &job, started);
                         out.push_str(&stream_error(&job, ended(&st)));
                         finished = true;
                     }

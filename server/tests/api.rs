@@ -13,6 +13,7 @@ struct TestApp {
     version: String,
     version2: String,
     root: std::path::PathBuf,
+    model: std::path::PathBuf,
 }
 
 fn spawn_app(name: &str) -> TestApp {
@@ -98,6 +99,7 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
         version: v.id,
         version2: v2.id,
         root,
+        model,
     }
 }
 
@@ -747,4 +749,65 @@ fn tensor_backend_serves_the_same_completions_and_cuda_without_the_feature_is_a_
             .to_string();
         assert!(err.contains("--features cuda"), "{err}");
     }
+}
+
+/// What the trainer writes to the shared registry — runs, gate verdicts,
+/// watches, automatic rollbacks — is visible through the admin API and /metrics.
+#[test]
+fn the_loop_is_visible_through_the_admin_api_and_metrics() {
+    use retune_adapters::{Decision, Rollout, WatchEnd};
+    let app = spawn_app("loop");
+    let reg = Registry::open(
+        &app.root.join("registry.db"),
+        Arc::new(LocalStore::new(&app.root.join("store")).unwrap()),
+        1 << 30,
+    )
+    .unwrap();
+    let m = retune_engine::load(&app.model).unwrap().model;
+    let base = ServedBase { shapes: m.base_shapes(), fingerprint: m.fingerprint() };
+    let dir = app.root.join("cand");
+    tiny::write_adapter(&dir, &TinySpec::default(), 8, &[0, 1], 9, 16.0, 0.5).unwrap();
+    assert!(reg.acquire_lease("acme", "tickets", "node-a", 60_000).unwrap());
+    reg.run_start("run-1", "acme", "tickets", "node-a").unwrap();
+    let gate = serde_json::json!({"passed": true, "metric": "label", "reasons": []});
+    let (v, _) = reg
+        .register_gated(
+            NewVersion { tenant: "acme", name: "tickets", dir: &dir, source: "trainer:x", parent: Some(&app.version),
+                         metadata: serde_json::json!({"gate": gate, "run": "run-1"}), claimed_base: None, actor: "retune-trainer" },
+            &base,
+            &Decision::Pass { expect: Expect::Version(app.version.clone()), rollout: Rollout::Canary(30), watch: true, summary: "pass".into() },
+            "node-a",
+        )
+        .unwrap();
+    reg.run_update("run-1", "canary", Some("snap-1"), Some(&v.id), &serde_json::json!({"reason": "pass"}), true).unwrap();
+    let p = "/admin/adapters/acme/tickets";
+    let runs = json(&http(&app, "GET", &format!("{p}/runs"), Some("admin-key"), ""));
+    assert_eq!(runs["data"][0]["status"], "canary");
+    assert_eq!(runs["data"][0]["version"], v.id.as_str());
+    let g = json(&http(&app, "GET", &format!("{p}/gate"), Some("admin-key"), ""));
+    assert_eq!(g["data"][0]["version"], v.id.as_str());
+    assert_eq!(g["data"][0]["gate"]["passed"], true);
+    let w = json(&http(&app, "GET", &format!("{p}/watch"), Some("admin-key"), ""));
+    assert_eq!(w["data"][0]["status"], "watching");
+    assert_eq!(w["data"][0]["mode"], "canary");
+    assert_eq!(http(&app, "GET", &format!("{p}/runs"), Some("acme-key"), "").status, 401);
+    // the canary serves its share: requests reach it through the change feed
+    let watch = reg.open_watches().unwrap().remove(0);
+    let end = reg
+        .finish_watch(&watch, WatchEnd::Regressed, &serde_json::json!({"state": "regressed"}), "retune-trainer", "regressed: 0.3 vs 0.1")
+        .unwrap();
+    assert_eq!(end, "rolled_back");
+    let metrics = http(&app, "GET", "/metrics", None, "").body;
+    for line in [
+        "retune_trainer_runs_total{status=\"canary\"} 1",
+        "retune_gate_decisions_total{result=\"pass\"} 1",
+        "retune_auto_rollbacks_total 1",
+        "retune_watches_open 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    assert!(!metrics.contains("retune_trainer_last_run_timestamp_seconds 0\n"), "{metrics}");
+    let show = json(&http(&app, "GET", p, Some("admin-key"), ""));
+    assert!(show["state"]["canary"].is_null());
+    assert_eq!(show["state"]["live"], app.version.as_str());
 }
