@@ -172,6 +172,47 @@ async fn resolve(
     }
 }
 
+/// A task the tenant declared in `[[trainer.adapters]]` that has no live version
+/// yet: the base model with the task's system prompt serves it (the baseline the
+/// gate measures), and its completions are captured under the task's name, so
+/// corrections to them train its first version.
+fn declared<'a>(state: &'a AppState, tenant: &str, model: &str) -> Option<Declared> {
+    let t = &state.settings.trainer;
+    t.adapters
+        .iter()
+        .find(|a| a.enabled && a.tenant == tenant && a.name == model)
+        .map(|a| Declared {
+            name: a.name.clone(),
+            system_prompt: a.resolve(&t.defaults).gate.system_prompt,
+        })
+}
+
+#[derive(Clone, Debug)]
+struct Declared {
+    name: String,
+    system_prompt: Option<String>,
+}
+
+/// The task's system prompt first (joined with the request's own system
+/// message), then the request's other messages — as the gate's base+prompt arm
+/// renders them.
+fn with_system_prompt(prompt: &str, msgs: Vec<ChatMessage>) -> Vec<ChatMessage> {
+    let mut system = prompt.to_string();
+    let mut rest = Vec::with_capacity(msgs.len() + 1);
+    let mut joined = false;
+    for m in msgs {
+        if m.role == "system" && !joined {
+            system = format!("{system}\n\n{}", m.content);
+            joined = true;
+        } else {
+            rest.push(m);
+        }
+    }
+    let mut out = vec![ChatMessage::new("system", &system)];
+    out.extend(rest);
+    out
+}
+
 /// Sampling parameters from the request, checked before any expensive work.
 fn params(
     state: &AppState,
@@ -249,6 +290,8 @@ struct CaptureCtx {
     scrub: bool,
     /// The adapter version serving it (set when it is submitted).
     adapter: Option<retune_adapters::AdapterRef>,
+    /// The declared task it is captured under when no version serves it yet.
+    declared: Option<String>,
 }
 
 /// A parsed, authenticated request with its adapter resolved: the part chat and
@@ -258,6 +301,8 @@ struct Admitted<T> {
     job: Job,
     params: SamplingParams,
     adapter: Option<AdapterRef>,
+    /// A declared task served by the base model with its prompt.
+    declared: Option<Declared>,
 }
 
 async fn admit<T: serde::de::DeserializeOwned>(
@@ -280,7 +325,14 @@ async fn admit<T: serde::de::DeserializeOwned>(
     let lp = logprobs(&r);
     let params = params(state, c, lp)?;
     let id = completion_id(id_prefix);
-    let adapter = resolve(state, &t, &c.model, &id).await?;
+    let (adapter, declared) = match resolve(state, &t, &c.model, &id).await {
+        Ok(a) => (a, None),
+        Err(ApiError::NotFound(m)) => match declared(state, &t, &c.model) {
+            Some(d) => (None, Some(d)),
+            None => return Err(ApiError::NotFound(m)),
+        },
+        Err(e) => return Err(e),
+    };
     let request_id = req
         .extensions()
         .get::<RequestId>()
@@ -303,6 +355,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
             user: c.user.clone(),
             scrub,
             adapter: None,
+            declared: declared.as_ref().map(|d| d.name.clone()),
         }),
     };
     Ok(Admitted {
@@ -310,6 +363,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
         job,
         params,
         adapter,
+        declared,
     })
 }
 
@@ -339,7 +393,11 @@ fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
     let mut record = CapturedCompletion {
         id: job.id.clone(),
         tenant: ctx.tenant.clone(),
-        adapter: c.adapter.as_ref().map(|a| a.name().to_string()),
+        adapter: c
+            .adapter
+            .as_ref()
+            .map(|a| a.name().to_string())
+            .or_else(|| ctx.declared.clone()),
         version: c.adapter.as_ref().map(|a| a.version().to_string()),
         base_fingerprint: state.base.fingerprint.clone(),
         request: ctx.request.clone(),
@@ -369,7 +427,11 @@ fn capture_error(state: &AppState, job: &Job, started: Instant) {
     let mut record = CapturedCompletion {
         id: job.id.clone(),
         tenant: ctx.tenant.clone(),
-        adapter: ctx.adapter.as_ref().map(|a| a.name().to_string()),
+        adapter: ctx
+            .adapter
+            .as_ref()
+            .map(|a| a.name().to_string())
+            .or_else(|| ctx.declared.clone()),
         version: ctx.adapter.as_ref().map(|a| a.version().to_string()),
         base_fingerprint: state.base.fingerprint.clone(),
         request: ctx.request.clone(),
@@ -447,6 +509,10 @@ async fn chat(
         .iter()
         .map(|m| ChatMessage::new(&m.role, &m.content))
         .collect();
+    let msgs = match a.declared.as_ref().and_then(|d| d.system_prompt.as_deref()) {
+        Some(p) => with_system_prompt(p, msgs),
+        None => msgs,
+    };
     let text = state.backend.template().render(&msgs, true)?;
     let prompt = encode(&state, text).await?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;

@@ -77,7 +77,8 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
     drop(reg);
     let toml = format!(
         "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\n{}\n[adapters]\nroot = {:?}\n\
-         [auth]\nadmin_key_sha256 = \"{}\"\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n",
+         [auth]\nadmin_key_sha256 = \"{}\"\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n\
+         [[trainer.adapters]]\ntenant = \"acme\"\nname = \"intents\"\n[trainer.adapters.gate]\nsystem_prompt = \"Answer with one word.\"\n",
         model.to_string_lossy(),
         engine,
         root.to_string_lossy(),
@@ -810,4 +811,39 @@ fn the_loop_is_visible_through_the_admin_api_and_metrics() {
     let show = json(&http(&app, "GET", p, Some("admin-key"), ""));
     assert!(show["state"]["canary"].is_null());
     assert_eq!(show["state"]["live"], app.version.as_str());
+}
+
+/// A task declared in `[[trainer.adapters]]` with no version yet is served by the
+/// base model with the task's system prompt, and captured under the task's name.
+#[test]
+fn a_declared_task_is_served_by_the_base_with_its_prompt_until_a_version_is_live() {
+    let app = spawn_app("declared");
+    let ask = |key: &str, model: &str| {
+        http(&app, "POST", "/v1/chat/completions", Some(key),
+             &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"my card broke"}}],"max_tokens":2,"temperature":0}}"#))
+    };
+    let task = ask("acme-key", "intents");
+    assert_eq!(task.status, 200, "{}", task.body);
+    let tj = json(&task);
+    assert_eq!(tj["model"], "intents");
+    assert!(!task.headers.contains("x-retune-adapter-version"));
+    let base = json(&ask("acme-key", "tiny"));
+    let extra = tj["usage"]["prompt_tokens"].as_u64().unwrap() - base["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(extra >= 5, "the task's system prompt is in the prompt ({extra} more tokens)");
+    assert_eq!(ask("globex-key", "intents").status, 404, "another tenant's task");
+    assert_eq!(ask("acme-key", "nope").status, 404);
+    // captured under the task, without a version, the request as the client sent it
+    let data = retune_datasets::SqliteStore::open(&app.root.join("datasets.db")).unwrap();
+    let id = tj["id"].as_str().unwrap();
+    let mut got = None;
+    for _ in 0..100 {
+        if let Ok(c) = retune_datasets::DatasetStore::completion(&data, "acme", id) {
+            got = Some(c);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let c = got.expect("captured");
+    assert_eq!((c.adapter.as_deref(), c.version.as_deref()), (Some("intents"), None));
+    assert_eq!(c.request["messages"].as_array().unwrap().len(), 1, "{}", c.request);
 }
