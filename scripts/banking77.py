@@ -12,7 +12,7 @@ text,category; 10,003 rows; CC-BY-4.0, see the README and LICENSE there).
                                            [--data /work/shared/data/banking77]
   /work/pyenv/bin/python scripts/banking77.py baseline OUT_DIR
 
-split: shuffles the rows with random.Random(seed) (file order first, so the split is
+split (`--system ""`: no system message): shuffles the rows with random.Random(seed) (file order first, so the split is
 deterministic), takes the first --holdout rows as the holdout and the rest as train,
 and writes OUT_DIR/train.jsonl and OUT_DIR/holdout.jsonl, one line per example:
   {"messages": [{"role": "system", "content": SYSTEM},
@@ -46,10 +46,9 @@ def read_rows(data_dir):
 def write_jsonl(path, rows, system):
     with open(path, "w", encoding="utf-8") as f:
         for text, cat in rows:
-            ex = {"messages": [{"role": "system", "content": system},
-                               {"role": "user", "content": text},
-                               {"role": "assistant", "content": cat}],
-                  "label": cat}
+            msgs = [{"role": "system", "content": system}] if system else []
+            msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": cat}]
+            ex = {"messages": msgs, "label": cat}
             f.write(json.dumps(ex, ensure_ascii=False) + "\n")
 
 
