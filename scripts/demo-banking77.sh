@@ -44,7 +44,8 @@ discover = false
 tenant = "bank"
 name = "banking77"
 [trainer.adapters.trigger]
-min_new_examples = 5000
+# every train row: the run starts once all of them are in
+min_new_examples = $(wc -l < "$DEMO/split/train.jsonl")
 min_examples = 100
 [trainer.adapters.train]
 rank = 16

@@ -3,10 +3,10 @@
 scripts/demo-banking77.sh, which starts the server and the trainer daemon).
 
   demo_banking77.py feed BASE_URL SPLIT_DIR --api-key K --admin-key A [--corrected 500]
-      Sends SPLIT_DIR/train.jsonl for tenant `bank`, task `banking77`: all but
-      --corrected rows through the admin import route; the other rows as real chat
+      Sends SPLIT_DIR/train.jsonl for tenant `bank`, task `banking77`: --corrected rows as real chat
       completions of `banking77` (served by the base model with the task's prompt
-      until a version is live), each corrected through /v1/feedback with its label.
+      until a version is live), each corrected through /v1/feedback with its label;
+      then the rest through the admin import route (1,000 rows a request).
   demo_banking77.py wait BASE_URL --admin-key A [--timeout-min 90]
       Waits until the trainer's run for bank/banking77 ends; prints it.
   demo_banking77.py holdout BASE_URL SPLIT_DIR --api-key K [--model banking77]
@@ -45,13 +45,6 @@ def user_and_label(ex):
 def feed(a):
     train = rows(f"{a.split}/train.jsonl")
     corrected, imported = train[: a.corrected], train[a.corrected :]
-    lines = "".join(json.dumps(r) + "\n" for r in imported).encode()
-    t = time.time()
-    st, out = call(a.base, "POST", f"/admin/data/{TENANT}/{TASK}/import", a.admin_key, raw=lines)
-    if st != 200 or out.get("errors"):
-        sys.exit(f"import failed: {st} {out}")
-    print(f"imported {out['imported']} examples in {time.time() - t:.1f} s", flush=True)
-
     def one(ex):
         msgs, label = user_and_label(ex)
         st, c = call(a.base, "POST", "/v1/chat/completions", a.api_key,
@@ -72,6 +65,15 @@ def feed(a):
     print(f"{len(corrected)} completions served by base+prompt ({right} right, "
           f"{100 * right / max(1, len(corrected)):.1f} %), each corrected through /v1/feedback, "
           f"in {time.time() - t:.0f} s", flush=True)
+    t = time.time()
+    n = 0
+    for i in range(0, len(imported), 1000):  # the server's body limit is 1 MiB
+        lines = "".join(json.dumps(r) + "\n" for r in imported[i : i + 1000]).encode()
+        st, out = call(a.base, "POST", f"/admin/data/{TENANT}/{TASK}/import", a.admin_key, raw=lines)
+        if st != 200 or out.get("errors"):
+            sys.exit(f"import failed: {st} {out}")
+        n += out["imported"]
+    print(f"imported {n} examples in {time.time() - t:.1f} s", flush=True)
 
 
 def wait(a):

@@ -167,6 +167,10 @@ pub struct GateOptions {
     pub min_gain_over_live: f64,
     /// Likewise against the best baseline (base model + prompt, constant answer).
     pub min_gain_over_baseline: f64,
+    /// A retrain that replaces a live version trained on erased data need not
+    /// beat it, only not be worse by more than this (non-inferiority: the lower
+    /// end of the interval above -margin).
+    pub retrain_margin: f64,
     /// Mean per-token KL(base || candidate) on general prompts, in nats, at most.
     pub max_forgetting: f64,
     /// Eval examples used at most (a seeded sample of the eval split).
@@ -189,6 +193,7 @@ impl Default for GateOptions {
             min_score: 0.0,
             min_gain_over_live: 0.0,
             min_gain_over_baseline: 0.0,
+            retrain_margin: 0.02,
             max_forgetting: 1.0,
             max_eval: 1000,
             max_new_tokens: 32,

@@ -484,6 +484,11 @@ impl Daemon {
         let rows = self.data.snapshot_rows(tenant, &m.id)?;
         let (train_rows, eval_rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.split == Split::Train);
         let candidate = load_peft(&result.adapter_dir, &self.base.shapes, &Default::default())?;
+        let mut gate_opts = ls.gate.clone();
+        if matches!(trigger, Trigger::Retrain(_)) {
+            // the live version is to be replaced (erased data): non-inferiority
+            gate_opts.min_gain_over_live = -ls.gate.retrain_margin;
+        }
         let report: GateReport = run_gate(&GateInputs {
             model: &self.serve,
             tok: &self.tok,
@@ -492,7 +497,7 @@ impl Daemon {
             eval: &eval_rows,
             candidate: &candidate,
             live: live_id.as_deref().zip(live.as_ref()),
-            options: &ls.gate,
+            options: &gate_opts,
             seed: ls.train.seed,
             batch: 32,
         })?;

@@ -502,3 +502,50 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
     assert!(runs.iter().filter(|r| r.status == "promoted").count() <= 1, "{runs:?}");
     assert_eq!(reg.versions("acme", "greet").unwrap().len(), 1, "no second version of the same data");
 }
+
+#[test]
+fn one_daemon_per_adapter_retrain_requests_and_the_schedule_trigger_training() {
+    let dir = tmpdir("lease");
+    let gguf = tiny(&dir);
+    let s = settings(&dir, &gguf, "");
+    let data = import(&dir, &rows(120, None));
+    let a = Daemon::open(s.clone(), "node-a".into()).unwrap();
+    let b = Daemon::open(s, "node-b".into()).unwrap();
+    let ls = a.targets().unwrap().remove(0).2;
+    // node-b holds the lease (it is training): node-a does not train the adapter
+    assert!(b.reg.acquire_lease("acme", "greet", "node-b", 60_000).unwrap());
+    let due = a.due("acme", "greet", &ls).unwrap().expect("120 new examples");
+    assert!(a.train_adapter("acme", "greet", &ls, &due).unwrap().is_none());
+    assert!(a.reg.runs("acme", "greet", 5).unwrap().is_empty());
+    b.reg.release_lease("acme", "greet", "node-b").unwrap();
+    let out = a.pass().unwrap();
+    assert_eq!(out[0].status, "promoted", "{}", out[0].reason);
+    let first = out[0].version.clone().unwrap();
+    assert_eq!(a.due("acme", "greet", &ls).unwrap(), None);
+    // an erasure asks for a retrain: trained again without new examples, on a
+    // snapshot without the erased person's rows
+    let erased = data.erase("acme", "person-3").unwrap();
+    assert!(erased.examples > 0 && !erased.snapshots.is_empty());
+    a.reg.request_retrain("acme", "greet", &first, "privacy", "erasure of person-3").unwrap();
+    let due = a.due("acme", "greet", &ls).unwrap();
+    assert!(matches!(due, Some(retune_trainer::daemon::Trigger::Retrain(_))), "{due:?}");
+    let out = a.pass().unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].status, "promoted", "as good as the tainted version: {}", out[0].reason);
+    let run = a.reg.run(&out[0].run).unwrap();
+    let snap = run.snapshot.unwrap();
+    let rows = data.snapshot_rows("acme", &snap).unwrap();
+    assert!(rows.iter().all(|r| !r.subject_ids.contains(&"person-3".to_string())));
+    assert_eq!(rows.len() + erased.examples, 120);
+    assert_eq!(a.due("acme", "greet", &ls).unwrap(), None, "the request was served");
+    // the schedule: a few new examples (below the count trigger) once the time is up
+    data.import("acme", "greet", "test", &rows_from(200, 5)).unwrap();
+    assert_eq!(a.due("acme", "greet", &ls).unwrap(), None);
+    let mut sched = ls.clone();
+    sched.trigger.every_minutes = Some(0.0);
+    assert_eq!(a.due("acme", "greet", &sched).unwrap(), Some(retune_trainer::daemon::Trigger::Schedule { new: 5 }));
+}
+
+fn rows_from(start: usize, n: usize) -> Vec<ImportRow> {
+    (start..start + n).map(|i| row(i, i % 3)).collect()
+}
