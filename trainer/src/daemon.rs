@@ -230,7 +230,24 @@ impl Daemon {
         if n > 0 {
             tracing::warn!(runs = n, holder = %d.holder, "runs left running by an earlier process of this holder are marked crashed");
         }
+        d.clean_work()?;
         Ok(d)
+    }
+
+    /// Remove the work directories of runs that are not running (crashed ones
+    /// leave theirs): each run has its own, so another daemon's are never touched.
+    fn clean_work(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.work) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            let running = matches!(self.reg.run(&id), Ok(r) if r.status == "running");
+            if !running {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
     }
 
     /// Adapters the daemon looks after, with their settings: configured ones

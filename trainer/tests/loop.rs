@@ -184,6 +184,23 @@ fn bad_input_stops_with_a_journaled_reason_and_promotes_nothing() {
     let mut conflicting = rows(30, None);
     conflicting.extend((0..30).map(|i| row(i, (i + 1) % 3)));
     check("conflict", conflicting, "", "every example conflicts");
+    // the live version was made for another base: refused, nothing registered beyond it
+    {
+        let d = dir.join("base");
+        std::fs::create_dir_all(&d).unwrap();
+        import(&d, &rows(60, None));
+        let mut other = base_of(&gguf);
+        other.fingerprint = "another-base".into();
+        let reg = registry(&d.join("root"));
+        let v = version(&reg, &other, &d, 1);
+        reg.promote("acme", "greet", &v, Expect::NoLive, "alice", "").unwrap();
+        let daemon = Daemon::open(settings(&d, &gguf, ""), "h".into()).unwrap();
+        let out = daemon.pass().unwrap();
+        assert_eq!(out[0].status, "failed");
+        assert!(out[0].reason.contains("another-base"), "{}", out[0].reason);
+        assert_eq!(daemon.reg.versions("acme", "greet").unwrap().len(), 1);
+        assert_eq!(daemon.reg.state("acme", "greet").unwrap().live.as_deref(), Some(v.as_str()));
+    }
     // a diverging run
     check(
         "diverge",
