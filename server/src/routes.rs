@@ -384,43 +384,9 @@ fn sampled(c: &retune_config::CaptureSettings) -> bool {
     c.enabled && (c.sample_rate >= 1.0 || rand::random::<f64>() < c.sample_rate)
 }
 
-/// Queue the record of a finished completion (never blocks; a full queue drops it).
-fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
-    let (Some(ctx), Some(w)) = (&job.capture, &state.capture) else {
-        return;
-    };
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    let mut record = CapturedCompletion {
-        id: job.id.clone(),
-        tenant: ctx.tenant.clone(),
-        adapter: c
-            .adapter
-            .as_ref()
-            .map(|a| a.name().to_string())
-            .or_else(|| ctx.declared.clone()),
-        version: c.adapter.as_ref().map(|a| a.version().to_string()),
-        base_fingerprint: state.base.fingerprint.clone(),
-        request: ctx.request.clone(),
-        params: serde_json::to_value(&c.params).unwrap_or_default(),
-        output_text: text,
-        output_ids: c.output.clone(),
-        finish: c.finish.as_str().into(),
-        prompt_tokens: c.prompt_tokens(),
-        completion_tokens: c.completion_tokens(),
-        ttft_ms: ms(c.timings.first_token),
-        total_ms: ms(c.timings.total),
-        user: ctx.user.clone(),
-        created_at: now_ms(),
-    };
-    if ctx.scrub {
-        scrub_record(&mut record);
-    }
-    w.capture(record);
-}
-
-/// Record a completion that failed (finish `error`): the watch after a rollout
-/// counts a version's errors from these.
-fn capture_error(state: &AppState, job: &Job, started: Instant) {
+/// Queue a captured record (never blocks; a full queue drops it): what every
+/// record holds, then `fill` sets what this one adds.
+fn queue_record(state: &AppState, job: &Job, fill: impl FnOnce(&mut CapturedCompletion)) {
     let (Some(ctx), Some(w)) = (&job.capture, &state.capture) else {
         return;
     };
@@ -442,14 +408,40 @@ fn capture_error(state: &AppState, job: &Job, started: Instant) {
         prompt_tokens: 0,
         completion_tokens: 0,
         ttft_ms: 0.0,
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        total_ms: 0.0,
         user: ctx.user.clone(),
         created_at: now_ms(),
     };
+    fill(&mut record);
     if ctx.scrub {
         scrub_record(&mut record);
     }
     w.capture(record);
+}
+
+/// The record of a finished completion: exactly the text the client received.
+fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    queue_record(state, job, |r| {
+        if let Some(a) = &c.adapter {
+            r.adapter = Some(a.name().to_string());
+            r.version = Some(a.version().to_string());
+        }
+        r.params = serde_json::to_value(&c.params).unwrap_or_default();
+        r.output_text = text;
+        r.output_ids = c.output.clone();
+        r.finish = c.finish.as_str().into();
+        r.prompt_tokens = c.prompt_tokens();
+        r.completion_tokens = c.completion_tokens();
+        r.ttft_ms = ms(c.timings.first_token);
+        r.total_ms = ms(c.timings.total);
+    });
+}
+
+/// A completion that failed (finish `error`, no output): the watch after a
+/// rollout counts a version's errors from these.
+fn capture_error(state: &AppState, job: &Job, started: Instant) {
+    queue_record(state, job, |r| r.total_ms = started.elapsed().as_secs_f64() * 1e3);
 }
 
 /// Personal data out of a record before it is stored: text scrubbed, token ids

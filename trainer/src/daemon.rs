@@ -482,12 +482,20 @@ impl Daemon {
             fresh: true,
             base_name: self.base_name.clone(),
         };
-        let result = run(job, |_p: &Progress| {
+        let mut progress_detail = detail.clone();
+        let result = run(job, |p: &Progress| {
             if last_renew.elapsed() >= renew_every {
                 last_renew = std::time::Instant::now();
                 if let Err(e) = self.renew(tenant, name) {
                     lease_err = Some(e);
                     return ControlFlow::Break(());
+                }
+                if let Progress::Step { step, total, loss, tokens_per_s, elapsed_s, .. } = p {
+                    tracing::info!(%tenant, adapter = %name, step, total, loss, tokens_per_s, "training");
+                    progress_detail["progress"] = serde_json::json!({"step": step, "total": total, "loss": loss,
+                        "tokens_per_second": tokens_per_s, "elapsed_seconds": elapsed_s});
+                    // visible in `status` and the admin API while it runs
+                    let _ = self.reg.run_update(run_id, "running", None, None, &progress_detail, false);
                 }
             }
             ControlFlow::Continue(())

@@ -518,6 +518,17 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
     assert!(run.status == "promoted" || run.status == "crashed", "{run:?}");
     assert!(runs.iter().filter(|r| r.status == "promoted").count() <= 1, "{runs:?}");
     assert_eq!(reg.versions("acme", "greet").unwrap().len(), 1, "no second version of the same data");
+    // `status` reads the same from the stores, without a model
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retune-trainer"))
+        .args(["status", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["adapters"][0]["live"], live.as_str());
+    assert_eq!(st["adapters"][0]["new_examples"], 0);
+    assert_eq!(st["counts"]["gate_passes"], 1);
 }
 
 #[test]
