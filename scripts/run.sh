@@ -38,7 +38,7 @@ name = "local"
 key_sha256 = ["$(sha "$TENANT_KEY")"]
 [trainer]
 poll_seconds = 10
-# one core for training, the rest for serving; the trainer runs at nice 10
+# one core for training; the trainer runs under SCHED_IDLE (priority = "idle"): serving keeps the CPU
 threads = 1
 EOF
 fi

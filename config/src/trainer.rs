@@ -15,9 +15,11 @@ pub struct TrainerSettings {
     pub lease_seconds: u64,
     /// Compute threads for training and evals (0: all cores).
     pub threads: usize,
-    /// Scheduling niceness of the trainer process (0..=19): serving on the same
-    /// node keeps the CPU when both want it.
+    /// Scheduling niceness of the trainer process (0..=19).
     pub nice: i32,
+    /// `idle` (Linux SCHED_IDLE: the trainer gets the CPU only when serving does
+    /// not want it; measured in BENCHMARKS.md) or `normal` (niceness only).
+    pub priority: String,
     /// Work directory (runs' outputs); default `<adapters.root>/trainer`.
     pub work_dir: Option<PathBuf>,
     /// Also train adapters that have examples in the store but no entry below.
@@ -33,6 +35,7 @@ impl Default for TrainerSettings {
             lease_seconds: 300,
             threads: 0,
             nice: 10,
+            priority: "idle".into(),
             work_dir: None,
             discover: true,
             defaults: LoopSettings::default(),
@@ -306,6 +309,9 @@ impl TrainerSettings {
                 "trainer.poll_seconds/lease_seconds".into(),
                 "must be > 0 and at least 10".into(),
             ));
+        }
+        if !["idle", "normal"].contains(&self.priority.as_str()) {
+            return Err(("trainer.priority".into(), "must be idle or normal".into()));
         }
         if !(0..=19).contains(&self.nice) {
             return Err(("trainer.nice".into(), "must be 0 to 19".into()));

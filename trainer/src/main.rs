@@ -492,6 +492,12 @@ fn daemon_cmd(at: &SettingsArgs, once: bool, holder: Option<String>) -> anyhow::
     unsafe {
         // serving on the same node wins the CPU when both want it
         libc::setpriority(libc::PRIO_PROCESS, 0, t.nice);
+        if t.priority == "idle" {
+            let p = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) != 0 {
+                tracing::warn!("SCHED_IDLE refused ({}); running at nice {}", std::io::Error::last_os_error(), t.nice);
+            }
+        }
     }
     let holder = holder
         .or_else(|| std::env::var("HOSTNAME").ok())
