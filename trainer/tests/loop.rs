@@ -577,3 +577,34 @@ fn one_daemon_per_adapter_retrain_requests_and_the_schedule_trigger_training() {
 fn rows_from(start: usize, n: usize) -> Vec<ImportRow> {
     (start..start + n).map(|i| row(i, i % 3)).collect()
 }
+
+#[test]
+fn a_candidate_that_beats_a_weak_live_version_goes_out_as_a_watched_canary() {
+    let dir = tmpdir("canary");
+    let gguf = tiny(&dir);
+    let base = base_of(&gguf);
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    // a live version that knows nothing (B = 0: the base model's answers)
+    let weak = {
+        let reg = registry(&root);
+        let v = version(&reg, &base, &dir, 1);
+        reg.promote("acme", "greet", &v, Expect::NoLive, "alice", "first").unwrap();
+        v
+    };
+    import(&dir, &rows(120, None));
+    let extra = "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n[trainer.adapters.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"canary\"\ncanary_percent = 25\n";
+    let d = Daemon::open(settings(&dir, &gguf, extra), "h".into()).unwrap();
+    let out = d.pass().unwrap();
+    assert_eq!(out[0].status, "canary", "{}", out[0].reason);
+    let v = out[0].version.clone().unwrap();
+    let st = d.reg.state("acme", "greet").unwrap();
+    assert_eq!((st.live.as_deref(), st.canary), (Some(weak.as_str()), Some((v.clone(), 25))));
+    let g = &d.reg.version("acme", "greet", &v).unwrap().metadata["gate"];
+    assert_eq!(g["vs_live"]["beats"], true, "{g}");
+    let w = d.reg.open_watches().unwrap();
+    assert_eq!((w[0].version.as_str(), w[0].previous.as_deref(), w[0].mode.as_str()), (v.as_str(), Some(weak.as_str()), "canary"));
+    // the next pass looks at the watch: the window is not over
+    assert!(d.pass().unwrap().is_empty());
+    assert_eq!(d.reg.open_watches().unwrap()[0].verdict["state"], "waiting");
+}
