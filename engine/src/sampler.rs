@@ -59,8 +59,15 @@ impl SamplingParams {
         if self.logprobs.is_some_and(|n| n > 20) {
             return bad("at most 20 top logprobs");
         }
-        if self.stop.iter().any(String::is_empty) || self.stop.len() > 16 {
-            return bad("stop strings must be non-empty, at most 16");
+        if self.stop.len() > MAX_STOPS
+            || self
+                .stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            // matching holds back a possible stop prefix per token: its cost grows
+            // with the strings' lengths, so they are capped
+            return bad("at most 16 stop strings, each 1 to 256 bytes");
         }
         Ok(())
     }
@@ -73,6 +80,13 @@ pub struct Sampled {
     pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
 }
+
+/// Stop strings a request may give, and their longest length in bytes.
+pub const MAX_STOPS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+/// Temperatures below this sample greedily: dividing logits by them overflows
+/// (3e-39 made every probability NaN and picked the least likely token).
+pub const GREEDY_BELOW: f32 = 1e-5;
 
 pub struct Sampler {
     params: SamplingParams,
@@ -93,7 +107,7 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let token = if self.params.temperature <= 0.0 || self.params.top_k == 1 {
+        let token = if self.params.temperature < GREEDY_BELOW || self.params.top_k == 1 {
             argmax(logits)
         } else {
             self.sample_random(logits)
@@ -253,6 +267,28 @@ mod tests {
         };
         let mut s = Sampler::new(params);
         assert!((0..100).all(|_| s.sample(&logits).token == 0));
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits = [1.0, 5.0, 0.0, 4.99];
+        for t in [3e-39f32, 1e-30, 1e-6] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                seed: Some(3),
+                ..SamplingParams::default()
+            });
+            assert!((0..50).all(|_| s.sample(&logits).token == 1), "temperature {t}");
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_capped() {
+        let with = |stop: Vec<String>| SamplingParams { stop, ..SamplingParams::default() }.validate();
+        assert!(with(vec!["x".repeat(256); 16]).is_ok());
+        assert!(with(vec!["x".repeat(257)]).is_err());
+        assert!(with(vec!["x".into(); 17]).is_err());
+        assert!(with(vec![String::new()]).is_err());
     }
 
     #[test]

@@ -332,8 +332,10 @@ impl Worker {
                 if job.tx.is_closed() {
                     continue;
                 }
+                // a loaded job is admitted like a queued one: batch size and KV budget
+                let room = self.active.len() < self.cfg.max_batch.max(1);
                 match self.resolve_adapter(&job) {
-                    Resolved::Ready(a) if self.fits(&job) => self.admit(job, a),
+                    Resolved::Ready(a) if room && self.fits(&job) => self.admit(job, a),
                     Resolved::Failed(e) => drop(job.tx.send(Event::Error(e))),
                     _ => self.loading.push(job),
                 }
@@ -375,6 +377,13 @@ impl Worker {
                 .store(self.active.len(), Ordering::Relaxed);
             if !self.active.is_empty() {
                 self.step();
+                // what finished in this step is not running any more
+                self.stats
+                    .running
+                    .store(self.active.len(), Ordering::Relaxed);
+                if self.active.is_empty() {
+                    self.stats.last_step_tokens.store(0, Ordering::Relaxed);
+                }
             } else if !self.loading.is_empty() {
                 // only waiting for adapter loads: do not spin
                 std::thread::sleep(std::time::Duration::from_micros(500));

@@ -537,3 +537,51 @@ fn a_loading_adapter_does_not_block_other_sequences() {
         "adapter sequence ran before its adapter loaded"
     );
 }
+
+#[test]
+fn a_job_whose_adapter_loaded_waits_for_room_in_the_batch() {
+    let dir = tmpdir("slow-batch");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let root = dir.join("adapters");
+    tiny::write_adapter(&root.join("late"), &spec, 8, &ALL, 5, 16.0, 0.5).unwrap();
+    let l = load(&gguf).unwrap();
+    let delay = Duration::from_millis(1);
+    let source = Arc::new(SlowSource { root, delay });
+    let pool = AdapterPool::new(source, l.model.base_shapes(), PoolConfig::default());
+    let cfg = EngineConfig { max_batch: 1, ..EngineConfig::default() };
+    let engine = Engine::start_with_pool(l.model, l.tok, cfg, Some(pool)).unwrap();
+    let req = |adapter: Option<&str>, n| GenerateRequest {
+        prompt: vec![5, 6, 7],
+        params: SamplingParams { stop_on_eos: false, ..SamplingParams::greedy(n) },
+        adapter: adapter.map(aref),
+    };
+    let start = Instant::now();
+    let mut late = engine.generate(req(Some("late"), 4)).unwrap();
+    let mut base = engine.generate(req(None, 240)).unwrap();
+    let mut max_running = 0;
+    let mut base_done = None;
+    while let Some(ev) = base.blocking_next() {
+        max_running = max_running.max(engine.stats().running);
+        match ev {
+            Event::Done(_) => {
+                base_done = Some(start.elapsed());
+                break;
+            }
+            Event::Error(e) => panic!("{e}"),
+            Event::Token(_) => {}
+        }
+    }
+    let base_done = base_done.unwrap();
+    assert!(base_done > delay * 2, "the base sequence must outlast the load ({base_done:?}) for this test to mean anything");
+    assert_eq!(max_running, 1, "max_batch 1 was exceeded");
+    let mut n = 0;
+    while let Some(ev) = late.blocking_next() {
+        match ev {
+            Event::Token(_) => n += 1,
+            Event::Done(_) => break,
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(n, 4);
+}

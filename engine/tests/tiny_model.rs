@@ -467,3 +467,18 @@ fn a_sampled_completion_replayed_with_its_recorded_seed_gives_the_same_text() {
     assert_eq!(replay.text, first.text);
     assert_eq!(replay.completion.seed(), Some(seed));
 }
+
+#[test]
+fn gauges_return_to_zero_when_idle() {
+    let engine = tiny_engine("idle-gauges", EngineConfig::default());
+    engine.generate_blocking(greedy(vec![5, 6, 7], 4)).unwrap();
+    let t = Instant::now();
+    loop {
+        let s = engine.stats();
+        if s.running == 0 && s.last_step_tokens == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "idle engine reports running {} and step tokens {}", s.running, s.last_step_tokens);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

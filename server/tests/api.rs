@@ -847,3 +847,22 @@ fn a_declared_task_is_served_by_the_base_with_its_prompt_until_a_version_is_live
     assert_eq!((c.adapter.as_deref(), c.version.as_deref()), (Some("intents"), None));
     assert_eq!(c.request["messages"].as_array().unwrap().len(), 1, "{}", c.request);
 }
+
+/// Stop strings are capped (their matching cost is per token); a temperature too
+/// small to divide by samples greedily instead of the least likely token.
+#[test]
+fn long_stop_strings_are_refused_and_tiny_temperatures_are_greedy() {
+    let app = spawn_app("hostile-params");
+    let ask = |extra: &str| {
+        http(&app, "POST", "/v1/chat/completions", Some("acme-key"),
+             &format!(r#"{{"model":"tiny","messages":[{{"role":"user","content":"hi"}}],"max_tokens":6{extra}}}"#))
+    };
+    let r = ask(&format!(r#","stop":["{}"]"#, "x".repeat(300)));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("stop"), "{}", r.body);
+    let r = ask(&format!(r#","stop":[{}]"#, vec!["\"s\""; 17].join(",")));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let greedy = json(&ask(r#","temperature":0"#));
+    let tiny = json(&ask(r#","temperature":3e-39,"seed":5"#));
+    assert_eq!(greedy["choices"][0]["message"], tiny["choices"][0]["message"]);
+}
