@@ -31,6 +31,13 @@ fn module_path(m: usize) -> &'static str {
     }
 }
 
+/// Largest `lora_alpha` (and `alpha_pattern` value) accepted: finite but absurd
+/// values (-1e38) served empty text.
+pub const MAX_ALPHA: f32 = 1e5;
+/// Largest weight magnitude accepted in `lora_A`/`lora_B` (trained adapters hold
+/// values of order 1; 3e38 overflowed the forward to NaN).
+pub const MAX_WEIGHT: f32 = 1e4;
+
 /// `(out, in)` of each of [`MODULES`] and the layer count of the base model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BaseShapes {
@@ -163,11 +170,14 @@ impl AdapterConfig {
                 reason: "must be at least 1".into(),
             });
         }
-        if !self.lora_alpha.is_finite() {
-            return Err(AdapterError::Config {
-                field: "lora_alpha".into(),
-                reason: "must be finite".into(),
-            });
+        let alphas = std::iter::once(&self.lora_alpha).chain(self.alpha_pattern.values());
+        for a in alphas {
+            if !a.is_finite() || a.abs() > MAX_ALPHA {
+                return Err(AdapterError::Config {
+                    field: "lora_alpha".into(),
+                    reason: format!("{a}: must be finite and at most {MAX_ALPHA} in magnitude"),
+                });
+            }
         }
         Ok(())
     }
@@ -346,6 +356,12 @@ fn to_f32(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32
     };
     if v.iter().any(|x| !x.is_finite()) {
         return Err(AdapterError::NonFinite { name: name.into() });
+    }
+    if let Some(x) = v.iter().find(|x| x.abs() > MAX_WEIGHT) {
+        return Err(AdapterError::Tensor {
+            name: name.into(),
+            reason: format!("holds {x:e}: LoRA weights above {MAX_WEIGHT:e} in magnitude are not a trained adapter"),
+        });
     }
     Ok(v)
 }

@@ -444,6 +444,13 @@ fn bad_input_gets_typed_errors() {
         )
         .unwrap_err();
     assert!(matches!(e, RegistryError::Rejected(_)));
+    // finite but absurd: an alpha of -1e38, weights of 3e38 (they served empty text)
+    for (name, alpha, w, what) in [("alpha", -1e38f32, 0.05f32, "lora_alpha"), ("huge", 8.0, 3e38, "not a trained adapter")] {
+        let d = dir.join(name);
+        tiny::write_adapter(&d, &TinySpec::default(), 4, &[0], 1, alpha, w).unwrap();
+        let e = reg.register(new(&d, "t", "a"), &base()).unwrap_err();
+        assert!(matches!(&e, RegistryError::Rejected(r) if r.contains(what)), "{e}");
+    }
     assert!(matches!(
         reg.register(new(&dir.join("missing"), "t", "a"), &base()),
         Err(RegistryError::NotFound(_))
