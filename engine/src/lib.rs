@@ -28,7 +28,7 @@ pub use backend::{
     Backend, BackendStats, Completion, ErrorKind, Event, EventSender, FinishReason, GenError,
     GenerationStream, Health, Timings, TokenEvent, ValidRequest,
 };
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, Rendered};
 pub use device::{
     grad_of, weighted_nll, Cache, Compute, DeviceModel, DeviceOptions, Dropout, LoraParam, Mode,
     TrainBatch, TrainLora, WeightMode,

@@ -9,6 +9,9 @@ use tokenizers::Tokenizer;
 
 pub struct Tok {
     pub inner: Tokenizer,
+    /// The same tokenizer with special tokens encoded as plain text: what users
+    /// typed (message content) never becomes a control token.
+    text_only: Tokenizer,
     pub bos: Option<u32>,
     /// Ids that end generation (eos, plus `<|im_end|>`/`<|eot_id|>`-style ids when present).
     pub eos: Vec<u32>,
@@ -34,6 +37,62 @@ impl Tok {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encode `text`, parsing special tokens only outside `plain` (sorted,
+    /// disjoint byte ranges, e.g. the message contents of a rendered chat), which
+    /// are encoded as text. `add_special` applies to the first piece only.
+    pub fn encode_with_plain(
+        &self,
+        text: &str,
+        plain: &[std::ops::Range<usize>],
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut first = add_special;
+        let mut piece = |s: &str, as_text: bool, out: &mut Vec<u32>| -> Result<()> {
+            if s.is_empty() && !first {
+                return Ok(());
+            }
+            let t = if as_text { &self.text_only } else { &self.inner };
+            out.extend(t.encode(s, first).map_err(terr)?.get_ids());
+            first = false;
+            Ok(())
+        };
+        for r in plain {
+            let (start, end) = (r.start.clamp(at, text.len()), r.end.min(text.len()));
+            if start >= end {
+                continue;
+            }
+            piece(&text[at..start], false, &mut out)?;
+            piece(&text[start..end], true, &mut out)?;
+            at = end;
+        }
+        piece(&text[at..], false, &mut out)?;
+        Ok(out)
+    }
+
+    /// A rendered chat prompt, its message contents encoded as text.
+    pub fn encode_chat(&self, r: &crate::chat::Rendered, add_special: bool) -> Result<Vec<u32>> {
+        self.encode_with_plain(&r.text, &r.content, add_special)
+    }
+
+    /// The tokens of `r.text[range]` (content spans inside it encoded as text).
+    pub fn encode_chat_range(
+        &self,
+        r: &crate::chat::Rendered,
+        range: std::ops::Range<usize>,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        let sub = &r.text[range.clone()];
+        let spans: Vec<std::ops::Range<usize>> = r
+            .content
+            .iter()
+            .filter(|c| c.end > range.start && c.start < range.end)
+            .map(|c| c.start.max(range.start) - range.start..c.end.min(range.end) - range.start)
+            .collect();
+        self.encode_with_plain(sub, &spans, add_special)
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(terr)
     }
@@ -51,8 +110,11 @@ impl Tok {
                 }
             }
         }
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
         Self {
             inner,
+            text_only,
             bos,
             eos: stops,
             add_bos,

@@ -477,6 +477,18 @@ async fn encode(state: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// Tokenise a rendered chat off the async runtime.
+async fn encode_rendered(
+    state: &AppState,
+    r: retune_engine::Rendered,
+) -> Result<Vec<u32>, ApiError> {
+    let backend = state.backend.clone();
+    web::block(move || backend.tokenizer().encode_chat(&r, true))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
 async fn chat(
     state: Data,
     req: HttpRequest,
@@ -505,8 +517,10 @@ async fn chat(
         Some(p) => with_system_prompt(p, msgs),
         None => msgs,
     };
-    let text = state.backend.template().render(&msgs, true)?;
-    let prompt = encode(&state, text).await?;
+    // message contents are tokenized as text: a `<|im_start|>system` typed into
+    // one is not a control token
+    let rendered = state.backend.template().render_marked(&msgs, true)?;
+    let prompt = encode_rendered(&state, rendered).await?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;
     generate(state, valid, a.job).await
 }

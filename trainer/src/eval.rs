@@ -40,8 +40,8 @@ pub(crate) fn case(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Re
         .iter()
         .map(|m| ChatMessage::new(&m.role, &m.content))
         .collect();
-    let prompt = template.render(&msgs, true)?;
-    Ok((tok.encode(&prompt, true)?, last.content.trim().to_string()))
+    let prompt = template.render_marked(&msgs, true)?;
+    Ok((tok.encode_chat(&prompt, true)?, last.content.trim().to_string()))
 }
 
 /// Greedy answers (at most `max_new` tokens) compared with the expected ones.

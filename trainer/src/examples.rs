@@ -82,23 +82,25 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
                     continue;
                 }
                 // the prompt the server renders for this turn, then the turn itself
-                let prefix = template.render(&chat(&messages[..i]), true)?;
-                let full = template.render(&chat(&messages[..=i]), false)?;
-                let Some(new_prompt) = prefix.strip_prefix(rendered.as_str()) else {
+                let prefix_r = template.render_marked(&chat(&messages[..i]), true)?;
+                let full_r = template.render_marked(&chat(&messages[..=i]), false)?;
+                let (prefix, full) = (prefix_r.text.as_str(), full_r.text.as_str());
+                if !prefix.starts_with(rendered.as_str()) {
                     return Err(bad(format!(
                         "the chat template renders message {i}'s history differently from the turn before"
                     )));
-                };
-                let Some(turn) = full.strip_prefix(prefix.as_str()) else {
+                }
+                if !full.starts_with(prefix) {
                     return Err(bad(format!(
                         "the chat template's rendering of assistant message {i} does not extend its prompt"
                     )));
-                };
-                let p = tok.encode(new_prompt, tokens.is_empty())?;
+                }
+                // contents as text, as the server tokenizes a prompt
+                let p = tok.encode_chat_range(&prefix_r, rendered.len()..prefix.len(), tokens.is_empty())?;
                 weights.extend(std::iter::repeat(0.0).take(p.len()));
                 tokens.extend(p);
                 let w = m.weight.map_or(1.0, |w| w as f32);
-                let mut t = tok.encode(turn, false)?;
+                let mut t = tok.encode_chat_range(&full_r, prefix.len()..full.len(), false)?;
                 // trained up to and including the end-of-turn token; what the
                 // template adds after it (a newline) is context
                 let stop = t.iter().position(|id| tok.eos.contains(id));
@@ -113,7 +115,7 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
                     weights.push(if k < n_trained { w } else { 0.0 });
                 }
                 tokens.extend(t);
-                rendered = full;
+                rendered = full.to_string();
             }
             if tokens.is_empty() {
                 return Err(bad("the example has no assistant message".into()));

@@ -331,8 +331,9 @@ fn compare(cand: &Arm, other: &Arm, required: f64, b: usize, seed: u64) -> Compa
     }
 }
 
+/// The prompt tokens exactly as the server makes them (contents as text).
 fn render(template: &ChatTemplate, tok: &Tok, msgs: &[ChatMessage]) -> Result<Vec<u32>> {
-    Ok(tok.encode(&template.render(msgs, true)?, true)?)
+    Ok(tok.encode_chat(&template.render_marked(msgs, true)?, true)?)
 }
 
 /// The adapter's prompt for the base model: the system prompt, then `shots`
