@@ -88,9 +88,12 @@ impl BlobStore for LocalStore {
         if dest.exists() {
             return Ok(()); // same key = same content
         }
+        // one temporary directory per writer: concurrent uploads of the same
+        // content never share (or delete) each other's files
         let tmp = self.root.join(".tmp").join(format!(
-            "{}-{}",
+            "{}-{:016x}-{}",
             std::process::id(),
+            rand::random::<u64>(),
             key.replace('/', "_")
         ));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -146,5 +149,33 @@ impl BlobStore for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(&p)(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_writers_of_the_same_content_all_succeed_and_leave_it_whole() {
+        let root = std::env::temp_dir().join(format!("retune-store-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = std::sync::Arc::new(LocalStore::new(&root).unwrap());
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("adapter_config.json", b"{}".to_vec()),
+            ("adapter_model.safetensors", vec![7u8; 1 << 20]),
+        ];
+        let key = "acme/tickets/0123456789abcdef0123456789abcdef";
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| store.put(key, &files)))
+                .collect();
+            for h in hs {
+                h.join().unwrap().unwrap();
+            }
+        });
+        let dir = store.local_dir(key).unwrap();
+        assert_eq!(std::fs::read(dir.join("adapter_model.safetensors")).unwrap(), files[1].1);
+        assert_eq!(std::fs::read_dir(root.join(".tmp")).unwrap().count(), 0, "no temporary files left");
     }
 }
