@@ -170,6 +170,29 @@ impl AdapterConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let list = match &self.target_modules {
+            Some(TargetModules::List(l)) => l.len(),
+            _ => 0,
+        };
+        if self.rank_pattern.len() + self.alpha_pattern.len() + list > MAX_PATTERNS {
+            return Err(AdapterError::Config {
+                field: "rank_pattern/alpha_pattern/target_modules".into(),
+                reason: format!("more than {MAX_PATTERNS} patterns"),
+            });
+        }
+        let too_long = |p: &str| p.len() > MAX_PATTERN_BYTES;
+        let long = self.rank_pattern.keys().chain(self.alpha_pattern.keys()).any(|p| too_long(p))
+            || match &self.target_modules {
+                Some(TargetModules::List(l)) => l.iter().any(|p| too_long(p)),
+                Some(TargetModules::One(p)) => p.len() > 4 * MAX_PATTERN_BYTES,
+                None => false,
+            };
+        if long {
+            return Err(AdapterError::Config {
+                field: "rank_pattern/alpha_pattern/target_modules".into(),
+                reason: format!("a pattern longer than {MAX_PATTERN_BYTES} bytes"),
+            });
+        }
         let alphas = std::iter::once(&self.lora_alpha).chain(self.alpha_pattern.values());
         for a in alphas {
             if !a.is_finite() || a.abs() > MAX_ALPHA {
@@ -183,38 +206,61 @@ impl AdapterConfig {
     }
 
     /// PEFT's pattern rule: a key matches a module name ending in it as a dotted suffix.
+    #[cfg(test)]
     fn pattern_value<T: Copy>(
         patterns: &BTreeMap<String, T>,
         name: &str,
     ) -> Result<Option<T>, AdapterError> {
-        for (pat, v) in patterns {
-            let re =
-                Regex::new(&format!(r"^(.*\.)?({pat})$")).map_err(|e| AdapterError::Config {
-                    field: "rank_pattern/alpha_pattern".into(),
-                    reason: e.to_string(),
-                })?;
-            if re.is_match(name) {
-                return Ok(Some(*v));
-            }
-        }
-        Ok(None)
+        Ok(first_match(&compile_patterns(patterns)?, name))
     }
 
-    fn targets(&self, name: &str, module: &str) -> Result<bool, AdapterError> {
-        Ok(match &self.target_modules {
+    fn targets(&self, target: Option<&Regex>, name: &str, module: &str) -> bool {
+        match &self.target_modules {
             None => true,
             Some(TargetModules::One(s)) if s == "all-linear" => true,
-            Some(TargetModules::One(re)) => Regex::new(&format!("^(?:{re})$"))
-                .map_err(|e| AdapterError::Config {
-                    field: "target_modules".into(),
-                    reason: e.to_string(),
-                })?
-                .is_match(name),
+            Some(TargetModules::One(_)) => target.is_some_and(|re| re.is_match(name)),
             Some(TargetModules::List(l)) => l
                 .iter()
                 .any(|t| t == module || name.ends_with(&format!(".{t}"))),
-        })
+        }
     }
+
+    /// `target_modules` as a regex (when it is one), compiled once per load.
+    fn target_regex(&self) -> Result<Option<Regex>, AdapterError> {
+        match &self.target_modules {
+            Some(TargetModules::One(re)) if re != "all-linear" => {
+                Ok(Some(build_regex(&format!("^(?:{re})$"), "target_modules")?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Patterns a config may hold (rank_pattern + alpha_pattern + a target_modules
+/// list) and their longest length: compiling 1,500 of them per module made one
+/// load take 28 s for everyone behind it.
+pub const MAX_PATTERNS: usize = 64;
+pub const MAX_PATTERN_BYTES: usize = 256;
+
+fn build_regex(src: &str, field: &str) -> Result<Regex, AdapterError> {
+    regex::RegexBuilder::new(src)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| AdapterError::Config {
+            field: field.into(),
+            reason: e.to_string(),
+        })
+}
+
+fn compile_patterns<T: Copy>(patterns: &BTreeMap<String, T>) -> Result<Vec<(Regex, T)>, AdapterError> {
+    patterns
+        .iter()
+        .map(|(pat, v)| Ok((build_regex(&format!(r"^(.*\.)?({pat})$"), "rank_pattern/alpha_pattern")?, *v)))
+        .collect()
+}
+
+fn first_match<T: Copy>(compiled: &[(Regex, T)], name: &str) -> Option<T> {
+    compiled.iter().find(|(re, _)| re.is_match(name)).map(|(_, v)| *v)
 }
 
 /// One module's low-rank update, f32, row-major.
@@ -400,6 +446,10 @@ pub fn load_peft(
             reason: e.to_string(),
         })?;
     config.validate()?;
+    // every pattern compiled once per load, not once per module
+    let target = config.target_regex()?;
+    let rank_patterns = compile_patterns(&config.rank_pattern)?;
+    let alpha_patterns = compile_patterns(&config.alpha_pattern)?;
     let st_path: PathBuf = dir.join("adapter_model.safetensors");
     if !st_path.exists() && dir.join("adapter_model.bin").exists() {
         return Err(AdapterError::Unsupported {
@@ -451,7 +501,7 @@ pub fn load_peft(
             });
         }
         let module_name = format!("model.layers.{layer}.{}.{}", module_path(m), MODULES[m]);
-        if !config.targets(&module_name, MODULES[m])? {
+        if !config.targets(target.as_ref(), &module_name, MODULES[m]) {
             return Err(AdapterError::Config {
                 field: "target_modules".into(),
                 reason: format!(
@@ -498,8 +548,7 @@ pub fn load_peft(
                 reason: "lora_A and lora_B must both be present".into(),
             });
         };
-        let r_cfg =
-            AdapterConfig::pattern_value(&config.rank_pattern, &module_name)?.unwrap_or(config.r);
+        let r_cfg = first_match(&rank_patterns, &module_name).unwrap_or(config.r);
         if r_cfg != rank {
             return Err(AdapterError::Config {
                 field: "r/rank_pattern".into(),
@@ -508,8 +557,7 @@ pub fn load_peft(
                 ),
             });
         }
-        let alpha = AdapterConfig::pattern_value(&config.alpha_pattern, &module_name)?
-            .unwrap_or(config.lora_alpha);
+        let alpha = first_match(&alpha_patterns, &module_name).unwrap_or(config.lora_alpha);
         let scale = if config.use_rslora {
             alpha / (rank as f32).sqrt()
         } else {
