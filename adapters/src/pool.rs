@@ -72,11 +72,25 @@ enum Entry {
         adapter: Arc<LoraAdapter>,
         last_used: u64,
     },
-    Failed(Arc<AdapterError>),
+    /// A failed load, answered from here until `retry_at` (negative cache).
+    Failed {
+        error: Arc<AdapterError>,
+        retry_at: Instant,
+    },
+}
+
+/// Backoff of a failing version: 1 s after the first failure, doubling to 60 s.
+/// Versions are immutable, so most failures are permanent; the backoff keeps a
+/// broken one from being reloaded by every request, and still lets a transient
+/// failure (a store briefly unreachable) heal.
+fn backoff(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(std::time::Duration::from_secs(60))
 }
 
 struct State {
     entries: HashMap<String, Entry>,
+    /// Consecutive failed loads per version (cleared by a successful load).
+    failures: HashMap<String, u32>,
     clock: u64,
     latencies_us: Vec<u64>,
 }
@@ -94,6 +108,7 @@ impl AdapterPool {
         let pool = Arc::new(Self {
             state: Mutex::new(State {
                 entries: HashMap::new(),
+                failures: HashMap::new(),
                 clock: 0,
                 latencies_us: Vec::new(),
             }),
@@ -120,10 +135,13 @@ impl AdapterPool {
             let mut st = pool.lock();
             st.entries.insert(
                 String::new(),
-                Entry::Failed(Arc::new(AdapterError::Io {
-                    path: PathBuf::new(),
-                    source: e,
-                })),
+                Entry::Failed {
+                    error: Arc::new(AdapterError::Io {
+                        path: PathBuf::new(),
+                        source: e,
+                    }),
+                    retry_at: Instant::now() + std::time::Duration::from_secs(u32::MAX as u64),
+                },
             );
         }
         pool
@@ -162,7 +180,8 @@ impl AdapterPool {
     }
 
     /// Get an adapter for a sequence, starting a load if it is not resident. A
-    /// failed load is reported once and forgotten, so a later request retries.
+    /// failed load is answered from a negative cache until its backoff expires;
+    /// the next request after that loads it again.
     pub fn acquire(&self, adapter: &AdapterRef) -> Acquire {
         let key = adapter.key();
         let handle = key.as_str();
@@ -175,13 +194,15 @@ impl AdapterPool {
                 Acquire::Ready(adapter.clone())
             }
             Some(Entry::Loading) => Acquire::Pending,
-            Some(Entry::Failed(_)) => match st.entries.remove(handle) {
-                Some(Entry::Failed(e)) => Acquire::Failed(e),
-                _ => Acquire::Pending,
-            },
-            None => {
-                if let Some(Entry::Failed(e)) = st.entries.get("") {
-                    return Acquire::Failed(e.clone());
+            Some(Entry::Failed { error, retry_at }) if Instant::now() < *retry_at => {
+                Acquire::Failed(error.clone())
+            }
+            other => {
+                if other.is_some() {
+                    st.entries.remove(handle); // the backoff is over: load again
+                }
+                if let Some(Entry::Failed { error, .. }) = st.entries.get("") {
+                    return Acquire::Failed(error.clone());
                 }
                 st.entries.insert(handle.to_string(), Entry::Loading);
                 let sent = self
@@ -213,6 +234,7 @@ impl AdapterPool {
                 }
                 st.clock += 1;
                 let now = st.clock;
+                st.failures.remove(&handle);
                 st.entries.insert(
                     handle,
                     Entry::Ready {
@@ -224,7 +246,19 @@ impl AdapterPool {
             }
             Err(e) => {
                 self.stats.load_failures.fetch_add(1, Ordering::Relaxed);
-                st.entries.insert(handle, Entry::Failed(Arc::new(e)));
+                if st.failures.len() > 10_000 {
+                    st.failures.clear(); // bounded: many distinct broken versions start over at 1 s
+                }
+                let n = st.failures.entry(handle.clone()).or_insert(0);
+                *n += 1;
+                let retry_at = Instant::now() + backoff(*n);
+                st.entries.insert(
+                    handle,
+                    Entry::Failed {
+                        error: Arc::new(e),
+                        retry_at,
+                    },
+                );
             }
         }
         self.publish(&st);

@@ -585,3 +585,41 @@ fn a_job_whose_adapter_loaded_waits_for_room_in_the_batch() {
     }
     assert_eq!(n, 4);
 }
+
+struct CountingSource {
+    root: PathBuf,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl retune_adapters::AdapterSource for CountingSource {
+    fn locate(&self, adapter: &AdapterRef) -> std::result::Result<PathBuf, AdapterError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        DirSource { root: self.root.clone() }.locate(adapter)
+    }
+}
+
+#[test]
+fn a_failing_version_is_not_reloaded_by_every_request() {
+    let dir = tmpdir("negative-cache");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let root = dir.join("adapters");
+    std::fs::create_dir_all(root.join("broken")).unwrap();
+    std::fs::write(root.join("broken").join("adapter_config.json"), "{not json").unwrap();
+    std::fs::write(root.join("broken").join("adapter_model.safetensors"), b"x").unwrap();
+    let l = load(&gguf).unwrap();
+    let source = Arc::new(CountingSource { root: root.clone(), calls: Default::default() });
+    let pool = AdapterPool::new(source.clone(), l.model.base_shapes(), PoolConfig::default());
+    assert!(wait_ready(&pool, "broken").is_err());
+    // 200 more requests within the backoff: answered from the negative cache
+    for _ in 0..200 {
+        assert!(matches!(pool.acquire(&aref("broken")), Acquire::Failed(_)));
+    }
+    assert_eq!(source.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // after the backoff (1 s after a first failure) it is tried again, and a
+    // version that now loads is served
+    tiny::write_adapter(&root.join("broken"), &spec, 4, &ALL, 1, 8.0, 0.1).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(wait_ready(&pool, "broken").is_ok());
+    assert_eq!(source.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
