@@ -65,16 +65,22 @@ impl ChatTemplate {
     pub fn render_marked(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Rendered> {
         let nonce: u64 = rand::random();
         let mark = |i: usize| format!("\u{E000}{nonce:016x}.{i}\u{E001}");
-        let probe = self.render(&[ChatMessage::new("user", &format!(" {} ", mark(0)))], false)?;
-        let trims = !probe.contains(&format!(" {} ", mark(0))) && probe.contains(&mark(0));
+        // a template that refuses a lone user message (it wants a system message
+        // first) is taken not to trim; the result is checked against the plain
+        // rendering below either way
+        let trims = self
+            .render(&[ChatMessage::new("user", &format!(" {} ", mark(0)))], false)
+            .is_ok_and(|probe| !probe.contains(&format!(" {} ", mark(0))) && probe.contains(&mark(0)));
         let marked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
             .map(|(i, m)| ChatMessage::new(&m.role, &mark(i)))
             .collect();
-        let skeleton = self.render(&marked, add_generation_prompt)?;
         let plain = self.render(messages, add_generation_prompt)?;
-        let once = (0..messages.len()).all(|i| skeleton.matches(&mark(i)).count() == 1);
+        // a template that inspects contents may refuse the markers: located instead
+        let skeleton = self.render(&marked, add_generation_prompt).unwrap_or_default();
+        let once = !skeleton.is_empty()
+            && (0..messages.len()).all(|i| skeleton.matches(&mark(i)).count() == 1);
         if !once {
             let text = plain;
             let mut content = Vec::new();
