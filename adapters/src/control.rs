@@ -166,9 +166,11 @@ const RUN_COLS: &str = "id, tenant, name, holder, started_at, updated_at, finish
 const WATCH_COLS: &str = "tenant, name, version, previous, mode, percent, started_at, promote_seq, status, verdict, updated_at";
 
 fn last_seq(conn: &Connection) -> R<i64> {
-    Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
-        r.get(0)
-    })?)
+    Ok(
+        conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
+            r.get(0)
+        })?,
+    )
 }
 
 impl Registry {
@@ -268,7 +270,16 @@ impl Registry {
                     params![tenant, name, id, now_ms(), v.source, v.parent, base.fingerprint, size as i64,
                             v.metadata.to_string(), rejected as i64],
                 )?;
-                journal(&tx, tenant, name, "register", Some(&id), None, v.actor, v.source)?;
+                journal(
+                    &tx,
+                    tenant,
+                    name,
+                    "register",
+                    Some(&id),
+                    None,
+                    v.actor,
+                    v.source,
+                )?;
             }
             match decision {
                 Decision::Reject { reasons } => {
@@ -279,7 +290,16 @@ impl Registry {
                             params![tenant, name, id],
                         )?;
                     }
-                    journal(&tx, tenant, name, "gate-fail", Some(&id), None, v.actor, reasons)?;
+                    journal(
+                        &tx,
+                        tenant,
+                        name,
+                        "gate-fail",
+                        Some(&id),
+                        None,
+                        v.actor,
+                        reasons,
+                    )?;
                 }
                 Decision::Pass {
                     expect,
@@ -303,7 +323,16 @@ impl Registry {
                             actual: cur.live.unwrap_or_else(|| "none".into()),
                         });
                     }
-                    journal(&tx, tenant, name, "gate-pass", Some(&id), cur.live.as_deref(), v.actor, summary)?;
+                    journal(
+                        &tx,
+                        tenant,
+                        name,
+                        "gate-pass",
+                        Some(&id),
+                        cur.live.as_deref(),
+                        v.actor,
+                        summary,
+                    )?;
                     let (mode, pct) = match rollout {
                         Rollout::Live => {
                             if cur.live.as_deref() != Some(id.as_str()) {
@@ -312,7 +341,16 @@ impl Registry {
                                 }
                                 set_alias(&tx, tenant, name, "live", &id, None)?;
                             }
-                            journal(&tx, tenant, name, "promote", Some(&id), cur.live.as_deref(), v.actor, summary)?;
+                            journal(
+                                &tx,
+                                tenant,
+                                name,
+                                "promote",
+                                Some(&id),
+                                cur.live.as_deref(),
+                                v.actor,
+                                summary,
+                            )?;
                             ("before_after", None)
                         }
                         Rollout::Canary(p) => {
@@ -324,12 +362,29 @@ impl Registry {
                             if cur.live.is_none() {
                                 // nothing to share traffic with: the first version goes live
                                 set_alias(&tx, tenant, name, "live", &id, None)?;
-                                journal(&tx, tenant, name, "promote", Some(&id), None, v.actor, summary)?;
+                                journal(
+                                    &tx,
+                                    tenant,
+                                    name,
+                                    "promote",
+                                    Some(&id),
+                                    None,
+                                    v.actor,
+                                    summary,
+                                )?;
                                 ("before_after", None)
                             } else {
                                 set_alias(&tx, tenant, name, "canary", &id, Some(*p))?;
-                                journal(&tx, tenant, name, "canary", Some(&id), cur.live.as_deref(), v.actor,
-                                        &format!("{p}%: {summary}"))?;
+                                journal(
+                                    &tx,
+                                    tenant,
+                                    name,
+                                    "canary",
+                                    Some(&id),
+                                    cur.live.as_deref(),
+                                    v.actor,
+                                    &format!("{p}%: {summary}"),
+                                )?;
                                 ("canary", Some(*p))
                             }
                         }
@@ -363,7 +418,16 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> R<()> {
-        journal(&self.conn(), tenant, name, event, version, None, actor, reason)
+        journal(
+            &self.conn(),
+            tenant,
+            name,
+            event,
+            version,
+            None,
+            actor,
+            reason,
+        )
     }
 
     // ---- runs ----
@@ -448,7 +512,8 @@ impl Registry {
 
     pub fn loop_counts(&self) -> R<LoopCounts> {
         let conn = self.conn();
-        let mut q = conn.prepare("SELECT status, COUNT(*) FROM runs GROUP BY status ORDER BY status")?;
+        let mut q =
+            conn.prepare("SELECT status, COUNT(*) FROM runs GROUP BY status ORDER BY status")?;
         let runs = q
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -464,7 +529,8 @@ impl Registry {
             gate_passes: count("gate-pass")?,
             gate_fails: count("gate-fail")?,
             auto_rollbacks: count("auto-rollback")?,
-            last_run_finished: conn.query_row("SELECT MAX(finished_at) FROM runs", [], |r| r.get(0))?,
+            last_run_finished: conn
+                .query_row("SELECT MAX(finished_at) FROM runs", [], |r| r.get(0))?,
             watching: conn.query_row(
                 "SELECT COUNT(*) FROM watches WHERE status = 'watching'",
                 [],
@@ -540,13 +606,22 @@ impl Registry {
             )?;
             let cur = state_of(&tx, t, n)?;
             let in_place = match w.mode.as_str() {
-                "canary" => cur.canary.as_ref().map(|c| c.0.as_str()) == Some(v)
-                    && cur.live == w.previous,
+                "canary" => {
+                    cur.canary.as_ref().map(|c| c.0.as_str()) == Some(v) && cur.live == w.previous
+                }
                 _ => cur.live.as_deref() == Some(v),
             };
             let status = if others > 0 || !in_place {
-                journal(&tx, t, n, "watch-superseded", Some(v), None, actor,
-                        "the adapter's aliases changed since the rollout: nothing is undone")?;
+                journal(
+                    &tx,
+                    t,
+                    n,
+                    "watch-superseded",
+                    Some(v),
+                    None,
+                    actor,
+                    "the adapter's aliases changed since the rollout: nothing is undone",
+                )?;
                 "superseded"
             } else {
                 match end {
@@ -575,7 +650,16 @@ impl Registry {
                             "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND version = ?3",
                             params![t, n, v],
                         )?;
-                        journal(&tx, t, n, "auto-rollback", w.previous.as_deref(), Some(v), actor, reason)?;
+                        journal(
+                            &tx,
+                            t,
+                            n,
+                            "auto-rollback",
+                            w.previous.as_deref(),
+                            Some(v),
+                            actor,
+                            reason,
+                        )?;
                         "rolled_back"
                     }
                     WatchEnd::Passed => {
@@ -588,13 +672,31 @@ impl Registry {
                                 "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
                                 params![t, n],
                             )?;
-                            journal(&tx, t, n, "promote", Some(v), cur.live.as_deref(), actor, reason)?;
+                            journal(
+                                &tx,
+                                t,
+                                n,
+                                "promote",
+                                Some(v),
+                                cur.live.as_deref(),
+                                actor,
+                                reason,
+                            )?;
                         }
                         journal(&tx, t, n, "watch-pass", Some(v), None, actor, reason)?;
                         "passed"
                     }
                     WatchEnd::Inconclusive => {
-                        journal(&tx, t, n, "watch-inconclusive", Some(v), None, actor, reason)?;
+                        journal(
+                            &tx,
+                            t,
+                            n,
+                            "watch-inconclusive",
+                            Some(v),
+                            None,
+                            actor,
+                            reason,
+                        )?;
                         "inconclusive"
                     }
                 }

@@ -181,7 +181,11 @@ impl AdapterConfig {
             });
         }
         let too_long = |p: &str| p.len() > MAX_PATTERN_BYTES;
-        let long = self.rank_pattern.keys().chain(self.alpha_pattern.keys()).any(|p| too_long(p))
+        let long = self
+            .rank_pattern
+            .keys()
+            .chain(self.alpha_pattern.keys())
+            .any(|p| too_long(p))
             || match &self.target_modules {
                 Some(TargetModules::List(l)) => l.iter().any(|p| too_long(p)),
                 Some(TargetModules::One(p)) => p.len() > 4 * MAX_PATTERN_BYTES,
@@ -252,15 +256,25 @@ fn build_regex(src: &str, field: &str) -> Result<Regex, AdapterError> {
         })
 }
 
-fn compile_patterns<T: Copy>(patterns: &BTreeMap<String, T>) -> Result<Vec<(Regex, T)>, AdapterError> {
+fn compile_patterns<T: Copy>(
+    patterns: &BTreeMap<String, T>,
+) -> Result<Vec<(Regex, T)>, AdapterError> {
     patterns
         .iter()
-        .map(|(pat, v)| Ok((build_regex(&format!(r"^(.*\.)?({pat})$"), "rank_pattern/alpha_pattern")?, *v)))
+        .map(|(pat, v)| {
+            Ok((
+                build_regex(&format!(r"^(.*\.)?({pat})$"), "rank_pattern/alpha_pattern")?,
+                *v,
+            ))
+        })
         .collect()
 }
 
 fn first_match<T: Copy>(compiled: &[(Regex, T)], name: &str) -> Option<T> {
-    compiled.iter().find(|(re, _)| re.is_match(name)).map(|(_, v)| *v)
+    compiled
+        .iter()
+        .find(|(re, _)| re.is_match(name))
+        .map(|(_, v)| *v)
 }
 
 /// One module's low-rank update, f32, row-major.

@@ -84,7 +84,8 @@ enum Entry {
 /// broken one from being reloaded by every request, and still lets a transient
 /// failure (a store briefly unreachable) heal.
 fn backoff(failures: u32) -> std::time::Duration {
-    std::time::Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(std::time::Duration::from_secs(60))
+    std::time::Duration::from_secs(1u64 << failures.saturating_sub(1).min(6))
+        .min(std::time::Duration::from_secs(60))
 }
 
 struct State {

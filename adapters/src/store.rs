@@ -175,7 +175,14 @@ mod tests {
             }
         });
         let dir = store.local_dir(key).unwrap();
-        assert_eq!(std::fs::read(dir.join("adapter_model.safetensors")).unwrap(), files[1].1);
-        assert_eq!(std::fs::read_dir(root.join(".tmp")).unwrap().count(), 0, "no temporary files left");
+        assert_eq!(
+            std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+            files[1].1
+        );
+        assert_eq!(
+            std::fs::read_dir(root.join(".tmp")).unwrap().count(),
+            0,
+            "no temporary files left"
+        );
     }
 }

@@ -3,12 +3,12 @@
 
 mod trainer;
 
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 pub use trainer::{
     AdapterLoop, DataOptions, GateOptions, LoopSettings, TrainOptions, TrainerSettings,
     TriggerSettings, WatchOptions,
 };
-use serde::Deserialize;
-use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

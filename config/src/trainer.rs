@@ -257,10 +257,16 @@ impl LoopSettings {
     pub fn validate(&self, at: &str) -> Result<(), (String, String)> {
         let bad = |f: &str, r: &str| Err((format!("{at}.{f}"), r.to_string()));
         if !["auto", "exact", "label", "json", "token_f1"].contains(&self.gate.metric.as_str()) {
-            return bad("gate.metric", "must be auto, exact, label, json or token_f1");
+            return bad(
+                "gate.metric",
+                "must be auto, exact, label, json or token_f1",
+            );
         }
         if self.gate.metric == "json" && self.gate.json_keys.is_empty() {
-            return bad("gate.json_keys", "the json metric needs the keys an answer must hold");
+            return bad(
+                "gate.json_keys",
+                "the json metric needs the keys an answer must hold",
+            );
         }
         if !["live", "canary"].contains(&self.gate.rollout.as_str()) {
             return bad("gate.rollout", "must be live or canary");
@@ -284,7 +290,10 @@ impl LoopSettings {
             return bad("watch.min_samples/window_minutes", "must be positive");
         }
         if self.train.rank == 0 || self.train.batch_size == 0 || self.train.max_len < 8 {
-            return bad("train.rank/batch_size/max_len", "must be at least 1, 1 and 8");
+            return bad(
+                "train.rank/batch_size/max_len",
+                "must be at least 1, 1 and 8",
+            );
         }
         if self.train.top_layers == Some(0) {
             return bad("train.top_layers", "must be at least 1");
@@ -293,7 +302,10 @@ impl LoopSettings {
             return bad("train.lr/epochs", "must be positive");
         }
         if self.data.eval_percent == 0 || self.data.eval_percent > 50 {
-            return bad("data.eval_percent", "must be 1 to 50 (the gate needs held-out data)");
+            return bad(
+                "data.eval_percent",
+                "must be 1 to 50 (the gate needs held-out data)",
+            );
         }
         if self.trigger.min_new_examples == 0 {
             return bad("trigger.min_new_examples", "must be at least 1");

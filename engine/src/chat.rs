@@ -62,15 +62,24 @@ impl ChatTemplate {
     /// `| trim`) gets trimmed contents. A template that does not place each content
     /// exactly once as given is rendered plainly and marked where the contents are
     /// found in order.
-    pub fn render_marked(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Rendered> {
+    pub fn render_marked(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
         let nonce: u64 = rand::random();
         let mark = |i: usize| format!("\u{E000}{nonce:016x}.{i}\u{E001}");
         // a template that refuses a lone user message (it wants a system message
         // first) is taken not to trim; the result is checked against the plain
         // rendering below either way
         let trims = self
-            .render(&[ChatMessage::new("user", &format!(" {} ", mark(0)))], false)
-            .is_ok_and(|probe| !probe.contains(&format!(" {} ", mark(0))) && probe.contains(&mark(0)));
+            .render(
+                &[ChatMessage::new("user", &format!(" {} ", mark(0)))],
+                false,
+            )
+            .is_ok_and(|probe| {
+                !probe.contains(&format!(" {} ", mark(0))) && probe.contains(&mark(0))
+            });
         let marked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
@@ -78,7 +87,9 @@ impl ChatTemplate {
             .collect();
         let plain = self.render(messages, add_generation_prompt)?;
         // a template that inspects contents may refuse the markers: located instead
-        let skeleton = self.render(&marked, add_generation_prompt).unwrap_or_default();
+        let skeleton = self
+            .render(&marked, add_generation_prompt)
+            .unwrap_or_default();
         let once = !skeleton.is_empty()
             && (0..messages.len()).all(|i| skeleton.matches(&mark(i)).count() == 1);
         if !once {
@@ -86,7 +97,11 @@ impl ChatTemplate {
             let mut content = Vec::new();
             let mut at = 0;
             for m in messages {
-                let c = if trims { m.content.trim() } else { m.content.as_str() };
+                let c = if trims {
+                    m.content.trim()
+                } else {
+                    m.content.as_str()
+                };
                 if let Some(p) = text[at..].find(c).filter(|_| !c.is_empty()) {
                     content.push(at + p..at + p + c.len());
                     at += p + c.len();
@@ -94,7 +109,9 @@ impl ChatTemplate {
             }
             return Ok(Rendered { text, content });
         }
-        let mut text = String::with_capacity(skeleton.len() + messages.iter().map(|m| m.content.len()).sum::<usize>());
+        let mut text = String::with_capacity(
+            skeleton.len() + messages.iter().map(|m| m.content.len()).sum::<usize>(),
+        );
         let mut content = Vec::with_capacity(messages.len());
         let mut rest = skeleton.as_str();
         // markers appear in message order for every template that loops over messages
@@ -120,12 +137,18 @@ impl ChatTemplate {
             let mut content = Vec::new();
             let mut at = 0;
             for m in messages {
-                if let Some(p) = plain[at..].find(m.content.as_str()).filter(|_| !m.content.is_empty()) {
+                if let Some(p) = plain[at..]
+                    .find(m.content.as_str())
+                    .filter(|_| !m.content.is_empty())
+                {
                     content.push(at + p..at + p + m.content.len());
                     at += p + m.content.len();
                 }
             }
-            return Ok(Rendered { text: plain, content });
+            return Ok(Rendered {
+                text: plain,
+                content,
+            });
         }
         Ok(Rendered { text, content })
     }
@@ -172,13 +195,23 @@ mod tests {
             "",
         )
         .unwrap();
-        let msgs = [ChatMessage::new("user", "  spaced  "), ChatMessage::new("assistant", " x")];
+        let msgs = [
+            ChatMessage::new("user", "  spaced  "),
+            ChatMessage::new("assistant", " x"),
+        ];
         let r = trim.render_marked(&msgs, false).unwrap();
         assert_eq!(r.text, "<user>spaced</s><assistant>x</s>");
         assert_eq!(r.content, vec![6..12, 27..28]);
         // a template that uses a content twice: located in order in the plain text
-        let twice = ChatTemplate::new("{% for m in messages %}{{ m['content'] }}|{{ m['content'] }};{% endfor %}", "", "").unwrap();
-        let r = twice.render_marked(&[ChatMessage::new("user", "ab")], false).unwrap();
+        let twice = ChatTemplate::new(
+            "{% for m in messages %}{{ m['content'] }}|{{ m['content'] }};{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let r = twice
+            .render_marked(&[ChatMessage::new("user", "ab")], false)
+            .unwrap();
         assert_eq!((r.text.as_str(), r.content.clone()), ("ab|ab;", vec![0..2]));
     }
 

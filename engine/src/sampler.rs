@@ -278,13 +278,22 @@ mod tests {
                 seed: Some(3),
                 ..SamplingParams::default()
             });
-            assert!((0..50).all(|_| s.sample(&logits).token == 1), "temperature {t}");
+            assert!(
+                (0..50).all(|_| s.sample(&logits).token == 1),
+                "temperature {t}"
+            );
         }
     }
 
     #[test]
     fn stop_strings_are_capped() {
-        let with = |stop: Vec<String>| SamplingParams { stop, ..SamplingParams::default() }.validate();
+        let with = |stop: Vec<String>| {
+            SamplingParams {
+                stop,
+                ..SamplingParams::default()
+            }
+            .validate()
+        };
         assert!(with(vec!["x".repeat(256); 16]).is_ok());
         assert!(with(vec!["x".repeat(257)]).is_err());
         assert!(with(vec!["x".into(); 17]).is_err());

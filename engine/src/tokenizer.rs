@@ -53,7 +53,11 @@ impl Tok {
             if s.is_empty() && !first {
                 return Ok(());
             }
-            let t = if as_text { &self.text_only } else { &self.inner };
+            let t = if as_text {
+                &self.text_only
+            } else {
+                &self.inner
+            };
             out.extend(t.encode(s, first).map_err(terr)?.get_ids());
             first = false;
             Ok(())

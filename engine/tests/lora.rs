@@ -549,11 +549,17 @@ fn a_job_whose_adapter_loaded_waits_for_room_in_the_batch() {
     let delay = Duration::from_millis(1);
     let source = Arc::new(SlowSource { root, delay });
     let pool = AdapterPool::new(source, l.model.base_shapes(), PoolConfig::default());
-    let cfg = EngineConfig { max_batch: 1, ..EngineConfig::default() };
+    let cfg = EngineConfig {
+        max_batch: 1,
+        ..EngineConfig::default()
+    };
     let engine = Engine::start_with_pool(l.model, l.tok, cfg, Some(pool)).unwrap();
     let req = |adapter: Option<&str>, n| GenerateRequest {
         prompt: vec![5, 6, 7],
-        params: SamplingParams { stop_on_eos: false, ..SamplingParams::greedy(n) },
+        params: SamplingParams {
+            stop_on_eos: false,
+            ..SamplingParams::greedy(n)
+        },
         adapter: adapter.map(aref),
     };
     let start = Instant::now();
@@ -573,7 +579,10 @@ fn a_job_whose_adapter_loaded_waits_for_room_in_the_batch() {
         }
     }
     let base_done = base_done.unwrap();
-    assert!(base_done > delay * 2, "the base sequence must outlast the load ({base_done:?}) for this test to mean anything");
+    assert!(
+        base_done > delay * 2,
+        "the base sequence must outlast the load ({base_done:?}) for this test to mean anything"
+    );
     assert_eq!(max_running, 1, "max_batch 1 was exceeded");
     let mut n = 0;
     while let Some(ev) = late.blocking_next() {
@@ -594,7 +603,10 @@ struct CountingSource {
 impl retune_adapters::AdapterSource for CountingSource {
     fn locate(&self, adapter: &AdapterRef) -> std::result::Result<PathBuf, AdapterError> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        DirSource { root: self.root.clone() }.locate(adapter)
+        DirSource {
+            root: self.root.clone(),
+        }
+        .locate(adapter)
     }
 }
 
@@ -608,7 +620,10 @@ fn a_failing_version_is_not_reloaded_by_every_request() {
     std::fs::write(root.join("broken").join("adapter_config.json"), "{not json").unwrap();
     std::fs::write(root.join("broken").join("adapter_model.safetensors"), b"x").unwrap();
     let l = load(&gguf).unwrap();
-    let source = Arc::new(CountingSource { root: root.clone(), calls: Default::default() });
+    let source = Arc::new(CountingSource {
+        root: root.clone(),
+        calls: Default::default(),
+    });
     let pool = AdapterPool::new(source.clone(), l.model.base_shapes(), PoolConfig::default());
     assert!(wait_ready(&pool, "broken").is_err());
     // 200 more requests within the backoff: answered from the negative cache

@@ -39,7 +39,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .route("/admin/adapters/{tenant}/{name}/runs", web::get().to(runs))
         .route("/admin/adapters/{tenant}/{name}/gate", web::get().to(gate))
-        .route("/admin/adapters/{tenant}/{name}/watch", web::get().to(watch));
+        .route(
+            "/admin/adapters/{tenant}/{name}/watch",
+            web::get().to(watch),
+        );
 }
 
 /// The admin key, checked.

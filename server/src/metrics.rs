@@ -150,7 +150,8 @@ impl Metrics {
             Opts::new("retune_trainer_runs_total", "Finished trainer runs by outcome (promoted, canary, rejected, failed, skipped, crashed)"),
             &["status"],
         )?;
-        let trainer_running = IntGauge::new("retune_trainer_running_runs", "Trainer runs in progress")?;
+        let trainer_running =
+            IntGauge::new("retune_trainer_running_runs", "Trainer runs in progress")?;
         let gate_decisions = IntCounterVec::new(
             Opts::new("retune_gate_decisions_total", "Eval gate verdicts"),
             &["result"],
@@ -163,7 +164,8 @@ impl Metrics {
             "retune_trainer_last_run_timestamp_seconds",
             "When the last trainer run finished (Unix seconds; 0: never)",
         )?;
-        let watches_open = IntGauge::new("retune_watches_open", "Rolled-out versions being watched")?;
+        let watches_open =
+            IntGauge::new("retune_watches_open", "Rolled-out versions being watched")?;
         r.register(Box::new(trainer_runs.clone()))?;
         r.register(Box::new(trainer_running.clone()))?;
         r.register(Box::new(gate_decisions.clone()))?;

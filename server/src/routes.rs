@@ -64,9 +64,11 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
         crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
     }
     if let Some(reg) = state.registry.clone() {
-        let (n, c) = web::block(move || Ok::<_, retune_adapters::RegistryError>((reg.tainted_live_count()?, reg.loop_counts()?)))
-            .await
-            .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
+        let (n, c) = web::block(move || {
+            Ok::<_, retune_adapters::RegistryError>((reg.tainted_live_count()?, reg.loop_counts()?))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
         m.tainted_live.set(n);
         // the trainer writes these to the shared registry; the server reports them
         let mut running = 0;
@@ -74,14 +76,24 @@ async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
             if status == "running" {
                 running = *count;
             } else {
-                crate::metrics::catch_up(&m.trainer_runs.with_label_values(&[status]), *count as u64);
+                crate::metrics::catch_up(
+                    &m.trainer_runs.with_label_values(&[status]),
+                    *count as u64,
+                );
             }
         }
         m.trainer_running.set(running);
-        crate::metrics::catch_up(&m.gate_decisions.with_label_values(&["pass"]), c.gate_passes as u64);
-        crate::metrics::catch_up(&m.gate_decisions.with_label_values(&["fail"]), c.gate_fails as u64);
+        crate::metrics::catch_up(
+            &m.gate_decisions.with_label_values(&["pass"]),
+            c.gate_passes as u64,
+        );
+        crate::metrics::catch_up(
+            &m.gate_decisions.with_label_values(&["fail"]),
+            c.gate_fails as u64,
+        );
         crate::metrics::catch_up(&m.auto_rollbacks, c.auto_rollbacks as u64);
-        m.trainer_last_run.set(c.last_run_finished.unwrap_or(0) / 1000);
+        m.trainer_last_run
+            .set(c.last_run_finished.unwrap_or(0) / 1000);
         m.watches_open.set(c.watching);
     }
     let mut out = Vec::new();
@@ -441,7 +453,9 @@ fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
 /// A completion that failed (finish `error`, no output): the watch after a
 /// rollout counts a version's errors from these.
 fn capture_error(state: &AppState, job: &Job, started: Instant) {
-    queue_record(state, job, |r| r.total_ms = started.elapsed().as_secs_f64() * 1e3);
+    queue_record(state, job, |r| {
+        r.total_ms = started.elapsed().as_secs_f64() * 1e3
+    });
 }
 
 /// Personal data out of a record before it is stored: text scrubbed, token ids
@@ -608,7 +622,11 @@ fn stream_error(job: &Job, err: ApiError) -> String {
     )
 }
 
-async fn generate(state: Data, valid: ValidRequest, mut job: Job) -> Result<HttpResponse, ApiError> {
+async fn generate(
+    state: Data,
+    valid: ValidRequest,
+    mut job: Job,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let adapter = valid.adapter().cloned();
     if let Some(ctx) = &mut job.capture {

@@ -354,10 +354,23 @@ impl DatasetStore for Faulty {
     fn purge_before(&self, t: &str, before: i64) -> Result<usize, DataError> {
         self.inner.purge_before(t, before)
     }
-    fn candidates_since(&self, t: &str, a: &str, since: i64, pos: bool) -> Result<usize, DataError> {
+    fn candidates_since(
+        &self,
+        t: &str,
+        a: &str,
+        since: i64,
+        pos: bool,
+    ) -> Result<usize, DataError> {
         self.inner.candidates_since(t, a, since, pos)
     }
-    fn signals(&self, t: &str, a: &str, v: &str, from: i64, to: i64) -> Result<retune_datasets::Signals, DataError> {
+    fn signals(
+        &self,
+        t: &str,
+        a: &str,
+        v: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<retune_datasets::Signals, DataError> {
         self.inner.signals(t, a, v, from, to)
     }
     fn adapters(&self) -> Result<Vec<(String, String)>, DataError> {

@@ -445,25 +445,51 @@ fn bad_input_gets_typed_errors() {
         .unwrap_err();
     assert!(matches!(e, RegistryError::Rejected(_)));
     // finite but absurd: an alpha of -1e38, weights of 3e38 (they served empty text)
-    for (name, alpha, w, what) in [("alpha", -1e38f32, 0.05f32, "lora_alpha"), ("huge", 8.0, 3e38, "not a trained adapter")] {
+    for (name, alpha, w, what) in [
+        ("alpha", -1e38f32, 0.05f32, "lora_alpha"),
+        ("huge", 8.0, 3e38, "not a trained adapter"),
+    ] {
         let d = dir.join(name);
         tiny::write_adapter(&d, &TinySpec::default(), 4, &[0], 1, alpha, w).unwrap();
         let e = reg.register(new(&d, "t", "a"), &base()).unwrap_err();
-        assert!(matches!(&e, RegistryError::Rejected(r) if r.contains(what)), "{e}");
+        assert!(
+            matches!(&e, RegistryError::Rejected(r) if r.contains(what)),
+            "{e}"
+        );
     }
     // a config with 1,500 patterns (it took 28 s to load) is refused at once
     let many = dir.join("many");
     tiny::write_adapter(&many, &TinySpec::default(), 4, &[0], 1, 8.0, 0.05).unwrap();
     let cfg_path = many.join("adapter_config.json");
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    cfg["rank_pattern"] = (0..1500).map(|i| (format!("layers\\.{i}\\.self_attn\\.q_proj"), serde_json::json!(4))).collect::<serde_json::Map<_, _>>().into();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["rank_pattern"] = (0..1500)
+        .map(|i| {
+            (
+                format!("layers\\.{i}\\.self_attn\\.q_proj"),
+                serde_json::json!(4),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let t = std::time::Instant::now();
     let e = reg.register(new(&many, "t", "a"), &base()).unwrap_err();
-    assert!(matches!(&e, RegistryError::Rejected(r) if r.contains("more than 64 patterns")), "{e}");
+    assert!(
+        matches!(&e, RegistryError::Rejected(r) if r.contains("more than 64 patterns")),
+        "{e}"
+    );
     assert!(t.elapsed() < std::time::Duration::from_secs(1));
     // within the cap, patterns still apply (compiled once per load)
-    cfg["rank_pattern"] = (0..60).map(|i| (format!("layers\\.{i}\\.self_attn\\.q_proj"), serde_json::json!(4))).collect::<serde_json::Map<_, _>>().into();
+    cfg["rank_pattern"] = (0..60)
+        .map(|i| {
+            (
+                format!("layers\\.{i}\\.self_attn\\.q_proj"),
+                serde_json::json!(4),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     reg.register(new(&many, "t", "a"), &base()).unwrap();
     assert!(matches!(

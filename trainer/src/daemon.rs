@@ -112,7 +112,11 @@ pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
         .unwrap_or_else(|| root.join("datasets.db"));
     let data = SqliteStore::open(&db)?;
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
-    let reg = Registry::open(&root.join("registry.db"), store, settings.adapters.max_version_bytes)?;
+    let reg = Registry::open(
+        &root.join("registry.db"),
+        store,
+        settings.adapters.max_version_bytes,
+    )?;
     let mut names: Vec<(String, String)> = settings
         .trainer
         .adapters
@@ -197,12 +201,16 @@ impl Daemon {
             .unwrap_or_else(|| root.join("trainer"));
         let path = &settings.model.path;
         let l = retune_engine::load(path)?;
-        let max_len = settings
-            .trainer
-            .defaults
-            .train
-            .max_len
-            .max(settings.trainer.adapters.iter().filter_map(|a| a.train.as_ref()).map(|t| t.max_len).max().unwrap_or(0));
+        let max_len = settings.trainer.defaults.train.max_len.max(
+            settings
+                .trainer
+                .adapters
+                .iter()
+                .filter_map(|a| a.train.as_ref())
+                .map(|t| t.max_len)
+                .max()
+                .unwrap_or(0),
+        );
         let lt = retune_engine::load(path)?;
         let train_model = DeviceModel::for_training(lt.model, &candle_core::Device::Cpu, max_len)?;
         let base = ServedBase {
@@ -262,7 +270,11 @@ impl Daemon {
             .collect();
         if t.discover {
             for (tenant, name) in self.data.adapters()? {
-                if !t.adapters.iter().any(|a| a.tenant == tenant && a.name == name) {
+                if !t
+                    .adapters
+                    .iter()
+                    .any(|a| a.tenant == tenant && a.name == name)
+                {
                     out.push((tenant, name, t.defaults.clone()));
                 }
             }
@@ -279,7 +291,11 @@ impl Daemon {
         let runs = self.reg.runs(tenant, name, 1)?;
         let last_start = runs.first().map(|r| r.started_at).unwrap_or(0);
         if let Ok(j) = self.reg.journal(tenant, name) {
-            if let Some(e) = j.iter().rev().find(|e| e.event == "retrain" && e.at > last_start) {
+            if let Some(e) = j
+                .iter()
+                .rev()
+                .find(|e| e.event == "retrain" && e.at > last_start)
+            {
                 return Ok(Some(Trigger::Retrain(e.reason.clone())));
             }
         }
@@ -308,7 +324,14 @@ impl Daemon {
                 .find(|(t, n, _)| *t == w.tenant && *n == w.name)
                 .map(|x| x.2.clone())
                 .unwrap_or_else(|| self.settings.trainer.defaults.clone());
-            match crate::watch::tick(&self.reg, self.data.as_ref(), &w, &ls.watch, now_ms(), ACTOR) {
+            match crate::watch::tick(
+                &self.reg,
+                self.data.as_ref(),
+                &w,
+                &ls.watch,
+                now_ms(),
+                ACTOR,
+            ) {
                 Ok(status) if status != "watching" => {
                     tracing::info!(tenant = %w.tenant, adapter = %w.name, version = %w.version, %status, "watch ended")
                 }
@@ -337,7 +360,10 @@ impl Daemon {
                 alpha: t.alpha,
                 rslora: false,
                 modules: parse_modules(&t.modules)?,
-                first_layer: t.top_layers.map(|k| n_layers.saturating_sub(k)).unwrap_or(0),
+                first_layer: t
+                    .top_layers
+                    .map(|k| n_layers.saturating_sub(k))
+                    .unwrap_or(0),
             },
             optim: AdamWConfig {
                 lr: t.lr,
@@ -381,9 +407,28 @@ impl Daemon {
             Ok(o) => o,
             Err(e) => {
                 let reason = e.to_string();
-                self.reg.run_update(&run_id, "failed", None, None, &serde_json::json!({"trigger": trigger.to_string(), "reason": reason}), true)?;
-                self.reg.note(tenant, name, "run-failed", None, ACTOR, &format!("run {run_id}: {reason}"))?;
-                RunOutcome { run: run_id.clone(), status: "failed".into(), version: None, reason }
+                self.reg.run_update(
+                    &run_id,
+                    "failed",
+                    None,
+                    None,
+                    &serde_json::json!({"trigger": trigger.to_string(), "reason": reason}),
+                    true,
+                )?;
+                self.reg.note(
+                    tenant,
+                    name,
+                    "run-failed",
+                    None,
+                    ACTOR,
+                    &format!("run {run_id}: {reason}"),
+                )?;
+                RunOutcome {
+                    run: run_id.clone(),
+                    status: "failed".into(),
+                    version: None,
+                    reason,
+                }
             }
         };
         self.reg.release_lease(tenant, name, &self.holder)?;
@@ -412,21 +457,42 @@ impl Daemon {
         };
         let m = self.data.snapshot(tenant, name, &policy)?;
         let mut detail = serde_json::json!({"trigger": trigger.to_string(), "snapshot": &m});
-        self.reg.run_update(run_id, "running", Some(&m.id), None, &detail, false)?;
+        self.reg
+            .run_update(run_id, "running", Some(&m.id), None, &detail, false)?;
         let mut skip = |status: &str, reason: String| -> Result<RunOutcome> {
             detail["reason"] = serde_json::json!(reason);
-            self.reg.run_update(run_id, status, Some(&m.id), None, &detail, true)?;
+            self.reg
+                .run_update(run_id, status, Some(&m.id), None, &detail, true)?;
             if status == "failed" {
-                self.reg.note(tenant, name, "run-failed", None, ACTOR, &format!("run {run_id}: {reason}"))?;
+                self.reg.note(
+                    tenant,
+                    name,
+                    "run-failed",
+                    None,
+                    ACTOR,
+                    &format!("run {run_id}: {reason}"),
+                )?;
             }
-            Ok(RunOutcome { run: run_id.into(), status: status.into(), version: None, reason })
+            Ok(RunOutcome {
+                run: run_id.into(),
+                status: status.into(),
+                version: None,
+                reason,
+            })
         };
         let already = self.reg.versions(tenant, name).ok().and_then(|vs| {
-            vs.into_iter()
-                .find(|v| v.metadata.get("snapshot").and_then(|s| s.as_str()) == Some(m.id.as_str()))
+            vs.into_iter().find(|v| {
+                v.metadata.get("snapshot").and_then(|s| s.as_str()) == Some(m.id.as_str())
+            })
         });
         if let (Some(v), false) = (&already, matches!(trigger, Trigger::Retrain(_))) {
-            return skip("skipped", format!("snapshot {} was already trained on (version {})", m.id, v.id));
+            return skip(
+                "skipped",
+                format!(
+                    "snapshot {} was already trained on (version {})",
+                    m.id, v.id
+                ),
+            );
         }
         if m.train == 0 && !m.conflicts.is_empty() {
             return skip("failed", format!(
@@ -435,13 +501,19 @@ impl Daemon {
             ));
         }
         if m.train < ls.trigger.min_examples {
-            return skip("failed", format!(
-                "too few examples: {} for training (at least {}), dropped {:?}",
-                m.train, ls.trigger.min_examples, m.dropped
-            ));
+            return skip(
+                "failed",
+                format!(
+                    "too few examples: {} for training (at least {}), dropped {:?}",
+                    m.train, ls.trigger.min_examples, m.dropped
+                ),
+            );
         }
         if m.eval == 0 {
-            return skip("failed", "no eval examples: the gate has nothing to judge on".into());
+            return skip(
+                "failed",
+                "no eval examples: the gate has nothing to judge on".into(),
+            );
         }
         // the live version the candidate must beat
         let state = self.reg.state(tenant, name).ok();
@@ -464,7 +536,8 @@ impl Daemon {
         // train
         let settings = self.train_settings(ls)?;
         let mut last_renew = std::time::Instant::now();
-        let renew_every = std::time::Duration::from_secs((self.settings.trainer.lease_seconds / 4).max(1));
+        let renew_every =
+            std::time::Duration::from_secs((self.settings.trainer.lease_seconds / 4).max(1));
         let mut lease_err = None;
         let job = Job {
             model: &self.train_model,
@@ -490,12 +563,22 @@ impl Daemon {
                     lease_err = Some(e);
                     return ControlFlow::Break(());
                 }
-                if let Progress::Step { step, total, loss, tokens_per_s, elapsed_s, .. } = p {
+                if let Progress::Step {
+                    step,
+                    total,
+                    loss,
+                    tokens_per_s,
+                    elapsed_s,
+                    ..
+                } = p
+                {
                     tracing::info!(%tenant, adapter = %name, step, total, loss, tokens_per_s, "training");
                     progress_detail["progress"] = serde_json::json!({"step": step, "total": total, "loss": loss,
                         "tokens_per_second": tokens_per_s, "elapsed_seconds": elapsed_s});
                     // visible in `status` and the admin API while it runs
-                    let _ = self.reg.run_update(run_id, "running", None, None, &progress_detail, false);
+                    let _ =
+                        self.reg
+                            .run_update(run_id, "running", None, None, &progress_detail, false);
                 }
             }
             ControlFlow::Continue(())
@@ -507,7 +590,8 @@ impl Daemon {
         self.renew(tenant, name)?;
         // gate
         let rows = self.data.snapshot_rows(tenant, &m.id)?;
-        let (train_rows, eval_rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.split == Split::Train);
+        let (train_rows, eval_rows): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|r| r.split == Split::Train);
         let candidate = load_peft(&result.adapter_dir, &self.base.shapes, &Default::default())?;
         let mut gate_opts = ls.gate.clone();
         if matches!(trigger, Trigger::Retrain(_)) {
@@ -532,7 +616,10 @@ impl Daemon {
         detail["gate"] = serde_json::to_value(&report).unwrap_or_default();
         let decision = if report.passed {
             Decision::Pass {
-                expect: live_id.clone().map(Expect::Version).unwrap_or(Expect::NoLive),
+                expect: live_id
+                    .clone()
+                    .map(Expect::Version)
+                    .unwrap_or(Expect::NoLive),
                 rollout: if ls.gate.rollout == "canary" {
                     Rollout::Canary(ls.gate.canary_percent)
                 } else {
@@ -542,7 +629,9 @@ impl Daemon {
                 summary: summary.clone(),
             }
         } else {
-            Decision::Reject { reasons: summary.clone() }
+            Decision::Reject {
+                reasons: summary.clone(),
+            }
         };
         let metadata = serde_json::json!({
             "training": &result.record,
@@ -583,7 +672,8 @@ impl Daemon {
             "promoted"
         };
         detail["reason"] = serde_json::json!(summary);
-        self.reg.run_update(run_id, status, Some(&m.id), Some(&info.id), &detail, true)?;
+        self.reg
+            .run_update(run_id, status, Some(&m.id), Some(&info.id), &detail, true)?;
         Ok(RunOutcome {
             run: run_id.into(),
             status: status.into(),

@@ -27,7 +27,11 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 /// (prompt tokens, expected answer) of a chat example whose last message is the
 /// assistant's answer.
-pub(crate) fn case(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<(Vec<u32>, String)> {
+pub(crate) fn case(
+    body: &ExampleBody,
+    tok: &Tok,
+    template: &ChatTemplate,
+) -> Result<(Vec<u32>, String)> {
     let ExampleBody::Chat { messages } = body else {
         return Err(TrainError::Data("accuracy needs chat examples".into()));
     };
@@ -41,7 +45,10 @@ pub(crate) fn case(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Re
         .map(|m| ChatMessage::new(&m.role, &m.content))
         .collect();
     let prompt = template.render_marked(&msgs, true)?;
-    Ok((tok.encode_chat(&prompt, true)?, last.content.trim().to_string()))
+    Ok((
+        tok.encode_chat(&prompt, true)?,
+        last.content.trim().to_string(),
+    ))
 }
 
 /// Greedy answers (at most `max_new` tokens) compared with the expected ones.

@@ -96,7 +96,11 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
                     )));
                 }
                 // contents as text, as the server tokenizes a prompt
-                let p = tok.encode_chat_range(&prefix_r, rendered.len()..prefix.len(), tokens.is_empty())?;
+                let p = tok.encode_chat_range(
+                    &prefix_r,
+                    rendered.len()..prefix.len(),
+                    tokens.is_empty(),
+                )?;
                 weights.extend(std::iter::repeat(0.0).take(p.len()));
                 tokens.extend(p);
                 let w = m.weight.map_or(1.0, |w| w as f32);

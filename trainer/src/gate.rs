@@ -287,7 +287,16 @@ fn is_binary(x: &[f64]) -> bool {
     x.iter().all(|v| *v == 0.0 || *v == 1.0)
 }
 
-fn arm(name: &str, answers: &[String], wants: &[String], m: Metric, keys: &[String], seed: u64, b: usize, secs: f64) -> Arm {
+fn arm(
+    name: &str,
+    answers: &[String],
+    wants: &[String],
+    m: Metric,
+    keys: &[String],
+    seed: u64,
+    b: usize,
+    secs: f64,
+) -> Arm {
     let scores: Vec<f64> = answers
         .iter()
         .zip(wants)
@@ -317,8 +326,18 @@ fn arm(name: &str, answers: &[String], wants: &[String], m: Metric, keys: &[Stri
 fn compare(cand: &Arm, other: &Arm, required: f64, b: usize, seed: u64) -> Comparison {
     let interval = paired_bootstrap(&cand.scores, &other.scores, b, seed);
     let mcnemar_p = (is_binary(&cand.scores) && is_binary(&other.scores)).then(|| {
-        let only_c = cand.scores.iter().zip(&other.scores).filter(|(c, o)| **c > **o).count();
-        let only_o = cand.scores.iter().zip(&other.scores).filter(|(c, o)| **c < **o).count();
+        let only_c = cand
+            .scores
+            .iter()
+            .zip(&other.scores)
+            .filter(|(c, o)| **c > **o)
+            .count();
+        let only_o = cand
+            .scores
+            .iter()
+            .zip(&other.scores)
+            .filter(|(c, o)| **c < **o)
+            .count();
         mcnemar_exact(only_c, only_o)
     });
     Comparison {
@@ -395,7 +414,11 @@ fn log_softmax(l: &[f32]) -> Vec<f64> {
 
 fn kl(base: &[f32], cand: &[f32]) -> f64 {
     let (p, q) = (log_softmax(base), log_softmax(cand));
-    p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>().max(0.0)
+    p.iter()
+        .zip(&q)
+        .map(|(lp, lq)| lp.exp() * (lp - lq))
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// Mean per-token KL(base || candidate) along the base model's greedy answers
@@ -419,8 +442,18 @@ pub fn forgetting(
         let mut feed = p.clone();
         let mut sum = 0.0;
         for step in 0..=a.len() {
-            let lb = model.forward(&mut [BatchItem { tokens: &feed, adapter: None, kv: &mut kb, want_logits: true }])?;
-            let lc = model.forward(&mut [BatchItem { tokens: &feed, adapter: Some(candidate), kv: &mut kc, want_logits: true }])?;
+            let lb = model.forward(&mut [BatchItem {
+                tokens: &feed,
+                adapter: None,
+                kv: &mut kb,
+                want_logits: true,
+            }])?;
+            let lc = model.forward(&mut [BatchItem {
+                tokens: &feed,
+                adapter: Some(candidate),
+                kv: &mut kc,
+                want_logits: true,
+            }])?;
             let (Some(lb), Some(lc)) = (lb.first(), lc.first()) else {
                 return Err(TrainError::Setting("the model returned no logits".into()));
             };
@@ -475,11 +508,19 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
         .collect::<Result<Vec<_>>>()?;
     let keys = &opt.json_keys;
     let b = opt.bootstrap;
-    let timed = |adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>]| -> Result<(Vec<String>, f64)> {
-        let t = std::time::Instant::now();
-        let out = generate(g.model, g.tok, adapter, prompts, opt.max_new_tokens, g.batch)?;
-        Ok((out, t.elapsed().as_secs_f64()))
-    };
+    let timed =
+        |adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>]| -> Result<(Vec<String>, f64)> {
+            let t = std::time::Instant::now();
+            let out = generate(
+                g.model,
+                g.tok,
+                adapter,
+                prompts,
+                opt.max_new_tokens,
+                g.batch,
+            )?;
+            Ok((out, t.elapsed().as_secs_f64()))
+        };
     let mut arms = Vec::new();
     let (ans, s) = timed(Some(g.candidate), &plain)?;
     arms.push(arm("candidate", &ans, &wants, metric, keys, g.seed, b, s));
@@ -499,7 +540,10 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
     for r in g.train {
         *counts.entry(expected(metric, r)?).or_default() += 1;
     }
-    if let Some((constant, _)) = counts.iter().max_by_key(|(a, n)| (**n, std::cmp::Reverse(a.as_str()))) {
+    if let Some((constant, _)) = counts
+        .iter()
+        .max_by_key(|(a, n)| (**n, std::cmp::Reverse(a.as_str())))
+    {
         let ans = vec![constant.clone(); wants.len()];
         arms.push(arm("constant", &ans, &wants, metric, keys, g.seed, b, 0.0));
     }
@@ -562,17 +606,37 @@ mod tests {
 
     #[test]
     fn metrics() {
-        assert_eq!(score(Metric::Exact, " card_arrival\n", "card_arrival", &[]), 1.0);
-        assert_eq!(score(Metric::Exact, "Card_arrival", "card_arrival", &[]), 0.0);
-        assert_eq!(score(Metric::Label, "\"Card_Arrival\".", "card_arrival", &[]), 1.0);
+        assert_eq!(
+            score(Metric::Exact, " card_arrival\n", "card_arrival", &[]),
+            1.0
+        );
+        assert_eq!(
+            score(Metric::Exact, "Card_arrival", "card_arrival", &[]),
+            0.0
+        );
+        assert_eq!(
+            score(Metric::Label, "\"Card_Arrival\".", "card_arrival", &[]),
+            1.0
+        );
         let keys = vec!["intent".to_string(), "urgency".to_string()];
         let want = r#"{"intent": "refund", "urgency": "high"}"#;
-        assert_eq!(json_score(r#"{"intent": "refund", "urgency": "low"}"#, want, &keys), 0.5);
+        assert_eq!(
+            json_score(r#"{"intent": "refund", "urgency": "low"}"#, want, &keys),
+            0.5
+        );
         assert_eq!(json_score(r#"{"intent": "refund"}"#, want, &keys), 0.0);
         assert_eq!(json_score("intent: refund", want, &keys), 0.0);
-        assert_eq!(json_score(r#"{"intent": "x", "urgency": "y"}"#, "free text", &keys), 1.0);
+        assert_eq!(
+            json_score(r#"{"intent": "x", "urgency": "y"}"#, "free text", &keys),
+            1.0
+        );
         // SQuAD: pred "the cat sat" vs "a cat sat down": 2 shared, P 2/3, R 2/4
-        assert!((token_f1("the cat sat", "a cat sat down") - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5)).abs() < 1e-12);
+        assert!(
+            (token_f1("the cat sat", "a cat sat down")
+                - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5))
+                .abs()
+                < 1e-12
+        );
         assert_eq!(token_f1("", ""), 1.0);
         assert_eq!(token_f1("x", ""), 0.0);
     }

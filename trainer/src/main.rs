@@ -495,7 +495,11 @@ fn daemon_cmd(at: &SettingsArgs, once: bool, holder: Option<String>) -> anyhow::
         if t.priority == "idle" {
             let p = libc::sched_param { sched_priority: 0 };
             if libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) != 0 {
-                tracing::warn!("SCHED_IDLE refused ({}); running at nice {}", std::io::Error::last_os_error(), t.nice);
+                tracing::warn!(
+                    "SCHED_IDLE refused ({}); running at nice {}",
+                    std::io::Error::last_os_error(),
+                    t.nice
+                );
             }
         }
     }
@@ -505,7 +509,10 @@ fn daemon_cmd(at: &SettingsArgs, once: bool, holder: Option<String>) -> anyhow::
         .unwrap_or_else(|| "retune-trainer".into());
     let poll = std::time::Duration::from_secs_f64(t.poll_seconds);
     let d = retune_trainer::daemon::Daemon::open(settings, holder)?;
-    eprintln!("retune-trainer daemon: holder {}, looking every {:?}", d.holder, poll);
+    eprintln!(
+        "retune-trainer daemon: holder {}, looking every {:?}",
+        d.holder, poll
+    );
     loop {
         match d.pass() {
             Ok(outcomes) => {
@@ -547,7 +554,10 @@ fn status_cmd(at: &SettingsArgs, json: bool) -> anyhow::Result<()> {
             a.tenant,
             a.name,
             a.live.as_deref().unwrap_or("-"),
-            a.canary.as_ref().map(|c| format!("{} at {}%", c.0, c.1)).unwrap_or_else(|| "-".into()),
+            a.canary
+                .as_ref()
+                .map(|c| format!("{} at {}%", c.0, c.1))
+                .unwrap_or_else(|| "-".into()),
             a.lease.as_deref().unwrap_or("free"),
             a.new_examples
         );
@@ -556,8 +566,14 @@ fn status_cmd(at: &SettingsArgs, json: bool) -> anyhow::Result<()> {
                 "  run {} {}{}: {}",
                 r.id,
                 r.status,
-                r.version.as_ref().map(|v| format!(" → {v}")).unwrap_or_default(),
-                r.detail.get("reason").and_then(|x| x.as_str()).unwrap_or("")
+                r.version
+                    .as_ref()
+                    .map(|v| format!(" → {v}"))
+                    .unwrap_or_default(),
+                r.detail
+                    .get("reason")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or("")
             );
         }
         if let Some(w) = &a.watch {
@@ -566,7 +582,10 @@ fn status_cmd(at: &SettingsArgs, json: bool) -> anyhow::Result<()> {
                 w.version,
                 w.mode,
                 w.status,
-                w.verdict.get("state").and_then(|x| x.as_str()).unwrap_or("")
+                w.verdict
+                    .get("state")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or("")
             );
         }
     }

@@ -114,7 +114,10 @@ mod tests {
     fn against_published_values() {
         // Wilson 95% for 81/263 (Newcombe 1998, table I): 0.2553 to 0.3662
         let (lo, hi) = wilson(81, 263);
-        assert!((lo - 0.2553).abs() < 1e-4 && (hi - 0.3662).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.2553).abs() < 1e-4 && (hi - 0.3662).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         // scipy.stats.binomtest(3, 15).pvalue = 0.03515625
         assert!((mcnemar_exact(3, 12) - 0.035_156_25).abs() < 1e-9);
         assert_eq!(mcnemar_exact(0, 0), 1.0);
@@ -143,7 +146,10 @@ mod tests {
         assert!(lo > 0.0 && hi < 0.2, "{lo} {hi}");
         let ka = a.iter().filter(|x| **x == 1.0).count();
         let kb = b.iter().filter(|x| **x == 1.0).count();
-        assert!(wilson(kb, 200).0 < wilson(ka, 200).1, "the intervals overlap");
+        assert!(
+            wilson(kb, 200).0 < wilson(ka, 200).1,
+            "the intervals overlap"
+        );
         // the same seed gives the same interval
         assert_eq!(paired_bootstrap(&b, &a, 2000, 1), (lo, hi));
         let (lo, hi) = bootstrap_mean(&a, 2000, 3);

@@ -45,7 +45,12 @@ fn rate(s: &Signals) -> f64 {
 }
 
 /// The verdict from the two versions' signals after `minutes` of watching.
-pub fn decide(new: &Signals, old: &Signals, minutes: f64, o: &WatchOptions) -> (Option<WatchEnd>, WatchFigures) {
+pub fn decide(
+    new: &Signals,
+    old: &Signals,
+    minutes: f64,
+    o: &WatchOptions,
+) -> (Option<WatchEnd>, WatchFigures) {
     let (z, p) = two_proportion_greater(new.bad, new.completions, old.bad, old.completions);
     let enough = new.completions >= o.min_samples && old.completions >= o.min_samples;
     let (end, state) = if minutes < o.window_minutes {
@@ -94,13 +99,25 @@ pub fn tick(
 ) -> Result<String> {
     let Some(old_version) = w.previous.as_deref() else {
         let v = serde_json::json!({"state": "nothing to compare against"});
-        return Ok(reg.finish_watch(w, WatchEnd::Passed, &v, actor, "first version: nothing to compare against")?);
+        return Ok(reg.finish_watch(
+            w,
+            WatchEnd::Passed,
+            &v,
+            actor,
+            "first version: nothing to compare against",
+        )?);
     };
     let elapsed = (now_ms - w.started_at).max(0);
     let new = data.signals(&w.tenant, &w.name, &w.version, w.started_at, now_ms + 1)?;
     let old = match w.mode.as_str() {
         "canary" => data.signals(&w.tenant, &w.name, old_version, w.started_at, now_ms + 1)?,
-        _ => data.signals(&w.tenant, &w.name, old_version, w.started_at - elapsed, w.started_at)?,
+        _ => data.signals(
+            &w.tenant,
+            &w.name,
+            old_version,
+            w.started_at - elapsed,
+            w.started_at,
+        )?,
     };
     let (end, fig) = decide(&new, &old, elapsed as f64 / 60_000.0, o);
     let verdict = serde_json::to_value(&fig).unwrap_or_default();
@@ -126,24 +143,46 @@ mod tests {
 
     fn sim(rng: &mut impl Rng, n: usize, p: f64) -> Signals {
         let bad = (0..n).filter(|_| rng.gen::<f64>() < p).count();
-        Signals { completions: n, rated_down: bad, bad, ..Signals::default() }
+        Signals {
+            completions: n,
+            rated_down: bad,
+            bad,
+            ..Signals::default()
+        }
     }
 
     #[test]
     fn equal_rates_rarely_roll_back_and_a_tripled_rate_does() {
-        let o = WatchOptions { min_samples: 200, window_minutes: 60.0, ..WatchOptions::default() };
+        let o = WatchOptions {
+            min_samples: 200,
+            window_minutes: 60.0,
+            ..WatchOptions::default()
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let trials = 2000;
         let false_alarms = (0..trials)
             .filter(|_| {
-                let (e, _) = decide(&sim(&mut rng, 300, 0.08), &sim(&mut rng, 300, 0.08), 61.0, &o);
+                let (e, _) = decide(
+                    &sim(&mut rng, 300, 0.08),
+                    &sim(&mut rng, 300, 0.08),
+                    61.0,
+                    &o,
+                );
                 e == Some(WatchEnd::Regressed)
             })
             .count();
-        assert!((false_alarms as f64 / trials as f64) < 0.05, "{false_alarms} of {trials}");
+        assert!(
+            (false_alarms as f64 / trials as f64) < 0.05,
+            "{false_alarms} of {trials}"
+        );
         let caught = (0..trials)
             .filter(|_| {
-                let (e, _) = decide(&sim(&mut rng, 300, 0.24), &sim(&mut rng, 300, 0.08), 61.0, &o);
+                let (e, _) = decide(
+                    &sim(&mut rng, 300, 0.24),
+                    &sim(&mut rng, 300, 0.08),
+                    61.0,
+                    &o,
+                );
                 e == Some(WatchEnd::Regressed)
             })
             .count();
@@ -152,13 +191,29 @@ mod tests {
 
     #[test]
     fn too_little_traffic_is_no_verdict_and_never_a_pass() {
-        let o = WatchOptions { min_samples: 100, window_minutes: 60.0, max_minutes: 120.0, ..WatchOptions::default() };
-        let few = Signals { completions: 40, bad: 0, ..Signals::default() };
-        let many = Signals { completions: 400, bad: 40, ..Signals::default() };
+        let o = WatchOptions {
+            min_samples: 100,
+            window_minutes: 60.0,
+            max_minutes: 120.0,
+            ..WatchOptions::default()
+        };
+        let few = Signals {
+            completions: 40,
+            bad: 0,
+            ..Signals::default()
+        };
+        let many = Signals {
+            completions: 400,
+            bad: 40,
+            ..Signals::default()
+        };
         assert_eq!(decide(&few, &many, 30.0, &o).1.state, "waiting");
         assert_eq!(decide(&few, &many, 90.0, &o).0, None);
         assert_eq!(decide(&few, &many, 90.0, &o).1.state, "insufficient");
-        assert_eq!(decide(&few, &many, 121.0, &o).0, Some(WatchEnd::Inconclusive));
+        assert_eq!(
+            decide(&few, &many, 121.0, &o).0,
+            Some(WatchEnd::Inconclusive)
+        );
         assert_eq!(decide(&many, &many, 61.0, &o).0, Some(WatchEnd::Passed));
     }
 }

@@ -30,8 +30,16 @@ fn row(i: usize, answer: usize) -> ImportRow {
     ImportRow {
         body: ExampleBody::Chat {
             messages: vec![
-                Message { role: "user".into(), content: format!("query {i} about {}", i % 3), weight: None },
-                Message { role: "assistant".into(), content: ANSWERS[answer].into(), weight: None },
+                Message {
+                    role: "user".into(),
+                    content: format!("query {i} about {}", i % 3),
+                    weight: None,
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: ANSWERS[answer].into(),
+                    weight: None,
+                },
             ],
         },
         subject_id: Some(format!("person-{}", i % 7)),
@@ -93,7 +101,9 @@ scrub = false
 }
 
 fn tiny(dir: &Path) -> PathBuf {
-    retune_engine::tiny::write(dir, &Default::default()).unwrap().0
+    retune_engine::tiny::write(dir, &Default::default())
+        .unwrap()
+        .0
 }
 
 fn import(dir: &Path, rows: &[ImportRow]) -> SqliteStore {
@@ -135,7 +145,11 @@ fn the_gate_passes_a_learnable_task_and_rejects_shuffled_labels_every_time() {
         let sub = dir.join(format!("shuffled-{seed}"));
         std::fs::create_dir_all(&sub).unwrap();
         let extra = format!("[trainer.adapters.train]\nseed = {seed}\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = 8.0\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n");
-        let s = settings(&sub, &gguf, &format!("[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n{extra}"));
+        let s = settings(
+            &sub,
+            &gguf,
+            &format!("[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n{extra}"),
+        );
         import(&sub, &rows(120, Some(seed)));
         let d = Daemon::open(s, "test-holder".into()).unwrap();
         let out = d.pass().unwrap();
@@ -144,11 +158,16 @@ fn the_gate_passes_a_learnable_task_and_rejects_shuffled_labels_every_time() {
         assert!(out[0].reason.contains("does not beat"), "{}", out[0].reason);
         let st = d.reg.state("acme", "greet").unwrap();
         assert_eq!((st.live, st.canary), (None, None));
-        let v = d.reg.version("acme", "greet", out[0].version.as_deref().unwrap()).unwrap();
+        let v = d
+            .reg
+            .version("acme", "greet", out[0].version.as_deref().unwrap())
+            .unwrap();
         assert!(v.retired && v.metadata["gate"]["passed"] == false);
         assert!(d.reg.resolve("acme", "greet", 0).is_err());
         let j = d.reg.journal("acme", "greet").unwrap();
-        assert!(j.iter().any(|e| e.event == "gate-fail" && e.reason.contains("does not beat")));
+        assert!(j
+            .iter()
+            .any(|e| e.event == "gate-fail" && e.reason.contains("does not beat")));
     }
 }
 
@@ -165,9 +184,16 @@ fn bad_input_stops_with_a_journaled_reason_and_promotes_nothing() {
         assert_eq!(out.len(), 1, "{sub}");
         assert_eq!(out[0].status, "failed", "{sub}: {}", out[0].reason);
         assert!(out[0].reason.contains(want), "{sub}: {}", out[0].reason);
-        assert!(daemon.reg.list(None).unwrap().is_empty(), "{sub}: nothing registered");
+        assert!(
+            daemon.reg.list(None).unwrap().is_empty(),
+            "{sub}: nothing registered"
+        );
         let j = daemon.reg.journal("acme", "greet").unwrap();
-        assert!(j.iter().any(|e| e.event == "run-failed" && e.reason.contains(want)), "{j:?}");
+        assert!(
+            j.iter()
+                .any(|e| e.event == "run-failed" && e.reason.contains(want)),
+            "{j:?}"
+        );
         let runs = daemon.reg.runs("acme", "greet", 5).unwrap();
         assert_eq!(runs[0].status, "failed");
         // the same data is not retried until something new arrives
@@ -193,13 +219,17 @@ fn bad_input_stops_with_a_journaled_reason_and_promotes_nothing() {
         other.fingerprint = "another-base".into();
         let reg = registry(&d.join("root"));
         let v = version(&reg, &other, &d, 1);
-        reg.promote("acme", "greet", &v, Expect::NoLive, "alice", "").unwrap();
+        reg.promote("acme", "greet", &v, Expect::NoLive, "alice", "")
+            .unwrap();
         let daemon = Daemon::open(settings(&d, &gguf, ""), "h".into()).unwrap();
         let out = daemon.pass().unwrap();
         assert_eq!(out[0].status, "failed");
         assert!(out[0].reason.contains("another-base"), "{}", out[0].reason);
         assert_eq!(daemon.reg.versions("acme", "greet").unwrap().len(), 1);
-        assert_eq!(daemon.reg.state("acme", "greet").unwrap().live.as_deref(), Some(v.as_str()));
+        assert_eq!(
+            daemon.reg.state("acme", "greet").unwrap().live.as_deref(),
+            Some(v.as_str())
+        );
     }
     // a diverging run
     check(
@@ -217,13 +247,27 @@ fn registry(root: &Path) -> Registry {
 
 /// Register a distinct (B = 0) adapter for the tiny base.
 fn version(reg: &Registry, base: &ServedBase, dir: &Path, seed: u64) -> String {
-    let spec = LoraSpec { rank: 2, alpha: 4.0, rslora: false, modules: vec![0, 2], first_layer: 0 };
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        modules: vec![0, 2],
+        first_layer: 0,
+    };
     let a = Adapter::init(&spec, &base.shapes, seed, &Device::Cpu).unwrap();
     let out = dir.join(format!("adapter-{seed}"));
     a.save_peft(&out, "tiny").unwrap();
     reg.register(
-        NewVersion { tenant: "acme", name: "greet", dir: &out, source: "upload", parent: None,
-                     metadata: serde_json::json!({}), claimed_base: None, actor: "alice" },
+        NewVersion {
+            tenant: "acme",
+            name: "greet",
+            dir: &out,
+            source: "upload",
+            parent: None,
+            metadata: serde_json::json!({}),
+            claimed_base: None,
+            actor: "alice",
+        },
         base,
     )
     .unwrap()
@@ -232,7 +276,10 @@ fn version(reg: &Registry, base: &ServedBase, dir: &Path, seed: u64) -> String {
 
 fn base_of(gguf: &Path) -> ServedBase {
     let l = retune_engine::load(gguf).unwrap();
-    ServedBase { shapes: l.model.base_shapes(), fingerprint: l.model.fingerprint() }
+    ServedBase {
+        shapes: l.model.base_shapes(),
+        fingerprint: l.model.fingerprint(),
+    }
 }
 
 /// `n` completions served by `version`, `bad` of them rated -1, at `at`.
@@ -259,25 +306,69 @@ fn traffic(data: &SqliteStore, version: &str, n: usize, bad: usize, at: i64, tag
         .collect();
     data.record(&batch).unwrap();
     for c in batch.iter().take(bad) {
-        data.add_feedback("acme", &Feedback { completion_id: c.id.clone(), rating: Some(Rating::Down), ..Default::default() }).unwrap();
+        data.add_feedback(
+            "acme",
+            &Feedback {
+                completion_id: c.id.clone(),
+                rating: Some(Rating::Down),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     }
     for c in batch.iter().skip(bad).step_by(3) {
-        data.add_feedback("acme", &Feedback { completion_id: c.id.clone(), rating: Some(Rating::Up), ..Default::default() }).unwrap();
+        data.add_feedback(
+            "acme",
+            &Feedback {
+                completion_id: c.id.clone(),
+                rating: Some(Rating::Up),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     }
 }
 
-fn roll_out(reg: &Registry, base: &ServedBase, dir: &Path, live: &str, seed: u64, rollout: Rollout) -> String {
-    let spec = LoraSpec { rank: 2, alpha: 4.0, rslora: false, modules: vec![1], first_layer: 0 };
+fn roll_out(
+    reg: &Registry,
+    base: &ServedBase,
+    dir: &Path,
+    live: &str,
+    seed: u64,
+    rollout: Rollout,
+) -> String {
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        modules: vec![1],
+        first_layer: 0,
+    };
     let a = Adapter::init(&spec, &base.shapes, seed, &Device::Cpu).unwrap();
     let out = dir.join(format!("candidate-{seed}"));
     a.save_peft(&out, "tiny").unwrap();
-    assert!(reg.acquire_lease("acme", "greet", "daemon-1", 60_000).unwrap());
+    assert!(reg
+        .acquire_lease("acme", "greet", "daemon-1", 60_000)
+        .unwrap());
     let (v, _) = reg
         .register_gated(
-            NewVersion { tenant: "acme", name: "greet", dir: &out, source: "trainer:x", parent: Some(live),
-                         metadata: serde_json::json!({"gate": {"passed": true}}), claimed_base: None, actor: "retune-trainer" },
+            NewVersion {
+                tenant: "acme",
+                name: "greet",
+                dir: &out,
+                source: "trainer:x",
+                parent: Some(live),
+                metadata: serde_json::json!({"gate": {"passed": true}}),
+                claimed_base: None,
+                actor: "retune-trainer",
+            },
             base,
-            &Decision::Pass { expect: Expect::Version(live.into()), rollout, watch: true, summary: "pass".into() },
+            &Decision::Pass {
+                expect: Expect::Version(live.into()),
+                rollout,
+                watch: true,
+                summary: "pass".into(),
+            },
             "daemon-1",
         )
         .unwrap();
@@ -294,8 +385,15 @@ fn the_watch_rolls_back_a_planted_regression_and_never_a_persons_promotion() {
     let reg = registry(&root);
     let data = SqliteStore::open(&root.join("datasets.db")).unwrap();
     let old = version(&reg, &base, &dir, 1);
-    reg.promote("acme", "greet", &old, Expect::NoLive, "alice", "first").unwrap();
-    let o = WatchOptions { window_minutes: 1.0, min_samples: 100, max_minutes: 10.0, alpha: 0.01, enabled: true };
+    reg.promote("acme", "greet", &old, Expect::NoLive, "alice", "first")
+        .unwrap();
+    let o = WatchOptions {
+        window_minutes: 1.0,
+        min_samples: 100,
+        max_minutes: 10.0,
+        alpha: 0.01,
+        enabled: true,
+    };
     let tick = |now: i64| {
         let w = reg.open_watches().unwrap().pop().unwrap();
         retune_trainer::watch::tick(&reg, &data, &w, &o, now, "retune-trainer").unwrap()
@@ -303,18 +401,28 @@ fn the_watch_rolls_back_a_planted_regression_and_never_a_persons_promotion() {
 
     // canary: the new version is rated -1 at 3x the old one's rate, same traffic window
     let new = roll_out(&reg, &base, &dir, &old, 2, Rollout::Canary(50));
-    assert_eq!(reg.state("acme", "greet").unwrap().canary, Some((new.clone(), 50)));
+    assert_eq!(
+        reg.state("acme", "greet").unwrap().canary,
+        Some((new.clone(), 50))
+    );
     let t0 = reg.open_watches().unwrap()[0].started_at;
     traffic(&data, &old, 150, 15, t0 + 1000, "a");
     traffic(&data, &new, 150, 45, t0 + 1000, "a");
     assert_eq!(tick(t0 + 30_000), "watching", "the window is not over");
     assert_eq!(tick(t0 + 61_000), "rolled_back");
     let st = reg.state("acme", "greet").unwrap();
-    assert_eq!((st.live.as_deref(), st.canary.as_ref()), (Some(old.as_str()), None));
+    assert_eq!(
+        (st.live.as_deref(), st.canary.as_ref()),
+        (Some(old.as_str()), None)
+    );
     assert!(reg.version("acme", "greet", &new).unwrap().retired);
     let j = reg.journal("acme", "greet").unwrap();
     let rb = j.iter().find(|e| e.event == "auto-rollback").unwrap();
-    assert!(rb.reason.contains("0.300 (45/150)") && rb.reason.contains("0.100 (15/150)"), "{}", rb.reason);
+    assert!(
+        rb.reason.contains("0.300 (45/150)") && rb.reason.contains("0.100 (15/150)"),
+        "{}",
+        rb.reason
+    );
 
     // before/after: equal rates pass and the new version stays live
     let v3 = roll_out(&reg, &base, &dir, &old, 3, Rollout::Live);
@@ -322,7 +430,10 @@ fn the_watch_rolls_back_a_planted_regression_and_never_a_persons_promotion() {
     traffic(&data, &old, 120, 12, t1 - 30_000, "b");
     traffic(&data, &v3, 120, 12, t1 + 1000, "b");
     assert_eq!(tick(t1 + 61_000), "passed");
-    assert_eq!(reg.state("acme", "greet").unwrap().live.as_deref(), Some(v3.as_str()));
+    assert_eq!(
+        reg.state("acme", "greet").unwrap().live.as_deref(),
+        Some(v3.as_str())
+    );
 
     // too little traffic: no verdict, then inconclusive — never a pass, nothing changes
     let v4 = roll_out(&reg, &base, &dir, &v3, 4, Rollout::Canary(10));
@@ -334,17 +445,32 @@ fn the_watch_rolls_back_a_planted_regression_and_never_a_persons_promotion() {
     assert_eq!(w.verdict["state"], "insufficient");
     assert_eq!(tick(t2 + 11 * 60_000), "inconclusive");
     let st = reg.state("acme", "greet").unwrap();
-    assert_eq!((st.live.as_deref(), st.canary), (Some(v3.as_str()), Some((v4.clone(), 10))));
-    reg.set_canary("acme", "greet", None, "alice", "enough").unwrap();
+    assert_eq!(
+        (st.live.as_deref(), st.canary),
+        (Some(v3.as_str()), Some((v4.clone(), 10)))
+    );
+    reg.set_canary("acme", "greet", None, "alice", "enough")
+        .unwrap();
 
     // a person promotes during the window: a regression is not undone
     let v5 = roll_out(&reg, &base, &dir, &v3, 5, Rollout::Live);
     let t3 = reg.open_watches().unwrap()[0].started_at;
-    reg.promote("acme", "greet", &v5, Expect::Version(v5.clone()), "alice", "I checked it myself").unwrap();
+    reg.promote(
+        "acme",
+        "greet",
+        &v5,
+        Expect::Version(v5.clone()),
+        "alice",
+        "I checked it myself",
+    )
+    .unwrap();
     traffic(&data, &v3, 150, 10, t3 - 30_000, "d");
     traffic(&data, &v5, 150, 60, t3 + 1000, "d");
     assert_eq!(tick(t3 + 61_000), "superseded");
-    assert_eq!(reg.state("acme", "greet").unwrap().live.as_deref(), Some(v5.as_str()));
+    assert_eq!(
+        reg.state("acme", "greet").unwrap().live.as_deref(),
+        Some(v5.as_str())
+    );
     assert!(!reg.version("acme", "greet", &v5).unwrap().retired);
 }
 
@@ -356,36 +482,89 @@ fn gated_registration_is_all_or_nothing() {
     let reg = registry(&dir.join("root"));
     let v1 = version(&reg, &base, &dir, 1);
     let v2 = version(&reg, &base, &dir, 2);
-    reg.promote("acme", "greet", &v1, Expect::NoLive, "alice", "").unwrap();
-    let before = (reg.versions("acme", "greet").unwrap().len(), reg.journal("acme", "greet").unwrap().len());
-    let spec = LoraSpec { rank: 2, alpha: 4.0, rslora: false, modules: vec![3], first_layer: 0 };
+    reg.promote("acme", "greet", &v1, Expect::NoLive, "alice", "")
+        .unwrap();
+    let before = (
+        reg.versions("acme", "greet").unwrap().len(),
+        reg.journal("acme", "greet").unwrap().len(),
+    );
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        modules: vec![3],
+        first_layer: 0,
+    };
     let out = dir.join("cand");
-    Adapter::init(&spec, &base.shapes, 9, &Device::Cpu).unwrap().save_peft(&out, "tiny").unwrap();
-    let nv = || NewVersion { tenant: "acme", name: "greet", dir: &out, source: "trainer:x", parent: None,
-                             metadata: serde_json::json!({}), claimed_base: None, actor: "retune-trainer" };
-    let pass = Decision::Pass { expect: Expect::Version(v1.clone()), rollout: Rollout::Live, watch: true, summary: "pass".into() };
+    Adapter::init(&spec, &base.shapes, 9, &Device::Cpu)
+        .unwrap()
+        .save_peft(&out, "tiny")
+        .unwrap();
+    let nv = || NewVersion {
+        tenant: "acme",
+        name: "greet",
+        dir: &out,
+        source: "trainer:x",
+        parent: None,
+        metadata: serde_json::json!({}),
+        claimed_base: None,
+        actor: "retune-trainer",
+    };
+    let pass = Decision::Pass {
+        expect: Expect::Version(v1.clone()),
+        rollout: Rollout::Live,
+        watch: true,
+        summary: "pass".into(),
+    };
     // no lease: nothing written
-    assert!(matches!(reg.register_gated(nv(), &base, &pass, "d1"), Err(RegistryError::LeaseLost(_))));
+    assert!(matches!(
+        reg.register_gated(nv(), &base, &pass, "d1"),
+        Err(RegistryError::LeaseLost(_))
+    ));
     // the live version changed since the gate read it (a person rolled it to v2,
     // then retired v1): nothing written
     assert!(reg.acquire_lease("acme", "greet", "d1", 60_000).unwrap());
-    assert!(!reg.acquire_lease("acme", "greet", "d2", 60_000).unwrap(), "one holder at a time");
-    reg.promote("acme", "greet", &v2, Expect::Any, "alice", "").unwrap();
+    assert!(
+        !reg.acquire_lease("acme", "greet", "d2", 60_000).unwrap(),
+        "one holder at a time"
+    );
+    reg.promote("acme", "greet", &v2, Expect::Any, "alice", "")
+        .unwrap();
     reg.retire("acme", "greet", &v1, "alice", "").unwrap();
     let before = (before.0, before.1 + 2);
-    assert!(matches!(reg.register_gated(nv(), &base, &pass, "d1"), Err(RegistryError::Conflict { .. })));
-    assert_eq!((reg.versions("acme", "greet").unwrap().len(), reg.journal("acme", "greet").unwrap().len()), before);
+    assert!(matches!(
+        reg.register_gated(nv(), &base, &pass, "d1"),
+        Err(RegistryError::Conflict { .. })
+    ));
+    assert_eq!(
+        (
+            reg.versions("acme", "greet").unwrap().len(),
+            reg.journal("acme", "greet").unwrap().len()
+        ),
+        before
+    );
     assert!(reg.open_watches().unwrap().is_empty());
     // a lapsed lease: another daemon took over; the first cannot register
     assert!(reg.acquire_lease("acme", "greet", "d1", 1).unwrap());
     std::thread::sleep(std::time::Duration::from_millis(5));
     assert!(reg.acquire_lease("acme", "greet", "d2", 60_000).unwrap());
     assert!(reg.renew_lease("acme", "greet", "d1", 60_000).is_err());
-    let pass2 = Decision::Pass { expect: Expect::Version(v2.clone()), rollout: Rollout::Live, watch: true, summary: "pass".into() };
-    assert!(matches!(reg.register_gated(nv(), &base, &pass2, "d1"), Err(RegistryError::LeaseLost(_))));
+    let pass2 = Decision::Pass {
+        expect: Expect::Version(v2.clone()),
+        rollout: Rollout::Live,
+        watch: true,
+        summary: "pass".into(),
+    };
+    assert!(matches!(
+        reg.register_gated(nv(), &base, &pass2, "d1"),
+        Err(RegistryError::LeaseLost(_))
+    ));
     let (v, st) = reg.register_gated(nv(), &base, &pass2, "d2").unwrap();
     assert_eq!(st.live.as_deref(), Some(v.id.as_str()));
-    assert_eq!(reg.open_watches().unwrap()[0].previous.as_deref(), Some(v2.as_str()));
+    assert_eq!(
+        reg.open_watches().unwrap()[0].previous.as_deref(),
+        Some(v2.as_str())
+    );
 }
 
 #[test]
@@ -394,10 +573,17 @@ fn forgetting_is_zero_for_an_identity_adapter_and_bounded_for_a_trained_one() {
     let gguf = tiny(&dir);
     let l = retune_engine::load(&gguf).unwrap();
     let base = base_of(&gguf);
-    let spec = LoraSpec { rank: 2, alpha: 4.0, rslora: false, modules: (0..7).collect(), first_layer: 0 };
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        modules: (0..7).collect(),
+        first_layer: 0,
+    };
     let a = Adapter::init(&spec, &base.shapes, 1, &Device::Cpu).unwrap();
     a.save_peft(&dir.join("zero"), "tiny").unwrap();
-    let zero = retune_adapters::load_peft(&dir.join("zero"), &base.shapes, &Default::default()).unwrap();
+    let zero =
+        retune_adapters::load_peft(&dir.join("zero"), &base.shapes, &Default::default()).unwrap();
     let f = retune_trainer::gate::forgetting(&l.model, &l.tok, &l.template, &zero, 8, 0.0).unwrap();
     assert!(f.kl.abs() < 1e-9 && f.ok && f.tokens > 12, "{f:?}");
     // B != 0: the adapter changes the base's answers; a zero bound rejects it
@@ -408,8 +594,10 @@ fn forgetting_is_zero_for_an_identity_adapter_and_bounded_for_a_trained_one() {
         }
     }
     a.save_peft(&dir.join("moved"), "tiny").unwrap();
-    let moved = retune_adapters::load_peft(&dir.join("moved"), &base.shapes, &Default::default()).unwrap();
-    let f = retune_trainer::gate::forgetting(&l.model, &l.tok, &l.template, &moved, 8, 0.0).unwrap();
+    let moved =
+        retune_adapters::load_peft(&dir.join("moved"), &base.shapes, &Default::default()).unwrap();
+    let f =
+        retune_trainer::gate::forgetting(&l.model, &l.tok, &l.template, &moved, 8, 0.0).unwrap();
     assert!(f.kl > 1e-3 && !f.ok, "{f:?}");
 }
 
@@ -421,29 +609,53 @@ fn consistent(root: &Path) {
         let journal = reg.journal(&tenant, &name).unwrap();
         for v in &versions {
             assert!(
-                journal.iter().any(|e| e.event == "register" && e.version.as_deref() == Some(v.id.as_str())),
+                journal
+                    .iter()
+                    .any(|e| e.event == "register" && e.version.as_deref() == Some(v.id.as_str())),
                 "{} registered without its journal entry",
                 v.id
             );
             let gate = &v.metadata["gate"];
-            assert!(gate.is_object(), "{} registered without its gate result", v.id);
+            assert!(
+                gate.is_object(),
+                "{} registered without its gate result",
+                v.id
+            );
             if gate["passed"] == false {
                 assert!(v.retired, "rejected {} is servable", v.id);
             }
             if !v.retired {
-                let r = retune_adapters::AdapterRef::new(&tenant, &name, &v.id, retune_adapters::Via::Pinned).unwrap();
+                let r = retune_adapters::AdapterRef::new(
+                    &tenant,
+                    &name,
+                    &v.id,
+                    retune_adapters::Via::Pinned,
+                )
+                .unwrap();
                 let dir = reg.servable_dir(&r).unwrap();
                 for f in ["adapter_config.json", "adapter_model.safetensors"] {
                     assert!(dir.join(f).is_file(), "{} lacks {f}", v.id);
                 }
             }
         }
-        for alias in [st.live.clone(), st.previous.clone(), st.canary.map(|c| c.0)].into_iter().flatten() {
-            let v = versions.iter().find(|v| v.id == alias).expect("an alias names an unknown version");
-            assert!(!v.retired || Some(&alias) == st.previous.as_ref(), "alias on retired {alias}");
+        for alias in [st.live.clone(), st.previous.clone(), st.canary.map(|c| c.0)]
+            .into_iter()
+            .flatten()
+        {
+            let v = versions
+                .iter()
+                .find(|v| v.id == alias)
+                .expect("an alias names an unknown version");
+            assert!(
+                !v.retired || Some(&alias) == st.previous.as_ref(),
+                "alias on retired {alias}"
+            );
         }
         for w in reg.watches(&tenant, &name).unwrap() {
-            assert!(versions.iter().any(|v| v.id == w.version), "watch of an unknown version");
+            assert!(
+                versions.iter().any(|v| v.id == w.version),
+                "watch of an unknown version"
+            );
         }
     }
 }
@@ -476,13 +688,24 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
     std::fs::create_dir_all(probe_dir.join("root")).unwrap();
     import(&probe_dir, &rows(120, None));
     let probe_cfg = probe_dir.join("retune.toml");
-    std::fs::write(&probe_cfg, std::fs::read_to_string(&cfg).unwrap().replace(&*root.to_string_lossy(), &*probe_dir.join("root").to_string_lossy())).unwrap();
+    std::fs::write(
+        &probe_cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            &*root.to_string_lossy(),
+            &*probe_dir.join("root").to_string_lossy(),
+        ),
+    )
+    .unwrap();
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_retune-trainer"))
         .args(["daemon", "--once", "--holder", "probe", "--config"])
         .arg(&probe_cfg)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let full = t.elapsed();
     // kill at spread points of a pass: loading, training, gating, registering
     let mut killed = 0;
@@ -496,7 +719,11 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
         child.wait().unwrap();
         consistent(&root);
         let reg = registry(&root);
-        if reg.state("acme", "greet").map(|s| s.live.is_some()).unwrap_or(false) {
+        if reg
+            .state("acme", "greet")
+            .map(|s| s.live.is_some())
+            .unwrap_or(false)
+        {
             break; // a kill after the commit: the work is done
         }
     }
@@ -506,25 +733,49 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
     assert!(out.status.success());
     consistent(&root);
     let reg = registry(&root);
-    let live = reg.state("acme", "greet").unwrap().live.expect("a live version after the next run");
-    assert_eq!(reg.version("acme", "greet", &live).unwrap().metadata["gate"]["passed"], true);
+    let live = reg
+        .state("acme", "greet")
+        .unwrap()
+        .live
+        .expect("a live version after the next run");
+    assert_eq!(
+        reg.version("acme", "greet", &live).unwrap().metadata["gate"]["passed"],
+        true
+    );
     let runs = reg.runs("acme", "greet", 50).unwrap();
     assert!(runs.iter().all(|r| r.status != "running"), "{runs:?}");
     assert!(runs.iter().any(|r| r.status == "crashed"), "{runs:?}");
     // the live version came from the run that finished, or from one killed
     // between its commit and its last bookkeeping step
-    let made_by = reg.version("acme", "greet", &live).unwrap().metadata["run"].as_str().unwrap().to_string();
+    let made_by = reg.version("acme", "greet", &live).unwrap().metadata["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let run = runs.iter().find(|r| r.id == made_by).unwrap();
-    assert!(run.status == "promoted" || run.status == "crashed", "{run:?}");
-    assert!(runs.iter().filter(|r| r.status == "promoted").count() <= 1, "{runs:?}");
-    assert_eq!(reg.versions("acme", "greet").unwrap().len(), 1, "no second version of the same data");
+    assert!(
+        run.status == "promoted" || run.status == "crashed",
+        "{run:?}"
+    );
+    assert!(
+        runs.iter().filter(|r| r.status == "promoted").count() <= 1,
+        "{runs:?}"
+    );
+    assert_eq!(
+        reg.versions("acme", "greet").unwrap().len(),
+        1,
+        "no second version of the same data"
+    );
     // `status` reads the same from the stores, without a model
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_retune-trainer"))
         .args(["status", "--json", "--config"])
         .arg(&cfg)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["adapters"][0]["live"], live.as_str());
     assert_eq!(st["adapters"][0]["new_examples"], 0);
@@ -541,9 +792,18 @@ fn one_daemon_per_adapter_retrain_requests_and_the_schedule_trigger_training() {
     let b = Daemon::open(s, "node-b".into()).unwrap();
     let ls = a.targets().unwrap().remove(0).2;
     // node-b holds the lease (it is training): node-a does not train the adapter
-    assert!(b.reg.acquire_lease("acme", "greet", "node-b", 60_000).unwrap());
-    let due = a.due("acme", "greet", &ls).unwrap().expect("120 new examples");
-    assert!(a.train_adapter("acme", "greet", &ls, &due).unwrap().is_none());
+    assert!(b
+        .reg
+        .acquire_lease("acme", "greet", "node-b", 60_000)
+        .unwrap());
+    let due = a
+        .due("acme", "greet", &ls)
+        .unwrap()
+        .expect("120 new examples");
+    assert!(a
+        .train_adapter("acme", "greet", &ls, &due)
+        .unwrap()
+        .is_none());
     assert!(a.reg.runs("acme", "greet", 5).unwrap().is_empty());
     b.reg.release_lease("acme", "greet", "node-b").unwrap();
     let out = a.pass().unwrap();
@@ -554,24 +814,43 @@ fn one_daemon_per_adapter_retrain_requests_and_the_schedule_trigger_training() {
     // snapshot without the erased person's rows
     let erased = data.erase("acme", "person-3").unwrap();
     assert!(erased.examples > 0 && !erased.snapshots.is_empty());
-    a.reg.request_retrain("acme", "greet", &first, "privacy", "erasure of person-3").unwrap();
+    a.reg
+        .request_retrain("acme", "greet", &first, "privacy", "erasure of person-3")
+        .unwrap();
     let due = a.due("acme", "greet", &ls).unwrap();
-    assert!(matches!(due, Some(retune_trainer::daemon::Trigger::Retrain(_))), "{due:?}");
+    assert!(
+        matches!(due, Some(retune_trainer::daemon::Trigger::Retrain(_))),
+        "{due:?}"
+    );
     let out = a.pass().unwrap();
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].status, "promoted", "as good as the tainted version: {}", out[0].reason);
+    assert_eq!(
+        out[0].status, "promoted",
+        "as good as the tainted version: {}",
+        out[0].reason
+    );
     let run = a.reg.run(&out[0].run).unwrap();
     let snap = run.snapshot.unwrap();
     let rows = data.snapshot_rows("acme", &snap).unwrap();
-    assert!(rows.iter().all(|r| !r.subject_ids.contains(&"person-3".to_string())));
+    assert!(rows
+        .iter()
+        .all(|r| !r.subject_ids.contains(&"person-3".to_string())));
     assert_eq!(rows.len() + erased.examples, 120);
-    assert_eq!(a.due("acme", "greet", &ls).unwrap(), None, "the request was served");
+    assert_eq!(
+        a.due("acme", "greet", &ls).unwrap(),
+        None,
+        "the request was served"
+    );
     // the schedule: a few new examples (below the count trigger) once the time is up
-    data.import("acme", "greet", "test", &rows_from(200, 5)).unwrap();
+    data.import("acme", "greet", "test", &rows_from(200, 5))
+        .unwrap();
     assert_eq!(a.due("acme", "greet", &ls).unwrap(), None);
     let mut sched = ls.clone();
     sched.trigger.every_minutes = Some(0.0);
-    assert_eq!(a.due("acme", "greet", &sched).unwrap(), Some(retune_trainer::daemon::Trigger::Schedule { new: 5 }));
+    assert_eq!(
+        a.due("acme", "greet", &sched).unwrap(),
+        Some(retune_trainer::daemon::Trigger::Schedule { new: 5 })
+    );
 }
 
 fn rows_from(start: usize, n: usize) -> Vec<ImportRow> {
@@ -589,7 +868,8 @@ fn a_candidate_that_beats_a_weak_live_version_goes_out_as_a_watched_canary() {
     let weak = {
         let reg = registry(&root);
         let v = version(&reg, &base, &dir, 1);
-        reg.promote("acme", "greet", &v, Expect::NoLive, "alice", "first").unwrap();
+        reg.promote("acme", "greet", &v, Expect::NoLive, "alice", "first")
+            .unwrap();
         v
     };
     import(&dir, &rows(120, None));
@@ -599,11 +879,21 @@ fn a_candidate_that_beats_a_weak_live_version_goes_out_as_a_watched_canary() {
     assert_eq!(out[0].status, "canary", "{}", out[0].reason);
     let v = out[0].version.clone().unwrap();
     let st = d.reg.state("acme", "greet").unwrap();
-    assert_eq!((st.live.as_deref(), st.canary), (Some(weak.as_str()), Some((v.clone(), 25))));
+    assert_eq!(
+        (st.live.as_deref(), st.canary),
+        (Some(weak.as_str()), Some((v.clone(), 25)))
+    );
     let g = &d.reg.version("acme", "greet", &v).unwrap().metadata["gate"];
     assert_eq!(g["vs_live"]["beats"], true, "{g}");
     let w = d.reg.open_watches().unwrap();
-    assert_eq!((w[0].version.as_str(), w[0].previous.as_deref(), w[0].mode.as_str()), (v.as_str(), Some(weak.as_str()), "canary"));
+    assert_eq!(
+        (
+            w[0].version.as_str(),
+            w[0].previous.as_deref(),
+            w[0].mode.as_str()
+        ),
+        (v.as_str(), Some(weak.as_str()), "canary")
+    );
     // the next pass looks at the watch: the window is not over
     assert!(d.pass().unwrap().is_empty());
     assert_eq!(d.reg.open_watches().unwrap()[0].verdict["state"], "waiting");
