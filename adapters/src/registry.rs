@@ -124,6 +124,7 @@ CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
     tenant TEXT NOT NULL, name TEXT NOT NULL, event TEXT NOT NULL,
     version TEXT, previous TEXT, actor TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS journal_by_event ON journal (event);
 ";
 
 impl Registry {

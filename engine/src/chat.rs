@@ -33,6 +33,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The template trims message contents (Llama 3's `| trim`), probed once.
+    trims: bool,
 }
 
 /// Used when a model ships no template: ChatML.
@@ -50,11 +52,20 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::Template(format!("cannot parse chat template: {e}")))?;
-        Ok(Self {
+        let mut t = Self {
             env,
             bos: bos.into(),
             eos: eos.into(),
-        })
+            trims: false,
+        };
+        // a template that refuses a lone user message (it wants a system message
+        // first) is taken not to trim; `render_marked` checks its result against
+        // the plain rendering either way
+        let probe = " \u{E000}retune-probe\u{E001} ";
+        t.trims = t
+            .render(&[ChatMessage::new("user", probe)], false)
+            .is_ok_and(|r| !r.contains(probe) && r.contains(probe.trim()));
+        Ok(t)
     }
 
     /// Render and mark the contents. Each content is rendered as a unique marker
@@ -69,17 +80,7 @@ impl ChatTemplate {
     ) -> Result<Rendered> {
         let nonce: u64 = rand::random();
         let mark = |i: usize| format!("\u{E000}{nonce:016x}.{i}\u{E001}");
-        // a template that refuses a lone user message (it wants a system message
-        // first) is taken not to trim; the result is checked against the plain
-        // rendering below either way
-        let trims = self
-            .render(
-                &[ChatMessage::new("user", &format!(" {} ", mark(0)))],
-                false,
-            )
-            .is_ok_and(|probe| {
-                !probe.contains(&format!(" {} ", mark(0))) && probe.contains(&mark(0))
-            });
+        let trims = self.trims;
         let marked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()

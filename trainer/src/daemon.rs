@@ -407,33 +407,41 @@ impl Daemon {
             Ok(o) => o,
             Err(e) => {
                 let reason = e.to_string();
-                self.reg.run_update(
-                    &run_id,
-                    "failed",
-                    None,
-                    None,
-                    &serde_json::json!({"trigger": trigger.to_string(), "reason": reason}),
-                    true,
-                )?;
-                self.reg.note(
-                    tenant,
-                    name,
-                    "run-failed",
-                    None,
-                    ACTOR,
-                    &format!("run {run_id}: {reason}"),
-                )?;
-                RunOutcome {
-                    run: run_id.clone(),
-                    status: "failed".into(),
-                    version: None,
-                    reason,
-                }
+                let detail = serde_json::json!({"trigger": trigger.to_string(), "reason": reason});
+                self.end_run(tenant, name, &run_id, "failed", None, &detail, reason)?
             }
         };
         self.reg.release_lease(tenant, name, &self.holder)?;
         tracing::info!(%tenant, adapter = %name, run = %run_id, status = %outcome.status, reason = %outcome.reason, "run ended");
         Ok(Some(outcome))
+    }
+
+    /// Finish a run that registered nothing (`failed` or `skipped`): its record,
+    /// a `run-failed` journal entry when it failed, and the outcome.
+    #[allow(clippy::too_many_arguments)]
+    fn end_run(
+        &self,
+        tenant: &str,
+        name: &str,
+        run_id: &str,
+        status: &str,
+        snapshot: Option<&str>,
+        detail: &serde_json::Value,
+        reason: String,
+    ) -> Result<RunOutcome> {
+        self.reg
+            .run_update(run_id, status, snapshot, None, detail, true)?;
+        if status == "failed" {
+            let why = format!("run {run_id}: {reason}");
+            self.reg
+                .note(tenant, name, "run-failed", None, ACTOR, &why)?;
+        }
+        Ok(RunOutcome {
+            run: run_id.into(),
+            status: status.into(),
+            version: None,
+            reason,
+        })
     }
 
     fn renew(&self, tenant: &str, name: &str) -> Result<()> {
@@ -461,24 +469,7 @@ impl Daemon {
             .run_update(run_id, "running", Some(&m.id), None, &detail, false)?;
         let mut skip = |status: &str, reason: String| -> Result<RunOutcome> {
             detail["reason"] = serde_json::json!(reason);
-            self.reg
-                .run_update(run_id, status, Some(&m.id), None, &detail, true)?;
-            if status == "failed" {
-                self.reg.note(
-                    tenant,
-                    name,
-                    "run-failed",
-                    None,
-                    ACTOR,
-                    &format!("run {run_id}: {reason}"),
-                )?;
-            }
-            Ok(RunOutcome {
-                run: run_id.into(),
-                status: status.into(),
-                version: None,
-                reason,
-            })
+            self.end_run(tenant, name, run_id, status, Some(&m.id), &detail, reason)
         };
         let already = self.reg.versions(tenant, name).ok().and_then(|vs| {
             vs.into_iter().find(|v| {
