@@ -2,6 +2,7 @@
 //! `adapter_model.safetensors`) validated against the base model's shapes, the
 //! registry and store of adapter versions, resolved references, and the pool.
 
+pub mod aliases;
 pub mod control;
 pub mod error;
 pub mod names;
@@ -10,6 +11,7 @@ pub mod pool;
 pub mod registry;
 pub mod store;
 
+pub use aliases::{AliasCache, Routed, Snapshot};
 pub use control::{Decision, LoopCounts, Rollout, RunInfo, WatchEnd, WatchInfo};
 pub use error::{AdapterError, RegistryError};
 pub use names::{check_name, AdapterRef, Via};

@@ -17,6 +17,12 @@ use std::time::Instant;
 /// simple deployments use [`DirSource`].
 pub trait AdapterSource: Send + Sync {
     fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError>;
+
+    /// Versions are named by their files' content id (the registry's store): the
+    /// pool checks the files against it before each load.
+    fn content_addressed(&self) -> bool {
+        false
+    }
 }
 
 /// Each adapter is the directory `root/<name>` (tenant and version are not used).
@@ -35,6 +41,9 @@ pub struct PoolConfig {
     pub max_adapters: usize,
     pub max_bytes: usize,
     pub limits: LoadLimits,
+    /// Loads run in parallel on this many threads: one slow or hostile adapter
+    /// does not hold up every other tenant's first request.
+    pub loaders: usize,
 }
 
 impl Default for PoolConfig {
@@ -43,7 +52,22 @@ impl Default for PoolConfig {
             max_adapters: 64,
             max_bytes: 2 << 30,
             limits: LoadLimits::default(),
+            loaders: 2,
         }
+    }
+}
+
+/// Whether a resolved version may still be served (the registry's alias cache
+/// says: not retired, not deleted). A version that may not is evicted and refused.
+pub trait Servable: Send + Sync {
+    fn servable(&self, adapter: &AdapterRef) -> bool;
+}
+
+impl Servable for crate::aliases::AliasCache {
+    fn servable(&self, adapter: &AdapterRef) -> bool {
+        self.snapshot()
+            .get(adapter.tenant(), adapter.name())
+            .is_some_and(|a| a.servable.contains(adapter.version()))
     }
 }
 
@@ -101,6 +125,48 @@ pub struct AdapterPool {
     cfg: PoolConfig,
     stats: PoolStats,
     tx: Mutex<Sender<AdapterRef>>,
+    gate: std::sync::OnceLock<Arc<dyn Servable>>,
+}
+
+/// Read a version's files, check them against the content id it is named by,
+/// and load them; a panic while loading (a hostile file meeting a bug) fails
+/// this load only.
+fn load_checked(
+    source: &dyn AdapterSource,
+    adapter: &AdapterRef,
+    base: &BaseShapes,
+    cfg: &PoolConfig,
+) -> Result<LoraAdapter, AdapterError> {
+    let dir = source.locate(adapter)?;
+    if source.content_addressed() {
+        let mut files = Vec::new();
+        for f in crate::store::FILES {
+            let p = dir.join(f);
+            let bytes = std::fs::read(&p).map_err(|e| AdapterError::Io {
+                path: p.clone(),
+                source: e,
+            })?;
+            files.push((f, bytes));
+        }
+        let id = crate::store::content_id(&files);
+        if id != adapter.version() {
+            return Err(AdapterError::Config {
+                field: "adapter".into(),
+                reason: format!(
+                    "stored files of {adapter} do not match its content id (found {id}): the store is corrupt"
+                ),
+            });
+        }
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load_peft(&dir, base, &cfg.limits)
+    }))
+    .unwrap_or_else(|_| {
+        Err(AdapterError::Config {
+            field: "adapter".into(),
+            reason: "loading panicked (a bug met by this file)".into(),
+        })
+    })
 }
 
 impl AdapterPool {
@@ -116,22 +182,35 @@ impl AdapterPool {
             cfg,
             stats: PoolStats::default(),
             tx: Mutex::new(tx),
+            gate: std::sync::OnceLock::new(),
         });
-        let weak = Arc::downgrade(&pool);
-        let spawned = std::thread::Builder::new()
-            .name("retune-adapter-loader".into())
-            .spawn(move || {
-                while let Ok(adapter) = rx.recv() {
+        let rx = Arc::new(Mutex::new(rx));
+        let mut started = 0;
+        let mut spawn_error = None;
+        for i in 0..pool.cfg.loaders.max(1) {
+            let (weak, rx, source, base) = (
+                Arc::downgrade(&pool),
+                rx.clone(),
+                source.clone(),
+                base.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("retune-adapter-loader-{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(adapter) = next else { return };
                     let Some(pool) = weak.upgrade() else { return };
                     let start = Instant::now();
-                    let result = source
-                        .locate(&adapter)
-                        .and_then(|dir| load_peft(&dir, &base, &pool.cfg.limits));
+                    let result = load_checked(&*source, &adapter, &base, &pool.cfg);
                     let micros = start.elapsed().as_micros() as u64;
                     pool.finish_load(adapter.key(), result, micros);
-                }
-            });
-        if let Err(e) = spawned {
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => spawn_error = Some(e),
+            }
+        }
+        if let (0, Some(e)) = (started, spawn_error) {
             // no loader: every acquire reports the failure instead of hanging
             let mut st = pool.lock();
             st.entries.insert(
@@ -146,6 +225,22 @@ impl AdapterPool {
             );
         }
         pool
+    }
+
+    /// Refuse (and evict) versions `gate` says may no longer be served: a retired
+    /// version stops serving even while resident.
+    pub fn set_servable(&self, gate: Arc<dyn Servable>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Drop a version now (it was retired or deleted); sequences already running
+    /// on it finish.
+    pub fn forget(&self, adapter: &AdapterRef) {
+        let mut st = self.lock();
+        if st.entries.remove(&adapter.key()).is_some() {
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.publish(&st);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -184,6 +279,15 @@ impl AdapterPool {
     /// failed load is answered from a negative cache until its backoff expires;
     /// the next request after that loads it again.
     pub fn acquire(&self, adapter: &AdapterRef) -> Acquire {
+        if let Some(gate) = self.gate.get() {
+            if !gate.servable(adapter) {
+                self.forget(adapter);
+                return Acquire::Failed(Arc::new(AdapterError::Config {
+                    field: "adapter".into(),
+                    reason: format!("{adapter} was retired or deleted"),
+                }));
+            }
+        }
         let key = adapter.key();
         let handle = key.as_str();
         let mut st = self.lock();

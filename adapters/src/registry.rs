@@ -3,6 +3,7 @@
 //! append-only journal, in SQLite (WAL). Every state change and its journal entry
 //! commit in one `BEGIN IMMEDIATE` transaction, so concurrent processes serialise.
 
+use crate::aliases::AliasCache;
 use crate::error::{AdapterError, RegistryError};
 use crate::names::{check_name, store_key, AdapterRef, Via};
 use crate::peft::{load_peft, BaseShapes, LoadLimits};
@@ -12,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 type R<T> = Result<T, RegistryError>;
 
@@ -100,6 +101,9 @@ pub struct Registry {
     max_version_bytes: u64,
     limits: LoadLimits,
     subscribers: Mutex<Vec<Sender<AliasChange>>>,
+    /// In-memory alias caches, refreshed before a change made here returns.
+    listeners: Mutex<Vec<Weak<AliasCache>>>,
+    path: PathBuf,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -144,7 +148,38 @@ impl Registry {
                 ..LoadLimits::default()
             },
             subscribers: Mutex::new(Vec::new()),
+            listeners: Mutex::new(Vec::new()),
+            path: db_path.to_path_buf(),
         })
+    }
+
+    /// The database file (for readers with their own connection).
+    pub fn db_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keep `cache` current with every change made through this registry.
+    pub(crate) fn listen(&self, cache: Weak<AliasCache>) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cache);
+    }
+
+    /// After a commit: in-memory caches read the change before the caller returns.
+    pub(crate) fn changed(&self) {
+        let live: Vec<Arc<AliasCache>> = {
+            let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            l.retain(|w| w.strong_count() > 0);
+            l.iter().filter_map(Weak::upgrade).collect()
+        };
+        for c in live {
+            if let Err(e) = c.refresh() {
+                eprintln!(
+                    "retune: alias cache refresh after a change failed (the poll retries): {e}"
+                );
+            }
+        }
     }
 
     pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -187,6 +222,8 @@ impl Registry {
             v.source,
         )?;
         tx.commit()?;
+        drop(conn);
+        self.changed();
         Ok(info)
     }
 
@@ -321,11 +358,7 @@ impl Registry {
                     RegistryError::NotFound(_) => not_found(),
                     other => other,
                 })?;
-                match (st.canary, st.live) {
-                    (Some((c, pct)), _) if bucket < pct => (c, Via::Canary),
-                    (_, Some(live)) => (live, Via::Live),
-                    _ => return Err(not_found()),
-                }
+                pick_alias(&st, bucket).ok_or_else(not_found)?
             }
         };
         AdapterRef::new(tenant, name, &version, via).map_err(|_| not_found())
@@ -383,6 +416,7 @@ impl Registry {
     }
 
     pub(crate) fn notify(&self, tenant: &str, name: &str, state: &AdapterState) {
+        self.changed();
         let seq = self.change_counter().unwrap_or(0);
         let change = AliasChange {
             tenant: tenant.into(),
@@ -720,6 +754,7 @@ impl Registry {
             tx.commit()?;
             ids
         };
+        self.changed();
         for id in &doomed {
             self.store.delete(&store_key(tenant, name, id))?; // a crash here leaves only unreferenced files
         }
@@ -730,6 +765,10 @@ impl Registry {
 /// The pool loads a resolved version's files straight from the store: the
 /// registry was asked once, when the request resolved its adapter.
 impl AdapterSource for Registry {
+    fn content_addressed(&self) -> bool {
+        true
+    }
+
     fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError> {
         self.store
             .local_dir(&adapter.key())
@@ -737,6 +776,16 @@ impl AdapterSource for Registry {
                 field: "adapter".into(),
                 reason: e.to_string(),
             })
+    }
+}
+
+/// The version `name` routes to: the canary when `bucket` (0..100) falls in its
+/// share, else the live one.
+pub(crate) fn pick_alias(st: &AdapterState, bucket: u8) -> Option<(String, Via)> {
+    match (&st.canary, &st.live) {
+        (Some((c, pct)), _) if bucket < *pct => Some((c.clone(), Via::Canary)),
+        (_, Some(live)) => Some((live.clone(), Via::Live)),
+        _ => None,
     }
 }
 

@@ -229,6 +229,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<()> {
                 max_adapters: max_distinct.max(1),
                 max_bytes: usize::MAX / 2,
                 limits: limits.clone(),
+                ..PoolConfig::default()
             },
         )
     });
@@ -241,6 +242,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<()> {
             prefill_chunk: 2048,
             max_kv_tokens: usize::MAX / 4,
             threads: 0,
+            ..EngineConfig::default()
         },
         pool.clone(),
     )?;

@@ -137,6 +137,12 @@ pub struct AdapterSettings {
     pub max_resident_bytes: usize,
     pub max_rank: usize,
     pub max_version_bytes: u64,
+    /// How often the server polls the registry's journal for changes other
+    /// processes made (the trainer's rollouts and rollbacks), milliseconds.
+    /// Changes made through the server itself are seen at once.
+    pub alias_poll_ms: u64,
+    /// Adapter loads run in parallel on this many threads.
+    pub loaders: usize,
 }
 
 impl Default for AdapterSettings {
@@ -147,6 +153,8 @@ impl Default for AdapterSettings {
             max_resident_bytes: 2 << 30,
             max_rank: 256,
             max_version_bytes: 1 << 30,
+            alias_poll_ms: 250,
+            loaders: 2,
         }
     }
 }
@@ -170,6 +178,14 @@ pub struct TenantSettings {
     /// `rollback` (to the newest untainted version), `retrain` (ask the trainer).
     #[serde(default = "report")]
     pub on_tainted_live: String,
+    /// Weight in the fair shares of the engine's queue, KV budget and prefill
+    /// budget (default 1: equal shares).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn report() -> String {

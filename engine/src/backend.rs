@@ -87,6 +87,9 @@ pub struct ValidRequest {
     prompt: Vec<u32>,
     params: SamplingParams,
     adapter: Option<AdapterRef>,
+    /// Whose request it is: the scheduler shares the queue, the KV budget and
+    /// prefill fairly across tenants (`None`: the anonymous tenant).
+    tenant: Option<std::sync::Arc<str>>,
 }
 
 impl ValidRequest {
@@ -116,7 +119,18 @@ impl ValidRequest {
             prompt,
             params,
             adapter,
+            tenant: None,
         })
+    }
+
+    /// The tenant the request is queued and budgeted under.
+    pub fn with_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -134,6 +148,17 @@ impl ValidRequest {
 
     pub fn into_parts(self) -> (Vec<u32>, SamplingParams, Option<AdapterRef>) {
         (self.prompt, self.params, self.adapter)
+    }
+
+    pub(crate) fn into_tenant_parts(
+        self,
+    ) -> (
+        Vec<u32>,
+        SamplingParams,
+        Option<AdapterRef>,
+        Option<std::sync::Arc<str>>,
+    ) {
+        (self.prompt, self.params, self.adapter, self.tenant)
     }
 }
 
@@ -278,6 +303,11 @@ pub trait Backend: Send + Sync + 'static {
     fn context(&self) -> usize;
     fn health(&self) -> Health;
     fn stats(&self) -> BackendStats;
+
+    /// End every queued and running generation now with an `Unavailable` error
+    /// (`reason` is its message) and refuse new ones: the drain deadline is
+    /// reached, and clients are owed an ending rather than a cut connection.
+    fn abort_all(&self, reason: &str);
 
     /// Check a request against this backend's limits.
     fn validate(

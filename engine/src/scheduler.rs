@@ -15,9 +15,10 @@ use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::stream::{Detok, StopText};
 use crate::tokenizer::Tok;
 use retune_adapters::{Acquire, AdapterPool, AdapterRef, LoraAdapter};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -31,6 +32,9 @@ pub struct EngineConfig {
     pub max_kv_tokens: usize,
     /// Compute threads (0 = all cores).
     pub threads: usize,
+    /// Each configured tenant's weight in the fair shares of the queue, the KV
+    /// budget and the prefill budget; a tenant not listed weighs 1.
+    pub tenant_weights: HashMap<String, u32>,
 }
 
 impl Default for EngineConfig {
@@ -41,9 +45,54 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             max_kv_tokens: 65_536,
             threads: 0,
+            tenant_weights: HashMap::new(),
         }
     }
 }
+
+impl EngineConfig {
+    fn weight(&self, tenant: &str) -> f64 {
+        f64::from(self.tenant_weights.get(tenant).copied().unwrap_or(1).max(1))
+    }
+
+    /// Requests `tenant` may have waiting: its weighted share of `max_queue`
+    /// among the configured tenants (all of it when it is the only one).
+    fn queue_share(&self, tenant: &str) -> usize {
+        let w = self.weight(tenant);
+        let mut total: f64 = self
+            .tenant_weights
+            .values()
+            .map(|&v| f64::from(v.max(1)))
+            .sum();
+        if !self.tenant_weights.contains_key(tenant) {
+            total += w;
+        }
+        ((self.max_queue as f64 * w / total).ceil() as usize).clamp(1, self.max_queue.max(1))
+    }
+}
+
+/// Waiting requests, in all and per tenant: the submit side checks the shares,
+/// the scheduler releases them as requests leave its queues.
+#[derive(Default)]
+struct QueueBook {
+    total: usize,
+    by_tenant: HashMap<Arc<str>, usize>,
+}
+
+fn release(book: &Mutex<QueueBook>, tenant: &Arc<str>) {
+    let mut b = book.lock().unwrap_or_else(|p| p.into_inner());
+    b.total = b.total.saturating_sub(1);
+    if let Some(n) = b.by_tenant.get_mut(tenant) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            b.by_tenant.remove(tenant);
+        }
+    }
+}
+
+/// A head-of-queue request that has waited this long stops younger ones of
+/// other tenants from taking the KV it needs as it frees.
+const STARVATION: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A request before validation (the CLI, tests, evals); `Engine::generate` checks
 /// it into a [`ValidRequest`].
@@ -94,6 +143,7 @@ struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
     adapter: Option<AdapterRef>,
+    tenant: Arc<str>,
     clock: Clock,
     tx: EventSender,
 }
@@ -104,9 +154,12 @@ pub struct Engine {
     template: ChatTemplate,
     context: usize,
     stats: Arc<EngineStats>,
-    max_queue: usize,
+    cfg: EngineConfig,
+    book: Arc<Mutex<QueueBook>>,
     /// False once the scheduler thread has exited (or panicked).
     alive: Arc<AtomicBool>,
+    /// Set by `abort_all`: everything waiting or running ends, nothing new is taken.
+    abort: Arc<Mutex<Option<String>>>,
 }
 
 /// Marks the engine dead when the scheduler thread ends, however it ends.
@@ -143,6 +196,8 @@ impl Engine {
             .thread_name(|i| format!("retune-compute-{i}"))
             .build()
             .map_err(|e| EngineError::InvalidRequest(format!("thread pool: {e}")))?;
+        let book = Arc::new(Mutex::new(QueueBook::default()));
+        let abort = Arc::new(Mutex::new(None));
         let worker = Worker {
             model,
             tok: tok.clone(),
@@ -153,6 +208,10 @@ impl Engine {
             reserved: 0,
             pool,
             loading: Vec::new(),
+            queues: HashMap::new(),
+            book: book.clone(),
+            steps: 0,
+            abort: abort.clone(),
         };
         let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
         let template =
@@ -172,8 +231,10 @@ impl Engine {
             template,
             context,
             stats,
-            max_queue: cfg.max_queue,
+            cfg,
+            book,
             alive,
+            abort,
         })
     }
 
@@ -222,15 +283,38 @@ impl Engine {
 }
 
 impl Backend for Engine {
-    /// Fails fast with `Capacity` when the queue is full.
+    /// Fails fast with `Capacity` when the queue, or the tenant's share of it, is full.
     fn submit(&self, req: ValidRequest) -> std::result::Result<GenerationStream, GenError> {
-        let (prompt, params, adapter) = req.into_parts();
+        let (prompt, params, adapter, tenant) = req.into_tenant_parts();
+        let tenant: Arc<str> = tenant.unwrap_or_else(|| Arc::from(""));
+        if let Some(why) = self.abort.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(GenError::new(ErrorKind::Unavailable, why));
+        }
+        {
+            let mut b = self.book.lock().unwrap_or_else(|p| p.into_inner());
+            let share = self.cfg.queue_share(&tenant);
+            let mine = b.by_tenant.get(&tenant).copied().unwrap_or(0);
+            if b.total >= self.cfg.max_queue.max(1) {
+                return Err(EngineError::Overloaded(self.cfg.max_queue).into());
+            }
+            if mine >= share {
+                return Err(GenError::new(
+                    ErrorKind::Capacity,
+                    format!(
+                        "this tenant already has {mine} requests waiting (its share of the queue)"
+                    ),
+                ));
+            }
+            b.total += 1;
+            *b.by_tenant.entry(tenant.clone()).or_insert(0) += 1;
+        }
         let (etx, erx) = GenerationStream::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             prompt,
             params,
             adapter,
+            tenant,
             clock: Clock::start(),
             tx: etx,
         };
@@ -238,8 +322,12 @@ impl Backend for Engine {
             Ok(()) => Ok(erx),
             Err(e) => {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                let job = match &e {
+                    TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
+                };
+                release(&self.book, &job.tenant);
                 Err(match e {
-                    TrySendError::Full(_) => EngineError::Overloaded(self.max_queue),
+                    TrySendError::Full(_) => EngineError::Overloaded(self.cfg.max_queue),
                     TrySendError::Disconnected(_) => EngineError::ShutDown,
                 }
                 .into())
@@ -265,6 +353,11 @@ impl Backend for Engine {
         } else {
             Health::Unavailable("the scheduler thread has stopped".into())
         }
+    }
+
+    fn abort_all(&self, reason: &str) {
+        // an idle scheduler has nothing to end; a busy one sees this at its next step
+        *self.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
     }
 
     fn stats(&self) -> BackendStats {
@@ -294,6 +387,7 @@ struct Seq {
     reserve: usize,
     /// The loaded adapter and the reference it was resolved from.
     adapter: Option<(Arc<LoraAdapter>, AdapterRef)>,
+    tenant: Arc<str>,
     clock: Clock,
 }
 
@@ -314,17 +408,29 @@ struct Worker {
     pool: Option<Arc<AdapterPool>>,
     /// Admitted from the queue, waiting for their adapter to load.
     loading: Vec<Job>,
+    /// Waiting for admission, per tenant, in arrival order.
+    queues: HashMap<Arc<str>, VecDeque<Job>>,
+    book: Arc<Mutex<QueueBook>>,
+    steps: u64,
+    abort: Arc<Mutex<Option<String>>>,
 }
 
 impl Worker {
     fn run(mut self) {
-        let mut pending: Option<Job> = None;
         loop {
-            if self.active.is_empty() && pending.is_none() && self.loading.is_empty() {
+            if self.active.is_empty() && self.loading.is_empty() && self.queued() == 0 {
                 match self.rx.recv() {
-                    Ok(job) => pending = Some(job),
+                    Ok(job) => self.enqueue(job),
                     Err(_) => return, // engine dropped and nothing left to do
                 }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.enqueue(job);
+            }
+            let abort = self.abort.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(why) = abort {
+                self.end_all(&why);
+                continue;
             }
             // sequences whose adapter was loading: admit the ready ones
             let loading = std::mem::take(&mut self.loading);
@@ -340,31 +446,7 @@ impl Worker {
                     _ => self.loading.push(job),
                 }
             }
-            // admission from the queue
-            while self.active.len() < self.cfg.max_batch.max(1)
-                && self.loading.len() < self.cfg.max_queue.max(1)
-            {
-                let job = match pending.take() {
-                    Some(j) => j,
-                    None => match self.rx.try_recv() {
-                        Ok(j) => j,
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                    },
-                };
-                if !self.fits(&job) {
-                    pending = Some(job);
-                    break;
-                }
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                if job.tx.is_closed() {
-                    continue;
-                }
-                match self.resolve_adapter(&job) {
-                    Resolved::Ready(a) => self.admit(job, a),
-                    Resolved::Pending => self.loading.push(job),
-                    Resolved::Failed(e) => drop(job.tx.send(Event::Error(e))),
-                }
-            }
+            self.admit_fairly();
             // cancellation: the caller dropped its stream
             let before = self.active.len();
             self.active.retain(|s| !s.tx.is_closed());
@@ -384,14 +466,179 @@ impl Worker {
                 if self.active.is_empty() {
                     self.stats.last_step_tokens.store(0, Ordering::Relaxed);
                 }
-            } else if !self.loading.is_empty() {
-                // only waiting for adapter loads: do not spin
+            } else if !self.loading.is_empty() || self.queued() > 0 {
+                // waiting for adapter loads (or a queued request whose caller left): do not spin
                 std::thread::sleep(std::time::Duration::from_micros(500));
             }
             self.stats.kv_bytes.store(
                 self.active.iter().map(|s| s.kv.bytes()).sum(),
                 Ordering::Relaxed,
             );
+        }
+    }
+
+    /// The drain deadline: every generation ends with `Unavailable`.
+    fn end_all(&mut self, why: &str) {
+        let err = GenError::new(ErrorKind::Unavailable, why);
+        for s in self.active.drain(..) {
+            s.tx.send(Event::Error(err.clone()));
+        }
+        for j in self.loading.drain(..) {
+            j.tx.send(Event::Error(err.clone()));
+        }
+        let tenants: Vec<Arc<str>> = self.queues.keys().cloned().collect();
+        for t in tenants {
+            while let Some(j) = self.dequeue(&t) {
+                j.tx.send(Event::Error(err.clone()));
+            }
+        }
+        self.reserved = 0;
+        self.stats.running.store(0, Ordering::Relaxed);
+        self.stats.last_step_tokens.store(0, Ordering::Relaxed);
+        self.release_adapters();
+    }
+
+    fn queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.queues
+            .entry(job.tenant.clone())
+            .or_default()
+            .push_back(job);
+    }
+
+    /// Take `tenant`'s head of queue out of the books.
+    fn dequeue(&mut self, tenant: &Arc<str>) -> Option<Job> {
+        let q = self.queues.get_mut(tenant)?;
+        let job = q.pop_front()?;
+        if q.is_empty() {
+            self.queues.remove(tenant);
+        }
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        release(&self.book, tenant);
+        Some(job)
+    }
+
+    /// What `tenant` holds now, as a fraction of the KV budget plus a fraction of
+    /// the batch, over its weight: the tenant holding least goes first.
+    fn usage(&self, tenant: &str) -> f64 {
+        let (mut kv, mut seqs) = (0usize, 0usize);
+        for s in self.active.iter().filter(|s| &*s.tenant == tenant) {
+            kv += s.reserve;
+            seqs += 1;
+        }
+        for j in self.loading.iter().filter(|j| &*j.tenant == tenant) {
+            kv += self.reserve_of(j);
+            seqs += 1;
+        }
+        (kv as f64 / self.cfg.max_kv_tokens.max(1) as f64
+            + seqs as f64 / self.cfg.max_batch.max(1) as f64)
+            / self.cfg.weight(tenant)
+    }
+
+    /// Whether admitting `job` keeps its tenant within its weighted share of the
+    /// KV budget among the tenants that want some; a tenant may always run one
+    /// sequence, and may use more than its share when nobody else is waiting.
+    fn within_share(&self, job: &Job) -> bool {
+        let t = &*job.tenant;
+        let others_waiting = self.queues.iter().any(|(k, q)| &**k != t && !q.is_empty());
+        if !others_waiting {
+            return true;
+        }
+        let mut mine = 0usize;
+        let mut running_mine = false;
+        let mut wanting: Vec<&str> = self.queues.keys().map(|k| &**k).collect();
+        for s in &self.active {
+            wanting.push(&s.tenant);
+            if &*s.tenant == t {
+                mine += s.reserve;
+                running_mine = true;
+            }
+        }
+        for j in &self.loading {
+            wanting.push(&j.tenant);
+            if &*j.tenant == t {
+                mine += self.reserve_of(j);
+                running_mine = true;
+            }
+        }
+        if !running_mine {
+            return true;
+        }
+        wanting.sort_unstable();
+        wanting.dedup();
+        let total: f64 = wanting.iter().map(|w| self.cfg.weight(w)).sum();
+        let share = self.cfg.max_kv_tokens as f64 * self.cfg.weight(t) / total.max(1.0);
+        (mine + self.reserve_of(job)) as f64 <= share
+    }
+
+    /// Admission from the per-tenant queues: the tenant holding least (weighted)
+    /// first; a head that does not fit does not block other tenants' heads, unless
+    /// it has waited past [`STARVATION`] and is the most deserving, when admission
+    /// pauses until the KV it needs frees.
+    fn admit_fairly(&mut self) {
+        // requests whose caller left while they waited
+        let mut gone: Vec<Arc<str>> = Vec::new();
+        for (t, q) in self.queues.iter_mut() {
+            q.retain(|j| {
+                let closed = j.tx.is_closed();
+                if closed {
+                    gone.push(t.clone());
+                }
+                !closed
+            });
+        }
+        for t in gone {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            release(&self.book, &t);
+        }
+        self.queues.retain(|_, q| !q.is_empty());
+        loop {
+            if self.active.len() >= self.cfg.max_batch.max(1)
+                || self.loading.len() >= self.cfg.max_queue.max(1)
+                || self.queues.is_empty()
+            {
+                return;
+            }
+            let mut order: Vec<(f64, std::time::Instant, Arc<str>)> = self
+                .queues
+                .iter()
+                .filter_map(|(t, q)| {
+                    q.front()
+                        .map(|j| (self.usage(t), j.clock.submitted, t.clone()))
+                })
+                .collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut progressed = false;
+            for (rank, (_, since, t)) in order.iter().enumerate() {
+                let Some(head) = self.queues.get(t).and_then(VecDeque::front) else {
+                    continue;
+                };
+                if head.tx.is_closed() {
+                    self.dequeue(t);
+                    progressed = true;
+                    break;
+                }
+                if !self.fits(head) || !self.within_share(head) {
+                    if rank == 0 && since.elapsed() > STARVATION {
+                        return; // let the KV drain for it
+                    }
+                    continue;
+                }
+                let Some(job) = self.dequeue(t) else { continue };
+                match self.resolve_adapter(&job) {
+                    Resolved::Ready(a) => self.admit(job, a),
+                    Resolved::Pending => self.loading.push(job),
+                    Resolved::Failed(e) => drop(job.tx.send(Event::Error(e))),
+                }
+                progressed = true;
+                break;
+            }
+            if !progressed {
+                return;
+            }
         }
     }
 
@@ -415,7 +662,14 @@ impl Worker {
             ));
         };
         match pool.acquire(adapter) {
-            Acquire::Ready(a) => Resolved::Ready(Some(a)),
+            Acquire::Ready(a) => match self.model.check_adapter(&a) {
+                Ok(()) => Resolved::Ready(Some(a)),
+                // only this request fails: the batch never sees the adapter
+                Err(why) => Resolved::Failed(GenError::new(
+                    ErrorKind::Adapter,
+                    format!("adapter {adapter}: {why}"),
+                )),
+            },
             Acquire::Pending => Resolved::Pending,
             Acquire::Failed(e) => Resolved::Failed(GenError::new(
                 ErrorKind::Adapter,
@@ -460,19 +714,44 @@ impl Worker {
             tx: job.tx,
             reserve,
             adapter,
+            tenant: job.tenant,
             clock: job.clock,
         });
     }
 
     fn step(&mut self) {
-        let mut budget = self.cfg.prefill_chunk.max(1);
+        self.steps += 1;
+        let plan = self.prefill_plan();
         let mut inputs: Vec<(usize, Vec<u32>, bool)> = Vec::new();
-        for (i, s) in self.active.iter().enumerate() {
+        // a device runs a bounded number of distinct adapters per step: rows of
+        // others wait a step (the starting row rotates, so every row gets its turn)
+        let cap = self.model.max_step_adapters();
+        let mut step_adapters: Vec<*const LoraAdapter> = Vec::new();
+        let n = self.active.len();
+        let start = if cap.is_some() && n > 0 {
+            (self.steps as usize) % n
+        } else {
+            0
+        };
+        for k in 0..n {
+            let i = (start + k) % n;
+            let s = &self.active[i];
+            if s.last.is_none() && plan[i] == 0 {
+                continue;
+            }
+            if let (Some(cap), Some((a, _))) = (cap, &s.adapter) {
+                let p = Arc::as_ptr(a);
+                if !step_adapters.contains(&p) {
+                    if step_adapters.len() >= cap {
+                        continue;
+                    }
+                    step_adapters.push(p);
+                }
+            }
             if let Some(t) = s.last {
                 inputs.push((i, vec![t], true));
-            } else if budget > 0 {
-                let n = (s.prompt.len() - s.fed).min(budget);
-                budget -= n;
+            } else {
+                let n = plan[i];
                 inputs.push((
                     i,
                     s.prompt[s.fed..s.fed + n].to_vec(),
@@ -480,6 +759,7 @@ impl Worker {
                 ));
             }
         }
+        inputs.sort_by_key(|x| x.0);
         self.stats
             .last_step_tokens
             .store(inputs.iter().map(|i| i.1.len()).sum(), Ordering::Relaxed);
@@ -556,6 +836,61 @@ impl Worker {
             self.release_adapters();
         }
     }
+}
+
+impl Worker {
+    /// Prompt tokens each prefilling sequence gets this step: the prefill budget
+    /// water-filled across tenants by weight, and within a tenant equally, so a
+    /// short prompt is not starved behind another tenant's long ones.
+    fn prefill_plan(&self) -> Vec<usize> {
+        let mut need = vec![0usize; self.active.len()];
+        let mut per_tenant: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in self.active.iter().enumerate() {
+            if s.last.is_none() {
+                need[i] = s.prompt.len() - s.fed;
+                if need[i] > 0 {
+                    *per_tenant.entry(&s.tenant).or_insert(0) += 1;
+                }
+            }
+        }
+        let weight: Vec<f64> = self
+            .active
+            .iter()
+            .map(|s| {
+                let n = per_tenant.get(&*s.tenant).copied().unwrap_or(1).max(1);
+                self.cfg.weight(&s.tenant) / n as f64
+            })
+            .collect();
+        water_fill(&need, &weight, self.cfg.prefill_chunk.max(1))
+    }
+}
+
+/// Split `budget` among `need` in proportion to `weight`, no one beyond its
+/// need, what one cannot use going to the others.
+fn water_fill(need: &[usize], weight: &[f64], budget: usize) -> Vec<usize> {
+    let mut give = vec![0usize; need.len()];
+    let mut left = budget;
+    let mut open: Vec<usize> = (0..need.len()).filter(|&i| need[i] > 0).collect();
+    while left > 0 && !open.is_empty() {
+        let wsum: f64 = open.iter().map(|&i| weight[i]).sum();
+        let round = left;
+        let mut spent = 0;
+        for &i in &open {
+            if spent == round {
+                break;
+            }
+            let share = ((round as f64) * weight[i] / wsum).floor() as usize;
+            let share = share.max(1).min(need[i] - give[i]).min(round - spent);
+            give[i] += share;
+            spent += share;
+        }
+        left -= spent;
+        open.retain(|&i| give[i] < need[i]);
+        if spent == 0 {
+            break;
+        }
+    }
+    give
 }
 
 /// Record one sampled token; returns the finish reason (and whether a stop string

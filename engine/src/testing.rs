@@ -10,7 +10,8 @@ use crate::chat::ChatTemplate;
 use crate::tokenizer::Tok;
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// One event of a scripted generation.
 #[derive(Clone, Debug)]
@@ -23,6 +24,9 @@ pub enum Step {
     Finish(FinishReason),
     /// The backend goes away without a last event (as when it shuts down).
     HangUp,
+    /// The generation runs until its caller drops the stream (counted in
+    /// [`ScriptedBackend::cancelled`]) or [`Backend::abort_all`] ends it.
+    Hold,
 }
 
 #[derive(Clone, Debug)]
@@ -39,6 +43,9 @@ pub struct ScriptedBackend {
     scripts: Mutex<VecDeque<Script>>,
     health: Mutex<Health>,
     submitted: Mutex<Vec<ValidRequest>>,
+    held: Arc<Mutex<Vec<crate::backend::EventSender>>>,
+    cancelled: Arc<AtomicUsize>,
+    aborted: Mutex<Option<String>>,
 }
 
 impl ScriptedBackend {
@@ -50,7 +57,20 @@ impl ScriptedBackend {
             scripts: Mutex::new(VecDeque::new()),
             health: Mutex::new(Health::Ready),
             submitted: Mutex::new(Vec::new()),
+            held: Arc::new(Mutex::new(Vec::new())),
+            cancelled: Arc::new(AtomicUsize::new(0)),
+            aborted: Mutex::new(None),
         }
+    }
+
+    /// Held generations whose caller dropped the stream.
+    pub fn cancelled(&self) -> usize {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Held generations still running.
+    pub fn holding(&self) -> usize {
+        lock(&self.held).len()
     }
 
     /// With the tokenizer and template of a tiny model written under `dir`.
@@ -86,6 +106,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Backend for ScriptedBackend {
     fn submit(&self, req: ValidRequest) -> Result<GenerationStream, GenError> {
+        if let Some(why) = lock(&self.aborted).clone() {
+            return Err(GenError::new(crate::backend::ErrorKind::Unavailable, why));
+        }
         let script = lock(&self.scripts).pop_front().unwrap_or_else(|| {
             Script::Stream(vec![
                 Step::Token("ok".into()),
@@ -128,6 +151,22 @@ impl Backend for ScriptedBackend {
                     break;
                 }
                 Step::HangUp => break,
+                Step::Hold => {
+                    lock(&self.held).push(tx);
+                    let (held, cancelled) = (self.held.clone(), self.cancelled.clone());
+                    // watch for the caller leaving, as the engine's scheduler does
+                    std::thread::spawn(move || loop {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        let mut h = lock(&held);
+                        let before = h.len();
+                        h.retain(|t| !t.is_closed());
+                        cancelled.fetch_add(before - h.len(), Ordering::SeqCst);
+                        if h.is_empty() {
+                            return;
+                        }
+                    });
+                    return Ok(rx);
+                }
             }
         }
         Ok(rx)
@@ -151,5 +190,15 @@ impl Backend for ScriptedBackend {
 
     fn stats(&self) -> BackendStats {
         BackendStats::default()
+    }
+
+    fn abort_all(&self, reason: &str) {
+        *lock(&self.aborted) = Some(reason.to_string());
+        for tx in lock(&self.held).drain(..) {
+            tx.send(Event::Error(GenError::new(
+                crate::backend::ErrorKind::Unavailable,
+                reason,
+            )));
+        }
     }
 }

@@ -579,3 +579,77 @@ fn bf16_decode_attends_on_the_bf16_cache_and_stays_close() {
     let worst = run_both(&host, &dev, &plans, 10, 0.05);
     assert!(worst < 0.03, "max relative logit difference {worst}");
 }
+
+#[test]
+fn an_adapter_the_device_cannot_run_fails_only_its_own_request() {
+    use retune_adapters::{AdapterPool, AdapterRef, DirSource, PoolConfig, Via};
+    use std::sync::Arc;
+    let dir = tmpdir("isolation");
+    let (gguf, spec) = model_file(&dir, GgmlDType::F32);
+    let root = dir.join("adapters");
+    // three rank-4 adapters for two adapter slots, and one of rank 32 (max_rank 16)
+    for (i, (name, rank)) in [("a", 4), ("b", 4), ("c", 4), ("big", 32)]
+        .iter()
+        .enumerate()
+    {
+        tiny::write_adapter(
+            &root.join(name),
+            &spec,
+            *rank,
+            &[0, 1, 2, 3, 4, 5, 6],
+            20 + i as u64,
+            2.0 * *rank as f32,
+            0.05,
+        )
+        .unwrap();
+    }
+    let l = load(&gguf).unwrap();
+    let pool = AdapterPool::new(
+        Arc::new(DirSource { root }),
+        l.model.base_shapes(),
+        PoolConfig::default(),
+    );
+    let dev = DeviceModel::from_model(
+        l.model,
+        &Device::Cpu,
+        &DeviceOptions {
+            adapter_slots: 2,
+            ..f32_opts()
+        },
+    )
+    .unwrap();
+    let engine = Engine::start_with_pool(dev, l.tok, EngineConfig::default(), Some(pool)).unwrap();
+    let req = |name: Option<&str>| GenerateRequest {
+        prompt: (3..20).collect(),
+        params: SamplingParams {
+            stop_on_eos: false,
+            ..SamplingParams::greedy(12)
+        },
+        adapter: name.map(|n| AdapterRef::new("t", n, "v1", Via::Pinned).unwrap()),
+    };
+    let names = [Some("a"), Some("b"), Some("c"), Some("big"), None];
+    let streams: Vec<_> = names
+        .iter()
+        .map(|n| engine.generate(req(*n)).unwrap())
+        .collect();
+    for (name, mut s) in names.iter().zip(streams) {
+        let mut tokens = 0;
+        let outcome = loop {
+            match s.blocking_next() {
+                Some(Event::Token(_)) => tokens += 1,
+                Some(Event::Done(_)) => break Ok(tokens),
+                Some(Event::Error(e)) => break Err(e),
+                None => panic!("stream of {name:?} ended without an event"),
+            }
+        };
+        match *name {
+            Some("big") => {
+                let e = outcome.unwrap_err();
+                assert_eq!(e.kind, ErrorKind::Adapter);
+                assert!(e.message.contains("max_rank"), "{}", e.message);
+            }
+            // three distinct adapters for two slots: spread over steps, all served
+            _ => assert_eq!(outcome.unwrap(), 12, "{name:?}"),
+        }
+    }
+}

@@ -35,6 +35,9 @@ pub enum ApiError {
     /// A server fault; the detail is logged with the request id, never shown.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The client left before the answer (nobody reads this; logged as 499).
+    #[error("the client closed the connection")]
+    ClientGone,
 }
 
 impl ApiError {
@@ -53,6 +56,7 @@ impl ApiError {
             Self::Unavailable(_) => ("server_error", "unavailable"),
             Self::Adapter(_) => ("server_error", "adapter_unavailable"),
             Self::Internal(_) => ("server_error", "internal_error"),
+            Self::ClientGone => ("invalid_request_error", "client_closed_request"),
         }
     }
 
@@ -109,6 +113,8 @@ impl ResponseError for ApiError {
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::Adapter(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // nginx's "client closed request"
+            Self::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 
@@ -125,7 +131,11 @@ impl From<GenError> for ApiError {
             ErrorKind::Client => Self::BadRequest(e.message),
             ErrorKind::Adapter => Self::Adapter(e.message),
             ErrorKind::Capacity => Self::Overloaded,
-            ErrorKind::Unavailable => Self::Unavailable("the server is shutting down".into()),
+            // the engine's words go to the log (they may name internals)
+            ErrorKind::Unavailable => {
+                tracing::warn!(detail = %e.message, "generation unavailable");
+                Self::Unavailable("the server is shutting down or restarting; retry shortly".into())
+            }
             ErrorKind::Internal => Self::Internal(e.message),
         }
     }

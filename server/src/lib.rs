@@ -13,11 +13,15 @@ pub mod routes;
 
 use actix_web::{web, App, HttpServer, ResponseError};
 use errors::ApiError;
-use retune_adapters::{AdapterPool, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase};
+use retune_adapters::{
+    AdapterPool, AliasCache, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase,
+};
 use retune_config::Settings;
 use retune_datasets::{CaptureWriter, DatasetStore, SqliteStore};
+use retune_engine::Health;
 use retune_engine::{load, Backend, Engine, EngineConfig};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,8 @@ pub struct AppState {
     pub backend: Arc<dyn Backend>,
     pub keys: auth::Keys,
     pub registry: Option<Arc<Registry>>,
+    /// The registry's aliases in memory: what the request path resolves against.
+    pub aliases: Option<Arc<AliasCache>>,
     pub pool: Option<Arc<AdapterPool>>,
     pub metrics: metrics::Metrics,
     /// The served base, for validating registered adapters.
@@ -53,6 +59,8 @@ pub struct AppState {
     /// Captured completions and feedback (none: capture off, no feedback API).
     pub data: Option<Arc<dyn DatasetStore>>,
     pub capture: Option<CaptureWriter>,
+    /// Set when shutdown began: `/ready` answers 503, load balancers move away.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -65,7 +73,16 @@ impl AppState {
     ) -> Result<Self, StartError> {
         let metrics = metrics::Metrics::new(settings.server.max_metric_adapters)
             .map_err(|e| StartError::Metrics(e.to_string()))?;
+        let poll = std::time::Duration::from_millis(settings.adapters.alias_poll_ms.max(10));
+        let aliases = match &registry {
+            Some(r) => Some(AliasCache::attach(r, poll)?),
+            None => None,
+        };
+        if let (Some(pool), Some(a)) = (&pool, &aliases) {
+            pool.set_servable(a.clone());
+        }
         Ok(Self {
+            aliases,
             keys: auth::Keys::new(&settings),
             settings,
             backend,
@@ -75,6 +92,7 @@ impl AppState {
             base,
             data: None,
             capture: None,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -219,6 +237,8 @@ fn spawn_retention(store: Arc<dyn DatasetStore>, settings: &Settings) {
 pub struct Application {
     server: actix_web::dev::Server,
     port: u16,
+    state: web::Data<AppState>,
+    fatal: Arc<AtomicBool>,
 }
 
 impl Application {
@@ -244,6 +264,7 @@ impl Application {
                         max_rank: settings.adapters.max_rank,
                         max_file_bytes: settings.adapters.max_version_bytes,
                     },
+                    loaders: settings.adapters.loaders,
                 };
                 let pool = AdapterPool::new(reg.clone(), base.shapes.clone(), cfg);
                 (Some(reg), Some(pool))
@@ -257,6 +278,11 @@ impl Application {
             prefill_chunk: e.prefill_chunk,
             max_kv_tokens: e.max_kv_tokens,
             threads: e.threads,
+            tenant_weights: settings
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.weight))
+                .collect(),
         };
         let compute = retune_engine::device::build_backend(
             loaded.model,
@@ -289,20 +315,124 @@ impl Application {
         let port = listener.local_addr().map_err(bind)?.port();
         let drain = state.settings.server.drain_seconds;
         let state = web::Data::new(state);
-        let server = HttpServer::new(move || app(state.clone()))
+        let app_state = state.clone();
+        let server = HttpServer::new(move || app(app_state.clone()))
+            .on_connect(routes::remember_peer)
             .listen(listener)
             .map_err(bind)?
+            // our own signal handling: the drain ends generations before the deadline
+            .disable_signals()
             .shutdown_timeout(drain)
             .run();
-        Ok(Self { server, port })
+        Ok(Self {
+            server,
+            port,
+            state,
+            fatal: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Serve until SIGTERM/SIGINT (actix drains in-flight requests up to the deadline).
+    /// Begins the same shutdown as SIGTERM (for embedding and tests).
+    pub fn shutdown_handle(&self) -> Shutdown {
+        Shutdown {
+            state: self.state.clone(),
+            handle: self.server.handle(),
+        }
+    }
+
+    /// Serve until SIGTERM/SIGINT, or until the engine stops. A signal drains:
+    /// `/ready` turns 503, no new connections are taken, in-flight requests run
+    /// until shortly before `drain_seconds`, and what still runs then ends with an
+    /// error event and `[DONE]` (streams) or a 503. An engine that stopped (its
+    /// scheduler panicked) ends every request the same way at once, and the result
+    /// is an error, so the process exits non-zero and Kubernetes restarts it.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let shutdown = self.shutdown_handle();
+        let sig = shutdown.clone();
+        actix_web::rt::spawn(async move {
+            use actix_web::rt::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers: SIGTERM will not drain");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            sig.begin();
+        });
+        let watch = shutdown.clone();
+        let fatal = self.fatal.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                actix_web::rt::time::sleep(std::time::Duration::from_millis(250)).await;
+                if let Health::Unavailable(why) = watch.state.backend.health() {
+                    if !watch.state.draining.load(Ordering::SeqCst) {
+                        tracing::error!(reason = %why, "the engine stopped: ending requests and exiting");
+                        fatal.store(true, Ordering::SeqCst);
+                        watch.fail(&why);
+                    }
+                    return;
+                }
+            }
+        });
+        self.server.await?;
+        if self.fatal.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("the engine stopped"));
+        }
+        Ok(())
+    }
+}
+
+/// Starts a drain (see [`Application::run_until_stopped`]).
+#[derive(Clone)]
+pub struct Shutdown {
+    state: web::Data<AppState>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Shutdown {
+    /// Drain: not ready, no new connections, generations cut shortly before the
+    /// deadline. Needs no async runtime (a signal task or a test calls it).
+    pub fn begin(&self) {
+        if self.state.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let drain = std::time::Duration::from_secs(self.state.settings.server.drain_seconds);
+        // end generations before actix closes connections at the deadline, so
+        // each client gets an ending: a second (or a quarter of a short drain) early
+        let cut = drain
+            .saturating_sub(std::time::Duration::from_secs(1))
+            .max(drain * 3 / 4);
+        // the stop command is sent when `stop` is called; its future only waits
+        drop(self.handle.stop(true));
+        let state = self.state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("retune-drain".into())
+            .spawn(move || {
+                std::thread::sleep(cut);
+                state
+                    .backend
+                    .abort_all("the server is shutting down: the drain deadline was reached");
+            });
+        if spawned.is_err() {
+            self.state.backend.abort_all("the server is shutting down");
+        }
+    }
+
+    /// The engine is gone: end everything now and stop.
+    pub fn fail(&self, why: &str) {
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.state
+            .backend
+            .abort_all(&format!("the server cannot serve: {why}"));
+        drop(self.handle.stop(true));
     }
 }

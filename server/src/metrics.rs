@@ -30,6 +30,8 @@ pub struct Metrics {
     pub trainer_last_run: IntGauge,
     pub watches_open: IntGauge,
     pub snapshot_examples: Histogram,
+    /// Generations cancelled because the client left.
+    pub cancelled: prometheus::IntCounter,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
@@ -38,16 +40,16 @@ pub struct Metrics {
 impl Metrics {
     /// Count a generation by adapter and version; beyond `max_adapters` distinct
     /// adapters the adapter label becomes `other`.
-    pub fn count_version(&self, adapter: &str, version: &str) {
+    pub fn count_version(&self, tenant: &str, adapter: &str, version: &str) {
+        let key = format!("{tenant}/{adapter}");
         let mut seen = self.seen_adapters.lock().unwrap_or_else(|p| p.into_inner());
-        let known = seen.contains(adapter)
-            || (seen.len() < self.max_adapters && seen.insert(adapter.to_string()));
-        let (a, v) = if known {
-            (adapter, version)
+        let known = seen.contains(&key) || (seen.len() < self.max_adapters && seen.insert(key));
+        let (t, a, v) = if known {
+            (tenant, adapter, version)
         } else {
-            ("other", "other")
+            ("other", "other", "other")
         };
-        self.by_version.with_label_values(&[a, v]).inc();
+        self.by_version.with_label_values(&[t, a, v]).inc();
     }
 
     pub fn new(max_adapters: usize) -> prometheus::Result<Self> {
@@ -85,9 +87,9 @@ impl Metrics {
         let by_version = IntCounterVec::new(
             Opts::new(
                 "retune_requests_by_adapter_version_total",
-                "Generations by adapter and served version",
+                "Generations by tenant, adapter and served version",
             ),
-            &["adapter", "version"],
+            &["tenant", "adapter", "version"],
         )?;
         r.register(Box::new(requests.clone()))?;
         r.register(Box::new(duration.clone()))?;
@@ -180,6 +182,11 @@ impl Metrics {
             .buckets(vec![10.0, 100.0, 1e3, 1e4, 1e5, 1e6]),
         )?;
         r.register(Box::new(snapshot_examples.clone()))?;
+        let cancelled = prometheus::IntCounter::new(
+            "retune_cancelled_generations_total",
+            "Generations cancelled because the client left",
+        )?;
+        r.register(Box::new(cancelled.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -208,6 +215,7 @@ impl Metrics {
             trainer_last_run,
             watches_open,
             snapshot_examples,
+            cancelled,
             seen_adapters: Default::default(),
             max_adapters,
         })

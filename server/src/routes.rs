@@ -27,16 +27,67 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/completions", web::post().to(completions));
 }
 
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+/// Liveness: fails when the engine has stopped (its scheduler panicked), so the
+/// container is restarted even if the process could not exit; a drain is alive.
+async fn health(state: Data) -> HttpResponse {
+    match state.backend.health() {
+        Health::Ready => HttpResponse::Ok().json(serde_json::json!({"status": "ok"})),
+        Health::Unavailable(why) => {
+            tracing::error!(reason = %why, "not alive");
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "engine stopped"}))
+        }
+    }
 }
 
+/// Readiness: the engine serves and the server is not draining.
 async fn ready(state: Data) -> HttpResponse {
+    if state.draining.load(Ordering::SeqCst) {
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "draining"}));
+    }
     match state.backend.health() {
         Health::Ready => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
         Health::Unavailable(why) => {
             tracing::warn!(reason = %why, "not ready");
             HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "unavailable"}))
+        }
+    }
+}
+
+/// The client's socket, to notice a client that left while its non-streaming
+/// completion generates (a streaming one notices when a write fails).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerFd(std::os::fd::RawFd);
+
+/// `HttpServer::on_connect`: remember each plain TCP connection's socket.
+pub fn remember_peer(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    use std::os::fd::AsRawFd;
+    if let Some(s) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        ext.insert(PeerFd(s.as_raw_fd()));
+    }
+}
+
+impl PeerFd {
+    /// The peer closed its end (end of file) or the connection failed. The socket
+    /// stays open while the request is handled, so the descriptor is still ours.
+    fn gone(self) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: a one-byte peek into a live buffer; the descriptor belongs to the
+        // connection that is serving this request and is not closed before it ends.
+        let n = unsafe {
+            libc::recv(
+                self.0,
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => true,
+            n if n > 0 => false, // a pipelined next request: still there
+            _ => !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
         }
     }
 }
@@ -126,12 +177,8 @@ async fn models(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError>
     let mut data = vec![
         serde_json::json!({"id": state.settings.model.id, "object": "model", "owned_by": "retune"}),
     ];
-    if let Some(reg) = &state.registry {
-        let (reg, tenant) = (reg.clone(), t.to_string());
-        let listed = web::block(move || reg.list(Some(&tenant)))
-            .await
-            .map_err(|e| ApiError::Internal(format!("registry list: {e}")))??;
-        for (_, name, st) in listed {
+    if let Some(aliases) = &state.aliases {
+        for (name, st) in aliases.snapshot().of_tenant(t) {
             if let Some(live) = st.live {
                 data.push(serde_json::json!({"id": name, "object": "model", "owned_by": t, "version": live}));
             }
@@ -158,7 +205,7 @@ pub(crate) async fn body(state: &AppState, mut payload: web::Payload) -> Result<
 
 /// `model` → the adapter version it names for `tenant` (`None` = the base).
 /// `request_id` (the completion id) picks the canary bucket, stable per request.
-async fn resolve(
+fn resolve(
     state: &AppState,
     tenant: &str,
     model: &str,
@@ -168,16 +215,13 @@ async fn resolve(
         return Ok(None);
     }
     let not_found = || ApiError::NotFound(format!("model `{model}` does not exist"));
-    let reg = state.registry.clone().ok_or_else(not_found)?;
+    // from memory: no database read, no wait behind an admin write
+    let aliases = state.aliases.as_ref().ok_or_else(not_found)?;
     let bucket = (request_id
         .bytes()
         .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
         % 100) as u8;
-    let (tenant, m) = (tenant.to_string(), model.to_string());
-    let resolved = web::block(move || reg.resolve(&tenant, &m, bucket))
-        .await
-        .map_err(|e| ApiError::Internal(format!("registry resolve: {e}")))?;
-    match resolved {
+    match aliases.resolve(tenant, model, bucket) {
         Ok(r) => Ok(Some(r)),
         Err(RegistryError::NotFound(_)) => Err(not_found()),
         Err(e) => Err(e.into()),
@@ -281,6 +325,9 @@ fn now() -> u64 {
 /// What the response needs to know about one generation.
 struct Job {
     id: String,
+    tenant: String,
+    /// The client's socket, for cancelling a non-streaming generation it left.
+    peer: Option<PeerFd>,
     request_id: String,
     /// The model name reported: the base id or `name@version`.
     model: String,
@@ -337,7 +384,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
     let lp = logprobs(&r);
     let params = params(state, c, lp)?;
     let id = completion_id(id_prefix);
-    let (adapter, declared) = match resolve(state, &t, &c.model, &id).await {
+    let (adapter, declared) = match resolve(state, &t, &c.model, &id) {
         Ok(a) => (a, None),
         Err(ApiError::NotFound(m)) => match declared(state, &t, &c.model) {
             Some(d) => (None, Some(d)),
@@ -352,6 +399,8 @@ async fn admit<T: serde::de::DeserializeOwned>(
         .unwrap_or_default();
     let job = Job {
         id,
+        tenant: t.clone(),
+        peer: req.conn_data::<PeerFd>().copied(),
         request_id,
         model: adapter
             .as_ref()
@@ -536,6 +585,7 @@ async fn chat(
     let rendered = state.backend.template().render_marked(&msgs, true)?;
     let prompt = encode_rendered(&state, rendered).await?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;
+    let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
 }
 
@@ -559,7 +609,13 @@ async fn completions(
     }
     let prompt = encode(&state, a.body.prompt).await?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;
+    let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
+}
+
+/// The request queued under its tenant (the engine's fair shares).
+fn with_tenant(valid: ValidRequest, job: &Job) -> ValidRequest {
+    valid.with_tenant(&job.tenant)
 }
 
 fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<TokenLogprob> {
@@ -635,7 +691,9 @@ async fn generate(
     let mut stream = state.backend.submit(valid)?;
     let mut resp = HttpResponse::Ok();
     if let Some(a) = &adapter {
-        state.metrics.count_version(a.name(), a.version());
+        state
+            .metrics
+            .count_version(a.tenant(), a.name(), a.version());
         resp.insert_header(("x-retune-adapter-version", a.version().to_string()));
     }
     let created = now();
@@ -648,8 +706,23 @@ async fn generate(
         let mut text = String::new();
         let mut lps = Vec::new();
         let mut first = true;
+        let mut tick = actix_web::rt::time::interval(std::time::Duration::from_millis(100));
         loop {
-            match stream.next().await {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = tick.tick() => {
+                    if job.peer.is_some_and(PeerFd::gone) {
+                        // dropping the stream cancels the generation and frees its KV
+                        drop(stream);
+                        tracing::info!(request_id = %job.request_id, completion_id = %job.id, "client left: generation cancelled");
+                        state.metrics.cancelled.inc();
+                        capture_error(&state, &job, started);
+                        return Err(ApiError::ClientGone);
+                    }
+                    continue;
+                }
+            };
+            match ev {
                 Some(Event::Token(t)) => {
                     if first {
                         state.metrics.ttft.observe(started.elapsed().as_secs_f64());

@@ -581,3 +581,147 @@ fn sigkill_during_register_and_promote_leaves_a_consistent_registry() {
         "children made too little progress to test anything ({promotes})"
     );
 }
+
+#[test]
+fn the_alias_cache_resolves_from_memory_while_a_writer_holds_the_database() {
+    use std::time::{Duration, Instant};
+    let dir = tmpdir("alias-cache");
+    let (u1, u2) = (upload(&dir, 1), upload(&dir, 2));
+    let reg = Arc::new(open(&dir));
+    let v1 = reg.register(new(&u1, "acme", "tickets"), &base()).unwrap();
+    let v2 = reg.register(new(&u2, "acme", "tickets"), &base()).unwrap();
+    reg.promote("acme", "tickets", &v1.id, Expect::NoLive, "a", "")
+        .unwrap();
+    let cache = AliasCache::attach(&reg, Duration::from_millis(50)).unwrap();
+    assert_eq!(
+        cache.resolve("acme", "tickets", 0).unwrap().version(),
+        v1.id
+    );
+    // a change made through this registry is seen before the call returns
+    reg.promote("acme", "tickets", &v2.id, Expect::Any, "a", "")
+        .unwrap();
+    let r = cache.resolve("acme", "tickets", 0).unwrap();
+    assert_eq!((r.version(), r.via()), (v2.id.as_str(), Via::Live));
+    let pinned = format!("tickets@{}", v1.id);
+    assert_eq!(
+        cache.resolve("acme", &pinned, 0).unwrap().via(),
+        Via::Pinned
+    );
+    reg.retire("acme", "tickets", &v1.id, "a", "bad").unwrap();
+    assert!(matches!(
+        cache.resolve("acme", &pinned, 0),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(
+        cache.resolve("globex", "tickets", 0).is_err(),
+        "tenants are apart"
+    );
+    // another process holds the write lock (as an admin write across its fsync):
+    // resolving does not wait for it
+    let other = rusqlite_hold(&dir.join("registry.db"));
+    let t = Instant::now();
+    for _ in 0..1000 {
+        cache.resolve("acme", "tickets", 0).unwrap();
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(other);
+    // a change another process makes is seen within the poll
+    let reg2 = open(&dir);
+    reg2.rollback("acme", "tickets", Some(&v2.id), "trainer", "watch")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let u3 = upload(&dir, 3);
+    let v3 = reg2.register(new(&u3, "acme", "tickets"), &base()).unwrap();
+    reg2.promote("acme", "tickets", &v3.id, Expect::Any, "trainer", "gate")
+        .unwrap();
+    let t = Instant::now();
+    while cache.resolve("acme", "tickets", 0).unwrap().version() != v3.id {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "never saw the other process's promotion"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A second connection holding `BEGIN IMMEDIATE` until dropped.
+fn rusqlite_hold(db: &Path) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let db = db.to_path_buf();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import sqlite3,sys\nc=sqlite3.connect({:?},isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nprint('held',flush=True)\nsys.stdin.read()\nc.execute('ROLLBACK')",
+                db.to_string_lossy()
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = out;
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held");
+        ready_tx.send(()).unwrap();
+        let _ = rx.recv();
+        drop(child.stdin.take());
+        child.wait().unwrap();
+    });
+    ready.recv().unwrap();
+    tx
+}
+
+#[test]
+fn a_retired_version_stops_serving_from_the_pool_and_a_corrupt_one_is_refused() {
+    use std::time::{Duration, Instant};
+    let dir = tmpdir("pool-gate");
+    let (u1, u2) = (upload(&dir, 1), upload(&dir, 2));
+    let reg = Arc::new(open(&dir));
+    let v1 = reg.register(new(&u1, "acme", "tickets"), &base()).unwrap();
+    let v2 = reg.register(new(&u2, "acme", "tickets"), &base()).unwrap();
+    reg.promote("acme", "tickets", &v2.id, Expect::NoLive, "a", "")
+        .unwrap();
+    let cache = AliasCache::attach(&reg, Duration::from_millis(50)).unwrap();
+    let pool = AdapterPool::new(reg.clone(), base().shapes, PoolConfig::default());
+    pool.set_servable(cache.clone());
+    let wait = |r: &AdapterRef| {
+        let t = Instant::now();
+        loop {
+            match pool.acquire(r) {
+                Acquire::Ready(a) => return Ok(a),
+                Acquire::Failed(e) => return Err(e.to_string()),
+                Acquire::Pending => {
+                    assert!(t.elapsed() < Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    };
+    let r1 = AdapterRef::new("acme", "tickets", &v1.id, Via::Pinned).unwrap();
+    wait(&r1).unwrap();
+    assert_eq!(pool.resident().len(), 1);
+    reg.retire("acme", "tickets", &v1.id, "a", "bad").unwrap();
+    let e = wait(&r1).unwrap_err();
+    assert!(e.contains("retired"), "{e}");
+    assert!(
+        pool.resident().is_empty(),
+        "the retired version is still resident"
+    );
+    // a stored file changed behind the registry's back: refused at load
+    let r2 = AdapterRef::new("acme", "tickets", &v2.id, Via::Live).unwrap();
+    let stored = reg.servable_dir(&r2).unwrap().join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stored).unwrap()).unwrap();
+    cfg["lora_alpha"] = serde_json::json!(1000.0);
+    std::fs::write(&stored, cfg.to_string()).unwrap();
+    let e = wait(&r2).unwrap_err();
+    assert!(e.contains("content id"), "{e}");
+}

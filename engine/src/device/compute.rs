@@ -68,6 +68,46 @@ impl Compute {
         }
     }
 
+    /// Distinct adapters one forward step can run (`None`: any number).
+    pub fn max_step_adapters(&self) -> Option<usize> {
+        match self {
+            Self::Host(_) => None,
+            Self::Device(m) => Some(m.adapter_slots()),
+        }
+    }
+
+    /// Whether this backend can run `a` (a device's adapter slots have a fixed
+    /// rank); the message says why not.
+    pub fn check_adapter(
+        &self,
+        a: &retune_adapters::LoraAdapter,
+    ) -> std::result::Result<(), String> {
+        let layers = self.cfg().n_layer;
+        if a.layers.len() != layers {
+            return Err(format!(
+                "adapter has {} layers, the model {layers}",
+                a.layers.len()
+            ));
+        }
+        if let Self::Device(m) = self {
+            let rank = a
+                .layers
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|p| p.rank)
+                .max()
+                .unwrap_or(0);
+            if rank > m.max_rank() {
+                return Err(format!(
+                    "adapter rank {rank} exceeds this device's max_rank {}",
+                    m.max_rank()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>> {
         match self {
             Self::Host(m) => m.forward(&mut view(items, |c| match c {

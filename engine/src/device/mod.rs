@@ -61,6 +61,7 @@ pub struct DeviceModel {
     slots: usize,
     free_slots: Arc<Mutex<Vec<usize>>>,
     max_rank: usize,
+    adapter_slot_count: usize,
     /// per layer, per module: A `[adapter_slots, max_rank, in]`, B `[adapter_slots, out, max_rank]`
     lora_a: Vec<Vec<Tensor>>,
     lora_b: Vec<Vec<Tensor>>,
@@ -227,6 +228,7 @@ impl DeviceModel {
             slots: opts.slots,
             free_slots: Arc::new(Mutex::new((0..opts.slots).rev().collect())),
             max_rank: opts.max_rank,
+            adapter_slot_count: opts.adapter_slots,
             lora_a,
             lora_b,
             adapters: Mutex::new(AdapterSlots {
@@ -256,6 +258,16 @@ impl DeviceModel {
     /// KV slots this backend holds (concurrent sequences).
     pub fn slots(&self) -> usize {
         self.slots
+    }
+
+    /// The highest adapter rank the device's adapter slots hold.
+    pub fn max_rank(&self) -> usize {
+        self.max_rank
+    }
+
+    /// Distinct adapters one forward step can run.
+    pub fn adapter_slots(&self) -> usize {
+        self.adapter_slot_count
     }
 
     /// Adapter uploads so far (a cached adapter is uploaded once).
