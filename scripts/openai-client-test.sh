@@ -9,7 +9,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai==1.*"
 fi
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-RETUNE_SERVER__PORT=$PORT ./target/release/retune serve --model "$MODEL" > /tmp/retune-openai-test.log 2>&1 &
+METRICS_KEY="metrics-$RANDOM$RANDOM"
+METRICS_SHA=$(printf %s "$METRICS_KEY" | sha256sum | cut -d' ' -f1)
+RETUNE_SERVER__PORT=$PORT RETUNE_AUTH__METRICS_KEY_SHA256=$METRICS_SHA ./target/release/retune serve --model "$MODEL" > /tmp/retune-openai-test.log 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
@@ -18,7 +20,9 @@ for _ in $(seq 1 100); do
 done
 "$VENV/bin/python" tests/openai_client/test_openai.py "http://127.0.0.1:$PORT" local smollm2-135m-instruct
 # the metrics exposition passes promtool's checks
-curl -sf "http://127.0.0.1:$PORT/metrics" > /tmp/retune-metrics.txt
+# /metrics is closed without the metrics key
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/metrics")" = 401 ]
+curl -sf -H "Authorization: Bearer $METRICS_KEY" "http://127.0.0.1:$PORT/metrics" > /tmp/retune-metrics.txt
 if command -v promtool >/dev/null; then
   promtool check metrics < /tmp/retune-metrics.txt
   echo "promtool check metrics: OK"

@@ -153,6 +153,35 @@ impl Registry {
         })
     }
 
+    /// What a version must satisfy to be registered (the served backend's limits:
+    /// a device's adapter slots hold ranks up to its `max_rank`).
+    pub fn with_limits(mut self, limits: LoadLimits) -> Self {
+        self.limits = LoadLimits {
+            max_file_bytes: self.max_version_bytes,
+            ..limits
+        };
+        self
+    }
+
+    /// Check a registered version against the current serving limits (before a
+    /// promotion or canary: it may have been registered under other limits).
+    pub fn check_servable(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+        base: &ServedBase,
+    ) -> R<()> {
+        let dir = {
+            let conn = self.conn();
+            servable(&conn, tenant, name, version)?;
+            self.store.local_dir(&store_key(tenant, name, version))?
+        };
+        load_peft(&dir, &base.shapes, &self.limits)
+            .map(|_| ())
+            .map_err(|e| RegistryError::Rejected(format!("{version} cannot be served here: {e}")))
+    }
+
     /// The database file (for readers with their own connection).
     pub fn db_path(&self) -> &Path {
         &self.path
@@ -245,12 +274,12 @@ impl Registry {
         let mut size = 0u64;
         for f in FILES {
             let p = v.dir.join(f);
+            // messages name the file, never the server's directories
             let meta = std::fs::symlink_metadata(&p)
-                .map_err(|_| RegistryError::NotFound(p.display().to_string()))?;
+                .map_err(|_| RegistryError::NotFound(format!("the version's {f}")))?;
             if !meta.file_type().is_file() {
                 return Err(RegistryError::Forbidden(format!(
-                    "{} is not a regular file",
-                    p.display()
+                    "{f} is not a regular file"
                 )));
             }
             size += meta.len();

@@ -143,6 +143,9 @@ pub struct AdapterSettings {
     pub alias_poll_ms: u64,
     /// Adapter loads run in parallel on this many threads.
     pub loaders: usize,
+    /// Register-from-path reads only under this directory (symlinks resolved);
+    /// unset, only uploads register versions.
+    pub import_dir: Option<PathBuf>,
 }
 
 impl Default for AdapterSettings {
@@ -155,6 +158,7 @@ impl Default for AdapterSettings {
             max_version_bytes: 1 << 30,
             alias_poll_ms: 250,
             loaders: 2,
+            import_dir: None,
         }
     }
 }
@@ -162,8 +166,26 @@ impl Default for AdapterSettings {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// sha256 (hex) of the admin API key; None disables the admin API.
+    /// sha256 (hex) of the operator's admin key: every tenant, journal actor
+    /// `admin`. With no admin keys at all the admin API is off.
     pub admin_key_sha256: Option<String>,
+    /// Tenant-scoped management keys; each key's `name` is the actor the
+    /// journal records for its changes.
+    pub admins: Vec<AdminKey>,
+    /// sha256 (hex) of the key Prometheus scrapes `/metrics` with (an operator
+    /// admin key works too). `/metrics` names every tenant and adapter: it is
+    /// closed without a key unless `public_metrics` (a separate, private network).
+    pub metrics_key_sha256: Option<String>,
+    pub public_metrics: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    pub name: String,
+    pub key_sha256: String,
+    /// The tenants this key manages.
+    pub tenants: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

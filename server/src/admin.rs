@@ -1,6 +1,7 @@
 //! Admin API (admin key): register, promote (compare-and-set), rollback, canary,
 //! retire, list and show adapter versions. Registry calls run off the async runtime.
 
+use crate::auth::Admin;
 use crate::errors::ApiError;
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -45,8 +46,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// The admin key, checked.
-pub(crate) fn admin_key(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+/// The admin key, checked: who it is, and (for a route naming a tenant) that
+/// it manages that tenant and the tenant is configured.
+pub(crate) fn admin_key(state: &AppState, req: &HttpRequest) -> Result<Admin, ApiError> {
     let key = req
         .headers()
         .get("authorization")
@@ -55,18 +57,31 @@ pub(crate) fn admin_key(state: &AppState, req: &HttpRequest) -> Result<(), ApiEr
         .ok_or_else(|| {
             ApiError::Unauthorized("missing `Authorization: Bearer <admin key>`".into())
         })?;
-    if !state.keys.is_admin(key) {
-        return Err(ApiError::Unauthorized("admin key required".into()));
+    let who = state
+        .keys
+        .admin(key)
+        .cloned()
+        .ok_or_else(|| ApiError::Unauthorized("admin key required".into()))?;
+    if let Some(t) = req.match_info().get("tenant") {
+        if !who.may(t) {
+            return Err(ApiError::Forbidden(format!(
+                "this key does not manage tenant `{t}`"
+            )));
+        }
+        if !state.settings.tenants.iter().any(|x| x.name == t) {
+            return Err(ApiError::Missing(format!("tenant `{t}` is not configured")));
+        }
     }
-    Ok(())
+    Ok(who)
 }
 
-fn admin(state: &AppState, req: &HttpRequest) -> Result<Arc<Registry>, ApiError> {
-    admin_key(state, req)?;
-    state
+fn admin(state: &AppState, req: &HttpRequest) -> Result<(Arc<Registry>, Admin), ApiError> {
+    let who = admin_key(state, req)?;
+    let reg = state
         .registry
         .clone()
-        .ok_or_else(|| ApiError::Unavailable("no adapter registry configured".into()))
+        .ok_or_else(|| ApiError::Unavailable("no adapter registry configured".into()))?;
+    Ok((reg, who))
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -87,11 +102,19 @@ async fn list(
     req: HttpRequest,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, who) = admin(&state, &req)?;
     let tenant = q.into_inner().tenant;
+    if let Some(t) = &tenant {
+        if !who.may(t) {
+            return Err(ApiError::Forbidden(format!(
+                "this key does not manage tenant `{t}`"
+            )));
+        }
+    }
     let rows = blocking(move || Ok(reg.list(tenant.as_deref())?)).await?;
     let data: Vec<_> = rows
         .into_iter()
+        .filter(|(t, _, _)| who.may(t))
         .map(|(t, n, s)| serde_json::json!({"tenant": t, "name": n, "state": s}))
         .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({"data": data})))
@@ -102,7 +125,7 @@ async fn show(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, _) = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || {
         let state = reg.state(&t, &n)?;
@@ -122,7 +145,7 @@ async fn runs(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, _) = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || Ok(reg.runs(&t, &n, 50)?)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
@@ -135,7 +158,7 @@ async fn gate(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, _) = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || {
         Ok(reg
@@ -158,7 +181,7 @@ async fn watch(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, _) = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || Ok(reg.watches(&t, &n)?)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
@@ -173,7 +196,6 @@ struct RegisterBody {
     metadata: serde_json::Value,
     source: Option<String>,
     base_fingerprint: Option<String>,
-    actor: Option<String>,
 }
 
 async fn register(
@@ -182,26 +204,67 @@ async fn register(
     path: web::Path<(String, String)>,
     body: web::Json<RegisterBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, who) = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let b = body.into_inner();
     let base = state.base.clone();
+    let import = state.settings.adapters.import_dir.clone().ok_or_else(|| {
+        ApiError::Forbidden(
+            "register-from-path is off: the server has no `adapters.import_dir` (upload instead)"
+                .into(),
+        )
+    })?;
     let info = blocking(move || {
+        let dir = under_import_dir(&import, &b.path)?;
         let source = b.source.unwrap_or_else(|| format!("path:{}", b.path));
         let v = NewVersion {
             tenant: &t,
             name: &n,
-            dir: std::path::Path::new(&b.path),
+            dir: &dir,
             source: &source,
             parent: b.parent.as_deref(),
             metadata: b.metadata,
             claimed_base: b.base_fingerprint.as_deref(),
-            actor: b.actor.as_deref().unwrap_or("admin"),
+            actor: &who.name,
         };
         Ok(reg.register(v, &base)?)
     })
     .await?;
     Ok(HttpResponse::Created().json(info))
+}
+
+/// `path` (relative to the import directory, or absolute inside it) with every
+/// symlink resolved, refused unless it stays inside. Errors name only `path`.
+fn under_import_dir(import: &std::path::Path, path: &str) -> Result<std::path::PathBuf, ApiError> {
+    let outside = || {
+        ApiError::Forbidden(format!(
+            "`{path}` is not a directory inside the import directory"
+        ))
+    };
+    let root = import
+        .canonicalize()
+        .map_err(|e| ApiError::Internal(format!("import dir {}: {e}", import.display())))?;
+    let given = std::path::Path::new(path);
+    let joined = if given.is_absolute() {
+        given.to_path_buf()
+    } else {
+        root.join(given)
+    };
+    let lexically_inside = joined.starts_with(&root)
+        && !given
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    let real = joined.canonicalize().map_err(|_| {
+        if lexically_inside {
+            ApiError::Missing(format!("no directory `{path}` in the import directory"))
+        } else {
+            outside()
+        }
+    })?;
+    if !real.starts_with(&root) || !real.is_dir() {
+        return Err(outside());
+    }
+    Ok(real)
 }
 
 #[derive(Deserialize)]
@@ -213,7 +276,6 @@ struct UploadBody {
     #[serde(default)]
     metadata: serde_json::Value,
     base_fingerprint: Option<String>,
-    actor: Option<String>,
 }
 
 /// Upload a version's files in the request body (JSON; the weights base64).
@@ -225,7 +287,7 @@ async fn upload(
 ) -> Result<HttpResponse, ApiError> {
     use base64::Engine as _;
     use futures_util::StreamExt;
-    let reg = admin(&state, &req)?;
+    let (reg, who) = admin(&state, &req)?;
     let limit =
         (state.settings.adapters.max_version_bytes as usize).saturating_mul(4) / 3 + (1 << 20);
     let mut raw = web::BytesMut::new();
@@ -272,7 +334,7 @@ async fn upload(
                     parent: b.parent.as_deref(),
                     metadata: b.metadata,
                     claimed_base: b.base_fingerprint.as_deref(),
-                    actor: b.actor.as_deref().unwrap_or("admin"),
+                    actor: &who.name,
                 };
                 Ok(reg.register(v, &base)?)
             });
@@ -293,7 +355,6 @@ struct Change {
     percent: Option<u8>,
     #[serde(default)]
     clear: bool,
-    actor: Option<String>,
     #[serde(default)]
     reason: String,
 }
@@ -305,12 +366,20 @@ async fn change(
     body: web::Json<Change>,
     op: &'static str,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = admin(&state, &req)?;
+    let (reg, who) = admin(&state, &req)?;
     let (t, n) = path.into_inner();
     let c = body.into_inner();
     let metrics = state.clone();
+    let base = state.base.clone();
     let st = blocking(move || {
-        let actor = c.actor.as_deref().unwrap_or("admin");
+        // a version registered under other limits (another device) is refused
+        // before it reaches a batch
+        if let (Some(v), "promote" | "canary") = (c.version.as_deref(), op) {
+            if !(op == "canary" && c.clear) {
+                reg.check_servable(&t, &n, v, &base)?;
+            }
+        }
+        let actor = who.name.as_str();
         let need = |v: &Option<String>| {
             v.clone()
                 .ok_or_else(|| ApiError::BadRequest("`version` is required".into()))

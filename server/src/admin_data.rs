@@ -32,11 +32,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn store(state: &AppState, req: &HttpRequest) -> Result<Arc<dyn DatasetStore>, ApiError> {
-    admin_key(state, req)?;
-    state
+    Ok(store_as(state, req)?.0)
+}
+
+fn store_as(
+    state: &AppState,
+    req: &HttpRequest,
+) -> Result<(Arc<dyn DatasetStore>, crate::auth::Admin), ApiError> {
+    let who = admin_key(state, req)?;
+    let s = state
         .data
         .clone()
-        .ok_or_else(|| ApiError::Unavailable("no datasets store is configured".into()))
+        .ok_or_else(|| ApiError::Unavailable("no datasets store is configured".into()))?;
+    Ok((s, who))
 }
 
 /// The body is JSONL; the answer lists every bad line by number (the rest is imported).
@@ -123,7 +131,6 @@ async fn export(
 #[derive(serde::Deserialize)]
 struct EraseBody {
     subject_id: String,
-    actor: Option<String>,
 }
 
 async fn erase(
@@ -132,7 +139,7 @@ async fn erase(
     path: web::Path<String>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let s = store(&state, &req)?;
+    let (s, who) = store_as(&state, &req)?;
     let t = path.into_inner();
     let raw = body(&state, payload).await?;
     let b: EraseBody = serde_json::from_slice(&raw)
@@ -152,7 +159,7 @@ async fn erase(
         .and_then(|x| x.on_tainted_live.parse().ok())
         .unwrap_or(crate::erasure::OnTaintedLive::Report);
     let report = blocking(move || {
-        let actor = b.actor.unwrap_or_else(|| "admin".into());
+        let actor = who.name;
         crate::erasure::erase(
             s.as_ref(),
             reg.as_deref(),

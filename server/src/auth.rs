@@ -6,7 +6,29 @@ use sha2::{Digest, Sha256};
 pub struct Keys {
     /// (sha256 of key, tenant)
     tenants: Vec<([u8; 32], String)>,
-    admin: Option<[u8; 32]>,
+    /// (sha256 of key, who)
+    admins: Vec<([u8; 32], Admin)>,
+    metrics: Option<[u8; 32]>,
+}
+
+/// Who an admin key is: its name (the journal's actor) and the tenants it manages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admin {
+    pub name: String,
+    /// `None`: every tenant (the operator key).
+    pub tenants: Option<Vec<String>>,
+}
+
+impl Admin {
+    pub fn may(&self, tenant: &str) -> bool {
+        self.tenants
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == tenant))
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.tenants.is_none()
+    }
 }
 
 fn parse_hex(h: &str) -> Option<[u8; 32]> {
@@ -33,13 +55,37 @@ impl Keys {
                     .map(move |h| (h, t.name.clone()))
             })
             .collect();
+        let a = &settings.auth;
+        let mut admins: Vec<([u8; 32], Admin)> = a
+            .admin_key_sha256
+            .as_deref()
+            .and_then(parse_hex)
+            .map(|h| {
+                (
+                    h,
+                    Admin {
+                        name: "admin".into(),
+                        tenants: None,
+                    },
+                )
+            })
+            .into_iter()
+            .collect();
+        for k in &a.admins {
+            if let Some(h) = parse_hex(&k.key_sha256) {
+                admins.push((
+                    h,
+                    Admin {
+                        name: k.name.clone(),
+                        tenants: Some(k.tenants.clone()),
+                    },
+                ));
+            }
+        }
         Self {
             tenants,
-            admin: settings
-                .auth
-                .admin_key_sha256
-                .as_deref()
-                .and_then(parse_hex),
+            admins,
+            metrics: a.metrics_key_sha256.as_deref().and_then(parse_hex),
         }
     }
 
@@ -59,10 +105,23 @@ impl Keys {
         found
     }
 
-    pub fn is_admin(&self, key: &str) -> bool {
-        self.admin
-            .as_ref()
-            .is_some_and(|a| ct_eq(a, &Self::digest(key)))
+    /// The admin a bearer key is; every configured key is compared.
+    pub fn admin(&self, key: &str) -> Option<&Admin> {
+        let d = Self::digest(key);
+        let mut found = None;
+        for (h, a) in &self.admins {
+            if ct_eq(h, &d) {
+                found = Some(a);
+            }
+        }
+        found
+    }
+
+    /// May this key read `/metrics` (the metrics key, or the operator's key)?
+    pub fn may_scrape(&self, key: &str) -> bool {
+        let d = Self::digest(key);
+        let metrics = self.metrics.as_ref().is_some_and(|m| ct_eq(m, &d));
+        metrics || self.admin(key).is_some_and(Admin::is_operator)
     }
 }
 

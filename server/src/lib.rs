@@ -252,18 +252,32 @@ impl Application {
         let (registry, pool) = match &settings.adapters.root {
             Some(root) => {
                 let store = Arc::new(LocalStore::new(&root.join("store"))?);
-                let reg = Arc::new(Registry::open(
-                    &root.join("registry.db"),
-                    store,
-                    settings.adapters.max_version_bytes,
-                )?);
+                // a tensor backend's adapter slots hold ranks up to device_max_rank:
+                // versions above it are refused at register, promote and load
+                let max_rank = if settings.engine.device == "cpu" {
+                    settings.adapters.max_rank
+                } else {
+                    settings
+                        .adapters
+                        .max_rank
+                        .min(settings.engine.device_max_rank)
+                };
+                let limits = LoadLimits {
+                    max_rank,
+                    max_file_bytes: settings.adapters.max_version_bytes,
+                };
+                let reg = Arc::new(
+                    Registry::open(
+                        &root.join("registry.db"),
+                        store,
+                        settings.adapters.max_version_bytes,
+                    )?
+                    .with_limits(limits.clone()),
+                );
                 let cfg = PoolConfig {
                     max_adapters: settings.adapters.max_resident,
                     max_bytes: settings.adapters.max_resident_bytes,
-                    limits: LoadLimits {
-                        max_rank: settings.adapters.max_rank,
-                        max_file_bytes: settings.adapters.max_version_bytes,
-                    },
+                    limits,
                     loaders: settings.adapters.loaders,
                 };
                 let pool = AdapterPool::new(reg.clone(), base.shapes.clone(), cfg);

@@ -92,7 +92,22 @@ impl PeerFd {
     }
 }
 
-async fn metrics(state: Data) -> Result<HttpResponse, ApiError> {
+async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if !state.settings.auth.public_metrics {
+        let key = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "`/metrics` needs `Authorization: Bearer <metrics key>`".into(),
+                )
+            })?;
+        if !state.keys.may_scrape(key) {
+            return Err(ApiError::Unauthorized("not a metrics key".into()));
+        }
+    }
     let m = &state.metrics;
     let s = state.backend.stats();
     m.queue_depth.set(s.queued as i64);

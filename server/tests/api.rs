@@ -75,14 +75,19 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
     };
     let v2 = reg.register(second, &base).unwrap();
     drop(reg);
+    let imports = dir.join("imports");
+    std::fs::create_dir_all(&imports).unwrap();
     let toml = format!(
         "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\n{}\n[adapters]\nroot = {:?}\n\
-         [auth]\nadmin_key_sha256 = \"{}\"\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n\
+         import_dir = {:?}\n[auth]\nadmin_key_sha256 = \"{}\"\nmetrics_key_sha256 = \"{}\"\n[[auth.admins]]\nname = \"acme-ops\"\nkey_sha256 = \"{}\"\ntenants = [\"acme\"]\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n\
          [[trainer.adapters]]\ntenant = \"acme\"\nname = \"intents\"\n[trainer.adapters.gate]\nsystem_prompt = \"Answer with one word.\"\n",
         model.to_string_lossy(),
         engine,
         root.to_string_lossy(),
+        imports.to_string_lossy(),
         hash_key("admin-key"),
+        hash_key("metrics-key"),
+        hash_key("acme-ops-key"),
         hash_key("acme-key"),
         hash_key("globex-key")
     );
@@ -291,8 +296,13 @@ fn routes_tenants_errors_and_streaming() {
             .as_str()
             .unwrap()
     );
-    // metrics
-    let m = http(&app, "GET", "/metrics", None, "");
+    // metrics: closed without the metrics key (a tenant's key is not one)
+    assert_eq!(http(&app, "GET", "/metrics", None, "").status, 401);
+    assert_eq!(
+        http(&app, "GET", "/metrics", Some("acme-key"), "").status,
+        401
+    );
+    let m = http(&app, "GET", "/metrics", Some("metrics-key"), "");
     assert_eq!(m.status, 200);
     assert!(
         m.body.contains("retune_requests_total") && m.body.contains("retune_adapters_resident"),
@@ -555,14 +565,35 @@ fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
     let uploaded = json(&r)["id"].as_str().unwrap().to_string();
     assert_eq!(json(&r)["source"], "upload");
     // register from a path on the server (the trainer sidecar's shared volume)
-    let up2 = std::env::temp_dir().join(format!("retune-upload2-{}", std::process::id()));
+    // only under the import directory, symlinks resolved, server paths not echoed
+    let imports = app.root.parent().unwrap().join("imports");
+    let up2 = imports.join("v2");
     tiny::write_adapter(&up2, &TinySpec::default(), 4, &[0, 2], 10, 8.0, 0.5).unwrap();
+    let outside = app.root.parent().unwrap().join("outside");
+    tiny::write_adapter(&outside, &TinySpec::default(), 4, &[0, 2], 11, 8.0, 0.5).unwrap();
+    std::os::unix::fs::symlink(&outside, imports.join("sneaky")).unwrap();
+    for bad in [
+        outside.to_string_lossy().to_string(),
+        "sneaky".into(),
+        "../outside".into(),
+        "/etc".into(),
+    ] {
+        let r = http(
+            &app,
+            "POST",
+            &format!("{p}/versions"),
+            Some("admin-key"),
+            &serde_json::json!({ "path": bad }).to_string(),
+        );
+        assert_eq!(r.status, 403, "{bad}: {}", r.body);
+        assert!(!r.body.contains(&*imports.to_string_lossy()), "{}", r.body);
+    }
     let r = http(
         &app,
         "POST",
         &format!("{p}/versions"),
         Some("admin-key"),
-        &serde_json::json!({"path": up2}).to_string(),
+        &serde_json::json!({"path": "v2"}).to_string(),
     );
     assert_eq!(r.status, 201, "{}", r.body);
     let r = http(
@@ -570,7 +601,7 @@ fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
         "POST",
         &format!("{p}/versions"),
         Some("admin-key"),
-        r#"{"path": "/nonexistent"}"#,
+        r#"{"path": "missing-dir"}"#,
     );
     assert_eq!(r.status, 404, "{}", r.body);
     let bad = serde_json::json!({"adapter_config": cfg, "adapter_model_base64": "not base64!"})
@@ -605,7 +636,7 @@ fn admin_api_promotes_with_cas_rolls_back_and_is_admin_only() {
         &format!(r#"{{"version":"{uploaded}"}}"#),
     );
     assert_eq!(json(&r)["live"], uploaded.as_str());
-    let metrics = http(&app, "GET", "/metrics", None, "").body;
+    let metrics = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
     assert!(
         metrics.contains("retune_adapter_changes_total{op=\"promote\"} 2"),
         "{metrics}"
@@ -658,7 +689,7 @@ fn client_disconnect_cancels_the_generation() {
     };
     let app = spawn_app_spec("disconnect", "max_tokens_cap = 8000", spec);
     let running = |app: &TestApp| -> i64 {
-        let m = http(app, "GET", "/metrics", None, "").body;
+        let m = http(app, "GET", "/metrics", Some("metrics-key"), "").body;
         m.lines()
             .find_map(|l| l.strip_prefix("retune_running_sequences "))
             .unwrap()
@@ -851,7 +882,7 @@ fn the_loop_is_visible_through_the_admin_api_and_metrics() {
         )
         .unwrap();
     assert_eq!(end, "rolled_back");
-    let metrics = http(&app, "GET", "/metrics", None, "").body;
+    let metrics = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
     for line in [
         "retune_trainer_runs_total{status=\"canary\"} 1",
         "retune_gate_decisions_total{result=\"pass\"} 1",
@@ -985,4 +1016,67 @@ fn special_tokens_in_message_content_are_text() {
         .unwrap();
     assert_ne!(as_text.len(), parsed.len());
     assert_eq!(json(&r)["usage"]["prompt_tokens"], as_text.len());
+}
+
+#[test]
+fn management_keys_are_scoped_to_tenants_and_name_the_actor() {
+    let app = spawn_app("scoped-admin");
+    let p = "/admin/adapters/acme/tickets";
+    // the tenant's key manages its own adapters; the journal names the key
+    let r = http(
+        &app,
+        "POST",
+        &format!("{p}/promote"),
+        Some("acme-ops-key"),
+        &serde_json::json!({"version": app.version2, "actor": "someone-else"}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let shown = json(&http(&app, "GET", p, Some("acme-ops-key"), ""));
+    let last = shown["journal"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["actor"], "acme-ops", "{last}");
+    // not another tenant's, nor the list of everyone's
+    let r = http(
+        &app,
+        "GET",
+        "/admin/adapters/globex/tickets",
+        Some("acme-ops-key"),
+        "",
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = http(
+        &app,
+        "GET",
+        "/admin/adapters?tenant=globex",
+        Some("acme-ops-key"),
+        "",
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let listed = json(&http(
+        &app,
+        "GET",
+        "/admin/adapters",
+        Some("acme-ops-key"),
+        "",
+    ));
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["tenant"] == "acme"),
+        "{listed}"
+    );
+    // a tenant's API key is no management key
+    let r = http(&app, "GET", p, Some("acme-key"), "");
+    assert_eq!(r.status, 401);
+    // nobody registers adapters for a tenant that is not configured
+    let r = http(
+        &app,
+        "POST",
+        "/admin/adapters/initech/tickets/versions",
+        Some("admin-key"),
+        r#"{"path": "v2"}"#,
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("not configured"), "{}", r.body);
 }

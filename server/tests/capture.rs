@@ -24,7 +24,7 @@ fn state(
 ) -> (web::Data<AppState>, Arc<ScriptedBackend>) {
     let b = Arc::new(ScriptedBackend::tiny(&dir.join("tok")).unwrap());
     let toml = format!(
-        "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[auth]\nadmin_key_sha256 = \"{}\"\n\
+        "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[auth]\npublic_metrics = true\nadmin_key_sha256 = \"{}\"\n\
          [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n\
          [[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nenabled = false\n\
          [[tenants]]\nname = \"initech\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nscrub = true\n",

@@ -725,3 +725,31 @@ fn a_retired_version_stops_serving_from_the_pool_and_a_corrupt_one_is_refused() 
     let e = wait(&r2).unwrap_err();
     assert!(e.contains("content id"), "{e}");
 }
+
+#[test]
+fn serving_limits_refuse_a_version_at_register_and_at_promote() {
+    let dir = tmpdir("limits");
+    let (u1, u2) = (upload(&dir, 1), upload(&dir, 2)); // rank 4
+    let reg = open(&dir);
+    let v1 = reg.register(new(&u1, "acme", "tickets"), &base()).unwrap();
+    reg.check_servable("acme", "tickets", &v1.id, &base())
+        .unwrap();
+    drop(reg);
+    // the same registry served by a device whose adapter slots hold rank 2
+    let small = || LoadLimits {
+        max_rank: 2,
+        ..LoadLimits::default()
+    };
+    let reg = open(&dir).with_limits(small());
+    let e = reg
+        .check_servable("acme", "tickets", &v1.id, &base())
+        .unwrap_err();
+    assert!(
+        matches!(e, RegistryError::Rejected(ref m) if m.contains("rank")),
+        "{e}"
+    );
+    let e = reg
+        .register(new(&u2, "acme", "tickets"), &base())
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Rejected(_)), "{e}");
+}
