@@ -55,7 +55,7 @@ cat <<EOF
 retune is starting on http://127.0.0.1:${RETUNE_SERVER__PORT:-$PORT_NOW} (data in $DATA)
   tenant:    $RETUNE_TENANT
   API key:   $RETUNE_API_KEY      (OpenAI clients: base_url=http://127.0.0.1:${RETUNE_SERVER__PORT:-$PORT_NOW}/v1)
-  admin key: $RETUNE_ADMIN_KEY    (/admin/...)
+  admin key: $RETUNE_ADMIN_KEY    (/admin/..., and /metrics: -H "Authorization: Bearer <admin key>")
   model:     smollm2-135m-instruct, or an adapter's name once one is live
   trainer:   ./target/release/retune-trainer status --config $CFG
 EOF

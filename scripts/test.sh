@@ -6,4 +6,5 @@ RETUNE_MODEL="$(./scripts/fetch-model.sh)"
 export RETUNE_MODEL
 cargo nextest run --workspace --release --no-fail-fast "$@"
 cargo build --release -q -p retune-server --bin retune
+./scripts/cpu-check-test.sh
 ./scripts/openai-client-test.sh

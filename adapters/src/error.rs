@@ -50,6 +50,10 @@ pub enum RegistryError {
     TooLarge(String),
     #[error("rejected: {0}")]
     Rejected(String),
+    /// A version's files are well-formed but cannot be served (shapes, values,
+    /// limits, another base): refused at register or promote.
+    #[error("invalid adapter: {0}")]
+    Invalid(String),
     /// The trainer's lease on the adapter expired or passed to another trainer.
     #[error("lease lost: {0}")]
     LeaseLost(String),

@@ -8,7 +8,7 @@ use crate::error::{AdapterError, RegistryError};
 use crate::names::{check_name, store_key, AdapterRef, Via};
 use crate::peft::{load_peft, BaseShapes, LoadLimits};
 use crate::pool::AdapterSource;
-use crate::store::{content_id, BlobStore, FILES};
+use crate::store::{content_id_of, BlobStore, FILES};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -129,6 +129,9 @@ CREATE TABLE IF NOT EXISTS journal (
     tenant TEXT NOT NULL, name TEXT NOT NULL, event TEXT NOT NULL,
     version TEXT, previous TEXT, actor TEXT NOT NULL, reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS journal_by_event ON journal (event);
+CREATE TABLE IF NOT EXISTS served (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name, version));
 ";
 
 impl Registry {
@@ -179,7 +182,7 @@ impl Registry {
         };
         load_peft(&dir, &base.shapes, &self.limits)
             .map(|_| ())
-            .map_err(|e| RegistryError::Rejected(format!("{version} cannot be served here: {e}")))
+            .map_err(|e| RegistryError::Invalid(format!("{version} cannot be served here: {e}")))
     }
 
     /// The database file (for readers with their own connection).
@@ -218,7 +221,15 @@ impl Registry {
     /// Register a version (idempotent: the same files give the same id).
     pub fn register(&self, v: NewVersion<'_>, base: &ServedBase) -> R<VersionInfo> {
         let (id, size) = match self.stage(&v, base)? {
-            Staged::Existing(existing) => return Ok(existing),
+            Staged::Existing(existing) => {
+                // used just now: gc's idle window keeps it for the caller
+                self.mark_served(&[(
+                    existing.tenant.clone(),
+                    existing.name.clone(),
+                    existing.id.clone(),
+                )])?;
+                return Ok(existing);
+            }
             Staged::New { id, size } => (id, size),
         };
         let info = VersionInfo {
@@ -252,6 +263,16 @@ impl Registry {
         )?;
         tx.commit()?;
         drop(conn);
+        // gc of an older row with the same content may have removed these files
+        // after `stage` found them in place: gc deletes files inside its write
+        // transaction, so once this row is committed a missing directory means
+        // exactly that, and the files are stored again
+        let key = store_key(v.tenant, v.name, &id);
+        if self.store.local_dir(&key).is_err() {
+            let paths: Vec<(&str, PathBuf)> = FILES.iter().map(|f| (*f, v.dir.join(f))).collect();
+            let paths: Vec<(&str, &Path)> = paths.iter().map(|(f, p)| (*f, p.as_path())).collect();
+            self.store.put(&key, &paths)?;
+        }
         self.changed();
         Ok(info)
     }
@@ -264,13 +285,13 @@ impl Registry {
         check_name("adapter name", v.name)?;
         if let Some(claimed) = v.claimed_base {
             if claimed != base.fingerprint {
-                return Err(RegistryError::Rejected(format!(
+                return Err(RegistryError::Invalid(format!(
                     "adapter was made for base `{claimed}`, this server serves `{}`",
                     base.fingerprint
                 )));
             }
         }
-        let mut files = Vec::new();
+        let mut files: Vec<(&str, PathBuf)> = Vec::new();
         let mut size = 0u64;
         for f in FILES {
             let p = v.dir.join(f);
@@ -289,26 +310,34 @@ impl Registry {
                     self.max_version_bytes
                 )));
             }
-            files.push((
-                f,
-                std::fs::read(&p)
-                    .map_err(|e| RegistryError::Io(format!("{}: {e}", p.display())))?,
-            ));
+            files.push((f, p));
         }
-        let id = content_id(&files);
-        if let Some(existing) = self.version(v.tenant, v.name, &id).ok() {
+        // validated where it lies, before the store holds it (the weights are
+        // mapped, not read into memory)
+        if let Err(e) = load_peft(v.dir, &base.shapes, &self.limits) {
+            let mut msg = e.to_string();
+            for d in [
+                v.dir.to_path_buf(),
+                v.dir.canonicalize().unwrap_or_default(),
+            ] {
+                let d = format!("{}/", d.display());
+                if d.len() > 1 {
+                    msg = msg.replace(&d, "");
+                }
+            }
+            return Err(RegistryError::Invalid(msg));
+        }
+        let paths: Vec<(&str, &Path)> = files.iter().map(|(f, p)| (*f, p.as_path())).collect();
+        let id = content_id_of(&paths)
+            .map_err(|e| RegistryError::Io(format!("hashing the version: {e}")))?;
+        if let Ok(existing) = self.version(v.tenant, v.name, &id) {
             return Ok(Staged::Existing(existing));
         }
         if let Some(parent) = v.parent {
             self.version(v.tenant, v.name, parent)?;
         }
         let key = store_key(v.tenant, v.name, &id);
-        self.store.put(&key, &files)?;
-        let dir = self.store.local_dir(&key)?;
-        if let Err(e) = load_peft(&dir, &base.shapes, &self.limits) {
-            let _ = self.store.delete(&key); // never referenced: safe to drop
-            return Err(RegistryError::Rejected(format!("{e}")));
-        }
+        self.store.put(&key, &paths)?;
         Ok(Staged::New { id, size })
     }
 
@@ -746,9 +775,39 @@ impl Registry {
 }
 
 impl Registry {
-    /// Delete versions no alias references, keeping the `keep` most recent ones.
+    /// Servers record the versions they served (every few seconds): gc keeps
+    /// what was served recently, so a queued request never loses its version.
+    pub fn mark_served(&self, versions: &[(String, String, String)]) -> R<()> {
+        if versions.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        for (t, n, v) in versions {
+            tx.execute(
+                "INSERT INTO served (tenant, name, version, at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant, name, version) DO UPDATE SET at = excluded.at",
+                params![t, n, v, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Delete versions no alias references, keeping the `keep` most recent ones
+    /// and every version served, registered or named by an alias change within
+    /// the last `idle` (requests queued or pinned to it may still need it).
     /// Rows and files go; the journal keeps a `delete` event for each.
-    pub fn gc(&self, tenant: &str, name: &str, keep: usize, actor: &str) -> R<Vec<String>> {
+    pub fn gc(
+        &self,
+        tenant: &str,
+        name: &str,
+        keep: usize,
+        idle: std::time::Duration,
+        actor: &str,
+    ) -> R<Vec<String>> {
+        let since = now_ms() - idle.as_millis() as i64;
         let doomed: Vec<String> = {
             let mut conn = self.conn();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -762,11 +821,28 @@ impl Registry {
                 let rows = st
                     .query_map(params![tenant, name], |r| r.get(0))?
                     .collect::<Result<Vec<String>, _>>()?;
-                rows.into_iter().skip(keep).collect()
+                let mut recent = tx.prepare(
+                    "SELECT EXISTS (SELECT 1 FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3 AND at >= ?4)
+                         OR EXISTS (SELECT 1 FROM journal WHERE tenant = ?1 AND name = ?2 AND (version = ?3 OR previous = ?3) AND at >= ?4)",
+                )?;
+                let mut out = Vec::new();
+                for id in rows.into_iter().skip(keep) {
+                    // an idle window of zero keeps nothing for recency
+                    let busy: bool = !idle.is_zero()
+                        && recent.query_row(params![tenant, name, id, since], |r| r.get(0))?;
+                    if !busy {
+                        out.push(id);
+                    }
+                }
+                out
             };
             for id in &ids {
                 tx.execute(
                     "DELETE FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+                    params![tenant, name, id],
+                )?;
+                tx.execute(
+                    "DELETE FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3",
                     params![tenant, name, id],
                 )?;
                 journal(
@@ -780,13 +856,18 @@ impl Registry {
                     &format!("gc, keep {keep}"),
                 )?;
             }
+            // files go inside the write transaction: a register of the same
+            // content waits for it and then finds them gone (and stores them
+            // again) instead of committing a row whose files vanish after.
+            // Only unaliased, unserved versions are here, so a commit that
+            // fails after this leaves rows nothing serves.
+            for id in &ids {
+                self.store.delete(&store_key(tenant, name, id))?;
+            }
             tx.commit()?;
             ids
         };
         self.changed();
-        for id in &doomed {
-            self.store.delete(&store_key(tenant, name, id))?; // a crash here leaves only unreferenced files
-        }
         Ok(doomed)
     }
 }

@@ -5,15 +5,15 @@
 use crate::error::RegistryError;
 use crate::names::check_name;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The files of one adapter version.
 pub const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
 pub trait BlobStore: Send + Sync {
-    /// Store `files` (name, bytes) as version `key` (`tenant/name/id`); idempotent.
-    fn put(&self, key: &str, files: &[(&str, Vec<u8>)]) -> Result<(), RegistryError>;
+    /// Store `files` (name, the file to copy) as version `key` (`tenant/name/id`);
+    /// idempotent. Files are streamed, never read whole into memory.
+    fn put(&self, key: &str, files: &[(&str, &Path)]) -> Result<(), RegistryError>;
     /// A local directory holding the version's files (for the loader).
     fn local_dir(&self, key: &str) -> Result<PathBuf, RegistryError>;
     fn delete(&self, key: &str) -> Result<(), RegistryError>;
@@ -27,6 +27,38 @@ pub fn content_id(files: &[(&str, Vec<u8>)]) -> String {
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
     }
+    hex_id(h)
+}
+
+/// [`content_id`] of files on disk, read in 1 MiB pieces.
+pub fn content_id_of(files: &[(&str, &Path)]) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for (name, path) in files {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        h.update(name.as_bytes());
+        h.update(len.to_le_bytes());
+        let mut read = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            read += n as u64;
+            h.update(&buf[..n]);
+        }
+        if read != len {
+            return Err(std::io::Error::other(format!(
+                "{name} changed while it was read"
+            )));
+        }
+    }
+    Ok(hex_id(h))
+}
+
+fn hex_id(h: Sha256) -> String {
     h.finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -83,7 +115,7 @@ impl LocalStore {
 }
 
 impl BlobStore for LocalStore {
-    fn put(&self, key: &str, files: &[(&str, Vec<u8>)]) -> Result<(), RegistryError> {
+    fn put(&self, key: &str, files: &[(&str, &Path)]) -> Result<(), RegistryError> {
         let dest = self.path_of(key)?;
         if dest.exists() {
             return Ok(()); // same key = same content
@@ -98,12 +130,15 @@ impl BlobStore for LocalStore {
         ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        for (name, bytes) in files {
+        for (name, from) in files {
             let p = tmp.join(name);
-            let mut f = std::fs::File::create(&p).map_err(io(&p))?;
-            f.write_all(bytes)
-                .and_then(|_| f.sync_all())
-                .map_err(io(&p))?;
+            let copied = std::fs::copy(from, &p)
+                .and_then(|_| std::fs::File::open(&p))
+                .and_then(|f| f.sync_all());
+            if let Err(e) = copied {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(RegistryError::Io(format!("storing {name}: {e}")));
+            }
         }
         Self::fsync_dir(&tmp)?;
         let parent = dest
@@ -161,9 +196,15 @@ mod tests {
         let root = std::env::temp_dir().join(format!("retune-store-race-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let store = std::sync::Arc::new(LocalStore::new(&root).unwrap());
-        let files: Vec<(&str, Vec<u8>)> = vec![
-            ("adapter_config.json", b"{}".to_vec()),
-            ("adapter_model.safetensors", vec![7u8; 1 << 20]),
+        let src = root.with_extension("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let weights = vec![7u8; 1 << 20];
+        std::fs::write(src.join("c"), b"{}").unwrap();
+        std::fs::write(src.join("w"), &weights).unwrap();
+        let (c, w) = (src.join("c"), src.join("w"));
+        let files: Vec<(&str, &Path)> = vec![
+            ("adapter_config.json", &c),
+            ("adapter_model.safetensors", &w),
         ];
         let key = "acme/tickets/0123456789abcdef0123456789abcdef";
         std::thread::scope(|s| {
@@ -177,7 +218,15 @@ mod tests {
         let dir = store.local_dir(key).unwrap();
         assert_eq!(
             std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
-            files[1].1
+            weights
+        );
+        assert_eq!(
+            content_id_of(&files).unwrap(),
+            content_id(&[
+                ("adapter_config.json", b"{}".to_vec()),
+                ("adapter_model.safetensors", weights.clone())
+            ]),
+            "hashing from disk and from memory agree"
         );
         assert_eq!(
             std::fs::read_dir(root.join(".tmp")).unwrap().count(),

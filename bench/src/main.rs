@@ -35,6 +35,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    retune_engine::cpu::require_build_features();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Engine(a) => engine::run(a),

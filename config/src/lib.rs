@@ -146,6 +146,9 @@ pub struct AdapterSettings {
     /// Register-from-path reads only under this directory (symlinks resolved);
     /// unset, only uploads register versions.
     pub import_dir: Option<PathBuf>,
+    /// How often the server records in the registry which versions it served,
+    /// milliseconds (`retune adapters gc` keeps versions served recently).
+    pub served_flush_ms: u64,
 }
 
 impl Default for AdapterSettings {
@@ -159,6 +162,7 @@ impl Default for AdapterSettings {
             alias_poll_ms: 250,
             loaders: 2,
             import_dir: None,
+            served_flush_ms: 5000,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod chat;
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod gguf;

@@ -6,7 +6,7 @@
 use crate::error::{EngineError, Result};
 use crate::kernels;
 use crate::kv::KvCache;
-use crate::linear::{matmul_many, Linear};
+use crate::linear::{matmul_many, Linear, Weight};
 use crate::lora::{self, Span};
 use half::f16;
 use rayon::prelude::*;
@@ -81,6 +81,7 @@ pub struct Model {
     pub lm_head: Option<Linear>,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    fingerprint: String,
 }
 
 /// One sequence's slice of a batched forward: new tokens appended after what its
@@ -105,7 +106,7 @@ impl Model {
     ) -> Result<Self> {
         cfg.validate()?;
         let (rope_cos, rope_sin) = rope_tables(&cfg);
-        Ok(Self {
+        let mut m = Self {
             cfg,
             embed,
             layers,
@@ -113,7 +114,10 @@ impl Model {
             lm_head,
             rope_cos,
             rope_sin,
-        })
+            fingerprint: String::new(),
+        };
+        m.fingerprint = m.compute_fingerprint()?;
+        Ok(m)
     }
 
     /// Projection shapes LoRA adapters are validated against (HF module order).
@@ -126,9 +130,15 @@ impl Model {
         }
     }
 
-    /// Identifies the served base: its shapes and a hash of its final norm weights
-    /// (distinct for every fine-tune of the same architecture). Adapters record it.
+    /// Identifies the served base: its architecture and shapes and a hash of
+    /// every weight as loaded (each tensor in the form the kernels read: a
+    /// requantized or otherwise changed file is another base). Adapters record
+    /// it; computed once, when the model is built.
     pub fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    fn compute_fingerprint(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
         let c = &self.cfg;
         let mut h = Sha256::new();
@@ -136,8 +146,60 @@ impl Model {
             "{}:{}:{}:{}:{}:{}:{}",
             c.arch, c.n_layer, c.hidden, c.ffn, c.n_head, c.n_kv_head, c.vocab
         ));
-        for v in &self.norm {
-            h.update(v.to_le_bytes());
+        fn floats(h: &mut Sha256, v: &[f32]) {
+            for chunk in v.chunks(4096) {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                h.update(&bytes);
+            }
+        }
+        fn linear(h: &mut Sha256, name: &str, l: &Linear) -> Result<()> {
+            h.update(format!("{name}:{}x{}", l.rows, l.cols));
+            match &l.weight {
+                Weight::Blocks { format, data } => {
+                    h.update(format!("{format:?}"));
+                    h.update(data);
+                }
+                Weight::F32(w) => floats(h, w),
+                Weight::Candle(candle_core::quantized::QMatMul::QTensor(q)) => {
+                    h.update(format!("{:?}", q.dtype()));
+                    h.update(&*q.data()?);
+                }
+                Weight::Candle(
+                    candle_core::quantized::QMatMul::Tensor(t)
+                    | candle_core::quantized::QMatMul::TensorF16(t),
+                ) => {
+                    let v: Vec<f32> = t
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    floats(h, &v);
+                }
+            }
+            if let Some(b) = &l.bias {
+                floats(h, b);
+            }
+            Ok(())
+        }
+        linear(&mut h, "embed", &self.embed)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            floats(&mut h, &l.attn_norm);
+            floats(&mut h, &l.ffn_norm);
+            for (n, p) in [
+                ("q", &l.q),
+                ("k", &l.k),
+                ("v", &l.v),
+                ("o", &l.o),
+                ("gate", &l.gate),
+                ("up", &l.up),
+                ("down", &l.down),
+            ] {
+                linear(&mut h, &format!("{i}.{n}"), p)?;
+            }
+        }
+        floats(&mut h, &self.norm);
+        match &self.lm_head {
+            Some(l) => linear(&mut h, "lm_head", l)?,
+            None => h.update(b"tied"),
         }
         let hex: String = h
             .finalize()
@@ -145,7 +207,7 @@ impl Model {
             .take(8)
             .map(|b| format!("{b:02x}"))
             .collect();
-        format!("{}-{}x{}-{hex}", c.arch, c.n_layer, c.hidden)
+        Ok(format!("{}-{}x{}-{hex}", c.arch, c.n_layer, c.hidden))
     }
 
     pub fn new_cache(&self) -> KvCache {

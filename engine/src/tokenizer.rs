@@ -34,7 +34,19 @@ const EXTRA_STOPS: &[&str] = &[
 impl Tok {
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, add_special).map_err(terr)?;
-        Ok(enc.get_ids().to_vec())
+        let mut ids = enc.get_ids().to_vec();
+        self.one_bos(&mut ids, add_special);
+        Ok(ids)
+    }
+
+    /// A template that writes `bos_token` itself (Llama 3's) and a tokenizer
+    /// that adds one would start the prompt with two: keep one, as llama.cpp does.
+    fn one_bos(&self, ids: &mut Vec<u32>, add_special: bool) {
+        if let (true, Some(b)) = (add_special, self.bos) {
+            if ids.len() >= 2 && ids[0] == b && ids[1] == b {
+                ids.remove(0);
+            }
+        }
     }
 
     /// Encode `text`, parsing special tokens only outside `plain` (sorted,
@@ -72,6 +84,7 @@ impl Tok {
             at = end;
         }
         piece(&text[at..], false, &mut out)?;
+        self.one_bos(&mut out, add_special);
         Ok(out)
     }
 

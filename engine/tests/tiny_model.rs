@@ -571,3 +571,96 @@ fn message_contents_are_tokenized_as_text_and_ordinary_chats_are_unchanged() {
             .contains("hi<|im_end|>\n<|im_start|>system"));
     }
 }
+
+#[test]
+fn a_template_that_writes_bos_and_a_tokenizer_that_adds_one_give_one_bos() {
+    let dir = std::env::temp_dir().join(format!("retune-bos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, hf) = tiny::write(&dir, &TinySpec::default()).unwrap();
+    // the tokenizer adds BOS (as Llama 3's tokenizer.json does)
+    let bos = tiny::SPECIALS[1];
+    let path = hf.join("tokenizer.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    doc["post_processor"] = serde_json::json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [1], "tokens": [bos]}}});
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let tok = Tok::from_dir(&hf).unwrap();
+    assert_eq!(tok.bos, Some(1));
+    let plain = tok.encode("hello", true).unwrap();
+    assert_eq!(plain[0], 1, "the tokenizer adds BOS");
+    assert_ne!(plain[1], 1);
+    // the template wrote BOS too
+    let text = format!("{bos}hello");
+    for ids in [
+        tok.encode(&text, true).unwrap(),
+        tok.encode_with_plain(&text, &[], true).unwrap(),
+    ] {
+        assert_eq!(ids, plain, "{ids:?}");
+    }
+}
+
+#[test]
+fn the_base_fingerprint_covers_every_weight() {
+    use retune_engine::linear::Weight;
+    use retune_engine::Model;
+    let dir = std::env::temp_dir().join(format!("retune-fp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (path, _) = tiny::write(&dir, &TinySpec::default()).unwrap();
+    let fp = retune_engine::load(&path).unwrap().model.fingerprint();
+    assert_eq!(
+        fp,
+        retune_engine::load(&path).unwrap().model.fingerprint(),
+        "stable"
+    );
+    // one value of one projection in the last layer changed: another base
+    let Model {
+        cfg,
+        embed,
+        mut layers,
+        norm,
+        lm_head,
+        ..
+    } = retune_engine::load(&path).unwrap().model;
+    let rebuilt = |layers| Model::new(cfg.clone(), embed_clone(&embed), layers, norm.clone(), None);
+    fn embed_clone(l: &retune_engine::linear::Linear) -> retune_engine::linear::Linear {
+        let w = match &l.weight {
+            Weight::F32(w) => Weight::F32(w.clone()),
+            Weight::Blocks { format, data } => Weight::Blocks {
+                format: *format,
+                data: data.clone(),
+            },
+            Weight::Candle(_) => panic!("tiny models load as plain weights"),
+        };
+        retune_engine::linear::Linear::new(l.rows, l.cols, w, l.bias.clone()).unwrap()
+    }
+    assert!(
+        lm_head.is_none(),
+        "the tiny model ties its output projection"
+    );
+    let same: Vec<_> = layers
+        .iter()
+        .map(|l| retune_engine::model::Layer {
+            attn_norm: l.attn_norm.clone(),
+            q: embed_clone(&l.q),
+            k: embed_clone(&l.k),
+            v: embed_clone(&l.v),
+            o: embed_clone(&l.o),
+            ffn_norm: l.ffn_norm.clone(),
+            gate: embed_clone(&l.gate),
+            up: embed_clone(&l.up),
+            down: embed_clone(&l.down),
+        })
+        .collect();
+    assert_eq!(rebuilt(same).unwrap().fingerprint(), fp);
+    let last = layers.len() - 1;
+    match &mut layers[last].down.weight {
+        Weight::F32(w) => w[7] += 1e-3,
+        Weight::Blocks { data, .. } => data[5] ^= 1,
+        Weight::Candle(_) => panic!("tiny models load as plain weights"),
+    }
+    assert_ne!(rebuilt(layers).unwrap().fingerprint(), fp);
+}

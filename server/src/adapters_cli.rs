@@ -103,6 +103,10 @@ enum AdaptersCommand {
         /// Unaliased versions to keep.
         #[arg(long)]
         keep: usize,
+        /// Also keep versions served, registered or aliased within this many
+        /// minutes (servers record what they serve).
+        #[arg(long, default_value_t = 15)]
+        idle_minutes: u64,
     },
 }
 
@@ -218,9 +222,14 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
             let (t, n) = split(adapter)?;
             print(reg.retire(t, n, version, &actor, reason)?)
         }
-        C::Gc { adapter, keep } => {
+        C::Gc {
+            adapter,
+            keep,
+            idle_minutes,
+        } => {
             let (t, n) = split(adapter)?;
-            print(reg.gc(t, n, *keep, &actor)?)
+            let idle = std::time::Duration::from_secs(idle_minutes * 60);
+            print(reg.gc(t, n, *keep, idle, &actor)?)
         }
     }
 }

@@ -20,7 +20,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .route(
             "/admin/adapters/{tenant}/{name}/upload",
-            web::post().to(upload),
+            web::post().to(crate::upload::upload),
         )
         .route(
             "/admin/adapters/{tenant}/{name}/promote",
@@ -75,7 +75,10 @@ pub(crate) fn admin_key(state: &AppState, req: &HttpRequest) -> Result<Admin, Ap
     Ok(who)
 }
 
-fn admin(state: &AppState, req: &HttpRequest) -> Result<(Arc<Registry>, Admin), ApiError> {
+pub(crate) fn admin(
+    state: &AppState,
+    req: &HttpRequest,
+) -> Result<(Arc<Registry>, Admin), ApiError> {
     let who = admin_key(state, req)?;
     let reg = state
         .registry
@@ -214,8 +217,21 @@ async fn register(
                 .into(),
         )
     })?;
+    let root = state.settings.adapters.root.clone();
+    let limit = state.settings.adapters.max_version_bytes;
     let info = blocking(move || {
         let dir = under_import_dir(&import, &b.path)?;
+        // copied (size-checked) into a private directory first: what is
+        // validated and hashed is what is stored, whatever happens to the
+        // import directory meanwhile
+        let private = match &root {
+            Some(root) => Some(crate::upload::private_copy(root, &dir, limit)?),
+            None => None,
+        };
+        let dir = private
+            .as_ref()
+            .map(|p| p.path().to_path_buf())
+            .unwrap_or(dir);
         let source = b.source.unwrap_or_else(|| format!("path:{}", b.path));
         let v = NewVersion {
             tenant: &t,
@@ -265,84 +281,6 @@ fn under_import_dir(import: &std::path::Path, path: &str) -> Result<std::path::P
         return Err(outside());
     }
     Ok(real)
-}
-
-#[derive(Deserialize)]
-struct UploadBody {
-    adapter_config: serde_json::Value,
-    /// `adapter_model.safetensors`, base64.
-    adapter_model_base64: String,
-    parent: Option<String>,
-    #[serde(default)]
-    metadata: serde_json::Value,
-    base_fingerprint: Option<String>,
-}
-
-/// Upload a version's files in the request body (JSON; the weights base64).
-async fn upload(
-    state: Data,
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    use base64::Engine as _;
-    use futures_util::StreamExt;
-    let (reg, who) = admin(&state, &req)?;
-    let limit =
-        (state.settings.adapters.max_version_bytes as usize).saturating_mul(4) / 3 + (1 << 20);
-    let mut raw = web::BytesMut::new();
-    let mut payload = payload;
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if raw.len() + chunk.len() > limit {
-            return Err(ApiError::TooLarge(format!("upload over {limit} bytes")));
-        }
-        raw.extend_from_slice(&chunk);
-    }
-    let b: UploadBody = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::BadRequest(format!("invalid upload body: {e}")))?;
-    let weights = base64::engine::general_purpose::STANDARD
-        .decode(b.adapter_model_base64.as_bytes())
-        .map_err(|e| ApiError::BadRequest(format!("adapter_model_base64: {e}")))?;
-    let root = state
-        .settings
-        .adapters
-        .root
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("no adapter root".into()))?;
-    let (t, n) = path.into_inner();
-    let base = state.base.clone();
-    let info = blocking(move || {
-        let nonce: u64 = rand::random();
-        let dir = root.join("uploads").join(format!("{nonce:016x}"));
-        let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(
-                dir.join("adapter_config.json"),
-                b.adapter_config.to_string(),
-            )?;
-            std::fs::write(dir.join("adapter_model.safetensors"), &weights)
-        };
-        let result = write()
-            .map_err(|e| ApiError::Internal(e.to_string()))
-            .and_then(|()| {
-                let v = NewVersion {
-                    tenant: &t,
-                    name: &n,
-                    dir: &dir,
-                    source: "upload",
-                    parent: b.parent.as_deref(),
-                    metadata: b.metadata,
-                    claimed_base: b.base_fingerprint.as_deref(),
-                    actor: &who.name,
-                };
-                Ok(reg.register(v, &base)?)
-            });
-        let _ = std::fs::remove_dir_all(&dir);
-        result
-    })
-    .await?;
-    Ok(HttpResponse::Created().json(info))
 }
 
 #[derive(Deserialize)]

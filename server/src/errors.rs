@@ -23,6 +23,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed content that cannot be used (an adapter's values or shapes): 422.
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("the server is overloaded; retry shortly")]
@@ -51,6 +54,7 @@ impl ApiError {
             Self::NotFound(_) => ("invalid_request_error", "model_not_found"),
             Self::TooLarge(_) => ("invalid_request_error", "request_too_large"),
             Self::Conflict(_) => ("invalid_request_error", "conflict"),
+            Self::Unprocessable(_) => ("invalid_request_error", "invalid_adapter"),
             Self::Forbidden(_) => ("permission_error", "forbidden"),
             Self::Overloaded => ("rate_limit_error", "overloaded"),
             Self::Unavailable(_) => ("server_error", "unavailable"),
@@ -109,6 +113,7 @@ impl ResponseError for ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::Adapter(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -155,7 +160,8 @@ impl From<retune_adapters::RegistryError> for ApiError {
             R::Conflict { .. } | R::LeaseLost(_) => Self::Conflict(e.to_string()),
             R::Forbidden(_) => Self::Forbidden(e.to_string()),
             R::TooLarge(_) => Self::TooLarge(e.to_string()),
-            R::Rejected(_) | R::Adapter(_) => Self::BadRequest(e.to_string()),
+            R::Rejected(_) => Self::BadRequest(e.to_string()),
+            R::Invalid(_) | R::Adapter(_) => Self::Unprocessable(e.to_string()),
             R::Db(_) | R::Io(_) => Self::Internal(e.to_string()),
         }
     }

@@ -10,6 +10,7 @@ pub mod feedback;
 pub mod metrics;
 pub mod openai;
 pub mod routes;
+mod upload;
 
 use actix_web::{web, App, HttpServer, ResponseError};
 use errors::ApiError;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub capture: Option<CaptureWriter>,
     /// Set when shutdown began: `/ready` answers 503, load balancers move away.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Versions served since the last flush to the registry (gc keeps them).
+    pub served: std::sync::Mutex<std::collections::HashSet<(String, String, String)>>,
 }
 
 impl AppState {
@@ -93,6 +96,7 @@ impl AppState {
             data: None,
             capture: None,
             draining: std::sync::atomic::AtomicBool::new(false),
+            served: Default::default(),
         })
     }
 
@@ -196,6 +200,37 @@ pub fn app(
         .configure(feedback::configure)
         .configure(admin::configure)
         .configure(admin_data::configure)
+}
+
+/// Every few seconds, tell the registry which versions were served (gc keeps
+/// versions served within its idle window).
+fn spawn_served_flush(state: web::Data<AppState>) {
+    let Some(reg) = state.registry.clone() else {
+        return;
+    };
+    let every = std::time::Duration::from_millis(state.settings.adapters.served_flush_ms.max(10));
+    // a weak handle: the thread ends with the server (its last flush included)
+    let weak = std::sync::Arc::downgrade(&state.into_inner());
+    let spawned = std::thread::Builder::new()
+        .name("retune-served".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            let batch: Vec<(String, String, String)> = {
+                let mut s = state.served.lock().unwrap_or_else(|p| p.into_inner());
+                s.drain().collect()
+            };
+            if let Err(e) = reg.mark_served(&batch) {
+                tracing::warn!(error = %e, "recording served versions failed (retried)");
+                let mut s = state.served.lock().unwrap_or_else(|p| p.into_inner());
+                s.extend(batch);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot record served versions: gc relies on its other rules");
+    }
 }
 
 /// Apply each tenant's capture retention now and then every hour, on its own thread.
@@ -329,6 +364,7 @@ impl Application {
         let port = listener.local_addr().map_err(bind)?.port();
         let drain = state.settings.server.drain_seconds;
         let state = web::Data::new(state);
+        spawn_served_flush(state.clone());
         let app_state = state.clone();
         let server = HttpServer::new(move || app(app_state.clone()))
             .on_connect(routes::remember_peer)

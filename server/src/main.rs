@@ -85,6 +85,7 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    retune_engine::cpu::require_build_features();
     let cli = Cli::parse(); // usage errors exit 2
     let result = match cli.command {
         Command::Serve(a) => serve(a),

@@ -237,7 +237,19 @@ fn resolve(
         .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
         % 100) as u8;
     match aliases.resolve(tenant, model, bucket) {
-        Ok(r) => Ok(Some(r)),
+        Ok(r) => {
+            // gc keeps what was served recently (a queued request needs it)
+            let key = (
+                r.tenant().to_string(),
+                r.name().to_string(),
+                r.version().to_string(),
+            );
+            let mut served = state.served.lock().unwrap_or_else(|p| p.into_inner());
+            if served.len() < 100_000 {
+                served.insert(key);
+            }
+            Ok(Some(r))
+        }
         Err(RegistryError::NotFound(_)) => Err(not_found()),
         Err(e) => Err(e.into()),
     }

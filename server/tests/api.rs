@@ -78,7 +78,7 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
     let imports = dir.join("imports");
     std::fs::create_dir_all(&imports).unwrap();
     let toml = format!(
-        "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\n{}\n[adapters]\nroot = {:?}\n\
+        "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\n{}\n[adapters]\nroot = {:?}\nserved_flush_ms = 100\nmax_version_bytes = 33554432\n\
          import_dir = {:?}\n[auth]\nadmin_key_sha256 = \"{}\"\nmetrics_key_sha256 = \"{}\"\n[[auth.admins]]\nname = \"acme-ops\"\nkey_sha256 = \"{}\"\ntenants = [\"acme\"]\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n\
          [[trainer.adapters]]\ntenant = \"acme\"\nname = \"intents\"\n[trainer.adapters.gate]\nsystem_prompt = \"Answer with one word.\"\n",
         model.to_string_lossy(),
@@ -1079,4 +1079,229 @@ fn management_keys_are_scoped_to_tenants_and_name_the_actor() {
     );
     assert_eq!(r.status, 404, "{}", r.body);
     assert!(r.body.contains("not configured"), "{}", r.body);
+}
+
+#[test]
+fn gc_keeps_a_version_the_server_served_recently() {
+    let app = spawn_app("gc-served");
+    // the registrations fall out of a 1 s window; then a request pins version 2
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let r = http(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some("acme-key"),
+        &format!(
+            r#"{{"model":"tickets@{}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":1}}"#,
+            app.version2
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let reg = Registry::open(
+        &app.root.join("registry.db"),
+        Arc::new(LocalStore::new(&app.root.join("store")).unwrap()),
+        1 << 30,
+    )
+    .unwrap();
+    let idle = std::time::Duration::from_secs(1);
+    let gone = reg.gc("acme", "tickets", 0, idle, "janitor").unwrap();
+    assert!(gone.is_empty(), "live v1 and served v2 stay: {gone:?}");
+    // once it was not served within the window, it goes
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let gone = reg.gc("acme", "tickets", 0, idle, "janitor").unwrap();
+    assert_eq!(gone, vec![app.version2.clone()]);
+}
+
+/// A multipart upload streamed from pieces (`Repeat` parts are `n` bytes of
+/// `byte`, never held whole): the status and body of the answer.
+enum Part<'a> {
+    Bytes(&'a str, &'a [u8]),
+    Repeat(&'a str, u8, usize),
+}
+
+fn multipart(app: &TestApp, path: &str, key: &str, parts: &[Part<'_>]) -> (u16, String) {
+    let boundary = "retune-test-boundary-7f3a";
+    let head = |name: &str| {
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+    };
+    let end = format!("--{boundary}--\r\n");
+    let len: usize = parts
+        .iter()
+        .map(|p| match p {
+            Part::Bytes(n, b) => head(n).len() + b.len() + 2,
+            Part::Repeat(n, _, k) => head(n).len() + k + 2,
+        })
+        .sum::<usize>()
+        + end.len();
+    let mut s = TcpStream::connect(("127.0.0.1", app.port)).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len}\r\n\r\n").unwrap();
+    let mut send = || -> std::io::Result<()> {
+        for p in parts {
+            match p {
+                Part::Bytes(n, b) => {
+                    s.write_all(head(n).as_bytes())?;
+                    s.write_all(b)?;
+                }
+                Part::Repeat(n, byte, k) => {
+                    s.write_all(head(n).as_bytes())?;
+                    let piece = vec![*byte; 1 << 16];
+                    let mut left = *k;
+                    while left > 0 {
+                        let m = left.min(piece.len());
+                        s.write_all(&piece[..m])?;
+                        left -= m;
+                    }
+                }
+            }
+            s.write_all(b"\r\n")?;
+        }
+        s.write_all(end.as_bytes())
+    };
+    let sent = send();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no answer (send: {sent:?}): {text}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn uploads_stream_to_disk_and_bad_uploads_are_refused_with_nothing_left() {
+    let app = spawn_app("multipart");
+    let p = "/admin/adapters/acme/tickets/upload";
+    let up = app.root.parent().unwrap().join("mp-src");
+    tiny::write_adapter(&up, &TinySpec::default(), 4, &[0, 2], 21, 8.0, 0.5).unwrap();
+    let cfg = std::fs::read(up.join("adapter_config.json")).unwrap();
+    let weights = std::fs::read(up.join("adapter_model.safetensors")).unwrap();
+    let uploads = app.root.join("uploads");
+    let leftovers = || std::fs::read_dir(&uploads).map(|d| d.count()).unwrap_or(0);
+    // what `curl -F adapter_config=@... -F adapter_model=@...` sends
+    let (status, body) = multipart(
+        &app,
+        p,
+        "admin-key",
+        &[
+            Part::Bytes("adapter_config", &cfg),
+            Part::Bytes("adapter_model", &weights),
+            Part::Bytes("metadata", br#"{"ticket": "T-1"}"#),
+            Part::Bytes("parent", app.version.as_bytes()),
+        ],
+    );
+    assert_eq!(status, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["metadata"]["ticket"], "T-1");
+    assert_eq!(v["parent"], app.version.as_str());
+    // content-addressed: the same files as JSON give the same version
+    use base64::Engine as _;
+    let json_body = serde_json::json!({
+        "adapter_config": serde_json::from_slice::<serde_json::Value>(&cfg).unwrap(),
+        "adapter_model_base64": base64::engine::general_purpose::STANDARD.encode(&weights),
+    });
+    let r = http(&app, "POST", p, Some("admin-key"), &json_body.to_string());
+    assert_eq!(r.status, 201, "{}", r.body);
+    // (serde_json may re-serialise the config differently: compare only when equal bytes)
+    if serde_json::from_slice::<serde_json::Value>(&cfg)
+        .unwrap()
+        .to_string()
+        .as_bytes()
+        == cfg.as_slice()
+    {
+        assert_eq!(json(&r)["id"], v["id"]);
+    }
+    // bad parts: 400 naming them
+    let (status, body) = multipart(&app, p, "admin-key", &[Part::Bytes("adapter_config", &cfg)]);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("adapter_model"), "{body}");
+    let (status, body) = multipart(
+        &app,
+        p,
+        "admin-key",
+        &[
+            Part::Bytes("adapter_config", &cfg),
+            Part::Bytes("weights", &weights),
+        ],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown part `weights`"), "{body}");
+    // finite but absurd values: 422 at register
+    let absurd = app.root.parent().unwrap().join("mp-absurd");
+    tiny::write_adapter(&absurd, &TinySpec::default(), 4, &[0], 1, -1e38, 0.05).unwrap();
+    let (status, body) = multipart(
+        &app,
+        p,
+        "admin-key",
+        &[
+            Part::Bytes(
+                "adapter_config",
+                &std::fs::read(absurd.join("adapter_config.json")).unwrap(),
+            ),
+            Part::Bytes(
+                "adapter_model",
+                &std::fs::read(absurd.join("adapter_model.safetensors")).unwrap(),
+            ),
+        ],
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("lora_alpha"), "{body}");
+    // 30 MB of garbage weights: streamed to disk, refused (422), memory flat
+    // (writing 5 to clear_refs resets the peak to the current size)
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = peak_rss_kb();
+    let (status, body) = multipart(
+        &app,
+        p,
+        "admin-key",
+        &[
+            Part::Bytes("adapter_config", &cfg),
+            Part::Repeat("adapter_model", 0xAB, 30 << 20),
+        ],
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        !body.contains(&*app.root.to_string_lossy()),
+        "no server paths: {body}"
+    );
+    let grew = peak_rss_kb().saturating_sub(before);
+    assert!(
+        grew < 12 << 10,
+        "peak memory grew by {grew} kB for a 30 MB upload"
+    );
+    // over the version limit (32 MiB): 413, the rest not read
+    let (status, body) = multipart(
+        &app,
+        p,
+        "admin-key",
+        &[
+            Part::Bytes("adapter_config", &cfg),
+            Part::Repeat("adapter_model", 0, (32 << 20) + 4096),
+        ],
+    );
+    assert_eq!(status, 413, "{body}");
+    // a tenant's API key uploads nothing
+    let (status, _) = multipart(
+        &app,
+        p,
+        "acme-key",
+        &[
+            Part::Bytes("adapter_config", &cfg),
+            Part::Bytes("adapter_model", &weights),
+        ],
+    );
+    assert_eq!(status, 401);
+    assert_eq!(leftovers(), 0, "every upload directory removed");
 }

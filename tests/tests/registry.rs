@@ -142,11 +142,14 @@ fn promote_rollback_twice_restart_and_journal() {
     let u3 = upload(&dir, 3);
     let v3 = reg.register(new(&u3, "acme", "tickets"), &base()).unwrap();
     assert!(
-        reg.gc("acme", "tickets", 1, "janitor").unwrap().is_empty(),
+        reg.gc("acme", "tickets", 1, std::time::Duration::ZERO, "janitor")
+            .unwrap()
+            .is_empty(),
         "v3 is the one kept"
     );
     assert_eq!(
-        reg.gc("acme", "tickets", 0, "janitor").unwrap(),
+        reg.gc("acme", "tickets", 0, std::time::Duration::ZERO, "janitor")
+            .unwrap(),
         vec![v3.id.clone()]
     );
     assert!(matches!(
@@ -431,7 +434,7 @@ fn bad_input_gets_typed_errors() {
     .unwrap();
     let e = reg.register(new(&other, "t", "a"), &base()).unwrap_err();
     assert!(
-        matches!(&e, RegistryError::Rejected(r) if r.contains("shape")),
+        matches!(&e, RegistryError::Invalid(r) if r.contains("shape")),
         "{e}"
     );
     let e = reg
@@ -443,7 +446,7 @@ fn bad_input_gets_typed_errors() {
             &base(),
         )
         .unwrap_err();
-    assert!(matches!(e, RegistryError::Rejected(_)));
+    assert!(matches!(e, RegistryError::Invalid(_)));
     // finite but absurd: an alpha of -1e38, weights of 3e38 (they served empty text)
     for (name, alpha, w, what) in [
         ("alpha", -1e38f32, 0.05f32, "lora_alpha"),
@@ -453,7 +456,7 @@ fn bad_input_gets_typed_errors() {
         tiny::write_adapter(&d, &TinySpec::default(), 4, &[0], 1, alpha, w).unwrap();
         let e = reg.register(new(&d, "t", "a"), &base()).unwrap_err();
         assert!(
-            matches!(&e, RegistryError::Rejected(r) if r.contains(what)),
+            matches!(&e, RegistryError::Invalid(r) if r.contains(what)),
             "{e}"
         );
     }
@@ -476,7 +479,7 @@ fn bad_input_gets_typed_errors() {
     let t = std::time::Instant::now();
     let e = reg.register(new(&many, "t", "a"), &base()).unwrap_err();
     assert!(
-        matches!(&e, RegistryError::Rejected(r) if r.contains("more than 64 patterns")),
+        matches!(&e, RegistryError::Invalid(r) if r.contains("more than 64 patterns")),
         "{e}"
     );
     assert!(t.elapsed() < std::time::Duration::from_secs(1));
@@ -745,11 +748,107 @@ fn serving_limits_refuse_a_version_at_register_and_at_promote() {
         .check_servable("acme", "tickets", &v1.id, &base())
         .unwrap_err();
     assert!(
-        matches!(e, RegistryError::Rejected(ref m) if m.contains("rank")),
+        matches!(e, RegistryError::Invalid(ref m) if m.contains("rank")),
         "{e}"
     );
     let e = reg
         .register(new(&u2, "acme", "tickets"), &base())
         .unwrap_err();
-    assert!(matches!(e, RegistryError::Rejected(_)), "{e}");
+    assert!(matches!(e, RegistryError::Invalid(_)), "{e}");
+}
+
+#[test]
+fn gc_keeps_versions_served_or_changed_recently() {
+    use std::time::Duration;
+    let dir = tmpdir("gc-recent");
+    let (u1, u2, u3) = (upload(&dir, 1), upload(&dir, 2), upload(&dir, 3));
+    let reg = open(&dir);
+    let v1 = reg.register(new(&u1, "acme", "tickets"), &base()).unwrap();
+    let v2 = reg.register(new(&u2, "acme", "tickets"), &base()).unwrap();
+    let v3 = reg.register(new(&u3, "acme", "tickets"), &base()).unwrap();
+    reg.promote("acme", "tickets", &v3.id, Expect::NoLive, "a", "")
+        .unwrap();
+    // all registered just now: a 15-minute idle window keeps everything
+    let idle = Duration::from_secs(900);
+    assert!(reg
+        .gc("acme", "tickets", 0, idle, "janitor")
+        .unwrap()
+        .is_empty());
+    // once the registrations are older than the window, only what a server
+    // served within it (v1, pinned) and what is aliased (v3) stay
+    std::thread::sleep(Duration::from_millis(1200));
+    reg.mark_served(&[("acme".into(), "tickets".into(), v1.id.clone())])
+        .unwrap();
+    let gone = reg
+        .gc("acme", "tickets", 0, Duration::from_secs(1), "janitor")
+        .unwrap();
+    assert_eq!(gone, vec![v2.id.clone()]);
+    let left: Vec<String> = reg
+        .versions("acme", "tickets")
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert!(left.contains(&v1.id) && left.contains(&v3.id) && !left.contains(&v2.id));
+}
+
+#[test]
+fn gc_racing_register_of_the_same_content_never_leaves_a_row_without_files() {
+    use std::time::Duration;
+    let dir = tmpdir("gc-race");
+    let u = upload(&dir, 1);
+    // two processes' handles on one registry: the server registers, the CLI
+    // collects, its file deletions slowed to widen the window
+    struct SlowDelete(LocalStore);
+    impl BlobStore for SlowDelete {
+        fn put(&self, key: &str, files: &[(&str, &Path)]) -> Result<(), RegistryError> {
+            self.0.put(key, files)
+        }
+        fn local_dir(&self, key: &str) -> Result<PathBuf, RegistryError> {
+            self.0.local_dir(key)
+        }
+        fn delete(&self, key: &str) -> Result<(), RegistryError> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.0.delete(key)
+        }
+    }
+    let server = open(&dir);
+    let janitor = Registry::open(
+        &dir.join("registry.db"),
+        Arc::new(SlowDelete(LocalStore::new(&dir.join("store")).unwrap())),
+        64 << 20,
+    )
+    .unwrap();
+    for round in 0..30 {
+        // the version is there (row and files); gc removes it while the same
+        // content is registered again, in the middle of gc's file deletion
+        server
+            .register(new(&u, "acme", "tickets"), &base())
+            .unwrap();
+        let v = std::thread::scope(|s| {
+            let gc = s.spawn(|| {
+                janitor
+                    .gc("acme", "tickets", 0, Duration::ZERO, "janitor")
+                    .unwrap()
+            });
+            std::thread::sleep(Duration::from_millis(5 + round % 10));
+            let v = server
+                .register(new(&u, "acme", "tickets"), &base())
+                .unwrap();
+            assert_eq!(gc.join().unwrap().len(), 1, "round {round}: gc removed it");
+            v
+        });
+        let rows = match server.versions("acme", "tickets") {
+            Ok(rows) => rows,
+            Err(RegistryError::NotFound(_)) => Vec::new(),
+            Err(e) => panic!("{e}"),
+        };
+        for row in rows {
+            assert_eq!(row.id, v.id);
+            // the row that survived is servable: its files are whole
+            server
+                .check_servable("acme", "tickets", &row.id, &base())
+                .unwrap_or_else(|e| panic!("round {round}: a row without its files: {e}"));
+        }
+    }
 }

@@ -655,6 +655,7 @@ fn eval_cmd(
 }
 
 fn main() {
+    retune_engine::cpu::require_build_features();
     if std::env::var_os("RETUNE_MALLOPT").is_some() {
         keep_freed_memory();
     }
