@@ -87,6 +87,10 @@ pub struct EngineSettings {
     pub max_batch: usize,
     pub max_queue: usize,
     pub prefill_chunk: usize,
+    /// While sequences decode: prompt work per step, in token equivalents
+    /// (a token deep in a long context counts for more), so a long prompt does
+    /// not stretch everyone's inter-token latency.
+    pub prefill_chunk_decoding: usize,
     pub max_kv_tokens: usize,
     pub threads: usize,
     /// Largest `max_tokens` a request may ask for.
@@ -115,6 +119,7 @@ impl Default for EngineSettings {
             max_batch: 64,
             max_queue: 256,
             prefill_chunk: 512,
+            prefill_chunk_decoding: 64,
             max_kv_tokens: 65_536,
             threads: 0,
             max_tokens_cap: 4096,

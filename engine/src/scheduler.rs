@@ -26,8 +26,12 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Requests waiting for admission before `Overloaded`.
     pub max_queue: usize,
-    /// Prompt tokens prefilled per step (chunked prefill).
+    /// Prompt tokens prefilled per step (chunked prefill) while nothing decodes.
     pub prefill_chunk: usize,
+    /// While sequences are decoding, the prompt work per step in token
+    /// equivalents (a token deep in a long context counts for more: attention),
+    /// so a long prompt cannot stretch everyone's inter-token latency.
+    pub prefill_chunk_decoding: usize,
     /// KV positions reserved across running sequences (prompt + max_tokens each).
     pub max_kv_tokens: usize,
     /// Compute threads (0 = all cores).
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
             max_batch: 64,
             max_queue: 256,
             prefill_chunk: 512,
+            prefill_chunk_decoding: 64,
             max_kv_tokens: 65_536,
             threads: 0,
             tenant_weights: HashMap::new(),
@@ -212,6 +217,9 @@ impl Engine {
             book: book.clone(),
             steps: 0,
             abort: abort.clone(),
+            spent: HashMap::new(),
+            spent_at: std::time::Instant::now(),
+            seen: HashMap::new(),
         };
         let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
         let template =
@@ -413,6 +421,13 @@ struct Worker {
     book: Arc<Mutex<QueueBook>>,
     steps: u64,
     abort: Arc<Mutex<Option<String>>>,
+    /// Each tenant's recent compute (token equivalents / weight, decaying):
+    /// prompt work goes first to the tenants that used least.
+    spent: HashMap<Arc<str>, f64>,
+    spent_at: std::time::Instant,
+    /// When each tenant last had work in a step (batch shares count tenants
+    /// active within [`RECENT`]).
+    seen: HashMap<Arc<str>, std::time::Instant>,
 }
 
 impl Worker {
@@ -539,6 +554,29 @@ impl Worker {
     }
 
     /// Whether admitting `job` keeps its tenant within its weighted share of the
+    /// batch's rows among the tenants active now or in the last seconds (a
+    /// tenant alone may use them all). Every row slows each step a little: a
+    /// tenant filling the batch would slow everyone else's tokens.
+    fn within_batch_share(&self, job: &Job) -> bool {
+        let t = &*job.tenant;
+        let mut tenants: Vec<&str> = self.seen.keys().map(|k| &**k).collect();
+        tenants.extend(self.queues.keys().map(|k| &**k));
+        tenants.extend(self.active.iter().map(|s| &*s.tenant));
+        tenants.extend(self.loading.iter().map(|j| &*j.tenant));
+        tenants.push(t);
+        tenants.sort_unstable();
+        tenants.dedup();
+        if tenants.len() == 1 {
+            return true;
+        }
+        let total: f64 = tenants.iter().map(|w| self.cfg.weight(w)).sum();
+        let share = (self.cfg.max_batch as f64 * self.cfg.weight(t) / total).ceil() as usize;
+        let mine = self.active.iter().filter(|s| &*s.tenant == t).count()
+            + self.loading.iter().filter(|j| &*j.tenant == t).count();
+        mine < share.max(1)
+    }
+
+    /// Whether admitting `job` keeps its tenant within its weighted share of the
     /// KV budget among the tenants that want some; a tenant may always run one
     /// sequence, and may use more than its share when nobody else is waiting.
     fn within_share(&self, job: &Job) -> bool {
@@ -620,6 +658,9 @@ impl Worker {
                     self.dequeue(t);
                     progressed = true;
                     break;
+                }
+                if !self.within_batch_share(head) {
+                    continue; // its share of rows is full while others are active
                 }
                 if !self.fits(head) || !self.within_share(head) {
                     if rank == 0 && since.elapsed() > STARVATION {
@@ -760,6 +801,7 @@ impl Worker {
             }
         }
         inputs.sort_by_key(|x| x.0);
+        self.account(&inputs);
         self.stats
             .last_step_tokens
             .store(inputs.iter().map(|i| i.1.len()).sum(), Ordering::Relaxed);
@@ -838,59 +880,120 @@ impl Worker {
     }
 }
 
+/// How much slower per FLOP attention runs than the projections (see
+/// [`Worker::attention_break_even`]).
+const ATTENTION_SLOWDOWN: f64 = 3.0;
+/// Half-life of a tenant's recorded compute, seconds.
+const SPENT_HALF_LIFE: f64 = 5.0;
+/// A tenant with work this recently keeps its share of the batch's rows.
+const RECENT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Worker {
-    /// Prompt tokens each prefilling sequence gets this step: the prefill budget
-    /// water-filled across tenants by weight, and within a tenant equally, so a
-    /// short prompt is not starved behind another tenant's long ones.
+    /// Positions of context at which one token's attention costs as much as its
+    /// projections (the cost model of [`Self::cost`]).
+    fn attention_break_even(&self) -> f64 {
+        let c = self.model.cfg();
+        let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+        let linear = (2 * h * q + 2 * h * kv + 3 * h * f) as f64;
+        // attention runs at about a third of the projections' FLOP rate
+        // (measured on SmolLM2-135M, 2 cores: prefill 3.2 ms/token at 500
+        // tokens, 9.9 at 6,000 — break-even near 1,070 positions)
+        (linear / (2 * q).max(1) as f64 / ATTENTION_SLOWDOWN).max(1.0)
+    }
+
+    /// Work of `n` tokens fed after `at` positions of context, in token equivalents.
+    fn cost(n: usize, at: usize, even: f64) -> f64 {
+        n as f64 * (1.0 + (at as f64 + n as f64 / 2.0) / even)
+    }
+
+    /// Record this step's work per tenant (and decay the past).
+    fn account(&mut self, inputs: &[(usize, Vec<u32>, bool)]) {
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(self.spent_at).as_secs_f64();
+        self.spent_at = now;
+        let decay = 0.5f64.powf(dt / SPENT_HALF_LIFE);
+        self.spent.retain(|_, v| {
+            *v *= decay;
+            *v > 1e-3
+        });
+        let even = self.attention_break_even();
+        for (i, toks, _) in inputs {
+            let s = &self.active[*i];
+            let at = if s.last.is_some() { s.kv.len() } else { s.fed };
+            let w = self.cfg.weight(&s.tenant);
+            *self.spent.entry(s.tenant.clone()).or_insert(0.0) +=
+                Self::cost(toks.len(), at, even) / w;
+            self.seen.insert(s.tenant.clone(), now);
+        }
+        self.seen.retain(|_, at| now.duration_since(*at) < RECENT);
+    }
+
+    /// Prompt tokens each prefilling sequence gets this step. The budget is
+    /// `prefill_chunk` tokens, or `prefill_chunk_decoding` token equivalents
+    /// while any sequence decodes; tenants that spent least recently (by weight)
+    /// go first, each prompt of a tenant gets an equal part of its turn, and
+    /// every step makes progress for someone.
     fn prefill_plan(&self) -> Vec<usize> {
-        let mut need = vec![0usize; self.active.len()];
-        let mut per_tenant: HashMap<&str, usize> = HashMap::new();
-        for (i, s) in self.active.iter().enumerate() {
-            if s.last.is_none() {
-                need[i] = s.prompt.len() - s.fed;
-                if need[i] > 0 {
-                    *per_tenant.entry(&s.tenant).or_insert(0) += 1;
-                }
+        let n = self.active.len();
+        let mut plan = vec![0usize; n];
+        let decoding = self.active.iter().any(|s| s.last.is_some());
+        let even = self.attention_break_even();
+        let mut left = if decoding {
+            self.cfg.prefill_chunk_decoding.max(1)
+        } else {
+            self.cfg.prefill_chunk.max(1)
+        } as f64;
+        let mut tenants: Vec<(f64, Arc<str>)> = Vec::new();
+        for s in &self.active {
+            if s.last.is_none()
+                && s.prompt.len() > s.fed
+                && !tenants.iter().any(|(_, t)| *t == s.tenant)
+            {
+                tenants.push((
+                    self.spent.get(&s.tenant).copied().unwrap_or(0.0),
+                    s.tenant.clone(),
+                ));
             }
         }
-        let weight: Vec<f64> = self
-            .active
-            .iter()
-            .map(|s| {
-                let n = per_tenant.get(&*s.tenant).copied().unwrap_or(1).max(1);
-                self.cfg.weight(&s.tenant) / n as f64
-            })
-            .collect();
-        water_fill(&need, &weight, self.cfg.prefill_chunk.max(1))
-    }
-}
-
-/// Split `budget` among `need` in proportion to `weight`, no one beyond its
-/// need, what one cannot use going to the others.
-fn water_fill(need: &[usize], weight: &[f64], budget: usize) -> Vec<usize> {
-    let mut give = vec![0usize; need.len()];
-    let mut left = budget;
-    let mut open: Vec<usize> = (0..need.len()).filter(|&i| need[i] > 0).collect();
-    while left > 0 && !open.is_empty() {
-        let wsum: f64 = open.iter().map(|&i| weight[i]).sum();
-        let round = left;
-        let mut spent = 0;
-        for &i in &open {
-            if spent == round {
+        tenants.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (rank, (_, t)) in tenants.iter().enumerate() {
+            if left <= 0.0 && rank > 0 {
                 break;
             }
-            let share = ((round as f64) * weight[i] / wsum).floor() as usize;
-            let share = share.max(1).min(need[i] - give[i]).min(round - spent);
-            give[i] += share;
-            spent += share;
+            let mine: Vec<usize> = (0..n)
+                .filter(|&i| {
+                    let s = &self.active[i];
+                    s.tenant == *t && s.last.is_none() && s.prompt.len() > s.fed
+                })
+                .collect();
+            // the tenant's turn, split evenly in token equivalents among its prompts
+            let mut open = mine.clone();
+            while left > 0.0 && !open.is_empty() {
+                let share = left / open.len() as f64;
+                let mut spent = 0.0;
+                for &i in &open {
+                    let s = &self.active[i];
+                    let need = s.prompt.len() - s.fed - plan[i];
+                    let at = s.fed + plan[i];
+                    let per = 1.0 + at as f64 / even;
+                    let k = ((share / per).floor() as usize).min(need);
+                    plan[i] += k;
+                    spent += Self::cost(k, at, even);
+                }
+                left -= spent;
+                open.retain(|&i| self.active[i].fed + plan[i] < self.active[i].prompt.len());
+                if spent == 0.0 {
+                    break;
+                }
+            }
+            // progress: the first tenant always gets at least a token
+            if rank == 0 && mine.iter().all(|&i| plan[i] == 0) {
+                plan[mine[0]] = 1;
+                left -= Self::cost(1, self.active[mine[0]].fed, even);
+            }
         }
-        left -= spent;
-        open.retain(|&i| give[i] < need[i]);
-        if spent == 0 {
-            break;
-        }
+        plan
     }
-    give
 }
 
 /// Record one sampled token; returns the finish reason (and whether a stop string

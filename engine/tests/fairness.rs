@@ -178,3 +178,79 @@ fn abort_all_ends_running_and_queued_generations_and_refuses_new_ones() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// How many of tenant `a`'s tokens arrive before tenant `b`'s first, when `b`
+/// sends an 800-token prompt while `a` decodes.
+fn a_tokens_before_b_first(name: &str, decoding_budget: usize) -> usize {
+    let cfg = EngineConfig {
+        prefill_chunk: 512,
+        prefill_chunk_decoding: decoding_budget,
+        tenant_weights: HashMap::from([("a".into(), 1), ("b".into(), 1)]),
+        ..EngineConfig::default()
+    };
+    let e = engine(name, cfg);
+    let mut a = submit(&e, "a", 4, 400);
+    assert!(matches!(a.blocking_next(), Some(Event::Token(_))));
+    let stamps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = stamps.clone();
+    let reader = std::thread::spawn(move || {
+        while let Some(ev) = a.blocking_next() {
+            match ev {
+                Event::Token(_) => sink.lock().unwrap().push(Instant::now()),
+                Event::Done(_) => break,
+                Event::Error(e) => panic!("{e}"),
+            }
+        }
+    });
+    let b_first = first_token_at(submit(&e, "b", 800, 1));
+    reader.join().unwrap();
+    let n = stamps
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| **t < b_first)
+        .count();
+    n
+}
+
+#[test]
+fn while_a_tenant_decodes_another_tenants_long_prompt_is_fed_in_small_steps() {
+    // a small per-step budget: `a` keeps decoding (one token a step) while
+    // `b`'s prompt goes in a few token equivalents at a time
+    let small = a_tokens_before_b_first("small-steps", 16);
+    // the whole chunk at once: `b`'s prompt takes a handful of big steps
+    let big = a_tokens_before_b_first("big-steps", 512);
+    assert!(small >= 60, "only {small} of a's tokens before b's first");
+    assert!(
+        big <= 15,
+        "{big} of a's tokens before b's first with a 512 budget"
+    );
+}
+
+#[test]
+fn a_tenant_runs_at_most_its_share_of_rows_while_another_is_active() {
+    let cfg = EngineConfig {
+        max_batch: 4,
+        tenant_weights: HashMap::from([("a".into(), 1), ("b".into(), 1)]),
+        ..EngineConfig::default()
+    };
+    let e = engine("rows", cfg);
+    let mut a = submit(&e, "a", 4, 600);
+    assert!(matches!(a.blocking_next(), Some(Event::Token(_))));
+    let bs: Vec<_> = (0..6).map(|_| submit(&e, "b", 4, 40)).collect();
+    let readers: Vec<_> = bs
+        .into_iter()
+        .map(|s| std::thread::spawn(move || first_token_at(s)))
+        .collect();
+    let mut most = 0;
+    while readers.iter().any(|r| !r.is_finished()) {
+        most = most.max(e.stats().running);
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    for r in readers {
+        r.join().unwrap();
+    }
+    // a's one row and b's share of two (of four): never the whole batch
+    assert_eq!(most, 3, "at most {most} rows ran at once");
+    drop(a);
+}

@@ -325,6 +325,7 @@ impl Application {
             max_batch: e.max_batch,
             max_queue: e.max_queue,
             prefill_chunk: e.prefill_chunk,
+            prefill_chunk_decoding: e.prefill_chunk_decoding,
             max_kv_tokens: e.max_kv_tokens,
             threads: e.threads,
             tenant_weights: settings
