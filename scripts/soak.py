@@ -274,8 +274,12 @@ def hostile_input(srv, st, stop_at):
     ]
     while time.time() < stop_at:
         name, make = rng.choice(cases)
+        body = make()
+        path = ("/v1/chat/completions" if isinstance(body, dict) and "messages" in body else
+                "/v1/completions" if isinstance(body, dict) else
+                rng.choice(["/v1/completions", "/v1/chat/completions"]))
         try:
-            s, _, _ = request(srv, "POST", rng.choice(["/v1/completions", "/v1/chat/completions"]), k, make(), timeout=120)
+            s, _, _ = request(srv, "POST", path, k, body, timeout=120)
             st.host(f"{name} -> {s}")
         except (OSError, http.client.HTTPException) as e:
             st.host(f"{name} -> {type(e).__name__}")
