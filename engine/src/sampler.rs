@@ -115,7 +115,12 @@ impl Sampler {
         let (logprob, top) = match self.params.logprobs {
             Some(n) => {
                 let lse = log_sum_exp(logits);
-                let mut idx: Vec<u32> = top_k_indices(logits, n);
+                // `top_logprobs: 0`: the token's own logprob, no alternatives
+                let mut idx: Vec<u32> = if n == 0 {
+                    Vec::new()
+                } else {
+                    top_k_indices(logits, n)
+                };
                 idx.sort_by(|&a, &b| {
                     logits[b as usize]
                         .total_cmp(&logits[a as usize])

@@ -9,6 +9,7 @@ pub mod errors;
 pub mod feedback;
 pub mod metrics;
 pub mod openai;
+pub mod params;
 pub mod routes;
 mod upload;
 

@@ -27,7 +27,9 @@ pub struct StreamOptions {
 #[derive(Deserialize, Serialize)]
 pub struct ChatMessageIn {
     pub role: String,
-    pub content: String,
+    /// A string, an array of content parts, or null (see `params::content_text`).
+    #[serde(default)]
+    pub content: serde_json::Value,
 }
 
 /// Fields shared by chat and text completions.
@@ -38,6 +40,8 @@ pub struct Common {
     pub max_completion_tokens: Option<usize>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// Non-standard (as in vLLM/llama.cpp): sample among the k likeliest tokens.
+    pub top_k: Option<usize>,
     pub stop: Option<Stop>,
     pub seed: Option<u64>,
     pub n: Option<usize>,

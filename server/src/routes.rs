@@ -329,6 +329,7 @@ fn params(
             })
             .unwrap_or_default(),
         logprobs,
+        top_k: c.top_k.unwrap_or(0),
         stop_on_eos: !c.ignore_eos,
         ..SamplingParams::default()
     };
@@ -362,6 +363,8 @@ struct Job {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// Unknown request fields, named in `x-retune-ignored-params`.
+    ignored: Vec<String>,
     /// Set when this completion is to be captured.
     capture: Option<CaptureCtx>,
 }
@@ -405,8 +408,11 @@ async fn admit<T: serde::de::DeserializeOwned>(
     let settings = capture_settings(state, &t).filter(|_| state.capture.is_some());
     let capture = settings.is_some_and(sampled);
     let scrub = settings.is_some_and(|c| c.scrub);
-    let r: T = serde_json::from_slice(&raw)
+    let value: serde_json::Value = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let ignored = crate::params::check(&value, chat)?;
+    let r: T = serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
     let c = common(&r);
     let lp = logprobs(&r);
     let params = params(state, c, lp)?;
@@ -437,6 +443,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
         stream: c.stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: lp.is_some(),
+        ignored,
         capture: capture.then(|| CaptureCtx {
             tenant: t,
             request: serde_json::Value::Null,
@@ -594,15 +601,27 @@ async fn chat(
         true,
     )
     .await?;
-    if let Some(ctx) = &mut a.job.capture {
-        ctx.request = serde_json::json!({ "messages": a.body.messages });
+    if a.body.messages.is_empty() {
+        return Err(ApiError::InvalidParam {
+            param: "messages".into(),
+            message: "at least one message is needed".into(),
+        });
     }
-    let msgs: Vec<ChatMessage> = a
-        .body
-        .messages
-        .iter()
-        .map(|m| ChatMessage::new(&m.role, &m.content))
-        .collect();
+    let mut msgs: Vec<ChatMessage> = Vec::with_capacity(a.body.messages.len());
+    for (i, m) in a.body.messages.iter().enumerate() {
+        let role = crate::params::role(&m.role, i)?;
+        msgs.push(ChatMessage::new(
+            role,
+            &crate::params::content_text(&m.content, i)?,
+        ));
+    }
+    if let Some(ctx) = &mut a.job.capture {
+        let as_sent: Vec<serde_json::Value> = msgs
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        ctx.request = serde_json::json!({ "messages": as_sent });
+    }
     let msgs = match a.declared.as_ref().and_then(|d| d.system_prompt.as_deref()) {
         Some(p) => with_system_prompt(p, msgs),
         None => msgs,
@@ -611,6 +630,7 @@ async fn chat(
     // one is not a control token
     let rendered = state.backend.template().render_marked(&msgs, true)?;
     let prompt = encode_rendered(&state, rendered).await?;
+    fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;
     let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
@@ -635,9 +655,43 @@ async fn completions(
         ctx.request = serde_json::json!({ "prompt": a.body.prompt });
     }
     let prompt = encode(&state, a.body.prompt).await?;
+    fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
     let valid = state.backend.validate(prompt, a.params, a.adapter)?;
     let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
+}
+
+/// A prompt and an explicit `max_tokens` beyond the context are a 400 (as
+/// OpenAI answers); the default `max_tokens` shrinks to what fits.
+fn fit_context(
+    state: &AppState,
+    params: &mut SamplingParams,
+    prompt: usize,
+    c: &Common,
+) -> Result<(), ApiError> {
+    let context = state.backend.context();
+    let room = context.saturating_sub(prompt);
+    if params.max_tokens <= room || room == 0 {
+        return Ok(()); // a prompt that fills the context is the engine's 400
+    }
+    match (c.max_completion_tokens, c.max_tokens) {
+        (Some(_), _) | (None, Some(_)) => Err(ApiError::InvalidParam {
+            param: if c.max_completion_tokens.is_some() {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            }
+            .into(),
+            message: format!(
+                "this model's context is {context} tokens: the prompt has {prompt} and {} more were asked for",
+                params.max_tokens
+            ),
+        }),
+        (None, None) => {
+            params.max_tokens = room;
+            Ok(())
+        }
+    }
 }
 
 /// The request queued under its tenant (the engine's fair shares).
@@ -717,6 +771,9 @@ async fn generate(
     }
     let mut stream = state.backend.submit(valid)?;
     let mut resp = HttpResponse::Ok();
+    if !job.ignored.is_empty() {
+        resp.insert_header(("x-retune-ignored-params", job.ignored.join(",")));
+    }
     if let Some(a) = &adapter {
         state
             .metrics

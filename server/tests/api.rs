@@ -1305,3 +1305,130 @@ fn uploads_stream_to_disk_and_bad_uploads_are_refused_with_nothing_left() {
     assert_eq!(status, 401);
     assert_eq!(leftovers(), 0, "every upload directory removed");
 }
+
+#[test]
+fn request_fields_are_honoured_refused_or_named() {
+    let app = spawn_app("fields");
+    let chat = |body: serde_json::Value| {
+        http(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some("acme-key"),
+            &body.to_string(),
+        )
+    };
+    let param = |r: &Resp| {
+        json(r)["error"]["param"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // content as parts (what many SDKs send) is the same text
+    let as_text = chat(serde_json::json!({"model": "tiny", "max_tokens": 6,
+        "messages": [{"role": "user", "content": "hello\nworld"}]}));
+    let as_parts = chat(serde_json::json!({"model": "tiny", "max_tokens": 6,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}]}));
+    assert_eq!(as_parts.status, 200, "{}", as_parts.body);
+    assert_eq!(
+        json(&as_parts)["choices"][0]["message"]["content"],
+        json(&as_text)["choices"][0]["message"]["content"]
+    );
+    // refused by name: what would change the output and is not built
+    for (body, field) in [
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
+            "messages[0].content[1]",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": []}),
+            "messages",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "tool", "content": "42"}]}),
+            "messages[0].role",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "logit_bias": {"5": -100}}),
+            "logit_bias",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+            "tools",
+        ),
+    ] {
+        let r = chat(body);
+        assert_eq!(r.status, 400, "{field}: {}", r.body);
+        assert_eq!(param(&r), field, "{}", r.body);
+    }
+    // unknown fields are ignored and named; `developer` is a system turn
+    let r = chat(
+        serde_json::json!({"model": "tiny", "max_tokens": 2, "mystery_knob": 3,
+        "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.headers.contains("x-retune-ignored-params: mystery_knob"),
+        "{}",
+        r.headers
+    );
+    // top_logprobs 0: each token's own logprob, no alternatives
+    let r = chat(
+        serde_json::json!({"model": "tiny", "max_tokens": 3, "logprobs": true, "top_logprobs": 0,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let content = json(&r)["choices"][0]["logprobs"]["content"].clone();
+    assert!(!content.as_array().unwrap().is_empty(), "{content}");
+    for t in content.as_array().unwrap() {
+        assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 0, "{t}");
+    }
+    // a prompt and an explicit max_tokens beyond the context: 400 naming max_tokens;
+    // without max_tokens the default shrinks to what fits
+    let tokens = |n: usize| {
+        let r = http(
+            &app,
+            "POST",
+            "/v1/completions",
+            Some("acme-key"),
+            &serde_json::json!({"model": "tiny", "prompt": "hello ".repeat(n), "max_tokens": 1})
+                .to_string(),
+        );
+        json(&r)["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+    };
+    let per = tokens(40) as f64 / 40.0;
+    let n = (230.0 / per) as usize;
+    let p = tokens(n);
+    assert!((200..250).contains(&p), "{p}");
+    let long = "hello ".repeat(n);
+    let r = http(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some("acme-key"),
+        &serde_json::json!({"model": "tiny", "prompt": long, "max_tokens": 60}).to_string(),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(param(&r), "max_tokens", "{}", r.body);
+    let r = http(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some("acme-key"),
+        &serde_json::json!({"model": "tiny", "prompt": long, "ignore_eos": true}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let u = &json(&r)["usage"];
+    assert!(u["total_tokens"].as_u64().unwrap() <= 256, "{u}");
+}

@@ -51,4 +51,23 @@ try:
     raise AssertionError("expected BadRequestError")
 except openai.BadRequestError:
     pass
-print("openai client: models, chat, completion, streaming, 404/401/400 errors OK")
+# content parts (what many SDKs send) give the same text as a string
+parts = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+    {"role": "user", "content": [{"type": "text", "text": "Say hello."}]}])
+assert parts.choices[0].message.content == chat.choices[0].message.content
+# what is not built is refused by name, never silently dropped
+for kwargs, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"logit_bias": {"42": -100}}, "logit_bias"),
+                      ({"frequency_penalty": 0.5}, "frequency_penalty"),
+                      ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+                       "tools")]:
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=2, **kwargs)
+        raise AssertionError(f"expected BadRequestError for {param}")
+    except openai.BadRequestError as e:
+        assert e.param == param, (e.param, param)
+# unknown fields: ignored, and named in a header
+raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=2, extra_body={"mystery_knob": 1})
+assert raw.headers.get("x-retune-ignored-params") == "mystery_knob", dict(raw.headers)
+print("openai client: models, chat, completion, streaming, content parts, refused fields, 404/401/400 errors OK")
