@@ -19,6 +19,13 @@ pub struct SamplingParams {
     pub stop_on_eos: bool,
     /// Number of top alternatives to report per token (`None` = no logprobs).
     pub logprobs: Option<usize>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`: −100
+    /// bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Subtracted from a generated token's logit once per time it appeared.
+    pub frequency_penalty: f32,
+    /// Subtracted from a generated token's logit once it appeared.
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +40,9 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             stop_on_eos: true,
             logprobs: None,
+            logit_bias: Vec::new(),
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -58,6 +68,19 @@ impl SamplingParams {
         }
         if self.logprobs.is_some_and(|n| n > 20) {
             return bad("at most 20 top logprobs");
+        }
+        if self.logit_bias.len() > 300
+            || self
+                .logit_bias
+                .iter()
+                .any(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias: at most 300 tokens, each bias in [-100, 100]");
+        }
+        for p in [self.frequency_penalty, self.presence_penalty] {
+            if !(-2.0..=2.0).contains(&p) {
+                return bad("penalties must be in [-2, 2]");
+            }
         }
         if self.stop.len() > MAX_STOPS
             || self
@@ -91,6 +114,10 @@ pub const GREEDY_BELOW: f32 = 1e-5;
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each generated token appeared (for the penalties).
+    counts: std::collections::HashMap<u32, u32>,
+    /// The logits after bias and penalties (reused buffer).
+    adjusted: Vec<f32>,
 }
 
 impl Sampler {
@@ -99,14 +126,50 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_entropy(),
         };
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            counts: std::collections::HashMap::new(),
+            adjusted: Vec::new(),
+        }
+    }
+
+    fn adjusts(&self) -> bool {
+        let p = &self.params;
+        !p.logit_bias.is_empty() || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+    pub fn sample(&mut self, raw: &[f32]) -> Sampled {
+        if !self.adjusts() {
+            return self.sample_from(raw);
+        }
+        // OpenAI's order: bias, then frequency and presence penalties on what
+        // this sequence generated so far
+        let mut adjusted = std::mem::take(&mut self.adjusted);
+        adjusted.clear();
+        adjusted.extend_from_slice(raw);
+        for &(id, b) in &self.params.logit_bias {
+            if let Some(l) = adjusted.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        let (f, pr) = (self.params.frequency_penalty, self.params.presence_penalty);
+        for (&id, &n) in &self.counts {
+            if let Some(l) = adjusted.get_mut(id as usize) {
+                *l -= n as f32 * f + pr;
+            }
+        }
+        let out = self.sample_from(&adjusted);
+        self.adjusted = adjusted;
+        *self.counts.entry(out.token).or_insert(0) += 1;
+        out
+    }
+
+    fn sample_from(&mut self, logits: &[f32]) -> Sampled {
         let token = if self.params.temperature < GREEDY_BELOW || self.params.top_k == 1 {
             argmax(logits)
         } else {
@@ -220,6 +283,62 @@ fn top_k_indices(logits: &[f32], k: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logit_bias_bans_and_forces_and_penalties_discourage_repeats() {
+        let logits = vec![0.0, 3.0, 1.0, 2.5];
+        let with = |p: SamplingParams| Sampler::new(p);
+        // -100 bans the likeliest token; +100 forces an unlikely one
+        let mut s = with(SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..SamplingParams::greedy(4)
+        });
+        assert_eq!(s.sample(&logits).token, 3);
+        let mut s = with(SamplingParams {
+            logit_bias: vec![(0, 100.0)],
+            temperature: 1.0,
+            seed: Some(3),
+            ..SamplingParams::greedy(4)
+        });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits).token, 0);
+        }
+        // presence 1: after token 1, 3 (2.5) beats it (3 - 1); then both are
+        // penalised once and 1 (2.0) beats 3 (1.5). Frequency 0.3 grows per use
+        let mut s = with(SamplingParams {
+            presence_penalty: 1.0,
+            ..SamplingParams::greedy(4)
+        });
+        let seq: Vec<u32> = (0..3).map(|_| s.sample(&logits).token).collect();
+        assert_eq!(seq, vec![1, 3, 1]);
+        let mut s = with(SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy(4)
+        });
+        let seq: Vec<u32> = (0..4).map(|_| s.sample(&logits).token).collect();
+        assert_eq!(
+            seq,
+            vec![1, 1, 3, 1],
+            "3.0, 2.7, then 2.5 > 2.4, then 2.4 > 2.2"
+        );
+        // out of range
+        for p in [
+            SamplingParams {
+                logit_bias: vec![(0, 101.0)],
+                ..SamplingParams::greedy(4)
+            },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..SamplingParams::greedy(4)
+            },
+            SamplingParams {
+                frequency_penalty: -3.0,
+                ..SamplingParams::greedy(4)
+            },
+        ] {
+            assert!(p.validate().is_err());
+        }
+    }
 
     #[test]
     fn greedy_and_logprobs() {

@@ -32,6 +32,11 @@ const EXTRA_STOPS: &[&str] = &[
 ];
 
 impl Tok {
+    /// Token ids the tokenizer knows (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, add_special).map_err(terr)?;
         let mut ids = enc.get_ids().to_vec();

@@ -42,6 +42,10 @@ pub struct Common {
     pub top_p: Option<f32>,
     /// Non-standard (as in vLLM/llama.cpp): sample among the k likeliest tokens.
     pub top_k: Option<usize>,
+    /// Token id (as a string) → bias in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub stop: Option<Stop>,
     pub seed: Option<u64>,
     pub n: Option<usize>,

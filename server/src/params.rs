@@ -24,6 +24,9 @@ const HONOURED: &[&str] = &[
     "user",
     "ignore_eos",
     "logprobs",
+    "logit_bias",
+    "frequency_penalty",
+    "presence_penalty",
 ];
 const HONOURED_CHAT: &[&str] = &["messages", "top_logprobs"];
 const HONOURED_COMPLETIONS: &[&str] = &["prompt"];
@@ -81,16 +84,11 @@ pub fn check(body: &Value, chat: bool) -> Result<Vec<String>, ApiError> {
                 return Err(not_yet("tool calling"));
             }
             "tools" | "functions" | "tool_choice" | "function_call" => {}
-            "logit_bias" if !is_off(v) => return Err(not_yet("`logit_bias`")),
-            "frequency_penalty" | "presence_penalty" if !is_off(v) => {
-                return Err(not_yet("a non-zero penalty"))
-            }
             "repetition_penalty" if !(v.is_null() || v.as_f64() == Some(1.0)) => {
                 return Err(not_yet("`repetition_penalty` other than 1"))
             }
             "min_p" if !is_off(v) => return Err(not_yet("`min_p`")),
-            "logit_bias" | "frequency_penalty" | "presence_penalty" | "repetition_penalty"
-            | "min_p" => {}
+            "repetition_penalty" | "min_p" => {}
             "echo" | "suffix" if !chat && !is_off(v) => return Err(not_yet(&format!("`{k}`"))),
             "best_of" if !chat && !(v.is_null() || v.as_u64() == Some(1)) => {
                 return Err(not_yet("`best_of` above 1"))
@@ -178,7 +176,7 @@ mod tests {
     fn fields_are_honoured_refused_or_ignored_by_name() {
         let ok = json!({"model": "m", "messages": [], "temperature": 0.5, "metadata": {"a": 1},
                         "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
-                        "frequency_penalty": 0, "logit_bias": {}, "mystery": 1, "another": null});
+                        "frequency_penalty": 0.5, "logit_bias": {"3": 1}, "mystery": 1, "another": null});
         assert_eq!(check(&ok, true).unwrap(), vec!["another", "mystery"]);
         for (field, value) in [
             ("response_format", json!({"type": "json_object"})),
@@ -187,9 +185,6 @@ mod tests {
                 json!([{"type": "function", "function": {"name": "f"}}]),
             ),
             ("tool_choice", json!("required")),
-            ("logit_bias", json!({"42": -100})),
-            ("presence_penalty", json!(0.5)),
-            ("frequency_penalty", json!(-1)),
             ("repetition_penalty", json!(1.1)),
             ("min_p", json!(0.05)),
             ("modalities", json!(["text", "audio"])),

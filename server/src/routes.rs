@@ -315,7 +315,47 @@ fn params(
             "max_tokens {max_tokens} is above the cap {cap}"
         )));
     }
+    let bad = |param: &str, message: String| ApiError::InvalidParam {
+        param: param.into(),
+        message,
+    };
+    let vocab = state.backend.tokenizer().vocab_size();
+    let mut logit_bias = Vec::new();
+    for (k, &b) in c.logit_bias.iter().flatten() {
+        let id: u32 = k
+            .parse()
+            .ok()
+            .filter(|&id: &u32| (id as usize) < vocab)
+            .ok_or_else(|| {
+                bad(
+                    "logit_bias",
+                    format!(
+                        "`{k}` is not a token id of this model (0 to {})",
+                        vocab.saturating_sub(1)
+                    ),
+                )
+            })?;
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(bad(
+                "logit_bias",
+                format!("bias {b} of token {id} is outside [-100, 100]"),
+            ));
+        }
+        logit_bias.push((id, b));
+    }
+    logit_bias.sort_by_key(|x| x.0);
+    for (name, v) in [
+        ("frequency_penalty", c.frequency_penalty),
+        ("presence_penalty", c.presence_penalty),
+    ] {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            return Err(bad(name, "must be in [-2, 2]".into()));
+        }
+    }
     let p = SamplingParams {
+        logit_bias,
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
         temperature: c.temperature.unwrap_or(1.0),
         top_p: c.top_p.unwrap_or(1.0),
         seed: c.seed,

@@ -1360,8 +1360,18 @@ fn request_fields_are_honoured_refused_or_named() {
         ),
         (
             serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-            "logit_bias": {"5": -100}}),
+            "logit_bias": {"99999999": -100}}),
             "logit_bias",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "logit_bias": {"5": -150}}),
+            "logit_bias",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "presence_penalty": 3}),
+            "presence_penalty",
         ),
         (
             serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
@@ -1373,6 +1383,34 @@ fn request_fields_are_honoured_refused_or_named() {
         assert_eq!(r.status, 400, "{field}: {}", r.body);
         assert_eq!(param(&r), field, "{}", r.body);
     }
+    // logit_bias -100 bans the token greedy decoding picks first
+    let tok = retune_engine::load(&app.model).unwrap().tok;
+    let first = |bias: serde_json::Value| {
+        let r = http(
+            &app,
+            "POST",
+            "/v1/completions",
+            Some("acme-key"),
+            &serde_json::json!({"model": "tiny", "prompt": "hello there", "max_tokens": 1,
+                "temperature": 0, "ignore_eos": true, "logit_bias": bias})
+            .to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        json(&r)["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let picked = first(serde_json::json!({}));
+    let ids = tok.encode(&picked, false).unwrap();
+    assert_eq!(ids.len(), 1, "{picked:?} is one token");
+    let banned = first(serde_json::json!({ ids[0].to_string(): -100 }));
+    assert_ne!(banned, picked);
+    // and +100 forces a token
+    let word = tok.encode("hello", false).unwrap()[0];
+    let forced = first(serde_json::json!({ word.to_string(): 100 }));
+    assert_eq!(forced, tok.decode(&[word], false).unwrap());
+    assert_ne!(
+        forced, picked,
+        "the forced token is not the one greedy picks anyway"
+    );
     // unknown fields are ignored and named; `developer` is a system turn
     let r = chat(
         serde_json::json!({"model": "tiny", "max_tokens": 2, "mystery_knob": 3,

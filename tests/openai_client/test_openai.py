@@ -55,10 +55,18 @@ except openai.BadRequestError:
 parts = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
     {"role": "user", "content": [{"type": "text", "text": "Say hello."}]}])
 assert parts.choices[0].message.content == chat.choices[0].message.content
-# what is not built is refused by name, never silently dropped
+# the same seed gives the same sampled text; penalties and logit_bias are honoured
+same = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me a story."}],
+                                       max_tokens=16, temperature=1.0, seed=1234).choices[0].message.content
+        for _ in range(2)]
+assert same[0] == same[1], same
+pen = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
+                                     temperature=0, presence_penalty=2, frequency_penalty=2, logit_bias={"42": 5})
+assert pen.choices[0].message.content is not None
+# what is not built is refused by name (and bad values), never silently dropped
 for kwargs, param in [({"response_format": {"type": "json_object"}}, "response_format"),
-                      ({"logit_bias": {"42": -100}}, "logit_bias"),
-                      ({"frequency_penalty": 0.5}, "frequency_penalty"),
+                      ({"logit_bias": {"42": -150}}, "logit_bias"),
+                      ({"frequency_penalty": 5}, "frequency_penalty"),
                       ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
                        "tools")]:
     try:
