@@ -26,6 +26,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Subtracted from a generated token's logit once it appeared.
     pub presence_penalty: f32,
+    /// Drop tokens less likely than `min_p` × the likeliest one's probability
+    /// (after temperature; 0 = off), as vLLM and llama.cpp define it.
+    pub min_p: f32,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +46,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            min_p: 0.0,
         }
     }
 }
@@ -76,6 +80,9 @@ impl SamplingParams {
                 .any(|(_, b)| !(-100.0..=100.0).contains(b))
         {
             return bad("logit_bias: at most 300 tokens, each bias in [-100, 100]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
         }
         for p in [self.frequency_penalty, self.presence_penalty] {
             if !(-2.0..=2.0).contains(&p) {
@@ -225,6 +232,15 @@ impl Sampler {
             .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
+        if p.min_p > 0.0 {
+            // sorted: the first is the likeliest, and it always stays
+            let floor = p.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&x| x >= floor).count().max(1);
+            probs.truncate(keep);
+            cand.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = probs.len();
@@ -338,6 +354,35 @@ mod tests {
         ] {
             assert!(p.validate().is_err());
         }
+    }
+
+    #[test]
+    fn min_p_keeps_only_tokens_near_the_likeliest() {
+        // probabilities ∝ e^l: token 1 and 3 within half of the best, 0 and 2 not
+        let logits = vec![0.0, 3.0, 1.0, 2.6];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: Some(9),
+            ..SamplingParams::greedy(4)
+        });
+        let seen: std::collections::HashSet<u32> =
+            (0..400).map(|_| s.sample(&logits).token).collect();
+        assert_eq!(seen, [1, 3].into_iter().collect());
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(9),
+            ..SamplingParams::greedy(4)
+        });
+        let seen: std::collections::HashSet<u32> =
+            (0..400).map(|_| s.sample(&logits).token).collect();
+        assert_eq!(seen.len(), 4, "without min_p every token turns up");
+        assert!(SamplingParams {
+            min_p: 1.5,
+            ..SamplingParams::greedy(4)
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

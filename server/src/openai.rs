@@ -45,6 +45,8 @@ pub struct Common {
     /// Token id (as a string) → bias in [-100, 100].
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     pub frequency_penalty: Option<f32>,
+    /// Non-standard (vLLM, llama.cpp): see `SamplingParams::min_p`.
+    pub min_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub stop: Option<Stop>,
     pub seed: Option<u64>,

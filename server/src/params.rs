@@ -27,6 +27,7 @@ const HONOURED: &[&str] = &[
     "logit_bias",
     "frequency_penalty",
     "presence_penalty",
+    "min_p",
 ];
 const HONOURED_CHAT: &[&str] = &["messages", "top_logprobs"];
 const HONOURED_COMPLETIONS: &[&str] = &["prompt"];
@@ -87,8 +88,7 @@ pub fn check(body: &Value, chat: bool) -> Result<Vec<String>, ApiError> {
             "repetition_penalty" if !(v.is_null() || v.as_f64() == Some(1.0)) => {
                 return Err(not_yet("`repetition_penalty` other than 1"))
             }
-            "min_p" if !is_off(v) => return Err(not_yet("`min_p`")),
-            "repetition_penalty" | "min_p" => {}
+            "repetition_penalty" => {}
             "echo" | "suffix" if !chat && !is_off(v) => return Err(not_yet(&format!("`{k}`"))),
             "best_of" if !chat && !(v.is_null() || v.as_u64() == Some(1)) => {
                 return Err(not_yet("`best_of` above 1"))
@@ -186,7 +186,6 @@ mod tests {
             ),
             ("tool_choice", json!("required")),
             ("repetition_penalty", json!(1.1)),
-            ("min_p", json!(0.05)),
             ("modalities", json!(["text", "audio"])),
         ] {
             let body = json!({"model": "m", field: value});

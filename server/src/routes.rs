@@ -352,7 +352,11 @@ fn params(
             return Err(bad(name, "must be in [-2, 2]".into()));
         }
     }
+    if c.min_p.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+        return Err(bad("min_p", "must be in [0, 1]".into()));
+    }
     let p = SamplingParams {
+        min_p: c.min_p.unwrap_or(0.0),
         logit_bias,
         frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
         presence_penalty: c.presence_penalty.unwrap_or(0.0),

@@ -1375,6 +1375,11 @@ fn request_fields_are_honoured_refused_or_named() {
         ),
         (
             serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "min_p": 2}),
+            "min_p",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
             "tools",
         ),
