@@ -125,6 +125,8 @@ pub struct Sampler {
     counts: std::collections::HashMap<u32, u32>,
     /// The logits after bias and penalties (reused buffer).
     adjusted: Vec<f32>,
+    /// Temperature weights of a plain draw (reused buffer).
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -138,6 +140,7 @@ impl Sampler {
             rng,
             counts: std::collections::HashMap::new(),
             adjusted: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -221,21 +224,23 @@ impl Sampler {
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let weight = |l: f32| ((l - max) * inv_t).exp();
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            let total: f32 = logits.iter().map(|&l| weight(l)).sum();
+            // each weight computed once, into a reused buffer
+            let mut w = std::mem::take(&mut self.weights);
+            w.clear();
+            w.extend(logits.iter().map(|&l| weight(l)));
+            let total: f32 = w.iter().sum();
             let r: f32 = self.rng.gen::<f32>() * total;
             let mut acc = 0.0;
-            let mut last = 0;
-            for (i, &l) in logits.iter().enumerate() {
-                let w = weight(l);
-                if w > 0.0 {
-                    last = i;
-                }
-                acc += w;
+            let mut pick = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
+            for (i, &x) in w.iter().enumerate() {
+                acc += x;
                 if r < acc {
-                    return i as u32;
+                    pick = i;
+                    break;
                 }
             }
-            return last as u32;
+            self.weights = w;
+            return pick as u32;
         }
         let k = if p.top_k == 0 {
             logits.len()
@@ -421,7 +426,6 @@ mod tests {
             .iter()
             .map(|&i| ((logits[i as usize] - max) / p.temperature).exp())
             .collect();
-        let total: f32 = w.iter().sum();
         let mut keep = cand.len();
         if p.min_p > 0.0 {
             keep = w.iter().take_while(|&&x| x >= p.min_p * w[0]).count();
@@ -437,7 +441,6 @@ mod tests {
                 }
             }
         }
-        let _ = total;
         cand[..keep].iter().copied().collect()
     }
 
