@@ -95,6 +95,8 @@ pub struct EngineSettings {
     pub threads: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_cap: usize,
+    /// Largest `n` (samples of one prompt) a request may ask for.
+    pub max_n: usize,
     /// Where the model runs: `cpu` (native quantized CPU kernels), `cuda` / `cuda:N`
     /// (the tensor backend on a GPU; needs a `--features cuda` build) or
     /// `candle-cpu` (the tensor backend on candle's CPU device, for checks).
@@ -123,6 +125,7 @@ impl Default for EngineSettings {
             max_kv_tokens: 65_536,
             threads: 0,
             max_tokens_cap: 4096,
+            max_n: 8,
             device: "cpu".into(),
             dtype: "bf16".into(),
             weights: "dense".into(),
@@ -335,6 +338,9 @@ impl Settings {
         };
         if self.engine.max_batch == 0 || self.engine.max_queue == 0 {
             return bad("engine.max_batch/max_queue", "must be at least 1");
+        }
+        if self.engine.max_n == 0 {
+            return bad("engine.max_n", "must be at least 1");
         }
         if self.engine.max_tokens_cap == 0 {
             return bad("engine.max_tokens_cap", "must be at least 1");

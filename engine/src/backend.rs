@@ -44,6 +44,9 @@ impl ErrorKind {
 pub struct GenError {
     pub kind: ErrorKind,
     pub message: String,
+    /// The request field at fault, for a client error about one (`constraint`:
+    /// the structured-output constraint, whichever field carried it).
+    pub param: Option<String>,
 }
 
 impl GenError {
@@ -51,6 +54,15 @@ impl GenError {
         Self {
             kind,
             message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A client error about request field `param`.
+    pub fn client_param(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::client(message)
         }
     }
 
@@ -90,6 +102,8 @@ pub struct ValidRequest {
     /// Whose request it is: the scheduler shares the queue, the KV budget and
     /// prefill fairly across tenants (`None`: the anonymous tenant).
     tenant: Option<std::sync::Arc<str>>,
+    /// `params.constraint`, compiled (here, off the scheduler thread).
+    guide: Option<crate::guide::Guide>,
 }
 
 impl ValidRequest {
@@ -99,10 +113,19 @@ impl ValidRequest {
         mut params: SamplingParams,
         adapter: Option<AdapterRef>,
         context: usize,
+        tok: &Tok,
     ) -> Result<Self, GenError> {
         params
             .validate()
             .map_err(|e| GenError::client(e.to_string()))?;
+        let guide = match &params.constraint {
+            None => None,
+            Some(c) => Some(
+                tok.grammars()
+                    .and_then(|g| g.compile(c))
+                    .map_err(|e| GenError::client_param("constraint", e.to_string()))?,
+            ),
+        };
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
         }
@@ -120,6 +143,7 @@ impl ValidRequest {
             params,
             adapter,
             tenant: None,
+            guide,
         })
     }
 
@@ -150,16 +174,31 @@ impl ValidRequest {
         (self.prompt, self.params, self.adapter)
     }
 
-    pub(crate) fn into_tenant_parts(
-        self,
-    ) -> (
-        Vec<u32>,
-        SamplingParams,
-        Option<AdapterRef>,
-        Option<std::sync::Arc<str>>,
-    ) {
-        (self.prompt, self.params, self.adapter, self.tenant)
+    pub(crate) fn into_tenant_parts(self) -> ValidParts {
+        ValidParts {
+            prompt: self.prompt,
+            params: self.params,
+            adapter: self.adapter,
+            tenant: self.tenant,
+            guide: self.guide,
+        }
     }
+
+    /// The same request for the `k`th of several samples: its seed is the
+    /// request's plus `k` (sample 0 is the request itself).
+    pub fn nth_sample(&self, k: usize) -> Self {
+        let mut r = self.clone();
+        r.params.seed = self.params.seed.map(|s| s.wrapping_add(k as u64));
+        r
+    }
+}
+
+pub(crate) struct ValidParts {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub adapter: Option<AdapterRef>,
+    pub tenant: Option<std::sync::Arc<str>>,
+    pub guide: Option<crate::guide::Guide>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -297,6 +336,15 @@ pub struct BackendStats {
 pub trait Backend: Send + Sync + 'static {
     /// Queue a validated request. Never blocks: a full queue is `Capacity`.
     fn submit(&self, req: ValidRequest) -> Result<GenerationStream, GenError>;
+
+    /// `n` samples of one request, sample `k` seeded with the request's seed
+    /// plus `k`: one stream each. The engine prefills the prompt once; this
+    /// default queues `n` requests.
+    fn submit_n(&self, req: ValidRequest, n: usize) -> Result<Vec<GenerationStream>, GenError> {
+        (0..n.max(1))
+            .map(|k| self.submit(req.nth_sample(k)))
+            .collect()
+    }
     fn tokenizer(&self) -> &Tok;
     fn template(&self) -> &ChatTemplate;
     /// Positions a sequence may use (prompt + generated).
@@ -316,7 +364,7 @@ pub trait Backend: Send + Sync + 'static {
         params: SamplingParams,
         adapter: Option<AdapterRef>,
     ) -> Result<ValidRequest, GenError> {
-        ValidRequest::new(prompt, params, adapter, self.context())
+        ValidRequest::new(prompt, params, adapter, self.context(), self.tokenizer())
     }
 }
 

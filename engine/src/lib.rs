@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod guide;
 pub mod kernels;
 pub mod kernels_f32;
 pub mod kv;

@@ -29,6 +29,12 @@ pub struct SamplingParams {
     /// Drop tokens less likely than `min_p` × the likeliest one's probability
     /// (after temperature; 0 = off), as vLLM and llama.cpp define it.
     pub min_p: f32,
+    /// What the output must be (structured output); compiled when the request
+    /// is validated.
+    pub constraint: Option<crate::guide::Constraint>,
+    /// Divides a positive logit (multiplies a negative one) of every token in
+    /// the prompt or the output so far (1 = off), as HF, vLLM and llama.cpp.
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +53,8 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             min_p: 0.0,
+            constraint: None,
+            repetition_penalty: 1.0,
         }
     }
 }
@@ -80,6 +88,9 @@ impl SamplingParams {
                 .any(|(_, b)| !(-100.0..=100.0).contains(b))
         {
             return bad("logit_bias: at most 300 tokens, each bias in [-100, 100]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return bad("repetition_penalty must be in (0, 10]");
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad("min_p must be in [0, 1]");
@@ -127,6 +138,8 @@ pub struct Sampler {
     adjusted: Vec<f32>,
     /// Temperature weights of a plain draw (reused buffer).
     weights: Vec<f32>,
+    /// Prompt tokens, for the repetition penalty (empty when it is off).
+    prompt_seen: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
@@ -141,12 +154,25 @@ impl Sampler {
             counts: std::collections::HashMap::new(),
             adjusted: Vec::new(),
             weights: Vec::new(),
+            prompt_seen: std::collections::HashSet::new(),
         }
+    }
+
+    /// A sampler for a sequence with this prompt (the repetition penalty counts it).
+    pub fn with_prompt(params: SamplingParams, prompt: &[u32]) -> Self {
+        let mut s = Self::new(params);
+        if s.params.repetition_penalty != 1.0 {
+            s.prompt_seen = prompt.iter().copied().collect();
+        }
+        s
     }
 
     fn adjusts(&self) -> bool {
         let p = &self.params;
-        !p.logit_bias.is_empty() || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+        !p.logit_bias.is_empty()
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+            || p.repetition_penalty != 1.0
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -154,14 +180,23 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, raw: &[f32]) -> Sampled {
-        if !self.adjusts() {
+        self.sample_masked(raw, None)
+    }
+
+    /// Sample among the tokens `mask` allows (all when `None`); logprobs are
+    /// those of the distribution sampled from.
+    pub fn sample_masked(&mut self, raw: &[f32], mask: Option<&crate::guide::Mask>) -> Sampled {
+        if !self.adjusts() && mask.is_none() {
             return self.sample_from(raw);
         }
-        // OpenAI's order: bias, then frequency and presence penalties on what
-        // this sequence generated so far
         let mut adjusted = std::mem::take(&mut self.adjusted);
         adjusted.clear();
         adjusted.extend_from_slice(raw);
+        if let Some(m) = mask {
+            m.apply(&mut adjusted);
+        }
+        // OpenAI's order: bias, then frequency and presence penalties on what
+        // this sequence generated so far
         for &(id, b) in &self.params.logit_bias {
             if let Some(l) = adjusted.get_mut(id as usize) {
                 *l += b;
@@ -171,6 +206,23 @@ impl Sampler {
         for (&id, &n) in &self.counts {
             if let Some(l) = adjusted.get_mut(id as usize) {
                 *l -= n as f32 * f + pr;
+            }
+        }
+        let rp = self.params.repetition_penalty;
+        if rp != 1.0 {
+            let penalise = |l: &mut f32| *l = if *l > 0.0 { *l / rp } else { *l * rp };
+            for &id in &self.prompt_seen {
+                if let Some(l) = adjusted.get_mut(id as usize) {
+                    penalise(l);
+                }
+            }
+            for &id in self.counts.keys() {
+                if self.prompt_seen.contains(&id) {
+                    continue;
+                }
+                if let Some(l) = adjusted.get_mut(id as usize) {
+                    penalise(l);
+                }
             }
         }
         let out = self.sample_from(&adjusted);

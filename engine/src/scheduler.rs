@@ -5,11 +5,12 @@
 
 use crate::backend::{
     Backend, BackendStats, Clock, Completion, ErrorKind, Event, EventSender, FinishReason,
-    GenError, GenerationStream, Health, TokenEvent, ValidRequest,
+    GenError, GenerationStream, Health, TokenEvent, ValidParts, ValidRequest,
 };
 use crate::chat::{ChatTemplate, CHATML};
 use crate::device::{Cache, Compute};
 use crate::error::{EngineError, Result};
+use crate::guide::{Guide, Mask};
 use crate::model::BatchItem;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::stream::{Detok, StopText};
@@ -151,6 +152,10 @@ struct Job {
     tenant: Arc<str>,
     clock: Clock,
     tx: EventSender,
+    guide: Option<Guide>,
+    /// Further samples of the same prompt (`n > 1`): forked from this
+    /// sequence's cache once its prompt is in.
+    forks: Vec<EventSender>,
 }
 
 pub struct Engine {
@@ -293,7 +298,24 @@ impl Engine {
 impl Backend for Engine {
     /// Fails fast with `Capacity` when the queue, or the tenant's share of it, is full.
     fn submit(&self, req: ValidRequest) -> std::result::Result<GenerationStream, GenError> {
-        let (prompt, params, adapter, tenant) = req.into_tenant_parts();
+        let mut streams = self.submit_n(req, 1)?;
+        streams.pop().ok_or_else(|| GenError::internal("no stream"))
+    }
+
+    /// One queued job: the prompt is prefilled once and its cache copied for
+    /// the other samples (a device cache is not copied: those prefill again).
+    fn submit_n(
+        &self,
+        req: ValidRequest,
+        n: usize,
+    ) -> std::result::Result<Vec<GenerationStream>, GenError> {
+        let ValidParts {
+            prompt,
+            params,
+            adapter,
+            tenant,
+            guide,
+        } = req.into_tenant_parts();
         let tenant: Arc<str> = tenant.unwrap_or_else(|| Arc::from(""));
         if let Some(why) = self.abort.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(GenError::new(ErrorKind::Unavailable, why));
@@ -317,6 +339,13 @@ impl Backend for Engine {
             *b.by_tenant.entry(tenant.clone()).or_insert(0) += 1;
         }
         let (etx, erx) = GenerationStream::channel();
+        let mut streams = vec![erx];
+        let mut forks = Vec::new();
+        for _ in 1..n.max(1) {
+            let (tx, rx) = GenerationStream::channel();
+            forks.push(tx);
+            streams.push(rx);
+        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             prompt,
@@ -325,9 +354,11 @@ impl Backend for Engine {
             tenant,
             clock: Clock::start(),
             tx: etx,
+            guide,
+            forks,
         };
         match self.tx.try_send(job) {
-            Ok(()) => Ok(erx),
+            Ok(()) => Ok(streams),
             Err(e) => {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 let job = match &e {
@@ -383,6 +414,9 @@ impl Backend for Engine {
 }
 
 struct Seq {
+    guide: Option<Guide>,
+    /// Samples still to fork from this one when its prompt is in.
+    forks: Vec<EventSender>,
     prompt: Vec<u32>,
     fed: usize,
     last: Option<u32>,
@@ -683,7 +717,12 @@ impl Worker {
         }
     }
 
+    /// KV positions a job may need: every sample's.
     fn reserve_of(&self, job: &Job) -> usize {
+        self.one_reserve(job) * (1 + job.forks.len())
+    }
+
+    fn one_reserve(&self, job: &Job) -> usize {
         (job.prompt.len() + job.params.max_tokens).min(self.model.cfg().context)
     }
 
@@ -743,13 +782,16 @@ impl Worker {
         stops.retain(|s| !s.is_empty());
         job.clock.admitted = Some(std::time::Instant::now());
         let adapter = adapter.zip(job.adapter);
+        let sampler = Sampler::with_prompt(job.params, &job.prompt);
         self.active.push(Seq {
+            guide: job.guide,
+            forks: job.forks,
             prompt: job.prompt,
             fed: 0,
             last: None,
             output: Vec::new(),
             kv,
-            sampler: Sampler::new(job.params),
+            sampler,
             detok: Detok::default(),
             stop: StopText::new(stops),
             tx: job.tx,
@@ -805,9 +847,25 @@ impl Worker {
         self.stats
             .last_step_tokens
             .store(inputs.iter().map(|i| i.1.len()).sum(), Ordering::Relaxed);
-        let logits = {
-            let mut caches: Vec<Option<(&mut Cache, Option<&LoraAdapter>)>> = self
-                .active
+        // grammar masks of the constrained rows sampling this step, computed on
+        // another thread while the forward pass runs
+        let mut guides: Vec<(usize, Guide)> = inputs
+            .iter()
+            .filter(|x| x.2)
+            .filter_map(|x| self.active[x.0].guide.take().map(|g| (x.0, g)))
+            .collect();
+        let model = &self.model;
+        let active = &mut self.active;
+        let (logits, masks) = std::thread::scope(|sc| {
+            let masker = (!guides.is_empty()).then(|| {
+                sc.spawn(|| {
+                    guides
+                        .iter_mut()
+                        .map(|(i, g)| (*i, g.mask()))
+                        .collect::<HashMap<usize, Result<Mask>>>()
+                })
+            });
+            let mut caches: Vec<Option<(&mut Cache, Option<&LoraAdapter>)>> = active
                 .iter_mut()
                 .map(|s| Some((&mut s.kv, s.adapter.as_ref().map(|a| &*a.0))))
                 .collect();
@@ -822,8 +880,13 @@ impl Worker {
                     })
                 })
                 .collect();
-            self.model.forward(&mut items)
-        };
+            let logits = model.forward(&mut items);
+            let masks = masker.map(|h| h.join().unwrap_or_default());
+            (logits, masks.unwrap_or_default())
+        });
+        for (i, g) in guides {
+            self.active[i].guide = Some(g);
+        }
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
@@ -842,6 +905,8 @@ impl Worker {
         };
         let mut logits = logits.into_iter();
         let mut finished = Vec::new();
+        let mut forked = Vec::new();
+        let context = self.model.cfg().context;
         for (i, toks, want) in &inputs {
             let s = &mut self.active[*i];
             if s.last.is_none() {
@@ -851,21 +916,65 @@ impl Worker {
                 continue;
             }
             let Some(l) = logits.next() else { break };
-            let sampled = s.sampler.sample(&l);
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if let Some(reason) = emit(s, &self.tok, sampled, self.model.cfg().context) {
-                let tail = s.stop.flush();
-                let tail = if reason.1 { String::new() } else { tail };
-                let record = Completion {
-                    finish: reason.0,
-                    prompt: std::mem::take(&mut s.prompt),
-                    output: std::mem::take(&mut s.output),
-                    adapter: s.adapter.as_ref().map(|a| a.1.clone()),
-                    params: s.sampler.params().clone(),
-                    timings: s.clock.timings(),
-                    tail,
-                };
-                let _ = s.tx.send(Event::Done(Box::new(record)));
+            let mask = match masks.get(i) {
+                None if s.guide.is_some() => Some(Err(EngineError::Internal(
+                    "the grammar mask was not computed".into(),
+                ))),
+                None => None,
+                Some(Ok(m)) => Some(Ok(m)),
+                Some(Err(e)) => Some(Err(EngineError::Internal(e.to_string()))),
+            };
+            let mask = match mask.transpose() {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = s.tx.send(Event::Error(GenError::internal(e.to_string())));
+                    finished.push(*i);
+                    continue;
+                }
+            };
+            // n > 1: the other samples start from this prompt's cache and logits
+            if !s.forks.is_empty() {
+                let forks = std::mem::take(&mut s.forks);
+                let one = s.reserve / (1 + forks.len());
+                s.reserve = one;
+                for (k, tx) in forks.into_iter().enumerate() {
+                    let mut params = s.sampler.params().clone();
+                    params.seed = params.seed.map(|x| x.wrapping_add(k as u64 + 1));
+                    let (kv, fed, last) = match self.model.fork_cache(&s.kv) {
+                        Some(kv) => (kv, s.fed, true),
+                        None => match self.model.new_cache() {
+                            Ok(kv) => (kv, 0, false),
+                            Err(e) => {
+                                let _ = tx.send(Event::Error(GenError::internal(e.to_string())));
+                                continue;
+                            }
+                        },
+                    };
+                    let stops = s.stop.stops().to_vec();
+                    let mut f = Seq {
+                        guide: s.guide.clone(),
+                        forks: Vec::new(),
+                        prompt: s.prompt.clone(),
+                        fed,
+                        last: None,
+                        output: Vec::new(),
+                        kv,
+                        sampler: Sampler::with_prompt(params, &s.prompt),
+                        detok: Detok::default(),
+                        stop: StopText::new(stops),
+                        tx,
+                        reserve: one,
+                        adapter: s.adapter.clone(),
+                        tenant: s.tenant.clone(),
+                        clock: s.clock,
+                    };
+                    if last && !sample_row(&mut f, &self.tok, &l, mask, context, &self.stats) {
+                        continue;
+                    }
+                    forked.push(f);
+                }
+            }
+            if !sample_row(s, &self.tok, &l, mask, context, &self.stats) {
                 finished.push(*i);
             }
         }
@@ -875,9 +984,77 @@ impl Worker {
                 idx += 1;
                 !finished.contains(&(idx - 1))
             });
+        }
+        let any_forked = !forked.is_empty();
+        self.active.extend(forked);
+        if !finished.is_empty() || any_forked {
             self.release_adapters();
         }
     }
+}
+
+/// Sample row `s`'s next token from its logits `l` (among what `mask` allows),
+/// advance its grammar and send the token, or the ending. Returns whether it
+/// goes on.
+fn sample_row(
+    s: &mut Seq,
+    tok: &Tok,
+    l: &[f32],
+    mask: Option<&Mask>,
+    context: usize,
+    stats: &EngineStats,
+) -> bool {
+    if mask.is_some_and(Mask::is_empty) {
+        let _ = s.tx.send(Event::Error(GenError::internal(
+            "the grammar allows no token here",
+        )));
+        return false;
+    }
+    let left = s.sampler.params().max_tokens.saturating_sub(s.output.len());
+    let narrowed = match (&mut s.guide, mask) {
+        (Some(g), Some(m)) => g.wrap_up(m, left),
+        _ => None,
+    };
+    let sampled = s.sampler.sample_masked(l, narrowed.as_ref().or(mask));
+    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    let id = sampled.token;
+    let p = s.sampler.params();
+    let is_stop_token = p.stop_token_ids.contains(&id) || (p.stop_on_eos && tok.eos.contains(&id));
+    if let (Some(g), false) = (&mut s.guide, is_stop_token) {
+        if let Err(e) = g.commit(id) {
+            let _ = s.tx.send(Event::Error(GenError::internal(e.to_string())));
+            return false;
+        }
+    }
+    let mut reason = emit(s, tok, sampled, context);
+    if let Some(g) = &s.guide {
+        if reason.is_none() && g.is_done() {
+            // the grammar is complete and allows nothing more
+            reason = Some((FinishReason::Stop, false));
+        }
+        if g.wrapped() {
+            // closed early to fit max_tokens: it ended for length
+            if let Some(r) = &mut reason {
+                r.0 = FinishReason::Length;
+            }
+        }
+    }
+    let Some(reason) = reason else {
+        return true;
+    };
+    let tail = s.stop.flush();
+    let tail = if reason.1 { String::new() } else { tail };
+    let record = Completion {
+        finish: reason.0,
+        prompt: std::mem::take(&mut s.prompt),
+        output: std::mem::take(&mut s.output),
+        adapter: s.adapter.as_ref().map(|a| a.1.clone()),
+        params: s.sampler.params().clone(),
+        timings: s.clock.timings(),
+        tail,
+    };
+    let _ = s.tx.send(Event::Done(Box::new(record)));
+    false
 }
 
 /// How much slower per FLOP attention runs than the projections (see

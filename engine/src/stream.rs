@@ -40,6 +40,11 @@ pub struct StopText {
 }
 
 impl StopText {
+    /// The stop strings it watches for.
+    pub fn stops(&self) -> &[String] {
+        &self.stops
+    }
+
     pub fn new(stops: Vec<String>) -> Self {
         Self {
             stops,

@@ -16,6 +16,12 @@ pub struct Tok {
     /// Ids that end generation (eos, plus `<|im_end|>`/`<|eot_id|>`-style ids when present).
     pub eos: Vec<u32>,
     pub add_bos: bool,
+    /// Each id's raw bytes (what it adds to the text; a special token's text),
+    /// computed once: logprobs' `bytes` and the grammar engine's token trie.
+    pieces: Vec<Box<[u8]>>,
+    special: std::collections::HashSet<u32>,
+    /// The grammar engine for this vocabulary, built on the first constrained request.
+    grammars: std::sync::OnceLock<std::result::Result<crate::guide::Grammars, String>>,
 }
 
 fn terr(e: impl std::fmt::Display) -> EngineError {
@@ -123,6 +129,32 @@ impl Tok {
         self.inner.id_to_token(id)
     }
 
+    /// The raw bytes token `id` stands for (empty for an unknown id): part of a
+    /// UTF-8 character for tokens that split one.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.pieces.get(id as usize).map(|b| &b[..]).unwrap_or(&[])
+    }
+
+    /// A control token (bos, eos, chat markers): its bytes are its name.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.contains(&id)
+    }
+
+    /// Every id's bytes, in id order.
+    pub(crate) fn pieces(&self) -> &[Box<[u8]>] {
+        &self.pieces
+    }
+
+    /// The grammar engine (structured output) for this tokenizer, built once.
+    pub fn grammars(&self) -> Result<&crate::guide::Grammars> {
+        self.grammars
+            .get_or_init(|| crate::guide::Grammars::new(self).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| {
+                EngineError::InvalidRequest(format!("structured output is unavailable: {e}"))
+            })
+    }
+
     fn with_stops(inner: Tokenizer, bos: Option<u32>, eos: Option<u32>, add_bos: bool) -> Self {
         let mut stops: Vec<u32> = eos.into_iter().collect();
         for s in EXTRA_STOPS {
@@ -134,12 +166,16 @@ impl Tok {
         }
         let mut text_only = inner.clone();
         text_only.set_encode_special_tokens(true);
+        let (pieces, special) = token_pieces(&inner);
         Self {
             inner,
             text_only,
             bos,
             eos: stops,
             add_bos,
+            pieces,
+            special,
+            grammars: std::sync::OnceLock::new(),
         }
     }
 
@@ -343,4 +379,79 @@ fn spm_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<String> {
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     merges.into_iter().map(|m| m.3).collect()
+}
+
+/// GPT-2's byte-level alphabet: the char each byte is written as in the vocab.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let self_mapped =
+        |c: char| matches!(c, '!'..='~' | '\u{00A1}'..='\u{00AC}' | '\u{00AE}'..='\u{00FF}');
+    let mut map = std::collections::HashMap::new();
+    let mut next = 0x100u32;
+    for b in 0..=255u8 {
+        let c = b as char;
+        if self_mapped(c) {
+            map.insert(c, b);
+        } else if let Some(c) = char::from_u32(next) {
+            map.insert(c, b);
+            next += 1;
+        }
+    }
+    map
+}
+
+/// Raw bytes of every id, and the special ids: byte-level vocabularies (GPT-2,
+/// Llama 3, SmolLM) map each char back to its byte; SentencePiece ones read
+/// `<0xNN>` as that byte and `▁` as a space. Added tokens are their content.
+fn token_pieces(t: &Tokenizer) -> (Vec<Box<[u8]>>, std::collections::HashSet<u32>) {
+    use tokenizers::DecoderWrapper as D;
+    fn kinds(d: &D, level: &mut bool, fallback: &mut bool) {
+        match d {
+            D::ByteLevel(_) => *level = true,
+            D::ByteFallback(_) => *fallback = true,
+            D::Sequence(s) => s
+                .get_decoders()
+                .iter()
+                .for_each(|d| kinds(d, level, fallback)),
+            _ => {}
+        }
+    }
+    let (mut level, mut fallback) = (false, false);
+    if let Some(d) = t.get_decoder() {
+        kinds(d, &mut level, &mut fallback);
+    }
+    let n = t.get_vocab_size(true);
+    let chars = byte_level_chars();
+    let mut special = std::collections::HashSet::new();
+    let added = t.get_added_tokens_decoder();
+    let mut pieces: Vec<Box<[u8]>> = Vec::with_capacity(n);
+    for id in 0..n as u32 {
+        if let Some(a) = added.get(&id) {
+            if a.special {
+                special.insert(id);
+            }
+            pieces.push(a.content.as_bytes().into());
+            continue;
+        }
+        let Some(name) = t.id_to_token(id) else {
+            pieces.push(Box::default());
+            continue;
+        };
+        let hex = name
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        let bytes: Vec<u8> = if level {
+            name.chars()
+                .map(|c| chars.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| name.as_bytes().to_vec())
+        } else if let (true, Some(b)) = (fallback, hex) {
+            vec![b]
+        } else {
+            name.replace('\u{2581}', " ").into_bytes()
+        };
+        pieces.push(bytes.into());
+    }
+    (pieces, special)
 }

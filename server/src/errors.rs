@@ -133,7 +133,13 @@ impl ResponseError for ApiError {
 impl From<GenError> for ApiError {
     fn from(e: GenError) -> Self {
         match e.kind {
-            ErrorKind::Client => Self::BadRequest(e.message),
+            ErrorKind::Client => match e.param {
+                Some(param) => Self::InvalidParam {
+                    param,
+                    message: e.message,
+                },
+                None => Self::BadRequest(e.message),
+            },
             ErrorKind::Adapter => Self::Adapter(e.message),
             ErrorKind::Capacity => Self::Overloaded,
             // the engine's words go to the log (they may name internals)

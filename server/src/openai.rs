@@ -58,6 +58,16 @@ pub struct Common {
     /// Non-standard (as in vLLM/llama.cpp): keep generating past end-of-sequence.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    pub response_format: Option<serde_json::Value>,
+    /// Non-standard (vLLM): the output is exactly one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// Non-standard (vLLM): the output matches this regular expression.
+    pub guided_regex: Option<String>,
+    /// Non-standard (vLLM): the output is JSON valid under this schema.
+    pub guided_json: Option<serde_json::Value>,
+    /// Non-standard (vLLM, llama.cpp): see `SamplingParams::repetition_penalty`.
+    pub repetition_penalty: Option<f32>,
 }
 
 #[derive(Deserialize)]

@@ -28,6 +28,11 @@ const HONOURED: &[&str] = &[
     "frequency_penalty",
     "presence_penalty",
     "min_p",
+    "repetition_penalty",
+    "response_format",
+    "guided_choice",
+    "guided_regex",
+    "guided_json",
 ];
 const HONOURED_CHAT: &[&str] = &["messages", "top_logprobs"];
 const HONOURED_COMPLETIONS: &[&str] = &["prompt"];
@@ -70,14 +75,6 @@ pub fn check(body: &Value, chat: bool) -> Result<Vec<String>, ApiError> {
         }
         let not_yet = |what: &str| refuse(k, &format!("{what} is not implemented by retune yet"));
         match k {
-            "response_format" => {
-                let ty = v.get("type").and_then(Value::as_str);
-                if !(v.is_null() || ty == Some("text")) {
-                    return Err(not_yet(
-                        "structured output (`response_format` other than text)",
-                    ));
-                }
-            }
             "tools" | "functions" if !is_off(v) => {
                 return Err(not_yet("tool calling"));
             }
@@ -85,10 +82,6 @@ pub fn check(body: &Value, chat: bool) -> Result<Vec<String>, ApiError> {
                 return Err(not_yet("tool calling"));
             }
             "tools" | "functions" | "tool_choice" | "function_call" => {}
-            "repetition_penalty" if !(v.is_null() || v.as_f64() == Some(1.0)) => {
-                return Err(not_yet("`repetition_penalty` other than 1"))
-            }
-            "repetition_penalty" => {}
             "echo" | "suffix" if !chat && !is_off(v) => return Err(not_yet(&format!("`{k}`"))),
             "best_of" if !chat && !(v.is_null() || v.as_u64() == Some(1)) => {
                 return Err(not_yet("`best_of` above 1"))
@@ -179,13 +172,11 @@ mod tests {
                         "frequency_penalty": 0.5, "logit_bias": {"3": 1}, "mystery": 1, "another": null});
         assert_eq!(check(&ok, true).unwrap(), vec!["another", "mystery"]);
         for (field, value) in [
-            ("response_format", json!({"type": "json_object"})),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),
             ),
             ("tool_choice", json!("required")),
-            ("repetition_penalty", json!(1.1)),
             ("modalities", json!(["text", "audio"])),
         ] {
             let body = json!({"model": "m", field: value});

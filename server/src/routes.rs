@@ -9,6 +9,7 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use retune_adapters::{AdapterRef, RegistryError};
 use retune_datasets::CapturedCompletion;
+use retune_engine::guide::Constraint;
 use retune_engine::{ChatMessage, Completion, Event, Health, SamplingParams, ValidRequest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -302,8 +303,12 @@ fn params(
     c: &Common,
     logprobs: Option<usize>,
 ) -> Result<SamplingParams, ApiError> {
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::BadRequest("only n=1 is supported".into()));
+    let max_n = state.settings.engine.max_n;
+    if c.n.is_some_and(|n| n == 0 || n > max_n) {
+        return Err(ApiError::InvalidParam {
+            param: "n".into(),
+            message: format!("must be 1 to {max_n} (the server's `engine.max_n`)"),
+        });
     }
     let cap = state.settings.engine.max_tokens_cap;
     let max_tokens = c
@@ -355,7 +360,15 @@ fn params(
     if c.min_p.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
         return Err(bad("min_p", "must be in [0, 1]".into()));
     }
+    if c.repetition_penalty
+        .is_some_and(|r| !(r > 0.0 && r <= 10.0))
+    {
+        return Err(bad("repetition_penalty", "must be in (0, 10]".into()));
+    }
+    let (constraint, _) = constraint(c)?;
     let p = SamplingParams {
+        constraint,
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
         min_p: c.min_p.unwrap_or(0.0),
         logit_bias,
         frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
@@ -380,6 +393,101 @@ fn params(
     p.validate()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(p)
+}
+
+/// The structured-output constraint a request asks for, and the field that
+/// asked: `response_format` (OpenAI) or vLLM's `guided_*`; at most one.
+pub(crate) fn constraint(c: &Common) -> Result<(Option<Constraint>, &'static str), ApiError> {
+    let bad = |param: &str, message: &str| ApiError::InvalidParam {
+        param: param.into(),
+        message: message.into(),
+    };
+    let mut found: Vec<(Constraint, &'static str)> = Vec::new();
+    if let Some(rf) = c.response_format.as_ref().filter(|v| !v.is_null()) {
+        match rf.get("type").and_then(serde_json::Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => found.push((Constraint::JsonObject, "response_format")),
+            Some("json_schema") => {
+                let schema = rf
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| !s.is_null())
+                    .ok_or_else(|| {
+                        bad(
+                            "response_format.json_schema.schema",
+                            "a `json_schema` response format needs `json_schema.schema`",
+                        )
+                    })?;
+                found.push((
+                    Constraint::JsonSchema {
+                        schema: schema.clone(),
+                    },
+                    "response_format",
+                ));
+            }
+            Some(other) => {
+                return Err(bad(
+                    "response_format.type",
+                    &format!("unknown type `{other}` (text, json_object, json_schema)"),
+                ))
+            }
+            None => return Err(bad("response_format.type", "`type` is required")),
+        }
+    }
+    if let Some(choices) = &c.guided_choice {
+        found.push((
+            Constraint::Choice {
+                choices: choices.clone(),
+            },
+            "guided_choice",
+        ));
+    }
+    if let Some(pattern) = &c.guided_regex {
+        found.push((
+            Constraint::Regex {
+                pattern: pattern.clone(),
+            },
+            "guided_regex",
+        ));
+    }
+    if let Some(schema) = c.guided_json.as_ref().filter(|s| !s.is_null()) {
+        found.push((
+            Constraint::JsonSchema {
+                schema: schema.clone(),
+            },
+            "guided_json",
+        ));
+    }
+    match found.len() {
+        0 => Ok((None, "response_format")),
+        1 => {
+            let (c, field) = found.remove(0);
+            Ok((Some(c), field))
+        }
+        _ => Err(bad(
+            found[1].1,
+            &format!("give one output constraint; `{}` is set too", found[0].1),
+        )),
+    }
+}
+
+/// A constraint that does not compile is named by the field that carried it.
+fn validated(
+    state: &AppState,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    adapter: Option<AdapterRef>,
+    c: &Common,
+) -> Result<ValidRequest, ApiError> {
+    state
+        .backend
+        .validate(prompt, params, adapter)
+        .map_err(|mut e| {
+            if e.param.as_deref() == Some("constraint") {
+                e.param = constraint(c).ok().map(|(_, field)| field.to_string());
+            }
+            e.into()
+        })
 }
 
 fn completion_id(prefix: &str) -> String {
@@ -407,6 +515,8 @@ struct Job {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// Samples of the prompt (`n`).
+    n: usize,
     /// Unknown request fields, named in `x-retune-ignored-params`.
     ignored: Vec<String>,
     /// Set when this completion is to be captured.
@@ -487,6 +597,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
         stream: c.stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: lp.is_some(),
+        n: c.n.unwrap_or(1),
         ignored,
         capture: capture.then(|| CaptureCtx {
             tenant: t,
@@ -559,9 +670,13 @@ fn queue_record(state: &AppState, job: &Job, fill: impl FnOnce(&mut CapturedComp
 }
 
 /// The record of a finished completion: exactly the text the client received.
-fn capture(state: &AppState, job: &Job, c: &Completion, text: String) {
+/// Sample `index` of `n` is recorded as `{id}-{index}` (sample 0 as `{id}`).
+fn capture(state: &AppState, job: &Job, index: usize, c: &Completion, text: String) {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     queue_record(state, job, |r| {
+        if index > 0 {
+            r.id = format!("{}-{index}", job.id);
+        }
         if let Some(a) = &c.adapter {
             r.adapter = Some(a.name().to_string());
             r.version = Some(a.version().to_string());
@@ -675,7 +790,7 @@ async fn chat(
     let rendered = state.backend.template().render_marked(&msgs, true)?;
     let prompt = encode_rendered(&state, rendered).await?;
     fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
-    let valid = state.backend.validate(prompt, a.params, a.adapter)?;
+    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common)?;
     let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
 }
@@ -700,7 +815,7 @@ async fn completions(
     }
     let prompt = encode(&state, a.body.prompt).await?;
     fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
-    let valid = state.backend.validate(prompt, a.params, a.adapter)?;
+    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common)?;
     let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
 }
@@ -743,13 +858,16 @@ fn with_tenant(valid: ValidRequest, job: &Job) -> ValidRequest {
     valid.with_tenant(&job.tenant)
 }
 
+/// A token's logprob entry (chat shape): its text and alternatives read off
+/// the tokenizer's byte table, no decoding; `bytes` are the token's own bytes,
+/// part of a UTF-8 character for a token that splits one.
 fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<TokenLogprob> {
     let tok = state.backend.tokenizer();
     let top = |id: u32, logprob: f32| {
-        let token = tok.decode(&[id], false).unwrap_or_default();
+        let bytes = tok.token_bytes(id).to_vec();
         TopLogprob {
-            bytes: token.clone().into_bytes(),
-            token,
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
             logprob,
         }
     };
@@ -764,19 +882,49 @@ fn logprob_entry(state: &AppState, t: &retune_engine::TokenEvent) -> Option<Toke
     })
 }
 
-fn count_tokens(state: &AppState, c: &Completion) {
-    let t = &state.metrics.tokens;
-    t.with_label_values(&["prompt"])
-        .inc_by(c.prompt_tokens() as u64);
-    t.with_label_values(&["completion"])
-        .inc_by(c.completion_tokens() as u64);
+/// Logprobs in the shape of the endpoint: chat's `{"content": [...]}`, or the
+/// legacy completions' parallel lists, `text_offset` counting characters of
+/// the completion from `offset`.
+fn logprobs_json(chat: bool, entries: &[TokenLogprob], offset: &mut usize) -> serde_json::Value {
+    if chat {
+        return serde_json::json!({ "content": entries });
+    }
+    let mut text_offset = Vec::with_capacity(entries.len());
+    for e in entries {
+        text_offset.push(*offset);
+        *offset += e.token.chars().count();
+    }
+    let top: Vec<serde_json::Map<String, serde_json::Value>> = entries
+        .iter()
+        .map(|e| {
+            e.top_logprobs
+                .iter()
+                .map(|t| (t.token.clone(), serde_json::json!(t.logprob)))
+                .collect()
+        })
+        .collect();
+    serde_json::json!({
+        "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
 }
 
-fn usage(c: &Completion) -> Usage {
+/// Prompt tokens once, and every sample's generated tokens.
+fn count_tokens(state: &AppState, prompt: usize, completion: usize) {
+    let t = &state.metrics.tokens;
+    t.with_label_values(&["prompt"]).inc_by(prompt as u64);
+    t.with_label_values(&["completion"])
+        .inc_by(completion as u64);
+}
+
+/// The prompt counts once however many samples were drawn from it.
+fn usage(prompt: usize, completion: usize) -> Usage {
     Usage {
-        prompt_tokens: c.prompt_tokens(),
-        completion_tokens: c.completion_tokens(),
-        total_tokens: c.prompt_tokens() + c.completion_tokens(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
     }
 }
 
@@ -803,6 +951,32 @@ fn stream_error(job: &Job, err: ApiError) -> String {
     )
 }
 
+/// One finished sample of a non-streaming response.
+struct Choice {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    completion: Completion,
+}
+
+/// The samples' streams as one: `(index, event)`, and `(index, None)` once
+/// when a stream ends.
+type Indexed = std::pin::Pin<Box<dyn futures_util::Stream<Item = (usize, Option<Event>)> + Send>>;
+
+fn merged(
+    streams: Vec<retune_engine::GenerationStream>,
+) -> futures_util::stream::SelectAll<Indexed> {
+    futures_util::stream::select_all(streams.into_iter().enumerate().map(|(k, s)| {
+        let s = futures_util::stream::unfold(Some(s), move |s| async move {
+            let mut s = s?;
+            match s.next().await {
+                Some(ev) => Some(((k, Some(ev)), Some(s))),
+                None => Some(((k, None), None)),
+            }
+        });
+        Box::pin(s) as Indexed
+    }))
+}
+
 async fn generate(
     state: Data,
     valid: ValidRequest,
@@ -813,7 +987,8 @@ async fn generate(
     if let Some(ctx) = &mut job.capture {
         ctx.adapter = adapter.clone();
     }
-    let mut stream = state.backend.submit(valid)?;
+    let n = job.n;
+    let streams = state.backend.submit_n(valid, n)?;
     let mut resp = HttpResponse::Ok();
     if !job.ignored.is_empty() {
         resp.insert_header(("x-retune-ignored-params", job.ignored.join(",")));
@@ -830,18 +1005,20 @@ async fn generate(
         (true, true) => "chat.completion.chunk",
         (false, _) => "text_completion",
     };
+    let mut events = merged(streams);
     if !job.stream {
-        let mut text = String::new();
-        let mut lps = Vec::new();
+        let mut texts: Vec<String> = vec![String::new(); n];
+        let mut lps: Vec<Vec<TokenLogprob>> = (0..n).map(|_| Vec::new()).collect();
+        let mut done: Vec<Option<Choice>> = (0..n).map(|_| None).collect();
         let mut first = true;
         let mut tick = actix_web::rt::time::interval(std::time::Duration::from_millis(100));
-        loop {
+        while done.iter().any(Option::is_none) {
             let ev = tokio::select! {
-                ev = stream.next() => ev,
+                ev = events.next() => ev,
                 _ = tick.tick() => {
                     if job.peer.is_some_and(PeerFd::gone) {
-                        // dropping the stream cancels the generation and frees its KV
-                        drop(stream);
+                        // dropping the streams cancels the generations and frees their KV
+                        drop(events);
                         tracing::info!(request_id = %job.request_id, completion_id = %job.id, "client left: generation cancelled");
                         state.metrics.cancelled.inc();
                         capture_error(&state, &job, started);
@@ -851,115 +1028,147 @@ async fn generate(
                 }
             };
             match ev {
-                Some(Event::Token(t)) => {
+                Some((k, Some(Event::Token(t)))) => {
                     if first {
                         state.metrics.ttft.observe(started.elapsed().as_secs_f64());
                         first = false;
                     }
-                    text.push_str(&t.text);
+                    texts[k].push_str(&t.text);
                     if job.logprobs {
-                        lps.extend(logprob_entry(&state, &t));
+                        lps[k].extend(logprob_entry(&state, &t));
                     }
                 }
-                Some(Event::Done(c)) => {
+                Some((k, Some(Event::Done(c)))) => {
+                    let mut text = std::mem::take(&mut texts[k]);
                     text.push_str(&c.tail);
-                    count_tokens(&state, &c);
-                    capture(&state, &job, &c, text.clone());
-                    let logprobs = job.logprobs.then(|| serde_json::json!({"content": lps}));
-                    let finish = c.finish.as_str();
-                    let choice = if job.chat {
-                        serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text},
-                            "finish_reason": finish, "logprobs": logprobs})
-                    } else {
-                        serde_json::json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs})
-                    };
-                    return Ok(resp.json(
-                        serde_json::json!({"id": job.id, "object": object, "created": created,
-                        "model": job.model, "choices": [choice], "usage": usage(&c)}),
-                    ));
+                    capture(&state, &job, k, &c, text.clone());
+                    done[k] = Some(Choice {
+                        text,
+                        logprobs: std::mem::take(&mut lps[k]),
+                        completion: *c,
+                    });
                 }
-                Some(Event::Error(e)) => {
+                Some((_, Some(Event::Error(e)))) => {
                     capture_error(&state, &job, started);
                     return Err(e.into());
                 }
-                None => {
+                Some((_, None)) | None => {
                     capture_error(&state, &job, started);
                     return Err(ended(&state));
                 }
             }
         }
+        let done: Vec<Choice> = done.into_iter().flatten().collect();
+        let prompt = done.first().map_or(0, |c| c.completion.prompt_tokens());
+        let generated: usize = done.iter().map(|c| c.completion.completion_tokens()).sum();
+        count_tokens(&state, prompt, generated);
+        let choices: Vec<serde_json::Value> = done
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let logprobs = job
+                    .logprobs
+                    .then(|| logprobs_json(job.chat, &c.logprobs, &mut 0));
+                let finish = c.completion.finish.as_str();
+                if job.chat {
+                    serde_json::json!({"index": k, "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": finish, "logprobs": logprobs})
+                } else {
+                    serde_json::json!({"index": k, "text": c.text, "finish_reason": finish, "logprobs": logprobs})
+                }
+            })
+            .collect();
+        return Ok(resp.json(
+            serde_json::json!({"id": job.id, "object": object, "created": created,
+            "model": job.model, "choices": choices, "usage": usage(prompt, generated)}),
+        ));
     }
-    // SSE: dropping this stream (client gone) drops the engine stream and cancels.
+    // SSE: dropping this stream (client gone) drops the engine streams and cancels.
     let st = state.clone();
+    let per = SseState {
+        first: vec![true; n],
+        sent: vec![String::new(); n],
+        offset: vec![0; n],
+        left: n,
+        prompt: 0,
+        generated: 0,
+        over: false,
+    };
     let sse = futures_util::stream::unfold(
-        (stream, job, true, false, String::new()),
-        move |(mut s, job, first, done, mut sent)| {
+        (events, job, per),
+        move |(mut events, job, mut per)| {
             let st = st.clone();
             async move {
-                if done {
+                if per.over {
                     return None;
                 }
                 let chunk = |choice: serde_json::Value| serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [choice]});
                 let mut out = String::new();
-                let mut finished = false;
-                match s.next().await {
-                    Some(Event::Token(t)) => {
-                        if first {
+                match events.next().await {
+                    Some((k, Some(Event::Token(t)))) => {
+                        if per.first.iter().all(|&f| f) {
                             st.metrics.ttft.observe(started.elapsed().as_secs_f64());
                         }
                         let lp = if job.logprobs {
-                            logprob_entry(&st, &t).map(|e| serde_json::json!({"content": [e]}))
+                            logprob_entry(&st, &t)
+                                .map(|e| logprobs_json(job.chat, &[e], &mut per.offset[k]))
                         } else {
                             None
                         };
                         let choice = if job.chat {
                             let mut delta = serde_json::json!({"content": t.text});
-                            if first {
+                            if per.first[k] {
                                 delta["role"] = "assistant".into();
                             }
-                            serde_json::json!({"index": 0, "delta": delta, "finish_reason": null, "logprobs": lp})
+                            serde_json::json!({"index": k, "delta": delta, "finish_reason": null, "logprobs": lp})
                         } else {
-                            serde_json::json!({"index": 0, "text": t.text, "finish_reason": null, "logprobs": lp})
+                            serde_json::json!({"index": k, "text": t.text, "finish_reason": null, "logprobs": lp})
                         };
+                        per.first[k] = false;
                         out.push_str(&format!("data: {}\n\n", chunk(choice)));
                         if job.capture.is_some() {
-                            sent.push_str(&t.text);
+                            per.sent[k].push_str(&t.text);
                         }
                     }
-                    Some(Event::Done(c)) => {
+                    Some((k, Some(Event::Done(c)))) => {
                         let finish = c.finish.as_str();
                         let choice = if job.chat {
-                            serde_json::json!({"index": 0, "delta": {"content": c.tail}, "finish_reason": finish})
+                            serde_json::json!({"index": k, "delta": {"content": c.tail}, "finish_reason": finish})
                         } else {
-                            serde_json::json!({"index": 0, "text": c.tail, "finish_reason": finish})
+                            serde_json::json!({"index": k, "text": c.tail, "finish_reason": finish})
                         };
                         out.push_str(&format!("data: {}\n\n", chunk(choice)));
-                        if job.include_usage {
-                            let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage(&c)});
-                            out.push_str(&format!("data: {u}\n\n"));
-                        }
-                        count_tokens(&st, &c);
+                        per.prompt = c.prompt_tokens();
+                        per.generated += c.completion_tokens();
                         if job.capture.is_some() {
-                            sent.push_str(&c.tail);
-                            capture(&st, &job, &c, std::mem::take(&mut sent));
+                            per.sent[k].push_str(&c.tail);
+                            capture(&st, &job, k, &c, std::mem::take(&mut per.sent[k]));
                         }
-                        out.push_str("data: [DONE]\n\n");
-                        finished = true;
+                        per.left -= 1;
+                        if per.left == 0 {
+                            count_tokens(&st, per.prompt, per.generated);
+                            if job.include_usage {
+                                let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage(per.prompt, per.generated)});
+                                out.push_str(&format!("data: {u}\n\n"));
+                            }
+                            out.push_str("data: [DONE]\n\n");
+                            per.over = true;
+                        }
                     }
-                    Some(Event::Error(e)) => {
+                    Some((_, Some(Event::Error(e)))) => {
                         capture_error(&st, &job, started);
                         out.push_str(&stream_error(&job, e.into()));
-                        finished = true;
+                        per.over = true;
                     }
-                    None => {
+                    Some((_, None)) | None => {
                         capture_error(&st, &job, started);
                         out.push_str(&stream_error(&job, ended(&st)));
-                        finished = true;
+                        per.over = true;
                     }
                 }
                 Some((
                     Ok::<Bytes, actix_web::Error>(Bytes::from(out)),
-                    (s, job, false, finished, sent),
+                    (events, job, per),
                 ))
             }
         },
@@ -968,4 +1177,18 @@ async fn generate(
         .content_type("text/event-stream")
         .insert_header(("cache-control", "no-cache"))
         .streaming(sse))
+}
+
+/// Where a streamed response with `n` samples stands.
+struct SseState {
+    first: Vec<bool>,
+    /// Text sent per sample, for its captured record.
+    sent: Vec<String>,
+    /// Characters sent per sample (legacy logprobs' `text_offset`).
+    offset: Vec<usize>,
+    /// Samples not finished yet.
+    left: usize,
+    prompt: usize,
+    generated: usize,
+    over: bool,
 }

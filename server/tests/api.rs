@@ -257,13 +257,30 @@ fn routes_tenants_errors_and_streaming() {
     );
     let j = json(&r);
     assert_eq!(j["object"], "text_completion");
-    assert_eq!(
-        j["choices"][0]["logprobs"]["content"]
-            .as_array()
-            .unwrap()
-            .len(),
-        4
-    );
+    // the legacy completions shape: parallel lists
+    let lp = &j["choices"][0]["logprobs"];
+    assert!(lp.get("content").is_none(), "{lp}");
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 4);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    for (t, top) in tokens.iter().zip(lp["top_logprobs"].as_array().unwrap()) {
+        let top = top.as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+        // greedy: the chosen token is the likeliest alternative
+        let best = top
+            .iter()
+            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .unwrap();
+        assert_eq!(best.0, t.as_str().unwrap());
+    }
     // streaming: role first, content deltas, finish, usage, [DONE]; same text as non-streaming
     let r = chat(
         "tickets",
@@ -1355,8 +1372,43 @@ fn request_fields_are_honoured_refused_or_named() {
         ),
         (
             serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-            "response_format": {"type": "json_object"}}),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}),
             "response_format",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "guided_choice": []}),
+            "guided_choice",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "guided_regex": "(unclosed"}),
+            "guided_regex",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}, "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "n": 99}),
+            "n",
+        ),
+        (
+            serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "repetition_penalty": 0}),
+            "repetition_penalty",
         ),
         (
             serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],

@@ -214,7 +214,7 @@ async fn bad_parameters_are_refused_before_the_backend_sees_the_request() {
     for body in [
         serde_json::json!({"model": "tiny", "max_tokens": 65, "messages": [{"role": "user", "content": "x"}]}),
         serde_json::json!({"model": "tiny", "temperature": -1, "messages": [{"role": "user", "content": "x"}]}),
-        serde_json::json!({"model": "tiny", "n": 2, "messages": [{"role": "user", "content": "x"}]}),
+        serde_json::json!({"model": "tiny", "n": 99, "messages": [{"role": "user", "content": "x"}]}),
     ] {
         let req = test::TestRequest::post()
             .uri("/v1/chat/completions")

@@ -53,6 +53,15 @@ impl Compute {
         }
     }
 
+    /// A copy of `c` for another sample of the same prompt; `None` where the
+    /// backend cannot copy one (a device slot): that sample prefills anew.
+    pub fn fork_cache(&self, c: &Cache) -> Option<Cache> {
+        match c {
+            Cache::Host(k) => Some(Cache::Host(k.clone())),
+            Cache::Device(_) => None,
+        }
+    }
+
     pub fn new_cache(&self) -> Result<Cache> {
         Ok(match self {
             Self::Host(m) => Cache::Host(m.new_cache()),
