@@ -367,6 +367,19 @@ impl Application {
         let drain = state.settings.server.drain_seconds;
         let state = web::Data::new(state);
         spawn_served_flush(state.clone());
+        // the grammar engine's view of the vocabulary, built once before the
+        // first structured-output request needs it
+        let warm = state.backend.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            match warm.tokenizer().grammars() {
+                Ok(_) => tracing::info!(
+                    ms = t.elapsed().as_millis() as u64,
+                    "structured output ready"
+                ),
+                Err(e) => tracing::warn!(error = %e, "structured output unavailable"),
+            }
+        });
         let app_state = state.clone();
         let server = HttpServer::new(move || app(app_state.clone()))
             .on_connect(routes::remember_peer)

@@ -471,23 +471,31 @@ pub(crate) fn constraint(c: &Common) -> Result<(Option<Constraint>, &'static str
     }
 }
 
-/// A constraint that does not compile is named by the field that carried it.
-fn validated(
+/// A constraint that does not compile is named by the field that carried it;
+/// compiling one (a grammar, the vocabulary's trie the first time) runs off
+/// the async runtime.
+async fn validated(
     state: &AppState,
     prompt: Vec<u32>,
     params: SamplingParams,
     adapter: Option<AdapterRef>,
     c: &Common,
 ) -> Result<ValidRequest, ApiError> {
-    state
-        .backend
-        .validate(prompt, params, adapter)
-        .map_err(|mut e| {
-            if e.param.as_deref() == Some("constraint") {
-                e.param = constraint(c).ok().map(|(_, field)| field.to_string());
-            }
-            e.into()
-        })
+    let field = constraint(c).ok().map(|(_, f)| f.to_string());
+    let r = if params.constraint.is_some() {
+        let backend = state.backend.clone();
+        web::block(move || backend.validate(prompt, params, adapter))
+            .await
+            .map_err(|e| ApiError::Internal(format!("validation task: {e}")))?
+    } else {
+        state.backend.validate(prompt, params, adapter)
+    };
+    r.map_err(|mut e| {
+        if e.param.as_deref() == Some("constraint") {
+            e.param = field;
+        }
+        e.into()
+    })
 }
 
 fn completion_id(prefix: &str) -> String {
@@ -790,7 +798,7 @@ async fn chat(
     let rendered = state.backend.template().render_marked(&msgs, true)?;
     let prompt = encode_rendered(&state, rendered).await?;
     fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
-    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common)?;
+    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common).await?;
     let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
 }
@@ -815,7 +823,7 @@ async fn completions(
     }
     let prompt = encode(&state, a.body.prompt).await?;
     fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
-    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common)?;
+    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common).await?;
     let valid = with_tenant(valid, &a.job);
     generate(state, valid, a.job).await
 }
@@ -966,9 +974,11 @@ fn merged(
     streams: Vec<retune_engine::GenerationStream>,
 ) -> futures_util::stream::SelectAll<Indexed> {
     futures_util::stream::select_all(streams.into_iter().enumerate().map(|(k, s)| {
+        // a stream ends after its last event; `(k, None)` only when it ends without one
         let s = futures_util::stream::unfold(Some(s), move |s| async move {
             let mut s = s?;
             match s.next().await {
+                Some(ev @ (Event::Done(_) | Event::Error(_))) => Some(((k, Some(ev)), None)),
                 Some(ev) => Some(((k, Some(ev)), Some(s))),
                 None => Some(((k, None), None)),
             }
