@@ -136,8 +136,13 @@ pub struct Sampler {
     counts: std::collections::HashMap<u32, u32>,
     /// The logits after bias and penalties (reused buffer).
     adjusted: Vec<f32>,
-    /// Temperature weights of a plain draw (reused buffer).
+    /// Temperature weights of a draw (reused buffer).
     weights: Vec<f32>,
+    /// The nucleus's histogram and each weight's bucket (reused buffers).
+    hist: Vec<f64>,
+    buckets: Vec<u16>,
+    /// Weight per chunk of ids (reused buffer).
+    chunks: Vec<f64>,
     /// Prompt tokens, for the repetition penalty (empty when it is off).
     prompt_seen: std::collections::HashSet<u32>,
 }
@@ -154,6 +159,9 @@ impl Sampler {
             counts: std::collections::HashMap::new(),
             adjusted: Vec::new(),
             weights: Vec::new(),
+            hist: Vec::new(),
+            buckets: Vec::new(),
+            chunks: Vec::new(),
             prompt_seen: std::collections::HashSet::new(),
         }
     }
@@ -267,71 +275,107 @@ impl Sampler {
     }
 
     /// Sample with temperature, top-k, min-p and top-p without sorting the
-    /// vocabulary: plain temperature draws in id order; the cuts look at the
-    /// likeliest [`FAST_CANDIDATES`] (selected in linear time), widened 8× at a
-    /// time only while the nucleus or the floor reaches past them.
+    /// vocabulary: each weight is computed once (a vectorised exp) into a
+    /// reused buffer; min-p is a threshold on it; top-p finds the nucleus's
+    /// edge in a histogram of the weights and sorts only the tokens at that
+    /// edge. A top-k cut sorts its k (its own size bounds the work).
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let weight = |l: f32| ((l - max) * inv_t).exp();
-        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            // each weight computed once, into a reused buffer
-            let mut w = std::mem::take(&mut self.weights);
-            w.clear();
-            w.extend(logits.iter().map(|&l| weight(l)));
-            let total: f32 = w.iter().sum();
-            let r: f32 = self.rng.gen::<f32>() * total;
-            let mut acc = 0.0;
-            let mut pick = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
-            for (i, &x) in w.iter().enumerate() {
-                acc += x;
-                if r < acc {
-                    pick = i;
-                    break;
-                }
-            }
-            self.weights = w;
-            return pick as u32;
+        if p.top_k > 0 && p.top_k < logits.len() {
+            return self.sample_top_k(logits, max, inv_t);
         }
-        let k = if p.top_k == 0 {
-            logits.len()
+        let mut w = std::mem::take(&mut self.weights);
+        w.clear();
+        w.resize(logits.len(), 0.0);
+        for (o, &l) in w.iter_mut().zip(logits) {
+            *o = exp_neg((l - max) * inv_t);
+        }
+        if p.min_p > 0.0 {
+            // the likeliest token's weight is exactly 1
+            let floor = p.min_p;
+            w.iter_mut()
+                .for_each(|x| *x = if *x < floor { 0.0 } else { *x });
+        }
+        let mut chunks = std::mem::take(&mut self.chunks);
+        let total = chunk_sums(&w, &mut chunks);
+        let pick = if p.top_p >= 1.0 {
+            draw_chunked(&w, &chunks, self.rng.gen::<f64>() * total)
         } else {
-            p.top_k.min(logits.len())
+            self.nucleus_draw(&mut w, total, &mut chunks)
         };
-        // the likeliest few first; all of them only if the cuts need more
-        let total: f32 = if k == logits.len() {
-            logits.iter().map(|&l| weight(l)).sum()
-        } else {
-            0.0
-        };
-        // (a top-k cut is sorted whole: its own size bounds the work)
-        let first = if k == logits.len() {
-            k.min(FAST_CANDIDATES)
-        } else {
-            k
-        };
-        let mut cand = sorted_top(logits, first);
-        let mut probs: Vec<f32> = cand.iter().map(|&i| weight(logits[i as usize])).collect();
-        let mut first = first;
-        while first < k {
-            // mass of the candidates against the whole vocabulary's: widen
-            // (8× at a time) until the cuts close inside them
-            let seen: f32 = probs.iter().sum();
-            let floor_ok = p.min_p <= 0.0 || probs[first - 1] < p.min_p * probs[0];
-            let nucleus_ok = p.top_p >= 1.0 || seen >= p.top_p * total;
-            if floor_ok && nucleus_ok {
+        self.weights = w;
+        self.chunks = chunks;
+        pick
+    }
+
+    /// Draw from the smallest set of likeliest tokens holding `top_p` of the
+    /// mass (ties by id), as a full sort would pick it: the nucleus's edge is
+    /// found in a histogram of the weights, only the tokens in the edge's
+    /// bucket are sorted, and everything past it is zeroed before the draw.
+    fn nucleus_draw(&mut self, w: &mut [f32], total: f64, chunks: &mut Vec<f64>) -> u32 {
+        let target = self.params.top_p as f64 * total;
+        let mut buckets = std::mem::take(&mut self.buckets);
+        buckets.clear();
+        buckets.extend(w.iter().map(|&x| bucket(x)));
+        let mut hist = std::mem::take(&mut self.hist);
+        hist.clear();
+        hist.resize(BUCKETS + 1, 0.0);
+        // the last bucket (weights below 2^-40, usually most of the
+        // vocabulary) is left out: adding them all to one cell is a long
+        // dependency chain, and the nucleus rarely reaches them
+        for (&b, &x) in buckets.iter().zip(w.iter()) {
+            if (b as usize) < BUCKETS - 1 {
+                hist[b as usize] += x as f64;
+            }
+        }
+        // the bucket where the running mass (likeliest first) reaches the target
+        let mut above = 0.0f64;
+        let mut edge = BUCKETS as u16 - 1;
+        for (b, &m) in hist[..BUCKETS - 1].iter().enumerate() {
+            if m > 0.0 && above + m >= target {
+                edge = b as u16;
                 break;
             }
-            first = (first * 8).min(k);
-            cand = sorted_top(logits, first);
-            probs = cand.iter().map(|&i| weight(logits[i as usize])).collect();
+            above += m;
         }
-        let norm = if k == logits.len() {
-            total
-        } else {
-            probs.iter().sum()
-        };
+        self.hist = hist;
+        let mut border: Vec<u32> = Vec::new();
+        for (i, (&b, x)) in buckets.iter().zip(w.iter_mut()).enumerate() {
+            if b > edge {
+                *x = 0.0;
+            } else if b == edge {
+                border.push(i as u32);
+            }
+        }
+        self.buckets = buckets;
+        border.sort_by(|&a, &b| w[b as usize].total_cmp(&w[a as usize]).then(a.cmp(&b)));
+        let mut mass = above;
+        let mut cut = border.len();
+        for (k, &i) in border.iter().enumerate() {
+            mass += w[i as usize] as f64;
+            if mass >= target {
+                cut = k + 1;
+                break;
+            }
+        }
+        for &i in &border[cut..] {
+            w[i as usize] = 0.0;
+        }
+        let kept = chunk_sums(w, chunks);
+        draw_chunked(w, chunks, self.rng.gen::<f64>() * kept)
+    }
+
+    /// The top-k cut: its k likeliest sorted, then min-p and top-p among them.
+    fn sample_top_k(&mut self, logits: &[f32], max: f32, inv_t: f32) -> u32 {
+        let p = &self.params;
+        let mut cand = sorted_top(logits, p.top_k);
+        let mut probs: Vec<f32> = cand
+            .iter()
+            .map(|&i| exp_neg((logits[i as usize] - max) * inv_t))
+            .collect();
+        let norm: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= norm);
         if p.min_p > 0.0 {
             // sorted: the first is the likeliest, and it always stays
@@ -368,8 +412,102 @@ impl Sampler {
     }
 }
 
-/// Candidates the sampler's cuts examine before sorting everything.
-const FAST_CANDIDATES: usize = 256;
+/// Weights per [`CHUNK`] ids are summed (eight lanes, so it vectorises)
+/// into `chunks`; returns the total.
+fn chunk_sums(w: &[f32], chunks: &mut Vec<f64>) -> f64 {
+    chunks.clear();
+    for c in w.chunks(CHUNK) {
+        let mut lanes = [0.0f64; 8];
+        let mut it = c.chunks_exact(8);
+        for x in &mut it {
+            for (l, &v) in lanes.iter_mut().zip(x) {
+                *l += v as f64;
+            }
+        }
+        let rest: f64 = it.remainder().iter().map(|&v| v as f64).sum();
+        chunks.push(lanes.iter().sum::<f64>() + rest);
+    }
+    chunks.iter().sum()
+}
+
+const CHUNK: usize = 64;
+
+/// The token at running weight `r` in id order: whole chunks first, then
+/// the ids inside the chunk that holds `r`.
+fn draw_chunked(w: &[f32], chunks: &[f64], r: f64) -> u32 {
+    let mut acc = 0.0f64;
+    for (c, &m) in chunks.iter().enumerate() {
+        if m > 0.0 && r < acc + m {
+            let start = c * CHUNK;
+            let end = (start + CHUNK).min(w.len());
+            return draw_from(w, r - acc, start as u32..end as u32);
+        }
+        acc += m;
+    }
+    // rounding left `r` past the end: the last token with weight
+    draw_from(w, f64::INFINITY, 0..w.len() as u32)
+}
+
+/// The token at running weight `r` walking `ids` (the last with weight when
+/// rounding leaves `r` past the end).
+fn draw_from(w: &[f32], r: f64, ids: impl IntoIterator<Item = u32>) -> u32 {
+    let mut acc = 0.0f64;
+    let mut last = None;
+    for i in ids {
+        let x = w[i as usize];
+        if x <= 0.0 {
+            continue;
+        }
+        acc += x as f64;
+        last = Some(i);
+        if r < acc {
+            return i;
+        }
+    }
+    last.unwrap_or_else(|| argmax(w))
+}
+
+/// Histogram buckets of weights in (0, 1]: 32 per octave over 40 octaves,
+/// the last holding everything smaller but not zero.
+const BUCKETS: usize = 40 * 32 + 1;
+
+/// A weight's bucket, 0 for the likeliest (positive floats order as their
+/// bits); zero weights go to `BUCKETS`, past every bucket.
+fn bucket(x: f32) -> u16 {
+    let top = 1.0f32.to_bits() >> 18;
+    let key = x.to_bits() >> 18;
+    let b = top.saturating_sub(key).min(BUCKETS as u32 - 1);
+    if x > 0.0 {
+        b as u16
+    } else {
+        BUCKETS as u16
+    }
+}
+
+/// e^x for x ≤ 0, within 3e-7 relative; 0 below −87 (and for −∞). Plain
+/// arithmetic, so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    let c = x.max(-87.0);
+    let n = (c * std::f32::consts::LOG2_E + 0.5).floor();
+    // c - n ln2 in two steps (Cody and Waite): |f| <= ln2 / 2, no error from
+    // rounding c log2(e)
+    let f = (c - n * 0.693_145_751_953_125) - n * 1.428_606_765_330_187e-6;
+    let e = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    // n is in [-126, 0] (c was clamped), so the unchecked conversion is exact
+    // and, unlike `as`, vectorises
+    // SAFETY: n is finite and within i32's range
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    let scale = f32::from_bits(((n + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        e * scale
+    }
+}
 
 /// The `k` largest logits' ids, likeliest first (ties by id).
 fn sorted_top(logits: &[f32], k: usize) -> Vec<u32> {
@@ -523,6 +661,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_vectorised_exp_matches_the_library_one() {
+        let mut x = 0.0f32;
+        while x > -90.0 {
+            let (got, want) = (exp_neg(x), x.exp());
+            if x >= -87.0 {
+                assert!((got - want).abs() <= 3e-7 * want, "{x}: {got} vs {want}");
+            } else {
+                assert_eq!(got, 0.0, "{x}");
+            }
+            x -= 0.001_37;
+        }
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

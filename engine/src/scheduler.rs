@@ -905,8 +905,10 @@ impl Worker {
         };
         let mut logits = logits.into_iter();
         let mut finished = Vec::new();
-        let mut forked = Vec::new();
+        let mut forked: Vec<(Seq, Vec<f32>, usize)> = Vec::new();
         let context = self.model.cfg().context;
+        // each sampling row's logits (by row), then the draws in parallel
+        let mut rows: Vec<Option<Vec<f32>>> = (0..self.active.len()).map(|_| None).collect();
         for (i, toks, want) in &inputs {
             let s = &mut self.active[*i];
             if s.last.is_none() {
@@ -916,22 +918,15 @@ impl Worker {
                 continue;
             }
             let Some(l) = logits.next() else { break };
-            let mask = match masks.get(i) {
-                None if s.guide.is_some() => Some(Err(EngineError::Internal(
-                    "the grammar mask was not computed".into(),
-                ))),
-                None => None,
-                Some(Ok(m)) => Some(Ok(m)),
-                Some(Err(e)) => Some(Err(EngineError::Internal(e.to_string()))),
-            };
-            let mask = match mask.transpose() {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = s.tx.send(Event::Error(GenError::internal(e.to_string())));
-                    finished.push(*i);
-                    continue;
-                }
-            };
+            if s.guide.is_some() && !matches!(masks.get(i), Some(Ok(_))) {
+                let why = match masks.get(i) {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "the grammar mask was not computed".into(),
+                };
+                let _ = s.tx.send(Event::Error(GenError::internal(why)));
+                finished.push(*i);
+                continue;
+            }
             // n > 1: the other samples start from this prompt's cache and logits
             if !s.forks.is_empty() {
                 let forks = std::mem::take(&mut s.forks);
@@ -940,7 +935,7 @@ impl Worker {
                 for (k, tx) in forks.into_iter().enumerate() {
                     let mut params = s.sampler.params().clone();
                     params.seed = params.seed.map(|x| x.wrapping_add(k as u64 + 1));
-                    let (kv, fed, last) = match self.model.fork_cache(&s.kv) {
+                    let (kv, fed, now) = match self.model.fork_cache(&s.kv) {
                         Some(kv) => (kv, s.fed, true),
                         None => match self.model.new_cache() {
                             Ok(kv) => (kv, 0, false),
@@ -951,7 +946,7 @@ impl Worker {
                         },
                     };
                     let stops = s.stop.stops().to_vec();
-                    let mut f = Seq {
+                    let f = Seq {
                         guide: s.guide.clone(),
                         forks: Vec::new(),
                         prompt: s.prompt.clone(),
@@ -968,15 +963,73 @@ impl Worker {
                         tenant: s.tenant.clone(),
                         clock: s.clock,
                     };
-                    if last && !sample_row(&mut f, &self.tok, &l, mask, context, &self.stats) {
-                        continue;
-                    }
-                    forked.push(f);
+                    // a copied cache samples now, from the same logits; a
+                    // fresh one prefills first
+                    let l = if now { l.clone() } else { Vec::new() };
+                    forked.push((f, l, *i));
                 }
             }
-            if !sample_row(s, &self.tok, &l, mask, context, &self.stats) {
-                finished.push(*i);
+            rows[*i] = Some(l);
+        }
+        // the draws are independent per row: over the thread pool
+        let draws: Vec<Option<std::result::Result<Sampled, GenError>>> = {
+            use rayon::prelude::*;
+            let masks = &masks;
+            let draw = |(i, (s, l)): (usize, (&mut Seq, &Option<Vec<f32>>))| {
+                l.as_ref()
+                    .map(|l| choose(s, l, masks.get(&i).and_then(|m| m.as_ref().ok())))
+            };
+            if rows.iter().filter(|r| r.is_some()).count() > 1 {
+                self.active
+                    .par_iter_mut()
+                    .zip(rows.par_iter())
+                    .enumerate()
+                    .map(draw)
+                    .collect()
+            } else {
+                self.active
+                    .iter_mut()
+                    .zip(rows.iter())
+                    .enumerate()
+                    .map(draw)
+                    .collect()
             }
+        };
+        for (i, d) in draws.into_iter().enumerate() {
+            let going = match d {
+                None => continue,
+                Some(Ok(sampled)) => advance(
+                    &mut self.active[i],
+                    &self.tok,
+                    sampled,
+                    context,
+                    &self.stats,
+                ),
+                Some(Err(e)) => {
+                    let _ = self.active[i].tx.send(Event::Error(e));
+                    false
+                }
+            };
+            if !going {
+                finished.push(i);
+            }
+        }
+        let mut kept = Vec::new();
+        for (mut f, l, i) in forked {
+            if !l.is_empty() {
+                let m = masks.get(&i).and_then(|m| m.as_ref().ok());
+                let going = match choose(&mut f, &l, m) {
+                    Ok(sampled) => advance(&mut f, &self.tok, sampled, context, &self.stats),
+                    Err(e) => {
+                        let _ = f.tx.send(Event::Error(e));
+                        false
+                    }
+                };
+                if !going {
+                    continue;
+                }
+            }
+            kept.push(f);
         }
         if !finished.is_empty() {
             let mut idx = 0;
@@ -985,37 +1038,31 @@ impl Worker {
                 !finished.contains(&(idx - 1))
             });
         }
-        let any_forked = !forked.is_empty();
-        self.active.extend(forked);
+        let any_forked = !kept.is_empty();
+        self.active.extend(kept);
         if !finished.is_empty() || any_forked {
             self.release_adapters();
         }
     }
 }
 
-/// Sample row `s`'s next token from its logits `l` (among what `mask` allows),
-/// advance its grammar and send the token, or the ending. Returns whether it
-/// goes on.
-fn sample_row(
-    s: &mut Seq,
-    tok: &Tok,
-    l: &[f32],
-    mask: Option<&Mask>,
-    context: usize,
-    stats: &EngineStats,
-) -> bool {
+/// Draw row `s`'s next token from its logits `l`, among what `mask` allows
+/// (narrowed near the budget's end to close JSON).
+fn choose(s: &mut Seq, l: &[f32], mask: Option<&Mask>) -> std::result::Result<Sampled, GenError> {
     if mask.is_some_and(Mask::is_empty) {
-        let _ = s.tx.send(Event::Error(GenError::internal(
-            "the grammar allows no token here",
-        )));
-        return false;
+        return Err(GenError::internal("the grammar allows no token here"));
     }
     let left = s.sampler.params().max_tokens.saturating_sub(s.output.len());
     let narrowed = match (&mut s.guide, mask) {
         (Some(g), Some(m)) => g.wrap_up(m, left),
         _ => None,
     };
-    let sampled = s.sampler.sample_masked(l, narrowed.as_ref().or(mask));
+    Ok(s.sampler.sample_masked(l, narrowed.as_ref().or(mask)))
+}
+
+/// Advance row `s` past its drawn token: its grammar, the token event, or
+/// the ending. Returns whether it goes on.
+fn advance(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize, stats: &EngineStats) -> bool {
     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
     let id = sampled.token;
     let p = s.sampler.params();
