@@ -1527,3 +1527,101 @@ fn request_fields_are_honoured_refused_or_named() {
     let u = &json(&r)["usage"];
     assert!(u["total_tokens"].as_u64().unwrap() <= 256, "{u}");
 }
+
+/// `n` samples over HTTP: one prompt counted once, each sample its own choice
+/// (streamed by index), each captured; structured output through
+/// `response_format` and `guided_choice` on both endpoints.
+#[test]
+fn n_samples_and_structured_output_over_http() {
+    let app = spawn_app("n-structured");
+    let post = |path: &str, body: serde_json::Value| {
+        http(&app, "POST", path, Some("acme-key"), &body.to_string())
+    };
+    let msgs = serde_json::json!([{"role": "user", "content": "hello"}]);
+    let r = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "tiny", "messages": msgs, "n": 3, "max_tokens": 6,
+            "temperature": 1.0, "seed": 5, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = json(&r);
+    let choices = j["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (k, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], k);
+    }
+    let one = json(&post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "tiny", "messages": msgs, "max_tokens": 6,
+            "temperature": 1.0, "seed": 5, "ignore_eos": true}),
+    ));
+    assert_eq!(choices[0]["message"], one["choices"][0]["message"]);
+    assert_eq!(j["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(j["usage"]["completion_tokens"], 18);
+    // every sample is captured, sample k as `{id}-{k}`
+    let data = retune_datasets::SqliteStore::open(&app.root.join("datasets.db")).unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    for k in 0..3 {
+        let want = if k == 0 {
+            id.clone()
+        } else {
+            format!("{id}-{k}")
+        };
+        let mut got = None;
+        for _ in 0..100 {
+            if let Ok(c) = retune_datasets::DatasetStore::completion(&data, "acme", &want) {
+                got = Some(c);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let c = got.unwrap_or_else(|| panic!("{want} not captured"));
+        assert_eq!(
+            c.output_text,
+            choices[k]["message"]["content"].as_str().unwrap()
+        );
+    }
+    // streamed: chunks carry their sample's index, one [DONE] at the end
+    let r = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "tiny", "messages": msgs, "n": 2, "max_tokens": 6,
+            "temperature": 1.0, "seed": 5, "ignore_eos": true, "stream": true}),
+    );
+    let mut texts = [String::new(), String::new()];
+    let mut finishes = 0;
+    for line in r.body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let ev: serde_json::Value = serde_json::from_str(line).unwrap();
+        let c = &ev["choices"][0];
+        let k = c["index"].as_u64().unwrap() as usize;
+        texts[k].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        finishes += c["finish_reason"].is_string() as usize;
+    }
+    assert_eq!(finishes, 2);
+    assert_eq!(r.body.matches("[DONE]").count(), 1);
+    assert_eq!(texts[0], choices[0]["message"]["content"].as_str().unwrap());
+    assert_eq!(texts[1], choices[1]["message"]["content"].as_str().unwrap());
+    // structured output on chat and on text completions
+    let schema = serde_json::json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"], "additionalProperties": false});
+    let r = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "tiny", "messages": msgs, "max_tokens": 40, "temperature": 1.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}}),
+    );
+    let text = json(&r)["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v["ok"].is_boolean(), "{text}");
+    let r = post(
+        "/v1/completions",
+        serde_json::json!({"model": "tiny", "prompt": "pick", "max_tokens": 10, "temperature": 1.0,
+            "guided_choice": ["yes", "no"]}),
+    );
+    let t = json(&r)["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(t == "yes" || t == "no", "{t:?}");
+}
