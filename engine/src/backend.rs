@@ -225,6 +225,8 @@ pub struct TokenEvent {
     pub text: String,
     pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
+    /// When the engine sampled it (not when a reader got it).
+    pub at: Instant,
 }
 
 /// Times of one generation, from its submission.

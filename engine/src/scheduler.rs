@@ -1242,6 +1242,7 @@ fn emit(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize) -> Option<(Fin
         text,
         logprob: sampled.logprob,
         top: sampled.top,
+        at: std::time::Instant::now(),
     }));
     if is_stop_token {
         Some((FinishReason::Stop, false))

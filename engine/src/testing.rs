@@ -132,6 +132,7 @@ impl Backend for ScriptedBackend {
                         text,
                         logprob: None,
                         top: Vec::new(),
+                        at: std::time::Instant::now(),
                     }));
                 }
                 Step::Fail(e) => {

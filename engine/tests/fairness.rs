@@ -38,13 +38,13 @@ fn submit(e: &Engine, tenant: &str, prompt_len: usize, max_tokens: usize) -> Gen
     e.submit(v).unwrap()
 }
 
-/// When the first token arrived, then runs the stream to its end.
+/// When the engine sampled the first token, then runs the stream to its end.
 fn first_token_at(mut s: GenerationStream) -> Instant {
     let mut first = None;
     while let Some(ev) = s.blocking_next() {
         match ev {
-            Event::Token(_) => {
-                first.get_or_insert_with(Instant::now);
+            Event::Token(t) => {
+                first.get_or_insert(t.at);
             }
             Event::Done(_) => break,
             Event::Error(e) => panic!("{e}"),
@@ -196,19 +196,23 @@ fn a_tokens_before_b_first(name: &str, decoding_budget: usize) -> usize {
     let reader = std::thread::spawn(move || {
         while let Some(ev) = a.blocking_next() {
             match ev {
-                Event::Token(_) => sink.lock().unwrap().push(Instant::now()),
+                // the engine's stamp: a reader that lags on a loaded
+                // machine would count tokens sampled before b was sent
+                Event::Token(t) => sink.lock().unwrap().push(t.at),
                 Event::Done(_) => break,
                 Event::Error(e) => panic!("{e}"),
             }
         }
     });
+    // a's tokens while b's prompt goes in (from b's submission, not from a's start)
+    let b_sent = Instant::now();
     let b_first = first_token_at(submit(&e, "b", 800, 1));
     reader.join().unwrap();
     let n = stamps
         .lock()
         .unwrap()
         .iter()
-        .filter(|t| **t < b_first)
+        .filter(|t| **t >= b_sent && **t < b_first)
         .count();
     n
 }

@@ -25,7 +25,47 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/v1/models", web::get().to(models))
         .route("/v1/chat/completions", web::post().to(chat))
-        .route("/v1/completions", web::post().to(completions));
+        .route("/v1/completions", web::post().to(completions))
+        .route("/tokenize", web::post().to(tokenize));
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    /// Accepted for vLLM's shape; one base model serves every adapter.
+    #[serde(default)]
+    #[allow(dead_code)]
+    model: Option<String>,
+    prompt: String,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /tokenize` (as vLLM's): a prompt's token ids under the base model's
+/// tokenizer, for counting tokens and for `logit_bias`.
+async fn tokenize(
+    state: Data,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    tenant(&state, &req)?;
+    let raw = body(&state, payload).await?;
+    let r: TokenizeRequest = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
+    let backend = state.backend.clone();
+    let ids = web::block(move || backend.tokenizer().encode(&r.prompt, r.add_special_tokens))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "count": ids.len(),
+        "tokens": ids,
+        "max_model_len": state.backend.context(),
+    })))
 }
 
 /// Liveness: fails when the engine has stopped (its scheduler panicked), so the

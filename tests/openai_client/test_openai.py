@@ -86,6 +86,7 @@ print("openai client: models, chat, completion, streaming, content parts, refuse
 # ---- structured output, n, logit_bias, logprobs ----
 import json
 import concurrent.futures as cf
+import httpx
 from typing import Literal
 from pydantic import BaseModel, Field
 
@@ -101,7 +102,6 @@ TICKET = [{"role": "system", "content": "Classify the support ticket as JSON."},
 models = [model]
 if admin_key:
     # an adapter for the same base (a committed PEFT fixture), uploaded and promoted
-    import httpx
     fx = "tests/fixtures/lora/adapter"
     h = {"Authorization": f"Bearer {admin_key}"}
     with open(f"{fx}/adapter_config.json", "rb") as c_, open(f"{fx}/adapter_model.safetensors", "rb") as m_:
@@ -170,6 +170,16 @@ for ev in client.chat.completions.create(model=model, messages=[{"role": "user",
         seen[ch.index].append(ch.delta.content or "")
 assert ["".join(seen[k]) for k in (0, 1)] == [c.message.content for c in two.choices]
 
+# logit_bias -100 bans the token greedy decoding picks first (its id from /tokenize)
+hello = [{"role": "user", "content": "Say hello."}]
+g = client.chat.completions.create(model=model, messages=hello, max_tokens=1, temperature=0)
+tok_text = g.choices[0].message.content
+ids = httpx.post(f"{base}/tokenize", headers={"Authorization": f"Bearer {key}"},
+                 json={"prompt": tok_text, "add_special_tokens": False}).json()["tokens"]
+assert len(ids) == 1, (tok_text, ids)
+banned = client.chat.completions.create(model=model, messages=hello, max_tokens=1, temperature=0,
+                                        logit_bias={str(ids[0]): -100})
+assert banned.choices[0].message.content != tok_text, (tok_text, banned.choices[0].message.content)
 # logprobs: the token's own bytes; legacy completions have their own shape
 lp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=1,
                                     temperature=0, logprobs=True, top_logprobs=3)
