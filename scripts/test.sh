@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 RETUNE_MODEL="$(./scripts/fetch-model.sh)"
 export RETUNE_MODEL
 cargo nextest run --workspace --release --no-fail-fast "$@"
-cargo build --release -q -p retune-server --bin retune
+cargo build --release -q -p retune-server --bin retune -p retune-trainer --bin retune-trainer
 ./scripts/cpu-check-test.sh
 ./scripts/openai-client-test.sh
+./scripts/k8s-check.sh
