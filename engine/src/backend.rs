@@ -118,14 +118,19 @@ impl ValidRequest {
         params
             .validate()
             .map_err(|e| GenError::client(e.to_string()))?;
-        let guide = match &params.constraint {
-            None => None,
-            Some(c) => Some(
-                tok.grammars()
-                    .and_then(|g| g.compile(c))
-                    .map_err(|e| GenError::client_param("constraint", e.to_string()))?,
-            ),
-        };
+        let guide =
+            match &params.constraint {
+                None => None,
+                Some(c) => Some(tok.grammars().and_then(|g| g.compile(c)).map_err(
+                    |e| match e {
+                        EngineError::InvalidRequest(_) => {
+                            GenError::client_param("constraint", e.to_string())
+                        }
+                        // the grammar engine's own failure is the server's
+                        e => GenError::internal(e.to_string()),
+                    },
+                )?),
+            };
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
         }

@@ -256,9 +256,14 @@ impl Grammars {
     /// naming the problem.
     pub fn compile(&self, c: &Constraint) -> Result<Guide> {
         let grammar = c.grammar()?;
-        let parser = self.factory.create_parser(grammar).map_err(|e| {
-            EngineError::InvalidRequest(format!("cannot use this {}: {e}", c.what()))
-        })?;
+        // a panic in the grammar compiler is a fault of the server, not of the schema
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.factory.create_parser(grammar)
+        }))
+        .map_err(|_| {
+            EngineError::Internal(format!("the grammar compiler failed on this {}", c.what()))
+        })?
+        .map_err(|e| EngineError::InvalidRequest(format!("cannot use this {}: {e}", c.what())))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(EngineError::InvalidRequest(format!(

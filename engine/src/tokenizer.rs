@@ -148,7 +148,12 @@ impl Tok {
     /// The grammar engine (structured output) for this tokenizer, built once.
     pub fn grammars(&self) -> Result<&crate::guide::Grammars> {
         self.grammars
-            .get_or_init(|| crate::guide::Grammars::new(self).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::guide::Grammars::new(self)
+                }))
+                .unwrap_or_else(|_| Err("the grammar engine failed on this vocabulary".into()))
+            })
             .as_ref()
             .map_err(|e| {
                 EngineError::InvalidRequest(format!("structured output is unavailable: {e}"))
