@@ -54,6 +54,14 @@ NUMBER: /-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,3})?/
 "#;
 
 impl Constraint {
+    fn what(&self) -> &'static str {
+        match self {
+            Self::JsonObject | Self::JsonSchema { .. } => "schema",
+            Self::Choice { .. } => "choice list",
+            Self::Regex { .. } => "pattern",
+        }
+    }
+
     fn grammar(&self) -> Result<TopLevelGrammar> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
         Ok(match self {
@@ -279,16 +287,6 @@ impl Grammars {
             closing: self.closing.clone(),
             wrapped: false,
         })
-    }
-}
-
-impl Constraint {
-    fn what(&self) -> &'static str {
-        match self {
-            Self::JsonObject | Self::JsonSchema { .. } => "schema",
-            Self::Choice { .. } => "choice list",
-            Self::Regex { .. } => "pattern",
-        }
     }
 }
 

@@ -521,7 +521,6 @@ async fn validated(
     adapter: Option<AdapterRef>,
     c: &Common,
 ) -> Result<ValidRequest, ApiError> {
-    let field = constraint(c).ok().map(|(_, f)| f.to_string());
     let r = if params.constraint.is_some() {
         let backend = state.backend.clone();
         web::block(move || backend.validate(prompt, params, adapter))
@@ -532,7 +531,8 @@ async fn validated(
     };
     r.map_err(|mut e| {
         if e.param.as_deref() == Some("constraint") {
-            e.param = field;
+            // (parsed again only here, on the error path)
+            e.param = constraint(c).ok().map(|(_, f)| f.to_string());
         }
         e.into()
     })
