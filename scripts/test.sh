@@ -9,3 +9,4 @@ cargo build --release -q -p retune-server --bin retune -p retune-trainer --bin r
 ./scripts/cpu-check-test.sh
 ./scripts/openai-client-test.sh
 ./scripts/k8s-check.sh
+./scripts/image-check.sh

@@ -69,7 +69,8 @@ pub struct RunInfo {
     pub started_at: i64,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
-    /// `running`, `promoted`, `canary`, `rejected`, `failed`, `skipped`, `crashed`.
+    /// `running`, `promoted`, `canary`, `rejected`, `failed`, `skipped`, `crashed`,
+    /// `interrupted` (stopped by a signal; nothing registered).
     pub status: String,
     pub snapshot: Option<String>,
     pub version: Option<String>,

@@ -8,6 +8,11 @@
 //! the rollout and the watch commit together or not at all; a run left `running`
 //! becomes `crashed` when its holder starts again (or its lease lapses), and the
 //! next run starts from a fresh work directory.
+//!
+//! A stop request (SIGTERM from the kubelet, SIGINT) ends a training run at its
+//! next step: the run becomes `interrupted` (not a failure: no `run-failed`
+//! entry, its data still counts as new), the lease is released and the process
+//! exits before the pod's grace period ends. The gate, once started, finishes.
 
 use crate::error::{Result, TrainError};
 use crate::gate::{run_gate, GateInputs, GateReport};
@@ -25,6 +30,7 @@ use retune_datasets::{DatasetStore, Policy, SqliteStore};
 use retune_engine::{ChatTemplate, DeviceModel, Model, Tok};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub const ACTOR: &str = "retune-trainer";
@@ -76,7 +82,7 @@ pub fn data_mark(reg: &Registry, data: &dyn DatasetStore, tenant: &str, name: &s
         }
     }
     for r in reg.runs(tenant, name, 50)? {
-        if r.status != "crashed" && r.status != "running" {
+        if !matches!(r.status.as_str(), "crashed" | "running" | "interrupted") {
             if let Some(s) = &r.snapshot {
                 mark = mark.max(snapshot_time(data, tenant, s).unwrap_or(0));
             }
@@ -170,6 +176,7 @@ pub struct Daemon {
     base: ServedBase,
     base_name: String,
     pub holder: String,
+    stop: Arc<AtomicBool>,
 }
 
 fn snapshot_time(data: &dyn DatasetStore, tenant: &str, id: &str) -> Option<i64> {
@@ -233,6 +240,7 @@ impl Daemon {
             template: l.template,
             base,
             holder,
+            stop: Arc::new(AtomicBool::new(false)),
         };
         let n = d.reg.mark_crashed_of(&d.holder)?;
         if n > 0 {
@@ -240,6 +248,23 @@ impl Daemon {
         }
         d.clean_work()?;
         Ok(d)
+    }
+
+    /// The flag a signal handler sets to stop the daemon: a training run ends at
+    /// its next step as `interrupted`, and `pass` starts nothing new.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Use `flag` as the stop flag (a handler installed before `open`, so a
+    /// signal during the model load is not lost).
+    pub fn with_stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = flag;
+        self
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 
     /// Remove the work directories of runs that are not running (crashed ones
@@ -341,6 +366,9 @@ impl Daemon {
         }
         let mut out = Vec::new();
         for (tenant, name, ls) in targets {
+            if self.stop_requested() {
+                break;
+            }
             if let Some(trigger) = self.due(&tenant, &name, &ls)? {
                 if let Some(o) = self.train_adapter(&tenant, &name, &ls, &trigger)? {
                     out.push(o);
@@ -405,6 +433,11 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         let outcome = match res {
             Ok(o) => o,
+            Err(e @ TrainError::Interrupted { .. }) if self.stop_requested() => {
+                let reason = format!("stopped by a signal: {e}");
+                let detail = serde_json::json!({"trigger": trigger.to_string(), "reason": reason});
+                self.end_run(tenant, name, &run_id, "interrupted", None, &detail, reason)?
+            }
             Err(e) => {
                 let reason = e.to_string();
                 let detail = serde_json::json!({"trigger": trigger.to_string(), "reason": reason});
@@ -548,6 +581,9 @@ impl Daemon {
         };
         let mut progress_detail = detail.clone();
         let result = run(job, |p: &Progress| {
+            if self.stop_requested() {
+                return ControlFlow::Break(());
+            }
             if last_renew.elapsed() >= renew_every {
                 last_renew = std::time::Instant::now();
                 if let Err(e) = self.renew(tenant, name) {
@@ -578,6 +614,13 @@ impl Daemon {
             return Err(e);
         }
         let result = result?;
+        if self.stop_requested() {
+            // trained but not yet gated: nothing is registered
+            return Err(TrainError::Interrupted {
+                step: result.record.steps,
+                checkpoint: None,
+            });
+        }
         self.renew(tenant, name)?;
         // gate
         let rows = self.data.snapshot_rows(tenant, &m.id)?;

@@ -508,12 +508,34 @@ fn daemon_cmd(at: &SettingsArgs, once: bool, holder: Option<String>) -> anyhow::
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "retune-trainer".into());
     let poll = std::time::Duration::from_secs_f64(t.poll_seconds);
-    let d = retune_trainer::daemon::Daemon::open(settings, holder)?;
+    // SIGTERM (the kubelet; as PID 1 in a container an unhandled one is
+    // ignored) and SIGINT: end the run at its next step, release the lease,
+    // exit. Installed before the model loads, so an early stop is not lost.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let flag = stop.clone();
+        // SAFETY: the action only stores to an atomic (async-signal-safe)
+        let installed = unsafe {
+            signal_hook_registry::register(sig, move || {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed)
+            })
+        };
+        if let Err(e) = installed {
+            tracing::error!(
+                "cannot install a handler for signal {sig}: {e}; a stop will kill a run"
+            );
+        }
+    }
+    let d = retune_trainer::daemon::Daemon::open(settings, holder)?.with_stop_flag(stop);
     eprintln!(
         "retune-trainer daemon: holder {}, looking every {:?}",
         d.holder, poll
     );
     loop {
+        if d.stop_requested() {
+            eprintln!("retune-trainer daemon: stopped");
+            return Ok(());
+        }
         match d.pass() {
             Ok(outcomes) => {
                 for o in outcomes {
@@ -527,7 +549,10 @@ fn daemon_cmd(at: &SettingsArgs, once: bool, holder: Option<String>) -> anyhow::
         if once {
             return Ok(());
         }
-        std::thread::sleep(poll);
+        let until = std::time::Instant::now() + poll;
+        while !d.stop_requested() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(100).min(poll));
+        }
     }
 }
 

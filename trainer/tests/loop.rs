@@ -783,6 +783,117 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
 }
 
 #[test]
+fn sigterm_mid_training_ends_the_run_as_interrupted_releases_the_lease_and_exits() {
+    // the kubelet sends SIGTERM, then SIGKILL after the grace period; as PID 1
+    // in a container an unhandled SIGTERM is ignored, so the daemon handles it
+    let dir = tmpdir("sigterm");
+    let gguf = tiny(&dir);
+    let root = dir.join("root");
+    let cfg_with = |epochs: f64, name: &str| {
+        let cfg = dir.join(name);
+        let text = format!(
+            "[model]\npath = {:?}\n[adapters]\nroot = {:?}\n[trainer]\nlease_seconds = 10\npoll_seconds = 30\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n[trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = {epochs}\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n[trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\n[trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
+            gguf.to_string_lossy(),
+            root.to_string_lossy()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    // long enough that the signal lands mid-training
+    let long = cfg_with(2000.0, "long.toml");
+    import(&dir, &rows(120, None));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_retune-trainer"))
+        .args(["daemon", "--holder", "node-a", "--config"])
+        .arg(&long)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait for a run with training progress in its record
+    let t = std::time::Instant::now();
+    let run_id = loop {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the daemon exited before training: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "no training progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let Ok(reg) = Registry::open(
+            &root.join("registry.db"),
+            Arc::new(LocalStore::new(&root.join("store")).unwrap()),
+            1 << 30,
+        ) else {
+            continue;
+        };
+        let runs = reg.runs("acme", "greet", 10).unwrap_or_default();
+        if let Some(r) = runs
+            .iter()
+            .find(|r| r.status == "running" && r.detail.get("progress").is_some())
+        {
+            break r.id.clone();
+        }
+    };
+    let sent = std::time::Instant::now();
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            sent.elapsed() < std::time::Duration::from_secs(20),
+            "SIGTERM did not stop the daemon within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    consistent(&root);
+    let reg = registry(&root);
+    let runs = reg.runs("acme", "greet", 50).unwrap();
+    let run = runs.iter().find(|r| r.id == run_id).unwrap();
+    assert_eq!(run.status, "interrupted", "{run:?}");
+    assert!(run.finished_at.is_some());
+    assert_eq!(reg.lease_holder("acme", "greet").unwrap(), None);
+    match reg.versions("acme", "greet") {
+        Ok(vs) => assert!(vs.is_empty(), "{vs:?}"),
+        Err(RegistryError::NotFound(_)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert!(
+        !reg.journal("acme", "greet")
+            .unwrap()
+            .iter()
+            .any(|e| e.event == "run-failed"),
+        "a stop is not a failure"
+    );
+    // the interrupted run consumed nothing: the next daemon trains the same data
+    let short = cfg_with(8.0, "short.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retune-trainer"))
+        .args(["daemon", "--once", "--holder", "node-a", "--config"])
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reg = registry(&root);
+    assert!(reg.state("acme", "greet").unwrap().live.is_some());
+    consistent(&root);
+}
+
+#[test]
 fn one_daemon_per_adapter_retrain_requests_and_the_schedule_trigger_training() {
     let dir = tmpdir("lease");
     let gguf = tiny(&dir);
