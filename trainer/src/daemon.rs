@@ -250,14 +250,9 @@ impl Daemon {
         Ok(d)
     }
 
-    /// The flag a signal handler sets to stop the daemon: a training run ends at
-    /// its next step as `interrupted`, and `pass` starts nothing new.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
-    /// Use `flag` as the stop flag (a handler installed before `open`, so a
-    /// signal during the model load is not lost).
+    /// Use `flag` as the stop flag, which a signal handler installed before
+    /// `open` sets (a signal during the model load is not lost): a training
+    /// run ends at its next step as `interrupted`, and `pass` starts nothing new.
     pub fn with_stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
         self.stop = flag;
         self
