@@ -298,6 +298,9 @@ pub struct LoraAdapter {
     /// Process-unique identity of this loaded copy (never reused), so a device
     /// backend can cache its uploaded weights safely.
     id: u64,
+    /// The content id of the files this copy was loaded from, when the pool
+    /// checked them against it (a content-addressed store).
+    content: Option<String>,
 }
 
 impl Clone for LoraAdapter {
@@ -316,6 +319,23 @@ impl LoraAdapter {
             bytes,
             config,
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            content: None,
+        }
+    }
+
+    /// Mark this copy as loaded from files checked against content id `id`.
+    pub fn with_content_id(mut self, id: &str) -> Self {
+        self.content = Some(id.to_string());
+        self
+    }
+
+    /// What identifies these weights for caches keyed by them (the prefix
+    /// cache): the checked content id, else this loaded copy's identity (a
+    /// copy loaded again from unchecked files never shares entries).
+    pub fn cache_key(&self) -> String {
+        match &self.content {
+            Some(c) => format!("content:{c}"),
+            None => format!("copy:{}", self.id),
         }
     }
 

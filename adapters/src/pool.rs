@@ -158,7 +158,7 @@ fn load_checked(
             });
         }
     }
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         load_peft(&dir, base, &cfg.limits)
     }))
     .unwrap_or_else(|_| {
@@ -166,6 +166,11 @@ fn load_checked(
             field: "adapter".into(),
             reason: "loading panicked (a bug met by this file)".into(),
         })
+    })?;
+    Ok(if source.content_addressed() {
+        loaded.with_content_id(adapter.version())
+    } else {
+        loaded
     })
 }
 

@@ -113,6 +113,14 @@ pub struct EngineSettings {
     pub device_adapter_slots: usize,
     /// Tensor backend: largest LoRA rank the device adapter slabs hold.
     pub device_max_rank: usize,
+    /// Prompt positions the prefix cache may hold (0: off). It never holds more
+    /// than the KV budget (`max_kv_tokens`) running sequences leave free.
+    pub prefix_cache_tokens: usize,
+    /// Positions per prefix-cache block: prompts share whole blocks.
+    pub prefix_cache_block: usize,
+    /// Percent of `prefix_cache_tokens` one tenant may hold, so one tenant
+    /// cannot evict everyone's entries.
+    pub prefix_cache_tenant_percent: u32,
 }
 
 impl Default for EngineSettings {
@@ -132,6 +140,9 @@ impl Default for EngineSettings {
             slot_context: 4096,
             device_adapter_slots: 64,
             device_max_rank: 16,
+            prefix_cache_tokens: 16_384,
+            prefix_cache_block: 16,
+            prefix_cache_tenant_percent: 50,
         }
     }
 }
@@ -216,6 +227,11 @@ pub struct TenantSettings {
     /// budget (default 1: equal shares).
     #[serde(default = "one")]
     pub weight: u32,
+    /// Share this tenant's prompt prefixes with the other tenants that set this
+    /// (the public scope of the prefix cache). Off by default: a shared cache
+    /// tells, through time to first token, whether another tenant sent a prompt.
+    #[serde(default)]
+    pub public_prefixes: bool,
 }
 
 fn one() -> u32 {
@@ -365,6 +381,27 @@ impl Settings {
                 "must be at least 1",
             );
         }
+        if e.prefix_cache_block == 0 || e.prefix_cache_block > 4096 {
+            return bad("engine.prefix_cache_block", "must be in 1..=4096");
+        }
+        if !(1..=100).contains(&e.prefix_cache_tenant_percent) {
+            return bad(
+                "engine.prefix_cache_tenant_percent",
+                &format!(
+                    "is {}: must be in 1..=100 (a share of the prefix cache)",
+                    e.prefix_cache_tenant_percent
+                ),
+            );
+        }
+        if e.prefix_cache_tokens > e.max_kv_tokens {
+            return bad(
+                "engine.prefix_cache_tokens",
+                &format!(
+                    "is {}: the prefix cache lives in the KV budget, engine.max_kv_tokens = {}",
+                    e.prefix_cache_tokens, e.max_kv_tokens
+                ),
+            );
+        }
         if let Err((field, reason)) = self.trainer.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
@@ -452,5 +489,45 @@ mod tests {
             "b".repeat(64)
         );
         assert!(Settings::from_toml(&dup, []).is_err());
+    }
+
+    #[test]
+    fn prefix_cache_settings_that_cannot_fit_are_refused_naming_the_key() {
+        let s = Settings::from_toml(BASE, []).unwrap();
+        assert_eq!(s.engine.prefix_cache_tokens, 16_384);
+        assert!(!s.tenants[0].public_prefixes);
+        for (key, value, field) in [
+            (
+                "RETUNE_ENGINE__PREFIX_CACHE_TENANT_PERCENT",
+                "150",
+                "engine.prefix_cache_tenant_percent",
+            ),
+            (
+                "RETUNE_ENGINE__PREFIX_CACHE_TENANT_PERCENT",
+                "0",
+                "engine.prefix_cache_tenant_percent",
+            ),
+            (
+                "RETUNE_ENGINE__PREFIX_CACHE_TOKENS",
+                "100000",
+                "engine.prefix_cache_tokens",
+            ),
+            (
+                "RETUNE_ENGINE__PREFIX_CACHE_BLOCK",
+                "0",
+                "engine.prefix_cache_block",
+            ),
+        ] {
+            let err = Settings::from_toml(BASE, [(key.into(), value.into())]).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if f == field),
+                "{key}={value}: {err}"
+            );
+        }
+        let off = Settings::from_toml(
+            BASE,
+            [("RETUNE_ENGINE__PREFIX_CACHE_TOKENS".into(), "0".into())],
+        );
+        assert_eq!(off.unwrap().engine.prefix_cache_tokens, 0);
     }
 }

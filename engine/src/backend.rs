@@ -258,6 +258,8 @@ pub struct Completion {
     pub timings: Timings,
     /// Trailing text released at the end (held back for stop-string matching).
     pub tail: String,
+    /// Prompt positions reused from the prefix cache, not prefilled.
+    pub cached_tokens: usize,
 }
 
 impl Completion {
@@ -337,6 +339,21 @@ pub struct BackendStats {
     pub prompt_tokens: usize,
     /// Tokens in the most recent forward step (decode rows + prefill chunk).
     pub last_step_tokens: usize,
+    /// The prefix cache's counters (`None`: no prefix cache).
+    pub prefix: Option<PrefixCounters>,
+}
+
+/// Counters of a prefix cache, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefixCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub tokens_reused: u64,
+    pub evictions: u64,
+    /// Prompts longer than a tenant's share of the cache: served, not cached.
+    pub uncached_too_long: u64,
+    pub tokens: usize,
+    pub bytes: usize,
 }
 
 /// What the HTTP server needs from generation.

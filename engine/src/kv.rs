@@ -64,4 +64,31 @@ impl KvCache {
     pub(crate) fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
         (&self.k[layer], &self.v[layer])
     }
+
+    /// Positions `start..start + n` of every layer, K then V per layer, appended
+    /// to `out` (the prefix cache's block form).
+    pub(crate) fn copy_out(&self, start: usize, n: usize, out: &mut Vec<f16>) {
+        let (a, b) = (start * self.kv_dim, (start + n) * self.kv_dim);
+        for (k, v) in self.k.iter().zip(&self.v) {
+            out.extend_from_slice(&k[a..b]);
+            out.extend_from_slice(&v[a..b]);
+        }
+    }
+
+    /// A cache holding the positions of `blocks` in order, each `n` positions in
+    /// the form [`Self::copy_out`] writes.
+    pub(crate) fn from_blocks(n_layer: usize, kv_dim: usize, n: usize, blocks: &[&[f16]]) -> Self {
+        let mut c = Self::new(n_layer, kv_dim);
+        let per = n * kv_dim;
+        c.reserve(n * blocks.len());
+        for blk in blocks {
+            for layer in 0..n_layer {
+                let at = layer * 2 * per;
+                c.k[layer].extend_from_slice(&blk[at..at + per]);
+                c.v[layer].extend_from_slice(&blk[at + per..at + 2 * per]);
+            }
+        }
+        c.len = n * blocks.len();
+        c
+    }
 }

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod prefix;
 pub mod safetensors;
 pub mod sampler;
 pub mod scheduler;
@@ -28,7 +29,7 @@ pub mod tokenizer;
 
 pub use backend::{
     Backend, BackendStats, Completion, ErrorKind, Event, EventSender, FinishReason, GenError,
-    GenerationStream, Health, Timings, TokenEvent, ValidRequest,
+    GenerationStream, Health, PrefixCounters, Timings, TokenEvent, ValidRequest,
 };
 pub use chat::{ChatMessage, ChatTemplate, Rendered};
 pub use device::{
@@ -38,6 +39,7 @@ pub use device::{
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
 pub use model::{BatchItem, Model, ModelConfig};
+pub use prefix::{PrefixConfig, PrefixStats};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Engine, EngineConfig, GenerateRequest, Generated};
 pub use tokenizer::Tok;

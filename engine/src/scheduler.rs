@@ -12,6 +12,7 @@ use crate::device::{Cache, Compute};
 use crate::error::{EngineError, Result};
 use crate::guide::{Guide, Mask};
 use crate::model::BatchItem;
+use crate::prefix::{PrefixCache, PrefixConfig, PrefixStats};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::stream::{Detok, StopText};
 use crate::tokenizer::Tok;
@@ -40,6 +41,8 @@ pub struct EngineConfig {
     /// Each configured tenant's weight in the fair shares of the queue, the KV
     /// budget and the prefill budget; a tenant not listed weighs 1.
     pub tenant_weights: HashMap<String, u32>,
+    /// Reuse of computed prompt prefixes (host engine only).
+    pub prefix_cache: PrefixConfig,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             max_kv_tokens: 65_536,
             threads: 0,
             tenant_weights: HashMap::new(),
+            prefix_cache: PrefixConfig::default(),
         }
     }
 }
@@ -170,6 +174,7 @@ pub struct Engine {
     alive: Arc<AtomicBool>,
     /// Set by `abort_all`: everything waiting or running ends, nothing new is taken.
     abort: Arc<Mutex<Option<String>>>,
+    prefix: Option<Arc<PrefixStats>>,
 }
 
 /// Marks the engine dead when the scheduler thread ends, however it ends.
@@ -208,6 +213,18 @@ impl Engine {
             .map_err(|e| EngineError::InvalidRequest(format!("thread pool: {e}")))?;
         let book = Arc::new(Mutex::new(QueueBook::default()));
         let abort = Arc::new(Mutex::new(None));
+        // the prefix cache holds host KV: the device backend's slots are not copied
+        let prefix = match &model {
+            Compute::Host(m) => Some(PrefixCache::new(
+                cfg.prefix_cache.clone(),
+                &m.fingerprint(),
+                m.cfg.n_layer,
+                m.cfg.kv_dim(),
+            ))
+            .filter(PrefixCache::enabled),
+            Compute::Device(_) => None,
+        };
+        let prefix_stats = prefix.as_ref().map(PrefixCache::stats);
         let worker = Worker {
             model,
             tok: tok.clone(),
@@ -225,6 +242,7 @@ impl Engine {
             spent: HashMap::new(),
             spent_at: std::time::Instant::now(),
             seen: HashMap::new(),
+            prefix,
         };
         let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
         let template =
@@ -248,6 +266,7 @@ impl Engine {
             book,
             alive,
             abort,
+            prefix: prefix_stats,
         })
     }
 
@@ -409,6 +428,18 @@ impl Backend for Engine {
             generated_tokens: get(&s.generated_tokens),
             prompt_tokens: get(&s.prompt_tokens),
             last_step_tokens: get(&s.last_step_tokens),
+            prefix: self
+                .prefix
+                .as_ref()
+                .map(|p| crate::backend::PrefixCounters {
+                    hits: p.hits.load(Ordering::Relaxed),
+                    misses: p.misses.load(Ordering::Relaxed),
+                    tokens_reused: p.tokens_reused.load(Ordering::Relaxed),
+                    evictions: p.evictions.load(Ordering::Relaxed),
+                    uncached_too_long: p.too_long.load(Ordering::Relaxed),
+                    tokens: p.tokens.load(Ordering::Relaxed),
+                    bytes: p.bytes.load(Ordering::Relaxed),
+                }),
         }
     }
 }
@@ -431,6 +462,8 @@ struct Seq {
     adapter: Option<(Arc<LoraAdapter>, AdapterRef)>,
     tenant: Arc<str>,
     clock: Clock,
+    /// Prompt positions taken from the prefix cache.
+    cached: usize,
 }
 
 enum Resolved {
@@ -462,6 +495,14 @@ struct Worker {
     /// When each tenant last had work in a step (batch shares count tenants
     /// active within [`RECENT`]).
     seen: HashMap<Arc<str>, std::time::Instant>,
+    prefix: Option<PrefixCache>,
+}
+
+/// What a sequence's prefix-cache entries are keyed by: the adapter's weights.
+fn weights_key(adapter: &Option<(Arc<LoraAdapter>, AdapterRef)>) -> String {
+    adapter
+        .as_ref()
+        .map_or_else(|| "base".to_string(), |a| a.0.cache_key())
 }
 
 impl Worker {
@@ -766,7 +807,7 @@ impl Worker {
     }
 
     fn admit(&mut self, mut job: Job, adapter: Option<Arc<LoraAdapter>>) {
-        let kv = match self.model.new_cache() {
+        let mut kv = match self.model.new_cache() {
             Ok(kv) => kv,
             Err(e) => {
                 let _ = job.tx.send(Event::Error(GenError::internal(e.to_string())));
@@ -782,12 +823,22 @@ impl Worker {
         stops.retain(|s| !s.is_empty());
         job.clock.admitted = Some(std::time::Instant::now());
         let adapter = adapter.zip(job.adapter);
+        let mut cached = 0;
+        if let Some(prefix) = &mut self.prefix {
+            // the running sequences' reservations come first: the cache keeps what is left
+            prefix.shrink_to(self.cfg.max_kv_tokens.saturating_sub(self.reserved));
+            let scope = prefix.scope_of(&job.tenant);
+            if let Some(hit) = prefix.lookup(&scope, &weights_key(&adapter), &job.prompt) {
+                cached = hit.tokens;
+                kv = Cache::Host(hit.kv);
+            }
+        }
         let sampler = Sampler::with_prompt(job.params, &job.prompt);
         self.active.push(Seq {
             guide: job.guide,
             forks: job.forks,
             prompt: job.prompt,
-            fed: 0,
+            fed: cached,
             last: None,
             output: Vec::new(),
             kv,
@@ -799,6 +850,7 @@ impl Worker {
             adapter,
             tenant: job.tenant,
             clock: job.clock,
+            cached,
         });
     }
 
@@ -909,10 +961,18 @@ impl Worker {
         let context = self.model.cfg().context;
         // each sampling row's logits (by row), then the draws in parallel
         let mut rows: Vec<Option<Vec<f32>>> = (0..self.active.len()).map(|_| None).collect();
+        let room = self.cfg.max_kv_tokens.saturating_sub(self.reserved);
         for (i, toks, want) in &inputs {
             let s = &mut self.active[*i];
             if s.last.is_none() {
                 s.fed += toks.len();
+                // the whole prompt is in: its blocks go to the prefix cache
+                if let (Some(prefix), Cache::Host(kv)) = (&mut self.prefix, &s.kv) {
+                    if s.fed == s.prompt.len() && toks.len() > 0 {
+                        let scope = prefix.scope_of(&s.tenant);
+                        prefix.insert(&scope, &weights_key(&s.adapter), &s.prompt, kv, room);
+                    }
+                }
             }
             if !*want {
                 continue;
@@ -962,6 +1022,7 @@ impl Worker {
                         adapter: s.adapter.clone(),
                         tenant: s.tenant.clone(),
                         clock: s.clock,
+                        cached: if now { s.cached } else { 0 },
                     };
                     // a copied cache samples now, from the same logits; a
                     // fresh one prefills first
@@ -1099,6 +1160,7 @@ fn advance(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize, stats: &Eng
         params: s.sampler.params().clone(),
         timings: s.clock.timings(),
         tail,
+        cached_tokens: s.cached,
     };
     let _ = s.tx.send(Event::Done(Box::new(record)));
     false

@@ -148,6 +148,7 @@ impl Backend for ScriptedBackend {
                         params: req.params().clone(),
                         timings: Timings::default(),
                         tail: String::new(),
+                        cached_tokens: 0,
                     })));
                     break;
                 }

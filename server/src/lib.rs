@@ -334,6 +334,17 @@ impl Application {
                 .iter()
                 .map(|t| (t.name.clone(), t.weight))
                 .collect(),
+            prefix_cache: retune_engine::PrefixConfig {
+                max_tokens: e.prefix_cache_tokens,
+                block: e.prefix_cache_block,
+                scope_share: f64::from(e.prefix_cache_tenant_percent) / 100.0,
+                public_tenants: settings
+                    .tenants
+                    .iter()
+                    .filter(|t| t.public_prefixes)
+                    .map(|t| t.name.clone())
+                    .collect(),
+            },
         };
         let compute = retune_engine::device::build_backend(
             loaded.model,

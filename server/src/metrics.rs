@@ -32,9 +32,76 @@ pub struct Metrics {
     pub snapshot_examples: Histogram,
     /// Generations cancelled because the client left.
     pub cancelled: prometheus::IntCounter,
+    pub prefix: PrefixMetrics,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
+}
+
+/// The engine's prefix cache.
+pub struct PrefixMetrics {
+    pub hits: prometheus::IntCounter,
+    pub misses: prometheus::IntCounter,
+    pub tokens_reused: prometheus::IntCounter,
+    pub evictions: prometheus::IntCounter,
+    pub uncached: prometheus::IntCounter,
+    pub tokens: IntGauge,
+    pub bytes: IntGauge,
+}
+
+impl PrefixMetrics {
+    fn new(r: &Registry) -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str| -> prometheus::Result<prometheus::IntCounter> {
+            let c = prometheus::IntCounter::new(name, help)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            hits: counter(
+                "retune_prefix_cache_hits_total",
+                "Admitted prompts that reused a cached prefix",
+            )?,
+            misses: counter(
+                "retune_prefix_cache_misses_total",
+                "Admitted prompts that found no cached prefix",
+            )?,
+            tokens_reused: counter(
+                "retune_prefix_cache_reused_tokens_total",
+                "Prompt tokens taken from the prefix cache instead of prefilled",
+            )?,
+            evictions: counter(
+                "retune_prefix_cache_evictions_total",
+                "Prefix cache blocks evicted to make room",
+            )?,
+            uncached: counter(
+                "retune_prefix_cache_uncached_total",
+                "Prompts longer than a tenant's share of the prefix cache: served, not cached",
+            )?,
+            tokens: gauge(
+                "retune_prefix_cache_tokens",
+                "Positions held by the prefix cache",
+            )?,
+            bytes: gauge(
+                "retune_prefix_cache_bytes",
+                "Bytes held by the prefix cache",
+            )?,
+        })
+    }
+
+    pub fn update(&self, p: &retune_engine::PrefixCounters) {
+        catch_up(&self.hits, p.hits);
+        catch_up(&self.misses, p.misses);
+        catch_up(&self.tokens_reused, p.tokens_reused);
+        catch_up(&self.evictions, p.evictions);
+        catch_up(&self.uncached, p.uncached_too_long);
+        self.tokens.set(p.tokens as i64);
+        self.bytes.set(p.bytes as i64);
+    }
 }
 
 impl Metrics {
@@ -187,6 +254,7 @@ impl Metrics {
             "Generations cancelled because the client left",
         )?;
         r.register(Box::new(cancelled.clone()))?;
+        let prefix = PrefixMetrics::new(&r)?;
         Ok(Self {
             registry: r,
             requests,
@@ -216,6 +284,7 @@ impl Metrics {
             watches_open,
             snapshot_examples,
             cancelled,
+            prefix,
             seen_adapters: Default::default(),
             max_adapters,
         })

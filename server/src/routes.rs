@@ -154,6 +154,9 @@ async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError
     m.queue_depth.set(s.queued as i64);
     m.running.set(s.running as i64);
     m.step_tokens.set(s.last_step_tokens as i64);
+    if let Some(p) = &s.prefix {
+        m.prefix.update(p);
+    }
     if let Some(p) = &state.pool {
         let ps = p.stats();
         m.adapters_resident
@@ -968,11 +971,14 @@ fn count_tokens(state: &AppState, prompt: usize, completion: usize) {
 }
 
 /// The prompt counts once however many samples were drawn from it.
-fn usage(prompt: usize, completion: usize) -> Usage {
+fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
     Usage {
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt + completion,
+        prompt_tokens_details: PromptTokensDetails {
+            cached_tokens: cached,
+        },
     }
 }
 
@@ -1111,6 +1117,7 @@ async fn generate(
         let done: Vec<Choice> = done.into_iter().flatten().collect();
         let prompt = done.first().map_or(0, |c| c.completion.prompt_tokens());
         let generated: usize = done.iter().map(|c| c.completion.completion_tokens()).sum();
+        let cached = done.first().map_or(0, |c| c.completion.cached_tokens);
         count_tokens(&state, prompt, generated);
         let choices: Vec<serde_json::Value> = done
             .iter()
@@ -1130,7 +1137,7 @@ async fn generate(
             .collect();
         return Ok(resp.json(
             serde_json::json!({"id": job.id, "object": object, "created": created,
-            "model": job.model, "choices": choices, "usage": usage(prompt, generated)}),
+            "model": job.model, "choices": choices, "usage": usage(prompt, generated, cached)}),
         ));
     }
     // SSE: dropping this stream (client gone) drops the engine streams and cancels.
@@ -1142,6 +1149,7 @@ async fn generate(
         left: n,
         prompt: 0,
         generated: 0,
+        cached: 0,
         over: false,
     };
     let sse = futures_util::stream::unfold(
@@ -1189,6 +1197,9 @@ async fn generate(
                         };
                         out.push_str(&format!("data: {}\n\n", chunk(choice)));
                         per.prompt = c.prompt_tokens();
+                        if per.left == per.first.len() {
+                            per.cached = c.cached_tokens;
+                        }
                         per.generated += c.completion_tokens();
                         if job.capture.is_some() {
                             per.sent[k].push_str(&c.tail);
@@ -1198,7 +1209,7 @@ async fn generate(
                         if per.left == 0 {
                             count_tokens(&st, per.prompt, per.generated);
                             if job.include_usage {
-                                let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage(per.prompt, per.generated)});
+                                let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage(per.prompt, per.generated, per.cached)});
                                 out.push_str(&format!("data: {u}\n\n"));
                             }
                             out.push_str("data: [DONE]\n\n");
@@ -1240,5 +1251,7 @@ struct SseState {
     left: usize,
     prompt: usize,
     generated: usize,
+    /// Prompt positions the first finished sample took from the prefix cache.
+    cached: usize,
     over: bool,
 }
