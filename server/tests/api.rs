@@ -1625,3 +1625,90 @@ fn n_samples_and_structured_output_over_http() {
     let t = json(&r)["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(t == "yes" || t == "no", "{t:?}");
 }
+
+#[test]
+fn the_prefix_cache_is_keyed_by_version_and_tenant_and_reported_in_usage() {
+    let app = spawn_app_with(
+        "prefix",
+        "max_tokens_cap = 64\nprefix_cache_block = 4\nprefix_cache_tokens = 4096",
+    );
+    let body = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","temperature":0,"max_tokens":6,"messages":[{{"role":"system","content":"You sort support tickets into billing, login, shipping or other. Answer with the label."}},{{"role":"user","content":"my card was charged twice"}}]}}"#
+        )
+    };
+    let ask = |key: &str, model: &str| {
+        let r = http(&app, "POST", "/v1/chat/completions", Some(key), &body(model));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let j = json(&r);
+        let version = r
+            .headers
+            .lines()
+            .find_map(|l| l.strip_prefix("x-retune-adapter-version: "))
+            .map(|v| v.trim().to_string());
+        (
+            j["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            j["usage"]["prompt_tokens"].as_u64().unwrap(),
+            j["choices"][0]["message"]["content"].to_string(),
+            version,
+        )
+    };
+    let first = ask("acme-key", "tickets");
+    assert_eq!(first.0, 0, "nothing cached yet");
+    assert_eq!(first.3.as_deref(), Some(app.version.as_str()));
+    let again = ask("acme-key", "tickets");
+    assert!(
+        again.0 > 0 && again.0 < again.1 && again.0 % 4 == 0,
+        "{again:?}"
+    );
+    assert_eq!(again.2, first.2, "same output from the cache");
+    // another tenant, the same prompt on the base: its own entries only
+    assert_eq!(ask("acme-key", "tiny").0, 0, "the base is not the adapter");
+    assert_eq!(ask("globex-key", "tiny").0, 0, "another tenant never hits");
+    assert!(ask("acme-key", "tiny").0 > 0);
+    // a new version promoted under the same name never reuses the old one's entries
+    let r = http(
+        &app,
+        "POST",
+        "/admin/adapters/acme/tickets/promote",
+        Some("admin-key"),
+        &format!(
+            r#"{{"version":"{}","expected":"{}","reason":"test"}}"#,
+            app.version2, app.version
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let swapped = ask("acme-key", "tickets");
+    assert_eq!(swapped.3.as_deref(), Some(app.version2.as_str()));
+    assert_eq!(swapped.0, 0, "v2 must not reuse v1's prefix entries");
+    assert!(ask("acme-key", "tickets").0 > 0, "v2's own entries");
+    // and the rollback finds v1's entries again: same weights, same content id
+    let r = http(
+        &app,
+        "POST",
+        "/admin/adapters/acme/tickets/rollback",
+        Some("admin-key"),
+        r#"{"reason":"test"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let back = ask("acme-key", "tickets");
+    assert_eq!(back.3.as_deref(), Some(app.version.as_str()));
+    assert!(back.0 > 0);
+    assert_eq!(back.2, first.2);
+    let m = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("retune_prefix_cache_hits_total"), 4.0);
+    assert_eq!(value("retune_prefix_cache_misses_total"), 4.0);
+    assert!(value("retune_prefix_cache_reused_tokens_total") >= 4.0 * 4.0);
+    assert!(value("retune_prefix_cache_tokens") > 0.0);
+    assert!(value("retune_prefix_cache_bytes") > 0.0);
+    assert_eq!(value("retune_prefix_cache_evictions_total"), 0.0);
+}
