@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod datasets;
 mod device;
 mod engine;
+mod prefix;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,9 @@ enum Command {
     /// Greedy decoding of the llama.cpp fixture prompts on the tensor backend vs the
     /// native CPU engine, step by step; non-zero exit on an unexplained divergence.
     CheckDevice(device::CheckArgs),
+    /// The prefix cache: a classification workload (one long system prompt) and
+    /// one without shared prefixes, each with the cache off and on.
+    Prefix(prefix::PrefixArgs),
     /// The examples store: import rows/s, snapshot time, durable feedback writes/s.
     Datasets(datasets::DatasetsArgs),
 }
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Command::Device(a) => device::run_bench(a),
         Command::CheckDevice(a) => device::run_check(a),
         Command::Datasets(a) => datasets::run(a),
+        Command::Prefix(a) => prefix::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

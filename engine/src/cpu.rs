@@ -24,3 +24,34 @@ pub fn require_build_features() -> bool {
         false
     }
 }
+
+/// This machine's CPU for benchmark reports: its model name, the vector units
+/// it reports, and the kernel path that runs (the build's: x86-64-v3, AVX2).
+pub fn describe() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let has: Vec<&str> = [
+        "avx2",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+    ]
+    .into_iter()
+    .filter(|f| flags.split_whitespace().any(|x| x == *f))
+    .collect();
+    format!(
+        "{} ({} cores; reports {}); kernels: AVX2 (the x86-64-v3 build)",
+        field("model name"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        has.join(" ")
+    )
+}

@@ -2,9 +2,9 @@
 //! prompts that start with the same tokens.
 //!
 //! Prompts are cut into blocks of `block` positions. A block is found by its
-//! parent (the block before it, or the chain's root) and its own token ids, so
-//! a hit is an exact match of every token before it: no hash stands in for the
-//! tokens. A chain's root is (scope, base fingerprint, adapter weights): the
+//! parent (the block before it, or the chain's root) and its own token ids
+//! (found by a hash of them, then compared), so a hit is an exact match of
+//! every token before it: no hash stands in for the tokens. A chain's root is (scope, base fingerprint, adapter weights): the
 //! scope is the tenant, or the public scope for tenants that opted in, so one
 //! tenant's time to first token never tells whether another sent a prompt;
 //! the adapter part is the version's content id, so a version promoted under
@@ -58,9 +58,9 @@ impl Default for PrefixConfig {
 /// Counters for metrics.
 #[derive(Default, Debug)]
 pub struct PrefixStats {
-    /// Admitted prompts that reused at least one block.
+    /// Prompts that reused at least one block (counted when their prefill ends).
     pub hits: AtomicU64,
-    /// Admitted prompts looked up that reused nothing.
+    /// Prompts that reused nothing.
     pub misses: AtomicU64,
     /// Prompt positions taken from the cache instead of prefilled.
     pub tokens_reused: AtomicU64,
@@ -105,13 +105,21 @@ pub struct PrefixCache {
     n_layer: usize,
     kv_dim: usize,
     roots: HashMap<Root, u64>,
-    children: HashMap<(u64, Box<[u32]>), u64>,
+    /// (parent, hash of the block's tokens) → block; the tokens are compared on use.
+    children: HashMap<(u64, u64), u64>,
     blocks: HashMap<u64, Block>,
     lru: BTreeSet<Stamp>,
     by_scope: HashMap<Arc<str>, BTreeSet<Stamp>>,
     next_id: u64,
     clock: u64,
     stats: Arc<PrefixStats>,
+}
+
+fn tokens_hash(tokens: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tokens.hash(&mut h);
+    h.finish()
 }
 
 /// A lookup's result: the positions found, as a cache to start the sequence from.
@@ -199,7 +207,11 @@ impl PrefixCache {
         let mut chain = Vec::new();
         let mut parent = root;
         for chunk in tokens.chunks_exact(n).take(limit) {
-            match self.children.get(&(parent, Box::from(chunk))) {
+            let found = self
+                .children
+                .get(&(parent, tokens_hash(chunk)))
+                .filter(|id| self.blocks.get(id).is_some_and(|b| &*b.tokens == chunk));
+            match found {
                 Some(&id) => {
                     chain.push(id);
                     parent = id;
@@ -216,6 +228,47 @@ impl PrefixCache {
         if !self.enabled() {
             return None;
         }
+        self.find(scope, adapter, prompt, 0)
+    }
+
+    /// Count a prompt whose prefill finished: whether it reused any position.
+    pub fn count(&self, reused: bool) {
+        let counter = if reused {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Positions per block.
+    pub fn block(&self) -> usize {
+        self.block_len()
+    }
+
+    /// For a sequence part-way through its prompt (`have` positions in): the
+    /// cached prefix, when it is longer than that (another sequence sharing
+    /// the prefix computed it meanwhile).
+    pub fn extend(
+        &mut self,
+        scope: &Arc<str>,
+        adapter: &str,
+        prompt: &[u32],
+        have: usize,
+    ) -> Option<Hit> {
+        if !self.enabled() {
+            return None;
+        }
+        self.find(scope, adapter, prompt, have)
+    }
+
+    fn find(
+        &mut self,
+        scope: &Arc<str>,
+        adapter: &str,
+        prompt: &[u32],
+        have: usize,
+    ) -> Option<Hit> {
         let root = self.root(
             Root {
                 scope: scope.clone(),
@@ -227,8 +280,7 @@ impl PrefixCache {
         let chain = root
             .map(|r| self.walk(r, prompt, limit))
             .unwrap_or_default();
-        if chain.is_empty() {
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        if chain.len() * self.block_len() <= have {
             return None;
         }
         self.clock += 1;
@@ -242,15 +294,15 @@ impl PrefixCache {
             .collect();
         let kv = KvCache::from_blocks(self.n_layer, self.kv_dim, self.block_len(), &parts);
         let tokens = kv.len();
-        self.stats.hits.fetch_add(1, Ordering::Relaxed);
         self.stats
             .tokens_reused
-            .fetch_add(tokens as u64, Ordering::Relaxed);
+            .fetch_add((tokens - have) as u64, Ordering::Relaxed);
         Some(Hit { tokens, kv })
     }
 
-    /// Keep the full blocks of `prompt` whose positions `kv` holds. `room` is
-    /// what the KV budget leaves free now: the cache shrinks to fit it.
+    /// Keep the full blocks of `prompt` whose positions `kv` holds (a prompt
+    /// part-way in keeps what it has so far, so sequences sharing its prefix
+    /// catch up). `room` is what the KV budget leaves free now.
     pub fn insert(
         &mut self,
         scope: &Arc<str>,
@@ -263,13 +315,16 @@ impl PrefixCache {
             return;
         }
         let n = self.block_len();
-        let full = prompt.len().min(kv.len()) / n;
-        if full == 0 {
+        if prompt.len() / n > self.scope_limit() {
+            // longer than this scope may hold: served, not cached (counted
+            // once, when the whole prompt is in)
+            if kv.len() >= prompt.len() {
+                self.stats.too_long.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
-        if full > self.scope_limit() {
-            // longer than this scope may hold: served, not cached
-            self.stats.too_long.fetch_add(1, Ordering::Relaxed);
+        let full = prompt.len().min(kv.len()) / n;
+        if full == 0 {
             return;
         }
         let Some(root) = self.root(
@@ -290,6 +345,12 @@ impl PrefixCache {
         let limit = self.cfg.max_tokens.min(room) / n;
         let mut parent = chain.last().copied().unwrap_or(root);
         for depth in chain.len()..full {
+            let tokens: Box<[u32]> = Box::from(&prompt[depth * n..(depth + 1) * n]);
+            let key = (parent, tokens_hash(&tokens));
+            if self.children.contains_key(&key) {
+                // another block under this hash (other tokens): not cached
+                return;
+            }
             // room in the scope's share, then in the whole cache; never by
             // evicting this chain itself
             if !self.make_room(Some(scope), self.scope_limit(), stamp)
@@ -297,14 +358,13 @@ impl PrefixCache {
             {
                 return;
             }
-            let tokens: Box<[u32]> = Box::from(&prompt[depth * n..(depth + 1) * n]);
             let mut data = Vec::with_capacity(self.n_layer * 2 * n * self.kv_dim);
             kv.copy_out(depth * n, n, &mut data);
             let id = self.next_id;
             self.next_id += 1;
             let b = Block {
                 parent,
-                tokens: tokens.clone(),
+                tokens,
                 scope: scope.clone(),
                 depth: depth as u32,
                 stamp,
@@ -321,7 +381,7 @@ impl PrefixCache {
                 .entry(scope.clone())
                 .or_default()
                 .insert(order);
-            self.children.insert((parent, tokens), id);
+            self.children.insert(key, id);
             parent = id;
         }
     }
@@ -360,7 +420,10 @@ impl PrefixCache {
                 self.by_scope.remove(&b.scope);
             }
         }
-        self.children.remove(&(b.parent, b.tokens));
+        let key = (b.parent, tokens_hash(&b.tokens));
+        if self.children.get(&key) == Some(&id) {
+            self.children.remove(&key);
+        }
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         self.stats
             .tokens

@@ -856,7 +856,8 @@ impl Worker {
 
     fn step(&mut self) {
         self.steps += 1;
-        let plan = self.prefill_plan();
+        let waiting = self.share_prefixes();
+        let plan = self.prefill_plan(&waiting);
         let mut inputs: Vec<(usize, Vec<u32>, bool)> = Vec::new();
         // a device runs a bounded number of distinct adapters per step: rows of
         // others wait a step (the starting row rotates, so every row gets its turn)
@@ -966,11 +967,15 @@ impl Worker {
             let s = &mut self.active[*i];
             if s.last.is_none() {
                 s.fed += toks.len();
-                // the whole prompt is in: its blocks go to the prefix cache
+                // what is in goes to the prefix cache, block by block, so
+                // sequences waiting on the same prefix can take it
                 if let (Some(prefix), Cache::Host(kv)) = (&mut self.prefix, &s.kv) {
-                    if s.fed == s.prompt.len() && toks.len() > 0 {
+                    if !toks.is_empty() {
                         let scope = prefix.scope_of(&s.tenant);
                         prefix.insert(&scope, &weights_key(&s.adapter), &s.prompt, kv, room);
+                        if s.fed == s.prompt.len() {
+                            prefix.count(s.cached > 0);
+                        }
                     }
                 }
             }
@@ -1214,13 +1219,71 @@ impl Worker {
         self.seen.retain(|_, at| now.duration_since(*at) < RECENT);
     }
 
+    /// Prompts that share a prefix compute it once. A prefilling sequence
+    /// takes from the prefix cache what another has computed of its prompt
+    /// meanwhile, and waits (returned `true`) while another sequence of the
+    /// same scope and weights, further on, is still computing the next block
+    /// of its prompt. The sequence furthest on never waits: every step
+    /// progresses.
+    fn share_prefixes(&mut self) -> Vec<bool> {
+        let n = self.active.len();
+        let mut waiting = vec![false; n];
+        let Some(prefix) = &mut self.prefix else {
+            return waiting;
+        };
+        let block = prefix.block();
+        let keys: Vec<Option<(Arc<str>, String)>> = self
+            .active
+            .iter()
+            .map(|s| {
+                (s.last.is_none() && s.fed < s.prompt.len() && matches!(s.kv, Cache::Host(_)))
+                    .then(|| (prefix.scope_of(&s.tenant), weights_key(&s.adapter)))
+            })
+            .collect();
+        for (s, key) in self.active.iter_mut().zip(&keys) {
+            let Some((scope, weights)) = key else {
+                continue;
+            };
+            if let Some(hit) = prefix.extend(scope, weights, &s.prompt, s.fed) {
+                s.cached += hit.tokens - s.fed;
+                s.fed = hit.tokens;
+                s.kv = Cache::Host(hit.kv);
+            }
+        }
+        for i in 0..n {
+            let Some(key) = &keys[i] else { continue };
+            let me = &self.active[i];
+            let next_block_end = (me.fed / block + 1) * block;
+            waiting[i] = (0..n).any(|j| {
+                let other = &self.active[j];
+                j != i
+                    && keys[j].as_ref() == Some(key)
+                    && (other.fed > me.fed || (other.fed == me.fed && j < i))
+                    && {
+                        let common = me
+                            .prompt
+                            .iter()
+                            .zip(&other.prompt)
+                            .take_while(|(a, b)| a == b)
+                            .count();
+                        common >= next_block_end && other.fed < common
+                    }
+            });
+        }
+        waiting
+    }
+
     /// Prompt tokens each prefilling sequence gets this step. The budget is
     /// `prefill_chunk` tokens, or `prefill_chunk_decoding` token equivalents
     /// while any sequence decodes; tenants that spent least recently (by weight)
     /// go first, each prompt of a tenant gets an equal part of its turn, and
     /// every step makes progress for someone.
-    fn prefill_plan(&self) -> Vec<usize> {
+    fn prefill_plan(&self, waiting: &[bool]) -> Vec<usize> {
         let n = self.active.len();
+        let open = |i: usize| {
+            let s = &self.active[i];
+            s.last.is_none() && s.prompt.len() > s.fed && !waiting.get(i).copied().unwrap_or(false)
+        };
         let mut plan = vec![0usize; n];
         let decoding = self.active.iter().any(|s| s.last.is_some());
         let even = self.attention_break_even();
@@ -1230,11 +1293,8 @@ impl Worker {
             self.cfg.prefill_chunk.max(1)
         } as f64;
         let mut tenants: Vec<(f64, Arc<str>)> = Vec::new();
-        for s in &self.active {
-            if s.last.is_none()
-                && s.prompt.len() > s.fed
-                && !tenants.iter().any(|(_, t)| *t == s.tenant)
-            {
+        for (i, s) in self.active.iter().enumerate() {
+            if open(i) && !tenants.iter().any(|(_, t)| *t == s.tenant) {
                 tenants.push((
                     self.spent.get(&s.tenant).copied().unwrap_or(0.0),
                     s.tenant.clone(),
@@ -1247,10 +1307,7 @@ impl Worker {
                 break;
             }
             let mine: Vec<usize> = (0..n)
-                .filter(|&i| {
-                    let s = &self.active[i];
-                    s.tenant == *t && s.last.is_none() && s.prompt.len() > s.fed
-                })
+                .filter(|&i| open(i) && self.active[i].tenant == *t)
                 .collect();
             // the tenant's turn, split evenly in token equivalents among its prompts
             let mut open = mine.clone();

@@ -240,3 +240,43 @@ fn a_prompt_longer_than_the_cache_is_served_uncached() {
     assert_eq!(run_one(&e, &short).1, 0);
     assert_eq!(run_one(&e, &short).1, 32);
 }
+
+#[test]
+fn prompts_arriving_together_compute_their_shared_prefix_once() {
+    let s = setup("together");
+    let (_, ps) = prompts();
+    let reqs: Vec<Req> = ps
+        .iter()
+        .enumerate()
+        .map(|(k, p)| Req {
+            tenant: "x",
+            adapter: Some("a1"),
+            prompt: p.clone(),
+            seed: k as u64,
+        })
+        .collect();
+    let reference = engine(&s, off());
+    let want = run_all(&reference, &reqs);
+    // a cold cache, every request submitted at once
+    let e = engine(&s, on());
+    let got = run_all(&e, &reqs);
+    let reused: Vec<usize> = got.iter().map(|o| o.1).collect();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.0, w.0, "request {i}");
+    }
+    // one of them computed the 96 shared positions; the others took them
+    assert_eq!(reused.iter().filter(|&&r| r == 0).count(), 1, "{reused:?}");
+    assert!(reused.iter().all(|&r| r == 0 || r == 96), "{reused:?}");
+    let st = e.stats().prefix.unwrap();
+    assert_eq!((st.hits, st.misses), (5, 1));
+    // and with another tenant among them, that tenant computes its own
+    let mut mixed = reqs.clone();
+    mixed[3].tenant = "y";
+    let e = engine(&s, on());
+    let got = run_all(&e, &mixed);
+    assert_eq!(got[3].1, 0, "tenant y never takes tenant x's prefix");
+    assert_eq!(got.iter().filter(|o| o.1 == 0).count(), 2);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0);
+    }
+}

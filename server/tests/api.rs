@@ -1638,7 +1638,13 @@ fn the_prefix_cache_is_keyed_by_version_and_tenant_and_reported_in_usage() {
         )
     };
     let ask = |key: &str, model: &str| {
-        let r = http(&app, "POST", "/v1/chat/completions", Some(key), &body(model));
+        let r = http(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(key),
+            &body(model),
+        );
         assert_eq!(r.status, 200, "{}", r.body);
         let j = json(&r);
         let version = r
