@@ -225,10 +225,7 @@ impl PrefixCache {
     /// The longest cached prefix of `prompt` for this scope and adapter,
     /// leaving at least one token to prefill (its logits start the output).
     pub fn lookup(&mut self, scope: &Arc<str>, adapter: &str, prompt: &[u32]) -> Option<Hit> {
-        if !self.enabled() {
-            return None;
-        }
-        self.find(scope, adapter, prompt, 0)
+        self.extend(scope, adapter, prompt, 0)
     }
 
     /// Count a prompt whose prefill finished: whether it reused any position.
@@ -259,16 +256,6 @@ impl PrefixCache {
         if !self.enabled() {
             return None;
         }
-        self.find(scope, adapter, prompt, have)
-    }
-
-    fn find(
-        &mut self,
-        scope: &Arc<str>,
-        adapter: &str,
-        prompt: &[u32],
-        have: usize,
-    ) -> Option<Hit> {
         let root = self.root(
             Root {
                 scope: scope.clone(),
