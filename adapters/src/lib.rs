@@ -6,6 +6,7 @@ pub mod aliases;
 pub mod control;
 pub mod error;
 pub mod names;
+pub mod packed;
 pub mod peft;
 pub mod pool;
 pub mod registry;

@@ -4,6 +4,7 @@
 
 use crate::error::AdapterError;
 use crate::names::AdapterRef;
+use crate::packed::{self, PackedError};
 use crate::peft::{load_peft, BaseShapes, LoadLimits, LoraAdapter};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +23,12 @@ pub trait AdapterSource: Send + Sync {
     /// pool checks the files against it before each load.
     fn content_addressed(&self) -> bool {
         false
+    }
+
+    /// Keep `bytes`, the compute form of content-addressed `adapter`, beside its
+    /// files (see [`crate::packed`]). Sources without one ignore it.
+    fn store_packed(&self, _adapter: &AdapterRef, _bytes: &[u8]) -> Result<(), AdapterError> {
+        Ok(())
     }
 }
 
@@ -81,6 +88,10 @@ pub struct PoolStats {
     pub evictions: AtomicU64,
     /// Total load time, microseconds (loads / this = mean).
     pub load_micros: AtomicU64,
+    /// Loads served from the compute form.
+    pub packed_loads: AtomicU64,
+    /// Compute forms refused (damaged, stale): loaded from the files instead.
+    pub packed_rejected: AtomicU64,
 }
 
 pub enum Acquire {
@@ -128,50 +139,54 @@ pub struct AdapterPool {
     gate: std::sync::OnceLock<Arc<dyn Servable>>,
 }
 
-/// Read a version's files, check them against the content id it is named by,
-/// and load them; a panic while loading (a hostile file meeting a bug) fails
-/// this load only.
+/// Load a version: from its compute form when the source keeps one and it
+/// passes its checks, else from its files (checked against the content id it
+/// is named by), writing a new compute form for next time.
 fn load_checked(
     source: &dyn AdapterSource,
     adapter: &AdapterRef,
     base: &BaseShapes,
     cfg: &PoolConfig,
+    stats: &PoolStats,
 ) -> Result<LoraAdapter, AdapterError> {
     let dir = source.locate(adapter)?;
-    if source.content_addressed() {
-        let mut files = Vec::new();
-        for f in crate::store::FILES {
-            let p = dir.join(f);
-            let bytes = std::fs::read(&p).map_err(|e| AdapterError::Io {
-                path: p.clone(),
-                source: e,
-            })?;
-            files.push((f, bytes));
-        }
-        let id = crate::store::content_id(&files);
-        if id != adapter.version() {
-            return Err(AdapterError::Config {
+    if !source.content_addressed() {
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load_peft(&dir, base, &cfg.limits)
+        }))
+        .unwrap_or_else(|_| {
+            Err(AdapterError::Config {
                 field: "adapter".into(),
-                reason: format!(
-                    "stored files of {adapter} do not match its content id (found {id}): the store is corrupt"
-                ),
-            });
+                reason: "loading panicked (a bug met by this file)".into(),
+            })
+        });
+    }
+    let id = adapter.version();
+    match packed::unpack(&packed::path_in(&dir), &dir, id, base, &cfg.limits) {
+        Ok(a) => {
+            stats.packed_loads.fetch_add(1, Ordering::Relaxed);
+            return Ok(a);
+        }
+        Err(PackedError::Missing) => {}
+        // a real refusal (a rank above this server's limit): the files say the same
+        Err(PackedError::Adapter(e)) if !matches!(e, AdapterError::Io { .. }) => return Err(e),
+        Err(e) => {
+            stats.packed_rejected.fetch_add(1, Ordering::Relaxed);
+            eprintln!("retune: compute form of {adapter} not used ({e}): loading its files");
         }
     }
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        load_peft(&dir, base, &cfg.limits)
-    }))
-    .unwrap_or_else(|_| {
-        Err(AdapterError::Config {
-            field: "adapter".into(),
-            reason: "loading panicked (a bug met by this file)".into(),
-        })
-    })?;
-    Ok(if source.content_addressed() {
-        loaded.with_content_id(adapter.version())
-    } else {
-        loaded
-    })
+    let loaded = packed::load_verified(&dir, id, base, &cfg.limits)?;
+    let stored = packed::pack_dir(&loaded, &dir, id, base)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            source
+                .store_packed(adapter, &bytes)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = stored {
+        eprintln!("retune: writing the compute form of {adapter} failed (loads stay slow): {e}");
+    }
+    Ok(loaded)
 }
 
 impl AdapterPool {
@@ -206,7 +221,7 @@ impl AdapterPool {
                     let Ok(adapter) = next else { return };
                     let Some(pool) = weak.upgrade() else { return };
                     let start = Instant::now();
-                    let result = load_checked(&*source, &adapter, &base, &pool.cfg);
+                    let result = load_checked(&*source, &adapter, &base, &pool.cfg, &pool.stats);
                     let micros = start.elapsed().as_micros() as u64;
                     pool.finish_load(adapter.key(), result, micros);
                 });

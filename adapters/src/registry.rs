@@ -338,7 +338,25 @@ impl Registry {
         }
         let key = store_key(v.tenant, v.name, &id);
         self.store.put(&key, &paths)?;
+        self.write_packed(&key, &id, base);
         Ok(Staged::New { id, size })
+    }
+
+    /// Validate the stored copy once and keep its compute form, so that loads
+    /// map it instead of parsing and checking the PEFT files. Best effort: a
+    /// version without one loads the slow way and writes it then.
+    fn write_packed(&self, key: &str, id: &str, base: &ServedBase) {
+        let built = self.store.local_dir(key).and_then(|dir| {
+            let a = crate::packed::load_verified(&dir, id, &base.shapes, &self.limits)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            let bytes = crate::packed::pack_dir(&a, &dir, id, &base.shapes)
+                .map_err(|e| RegistryError::Io(e.to_string()))?;
+            self.store
+                .put_derived(key, crate::packed::PACKED_FILE, &bytes)
+        });
+        if let Err(e) = built {
+            eprintln!("retune: compute form of {key} not written (its loads stay slow): {e}");
+        }
     }
 
     pub fn version(&self, tenant: &str, name: &str, id: &str) -> R<VersionInfo> {
@@ -877,6 +895,15 @@ impl Registry {
 impl AdapterSource for Registry {
     fn content_addressed(&self) -> bool {
         true
+    }
+
+    fn store_packed(&self, adapter: &AdapterRef, bytes: &[u8]) -> Result<(), AdapterError> {
+        self.store
+            .put_derived(&adapter.key(), crate::packed::PACKED_FILE, bytes)
+            .map_err(|e| AdapterError::Config {
+                field: "adapter".into(),
+                reason: e.to_string(),
+            })
     }
 
     fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError> {

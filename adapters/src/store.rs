@@ -17,6 +17,9 @@ pub trait BlobStore: Send + Sync {
     /// A local directory holding the version's files (for the loader).
     fn local_dir(&self, key: &str) -> Result<PathBuf, RegistryError>;
     fn delete(&self, key: &str) -> Result<(), RegistryError>;
+    /// Store a file derived from version `key`'s content (its compute form) in
+    /// its local directory, atomically (written aside, then renamed).
+    fn put_derived(&self, key: &str, name: &str, bytes: &[u8]) -> Result<(), RegistryError>;
 }
 
 /// Content hash of a version: sha256 over each file's name, length and bytes.
@@ -175,6 +178,30 @@ impl BlobStore for LocalStore {
             }
         }
         Ok(real)
+    }
+
+    fn put_derived(&self, key: &str, name: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+        check_name("derived file", name)?;
+        if FILES.contains(&name) {
+            return Err(RegistryError::Forbidden(format!(
+                "{name} is a version file, not a derived one"
+            )));
+        }
+        let dir = self.local_dir(key)?;
+        let tmp = self.root.join(".tmp").join(format!(
+            "{}-{:016x}-{name}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let written = std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::File::open(&tmp))
+            .and_then(|f| f.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, dir.join(name)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(RegistryError::Io(format!("storing {key}/{name}: {e}")));
+        }
+        Self::fsync_dir(&dir)
     }
 
     fn delete(&self, key: &str) -> Result<(), RegistryError> {

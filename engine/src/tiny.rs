@@ -308,6 +308,9 @@ pub fn write_adapter(
     write_random_adapter(dir, &shapes, rank, modules, seed, alpha, b_scale)
 }
 
+/// Tensor dtypes for [`write_random_adapter_as`].
+pub use candle_core::DType;
+
 /// A random PEFT-format LoRA adapter for any base (tests and benchmarks).
 pub fn write_random_adapter(
     dir: &Path,
@@ -318,7 +321,30 @@ pub fn write_random_adapter(
     alpha: f32,
     b_scale: f32,
 ) -> Result<()> {
+    write_random_adapter_as(
+        dir,
+        shapes,
+        rank,
+        modules,
+        seed,
+        (alpha, b_scale),
+        candle_core::DType::F32,
+    )
+}
+
+/// [`write_random_adapter`] with tensors stored as `dtype` (f32, f16 or bf16;
+/// `scales` is (alpha, B's scale)).
+pub fn write_random_adapter_as(
+    dir: &Path,
+    shapes: &retune_adapters::BaseShapes,
+    rank: usize,
+    modules: &[usize],
+    seed: u64,
+    scales: (f32, f32),
+    dtype: candle_core::DType,
+) -> Result<()> {
     use retune_adapters::MODULES;
+    let (alpha, b_scale) = scales;
     let mut r = Lcg(seed);
     let mut tensors = std::collections::HashMap::new();
     for layer in 0..shapes.n_layers {
@@ -331,11 +357,12 @@ pub fn write_random_adapter(
             );
             tensors.insert(
                 format!("{base}.lora_A.weight"),
-                r.tensor(&[rank, inp], 1.0 / (inp as f32).sqrt(), 0.0)?,
+                r.tensor(&[rank, inp], 1.0 / (inp as f32).sqrt(), 0.0)?
+                    .to_dtype(dtype)?,
             );
             tensors.insert(
                 format!("{base}.lora_B.weight"),
-                r.tensor(&[out, rank], b_scale, 0.0)?,
+                r.tensor(&[out, rank], b_scale, 0.0)?.to_dtype(dtype)?,
             );
         }
     }

@@ -811,6 +811,9 @@ fn gc_racing_register_of_the_same_content_never_leaves_a_row_without_files() {
             std::thread::sleep(Duration::from_millis(20));
             self.0.delete(key)
         }
+        fn put_derived(&self, key: &str, name: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+            self.0.put_derived(key, name, bytes)
+        }
     }
     let server = open(&dir);
     let janitor = Registry::open(
@@ -851,4 +854,146 @@ fn gc_racing_register_of_the_same_content_never_leaves_a_row_without_files() {
                 .unwrap_or_else(|e| panic!("round {round}: a row without its files: {e}"));
         }
     }
+}
+
+/// Every weight and scale of two loaded copies, bit for bit.
+fn same_weights(x: &LoraAdapter, y: &LoraAdapter) -> bool {
+    let bits = |a: &LoraAdapter| -> Vec<(usize, usize, usize, u32, Vec<u32>, Vec<u32>)> {
+        let mut v = Vec::new();
+        for (l, ms) in a.layers.iter().enumerate() {
+            for (m, p) in ms.iter().enumerate() {
+                if let Some(p) = p {
+                    let b = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect();
+                    v.push((l, m, p.rank, p.scale.to_bits(), b(&p.a), b(&p.b)));
+                }
+            }
+        }
+        v
+    };
+    x.bytes == y.bytes && bits(x) == bits(y) && x.cache_key() == y.cache_key()
+}
+
+#[test]
+fn the_compute_form_is_written_at_register_loaded_bit_identical_and_rebuilt_when_damaged() {
+    use std::time::{Duration, Instant};
+    let dir = tmpdir("packed");
+    let shapes = base().shapes;
+    let mut ups = Vec::new();
+    for (i, dt) in [tiny::DType::F32, tiny::DType::F16, tiny::DType::BF16]
+        .into_iter()
+        .enumerate()
+    {
+        let p = dir.join(format!("up-{i}"));
+        tiny::write_random_adapter_as(
+            &p,
+            &shapes,
+            4,
+            &[0, 1, 2, 3, 4, 5, 6],
+            i as u64,
+            (8.0, 0.05),
+            dt,
+        )
+        .unwrap();
+        ups.push(p);
+    }
+    let reg = Arc::new(open(&dir));
+    let pool = AdapterPool::new(reg.clone(), shapes.clone(), PoolConfig::default());
+    let wait = |r: &AdapterRef| {
+        let t = Instant::now();
+        loop {
+            match pool.acquire(r) {
+                Acquire::Ready(a) => return Ok(a),
+                Acquire::Failed(e) => return Err(e.to_string()),
+                Acquire::Pending => {
+                    assert!(t.elapsed() < Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    };
+    let stat = |f: fn(&PoolStats) -> &std::sync::atomic::AtomicU64| {
+        f(pool.stats()).load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut sizes = Vec::new();
+    let mut refs = Vec::new();
+    for (i, up) in ups.iter().enumerate() {
+        let v = reg
+            .register(new(up, "acme", &format!("a{i}")), &base())
+            .unwrap();
+        let r = AdapterRef::new("acme", &format!("a{i}"), &v.id, Via::Pinned).unwrap();
+        let stored = reg.servable_dir(&r).unwrap();
+        let packed = stored.join(packed::PACKED_FILE);
+        sizes.push(
+            std::fs::metadata(&packed)
+                .expect("written at register")
+                .len(),
+        );
+        let served = wait(&r).unwrap();
+        let direct = load_peft(&stored, &shapes, &LoadLimits::default())
+            .unwrap()
+            .with_content_id(&v.id);
+        assert!(
+            same_weights(&served, &direct),
+            "dtype {i}: not the PEFT loader's weights"
+        );
+        refs.push((r, packed, direct));
+    }
+    assert_eq!(
+        stat(|s| &s.packed_loads),
+        3,
+        "every load came from the compute form"
+    );
+    assert_eq!(stat(|s| &s.packed_rejected), 0);
+    // f16 and bf16 weights are kept in half the bytes
+    assert!(
+        sizes[1] * 10 < sizes[0] * 6 && sizes[2] * 10 < sizes[0] * 6,
+        "{sizes:?}"
+    );
+
+    // a flipped byte: the crc refuses it, the files are checked and loaded, a
+    // good compute form is written again and the next load uses it
+    let (r, packed, direct) = &refs[1];
+    let mut bytes = std::fs::read(packed).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(packed, &bytes).unwrap();
+    pool.forget(r);
+    assert!(same_weights(&wait(r).unwrap(), direct));
+    assert_eq!(stat(|s| &s.packed_rejected), 1);
+    assert_ne!(std::fs::read(packed).unwrap(), bytes, "rewritten");
+    pool.forget(r);
+    assert!(same_weights(&wait(r).unwrap(), direct));
+    assert_eq!(stat(|s| &s.packed_loads), 4);
+
+    // another version's compute form in its place: refused by the content id it names
+    std::fs::copy(&refs[2].1, packed).unwrap();
+    pool.forget(r);
+    assert!(same_weights(&wait(r).unwrap(), direct));
+    assert_eq!(stat(|s| &s.packed_rejected), 2);
+
+    // deleted: loaded from the files and written again
+    std::fs::remove_file(packed).unwrap();
+    pool.forget(r);
+    assert!(same_weights(&wait(r).unwrap(), direct));
+    assert!(packed.exists());
+    assert_eq!(
+        stat(|s| &s.packed_rejected),
+        2,
+        "a missing one is not a rejection"
+    );
+
+    // a PEFT file changed behind the registry's back: the compute form sees the
+    // change (size, time, inode) and the full check refuses the version; the
+    // other versions still serve
+    let (r0, _, direct0) = &refs[0];
+    let cfg_path = reg.servable_dir(r).unwrap().join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["lora_alpha"] = serde_json::json!(9.0);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    pool.forget(r);
+    let e = wait(r).unwrap_err();
+    assert!(e.contains("content id"), "{e}");
+    pool.forget(r0);
+    assert!(same_weights(&wait(r0).unwrap(), direct0));
 }
