@@ -195,7 +195,7 @@ pub fn pack(
 }
 
 fn widen(bytes: &[u8], dt: Dtype, n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
+    let mut v = crate::peft::recycle::take(n);
     match dt {
         Dtype::F32 => v.extend(
             bytes

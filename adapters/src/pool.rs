@@ -92,6 +92,8 @@ pub struct PoolStats {
     pub packed_loads: AtomicU64,
     /// Compute forms refused (damaged, stale): loaded from the files instead.
     pub packed_rejected: AtomicU64,
+    /// Loads started ahead of admission for queued requests.
+    pub prefetches: AtomicU64,
 }
 
 pub enum Acquire {
@@ -299,6 +301,21 @@ impl AdapterPool {
     /// failed load is answered from a negative cache until its backoff expires;
     /// the next request after that loads it again.
     pub fn acquire(&self, adapter: &AdapterRef) -> Acquire {
+        self.get_or_load(adapter, true)
+    }
+
+    /// Start loading `adapter` for a request still queued, unless it is
+    /// resident, loading or failed; its recency is left as it is.
+    pub fn prefetch(&self, adapter: &AdapterRef) {
+        if self.lock().entries.contains_key(&adapter.key()) {
+            return;
+        }
+        if let Acquire::Pending = self.get_or_load(adapter, false) {
+            self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn get_or_load(&self, adapter: &AdapterRef, use_it: bool) -> Acquire {
         if let Some(gate) = self.gate.get() {
             if !gate.servable(adapter) {
                 self.forget(adapter);
@@ -315,7 +332,9 @@ impl AdapterPool {
         let now = st.clock;
         match st.entries.get_mut(handle) {
             Some(Entry::Ready { adapter, last_used }) => {
-                *last_used = now;
+                if use_it {
+                    *last_used = now;
+                }
                 Acquire::Ready(adapter.clone())
             }
             Some(Entry::Loading) => Acquire::Pending,

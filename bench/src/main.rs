@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod adapters;
 mod datasets;
 mod device;
 mod engine;
@@ -34,6 +35,9 @@ enum Command {
     /// The prefix cache: a classification workload (one long system prompt) and
     /// one without shared prefixes, each with the cache off and on.
     Prefix(prefix::PrefixArgs),
+    /// Adapters at scale: cold loads (compute form vs PEFT files) and Zipf
+    /// requests over many adapters against 8.
+    Adapters(adapters::AdaptersArgs),
     /// The examples store: import rows/s, snapshot time, durable feedback writes/s.
     Datasets(datasets::DatasetsArgs),
 }
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::CheckDevice(a) => device::run_check(a),
         Command::Datasets(a) => datasets::run(a),
         Command::Prefix(a) => prefix::run(a),
+        Command::Adapters(a) => adapters::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

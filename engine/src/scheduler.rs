@@ -81,6 +81,9 @@ impl EngineConfig {
     }
 }
 
+/// Queued requests per tenant whose adapters are loaded ahead of admission.
+const PREFETCH_PER_TENANT: usize = 4;
+
 /// Waiting requests, in all and per tenant: the submit side checks the shares,
 /// the scheduler releases them as requests leave its queues.
 #[derive(Default)]
@@ -537,6 +540,7 @@ impl Worker {
                 }
             }
             self.admit_fairly();
+            self.prefetch_adapters();
             // cancellation: the caller dropped its stream
             let before = self.active.len();
             self.active.retain(|s| !s.tx.is_closed());
@@ -796,6 +800,20 @@ impl Worker {
                 ErrorKind::Adapter,
                 format!("adapter {adapter}: {e}"),
             )),
+        }
+    }
+
+    /// Start loading the adapters of the requests next in each tenant's queue,
+    /// so their loads overlap the running sequences' steps instead of
+    /// starting when the request reaches the head.
+    fn prefetch_adapters(&self) {
+        let Some(pool) = &self.pool else { return };
+        for q in self.queues.values() {
+            for job in q.iter().take(PREFETCH_PER_TENANT) {
+                if let Some(a) = &job.adapter {
+                    pool.prefetch(a);
+                }
+            }
         }
     }
 

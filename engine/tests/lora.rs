@@ -638,3 +638,87 @@ fn a_failing_version_is_not_reloaded_by_every_request() {
     assert!(wait_ready(&pool, "broken").is_ok());
     assert_eq!(source.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// Records when each load started.
+struct StampingSource {
+    root: PathBuf,
+    started: std::sync::Mutex<Vec<Instant>>,
+}
+
+impl retune_adapters::AdapterSource for StampingSource {
+    fn locate(&self, adapter: &AdapterRef) -> std::result::Result<PathBuf, AdapterError> {
+        self.started.lock().unwrap().push(Instant::now());
+        DirSource {
+            root: self.root.clone(),
+        }
+        .locate(adapter)
+    }
+}
+
+#[test]
+fn a_queued_requests_adapter_loads_while_the_batch_is_full() {
+    let dir = tmpdir("prefetch");
+    let spec = TinySpec {
+        context: 4096,
+        ..TinySpec::default()
+    };
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let root = dir.join("adapters");
+    tiny::write_adapter(&root.join("next"), &spec, 8, &ALL, 6, 16.0, 0.5).unwrap();
+    let l = load(&gguf).unwrap();
+    let source = Arc::new(StampingSource {
+        root,
+        started: Default::default(),
+    });
+    let pool = AdapterPool::new(source.clone(), l.model.base_shapes(), PoolConfig::default());
+    let cfg = EngineConfig {
+        max_batch: 1,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start_with_pool(l.model, l.tok, cfg, Some(pool.clone())).unwrap();
+    let req = |adapter: Option<&str>, n| GenerateRequest {
+        prompt: vec![5, 6, 7],
+        params: SamplingParams {
+            stop_on_eos: false,
+            ..SamplingParams::greedy(n)
+        },
+        adapter: adapter.map(aref),
+    };
+    let submitted = Instant::now();
+    let mut base = engine.generate(req(None, 4000)).unwrap();
+    // wait until the base sequence runs, so the next one queues behind it
+    assert!(matches!(base.blocking_next(), Some(Event::Token(_))));
+    let mut next = engine.generate(req(Some("next"), 4)).unwrap();
+    let base_end = loop {
+        match base.blocking_next() {
+            Some(Event::Done(c)) => break submitted + c.timings.total,
+            Some(Event::Token(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(
+        base_end - submitted > Duration::from_millis(20),
+        "the base sequence must run long enough for this test to mean anything"
+    );
+    let out = loop {
+        match next.blocking_next() {
+            Some(Event::Done(c)) => break c,
+            Some(Event::Token(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(out.output.len(), 4);
+    let started = source.started.lock().unwrap().clone();
+    assert_eq!(started.len(), 1, "loaded once");
+    assert!(
+        started[0] < base_end,
+        "the load started {:?} after the batch had room: not ahead of admission",
+        started[0] - base_end
+    );
+    assert_eq!(
+        pool.stats()
+            .prefetches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
