@@ -51,6 +51,9 @@ pub struct PoolConfig {
     /// Loads run in parallel on this many threads: one slow or hostile adapter
     /// does not hold up every other tenant's first request.
     pub loaders: usize,
+    /// Adapters (tenant, name) whose routed versions (live and canary) are
+    /// never evicted; [`AdapterPool::load_pinned`] loads them at start.
+    pub pinned: Vec<(String, String)>,
 }
 
 impl Default for PoolConfig {
@@ -60,6 +63,7 @@ impl Default for PoolConfig {
             max_bytes: 2 << 30,
             limits: LoadLimits::default(),
             loaders: 2,
+            pinned: Vec::new(),
         }
     }
 }
@@ -68,6 +72,11 @@ impl Default for PoolConfig {
 /// says: not retired, not deleted). A version that may not is evicted and refused.
 pub trait Servable: Send + Sync {
     fn servable(&self, adapter: &AdapterRef) -> bool;
+
+    /// The versions `tenant/name` routes requests to now (live, canary).
+    fn routed(&self, _tenant: &str, _name: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Servable for crate::aliases::AliasCache {
@@ -75,6 +84,19 @@ impl Servable for crate::aliases::AliasCache {
         self.snapshot()
             .get(adapter.tenant(), adapter.name())
             .is_some_and(|a| a.servable.contains(adapter.version()))
+    }
+
+    fn routed(&self, tenant: &str, name: &str) -> Vec<String> {
+        let snap = self.snapshot();
+        let Some(a) = snap.get(tenant, name) else {
+            return Vec::new();
+        };
+        a.state
+            .live
+            .iter()
+            .chain(a.state.canary.as_ref().map(|c| &c.0))
+            .cloned()
+            .collect()
     }
 }
 
@@ -427,7 +449,7 @@ impl AdapterPool {
             }
             let Some(victim) = ready
                 .iter()
-                .filter(|r| !r.3)
+                .filter(|r| !r.3 && !self.is_pinned(r.0))
                 .min_by_key(|r| r.1)
                 .map(|r| r.0.clone())
             else {
@@ -436,6 +458,86 @@ impl AdapterPool {
             st.entries.remove(&victim);
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether resident entry `key` (`tenant/name/version`) is pinned: its
+    /// adapter is in the pinned list and routes to this version now (without a
+    /// routing gate, every version of a pinned adapter).
+    fn is_pinned(&self, key: &str) -> bool {
+        let mut parts = key.splitn(3, '/');
+        let (Some(t), Some(n), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        if !self.cfg.pinned.iter().any(|(pt, pn)| pt == t && pn == n) {
+            return false;
+        }
+        match self.gate.get() {
+            Some(gate) => gate.routed(t, n).iter().any(|r| r == v),
+            None => true,
+        }
+    }
+
+    /// Load the routed versions of every pinned adapter and wait for them (at
+    /// start, before serving). Returns the bytes they hold resident and the
+    /// failures (a pinned adapter that fails to load fails its own requests,
+    /// like any other; it does not stop the server).
+    pub fn load_pinned(&self, timeout: std::time::Duration) -> (usize, usize, Vec<String>) {
+        let Some(gate) = self.gate.get().cloned() else {
+            return (0, 0, Vec::new());
+        };
+        let mut wanted = Vec::new();
+        for (t, n) in &self.cfg.pinned {
+            for v in gate.routed(t, n) {
+                match AdapterRef::new(t, n, &v, crate::names::Via::Pinned) {
+                    Ok(r) => wanted.push(r),
+                    Err(e) => return (0, 0, vec![e.to_string()]),
+                }
+            }
+        }
+        let start = Instant::now();
+        let (mut bytes, mut count, mut failed) = (0, 0, Vec::new());
+        for r in &wanted {
+            loop {
+                match self.acquire(r) {
+                    Acquire::Ready(a) => {
+                        bytes += a.bytes;
+                        count += 1;
+                        break;
+                    }
+                    Acquire::Failed(e) => {
+                        failed.push(format!("{r}: {e}"));
+                        break;
+                    }
+                    Acquire::Pending if start.elapsed() > timeout => {
+                        failed.push(format!("{r}: not loaded within {timeout:?}"));
+                        break;
+                    }
+                    Acquire::Pending => std::thread::sleep(std::time::Duration::from_millis(2)),
+                }
+            }
+        }
+        (bytes, count, failed)
+    }
+
+    /// Resident versions that are pinned now, and their bytes.
+    pub fn pinned_resident(&self) -> (usize, usize) {
+        let st = self.lock();
+        st.entries
+            .iter()
+            .filter_map(|(k, e)| match e {
+                Entry::Ready { adapter, .. } if self.is_pinned(k) => Some(adapter.bytes),
+                _ => None,
+            })
+            .fold((0, 0), |(n, b), x| (n + 1, b + x))
+    }
+
+    /// Loads in flight.
+    pub fn loading(&self) -> usize {
+        self.lock()
+            .entries
+            .values()
+            .filter(|e| matches!(e, Entry::Loading))
+            .count()
     }
 
     /// Re-apply limits (after sequences released adapters).

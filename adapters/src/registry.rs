@@ -730,6 +730,15 @@ impl Registry {
         })
     }
 
+    /// Servable (not retired) versions of every tenant and their stored bytes: for metrics.
+    pub fn stored_totals(&self) -> R<(i64, i64)> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM versions WHERE retired = 0",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
     /// Adapters (of every tenant) whose live version is tainted: one query, for metrics.
     pub fn tainted_live_count(&self) -> R<i64> {
         Ok(self.conn().query_row(

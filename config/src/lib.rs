@@ -168,6 +168,10 @@ pub struct AdapterSettings {
     /// How often the server records in the registry which versions it served,
     /// milliseconds (`retune adapters gc` keeps versions served recently).
     pub served_flush_ms: u64,
+    /// Adapters (`tenant/name`) kept resident: the versions they route to
+    /// (live and canary) are loaded at start and never evicted. Refused at
+    /// start when they do not fit `max_resident` / `max_resident_bytes`.
+    pub pinned: Vec<String>,
 }
 
 impl Default for AdapterSettings {
@@ -182,6 +186,7 @@ impl Default for AdapterSettings {
             loaders: 2,
             import_dir: None,
             served_flush_ms: 5000,
+            pinned: Vec::new(),
         }
     }
 }
@@ -402,6 +407,39 @@ impl Settings {
                 ),
             );
         }
+        let a = &self.adapters;
+        if !a.pinned.is_empty() && a.root.is_none() {
+            return bad(
+                "adapters.pinned",
+                "pins adapters, but adapters.root is not set",
+            );
+        }
+        for p in &a.pinned {
+            let parts: Vec<&str> = p.split('/').collect();
+            let name_ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && !s.contains("..")
+                    && s.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+            };
+            if parts.len() != 2 || !parts.iter().all(|s| name_ok(s)) {
+                return bad(
+                    "adapters.pinned",
+                    &format!("`{p}` is not `tenant/name` (lowercase names)"),
+                );
+            }
+        }
+        if a.pinned.len() >= a.max_resident {
+            return bad(
+                "adapters.pinned",
+                &format!(
+                    "pins {} adapters: adapters.max_resident = {} leaves no room for the others",
+                    a.pinned.len(),
+                    a.max_resident
+                ),
+            );
+        }
         if let Err((field, reason)) = self.trainer.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
@@ -524,6 +562,33 @@ mod tests {
                 "{key}={value}: {err}"
             );
         }
+        for (toml, why) in [
+            ("[adapters]\npinned = [\"acme/tickets\"]\n", "no root"),
+            (
+                "[adapters]\nroot = \"/srv\"\npinned = [\"acme\"]\n",
+                "not tenant/name",
+            ),
+            (
+                "[adapters]\nroot = \"/srv\"\npinned = [\"Acme/x\"]\n",
+                "uppercase",
+            ),
+            (
+                "[adapters]\nroot = \"/srv\"\nmax_resident = 1\npinned = [\"a/x\", \"a/y\"]\n",
+                "beyond max_resident",
+            ),
+        ] {
+            let err = Settings::from_toml(&format!("{BASE}\n{toml}"), []).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if f == "adapters.pinned"),
+                "{why}: {err}"
+            );
+        }
+        let ok = Settings::from_toml(
+            &format!("{BASE}\n[adapters]\nroot = \"/srv\"\npinned = [\"acme/tickets\"]\n"),
+            [],
+        )
+        .unwrap();
+        assert_eq!(ok.adapters.pinned, vec!["acme/tickets".to_string()]);
         let off = Settings::from_toml(
             BASE,
             [("RETUNE_ENGINE__PREFIX_CACHE_TOKENS".into(), "0".into())],

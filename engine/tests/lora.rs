@@ -722,3 +722,42 @@ fn a_queued_requests_adapter_loads_while_the_batch_is_full() {
         1
     );
 }
+
+#[test]
+fn a_pinned_adapter_is_never_evicted() {
+    let dir = tmpdir("pinned");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let root = dir.join("adapters");
+    for (i, n) in ["keep", "a", "b", "c"].iter().enumerate() {
+        tiny::write_adapter(&root.join(n), &spec, 4, &[0, 2], i as u64, 8.0, 0.5).unwrap();
+    }
+    let m = load(&gguf).unwrap().model;
+    for pinned in [true, false] {
+        let pool = pool_for(
+            &root,
+            &m,
+            PoolConfig {
+                max_adapters: 2,
+                pinned: if pinned {
+                    vec![("t".into(), "keep".into())]
+                } else {
+                    Vec::new()
+                },
+                ..PoolConfig::default()
+            },
+        );
+        wait_ready(&pool, "keep").unwrap();
+        for n in ["a", "b", "c"] {
+            wait_ready(&pool, n).unwrap();
+        }
+        let resident = pool.resident();
+        assert_eq!(resident.len(), 2, "{resident:?}");
+        assert_eq!(
+            resident.contains(&"t/keep/v1".to_string()),
+            pinned,
+            "pinned {pinned}: {resident:?}"
+        );
+        assert_eq!(pool.pinned_resident().0, usize::from(pinned));
+    }
+}

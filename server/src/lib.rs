@@ -44,6 +44,35 @@ pub enum StartError {
     Datasets(#[from] retune_datasets::DataError),
     #[error("starting the capture writer: {0}")]
     Capture(std::io::Error),
+    #[error("setting `{field}`: {reason}")]
+    Settings { field: String, reason: String },
+}
+
+/// Load the pinned adapters' routed versions before serving; refuse to start
+/// when they do not fit the resident limits (naming the setting). One that
+/// fails to load is logged and fails only its own requests.
+fn pin_at_start(pool: &AdapterPool, settings: &Settings) -> Result<(), StartError> {
+    let a = &settings.adapters;
+    if a.pinned.is_empty() {
+        return Ok(());
+    }
+    let (bytes, count, failed) = pool.load_pinned(std::time::Duration::from_secs(120));
+    for f in &failed {
+        tracing::warn!(error = %f, "a pinned adapter did not load");
+    }
+    if bytes > a.max_resident_bytes || count >= a.max_resident {
+        return Err(StartError::Settings {
+            field: "adapters.pinned".into(),
+            reason: format!(
+                "the pinned adapters' {count} versions (live and canary) take {bytes} bytes \
+                 resident, beyond adapters.max_resident = {} (one left for the others) / \
+                 adapters.max_resident_bytes = {}",
+                a.max_resident, a.max_resident_bytes
+            ),
+        });
+    }
+    tracing::info!(versions = count, bytes, "pinned adapters resident");
+    Ok(())
 }
 
 /// Everything a request handler needs.
@@ -84,6 +113,7 @@ impl AppState {
         };
         if let (Some(pool), Some(a)) = (&pool, &aliases) {
             pool.set_servable(a.clone());
+            pin_at_start(pool, &settings)?;
         }
         Ok(Self {
             aliases,
@@ -315,6 +345,13 @@ impl Application {
                     max_bytes: settings.adapters.max_resident_bytes,
                     limits,
                     loaders: settings.adapters.loaders,
+                    pinned: settings
+                        .adapters
+                        .pinned
+                        .iter()
+                        .filter_map(|p| p.split_once('/'))
+                        .map(|(t, n)| (t.to_string(), n.to_string()))
+                        .collect(),
                 };
                 let pool = AdapterPool::new(reg.clone(), base.shapes.clone(), cfg);
                 (Some(reg), Some(pool))

@@ -33,9 +33,98 @@ pub struct Metrics {
     /// Generations cancelled because the client left.
     pub cancelled: prometheus::IntCounter,
     pub prefix: PrefixMetrics,
+    pub pool: PoolMetrics,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
+}
+
+/// The adapter tiers: resident in the pool (compute-ready; pinned ones
+/// counted apart too), loading, and stored (every servable version in the
+/// store, its compute form on local disk); loads by where they read from.
+pub struct PoolMetrics {
+    pub versions: prometheus::IntGaugeVec,
+    pub bytes: prometheus::IntGaugeVec,
+    pub loads: IntCounterVec,
+    pub compute_form_rejected: prometheus::IntCounter,
+    pub prefetches: prometheus::IntCounter,
+}
+
+impl PoolMetrics {
+    fn new(r: &Registry) -> prometheus::Result<Self> {
+        let versions = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "retune_adapter_tier_versions",
+                "Adapter versions per tier (resident, pinned, loading, stored)",
+            ),
+            &["tier"],
+        )?;
+        let bytes = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "retune_adapter_tier_bytes",
+                "Bytes per adapter tier (resident and pinned: compute-ready weights; stored: PEFT files)",
+            ),
+            &["tier"],
+        )?;
+        let loads = IntCounterVec::new(
+            Opts::new(
+                "retune_adapter_loads_by_source_total",
+                "Adapter loads by what they read (compute_form, or files: the PEFT files checked by content id)",
+            ),
+            &["source"],
+        )?;
+        let compute_form_rejected = prometheus::IntCounter::new(
+            "retune_adapter_compute_form_rejected_total",
+            "Compute forms refused at load (damaged or stale): loaded from the checked files instead",
+        )?;
+        let prefetches = prometheus::IntCounter::new(
+            "retune_adapter_prefetches_total",
+            "Adapter loads started for queued requests ahead of admission",
+        )?;
+        r.register(Box::new(versions.clone()))?;
+        r.register(Box::new(bytes.clone()))?;
+        r.register(Box::new(loads.clone()))?;
+        r.register(Box::new(compute_form_rejected.clone()))?;
+        r.register(Box::new(prefetches.clone()))?;
+        Ok(Self {
+            versions,
+            bytes,
+            loads,
+            compute_form_rejected,
+            prefetches,
+        })
+    }
+
+    /// Read the pool's state (cheap: one pass over its entries).
+    pub fn update(&self, pool: &retune_adapters::AdapterPool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = pool.stats();
+        let (pinned, pinned_bytes) = pool.pinned_resident();
+        let set = |tier: &str, v: usize| self.versions.with_label_values(&[tier]).set(v as i64);
+        set("resident", s.resident.load(Relaxed));
+        set("pinned", pinned);
+        set("loading", pool.loading());
+        self.bytes
+            .with_label_values(&["resident"])
+            .set(s.bytes.load(Relaxed) as i64);
+        self.bytes
+            .with_label_values(&["pinned"])
+            .set(pinned_bytes as i64);
+        let (loads, packed) = (s.loads.load(Relaxed), s.packed_loads.load(Relaxed));
+        catch_up(&self.loads.with_label_values(&["compute_form"]), packed);
+        catch_up(
+            &self.loads.with_label_values(&["files"]),
+            loads.saturating_sub(packed),
+        );
+        catch_up(&self.compute_form_rejected, s.packed_rejected.load(Relaxed));
+        catch_up(&self.prefetches, s.prefetches.load(Relaxed));
+    }
+
+    /// The store tier: servable versions and their bytes.
+    pub fn stored(&self, versions: i64, bytes: i64) {
+        self.versions.with_label_values(&["stored"]).set(versions);
+        self.bytes.with_label_values(&["stored"]).set(bytes);
+    }
 }
 
 /// The engine's prefix cache.
@@ -255,6 +344,7 @@ impl Metrics {
         )?;
         r.register(Box::new(cancelled.clone()))?;
         let prefix = PrefixMetrics::new(&r)?;
+        let pool = PoolMetrics::new(&r)?;
         Ok(Self {
             registry: r,
             requests,
@@ -285,6 +375,7 @@ impl Metrics {
             snapshot_examples,
             cancelled,
             prefix,
+            pool,
             seen_adapters: Default::default(),
             max_adapters,
         })

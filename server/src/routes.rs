@@ -167,6 +167,7 @@ async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError
             .set(ps.evictions.load(Ordering::Relaxed) as i64);
         m.adapter_load_seconds
             .set(ps.load_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        m.pool.update(p);
     }
     if let Some(w) = &state.capture {
         let cs = w.stats();
@@ -174,12 +175,17 @@ async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError
         crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
     }
     if let Some(reg) = state.registry.clone() {
-        let (n, c) = web::block(move || {
-            Ok::<_, retune_adapters::RegistryError>((reg.tainted_live_count()?, reg.loop_counts()?))
+        let (n, c, stored) = web::block(move || {
+            Ok::<_, retune_adapters::RegistryError>((
+                reg.tainted_live_count()?,
+                reg.loop_counts()?,
+                reg.stored_totals()?,
+            ))
         })
         .await
         .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
         m.tainted_live.set(n);
+        m.pool.stored(stored.0, stored.1);
         // the trainer writes these to the shared registry; the server reports them
         let mut running = 0;
         for (status, count) in &c.runs {

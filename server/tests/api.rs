@@ -26,6 +26,25 @@ fn spawn_app_with(name: &str, engine: &str) -> TestApp {
 }
 
 fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
+    let settings = app_settings(name, engine, "", spec);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = settings.0;
+    std::thread::spawn(move || {
+        let app = Application::build(s).unwrap();
+        tx.send(app.port()).unwrap();
+        actix_web::rt::System::new()
+            .block_on(app.run_until_stopped())
+            .unwrap();
+    });
+    TestApp {
+        port: rx.recv().unwrap(),
+        ..settings.1
+    }
+}
+
+/// The settings of a test app (`engine` is the body of `[engine]`, `adapters`
+/// lines added to `[adapters]`) and the app it describes (port 0 until started).
+fn app_settings(name: &str, engine: &str, adapters: &str, spec: TinySpec) -> (Settings, TestApp) {
     let dir = std::env::temp_dir().join(format!("retune-api-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (model, _) = tiny::write(&dir.join("model"), &spec).unwrap();
@@ -79,12 +98,13 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
     std::fs::create_dir_all(&imports).unwrap();
     let toml = format!(
         "[server]\nport = 0\nmax_body_bytes = 4096\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\n{}\n[adapters]\nroot = {:?}\nserved_flush_ms = 100\nmax_version_bytes = 33554432\n\
-         import_dir = {:?}\n[auth]\nadmin_key_sha256 = \"{}\"\nmetrics_key_sha256 = \"{}\"\n[[auth.admins]]\nname = \"acme-ops\"\nkey_sha256 = \"{}\"\ntenants = [\"acme\"]\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n\
+         import_dir = {:?}\n{}\n[auth]\nadmin_key_sha256 = \"{}\"\nmetrics_key_sha256 = \"{}\"\n[[auth.admins]]\nname = \"acme-ops\"\nkey_sha256 = \"{}\"\ntenants = [\"acme\"]\n[[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n[[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n\
          [[trainer.adapters]]\ntenant = \"acme\"\nname = \"intents\"\n[trainer.adapters.gate]\nsystem_prompt = \"Answer with one word.\"\n",
         model.to_string_lossy(),
         engine,
         root.to_string_lossy(),
         imports.to_string_lossy(),
+        adapters,
         hash_key("admin-key"),
         hash_key("metrics-key"),
         hash_key("acme-ops-key"),
@@ -92,21 +112,16 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
         hash_key("globex-key")
     );
     let settings = Settings::from_toml(&toml, []).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let app = Application::build(settings).unwrap();
-        tx.send(app.port()).unwrap();
-        actix_web::rt::System::new()
-            .block_on(app.run_until_stopped())
-            .unwrap();
-    });
-    TestApp {
-        port: rx.recv().unwrap(),
-        version: v.id,
-        version2: v2.id,
-        root,
-        model,
-    }
+    (
+        settings,
+        TestApp {
+            port: 0,
+            version: v.id,
+            version2: v2.id,
+            root,
+            model,
+        },
+    )
 }
 
 struct Resp {
@@ -1717,4 +1732,88 @@ fn the_prefix_cache_is_keyed_by_version_and_tenant_and_reported_in_usage() {
     assert!(value("retune_prefix_cache_tokens") > 0.0);
     assert!(value("retune_prefix_cache_bytes") > 0.0);
     assert_eq!(value("retune_prefix_cache_evictions_total"), 0.0);
+}
+
+/// The value of the series whose line starts with `series` (name and labels).
+fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn pinned_adapters_are_resident_before_the_first_request_and_tiers_are_reported() {
+    let (settings, app) = app_settings(
+        "pinned",
+        "max_tokens_cap = 64",
+        "pinned = [\"acme/tickets\"]\nmax_resident = 4",
+        TinySpec::default(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let app = Application::build(settings).unwrap();
+        tx.send(app.port()).unwrap();
+        actix_web::rt::System::new()
+            .block_on(app.run_until_stopped())
+            .unwrap();
+    });
+    let app = TestApp {
+        port: rx.recv().unwrap(),
+        ..app
+    };
+    let m = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
+    let v = |s: &str| series_value(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
+    assert_eq!(v("retune_adapter_tier_versions{tier=\"pinned\"}"), 1.0);
+    assert_eq!(v("retune_adapter_tier_versions{tier=\"resident\"}"), 1.0);
+    assert_eq!(v("retune_adapter_tier_versions{tier=\"loading\"}"), 0.0);
+    assert_eq!(
+        v("retune_adapter_tier_versions{tier=\"stored\"}"),
+        2.0,
+        "two registered versions"
+    );
+    assert!(v("retune_adapter_tier_bytes{tier=\"pinned\"}") > 0.0);
+    assert!(v("retune_adapter_tier_bytes{tier=\"stored\"}") > 0.0);
+    // written at register, read at start
+    assert_eq!(
+        v("retune_adapter_loads_by_source_total{source=\"compute_form\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("retune_adapter_loads_by_source_total{source=\"files\"}"),
+        0.0
+    );
+    // the first request finds it resident: no load
+    let r = http(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some("acme-key"),
+        r#"{"model":"tickets","max_tokens":2,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
+    assert_eq!(
+        series_value(
+            &m,
+            "retune_adapter_loads_by_source_total{source=\"compute_form\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn pinned_adapters_beyond_the_resident_limit_are_refused_at_start_naming_the_key() {
+    let (settings, _) = app_settings(
+        "pinned-too-big",
+        "max_tokens_cap = 64",
+        "pinned = [\"acme/tickets\"]\nmax_resident_bytes = 4096",
+        TinySpec::default(),
+    );
+    let e = Application::build(settings).err().expect("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("adapters.pinned") && msg.contains("max_resident_bytes"),
+        "{msg}"
+    );
 }
