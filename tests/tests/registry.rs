@@ -997,3 +997,81 @@ fn the_compute_form_is_written_at_register_loaded_bit_identical_and_rebuilt_when
     pool.forget(r0);
     assert!(same_weights(&wait(r0).unwrap(), direct0));
 }
+
+#[test]
+fn an_adapter_evicted_from_every_tier_serves_the_same_output_and_a_corrupt_one_fails_only_its_requests(
+) {
+    use retune_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams};
+    let dir = tmpdir("tiers");
+    let spec = TinySpec::default();
+    let (gguf, _) = tiny::write(&dir.join("model"), &spec).unwrap();
+    let strong = |seed: u64| {
+        let p = dir.join(format!("strong-{seed}"));
+        tiny::write_adapter(&p, &spec, 8, &[0, 1, 2, 3, 4, 5, 6], seed, 16.0, 0.5).unwrap();
+        p
+    };
+    let (u1, u2) = (strong(1), strong(2));
+    let reg = Arc::new(open(&dir));
+    let v1 = reg.register(new(&u1, "acme", "a"), &base()).unwrap();
+    let v2 = reg.register(new(&u2, "acme", "b"), &base()).unwrap();
+    let l = retune_engine::load(&gguf).unwrap();
+    let pool = AdapterPool::new(reg.clone(), l.model.base_shapes(), PoolConfig::default());
+    // the prefix cache on (the default): entries are keyed by the content id
+    let engine =
+        Engine::start_with_pool(l.model, l.tok, EngineConfig::default(), Some(pool.clone()))
+            .unwrap();
+    let ra = AdapterRef::new("acme", "a", &v1.id, Via::Live).unwrap();
+    let rb = AdapterRef::new("acme", "b", &v2.id, Via::Live).unwrap();
+    let ask = |r: &AdapterRef| {
+        engine.generate_blocking(GenerateRequest {
+            prompt: (1..40).collect(),
+            params: SamplingParams {
+                stop_on_eos: false,
+                temperature: 0.8,
+                seed: Some(7),
+                logprobs: Some(2),
+                ..SamplingParams::greedy(12)
+            },
+            adapter: Some(r.clone()),
+        })
+    };
+    let first = ask(&ra).unwrap();
+    let other = ask(&rb).unwrap();
+    assert_ne!(first.completion.output, other.completion.output);
+    // evicted from the pool and its compute form gone: loaded from the checked
+    // files (the prefix cache still has its entries: same content id)
+    let packed = reg.servable_dir(&ra).unwrap().join(packed::PACKED_FILE);
+    std::fs::remove_file(&packed).unwrap();
+    pool.forget(&ra);
+    let again = ask(&ra).unwrap();
+    assert_eq!(again.completion.output, first.completion.output);
+    let lp = |g: &retune_engine::Generated| -> Vec<(Option<u32>, Vec<(u32, u32)>)> {
+        g.tokens
+            .iter()
+            .map(|t| {
+                (
+                    t.logprob.map(f32::to_bits),
+                    t.top.iter().map(|(i, p)| (*i, p.to_bits())).collect(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(lp(&again), lp(&first), "bit-identical logprobs");
+    assert!(packed.exists(), "rewritten by the load");
+    // corrupt in the store (its compute form damaged, a weight changed): refused
+    // by its content id; b still serves, the same as before
+    let weights = reg
+        .servable_dir(&ra)
+        .unwrap()
+        .join("adapter_model.safetensors");
+    let mut w = std::fs::read(&weights).unwrap();
+    let at = w.len() - 3;
+    w[at] ^= 0x01;
+    std::fs::write(&weights, &w).unwrap();
+    std::fs::write(&packed, b"garbage").unwrap();
+    pool.forget(&ra);
+    let e = ask(&ra).unwrap_err();
+    assert!(e.to_string().contains("content id"), "{e}");
+    let b_again = ask(&rb).unwrap();
+    assert_eq!(b_again.completion.output, other.completion.output);
+}
