@@ -148,6 +148,11 @@ pub struct EngineArgs {
     /// Also measure multi-LoRA decode (64 synthetic adapters per shape).
     #[arg(long)]
     lora: bool,
+    /// Measure prefill and decode on every kernel path this machine has
+    /// (AVX2, AVX-512), one after the other in this process, instead of the
+    /// full table.
+    #[arg(long)]
+    all_kernels: bool,
     /// Keep the synthetic adapters in this directory (with --lora).
     #[arg(long)]
     keep_adapters: Option<PathBuf>,
@@ -161,7 +166,15 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     let keep_adapters = args.keep_adapters.clone();
     let loaded = load(&path)?;
     let vocab = loaded.model.cfg.vocab as u32;
-    let engine = Engine::start(loaded.model, loaded.tok, EngineConfig::default())?;
+    // the prompt repeats: with the prefix cache on, prefill would measure the cache
+    let cfg = EngineConfig {
+        prefix_cache: retune_engine::PrefixConfig {
+            max_tokens: 0,
+            ..Default::default()
+        },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(loaded.model, loaded.tok, cfg)?;
     let prompt: Vec<u32> = (0..512u32)
         .map(|i| (i * 7919) % (vocab - 100) + 50)
         .collect();
@@ -180,6 +193,9 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let (pp, tg) = (med(&mut pp), med(&mut tg));
+    if args.all_kernels {
+        return compare_kernels(&engine, &prompt, decode_tokens, llama.as_deref(), &path);
+    }
     println!("| metric | retune | llama.cpp | ratio |\n|---|---|---|---|");
     let theirs = match &llama {
         Some(b) => Some(llama_bench(Path::new(b), &path)?),
@@ -205,6 +221,55 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     if lora {
         drop(engine);
         lora_bench(&path, decode_tokens, keep_adapters)?;
+    }
+    Ok(())
+}
+
+/// Prefill, single-stream and 32-stream decode on each kernel path, in turns
+/// (path A, path B, path A, ...), medians over 3 turns each.
+fn compare_kernels(
+    engine: &Engine,
+    prompt: &[u32],
+    decode_tokens: usize,
+    llama: Option<&str>,
+    model: &Path,
+) -> Result<()> {
+    use retune_engine::kernels_f32::{available_paths, set_path};
+    println!("{}", retune_engine::cpu::describe());
+    let paths = available_paths();
+    let mut res: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); paths.len()];
+    for _ in 0..3 {
+        for (i, p) in paths.iter().enumerate() {
+            set_path(*p).map_err(anyhow::Error::msg)?;
+            let (ttft, _, _) = timed(engine, req(prompt.to_vec(), 1))?;
+            res[i].0.push(prompt.len() as f64 / ttft);
+            let (_, rest, n) = timed(engine, req(prompt[..16].to_vec(), decode_tokens))?;
+            res[i].1.push((n - 1) as f64 / rest);
+            let (decode, _) = aggregate(engine, 32, 64)?;
+            res[i].2.push(decode);
+        }
+    }
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let theirs = match llama {
+        Some(b) => Some(llama_bench(Path::new(b), model)?),
+        None => None,
+    };
+    println!("\n| kernel path | prefill tok/s (512) | decode tok/s, 1 stream | aggregate decode tok/s, 32 streams |\n|---|---|---|---|");
+    for (p, r) in paths.iter().zip(&res) {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} |",
+            p.name(),
+            med(&r.0),
+            med(&r.1),
+            med(&r.2)
+        );
+    }
+    if let Some((pp, tg)) = theirs {
+        println!("| llama.cpp (llama-bench, same run) | {pp:.1} | {tg:.1} | |");
     }
     Ok(())
 }

@@ -25,8 +25,38 @@ pub fn require_build_features() -> bool {
     }
 }
 
+/// Whether the OS lets this process use AMX tile data: `None` when the CPU
+/// does not report AMX. Linux grants it per process on request
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); without the grant
+/// the first tile instruction dies with SIGILL even on a CPU that reports AMX.
+pub fn amx_granted() -> Option<bool> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID.(EAX=7,ECX=0):EDX bit 24 = AMX-TILE (std's detection of it is unstable)
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        if leaf7.edx & (1 << 24) == 0 {
+            return None;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with an integer argument; no memory is passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        Some(rc == 0)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        None
+    }
+}
+
 /// This machine's CPU for benchmark reports: its model name, the vector units
-/// it reports, and the kernel path that runs (the build's: x86-64-v3, AVX2).
+/// it reports, and the kernel path that runs (chosen at run time).
 pub fn describe() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -48,10 +78,23 @@ pub fn describe() -> String {
     .into_iter()
     .filter(|f| flags.split_whitespace().any(|x| x == *f))
     .collect();
+    let avail: Vec<&str> = crate::kernels_f32::available_paths()
+        .iter()
+        .map(|p| p.name())
+        .collect();
+    let amx = match amx_granted() {
+        None => String::new(),
+        Some(g) => format!(
+            "; AMX reported, tile data {} by the OS, no AMX kernel",
+            if g { "granted" } else { "NOT granted" }
+        ),
+    };
     format!(
-        "{} ({} cores; reports {}); kernels: AVX2 (the x86-64-v3 build)",
+        "{} ({} cores; reports {}); kernels: {} (available: {}){amx}",
         field("model name"),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        has.join(" ")
+        has.join(" "),
+        crate::kernels_f32::path().name(),
+        avail.join(", ")
     )
 }

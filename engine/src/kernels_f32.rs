@@ -33,6 +33,10 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
         target_feature = "f16c"
     ))]
     {
+        if path() == KernelPath::Avx512 {
+            // SAFETY: AVX-512F/BW present and enabled by the OS (checked by `detect`).
+            return unsafe { avx512::dequant_row(format, row, out) };
+        }
         // SAFETY: features enabled at compile time; `out` holds a whole row.
         unsafe { avx2::dequant_row(format, row, out) }
     }
@@ -76,6 +80,16 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
         target_feature = "f16c"
     ))]
     {
+        if path() == KernelPath::Avx512 {
+            // SAFETY: as in `dequant_row`; bounded by all lengths.
+            return unsafe {
+                match format {
+                    BlockFormat::Q4_0 => avx512::dot_rows::<avx512::Q40, R>(rows, x),
+                    BlockFormat::Q4_1 => avx512::dot_rows::<avx512::Q41, R>(rows, x),
+                    BlockFormat::Q8_0 => avx512::dot_rows::<avx512::Q80, R>(rows, x),
+                }
+            };
+        }
         // SAFETY: features enabled at compile time; bounded by all lengths.
         unsafe {
             match format {
@@ -111,6 +125,10 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
         target_feature = "f16c"
     ))]
     {
+        if path() == KernelPath::Avx512 {
+            // SAFETY: as in `dequant_row`; lengths are checked inside.
+            return unsafe { avx512::tile(w, x) };
+        }
         // SAFETY: features enabled at compile time; lengths are checked inside.
         unsafe { avx2::tile(w, x) }
     }
@@ -125,6 +143,279 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
         for r in 0..R {
             for t in 0..N {
                 out[r][t] = w[r].iter().zip(x[t]).map(|(a, b)| a * b).sum();
+            }
+        }
+        out
+    }
+}
+
+/// Which weight × activation kernels run on this machine: chosen once, at the
+/// first use, from what the CPU reports *and* the OS enables (std's detection
+/// reads XCR0: a CPU flag alone is not enough), or forced with
+/// `RETUNE_KERNELS=avx2|avx512`. Within one machine every path gives
+/// bit-identical results for any batch size (each output is one accumulator of
+/// the path's width over the row, then a fixed horizontal sum); two paths give
+/// results that differ in the last bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// Plain Rust (builds without AVX2).
+    Portable,
+    /// 8-lane FMA (the x86-64-v3 build's baseline).
+    Avx2,
+    /// 16-lane FMA (AVX-512F/BW).
+    Avx512,
+}
+
+impl KernelPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "AVX2",
+            Self::Avx512 => "AVX-512",
+        }
+    }
+}
+
+static PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn code(p: KernelPath) -> u8 {
+    match p {
+        KernelPath::Portable => 1,
+        KernelPath::Avx2 => 2,
+        KernelPath::Avx512 => 3,
+    }
+}
+
+/// The paths this machine can run, best last.
+pub fn available_paths() -> Vec<KernelPath> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        let mut v = vec![KernelPath::Avx2];
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            v.push(KernelPath::Avx512);
+        }
+        v
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    {
+        vec![KernelPath::Portable]
+    }
+}
+
+fn detect() -> KernelPath {
+    let avail = available_paths();
+    let best = *avail.last().unwrap_or(&KernelPath::Portable);
+    match std::env::var("RETUNE_KERNELS").as_deref() {
+        Ok("avx2") if avail.contains(&KernelPath::Avx2) => KernelPath::Avx2,
+        Ok("avx512") if avail.contains(&KernelPath::Avx512) => KernelPath::Avx512,
+        Ok(other) if !other.is_empty() && other != "auto" => {
+            eprintln!(
+                "retune: RETUNE_KERNELS={other} is not available here ({}); using {}",
+                avail
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                best.name()
+            );
+            best
+        }
+        _ => best,
+    }
+}
+
+/// The path in use (chosen at first use).
+#[inline]
+pub fn path() -> KernelPath {
+    match PATH.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => KernelPath::Portable,
+        2 => KernelPath::Avx2,
+        3 => KernelPath::Avx512,
+        _ => {
+            let p = detect();
+            PATH.store(code(p), std::sync::atomic::Ordering::Relaxed);
+            p
+        }
+    }
+}
+
+/// Switch paths (benchmarks comparing them in one process; nothing may be
+/// computing meanwhile). Refused for a path this machine cannot run.
+pub fn set_path(p: KernelPath) -> Result<(), String> {
+    if !available_paths().contains(&p) {
+        return Err(format!(
+            "kernel path {} is not available on this machine",
+            p.name()
+        ));
+    }
+    PATH.store(code(p), std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx512 {
+    use super::{BlockFormat, QK};
+    use std::arch::x86_64::*;
+
+    /// 16 lanes summed in a fixed order: high and low halves, then the 8-lane sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn hsum(v: __m512) -> f32 {
+        let h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+        crate::kernels::avx2::hsum(h)
+    }
+
+    /// Expands one block into two 16-lane f32 vectors (elements 0-15, 16-31).
+    pub trait Fmt {
+        const BYTES: usize;
+        unsafe fn expand(b: *const u8) -> [__m512; 2];
+    }
+    pub struct Q40;
+    pub struct Q41;
+    pub struct Q80;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn nib2(q: *const u8, dv: __m512, mv: __m512) -> [__m512; 2] {
+        let raw = _mm_loadu_si128(q as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let f = |b: __m128i| _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), dv, mv);
+        [f(lo), f(hi)]
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f16p(b: *const u8) -> f32 {
+        half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32()
+    }
+
+    impl Fmt for Q40 {
+        const BYTES: usize = 18;
+        #[inline]
+        unsafe fn expand(b: *const u8) -> [__m512; 2] {
+            let d = f16p(b);
+            nib2(b.add(2), _mm512_set1_ps(d), _mm512_set1_ps(-8.0 * d))
+        }
+    }
+    impl Fmt for Q41 {
+        const BYTES: usize = 20;
+        #[inline]
+        unsafe fn expand(b: *const u8) -> [__m512; 2] {
+            let (d, m) = (f16p(b), f16p(b.add(2)));
+            nib2(b.add(4), _mm512_set1_ps(d), _mm512_set1_ps(m))
+        }
+    }
+    impl Fmt for Q80 {
+        const BYTES: usize = 34;
+        #[inline]
+        unsafe fn expand(b: *const u8) -> [__m512; 2] {
+            let dv = _mm512_set1_ps(f16p(b));
+            let f = |k: usize| {
+                let q = _mm_loadu_si128(b.add(2 + 16 * k) as *const __m128i);
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), dv)
+            };
+            [f(0), f(1)]
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dot_rows<F: Fmt, const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+        let mut n = x.len() / QK;
+        for r in &rows {
+            n = n.min(r.len() / F::BYTES);
+        }
+        let mut acc = [_mm512_setzero_ps(); R];
+        for i in 0..n {
+            let xp = x.as_ptr().add(i * QK);
+            let xv = [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))];
+            for r in 0..R {
+                let p = rows[r].as_ptr().add(i * F::BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * R * rows[r].len()) as *const i8);
+                let w = F::expand(p);
+                acc[r] = _mm512_fmadd_ps(w[0], xv[0], acc[r]);
+                acc[r] = _mm512_fmadd_ps(w[1], xv[1], acc[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+        match format {
+            BlockFormat::Q4_0 => dequant::<Q40>(row, out),
+            BlockFormat::Q4_1 => dequant::<Q41>(row, out),
+            BlockFormat::Q8_0 => dequant::<Q80>(row, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn dequant<F: Fmt>(row: &[u8], out: &mut [f32]) {
+        let n = (row.len() / F::BYTES).min(out.len() / QK);
+        for i in 0..n {
+            let p = row.as_ptr().add(i * F::BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * row.len()) as *const i8);
+            let w = F::expand(p);
+            let o = out.as_mut_ptr().add(i * QK);
+            _mm512_storeu_ps(o, w[0]);
+            _mm512_storeu_ps(o.add(16), w[1]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn tile<const R: usize, const N: usize>(
+        w: [&[f32]; R],
+        x: [&[f32]; N],
+    ) -> [[f32; N]; R] {
+        let mut len = usize::MAX;
+        for s in w.iter().chain(x.iter()) {
+            len = len.min(s.len());
+        }
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let mut k = 0;
+        while k + 16 <= len {
+            let mut xv = [_mm512_setzero_ps(); N];
+            for t in 0..N {
+                xv[t] = _mm512_loadu_ps(x[t].as_ptr().add(k));
+            }
+            for r in 0..R {
+                let wv = _mm512_loadu_ps(w[r].as_ptr().add(k));
+                for t in 0..N {
+                    acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+                }
+            }
+            k += 16;
+        }
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for t in 0..N {
+                let mut s = hsum(acc[r][t]);
+                for j in k..len {
+                    s += w[r].get_unchecked(j) * x[t].get_unchecked(j);
+                }
+                out[r][t] = s;
             }
         }
         out
@@ -314,8 +605,29 @@ mod tests {
             .collect()
     }
 
+    /// Every path this machine has, each against itself (bit-exact across
+    /// tiles and fused dots) and against the plain reference; the paths
+    /// against each other within rounding. Tests run one per process
+    /// (nextest), so switching the global path here touches no other test.
     #[test]
-    fn fused_dot_tiles_and_reference_agree() {
+    fn every_available_path_is_self_consistent_and_agrees_with_the_others() {
+        let paths = available_paths();
+        let mut results = Vec::new();
+        for p in &paths {
+            set_path(*p).unwrap();
+            assert_eq!(path(), *p);
+            results.push(fused_dot_tiles_and_reference_agree());
+        }
+        for r in &results[1..] {
+            for (a, b) in r.iter().zip(&results[0]) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+        eprintln!("kernel paths checked: {paths:?}");
+    }
+
+    fn fused_dot_tiles_and_reference_agree() -> Vec<f32> {
+        let mut seen = Vec::new();
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
             let nb = 18;
             let mut rows: Vec<Vec<u8>> = (0..2)
@@ -379,8 +691,19 @@ mod tests {
                     );
                     let naive: f32 = w[r].iter().zip(&xs[k]).map(|(a, b)| a * b).sum();
                     assert!((fused - naive).abs() < 1e-3);
+                    seen.push(fused);
                 }
             }
+            // a length that is not a multiple of either width takes the tail
+            let odd = tile::<1, 1>([&w[0][..QK * nb - 5]], [&xs[0][..QK * nb - 5]]);
+            let naive: f32 = w[0][..QK * nb - 5]
+                .iter()
+                .zip(&xs[0])
+                .map(|(a, b)| a * b)
+                .sum();
+            assert!((odd[0][0] - naive).abs() < 1e-3);
+            seen.push(odd[0][0]);
         }
+        seen
     }
 }
