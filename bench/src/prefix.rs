@@ -33,6 +33,13 @@ pub struct PrefixArgs {
     /// Tokens of each prompt of the workload without shared prefixes.
     #[arg(long, default_value_t = 256)]
     distinct_tokens: usize,
+    /// Only the workload without shared prefixes.
+    #[arg(long)]
+    distinct_only: bool,
+    /// Runs of each setting, alternating which goes first; the run of median
+    /// wall time of each setting is reported.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 struct RunStats {
@@ -119,26 +126,38 @@ fn engine_with(model: &PathBuf, streams: usize, cache: bool) -> Result<Engine> {
     Ok(Engine::start(loaded.model, loaded.tok, cfg)?.with_template(loaded.template))
 }
 
-/// Both runs of one workload: (off, on).
+/// Both settings of one workload: (off, on), each the run of median wall
+/// time over `rounds` runs, the order alternating between rounds.
 fn compare(a: &PrefixArgs, name: &str, prompts: &[Vec<u32>]) -> Result<(RunStats, RunStats)> {
-    let mut runs = Vec::new();
-    for cache in [false, true] {
-        let engine = engine_with(&a.model, a.streams, cache)?;
-        // the same warm-up on both: one request with another workload's prompt
-        drive(&engine, &[vec![1, 2, 3, 4, 5, 6, 7, 8]], 1, 2)?;
-        let r = drive(&engine, prompts, a.streams, a.max_tokens)?;
-        eprintln!(
-            "{name}, cache {}: {:.1} s, {} prompt tokens, {} from the cache",
-            if cache { "on" } else { "off" },
-            r.wall,
-            r.prompt,
-            r.cached
-        );
-        runs.push(r);
+    let mut runs: [Vec<RunStats>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..a.rounds.max(1) {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for cache in order {
+            let engine = engine_with(&a.model, a.streams, cache)?;
+            // the same warm-up on both: one request with another workload's prompt
+            drive(&engine, &[vec![1, 2, 3, 4, 5, 6, 7, 8]], 1, 2)?;
+            let r = drive(&engine, prompts, a.streams, a.max_tokens)?;
+            eprintln!(
+                "{name}, cache {}: {:.1} s, {} prompt tokens, {} from the cache",
+                if cache { "on" } else { "off" },
+                r.wall,
+                r.prompt,
+                r.cached
+            );
+            runs[usize::from(cache)].push(r);
+        }
     }
-    let on = runs.pop().context("run")?;
-    let off = runs.pop().context("run")?;
-    Ok((off, on))
+    let [mut off, mut on] = runs;
+    let median = |v: &mut Vec<RunStats>| -> Result<RunStats> {
+        v.sort_by(|x, y| x.wall.total_cmp(&y.wall));
+        let mid = v.len() / 2;
+        Ok(v.swap_remove(mid))
+    };
+    Ok((median(&mut off)?, median(&mut on)?))
 }
 
 fn report(name: &str, a: &PrefixArgs, off: &RunStats, on: &RunStats) {
@@ -223,8 +242,9 @@ pub fn run(a: &PrefixArgs) -> Result<()> {
         a.model.display(),
         retune_engine::cpu::describe()
     );
-    let (off, on) = compare(a, "classification", &prompts)?;
-    report(
+    if !a.distinct_only {
+        let (off, on) = compare(a, "classification", &prompts)?;
+        report(
         &format!(
             "Classification: one system prompt with the 77 labels, Banking77 messages, prompts of {}–{} tokens",
             sys_tokens,
@@ -234,6 +254,7 @@ pub fn run(a: &PrefixArgs) -> Result<()> {
         &off,
         &on,
     );
+    }
     // no shared prefix: every prompt differs from its first token
     let distinct: Vec<Vec<u32>> = (0..a.requests)
         .map(|i| {

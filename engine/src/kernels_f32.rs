@@ -276,9 +276,11 @@ mod avx512 {
 
     /// 16 lanes summed in a fixed order: high and low halves, then the 8-lane sum.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn hsum(v: __m512) -> f32 {
-        let h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+        // the high half through the f64 view: `extractf32x8` needs AVX-512DQ
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
         crate::kernels::avx2::hsum(h)
     }
 
@@ -337,6 +339,7 @@ mod avx512 {
         }
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub unsafe fn dot_rows<F: Fmt, const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
         let mut n = x.len() / QK;
@@ -362,6 +365,7 @@ mod avx512 {
         out
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub unsafe fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
         match format {
@@ -371,6 +375,7 @@ mod avx512 {
         }
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn dequant<F: Fmt>(row: &[u8], out: &mut [f32]) {
         let n = (row.len() / F::BYTES).min(out.len() / QK);
@@ -384,6 +389,7 @@ mod avx512 {
         }
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub unsafe fn tile<const R: usize, const N: usize>(
         w: [&[f32]; R],

@@ -162,10 +162,48 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         }
     }
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    jobs.par_iter()
-        .for_each(|&(li, r0, r1)| matmul_job(lins, &ptrs, x, t, li, r0, r1));
+    let wide = kernels_f32::path() == kernels_f32::KernelPath::Avx512;
+    jobs.par_iter().for_each(|&(li, r0, r1)| {
+        if wide {
+            // SAFETY: the AVX-512 path is only chosen where the CPU and OS have it.
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+            unsafe {
+                matmul_job_avx512(lins, &ptrs, x, t, li, r0, r1)
+            }
+        } else {
+            matmul_job(lins, &ptrs, x, t, li, r0, r1)
+        }
+    });
     #[inline(never)]
     fn matmul_job(
+        lins: &[&Linear],
+        ptrs: &[OutPtr],
+        x: &[f32],
+        t: usize,
+        li: usize,
+        r0: usize,
+        r1: usize,
+    ) {
+        matmul_body(lins, ptrs, x, t, li, r0, r1)
+    }
+    /// The same job compiled with AVX-512 enabled, so the kernels inline into
+    /// its loops as the AVX2 ones do into `matmul_job`'s.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn matmul_job_avx512(
+        lins: &[&Linear],
+        ptrs: &[OutPtr],
+        x: &[f32],
+        t: usize,
+        li: usize,
+        r0: usize,
+        r1: usize,
+    ) {
+        matmul_body(lins, ptrs, x, t, li, r0, r1)
+    }
+    #[inline(always)]
+    fn matmul_body(
         lins: &[&Linear],
         ptrs: &[OutPtr],
         x: &[f32],

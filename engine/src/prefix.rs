@@ -113,7 +113,14 @@ pub struct PrefixCache {
     next_id: u64,
     clock: u64,
     stats: Arc<PrefixStats>,
+    /// Buffers of evicted blocks for the next inserts: a full cache evicts one
+    /// block per block it inserts, and a fresh buffer costs page faults every
+    /// time (glibc returns large freed chunks to the kernel).
+    spare: Vec<Vec<f16>>,
 }
+
+/// Evicted blocks' buffers kept for reuse.
+const SPARE_BLOCKS: usize = 64;
 
 fn tokens_hash(tokens: &[u32]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -144,6 +151,7 @@ impl PrefixCache {
             next_id: 1,
             clock: 0,
             stats: Arc::new(PrefixStats::default()),
+            spare: Vec::new(),
         }
     }
 
@@ -345,7 +353,10 @@ impl PrefixCache {
             {
                 return;
             }
-            let mut data = Vec::with_capacity(self.n_layer * 2 * n * self.kv_dim);
+            let mut data = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(self.n_layer * 2 * n * self.kv_dim));
             kv.copy_out(depth * n, n, &mut data);
             let id = self.next_id;
             self.next_id += 1;
@@ -418,6 +429,11 @@ impl PrefixCache {
         self.stats
             .bytes
             .fetch_sub(b.kv.len() * 2, Ordering::Relaxed);
+        if self.spare.len() < SPARE_BLOCKS {
+            let mut buf = b.kv;
+            buf.clear();
+            self.spare.push(buf);
+        }
     }
 
     /// Shrink to at most `room` positions (running sequences took the rest of
