@@ -26,11 +26,15 @@ fn spawn_app_with(name: &str, engine: &str) -> TestApp {
 }
 
 fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
-    let settings = app_settings(name, engine, "", spec);
+    let (settings, app) = app_settings(name, engine, "", spec);
+    start(settings, app)
+}
+
+/// Serve `settings` on a thread; `app` with its port.
+fn start(settings: Settings, app: TestApp) -> TestApp {
     let (tx, rx) = std::sync::mpsc::channel();
-    let s = settings.0;
     std::thread::spawn(move || {
-        let app = Application::build(s).unwrap();
+        let app = Application::build(settings).unwrap();
         tx.send(app.port()).unwrap();
         actix_web::rt::System::new()
             .block_on(app.run_until_stopped())
@@ -38,7 +42,7 @@ fn spawn_app_spec(name: &str, engine: &str, spec: TinySpec) -> TestApp {
     });
     TestApp {
         port: rx.recv().unwrap(),
-        ..settings.1
+        ..app
     }
 }
 
@@ -1750,18 +1754,7 @@ fn pinned_adapters_are_resident_before_the_first_request_and_tiers_are_reported(
         "pinned = [\"acme/tickets\"]\nmax_resident = 4",
         TinySpec::default(),
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let app = Application::build(settings).unwrap();
-        tx.send(app.port()).unwrap();
-        actix_web::rt::System::new()
-            .block_on(app.run_until_stopped())
-            .unwrap();
-    });
-    let app = TestApp {
-        port: rx.recv().unwrap(),
-        ..app
-    };
+    let app = start(settings, app);
     let m = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
     let v = |s: &str| series_value(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
     assert_eq!(v("retune_adapter_tier_versions{tier=\"pinned\"}"), 1.0);

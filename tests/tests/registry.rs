@@ -650,6 +650,22 @@ fn the_alias_cache_resolves_from_memory_while_a_writer_holds_the_database() {
     }
 }
 
+/// `r` from `pool` once loaded (10 s at most), or the load's error.
+fn acquired(pool: &AdapterPool, r: &AdapterRef) -> Result<Arc<LoraAdapter>, String> {
+    use std::time::{Duration, Instant};
+    let t = Instant::now();
+    loop {
+        match pool.acquire(r) {
+            Acquire::Ready(a) => return Ok(a),
+            Acquire::Failed(e) => return Err(e.to_string()),
+            Acquire::Pending => {
+                assert!(t.elapsed() < Duration::from_secs(10), "{r} never loaded");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
 /// A second connection holding `BEGIN IMMEDIATE` until dropped.
 fn rusqlite_hold(db: &Path) -> std::sync::mpsc::Sender<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -684,7 +700,7 @@ fn rusqlite_hold(db: &Path) -> std::sync::mpsc::Sender<()> {
 
 #[test]
 fn a_retired_version_stops_serving_from_the_pool_and_a_corrupt_one_is_refused() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let dir = tmpdir("pool-gate");
     let (u1, u2) = (upload(&dir, 1), upload(&dir, 2));
     let reg = Arc::new(open(&dir));
@@ -695,19 +711,7 @@ fn a_retired_version_stops_serving_from_the_pool_and_a_corrupt_one_is_refused() 
     let cache = AliasCache::attach(&reg, Duration::from_millis(50)).unwrap();
     let pool = AdapterPool::new(reg.clone(), base().shapes, PoolConfig::default());
     pool.set_servable(cache.clone());
-    let wait = |r: &AdapterRef| {
-        let t = Instant::now();
-        loop {
-            match pool.acquire(r) {
-                Acquire::Ready(a) => return Ok(a),
-                Acquire::Failed(e) => return Err(e.to_string()),
-                Acquire::Pending => {
-                    assert!(t.elapsed() < Duration::from_secs(10));
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-    };
+    let wait = |r: &AdapterRef| acquired(&pool, r);
     let r1 = AdapterRef::new("acme", "tickets", &v1.id, Via::Pinned).unwrap();
     wait(&r1).unwrap();
     assert_eq!(pool.resident().len(), 1);
@@ -875,7 +879,6 @@ fn same_weights(x: &LoraAdapter, y: &LoraAdapter) -> bool {
 
 #[test]
 fn the_compute_form_is_written_at_register_loaded_bit_identical_and_rebuilt_when_damaged() {
-    use std::time::{Duration, Instant};
     let dir = tmpdir("packed");
     let shapes = base().shapes;
     let mut ups = Vec::new();
@@ -898,19 +901,7 @@ fn the_compute_form_is_written_at_register_loaded_bit_identical_and_rebuilt_when
     }
     let reg = Arc::new(open(&dir));
     let pool = AdapterPool::new(reg.clone(), shapes.clone(), PoolConfig::default());
-    let wait = |r: &AdapterRef| {
-        let t = Instant::now();
-        loop {
-            match pool.acquire(r) {
-                Acquire::Ready(a) => return Ok(a),
-                Acquire::Failed(e) => return Err(e.to_string()),
-                Acquire::Pending => {
-                    assert!(t.elapsed() < Duration::from_secs(10));
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-    };
+    let wait = |r: &AdapterRef| acquired(&pool, r);
     let stat = |f: fn(&PoolStats) -> &std::sync::atomic::AtomicU64| {
         f(pool.stats()).load(std::sync::atomic::Ordering::Relaxed)
     };
