@@ -341,6 +341,14 @@ pub struct BackendStats {
     pub last_step_tokens: usize,
     /// The prefix cache's counters (`None`: no prefix cache).
     pub prefix: Option<PrefixCounters>,
+    /// KV positions the running sequences reserve, and the budget
+    /// (`engine.max_kv_tokens`); 0 when the backend does not say.
+    pub kv_reserved_tokens: usize,
+    pub kv_capacity_tokens: usize,
+    /// Adapter names (as clients send them in `model`) of running sequences,
+    /// and of requests waiting (queued or loading their adapter); sorted, no repeats.
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
 }
 
 /// Counters of a prefix cache, for metrics.

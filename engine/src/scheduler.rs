@@ -150,6 +150,10 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicUsize,
     /// Tokens in the most recent forward step (decode rows + prefill chunk).
     pub last_step_tokens: AtomicUsize,
+    pub kv_reserved: AtomicUsize,
+    pub kv_capacity: AtomicUsize,
+    /// Adapter names of (running, waiting) sequences, published when they change.
+    pub adapters: Mutex<(Vec<String>, Vec<String>)>,
 }
 
 struct Job {
@@ -424,6 +428,9 @@ impl Backend for Engine {
     fn stats(&self) -> BackendStats {
         let s = &self.stats;
         let get = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        // one lock (a second in the same expression would wait for the first)
+        let (running_adapters, waiting_adapters) =
+            s.adapters.lock().unwrap_or_else(|p| p.into_inner()).clone();
         BackendStats {
             queued: get(&s.queued),
             running: get(&s.running),
@@ -431,6 +438,10 @@ impl Backend for Engine {
             generated_tokens: get(&s.generated_tokens),
             prompt_tokens: get(&s.prompt_tokens),
             last_step_tokens: get(&s.last_step_tokens),
+            kv_reserved_tokens: get(&s.kv_reserved),
+            kv_capacity_tokens: get(&s.kv_capacity),
+            running_adapters,
+            waiting_adapters,
             prefix: self
                 .prefix
                 .as_ref()
@@ -551,6 +562,13 @@ impl Worker {
             self.stats
                 .running
                 .store(self.active.len(), Ordering::Relaxed);
+            self.stats
+                .kv_reserved
+                .store(self.reserved, Ordering::Relaxed);
+            self.stats
+                .kv_capacity
+                .store(self.cfg.max_kv_tokens, Ordering::Relaxed);
+            self.publish_adapters();
             if !self.active.is_empty() {
                 self.step();
                 // what finished in this step is not running any more
@@ -800,6 +818,44 @@ impl Worker {
                 ErrorKind::Adapter,
                 format!("adapter {adapter}: {e}"),
             )),
+        }
+    }
+
+    /// Publish the adapter names of running and waiting sequences (for the
+    /// inference gateway's LoRA metric) when they changed.
+    fn publish_adapters(&self) {
+        fn names<'a>(it: &mut dyn Iterator<Item = &'a AdapterRef>) -> Vec<&'a str> {
+            let mut v: Vec<&str> = it.map(|a| a.name()).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+        let running = names(
+            &mut self
+                .active
+                .iter()
+                .filter_map(|s| s.adapter.as_ref().map(|(_, r)| r)),
+        );
+        let waiting = names(
+            &mut self
+                .queues
+                .values()
+                .flatten()
+                .chain(&self.loading)
+                .filter_map(|j| j.adapter.as_ref()),
+        );
+        let mut cur = self
+            .stats
+            .adapters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let same =
+            |a: &[String], b: &[&str]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y);
+        if !same(&cur.0, &running) || !same(&cur.1, &waiting) {
+            *cur = (
+                running.into_iter().map(String::from).collect(),
+                waiting.into_iter().map(String::from).collect(),
+            );
         }
     }
 

@@ -689,6 +689,21 @@ fn a_queued_requests_adapter_loads_while_the_batch_is_full() {
     // wait until the base sequence runs, so the next one queues behind it
     assert!(matches!(base.blocking_next(), Some(Event::Token(_))));
     let mut next = engine.generate(req(Some("next"), 4)).unwrap();
+    // the gateway's view: the base runs, `next` waits
+    let t = Instant::now();
+    loop {
+        let st = engine.stats();
+        if st.waiting_adapters == ["next"] {
+            assert!(st.running_adapters.is_empty(), "{st:?}");
+            assert!(st.kv_reserved_tokens > 0 && st.kv_capacity_tokens >= st.kv_reserved_tokens);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "never reported waiting: {st:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let base_end = loop {
         match base.blocking_next() {
             Some(Event::Done(c)) => break submitted + c.timings.total,

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub cancelled: prometheus::IntCounter,
     pub prefix: PrefixMetrics,
     pub pool: PoolMetrics,
+    /// The inference gateway's model-server protocol: KV-cache utilisation and
+    /// the LoRA affinity metric (vLLM's `vllm:lora_requests_info` semantics).
+    pub kv_usage: prometheus::Gauge,
+    pub lora_info: prometheus::GaugeVec,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
@@ -345,6 +349,19 @@ impl Metrics {
         r.register(Box::new(cancelled.clone()))?;
         let prefix = PrefixMetrics::new(&r)?;
         let pool = PoolMetrics::new(&r)?;
+        let kv_usage = prometheus::Gauge::new(
+            "retune_kv_cache_usage_perc",
+            "Fraction (0 to 1) of engine.max_kv_tokens the running sequences reserve",
+        )?;
+        let lora_info = prometheus::GaugeVec::new(
+            Opts::new(
+                "retune_lora_requests_info",
+                "Adapters of running and waiting requests (names as sent in `model`); value: unix time of the update",
+            ),
+            &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )?;
+        r.register(Box::new(kv_usage.clone()))?;
+        r.register(Box::new(lora_info.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -376,9 +393,25 @@ impl Metrics {
             cancelled,
             prefix,
             pool,
+            kv_usage,
+            lora_info,
             seen_adapters: Default::default(),
             max_adapters,
         })
+    }
+}
+
+impl Metrics {
+    /// The one current series of `retune_lora_requests_info` (older label sets removed).
+    pub fn set_lora_info(&self, max_lora: usize, running: &[String], waiting: &[String]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let (max, run, wait) = (max_lora.to_string(), running.join(","), waiting.join(","));
+        self.lora_info.reset();
+        self.lora_info
+            .with_label_values(&[max.as_str(), run.as_str(), wait.as_str()])
+            .set(now);
     }
 }
 

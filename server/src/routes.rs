@@ -157,6 +157,18 @@ async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError
     if let Some(p) = &s.prefix {
         m.prefix.update(p);
     }
+    m.kv_usage.set(if s.kv_capacity_tokens > 0 {
+        s.kv_reserved_tokens as f64 / s.kv_capacity_tokens as f64
+    } else {
+        0.0
+    });
+    if state.pool.is_some() {
+        m.set_lora_info(
+            state.settings.adapters.max_resident,
+            &s.running_adapters,
+            &s.waiting_adapters,
+        );
+    }
     if let Some(p) = &state.pool {
         let ps = p.stats();
         m.adapters_resident

@@ -1776,6 +1776,16 @@ fn pinned_adapters_are_resident_before_the_first_request_and_tiers_are_reported(
         v("retune_adapter_loads_by_source_total{source=\"files\"}"),
         0.0
     );
+    // the inference gateway's metrics: nothing running or waiting, the pool's limit
+    let info = v(
+        "retune_lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - info).abs() < 60.0, "{info} vs {now}");
+    assert_eq!(v("retune_kv_cache_usage_perc"), 0.0);
     // the first request finds it resident: no load
     let r = http(
         &app,
