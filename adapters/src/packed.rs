@@ -375,7 +375,17 @@ pub fn load_verified(
             ),
         });
     }
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    Ok(load_guarded(dir, base, limits)?.with_content_id(content_id))
+}
+
+/// [`crate::peft::load_peft`], with a panic (a hostile file meeting a bug)
+/// failing this load only.
+pub fn load_guarded(
+    dir: &Path,
+    base: &BaseShapes,
+    limits: &LoadLimits,
+) -> Result<LoraAdapter, AdapterError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         crate::peft::load_peft(dir, base, limits)
     }))
     .unwrap_or_else(|_| {
@@ -383,8 +393,7 @@ pub fn load_verified(
             field: "adapter".into(),
             reason: "loading panicked (a bug met by this file)".into(),
         })
-    })?;
-    Ok(loaded.with_content_id(content_id))
+    })
 }
 
 /// The compute form of `adapter`, loaded from the checked PEFT files in `dir`.

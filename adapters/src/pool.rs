@@ -5,7 +5,7 @@
 use crate::error::AdapterError;
 use crate::names::AdapterRef;
 use crate::packed::{self, PackedError};
-use crate::peft::{load_peft, BaseShapes, LoadLimits, LoraAdapter};
+use crate::peft::{BaseShapes, LoadLimits, LoraAdapter};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -175,15 +175,7 @@ fn load_checked(
 ) -> Result<LoraAdapter, AdapterError> {
     let dir = source.locate(adapter)?;
     if !source.content_addressed() {
-        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            load_peft(&dir, base, &cfg.limits)
-        }))
-        .unwrap_or_else(|_| {
-            Err(AdapterError::Config {
-                field: "adapter".into(),
-                reason: "loading panicked (a bug met by this file)".into(),
-            })
-        });
+        return packed::load_guarded(&dir, base, &cfg.limits);
     }
     let id = adapter.version();
     match packed::unpack(&packed::path_in(&dir), &dir, id, base, &cfg.limits) {
