@@ -1,24 +1,43 @@
 //! retune's data layer: every completion captured with what replays it, feedback
 //! (ratings, corrections, labels, the person the data is about) with its history.
 //! It knows no HTTP and no tensors; the server writes it, the trainer reads it.
-//! Stores sit behind [`DatasetStore`]: SQLite embedded, PostgreSQL later.
+//! Stores sit behind [`DatasetStore`]: SQLite embedded, PostgreSQL shared
+//! ([`open`] picks by location).
 
 pub mod capture;
 pub mod curate;
 pub mod error;
 pub mod import;
+pub mod pgtest;
+pub mod postgres;
 pub mod record;
+mod rows;
 pub mod snapshot;
 pub mod sqlite;
 
 pub use capture::{CaptureStats, CaptureWriter};
 pub use error::DataError;
 pub use import::{parse_jsonl, LineError};
+pub use postgres::PgStore;
 pub use record::{
     CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Message, Rating,
 };
 pub use snapshot::{Manifest, Policy, SnapshotRow};
 pub use sqlite::SqliteStore;
+
+/// Whether `location` names a PostgreSQL database (else it is a SQLite file).
+pub fn is_postgres_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
+}
+
+/// Open the store at `location`: a `postgres://` URL, or a SQLite file path.
+pub fn open(location: &str) -> Result<std::sync::Arc<dyn DatasetStore>, DataError> {
+    Ok(if is_postgres_url(location) {
+        std::sync::Arc::new(PgStore::open(location)?)
+    } else {
+        std::sync::Arc::new(SqliteStore::open(std::path::Path::new(location))?)
+    })
+}
 
 /// The snapshots of a tenant that hold rows about one subject.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]

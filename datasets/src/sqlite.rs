@@ -2,12 +2,14 @@
 //! returned is on disk) beside, not inside, the adapter registry's database.
 
 use crate::error::DataError;
-use crate::record::{CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Rating};
+use crate::record::{CapturedCompletion, Feedback, FeedbackState, ImportRow, Rating};
+use crate::rows::{
+    capture_candidate, feedback_state, js, labelled_split, manifest, parse, split_name, FeedbackRow,
+};
 use crate::snapshot::{content_id, curate, Candidate, Manifest, Origin, Policy, SnapshotRow};
 use crate::DatasetStore;
 use crate::{Erased, Lineage, Signals};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -89,38 +91,23 @@ fn owned(conn: &Connection, tenant: &str, id: &str) -> Result<(), DataError> {
 }
 
 fn state_of(conn: &Connection, id: &str) -> Result<FeedbackState, DataError> {
-    let mut st = FeedbackState {
-        completion_id: id.into(),
-        ..FeedbackState::default()
-    };
-    let mut q = conn.prepare(
+    let mut q = conn.prepare_cached(
         "SELECT rating, correction, labels, subject_id, comment, created_at FROM feedback
          WHERE completion_id = ?1 ORDER BY seq",
     )?;
-    let rows = q.query_map(params![id], |r| {
-        Ok((
-            r.get::<_, Option<i64>>(0)?,
-            r.get::<_, Option<String>>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, Option<String>>(3)?,
-            r.get::<_, Option<String>>(4)?,
-            r.get::<_, i64>(5)?,
-        ))
-    })?;
-    for row in rows {
-        let (rating, correction, labels, subject_id, comment, at) = row?;
-        let fb = Feedback {
-            completion_id: id.into(),
-            rating: rating.map(Rating::from_i64).transpose()?,
-            correction,
-            labels: serde_json::from_str::<BTreeMap<String, String>>(&labels)
-                .map_err(|e| DataError::Db(format!("feedback labels: {e}")))?,
-            subject_id,
-            comment,
-        };
-        st.apply(&fb, at);
-    }
-    Ok(st)
+    let rows = q
+        .query_map(params![id], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<FeedbackRow>, _>>()?;
+    feedback_state(id, rows)
 }
 
 impl DatasetStore for SqliteStore {
@@ -284,35 +271,7 @@ impl DatasetStore for SqliteStore {
         {
             return parse(&m, "manifest");
         }
-        let mut labels: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-        for r in &c.rows {
-            if let Some(l) = &r.label {
-                let e = labels.entry(l.clone()).or_default();
-                match r.split {
-                    crate::curate::Split::Train => e.0 += 1,
-                    crate::curate::Split::Eval => e.1 += 1,
-                }
-            }
-        }
-        let eval = c
-            .rows
-            .iter()
-            .filter(|r| r.split == crate::curate::Split::Eval)
-            .count();
-        let m = Manifest {
-            id: id.clone(),
-            tenant: tenant.into(),
-            adapter: adapter.into(),
-            created_at: now_ms(),
-            policy: policy.clone(),
-            train: c.rows.len() - eval,
-            eval,
-            labels,
-            dropped: c.dropped,
-            conflicts: c.conflicts,
-            scrubbed: c.scrubbed,
-            erased: 0,
-        };
+        let m = manifest(&id, tenant, adapter, policy, &c, now_ms());
         tx.execute(
             "INSERT INTO snapshots (id, tenant, adapter, created_at, manifest) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, tenant, adapter, m.created_at, js(&m)?],
@@ -571,10 +530,6 @@ fn assign_splits(
     rows: &mut [SnapshotRow],
 ) -> Result<(), DataError> {
     use crate::curate::Split;
-    let name = |s: Split| match s {
-        Split::Train => "train",
-        Split::Eval => "eval",
-    };
     let mut known = conn.prepare_cached(
         "SELECT split FROM split_assignments WHERE tenant = ?1 AND adapter = ?2 AND eval_percent = ?3 AND input_key = ?4",
     )?;
@@ -601,11 +556,7 @@ fn assign_splits(
                             .query_row(params![tenant, adapter, p, label], |x| {
                                 Ok((x.get(0)?, x.get(1)?))
                             })?;
-                        if (eval + 1) * 100 <= (total + 1) * p {
-                            Split::Eval
-                        } else {
-                            Split::Train
-                        }
+                        labelled_split(total, eval, p)
                     }
                     None => r.split, // the hash split curation gave it
                 };
@@ -615,21 +566,13 @@ fn assign_splits(
                     p,
                     r.input_key,
                     r.label,
-                    name(split)
+                    split_name(split)
                 ])?;
                 split
             }
         };
     }
     Ok(())
-}
-
-fn js<T: serde::Serialize>(v: &T) -> Result<String, DataError> {
-    serde_json::to_string(v).map_err(|e| DataError::Db(e.to_string()))
-}
-
-fn parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, DataError> {
-    serde_json::from_str(s).map_err(|e| DataError::Db(format!("{what}: {e}")))
 }
 
 fn candidates(conn: &Connection, tenant: &str, adapter: &str) -> Result<Vec<Candidate>, DataError> {
@@ -667,36 +610,7 @@ fn candidates(conn: &Connection, tenant: &str, adapter: &str) -> Result<Vec<Cand
     for row in rows {
         let (id, request, output) = row?;
         let fb = state_of(conn, &id)?;
-        let req: serde_json::Value = parse(&request, "captured request")?;
-        let body = if let Some(ms) = req.get("messages") {
-            let mut messages: Vec<crate::record::Message> =
-                parse(&ms.to_string(), "captured messages")?;
-            messages.push(crate::record::Message {
-                role: "assistant".into(),
-                content: output,
-                weight: None,
-            });
-            ExampleBody::Chat { messages }
-        } else {
-            ExampleBody::Text {
-                prompt: req
-                    .get("prompt")
-                    .and_then(|p| p.as_str())
-                    .unwrap_or_default()
-                    .into(),
-                completion: output,
-            }
-        };
-        out.push(Candidate {
-            body,
-            origin: Origin::Capture {
-                id,
-                correction: fb.correction.clone(),
-                rating: fb.rating,
-            },
-            subject_id: fb.subject_id.clone(),
-            label: fb.labels.get("label").cloned(),
-        });
+        out.push(capture_candidate(id, &request, output, &fb)?);
     }
     Ok(out)
 }

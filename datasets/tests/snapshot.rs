@@ -2,14 +2,10 @@
 
 use retune_datasets::curate::Split;
 use retune_datasets::*;
-use std::collections::BTreeMap;
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("retune-snap-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::backends;
+use std::collections::BTreeMap;
 
 fn chat_line(q: &str, a: &str) -> String {
     serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
@@ -75,266 +71,259 @@ fn ten_thousand_lines_with_bad_ones_report_their_numbers_and_import_the_rest() {
     assert!(errors[0].reason.contains("JSON"), "{:?}", errors[0]);
     assert!(errors[2].reason.contains("wizard"), "{:?}", errors[2]);
     assert_eq!(rows.len(), 10_000 - bad.len());
-    let s = SqliteStore::open(&tmp("import").join("d.db")).unwrap();
-    assert_eq!(
-        s.import("acme", "tickets", "import:test", &rows).unwrap(),
-        rows.len()
-    );
-    let m = s.snapshot("acme", "tickets", &Policy::default()).unwrap();
-    assert_eq!(m.train + m.eval, rows.len(), "{m:?}");
-    let exported = s.snapshot_rows("acme", &m.id).unwrap();
-    let text = exported
-        .iter()
-        .filter(|r| matches!(r.body, ExampleBody::Text { .. }))
-        .count();
-    assert_eq!(text, 10);
+    for b in backends("import") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        assert_eq!(
+            s.import("acme", "tickets", "import:test", &rows).unwrap(),
+            rows.len()
+        );
+        let m = s.snapshot("acme", "tickets", &Policy::default()).unwrap();
+        assert_eq!(m.train + m.eval, rows.len(), "{m:?}");
+        let exported = s.snapshot_rows("acme", &m.id).unwrap();
+        let text = exported
+            .iter()
+            .filter(|r| matches!(r.body, ExampleBody::Text { .. }))
+            .count();
+        assert_eq!(text, 10);
+    }
 }
 
 #[test]
 fn curation_keeps_corrections_drops_what_it_must_and_holds_conflicts_out() {
-    let s = SqliteStore::open(&tmp("curate").join("d.db")).unwrap();
-    let (rows, errors) = parse_jsonl(
-        &[
-            chat_line("Where is my card?", "card_arrival"),
-            chat_line("  where is   my card? ", "card_arrival"), // same input once normalised... (case differs)
-            chat_line("Where is my card?", "card_arrival"),      // exact duplicate
-            chat_line("Refund please", "refund_request"),
-            chat_line("Refund please", "request_refund"), // conflict
-            chat_line("Mail me at ann@example.com", "contact"),
-        ]
-        .join("\n"),
-    );
-    assert!(errors.is_empty());
-    s.import("acme", "tickets", "import:a", &rows).unwrap();
-    s.record(&[
-        captured(
-            "c1",
-            "my card was charged twice",
-            "card_payment_fee_charged",
-        ),
-        captured("c2", "exchange rate?", "exchange_rate"),
-        captured("c3", "top up failed", "wrong"),
-        captured("c4", "no feedback here", "x"),
-    ])
-    .unwrap();
-    s.add_feedback(
-        "acme",
-        &fb(
-            "c1",
-            Some(Rating::Down),
-            Some("transaction_charged_twice"),
-            None,
-        ),
-    )
-    .unwrap();
-    s.add_feedback("acme", &fb("c2", Some(Rating::Up), None, None))
+    for b in backends("curate") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let (rows, errors) = parse_jsonl(
+            &[
+                chat_line("Where is my card?", "card_arrival"),
+                chat_line("  where is   my card? ", "card_arrival"), // same input once normalised... (case differs)
+                chat_line("Where is my card?", "card_arrival"),      // exact duplicate
+                chat_line("Refund please", "refund_request"),
+                chat_line("Refund please", "request_refund"), // conflict
+                chat_line("Mail me at ann@example.com", "contact"),
+            ]
+            .join("\n"),
+        );
+        assert!(errors.is_empty());
+        s.import("acme", "tickets", "import:a", &rows).unwrap();
+        s.record(&[
+            captured(
+                "c1",
+                "my card was charged twice",
+                "card_payment_fee_charged",
+            ),
+            captured("c2", "exchange rate?", "exchange_rate"),
+            captured("c3", "top up failed", "wrong"),
+            captured("c4", "no feedback here", "x"),
+        ])
         .unwrap();
-    s.add_feedback("acme", &fb("c3", Some(Rating::Down), None, None))
+        s.add_feedback(
+            "acme",
+            &fb(
+                "c1",
+                Some(Rating::Down),
+                Some("transaction_charged_twice"),
+                None,
+            ),
+        )
         .unwrap();
-    let m = s.snapshot("acme", "tickets", &Policy::default()).unwrap();
-    let rows = s.snapshot_rows("acme", &m.id).unwrap();
-    let outputs: BTreeMap<String, String> = rows.iter().map(|r| r.body.input_output()).collect();
-    assert_eq!(
-        outputs["user: my card was charged twice"], "transaction_charged_twice",
-        "the correction wins"
-    );
-    assert_eq!(
-        outputs["user: exchange rate?"], "exchange_rate",
-        "+1 counts by policy"
-    );
-    assert!(
-        !outputs.contains_key("user: top up failed"),
-        "-1 without a correction never counts"
-    );
-    assert!(!outputs.contains_key("user: no feedback here"));
-    assert!(
-        !outputs.contains_key("user: Refund please"),
-        "a conflict is held out"
-    );
-    assert_eq!(outputs["user: Mail me at [EMAIL]"], "contact", "scrubbed");
-    assert_eq!(m.conflicts.len(), 1);
-    assert_eq!(
-        m.conflicts[0].outputs,
-        vec!["refund_request", "request_refund"]
-    );
-    assert_eq!(m.dropped["rated_down_without_correction"], 1);
-    assert_eq!(m.dropped["no_feedback"], 1);
-    assert_eq!(m.dropped["duplicate"], 1);
-    assert_eq!(m.dropped["conflict"], 2);
-    assert_eq!(m.scrubbed.emails, 1);
-    // same data, same snapshot; +1 outputs excluded by policy change the content
-    assert_eq!(
-        s.snapshot("acme", "tickets", &Policy::default())
-            .unwrap()
-            .id,
-        m.id
-    );
-    let strict = Policy {
-        include_positive: false,
-        ..Policy::default()
-    };
-    let m2 = s.snapshot("acme", "tickets", &strict).unwrap();
-    assert_ne!(m2.id, m.id);
-    assert_eq!(m2.dropped["rated_up_excluded_by_policy"], 1);
-    assert_eq!(s.snapshots("acme", Some("tickets")).unwrap().len(), 2);
+        s.add_feedback("acme", &fb("c2", Some(Rating::Up), None, None))
+            .unwrap();
+        s.add_feedback("acme", &fb("c3", Some(Rating::Down), None, None))
+            .unwrap();
+        let m = s.snapshot("acme", "tickets", &Policy::default()).unwrap();
+        let rows = s.snapshot_rows("acme", &m.id).unwrap();
+        let outputs: BTreeMap<String, String> =
+            rows.iter().map(|r| r.body.input_output()).collect();
+        assert_eq!(
+            outputs["user: my card was charged twice"], "transaction_charged_twice",
+            "the correction wins"
+        );
+        assert_eq!(
+            outputs["user: exchange rate?"], "exchange_rate",
+            "+1 counts by policy"
+        );
+        assert!(
+            !outputs.contains_key("user: top up failed"),
+            "-1 without a correction never counts"
+        );
+        assert!(!outputs.contains_key("user: no feedback here"));
+        assert!(
+            !outputs.contains_key("user: Refund please"),
+            "a conflict is held out"
+        );
+        assert_eq!(outputs["user: Mail me at [EMAIL]"], "contact", "scrubbed");
+        assert_eq!(m.conflicts.len(), 1);
+        assert_eq!(
+            m.conflicts[0].outputs,
+            vec!["refund_request", "request_refund"]
+        );
+        assert_eq!(m.dropped["rated_down_without_correction"], 1);
+        assert_eq!(m.dropped["no_feedback"], 1);
+        assert_eq!(m.dropped["duplicate"], 1);
+        assert_eq!(m.dropped["conflict"], 2);
+        assert_eq!(m.scrubbed.emails, 1);
+        // same data, same snapshot; +1 outputs excluded by policy change the content
+        assert_eq!(
+            s.snapshot("acme", "tickets", &Policy::default())
+                .unwrap()
+                .id,
+            m.id
+        );
+        let strict = Policy {
+            include_positive: false,
+            ..Policy::default()
+        };
+        let m2 = s.snapshot("acme", "tickets", &strict).unwrap();
+        assert_ne!(m2.id, m.id);
+        assert_eq!(m2.dropped["rated_up_excluded_by_policy"], 1);
+        assert_eq!(s.snapshots("acme", Some("tickets")).unwrap().len(), 2);
+    }
 }
 
 #[test]
 fn an_input_never_changes_side_across_reimports_and_snapshots() {
-    let s = SqliteStore::open(&tmp("split").join("d.db")).unwrap();
-    let first: Vec<String> = (0..500).map(|i| chat_line(&format!("q{i}"), "a")).collect();
-    s.import("acme", "t", "import:1", &parse_jsonl(&first.join("\n")).0)
-        .unwrap();
-    let m1 = s.snapshot("acme", "t", &Policy::default()).unwrap();
-    let side = |rows: Vec<SnapshotRow>| -> BTreeMap<String, Split> {
-        rows.into_iter()
-            .map(|r| (r.body.input_output().0, r.split))
-            .collect()
-    };
-    let s1 = side(s.snapshot_rows("acme", &m1.id).unwrap());
-    assert!(m1.eval > 20 && m1.eval < 80, "about 10% eval: {}", m1.eval);
-    // the same lines again (duplicates) plus new ones, reformatted
-    let more: Vec<String> = (0..1000)
-        .map(|i| chat_line(&format!("  q{i} "), "a"))
-        .collect();
-    s.import("acme", "t", "import:2", &parse_jsonl(&more.join("\n")).0)
-        .unwrap();
-    let m2 = s.snapshot("acme", "t", &Policy::default()).unwrap();
-    assert_ne!(m1.id, m2.id);
-    let s2 = side(s.snapshot_rows("acme", &m2.id).unwrap());
-    assert_eq!(s2.len(), 1000);
-    for (input, split) in &s1 {
-        assert_eq!(s2[input], *split, "{input} changed side");
+    for b in backends("split") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let first: Vec<String> = (0..500).map(|i| chat_line(&format!("q{i}"), "a")).collect();
+        s.import("acme", "t", "import:1", &parse_jsonl(&first.join("\n")).0)
+            .unwrap();
+        let m1 = s.snapshot("acme", "t", &Policy::default()).unwrap();
+        let side = |rows: Vec<SnapshotRow>| -> BTreeMap<String, Split> {
+            rows.into_iter()
+                .map(|r| (r.body.input_output().0, r.split))
+                .collect()
+        };
+        let s1 = side(s.snapshot_rows("acme", &m1.id).unwrap());
+        assert!(m1.eval > 20 && m1.eval < 80, "about 10% eval: {}", m1.eval);
+        // the same lines again (duplicates) plus new ones, reformatted
+        let more: Vec<String> = (0..1000)
+            .map(|i| chat_line(&format!("  q{i} "), "a"))
+            .collect();
+        s.import("acme", "t", "import:2", &parse_jsonl(&more.join("\n")).0)
+            .unwrap();
+        let m2 = s.snapshot("acme", "t", &Policy::default()).unwrap();
+        assert_ne!(m1.id, m2.id);
+        let s2 = side(s.snapshot_rows("acme", &m2.id).unwrap());
+        assert_eq!(s2.len(), 1000);
+        for (input, split) in &s1 {
+            assert_eq!(s2[input], *split, "{input} changed side");
+        }
     }
 }
 
 #[test]
 fn labelled_inputs_are_split_per_label_and_keep_their_side() {
-    let s = SqliteStore::open(&tmp("strat").join("d.db")).unwrap();
-    let labelled = |label: &str, n: usize, from: usize| -> Vec<String> {
-        (from..from + n)
+    for b in backends("strat") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let labelled = |label: &str, n: usize, from: usize| -> Vec<String> {
+            (from..from + n)
             .map(|i| serde_json::json!({"messages": [{"role": "user", "content": format!("{label} question {i}")},
                 {"role": "assistant", "content": label}], "label": label}).to_string())
             .collect()
-    };
-    let mut lines = labelled("card_arrival", 200, 0);
-    lines.extend(labelled("refund", 50, 0));
-    lines.extend(labelled("rare", 20, 0));
-    s.import("acme", "t", "import:1", &parse_jsonl(&lines.join("\n")).0)
+        };
+        let mut lines = labelled("card_arrival", 200, 0);
+        lines.extend(labelled("refund", 50, 0));
+        lines.extend(labelled("rare", 20, 0));
+        s.import("acme", "t", "import:1", &parse_jsonl(&lines.join("\n")).0)
+            .unwrap();
+        let m1 = s.snapshot("acme", "t", &Policy::default()).unwrap();
+        for (label, n) in [("card_arrival", 200), ("refund", 50), ("rare", 20)] {
+            let (train, eval) = m1.labels[label];
+            assert_eq!(train + eval, n);
+            assert_eq!(eval, n / 10, "{label}: exactly 10% of each label is eval");
+        }
+        let side = |id: &str| -> BTreeMap<String, Split> {
+            s.snapshot_rows("acme", id)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.body.input_output().0, r.split))
+                .collect()
+        };
+        let before = side(&m1.id);
+        s.import(
+            "acme",
+            "t",
+            "import:2",
+            &parse_jsonl(&labelled("refund", 50, 50).join("\n")).0,
+        )
         .unwrap();
-    let m1 = s.snapshot("acme", "t", &Policy::default()).unwrap();
-    for (label, n) in [("card_arrival", 200), ("refund", 50), ("rare", 20)] {
-        let (train, eval) = m1.labels[label];
-        assert_eq!(train + eval, n);
-        assert_eq!(eval, n / 10, "{label}: exactly 10% of each label is eval");
-    }
-    let side = |id: &str| -> BTreeMap<String, Split> {
-        s.snapshot_rows("acme", id)
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.body.input_output().0, r.split))
-            .collect()
-    };
-    let before = side(&m1.id);
-    s.import(
-        "acme",
-        "t",
-        "import:2",
-        &parse_jsonl(&labelled("refund", 50, 50).join("\n")).0,
-    )
-    .unwrap();
-    let m2 = s.snapshot("acme", "t", &Policy::default()).unwrap();
-    assert_eq!(m2.labels["refund"], (90, 10));
-    let after = side(&m2.id);
-    for (input, split) in &before {
-        assert_eq!(after[input], *split, "{input} changed side");
+        let m2 = s.snapshot("acme", "t", &Policy::default()).unwrap();
+        assert_eq!(m2.labels["refund"], (90, 10));
+        let after = side(&m2.id);
+        for (input, split) in &before {
+            assert_eq!(after[input], *split, "{input} changed side");
+        }
     }
 }
 
 #[test]
 fn erasure_leaves_no_row_of_the_subject_and_names_the_snapshots_it_touched() {
-    let dir = tmp("erase");
-    let s = SqliteStore::open(&dir.join("d.db")).unwrap();
-    let lines = [
+    for b in backends("erase") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let lines = [
         serde_json::json!({"messages": [{"role": "user", "content": "ZED-SECRET-1 lost card"}, {"role": "assistant", "content": "lost_or_stolen_card"}], "subject_id": "zed"}).to_string(),
         chat_line("someone else", "other"),
     ];
-    s.import(
-        "acme",
-        "tickets",
-        "import:a",
-        &parse_jsonl(&lines.join("\n")).0,
-    )
-    .unwrap();
-    s.record(&[
-        captured("z1", "ZED-SECRET-2 refund", "refund"),
-        captured("o1", "other person", "x"),
-    ])
-    .unwrap();
-    s.add_feedback("acme", &fb("z1", None, Some("ZED-SECRET-3"), Some("zed")))
+        s.import(
+            "acme",
+            "tickets",
+            "import:a",
+            &parse_jsonl(&lines.join("\n")).0,
+        )
         .unwrap();
-    s.add_feedback("acme", &fb("o1", None, Some("y"), Some("olga")))
+        s.record(&[
+            captured("z1", "ZED-SECRET-2 refund", "refund"),
+            captured("o1", "other person", "x"),
+        ])
         .unwrap();
-    let with_zed = s.snapshot("acme", "tickets", &Policy::default()).unwrap();
-    s.import(
-        "acme",
-        "other",
-        "import:b",
-        &parse_jsonl(&chat_line("x", "y")).0,
-    )
-    .unwrap();
-    let without = s.snapshot("acme", "other", &Policy::default()).unwrap();
-    assert_eq!(
-        s.lineage("acme", "zed").unwrap().snapshots,
-        vec![with_zed.id.clone()]
-    );
-    assert!(s.lineage("globex", "zed").unwrap().snapshots.is_empty());
-    let e = s.erase("acme", "zed").unwrap();
-    assert_eq!(
-        (e.completions, e.feedback, e.examples, e.snapshot_rows),
-        (1, 1, 1, 2)
-    );
-    assert_eq!(e.snapshots, vec![with_zed.id.clone()]);
-    // nothing of zed anywhere, in any table
-    let conn = rusqlite::Connection::open(dir.join("d.db")).unwrap();
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
+        s.add_feedback("acme", &fb("z1", None, Some("ZED-SECRET-3"), Some("zed")))
+            .unwrap();
+        s.add_feedback("acme", &fb("o1", None, Some("y"), Some("olga")))
+            .unwrap();
+        let with_zed = s.snapshot("acme", "tickets", &Policy::default()).unwrap();
+        s.import(
+            "acme",
+            "other",
+            "import:b",
+            &parse_jsonl(&chat_line("x", "y")).0,
+        )
         .unwrap();
-    for t in &tables {
-        let mut q = conn.prepare(&format!("SELECT * FROM {t}")).unwrap();
-        let n = q.column_count();
-        let hits = q
-            .query_map([], |r| {
-                Ok((0..n)
-                    .map(|i| {
-                        r.get::<_, rusqlite::types::Value>(i)
-                            .map(|v| format!("{v:?}"))
-                            .unwrap_or_default()
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" "))
-            })
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|row| {
+        let without = s.snapshot("acme", "other", &Policy::default()).unwrap();
+        assert_eq!(
+            s.lineage("acme", "zed").unwrap().snapshots,
+            vec![with_zed.id.clone()]
+        );
+        assert!(s.lineage("globex", "zed").unwrap().snapshots.is_empty());
+        let e = s.erase("acme", "zed").unwrap();
+        assert_eq!(
+            (e.completions, e.feedback, e.examples, e.snapshot_rows),
+            (1, 1, 1, 2)
+        );
+        assert_eq!(e.snapshots, vec![with_zed.id.clone()]);
+        // nothing of zed anywhere, in any table
+        let hits: Vec<_> = b
+            .dump()
+            .into_iter()
+            .filter(|(_, row)| {
                 row.contains("ZED-SECRET")
                     || row.contains("\"zed\"")
                     || row.contains("Text(\"zed\")")
             })
-            .count();
-        assert_eq!(hits, 0, "table {t} still holds zed's data");
+            .collect();
+        assert!(hits.is_empty(), "zed's data is still stored: {hits:?}");
+        let rows = s.snapshot_rows("acme", &with_zed.id).unwrap();
+        assert!(rows
+            .iter()
+            .all(|r| !r.subject_ids.contains(&"zed".to_string())));
+        assert_eq!(rows.len(), with_zed.train + with_zed.eval - 2);
+        assert_eq!(s.manifest("acme", &with_zed.id).unwrap().erased, 2);
+        assert_eq!(s.manifest("acme", &without.id).unwrap().erased, 0);
+        assert!(s.feedback("acme", "o1").is_ok(), "others' data stays");
+        assert!(s.lineage("acme", "zed").unwrap().snapshots.is_empty());
     }
-    let rows = s.snapshot_rows("acme", &with_zed.id).unwrap();
-    assert!(rows
-        .iter()
-        .all(|r| !r.subject_ids.contains(&"zed".to_string())));
-    assert_eq!(rows.len(), with_zed.train + with_zed.eval - 2);
-    assert_eq!(s.manifest("acme", &with_zed.id).unwrap().erased, 2);
-    assert_eq!(s.manifest("acme", &without.id).unwrap().erased, 0);
-    assert!(s.feedback("acme", "o1").is_ok(), "others' data stays");
-    assert!(s.lineage("acme", "zed").unwrap().snapshots.is_empty());
 }

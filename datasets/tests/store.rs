@@ -1,6 +1,9 @@
 //! The examples store and the capture writer.
 
 use retune_datasets::*;
+
+mod common;
+use common::backends;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,150 +38,161 @@ fn completion(id: &str, tenant: &str) -> CapturedCompletion {
 
 #[test]
 fn a_captured_completion_reads_back_exactly_and_only_for_its_tenant() {
-    let s = SqliteStore::open(&tmp("read").join("datasets.db")).unwrap();
-    let c = completion("cmpl-1", "acme");
-    s.record(&[c.clone(), c.clone()]).unwrap(); // a repeated id is ignored
-    assert_eq!(s.completion("acme", "cmpl-1").unwrap(), c);
-    assert!(matches!(
-        s.completion("globex", "cmpl-1"),
-        Err(DataError::NotFound(_))
-    ));
-    assert!(matches!(
-        s.completion("acme", "cmpl-2"),
-        Err(DataError::NotFound(_))
-    ));
+    for b in backends("read") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let c = completion("cmpl-1", "acme");
+        s.record(&[c.clone(), c.clone()]).unwrap(); // a repeated id is ignored
+        assert_eq!(s.completion("acme", "cmpl-1").unwrap(), c);
+        assert!(matches!(
+            s.completion("globex", "cmpl-1"),
+            Err(DataError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.completion("acme", "cmpl-2"),
+            Err(DataError::NotFound(_))
+        ));
+    }
 }
 
 #[test]
 fn a_later_correction_supersedes_an_earlier_one_and_history_is_kept() {
-    let dir = tmp("feedback");
-    let s = SqliteStore::open(&dir.join("datasets.db")).unwrap();
-    s.record(&[completion("cmpl-1", "acme")]).unwrap();
-    let fb = |f: Feedback| Feedback {
-        completion_id: "cmpl-1".into(),
-        ..f
-    };
-    s.add_feedback(
-        "acme",
-        &fb(Feedback {
-            rating: Some(Rating::Down),
-            correction: Some("card_payment_fee_charged".into()),
-            labels: [("intent".to_string(), "fee".to_string())].into(),
-            ..Feedback::default()
-        }),
-    )
-    .unwrap();
-    let st = s
-        .add_feedback(
+    for b in backends("feedback") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        s.record(&[completion("cmpl-1", "acme")]).unwrap();
+        let fb = |f: Feedback| Feedback {
+            completion_id: "cmpl-1".into(),
+            ..f
+        };
+        s.add_feedback(
             "acme",
             &fb(Feedback {
-                correction: Some("transaction_charged_twice".into()),
-                labels: [
-                    ("intent".to_string(), "twice".to_string()),
-                    ("lang".to_string(), "en".to_string()),
-                ]
-                .into(),
-                subject_id: Some("person-7".into()),
+                rating: Some(Rating::Down),
+                correction: Some("card_payment_fee_charged".into()),
+                labels: [("intent".to_string(), "fee".to_string())].into(),
                 ..Feedback::default()
             }),
         )
         .unwrap();
-    assert_eq!(st.correction.as_deref(), Some("transaction_charged_twice"));
-    assert_eq!(st.rating, Some(-1), "a field not given again is kept");
-    assert_eq!(st.labels["intent"], "twice");
-    assert_eq!(st.labels["lang"], "en");
-    assert_eq!(st.subject_id.as_deref(), Some("person-7"));
-    assert_eq!(st.events, 2);
-    // durable and the same after reopening
-    drop(s);
-    let s = SqliteStore::open(&dir.join("datasets.db")).unwrap();
-    assert_eq!(s.feedback("acme", "cmpl-1").unwrap(), st);
-    // another tenant cannot read or write it, exactly like an unknown id
-    for (t, id) in [("globex", "cmpl-1"), ("acme", "cmpl-9")] {
-        assert!(matches!(s.feedback(t, id), Err(DataError::NotFound(_))));
-        let r = s.add_feedback(
-            t,
-            &Feedback {
-                completion_id: id.into(),
-                rating: Some(Rating::Up),
-                ..Feedback::default()
-            },
-        );
-        assert!(matches!(r, Err(DataError::NotFound(_))));
+        let st = s
+            .add_feedback(
+                "acme",
+                &fb(Feedback {
+                    correction: Some("transaction_charged_twice".into()),
+                    labels: [
+                        ("intent".to_string(), "twice".to_string()),
+                        ("lang".to_string(), "en".to_string()),
+                    ]
+                    .into(),
+                    subject_id: Some("person-7".into()),
+                    ..Feedback::default()
+                }),
+            )
+            .unwrap();
+        assert_eq!(st.correction.as_deref(), Some("transaction_charged_twice"));
+        assert_eq!(st.rating, Some(-1), "a field not given again is kept");
+        assert_eq!(st.labels["intent"], "twice");
+        assert_eq!(st.labels["lang"], "en");
+        assert_eq!(st.subject_id.as_deref(), Some("person-7"));
+        assert_eq!(st.events, 2);
+        // durable and the same after reopening
+        drop(s);
+        let s = b.open();
+        assert_eq!(s.feedback("acme", "cmpl-1").unwrap(), st);
+        // another tenant cannot read or write it, exactly like an unknown id
+        for (t, id) in [("globex", "cmpl-1"), ("acme", "cmpl-9")] {
+            assert!(matches!(s.feedback(t, id), Err(DataError::NotFound(_))));
+            let r = s.add_feedback(
+                t,
+                &Feedback {
+                    completion_id: id.into(),
+                    rating: Some(Rating::Up),
+                    ..Feedback::default()
+                },
+            );
+            assert!(matches!(r, Err(DataError::NotFound(_))));
+        }
+        assert_eq!(s.feedback("acme", "cmpl-1").unwrap().events, 2);
     }
-    assert_eq!(s.feedback("acme", "cmpl-1").unwrap().events, 2);
 }
 
 #[test]
 fn retention_purges_old_captures_with_their_feedback_and_only_for_that_tenant() {
-    let s = SqliteStore::open(&tmp("retention").join("datasets.db")).unwrap();
-    let at = |id: &str, tenant: &str, t: i64| CapturedCompletion {
-        created_at: t,
-        ..completion(id, tenant)
-    };
-    s.record(&[
-        at("old", "acme", 1_000),
-        at("new", "acme", 5_000),
-        at("other", "globex", 1_000),
-    ])
-    .unwrap();
-    s.add_feedback(
-        "acme",
-        &Feedback {
-            completion_id: "old".into(),
-            rating: Some(Rating::Up),
-            ..Feedback::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(s.purge_before("acme", 2_000).unwrap(), 1);
-    assert!(s.completion("acme", "old").is_err());
-    assert!(s.feedback("acme", "old").is_err());
-    assert!(s.completion("acme", "new").is_ok());
-    assert!(
-        s.completion("globex", "other").is_ok(),
-        "another tenant's rule"
-    );
+    for b in backends("retention") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let at = |id: &str, tenant: &str, t: i64| CapturedCompletion {
+            created_at: t,
+            ..completion(id, tenant)
+        };
+        s.record(&[
+            at("old", "acme", 1_000),
+            at("new", "acme", 5_000),
+            at("other", "globex", 1_000),
+        ])
+        .unwrap();
+        s.add_feedback(
+            "acme",
+            &Feedback {
+                completion_id: "old".into(),
+                rating: Some(Rating::Up),
+                ..Feedback::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.purge_before("acme", 2_000).unwrap(), 1);
+        assert!(s.completion("acme", "old").is_err());
+        assert!(s.feedback("acme", "old").is_err());
+        assert!(s.completion("acme", "new").is_ok());
+        assert!(
+            s.completion("globex", "other").is_ok(),
+            "another tenant's rule"
+        );
+    }
 }
 
 #[test]
 fn malformed_feedback_names_its_field() {
-    let s = SqliteStore::open(&tmp("bad").join("datasets.db")).unwrap();
-    s.record(&[completion("cmpl-1", "acme")]).unwrap();
-    let field = |fb: Feedback| match s.add_feedback("acme", &fb) {
-        Err(DataError::Invalid { field, .. }) => field,
-        other => panic!("{other:?}"),
-    };
-    let base = Feedback {
-        completion_id: "cmpl-1".into(),
-        ..Feedback::default()
-    };
-    assert_eq!(field(base.clone()), "rating", "empty feedback");
-    assert_eq!(
-        field(Feedback {
-            correction: Some("x".repeat(300_000)),
-            ..base.clone()
-        }),
-        "correction"
-    );
-    assert_eq!(
-        field(Feedback {
-            labels: [(String::new(), "v".to_string())].into(),
-            ..base.clone()
-        }),
-        "labels"
-    );
-    assert_eq!(
-        field(Feedback {
-            subject_id: Some(String::new()),
-            ..base.clone()
-        }),
-        "subject_id"
-    );
-    assert!(matches!(
-        Rating::from_i64(2),
-        Err(DataError::Invalid { .. })
-    ));
+    for b in backends("bad") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        s.record(&[completion("cmpl-1", "acme")]).unwrap();
+        let field = |fb: Feedback| match s.add_feedback("acme", &fb) {
+            Err(DataError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let base = Feedback {
+            completion_id: "cmpl-1".into(),
+            ..Feedback::default()
+        };
+        assert_eq!(field(base.clone()), "rating", "empty feedback");
+        assert_eq!(
+            field(Feedback {
+                correction: Some("x".repeat(300_000)),
+                ..base.clone()
+            }),
+            "correction"
+        );
+        assert_eq!(
+            field(Feedback {
+                labels: [(String::new(), "v".to_string())].into(),
+                ..base.clone()
+            }),
+            "labels"
+        );
+        assert_eq!(
+            field(Feedback {
+                subject_id: Some(String::new()),
+                ..base.clone()
+            }),
+            "subject_id"
+        );
+        assert!(matches!(
+            Rating::from_i64(2),
+            Err(DataError::Invalid { .. })
+        ));
+    }
 }
 
 /// A store that fails or stalls on demand.
