@@ -278,6 +278,9 @@ impl Default for CaptureSettings {
 pub struct DatasetSettings {
     /// SQLite file; default `<adapters.root>/datasets.db`; no file, no capture.
     pub path: Option<PathBuf>,
+    /// A PostgreSQL URL (`postgres://user:pass@host:port/db`) shared by replicas;
+    /// when set, it is the store and `path` is not used.
+    pub url: Option<String>,
     /// Records waiting for the writer before new ones are dropped (and counted).
     pub capture_queue: usize,
 }
@@ -286,6 +289,7 @@ impl Default for DatasetSettings {
     fn default() -> Self {
         Self {
             path: None,
+            url: None,
             capture_queue: 4096,
         }
     }
@@ -297,6 +301,14 @@ impl DatasetSettings {
         self.path
             .clone()
             .or_else(|| adapters.root.as_ref().map(|r| r.join("datasets.db")))
+    }
+
+    /// The store to open: the PostgreSQL URL when set, else the SQLite file.
+    pub fn location(&self, adapters: &AdapterSettings) -> Option<String> {
+        self.url.clone().or_else(|| {
+            self.resolved_path(adapters)
+                .map(|p| p.to_string_lossy().into_owned())
+        })
     }
 }
 
@@ -443,6 +455,11 @@ impl Settings {
         if let Err((field, reason)) = self.trainer.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
+        if let Some(url) = &self.datasets.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return bad("datasets.url", "must be a postgres:// or postgresql:// URL");
+            }
+        }
         if self.datasets.capture_queue == 0 {
             return bad("datasets.capture_queue", "must be at least 1");
         }
@@ -527,6 +544,23 @@ mod tests {
             "b".repeat(64)
         );
         assert!(Settings::from_toml(&dup, []).is_err());
+    }
+
+    #[test]
+    fn a_datasets_url_chooses_postgresql_and_anything_else_is_refused() {
+        let s = Settings::from_toml(BASE, []).unwrap();
+        assert_eq!(s.datasets.url, None);
+        let env = |v: &str| [("RETUNE_DATASETS__URL".to_string(), v.to_string())];
+        let s = Settings::from_toml(BASE, env("postgres://u:p@db:5432/retune")).unwrap();
+        assert_eq!(
+            s.datasets.location(&s.adapters).as_deref(),
+            Some("postgres://u:p@db:5432/retune")
+        );
+        let err = Settings::from_toml(BASE, env("mysql://db/retune")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field, .. } if field == "datasets.url"),
+            "{err}"
+        );
     }
 
     #[test]

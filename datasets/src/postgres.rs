@@ -76,8 +76,11 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Connections kept at most; the server's blocking threads share them.
 const POOL_SIZE: u32 = 8;
-/// How long a call waits for a connection (or to connect) before it is refused.
+/// How long opening the store waits to connect before it is refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a call waits for a connection before it fails as unavailable: a
+/// server that is down answers its callers' retries, not their patience.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
@@ -160,7 +163,7 @@ impl PgStore {
 
     fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, DataError> {
         self.pool
-            .get()
+            .get_timeout(CALL_TIMEOUT)
             .map_err(|e| DataError::Unavailable(format!("PostgreSQL at {}: {e}", self.at)))
     }
 

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use retune_adapters::{LocalStore, Registry};
-use retune_datasets::{parse_jsonl, DatasetStore, Policy, SqliteStore};
+use retune_datasets::{parse_jsonl, Policy};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +13,10 @@ pub struct DataArgs {
     /// Data root (the server's `adapters.root`): datasets.db beside registry.db.
     #[arg(long)]
     root: PathBuf,
+    /// A PostgreSQL datasets store (the server's `datasets.url`) instead of
+    /// `<root>/datasets.db`.
+    #[arg(long, env = "RETUNE_DATASETS__URL")]
+    datasets_url: Option<String>,
     /// Who acts (recorded in the registry journal on erasure); defaults to $USER.
     #[arg(long, global = true)]
     actor: Option<String>,
@@ -108,7 +112,12 @@ fn open_registry(root: &std::path::Path) -> Result<Option<Registry>> {
 }
 
 pub fn run(args: &DataArgs) -> Result<()> {
-    let store = SqliteStore::open(&args.root.join("datasets.db"))?;
+    let at = match &args.datasets_url {
+        Some(url) => url.clone(),
+        None => args.root.join("datasets.db").to_string_lossy().into_owned(),
+    };
+    let store = retune_datasets::open(&at)?;
+    let store = store.as_ref();
     let actor = args
         .actor
         .clone()
@@ -186,7 +195,7 @@ pub fn run(args: &DataArgs) -> Result<()> {
         } => {
             let registry = open_registry(&args.root)?;
             let report = retune_server::erasure::erase(
-                &store,
+                store,
                 registry.as_ref(),
                 tenant,
                 subject,

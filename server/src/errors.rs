@@ -97,7 +97,7 @@ impl ApiError {
     /// The response, with the request id in the message of a server fault.
     pub fn response(&self, request_id: Option<&str>) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
-        if matches!(self, Self::Overloaded) {
+        if matches!(self, Self::Overloaded | Self::Unavailable(_)) {
             resp.insert_header(("Retry-After", "1"));
         }
         resp.json(self.body(request_id))
@@ -182,7 +182,9 @@ impl From<retune_datasets::DataError> for ApiError {
                 param: field,
                 message: reason,
             },
-            D::Db(_) => Self::Internal(e.to_string()),
+            // nothing was written: the client retries (503 with Retry-After)
+            D::Unavailable(_) => Self::Unavailable(e.to_string()),
+            D::Db(_) | D::Schema(_) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -19,7 +19,7 @@ use retune_adapters::{
     AdapterPool, AliasCache, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase,
 };
 use retune_config::Settings;
-use retune_datasets::{CaptureWriter, DatasetStore, SqliteStore};
+use retune_datasets::{CaptureWriter, DatasetStore};
 use retune_engine::Health;
 use retune_engine::{load, Backend, Engine, EngineConfig};
 use std::net::TcpListener;
@@ -390,10 +390,10 @@ impl Application {
         )?;
         let engine = Engine::start_with_pool(compute, loaded.tok, cfg, pool.clone())?
             .with_template(loaded.template);
-        let data = settings.datasets.resolved_path(&settings.adapters);
+        let data = settings.datasets.location(&settings.adapters);
         let mut state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
-        if let Some(path) = data {
-            let store: Arc<dyn DatasetStore> = Arc::new(SqliteStore::open(&path)?);
+        if let Some(at) = data {
+            let store: Arc<dyn DatasetStore> = retune_datasets::open(&at)?;
             spawn_retention(store.clone(), &state.settings);
             state = state.with_datasets(store)?;
         }

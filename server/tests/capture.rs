@@ -525,3 +525,79 @@ async fn a_slow_store_never_delays_a_completion() {
         assert!(store.completion("acme", id).is_ok(), "{id}");
     }
 }
+
+#[actix_web::test]
+async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_it_resumes() {
+    let dir = tmp("pg-outage");
+    // the PostgreSQL client blocks: never on the async runtime's threads
+    let (pg, store) = tokio::task::spawn_blocking(|| {
+        let pg = retune_datasets::pgtest::PgTest::private().unwrap();
+        let store = Arc::new(PgStore::open(&pg.url).unwrap());
+        (pg, store)
+    })
+    .await
+    .unwrap();
+    let (st, b) = state(&dir, store.clone());
+    let svc = test::init_service(app(st)).await;
+    let complete = |b: &ScriptedBackend| script(b, &["fee"]);
+    complete(&b);
+    let resp = test::call_service(&svc, chat("acme-key", false).to_request()).await;
+    let j: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    let fb = |c: &str| serde_json::json!({"completion_id": id, "correction": c});
+    let resp = test::call_service(&svc, feedback("acme-key", fb("before"))).await;
+    assert_eq!(resp.status(), 200);
+
+    pg.stop().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut served, mut refused) = (0, 0);
+    while std::time::Instant::now() < until {
+        complete(&b);
+        let resp = test::call_service(&svc, chat("acme-key", false).to_request()).await;
+        assert_eq!(resp.status(), 200, "serving does not need the store");
+        served += 1;
+        let resp = test::call_service(&svc, feedback("acme-key", fb("during"))).await;
+        assert_eq!(
+            resp.status(),
+            503,
+            "never acknowledged while it cannot be written"
+        );
+        assert_eq!(
+            resp.headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap()),
+            Some("1")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unavailable"),
+            "{body}"
+        );
+        refused += 1;
+    }
+    assert!(
+        served >= 3 && refused >= 3,
+        "{served} served, {refused} refused"
+    );
+
+    pg.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let resp = test::call_service(&svc, feedback("acme-key", fb("after"))).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert_eq!(resp.status(), 503);
+        assert!(std::time::Instant::now() < deadline, "did not resume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // exactly what was acknowledged: before and after, nothing from the outage
+    let st = tokio::task::spawn_blocking(move || store.feedback("acme", &id).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(st.correction.as_deref(), Some("after"));
+    assert_eq!(st.events, 2);
+}

@@ -26,7 +26,7 @@ use retune_adapters::{
 };
 use retune_config::{LoopSettings, Settings};
 use retune_datasets::curate::Split;
-use retune_datasets::{DatasetStore, Policy, SqliteStore};
+use retune_datasets::{DatasetStore, Policy};
 use retune_engine::{ChatTemplate, DeviceModel, Model, Tok};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -114,9 +114,10 @@ pub struct Status {
 pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
     let db = settings
         .datasets
-        .resolved_path(&settings.adapters)
-        .unwrap_or_else(|| root.join("datasets.db"));
-    let data = SqliteStore::open(&db)?;
+        .location(&settings.adapters)
+        .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
+    let data = retune_datasets::open(&db)?;
+    let data = data.as_ref();
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
     let reg = Registry::open(
         &root.join("registry.db"),
@@ -145,7 +146,7 @@ pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
             .unwrap_or_else(|| settings.trainer.defaults.clone())
             .data
             .include_positive;
-        let mark = data_mark(&reg, &data, &tenant, &name)?;
+        let mark = data_mark(&reg, data, &tenant, &name)?;
         adapters.push(AdapterStatus {
             new_examples: data.candidates_since(&tenant, &name, mark, include_positive)?,
             lease: reg.lease_holder(&tenant, &name)?,
@@ -166,8 +167,9 @@ pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
 pub struct Daemon {
     pub settings: Settings,
     pub reg: Registry,
-    pub data: Arc<SqliteStore>,
-    db_path: PathBuf,
+    pub data: Arc<dyn DatasetStore>,
+    /// The datasets store's location (a SQLite file or a PostgreSQL URL).
+    db_path: String,
     work: PathBuf,
     serve: Model,
     train_model: DeviceModel,
@@ -192,9 +194,9 @@ impl Daemon {
         })?;
         let db_path = settings
             .datasets
-            .resolved_path(&settings.adapters)
-            .unwrap_or_else(|| root.join("datasets.db"));
-        let data = Arc::new(SqliteStore::open(&db_path)?);
+            .location(&settings.adapters)
+            .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
+        let data = retune_datasets::open(&db_path)?;
         let store = Arc::new(LocalStore::new(&root.join("store"))?);
         let reg = Registry::open(
             &root.join("registry.db"),

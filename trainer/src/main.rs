@@ -135,6 +135,10 @@ struct Common {
     /// Data root (the server's `adapters.root`: registry.db, store/, datasets.db).
     #[arg(long, env = "RETUNE_ROOT", default_value = "data")]
     root: PathBuf,
+    /// With --snapshot: a PostgreSQL datasets store (`datasets.url`) instead of
+    /// ROOT/datasets.db.
+    #[arg(long, env = "RETUNE_DATASETS__URL")]
+    datasets_url: Option<String>,
     /// Longest example in tokens.
     #[arg(long, default_value_t = 512)]
     max_len: usize,
@@ -249,7 +253,10 @@ fn source(c: &Common) -> anyhow::Result<DataSource> {
             }
         };
         return Ok(DataSource::Snapshot {
-            db: c.root.join("datasets.db"),
+            db: c
+                .datasets_url
+                .clone()
+                .unwrap_or_else(|| c.root.join("datasets.db").to_string_lossy().into_owned()),
             tenant,
             id: id.clone(),
         });

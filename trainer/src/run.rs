@@ -9,16 +9,17 @@ use crate::plot::loss_svg;
 use crate::train::{train, Progress, RunInputs, TrainSettings, TrainingRecord};
 use retune_adapters::{LocalStore, NewVersion, Registry, ServedBase, VersionInfo};
 use retune_datasets::curate::Split;
-use retune_datasets::{DatasetStore, ExampleBody, SqliteStore};
+use retune_datasets::ExampleBody;
 use retune_engine::{ChatTemplate, DeviceModel, Tok};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Where the examples come from.
 pub enum DataSource {
-    /// A snapshot in the datasets store (SQLite file `db`): its train and eval splits.
+    /// A snapshot in the datasets store (a SQLite file or a PostgreSQL URL,
+    /// `db`): its train and eval splits.
     Snapshot {
-        db: PathBuf,
+        db: String,
         tenant: String,
         id: String,
     },
@@ -32,13 +33,10 @@ pub fn read_source(
 ) -> Result<(Vec<ExampleBody>, Vec<ExampleBody>, Option<String>)> {
     match src {
         DataSource::Snapshot { db, tenant, id } => {
-            if !db.exists() {
-                return Err(TrainError::Data(format!(
-                    "no datasets store at {}",
-                    db.display()
-                )));
+            if !retune_datasets::is_postgres_url(db) && !std::path::Path::new(db).exists() {
+                return Err(TrainError::Data(format!("no datasets store at {db}")));
             }
-            let store = SqliteStore::open(db)?;
+            let store = retune_datasets::open(db)?;
             let rows = store.snapshot_rows(tenant, id)?;
             if rows.is_empty() {
                 return Err(TrainError::Data(format!("snapshot {id} is empty")));

@@ -1,0 +1,173 @@
+//! What only the shared PostgreSQL store has to hold: refusals at open, a
+//! server that goes away and comes back, replicas writing at once.
+
+use retune_datasets::pgtest::PgTest;
+use retune_datasets::*;
+use std::time::{Duration, Instant};
+
+fn completion(id: &str) -> CapturedCompletion {
+    CapturedCompletion {
+        id: id.into(),
+        tenant: "acme".into(),
+        adapter: Some("tickets".into()),
+        version: Some("v1".into()),
+        base_fingerprint: "base".into(),
+        request: serde_json::json!({"messages": [{"role": "user", "content": format!("question {id}")}]}),
+        params: serde_json::json!({}),
+        output_text: "answer".into(),
+        output_ids: vec![1],
+        finish: "stop".into(),
+        prompt_tokens: 3,
+        completion_tokens: 1,
+        ttft_ms: 1.0,
+        total_ms: 2.0,
+        user: None,
+        created_at: 1,
+    }
+}
+
+fn correction(id: &str, text: &str) -> Feedback {
+    Feedback {
+        completion_id: id.into(),
+        correction: Some(text.into()),
+        ..Feedback::default()
+    }
+}
+
+#[test]
+fn a_bad_url_an_unreachable_server_and_a_newer_schema_are_refused_with_the_reason() {
+    match PgStore::open("postgres://nobody@127.0.0.1:notaport/db") {
+        Err(DataError::Invalid { field, .. }) => assert_eq!(field, "datasets.url"),
+        other => panic!("bad URL: {:?}", other.err()),
+    }
+    // a port nothing listens on: refused within the connect timeout, naming where
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = Instant::now();
+    match PgStore::open(&format!("postgres://postgres:secret@127.0.0.1:{port}/x")) {
+        Err(DataError::Unavailable(m)) => {
+            assert!(m.contains(&format!("127.0.0.1:{port}/x")), "{m}");
+            assert!(!m.contains("secret"), "the password is not printed: {m}");
+        }
+        other => panic!("unreachable: {:?}", other.err()),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+    let pg = PgTest::new().unwrap();
+    drop(PgStore::open(&pg.url).unwrap());
+    // opening again applies nothing twice
+    drop(PgStore::open(&pg.url).unwrap());
+    let mut c = pg.client().unwrap();
+    let n: i64 = c
+        .query_one(
+            "SELECT COUNT(*) FROM retune_migrations WHERE component = 'datasets'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, retune_datasets::postgres::SCHEMA_VERSION as i64);
+    c.execute(
+        "INSERT INTO retune_migrations VALUES ('datasets', 999, 'from the future', 0)",
+        &[],
+    )
+    .unwrap();
+    match PgStore::open(&pg.url) {
+        Err(DataError::Schema(m)) => assert!(m.contains("999"), "{m}"),
+        other => panic!("newer schema: {:?}", other.err()),
+    }
+}
+
+#[test]
+fn replicas_opening_and_writing_at_once_see_one_store() {
+    let pg = PgTest::new().unwrap();
+    // four replicas migrate an empty database at the same moment
+    let stores: Vec<PgStore> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| PgStore::open(&pg.url).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    stores[0]
+        .record(
+            &(0..40)
+                .map(|i| completion(&format!("c{i}")))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    // each replica corrects its share; snapshots race with the writes
+    let manifests: Vec<Manifest> = std::thread::scope(|s| {
+        let hs: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(r, st)| {
+                s.spawn(move || {
+                    for i in (r..40).step_by(4) {
+                        st.add_feedback(
+                            "acme",
+                            &correction(&format!("c{i}"), &format!("fixed {i}")),
+                        )
+                        .unwrap();
+                    }
+                    st.snapshot("acme", "tickets", &Policy::default()).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(manifests.iter().all(|m| m.train + m.eval <= 40));
+    // after every write, any replica curates the same snapshot
+    let a = stores[1]
+        .snapshot("acme", "tickets", &Policy::default())
+        .unwrap();
+    let b = stores[3]
+        .snapshot("acme", "tickets", &Policy::default())
+        .unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(a.train + a.eval, 40);
+    for (i, st) in stores.iter().enumerate() {
+        assert_eq!(
+            st.feedback("acme", &format!("c{}", (i + 1) % 4))
+                .unwrap()
+                .correction,
+            Some(format!("fixed {}", (i + 1) % 4))
+        );
+    }
+}
+
+#[test]
+fn a_server_gone_fails_writes_as_unavailable_and_the_store_resumes_by_itself() {
+    let pg = PgTest::private().unwrap();
+    let s = PgStore::open(&pg.url).unwrap();
+    s.record(&[completion("c1"), completion("c2")]).unwrap();
+    s.add_feedback("acme", &correction("c1", "before")).unwrap();
+    pg.stop().unwrap();
+    let t = Instant::now();
+    for _ in 0..3 {
+        match s.add_feedback("acme", &correction("c2", "during")) {
+            Err(DataError::Unavailable(_)) => {}
+            other => panic!("while down: {other:?}"),
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    pg.start().unwrap();
+    // the pool reconnects: no reopen, no restart
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let st = loop {
+        match s.add_feedback("acme", &correction("c2", "after")) {
+            Ok(st) => break st,
+            Err(DataError::Unavailable(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("after restart: {e}"),
+        }
+    };
+    assert_eq!(st.correction.as_deref(), Some("after"));
+    assert_eq!(st.events, 1, "nothing written while it was down");
+    assert_eq!(
+        s.feedback("acme", "c1").unwrap().correction.as_deref(),
+        Some("before")
+    );
+}
