@@ -22,6 +22,10 @@ pub struct DatasetsArgs {
     /// Directory for the database (default: a temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Also run it on PostgreSQL, in the same run: a fresh database in the
+    /// cluster RETUNE_TEST_PG_URL names, else a throwaway local cluster.
+    #[arg(long)]
+    postgres: bool,
 }
 
 pub fn run(a: &DatasetsArgs) -> Result<()> {
@@ -30,7 +34,22 @@ pub fn run(a: &DatasetsArgs) -> Result<()> {
     });
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db"))?);
+    let sqlite: Arc<dyn DatasetStore> = Arc::new(SqliteStore::open(&dir.join("datasets.db"))?);
+    println!("== SQLite (WAL, synchronous=FULL) at {}", dir.display());
+    workload(a, sqlite)?;
+    if a.postgres {
+        let pg = retune_datasets::pgtest::PgTest::new().map_err(anyhow::Error::msg)?;
+        let store = PgStore::open(&pg.url)?;
+        println!(
+            "== PostgreSQL (fsync on, synchronous_commit on) at {}",
+            store.location()
+        );
+        workload(a, Arc::new(store))?;
+    }
+    Ok(())
+}
+
+fn workload(a: &DatasetsArgs, store: Arc<dyn DatasetStore>) -> Result<()> {
     let text: String = (0..a.rows)
         .map(|i| {
             serde_json::json!({"messages": [
@@ -115,7 +134,7 @@ pub fn run(a: &DatasetsArgs) -> Result<()> {
     let total = a.writers * a.writes;
     let s = t.elapsed().as_secs_f64();
     println!(
-        "feedback: {total} durable writes (synchronous=FULL) from {} writers in {s:.2} s = {:.0} writes/s",
+        "feedback: {total} durable writes from {} writers in {s:.2} s = {:.0} writes/s",
         a.writers,
         total as f64 / s
     );

@@ -11,6 +11,7 @@
 //! - Writers that read before they write (snapshot, erasure) serialise per tenant
 //!   on a transaction-scoped advisory lock: what SQLite's single writer gives.
 
+use crate::curate::Split;
 use crate::error::DataError;
 use crate::record::{CapturedCompletion, Feedback, FeedbackState, ImportRow, Rating};
 use crate::rows::{
@@ -344,25 +345,28 @@ impl DatasetStore for PgStore {
     ) -> Result<usize, DataError> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
-        let ins = tx.prepare(
+        // one statement for the batch (arrays), not a round trip per row
+        let bodies = rows
+            .iter()
+            .map(|r| js(&r.body))
+            .collect::<Result<Vec<_>, _>>()?;
+        let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject_id.as_deref()).collect();
+        let labels: Vec<Option<&str>> = rows.iter().map(|r| r.label.as_deref()).collect();
+        tx.execute(
             "INSERT INTO ds_examples (tenant, adapter, body, source, subject_id, label, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             SELECT $1, $2, b, $3, s, l, $4
+             FROM UNNEST($5::text[], $6::text[], $7::text[]) WITH ORDINALITY AS u(b, s, l, n)
+             ORDER BY n",
+            &[
+                &tenant,
+                &adapter,
+                &source,
+                &now_ms(),
+                &bodies,
+                &subjects,
+                &labels,
+            ],
         )?;
-        let at = now_ms();
-        for r in rows {
-            tx.execute(
-                &ins,
-                &[
-                    &tenant,
-                    &adapter,
-                    &js(&r.body)?,
-                    &source,
-                    &r.subject_id,
-                    &r.label,
-                    &at,
-                ],
-            )?;
-        }
         tx.commit()?;
         Ok(rows.len())
     }
@@ -388,18 +392,25 @@ impl DatasetStore for PgStore {
              VALUES ($1, $2, $3, $4, $5)",
             &[&id, &tenant, &adapter, &m.created_at, &js(&m)?],
         )?;
-        let row =
-            tx.prepare("INSERT INTO ds_snapshot_rows (snapshot, seq, row) VALUES ($1, $2, $3)")?;
-        let subj = tx.prepare(
-            "INSERT INTO ds_snapshot_subjects (snapshot, seq, subject_id) VALUES ($1, $2, $3)",
+        let texts = c.rows.iter().map(js).collect::<Result<Vec<_>, _>>()?;
+        let seqs: Vec<i64> = (0..c.rows.len() as i64).collect();
+        tx.execute(
+            "INSERT INTO ds_snapshot_rows (snapshot, seq, row)
+             SELECT $1, q, r FROM UNNEST($2::bigint[], $3::text[]) AS u(q, r)",
+            &[&id, &seqs, &texts],
         )?;
+        let (mut sseq, mut sids) = (Vec::new(), Vec::new());
         for (i, r) in c.rows.iter().enumerate() {
-            let seq = i as i64;
-            tx.execute(&row, &[&id, &seq, &js(r)?])?;
             for s in &r.subject_ids {
-                tx.execute(&subj, &[&id, &seq, s])?;
+                sseq.push(i as i64);
+                sids.push(s.as_str());
             }
         }
+        tx.execute(
+            "INSERT INTO ds_snapshot_subjects (snapshot, seq, subject_id)
+             SELECT $1, q, s FROM UNNEST($2::bigint[], $3::text[]) AS u(q, s)",
+            &[&id, &sseq, &sids],
+        )?;
         tx.commit()?;
         Ok(m)
     }
@@ -628,45 +639,52 @@ fn assign_splits(
     rows: &mut [SnapshotRow],
 ) -> Result<(), DataError> {
     let p = i64::from(eval_percent);
-    let known = tx.prepare(
-        "SELECT split FROM ds_split_assignments
-         WHERE tenant = $1 AND adapter = $2 AND eval_percent = $3 AND input_key = $4",
-    )?;
-    let counts = tx.prepare(
-        "SELECT COUNT(*), COUNT(*) FILTER (WHERE split = 'eval') FROM ds_split_assignments
-         WHERE tenant = $1 AND adapter = $2 AND eval_percent = $3 AND label = $4",
-    )?;
-    let put = tx.prepare(
-        "INSERT INTO ds_split_assignments (tenant, adapter, eval_percent, input_key, label, split)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )?;
+    // every assignment of this (tenant, adapter, percent) in one read; the
+    // decisions are made in order in memory, exactly as the row-at-a-time
+    // SQLite store makes them, and the new ones written in one statement
+    let mut known: HashMap<String, Split> = HashMap::new();
+    let mut per_label: HashMap<String, (i64, i64)> = HashMap::new();
+    for r in tx.query(
+        "SELECT input_key, label, split FROM ds_split_assignments
+         WHERE tenant = $1 AND adapter = $2 AND eval_percent = $3",
+        &[&tenant, &adapter, &p],
+    )? {
+        let split = split_of_name(r.get(2));
+        if let Some(label) = r.get::<_, Option<String>>(1) {
+            let e = per_label.entry(label).or_default();
+            e.0 += 1;
+            e.1 += (split == Split::Eval) as i64;
+        }
+        known.insert(r.get(0), split);
+    }
+    let (mut keys, mut labels, mut splits) = (Vec::new(), Vec::new(), Vec::new());
     for r in rows.iter_mut() {
-        let prior = tx.query_opt(&known, &[&tenant, &adapter, &p, &r.input_key])?;
-        r.split = match prior {
-            Some(row) => split_of_name(row.get(0)),
+        r.split = match known.get(&r.input_key) {
+            Some(s) => *s,
             None => {
                 let split = match &r.label {
                     Some(label) => {
-                        let c = tx.query_one(&counts, &[&tenant, &adapter, &p, label])?;
-                        labelled_split(c.get(0), c.get(1), p)
+                        let e = per_label.entry(label.clone()).or_default();
+                        let s = labelled_split(e.0, e.1, p);
+                        e.0 += 1;
+                        e.1 += (s == Split::Eval) as i64;
+                        s
                     }
                     None => r.split, // the hash split curation gave it
                 };
-                tx.execute(
-                    &put,
-                    &[
-                        &tenant,
-                        &adapter,
-                        &p,
-                        &r.input_key,
-                        &r.label,
-                        &split_name(split),
-                    ],
-                )?;
+                known.insert(r.input_key.clone(), split);
+                keys.push(r.input_key.clone());
+                labels.push(r.label.clone());
+                splits.push(split_name(split));
                 split
             }
         };
     }
+    tx.execute(
+        "INSERT INTO ds_split_assignments (tenant, adapter, eval_percent, input_key, label, split)
+         SELECT $1, $2, $3, k, l, s FROM UNNEST($4::text[], $5::text[], $6::text[]) AS u(k, l, s)",
+        &[&tenant, &adapter, &p, &keys, &labels, &splits],
+    )?;
     Ok(())
 }
 
