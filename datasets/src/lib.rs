@@ -71,6 +71,17 @@ pub struct Signals {
     pub bad: usize,
 }
 
+impl Signals {
+    /// Count one completion: ended in an error, rated down, corrected.
+    pub(crate) fn count(&mut self, err: bool, down: bool, corrected: bool) {
+        self.completions += 1;
+        self.errors += err as usize;
+        self.rated_down += down as usize;
+        self.corrected += corrected as usize;
+        self.bad += (err || down || corrected) as usize;
+    }
+}
+
 /// The examples store.
 pub trait DatasetStore: Send + Sync {
     /// Record captured completions (one transaction; an id seen before is ignored).

@@ -310,10 +310,12 @@ impl DatasetStore for PgStore {
         let labels = js(&fb.labels)?;
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
-        owned(&mut tx, tenant, &fb.completion_id)?;
-        tx.execute(
+        // the ownership check and the insert in one round trip
+        let n = tx.execute(
             "INSERT INTO ds_feedback (completion_id, tenant, rating, correction, labels,
-             subject_id, comment, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             subject_id, comment, created_at)
+             SELECT $1::text, $2::text, $3::bigint, $4::text, $5::text, $6::text, $7::text, $8::bigint
+             WHERE EXISTS (SELECT 1 FROM ds_completions WHERE id = $1 AND tenant = $2)",
             &[
                 &fb.completion_id,
                 &tenant,
@@ -325,6 +327,12 @@ impl DatasetStore for PgStore {
                 &now_ms(),
             ],
         )?;
+        if n == 0 {
+            return Err(DataError::NotFound(format!(
+                "completion `{}`",
+                fb.completion_id
+            )));
+        }
         let st = state_of(&mut tx, &fb.completion_id)?;
         tx.commit()?;
         Ok(st)
@@ -608,12 +616,7 @@ impl DatasetStore for PgStore {
         for r in &rows {
             let err: bool = r.get(0);
             let down = r.get::<_, Option<bool>>(1).unwrap_or(false);
-            let corrected: bool = r.get(2);
-            s.completions += 1;
-            s.errors += err as usize;
-            s.rated_down += down as usize;
-            s.corrected += corrected as usize;
-            s.bad += (err || down || corrected) as usize;
+            s.count(err, down, r.get(2));
         }
         Ok(s)
     }

@@ -413,11 +413,7 @@ impl DatasetStore for SqliteStore {
         let mut s = Signals::default();
         for row in rows {
             let (err, down, corrected) = row?;
-            s.completions += 1;
-            s.errors += err as usize;
-            s.rated_down += down as usize;
-            s.corrected += corrected as usize;
-            s.bad += (err || down || corrected) as usize;
+            s.count(err, down, corrected);
         }
         Ok(s)
     }
