@@ -6,15 +6,17 @@
 //! The snapshot is fed by the registry's change feed, the journal: a change made
 //! through this process's [`Registry`] updates it before the changing call
 //! returns (a client that promoted and then asks is served the new version), and
-//! changes from other processes (the trainer's rollouts and rollbacks) are found
-//! by polling the journal's sequence on a thread of its own, every `poll`. Only
-//! the adapters the new journal entries name are read again.
+//! changes from other processes (the trainer's rollouts and rollbacks, other
+//! replicas' promotions) are read on a thread of its own: on PostgreSQL as soon
+//! as the commit's `NOTIFY` arrives, on SQLite by polling the journal's sequence;
+//! every `poll` at the latest either way. Only the adapters the new journal
+//! entries name are read again.
 
 use crate::error::RegistryError;
 use crate::names::{check_name, AdapterRef, Via};
-use crate::registry::{pick_alias, AdapterState, Registry};
+use crate::registry::{last_seq, pick_alias, set_state, AdapterState, Registry};
+use crate::sql::{p, Conn, Db, Mode};
 use arc_swap::ArcSwap;
-use rusqlite::{params, Connection};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -66,28 +68,30 @@ impl Snapshot {
 
 pub struct AliasCache {
     snap: ArcSwap<Snapshot>,
-    /// Its own read connection (WAL: reads do not wait for the registry's writer);
-    /// the lock also makes refreshes one at a time.
-    conn: Mutex<Connection>,
+    /// Its own read handle (reads do not wait for the registry's writer).
+    db: Arc<dyn Db>,
+    /// Refreshes one at a time.
+    refreshing: Mutex<()>,
 }
 
 impl AliasCache {
     /// Load every adapter's routing state from `reg`'s database, follow `reg`'s
-    /// in-process changes, and poll for other processes' every `poll`.
+    /// in-process changes, and other processes' as their notifications arrive
+    /// (every `poll` at the latest).
     pub fn attach(reg: &Registry, poll: Duration) -> R<Arc<Self>> {
-        let conn = Connection::open(reg.db_path())?;
-        conn.busy_timeout(Duration::from_secs(10))?;
         let cache = Arc::new(Self {
             snap: ArcSwap::from_pointee(Snapshot::default()),
-            conn: Mutex::new(conn),
+            db: reg.db.reader()?,
+            refreshing: Mutex::new(()),
         });
         cache.refresh()?;
         reg.listen(Arc::downgrade(&cache));
+        let mut watch = cache.db.watcher()?;
         let weak: Weak<Self> = Arc::downgrade(&cache);
         std::thread::Builder::new()
             .name("retune-alias-feed".into())
             .spawn(move || loop {
-                std::thread::sleep(poll);
+                watch.wait(poll);
                 let Some(c) = weak.upgrade() else { return };
                 if let Err(e) = c.refresh() {
                     tracing_warn(&e);
@@ -126,12 +130,10 @@ impl AliasCache {
 
     /// Read what changed since the snapshot's journal entry; true when anything did.
     pub fn refresh(&self) -> R<bool> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         // one read transaction: the sequence and the rows agree
-        let tx = conn.transaction()?;
-        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
-            r.get(0)
-        })?;
+        let mut tx = self.db.begin(Mode::Snapshot)?;
+        let seq = last_seq(&mut *tx)?;
         let old = self.snap.load_full();
         if seq == old.seq && seq != 0 {
             return Ok(false);
@@ -139,14 +141,18 @@ impl AliasCache {
         let mut next = (*old).clone();
         next.seq = seq;
         if old.seq == 0 {
-            next.adapters = load_all(&tx)?;
+            next.adapters = load_all(&mut *tx)?;
         } else {
-            let mut q = tx.prepare("SELECT DISTINCT tenant, name FROM journal WHERE seq > ?1")?;
-            let keys = q
-                .query_map(params![old.seq], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<(String, String)>, _>>()?;
+            let keys = tx
+                .query(
+                    "SELECT DISTINCT tenant, name FROM journal WHERE seq > ?1",
+                    p![old.seq],
+                )?
+                .iter()
+                .map(|r| Ok((r.s(0)?, r.s(1)?)))
+                .collect::<R<Vec<(String, String)>>>()?;
             for (t, n) in keys {
-                match load_one(&tx, &t, &n)? {
+                match load_one(&mut *tx, &t, &n)? {
                     Some(a) => next.adapters.insert((t, n), Arc::new(a)),
                     None => next.adapters.remove(&(t, n)),
                 };
@@ -162,81 +168,44 @@ fn tracing_warn(e: &RegistryError) {
     eprintln!("retune: alias feed: reading the registry failed (serving the last state): {e}");
 }
 
-fn load_all(conn: &Connection) -> R<HashMap<(String, String), Arc<Routed>>> {
+fn load_all(c: &mut dyn Conn) -> R<HashMap<(String, String), Arc<Routed>>> {
     let mut all: HashMap<(String, String), Routed> = HashMap::new();
-    let mut q = conn.prepare("SELECT tenant, name, id, retired FROM versions")?;
-    let rows = q.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-        ))
-    })?;
-    for row in rows {
-        let (t, n, id, retired) = row?;
-        let a = all.entry((t, n)).or_default();
-        if retired == 0 {
-            a.servable.insert(id);
+    for r in c.query("SELECT tenant, name, id, retired FROM versions", &[])? {
+        let a = all.entry((r.s(0)?, r.s(1)?)).or_default();
+        if r.i(3)? == 0 {
+            a.servable.insert(r.s(2)?);
         }
     }
-    let mut q = conn.prepare("SELECT tenant, name, alias, version, percent FROM aliases")?;
-    let rows = q.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, Option<i64>>(4)?,
-        ))
-    })?;
-    for row in rows {
-        let (t, n, alias, version, pct) = row?;
-        if let Some(a) = all.get_mut(&(t, n)) {
-            set(&mut a.state, &alias, version, pct);
+    for r in c.query(
+        "SELECT tenant, name, alias, version, percent FROM aliases",
+        &[],
+    )? {
+        if let Some(a) = all.get_mut(&(r.s(0)?, r.s(1)?)) {
+            set_state(&mut a.state, &r.s(2)?, r.s(3)?, r.oi(4)?);
         }
     }
     Ok(all.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
 }
 
-fn load_one(conn: &Connection, tenant: &str, name: &str) -> R<Option<Routed>> {
+fn load_one(c: &mut dyn Conn, tenant: &str, name: &str) -> R<Option<Routed>> {
     let mut a = Routed::default();
-    let mut known = false;
-    let mut q = conn.prepare("SELECT id, retired FROM versions WHERE tenant = ?1 AND name = ?2")?;
-    let rows = q.query_map(params![tenant, name], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-    })?;
-    for row in rows {
-        let (id, retired) = row?;
-        known = true;
-        if retired == 0 {
-            a.servable.insert(id);
-        }
-    }
-    if !known {
+    let rows = c.query(
+        "SELECT id, retired FROM versions WHERE tenant = ?1 AND name = ?2",
+        p![tenant, name],
+    )?;
+    if rows.is_empty() {
         return Ok(None);
     }
-    let mut q = conn
-        .prepare("SELECT alias, version, percent FROM aliases WHERE tenant = ?1 AND name = ?2")?;
-    let rows = q.query_map(params![tenant, name], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<i64>>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (alias, version, pct) = row?;
-        set(&mut a.state, &alias, version, pct);
+    for r in rows {
+        if r.i(1)? == 0 {
+            a.servable.insert(r.s(0)?);
+        }
+    }
+    for r in c.query(
+        "SELECT alias, version, percent FROM aliases WHERE tenant = ?1 AND name = ?2",
+        p![tenant, name],
+    )? {
+        set_state(&mut a.state, &r.s(0)?, r.s(1)?, r.oi(2)?);
     }
     Ok(Some(a))
-}
-
-fn set(st: &mut AdapterState, alias: &str, version: String, pct: Option<i64>) {
-    match alias {
-        "live" => st.live = Some(version),
-        "previous" => st.previous = Some(version),
-        "canary" => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
-        _ => {}
-    }
 }

@@ -11,29 +11,13 @@
 
 use crate::error::RegistryError;
 use crate::registry::{
-    journal, now_ms, servable, set_alias, state_of, AdapterState, Expect, NewVersion, Registry,
-    ServedBase, Staged, VersionInfo,
+    journal, last_seq, now_ms, servable, set_alias, state_of, AdapterState, Expect, NewVersion,
+    Registry, ServedBase, Staged, VersionInfo,
 };
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use crate::sql::{p, Conn, Mode, Row};
 use serde::Serialize;
 
 type R<T> = Result<T, RegistryError>;
-
-pub(crate) const CONTROL_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS leases (
-    tenant TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL, expires_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, name));
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL,
-    started_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, finished_at INTEGER,
-    status TEXT NOT NULL, snapshot TEXT, version TEXT, detail TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS runs_by_adapter ON runs (tenant, name, started_at);
-CREATE TABLE IF NOT EXISTS watches (
-    tenant TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, previous TEXT,
-    mode TEXT NOT NULL, percent INTEGER, started_at INTEGER NOT NULL, promote_seq INTEGER NOT NULL,
-    status TEXT NOT NULL, verdict TEXT NOT NULL, updated_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, name, version));
-";
 
 /// How a version that passed the gate reaches traffic.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,14 +94,17 @@ pub struct LoopCounts {
     pub watching: i64,
 }
 
-fn lease_ok(conn: &Connection, tenant: &str, name: &str, holder: &str) -> R<()> {
-    let row: Option<(String, i64)> = conn
-        .query_row(
-            "SELECT holder, expires_at FROM leases WHERE tenant = ?1 AND name = ?2",
-            params![tenant, name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+fn lease_of(c: &mut dyn Conn, tenant: &str, name: &str) -> R<Option<(String, i64)>> {
+    c.opt(
+        "SELECT holder, expires_at FROM leases WHERE tenant = ?1 AND name = ?2",
+        p![tenant, name],
+    )?
+    .map(|r| Ok((r.s(0)?, r.i(1)?)))
+    .transpose()
+}
+
+fn lease_ok(c: &mut dyn Conn, tenant: &str, name: &str, holder: &str) -> R<()> {
+    let row = lease_of(c, tenant, name)?;
     match row {
         Some((h, exp)) if h == holder && exp > now_ms() => Ok(()),
         Some((h, _)) if h != holder => Err(RegistryError::LeaseLost(format!(
@@ -129,50 +116,40 @@ fn lease_ok(conn: &Connection, tenant: &str, name: &str, holder: &str) -> R<()> 
     }
 }
 
-fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunInfo> {
-    let detail: String = r.get(10)?;
+fn row_to_run(r: &Row) -> R<RunInfo> {
     Ok(RunInfo {
-        id: r.get(0)?,
-        tenant: r.get(1)?,
-        name: r.get(2)?,
-        holder: r.get(3)?,
-        started_at: r.get(4)?,
-        updated_at: r.get(5)?,
-        finished_at: r.get(6)?,
-        status: r.get(7)?,
-        snapshot: r.get(8)?,
-        version: r.get(9)?,
-        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+        id: r.s(0)?,
+        tenant: r.s(1)?,
+        name: r.s(2)?,
+        holder: r.s(3)?,
+        started_at: r.i(4)?,
+        updated_at: r.i(5)?,
+        finished_at: r.oi(6)?,
+        status: r.s(7)?,
+        snapshot: r.os(8)?,
+        version: r.os(9)?,
+        detail: serde_json::from_str(&r.s(10)?).unwrap_or(serde_json::Value::Null),
     })
 }
 
-fn row_to_watch(r: &rusqlite::Row<'_>) -> rusqlite::Result<WatchInfo> {
-    let verdict: String = r.get(9)?;
+fn row_to_watch(r: &Row) -> R<WatchInfo> {
     Ok(WatchInfo {
-        tenant: r.get(0)?,
-        name: r.get(1)?,
-        version: r.get(2)?,
-        previous: r.get(3)?,
-        mode: r.get(4)?,
-        percent: r.get::<_, Option<i64>>(5)?.map(|p| p.clamp(0, 100) as u8),
-        started_at: r.get(6)?,
-        promote_seq: r.get(7)?,
-        status: r.get(8)?,
-        verdict: serde_json::from_str(&verdict).unwrap_or(serde_json::Value::Null),
-        updated_at: r.get(10)?,
+        tenant: r.s(0)?,
+        name: r.s(1)?,
+        version: r.s(2)?,
+        previous: r.os(3)?,
+        mode: r.s(4)?,
+        percent: r.oi(5)?.map(|p| p.clamp(0, 100) as u8),
+        started_at: r.i(6)?,
+        promote_seq: r.i(7)?,
+        status: r.s(8)?,
+        verdict: serde_json::from_str(&r.s(9)?).unwrap_or(serde_json::Value::Null),
+        updated_at: r.i(10)?,
     })
 }
 
 const RUN_COLS: &str = "id, tenant, name, holder, started_at, updated_at, finished_at, status, snapshot, version, detail";
 const WATCH_COLS: &str = "tenant, name, version, previous, mode, percent, started_at, promote_seq, status, verdict, updated_at";
-
-fn last_seq(conn: &Connection) -> R<i64> {
-    Ok(
-        conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
-            r.get(0)
-        })?,
-    )
-}
 
 impl Registry {
     // ---- leases ----
@@ -180,25 +157,18 @@ impl Registry {
     /// Take the training lease on `tenant/name` for `ttl_ms` if it is free,
     /// expired or already `holder`'s. `false`: someone else holds it.
     pub fn acquire_lease(&self, tenant: &str, name: &str, holder: &str, ttl_ms: i64) -> R<bool> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let cur: Option<(String, i64)> = tx
-            .query_row(
-                "SELECT holder, expires_at FROM leases WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let mut tx = self.tx(Mode::Write)?;
+        let cur = lease_of(&mut *tx, tenant, name)?;
         let now = now_ms();
         if let Some((h, exp)) = cur {
             if h != holder && exp > now {
                 return Ok(false);
             }
         }
-        tx.execute(
+        tx.exec(
             "INSERT INTO leases (tenant, name, holder, expires_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (tenant, name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
-            params![tenant, name, holder, now + ttl_ms],
+            p![tenant, name, holder, now + ttl_ms],
         )?;
         tx.commit()?;
         Ok(true)
@@ -206,10 +176,9 @@ impl Registry {
 
     /// Extend `holder`'s lease; `LeaseLost` when it expired or passed to another.
     pub fn renew_lease(&self, tenant: &str, name: &str, holder: &str, ttl_ms: i64) -> R<()> {
-        let conn = self.conn();
-        let n = conn.execute(
+        let n = self.tx(Mode::Auto)?.exec(
             "UPDATE leases SET expires_at = ?4 WHERE tenant = ?1 AND name = ?2 AND holder = ?3 AND expires_at > ?5",
-            params![tenant, name, holder, now_ms() + ttl_ms, now_ms()],
+            p![tenant, name, holder, now_ms() + ttl_ms, now_ms()],
         )?;
         if n == 1 {
             Ok(())
@@ -221,23 +190,22 @@ impl Registry {
     }
 
     pub fn release_lease(&self, tenant: &str, name: &str, holder: &str) -> R<()> {
-        self.conn().execute(
+        self.tx(Mode::Auto)?.exec(
             "DELETE FROM leases WHERE tenant = ?1 AND name = ?2 AND holder = ?3",
-            params![tenant, name, holder],
+            p![tenant, name, holder],
         )?;
         Ok(())
     }
 
     /// The current holder of a lease that has not expired.
     pub fn lease_holder(&self, tenant: &str, name: &str) -> R<Option<String>> {
-        Ok(self
-            .conn()
-            .query_row(
+        self.tx(Mode::Auto)?
+            .opt(
                 "SELECT holder FROM leases WHERE tenant = ?1 AND name = ?2 AND expires_at > ?3",
-                params![tenant, name, now_ms()],
-                |r| r.get(0),
-            )
-            .optional()?)
+                p![tenant, name, now_ms()],
+            )?
+            .map(|r| r.s(0))
+            .transpose()
     }
 
     // ---- gated registration ----
@@ -260,19 +228,19 @@ impl Registry {
         };
         let (tenant, name) = (v.tenant, v.name);
         let state = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            lease_ok(&tx, tenant, name, holder)?;
+            let mut guard = self.tx(Mode::Write)?;
+            let tx = &mut *guard;
+            lease_ok(tx, tenant, name, holder)?;
             let rejected = matches!(decision, Decision::Reject { .. });
             if !existing {
-                tx.execute(
+                tx.exec(
                     "INSERT INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata, retired)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                    params![tenant, name, id, now_ms(), v.source, v.parent, base.fingerprint, size as i64,
+                    p![tenant, name, &id, now_ms(), v.source, v.parent, &base.fingerprint, size as i64,
                             v.metadata.to_string(), rejected as i64],
                 )?;
                 journal(
-                    &tx,
+                    tx,
                     tenant,
                     name,
                     "register",
@@ -285,14 +253,14 @@ impl Registry {
             match decision {
                 Decision::Reject { reasons } => {
                     if existing {
-                        tx.execute(
+                        tx.exec(
                             "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3
                              AND NOT EXISTS (SELECT 1 FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'live' AND version = ?3)",
-                            params![tenant, name, id],
+                            p![tenant, name, &id],
                         )?;
                     }
                     journal(
-                        &tx,
+                        tx,
                         tenant,
                         name,
                         "gate-fail",
@@ -308,8 +276,8 @@ impl Registry {
                     watch,
                     summary,
                 } => {
-                    servable(&tx, tenant, name, &id)?;
-                    let cur = state_of(&tx, tenant, name)?;
+                    servable(tx, tenant, name, &id)?;
+                    let cur = state_of(tx, tenant, name)?;
                     let ok = match expect {
                         Expect::Any => true,
                         Expect::NoLive => cur.live.is_none(),
@@ -325,7 +293,7 @@ impl Registry {
                         });
                     }
                     journal(
-                        &tx,
+                        tx,
                         tenant,
                         name,
                         "gate-pass",
@@ -338,12 +306,12 @@ impl Registry {
                         Rollout::Live => {
                             if cur.live.as_deref() != Some(id.as_str()) {
                                 if let Some(l) = &cur.live {
-                                    set_alias(&tx, tenant, name, "previous", l, None)?;
+                                    set_alias(tx, tenant, name, "previous", l, None)?;
                                 }
-                                set_alias(&tx, tenant, name, "live", &id, None)?;
+                                set_alias(tx, tenant, name, "live", &id, None)?;
                             }
                             journal(
-                                &tx,
+                                tx,
                                 tenant,
                                 name,
                                 "promote",
@@ -362,9 +330,9 @@ impl Registry {
                             }
                             if cur.live.is_none() {
                                 // nothing to share traffic with: the first version goes live
-                                set_alias(&tx, tenant, name, "live", &id, None)?;
+                                set_alias(tx, tenant, name, "live", &id, None)?;
                                 journal(
-                                    &tx,
+                                    tx,
                                     tenant,
                                     name,
                                     "promote",
@@ -375,9 +343,9 @@ impl Registry {
                                 )?;
                                 ("before_after", None)
                             } else {
-                                set_alias(&tx, tenant, name, "canary", &id, Some(*p))?;
+                                set_alias(tx, tenant, name, "canary", &id, Some(*p))?;
                                 journal(
-                                    &tx,
+                                    tx,
                                     tenant,
                                     name,
                                     "canary",
@@ -391,17 +359,20 @@ impl Registry {
                         }
                     };
                     if *watch && cur.live.is_some() {
-                        let seq = last_seq(&tx)?;
+                        let seq = last_seq(tx)?;
                         let now = now_ms();
-                        tx.execute(
-                            &format!("INSERT OR REPLACE INTO watches ({WATCH_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'watching', '{{}}', ?7)"),
-                            params![tenant, name, id, cur.live, mode, pct.map(i64::from), now, seq],
+                        tx.exec(
+                            &format!("INSERT INTO watches ({WATCH_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'watching', '{{}}', ?7)
+                             ON CONFLICT (tenant, name, version) DO UPDATE SET previous = excluded.previous, mode = excluded.mode,
+                             percent = excluded.percent, started_at = excluded.started_at, promote_seq = excluded.promote_seq,
+                             status = excluded.status, verdict = excluded.verdict, updated_at = excluded.updated_at"),
+                            p![tenant, name, &id, &cur.live, mode, pct.map(i64::from), now, seq],
                         )?;
                     }
                 }
             }
-            let st = state_of(&tx, tenant, name)?;
-            tx.commit()?;
+            let st = state_of(tx, tenant, name)?;
+            guard.commit()?;
             st
         };
         self.notify(tenant, name, &state);
@@ -420,7 +391,7 @@ impl Registry {
         reason: &str,
     ) -> R<()> {
         journal(
-            &self.conn(),
+            &mut *self.tx(Mode::Auto)?,
             tenant,
             name,
             event,
@@ -435,9 +406,9 @@ impl Registry {
 
     pub fn run_start(&self, id: &str, tenant: &str, name: &str, holder: &str) -> R<()> {
         let now = now_ms();
-        self.conn().execute(
+        self.tx(Mode::Auto)?.exec(
             &format!("INSERT INTO runs ({RUN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, 'running', NULL, NULL, '{{}}')"),
-            params![id, tenant, name, holder, now],
+            p![id, tenant, name, holder, now],
         )?;
         Ok(())
     }
@@ -453,10 +424,10 @@ impl Registry {
         finished: bool,
     ) -> R<()> {
         let now = now_ms();
-        self.conn().execute(
+        self.tx(Mode::Auto)?.exec(
             "UPDATE runs SET status = ?2, snapshot = COALESCE(?3, snapshot), version = COALESCE(?4, version),
              detail = ?5, updated_at = ?6, finished_at = CASE WHEN ?7 THEN ?6 ELSE finished_at END WHERE id = ?1",
-            params![id, status, snapshot, version, detail.to_string(), now, finished],
+            p![id, status, snapshot, version, detail.to_string(), now, finished],
         )?;
         Ok(())
     }
@@ -464,79 +435,89 @@ impl Registry {
     /// Runs left `running` on `tenant/name` by a trainer that no longer holds the
     /// lease become `crashed`; returns how many.
     pub fn mark_crashed(&self, tenant: &str, name: &str) -> R<usize> {
-        let conn = self.conn();
-        Ok(conn.execute(
+        self.tx(Mode::Auto)?.exec(
             "UPDATE runs SET status = 'crashed', finished_at = ?3, updated_at = ?3
              WHERE tenant = ?1 AND name = ?2 AND status = 'running' AND NOT EXISTS (
                  SELECT 1 FROM leases l WHERE l.tenant = ?1 AND l.name = ?2 AND l.holder = runs.holder AND l.expires_at > ?3)",
-            params![tenant, name, now_ms()],
-        )?)
+            p![tenant, name, now_ms()],
+        )
     }
 
     /// Runs `holder` left `running` (it is starting again, so they died with an
     /// earlier process) become `crashed`; returns how many.
     pub fn mark_crashed_of(&self, holder: &str) -> R<usize> {
-        Ok(self.conn().execute(
+        self.tx(Mode::Auto)?.exec(
             "UPDATE runs SET status = 'crashed', finished_at = ?2, updated_at = ?2 WHERE holder = ?1 AND status = 'running'",
-            params![holder, now_ms()],
-        )?)
+            p![holder, now_ms()],
+        )
     }
 
     /// Runs of `tenant/name`, newest first.
     pub fn runs(&self, tenant: &str, name: &str, limit: usize) -> R<Vec<RunInfo>> {
-        let conn = self.conn();
-        let mut q = conn.prepare(&format!(
-            "SELECT {RUN_COLS} FROM runs WHERE tenant = ?1 AND name = ?2 ORDER BY started_at DESC, id DESC LIMIT ?3"
-        ))?;
-        let rows = q.query_map(params![tenant, name, limit as i64], row_to_run)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.tx(Mode::Auto)?
+            .query(
+                &format!("SELECT {RUN_COLS} FROM runs WHERE tenant = ?1 AND name = ?2 ORDER BY started_at DESC, id DESC LIMIT ?3"),
+                p![tenant, name, limit as i64],
+            )?
+            .iter()
+            .map(row_to_run)
+            .collect()
     }
 
     pub fn run(&self, id: &str) -> R<RunInfo> {
-        self.conn()
-            .query_row(
+        self.tx(Mode::Auto)?
+            .opt(
                 &format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"),
-                params![id],
-                row_to_run,
-            )
-            .optional()?
+                p![id],
+            )?
+            .map(|r| row_to_run(&r))
+            .transpose()?
             .ok_or_else(|| RegistryError::NotFound(format!("run {id}")))
     }
 
     /// Every adapter with a run, as (tenant, name).
     pub fn trained_adapters(&self) -> R<Vec<(String, String)>> {
-        let conn = self.conn();
-        let mut q = conn.prepare("SELECT DISTINCT tenant, name FROM runs ORDER BY tenant, name")?;
-        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.tx(Mode::Auto)?
+            .query(
+                "SELECT DISTINCT tenant, name FROM runs ORDER BY tenant, name",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.s(0)?, r.s(1)?)))
+            .collect()
     }
 
     pub fn loop_counts(&self) -> R<LoopCounts> {
-        let conn = self.conn();
-        let mut q =
-            conn.prepare("SELECT status, COUNT(*) FROM runs GROUP BY status ORDER BY status")?;
-        let runs = q
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        let count = |event: &str| -> R<i64> {
-            Ok(conn.query_row(
-                "SELECT COUNT(*) FROM journal WHERE event = ?1",
-                params![event],
-                |r| r.get(0),
-            )?)
+        let mut tx = self.tx(Mode::Snapshot)?;
+        let runs = tx
+            .query(
+                "SELECT status, COUNT(*) FROM runs GROUP BY status ORDER BY status",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.s(0)?, r.i(1)?)))
+            .collect::<R<Vec<_>>>()?;
+        let mut count = |event: &str| -> R<i64> {
+            tx.one("SELECT COUNT(*) FROM journal WHERE event = ?1", p![event])?
+                .i(0)
         };
+        let (gate_passes, gate_fails, auto_rollbacks) = (
+            count("gate-pass")?,
+            count("gate-fail")?,
+            count("auto-rollback")?,
+        );
         Ok(LoopCounts {
             runs,
-            gate_passes: count("gate-pass")?,
-            gate_fails: count("gate-fail")?,
-            auto_rollbacks: count("auto-rollback")?,
-            last_run_finished: conn
-                .query_row("SELECT MAX(finished_at) FROM runs", [], |r| r.get(0))?,
-            watching: conn.query_row(
-                "SELECT COUNT(*) FROM watches WHERE status = 'watching'",
-                [],
-                |r| r.get(0),
-            )?,
+            gate_passes,
+            gate_fails,
+            auto_rollbacks,
+            last_run_finished: tx.one("SELECT MAX(finished_at) FROM runs", &[])?.oi(0)?,
+            watching: tx
+                .one(
+                    "SELECT COUNT(*) FROM watches WHERE status = 'watching'",
+                    &[],
+                )?
+                .i(0)?,
         })
     }
 
@@ -544,29 +525,33 @@ impl Registry {
 
     /// Watches of `tenant/name`, newest first.
     pub fn watches(&self, tenant: &str, name: &str) -> R<Vec<WatchInfo>> {
-        let conn = self.conn();
-        let mut q = conn.prepare(&format!(
-            "SELECT {WATCH_COLS} FROM watches WHERE tenant = ?1 AND name = ?2 ORDER BY started_at DESC"
-        ))?;
-        let rows = q.query_map(params![tenant, name], row_to_watch)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.tx(Mode::Auto)?
+            .query(
+                &format!("SELECT {WATCH_COLS} FROM watches WHERE tenant = ?1 AND name = ?2 ORDER BY started_at DESC"),
+                p![tenant, name],
+            )?
+            .iter()
+            .map(row_to_watch)
+            .collect()
     }
 
     /// Every watch still `watching`.
     pub fn open_watches(&self) -> R<Vec<WatchInfo>> {
-        let conn = self.conn();
-        let mut q = conn.prepare(&format!(
-            "SELECT {WATCH_COLS} FROM watches WHERE status = 'watching' ORDER BY started_at"
-        ))?;
-        let rows = q.query_map([], row_to_watch)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.tx(Mode::Auto)?
+            .query(
+                &format!("SELECT {WATCH_COLS} FROM watches WHERE status = 'watching' ORDER BY started_at"),
+                &[],
+            )?
+            .iter()
+            .map(row_to_watch)
+            .collect()
     }
 
     /// Record the watch's latest figures (still watching).
     pub fn watch_progress(&self, w: &WatchInfo, verdict: &serde_json::Value) -> R<()> {
-        self.conn().execute(
+        self.tx(Mode::Auto)?.exec(
             "UPDATE watches SET verdict = ?4, updated_at = ?5 WHERE tenant = ?1 AND name = ?2 AND version = ?3 AND status = 'watching'",
-            params![w.tenant, w.name, w.version, verdict.to_string(), now_ms()],
+            p![&w.tenant, &w.name, &w.version, verdict.to_string(), now_ms()],
         )?;
         Ok(())
     }
@@ -586,26 +571,27 @@ impl Registry {
         reason: &str,
     ) -> R<String> {
         let (status, state) = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let still: Option<String> = tx
-                .query_row(
+            let mut guard = self.tx(Mode::Write)?;
+            let tx = &mut *guard;
+            let still = tx
+                .opt(
                     "SELECT status FROM watches WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                    params![w.tenant, w.name, w.version],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                    p![&w.tenant, &w.name, &w.version],
+                )?
+                .map(|r| r.s(0))
+                .transpose()?;
             if still.as_deref() != Some("watching") {
                 return Ok(still.unwrap_or_else(|| "unknown".into()));
             }
             let (t, n, v) = (w.tenant.as_str(), w.name.as_str(), w.version.as_str());
-            let others: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM journal WHERE tenant = ?1 AND name = ?2 AND seq > ?3
+            let others = tx
+                .one(
+                    "SELECT COUNT(*) FROM journal WHERE tenant = ?1 AND name = ?2 AND seq > ?3
                  AND event IN ('promote', 'rollback', 'canary', 'canary-clear', 'retire') AND actor != ?4",
-                params![t, n, w.promote_seq, actor],
-                |r| r.get(0),
-            )?;
-            let cur = state_of(&tx, t, n)?;
+                    p![t, n, w.promote_seq, actor],
+                )?
+                .i(0)?;
+            let cur = state_of(tx, t, n)?;
             let in_place = match w.mode.as_str() {
                 "canary" => {
                     cur.canary.as_ref().map(|c| c.0.as_str()) == Some(v) && cur.live == w.previous
@@ -614,7 +600,7 @@ impl Registry {
             };
             let status = if others > 0 || !in_place {
                 journal(
-                    &tx,
+                    tx,
                     t,
                     n,
                     "watch-superseded",
@@ -629,30 +615,30 @@ impl Registry {
                     WatchEnd::Regressed => {
                         match w.mode.as_str() {
                             "canary" => {
-                                tx.execute(
+                                tx.exec(
                                     "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
-                                    params![t, n],
+                                    p![t, n],
                                 )?;
                             }
                             _ => {
                                 let prev = w.previous.as_deref().ok_or_else(|| {
                                     RegistryError::NotFound(format!("previous version of {t}/{n}"))
                                 })?;
-                                servable(&tx, t, n, prev)?;
-                                set_alias(&tx, t, n, "live", prev, None)?;
-                                set_alias(&tx, t, n, "previous", v, None)?;
+                                servable(tx, t, n, prev)?;
+                                set_alias(tx, t, n, "live", prev, None)?;
+                                set_alias(tx, t, n, "previous", v, None)?;
                             }
                         }
-                        tx.execute(
+                        tx.exec(
                             "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                            params![t, n, v],
+                            p![t, n, v],
                         )?;
-                        tx.execute(
+                        tx.exec(
                             "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                            params![t, n, v],
+                            p![t, n, v],
                         )?;
                         journal(
-                            &tx,
+                            tx,
                             t,
                             n,
                             "auto-rollback",
@@ -666,15 +652,15 @@ impl Registry {
                     WatchEnd::Passed => {
                         if w.mode == "canary" {
                             if let Some(l) = &cur.live {
-                                set_alias(&tx, t, n, "previous", l, None)?;
+                                set_alias(tx, t, n, "previous", l, None)?;
                             }
-                            set_alias(&tx, t, n, "live", v, None)?;
-                            tx.execute(
+                            set_alias(tx, t, n, "live", v, None)?;
+                            tx.exec(
                                 "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
-                                params![t, n],
+                                p![t, n],
                             )?;
                             journal(
-                                &tx,
+                                tx,
                                 t,
                                 n,
                                 "promote",
@@ -684,30 +670,21 @@ impl Registry {
                                 reason,
                             )?;
                         }
-                        journal(&tx, t, n, "watch-pass", Some(v), None, actor, reason)?;
+                        journal(tx, t, n, "watch-pass", Some(v), None, actor, reason)?;
                         "passed"
                     }
                     WatchEnd::Inconclusive => {
-                        journal(
-                            &tx,
-                            t,
-                            n,
-                            "watch-inconclusive",
-                            Some(v),
-                            None,
-                            actor,
-                            reason,
-                        )?;
+                        journal(tx, t, n, "watch-inconclusive", Some(v), None, actor, reason)?;
                         "inconclusive"
                     }
                 }
             };
-            tx.execute(
+            tx.exec(
                 "UPDATE watches SET status = ?4, verdict = ?5, updated_at = ?6 WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                params![t, n, v, status, verdict.to_string(), now_ms()],
+                p![t, n, v, status, verdict.to_string(), now_ms()],
             )?;
-            let st = state_of(&tx, t, n)?;
-            tx.commit()?;
+            let st = state_of(tx, t, n)?;
+            guard.commit()?;
             (status.to_string(), st)
         };
         self.notify(&w.tenant, &w.name, &state);

@@ -61,6 +61,12 @@ pub enum RegistryError {
     Adapter(#[from] AdapterError),
     #[error("registry database: {0}")]
     Db(String),
+    /// The shared registry database cannot be reached now: nothing was written.
+    #[error("registry database unavailable: {0}")]
+    Unavailable(String),
+    /// The database's schema is newer than this build.
+    #[error("registry schema: {0}")]
+    Schema(String),
     #[error("i/o: {0}")]
     Io(String),
 }

@@ -10,6 +10,7 @@ pub mod packed;
 pub mod peft;
 pub mod pool;
 pub mod registry;
+mod sql;
 pub mod store;
 
 pub use aliases::{AliasCache, Routed, Snapshot};
@@ -21,4 +22,5 @@ pub use pool::{Acquire, AdapterPool, AdapterSource, DirSource, PoolConfig, PoolS
 pub use registry::{
     AdapterState, AliasChange, Expect, JournalEntry, NewVersion, Registry, ServedBase, VersionInfo,
 };
+pub use sql::{is_postgres_url, PG_SCHEMA_VERSION};
 pub use store::{BlobStore, LocalStore};

@@ -1,15 +1,17 @@
 //! Adapter registry: tenants' adapters, immutable content-addressed versions,
 //! aliases (`live`, `previous`, `canary`) changed by compare-and-set, and an
-//! append-only journal, in SQLite (WAL). Every state change and its journal entry
-//! commit in one `BEGIN IMMEDIATE` transaction, so concurrent processes serialise.
+//! append-only journal, in the embedded SQLite file (WAL) or a shared PostgreSQL
+//! database ([`crate::sql`]). Every state change and its journal entry commit in
+//! one write transaction, and writers serialise, so concurrent processes (replicas,
+//! trainers) never interleave a read-then-write.
 
 use crate::aliases::AliasCache;
 use crate::error::{AdapterError, RegistryError};
 use crate::names::{check_name, store_key, AdapterRef, Via};
 use crate::peft::{load_peft, BaseShapes, LoadLimits};
 use crate::pool::AdapterSource;
+use crate::sql::{p, Conn, Db, Mode, Row};
 use crate::store::{content_id_of, BlobStore, FILES};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -96,14 +98,13 @@ pub(crate) enum Staged {
 }
 
 pub struct Registry {
-    db: Mutex<Connection>,
+    pub(crate) db: Arc<dyn Db>,
     store: Arc<dyn BlobStore>,
     max_version_bytes: u64,
     limits: LoadLimits,
     subscribers: Mutex<Vec<Sender<AliasChange>>>,
     /// In-memory alias caches, refreshed before a change made here returns.
     listeners: Mutex<Vec<Weak<AliasCache>>>,
-    path: PathBuf,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -113,37 +114,18 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS versions (
-    tenant TEXT NOT NULL, name TEXT NOT NULL, id TEXT NOT NULL,
-    created_at INTEGER NOT NULL, source TEXT NOT NULL, parent TEXT,
-    base_fingerprint TEXT NOT NULL, size INTEGER NOT NULL, metadata TEXT NOT NULL,
-    retired INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (tenant, name, id));
-CREATE TABLE IF NOT EXISTS aliases (
-    tenant TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL,
-    version TEXT NOT NULL, percent INTEGER,
-    PRIMARY KEY (tenant, name, alias));
-CREATE TABLE IF NOT EXISTS journal (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
-    tenant TEXT NOT NULL, name TEXT NOT NULL, event TEXT NOT NULL,
-    version TEXT, previous TEXT, actor TEXT NOT NULL, reason TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS journal_by_event ON journal (event);
-CREATE TABLE IF NOT EXISTS served (
-    tenant TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, name, version));
-";
-
 impl Registry {
+    /// The embedded registry: a SQLite file.
     pub fn open(db_path: &Path, store: Arc<dyn BlobStore>, max_version_bytes: u64) -> R<Self> {
-        let conn = Connection::open(db_path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(crate::control::CONTROL_SCHEMA)?;
+        Self::open_at(&db_path.to_string_lossy(), store, max_version_bytes)
+    }
+
+    /// The registry at `location`: a `postgres://` URL (shared by replicas:
+    /// migrations run here; unreachable or a newer schema is refused) or a
+    /// SQLite file.
+    pub fn open_at(location: &str, store: Arc<dyn BlobStore>, max_version_bytes: u64) -> R<Self> {
         Ok(Self {
-            db: Mutex::new(conn),
+            db: crate::sql::open(location)?,
             store,
             max_version_bytes,
             limits: LoadLimits {
@@ -152,7 +134,6 @@ impl Registry {
             },
             subscribers: Mutex::new(Vec::new()),
             listeners: Mutex::new(Vec::new()),
-            path: db_path.to_path_buf(),
         })
     }
 
@@ -176,8 +157,7 @@ impl Registry {
         base: &ServedBase,
     ) -> R<()> {
         let dir = {
-            let conn = self.conn();
-            servable(&conn, tenant, name, version)?;
+            servable(&mut *self.tx(Mode::Auto)?, tenant, name, version)?;
             self.store.local_dir(&store_key(tenant, name, version))?
         };
         load_peft(&dir, &base.shapes, &self.limits)
@@ -185,9 +165,9 @@ impl Registry {
             .map_err(|e| RegistryError::Invalid(format!("{version} cannot be served here: {e}")))
     }
 
-    /// The database file (for readers with their own connection).
-    pub fn db_path(&self) -> &Path {
-        &self.path
+    /// Where the database is (a file, or host:port/db without credentials).
+    pub fn location(&self) -> String {
+        self.db.location()
     }
 
     /// Keep `cache` current with every change made through this registry.
@@ -214,8 +194,8 @@ impl Registry {
         }
     }
 
-    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn tx(&self, mode: Mode) -> R<Box<dyn Conn + '_>> {
+        self.db.begin(mode)
     }
 
     /// Register a version (idempotent: the same files give the same id).
@@ -244,15 +224,14 @@ impl Registry {
             metadata: v.metadata,
             retired: false,
         };
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![info.tenant, info.name, info.id, info.created_at, info.source, info.parent, info.base_fingerprint, info.size as i64, info.metadata.to_string()],
+        let mut tx = self.tx(Mode::Write)?;
+        tx.exec(
+            "INSERT INTO versions (tenant, name, id, created_at, source, parent, base_fingerprint, size, metadata)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+            p![&info.tenant, &info.name, &info.id, info.created_at, &info.source, &info.parent, &info.base_fingerprint, info.size as i64, info.metadata.to_string()],
         )?;
         journal(
-            &tx,
+            &mut *tx,
             v.tenant,
             v.name,
             "register",
@@ -262,7 +241,6 @@ impl Registry {
             v.source,
         )?;
         tx.commit()?;
-        drop(conn);
         // gc of an older row with the same content may have removed these files
         // after `stage` found them in place: gc deletes files inside its write
         // transaction, so once this row is committed a missing directory means
@@ -360,26 +338,26 @@ impl Registry {
     }
 
     pub fn version(&self, tenant: &str, name: &str, id: &str) -> R<VersionInfo> {
-        let conn = self.conn();
-        conn.query_row(
-            "SELECT id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired
-             FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-            params![tenant, name, id],
-            row_to_version,
-        )
-        .optional()?
-        .ok_or_else(|| RegistryError::NotFound(format!("version {tenant}/{name}@{id}")))
+        self.tx(Mode::Auto)?
+            .opt(
+                &format!("SELECT {VERSION_COLS} FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3"),
+                p![tenant, name, id],
+            )?
+            .map(|r| row_to_version(&r))
+            .transpose()?
+            .ok_or_else(|| RegistryError::NotFound(format!("version {tenant}/{name}@{id}")))
     }
 
     pub fn versions(&self, tenant: &str, name: &str) -> R<Vec<VersionInfo>> {
-        let conn = self.conn();
-        let mut st = conn.prepare(
-            "SELECT id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired
-             FROM versions WHERE tenant = ?1 AND name = ?2 ORDER BY created_at, id",
-        )?;
-        let v = st
-            .query_map(params![tenant, name], row_to_version)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let v = self
+            .tx(Mode::Auto)?
+            .query(
+                &format!("SELECT {VERSION_COLS} FROM versions WHERE tenant = ?1 AND name = ?2 ORDER BY created_at, id"),
+                p![tenant, name],
+            )?
+            .iter()
+            .map(row_to_version)
+            .collect::<R<Vec<_>>>()?;
         if v.is_empty() {
             return Err(RegistryError::NotFound(format!("adapter {tenant}/{name}")));
         }
@@ -388,24 +366,26 @@ impl Registry {
 
     /// Every adapter (optionally of one tenant) with its aliases.
     pub fn list(&self, tenant: Option<&str>) -> R<Vec<(String, String, AdapterState)>> {
-        let names: Vec<(String, String)> = {
-            let conn = self.conn();
-            let mut st = conn.prepare(
+        let mut tx = self.tx(Mode::Snapshot)?;
+        let names: Vec<(String, String)> = tx
+            .query(
                 "SELECT DISTINCT tenant, name FROM versions WHERE (?1 IS NULL OR tenant = ?1) ORDER BY tenant, name",
-            )?;
-            let rows = st
-                .query_map(params![tenant], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            rows
-        };
+                p![tenant],
+            )?
+            .iter()
+            .map(|r| Ok((r.s(0)?, r.s(1)?)))
+            .collect::<R<_>>()?;
         names
             .into_iter()
-            .map(|(t, n)| Ok((t.clone(), n.clone(), self.state(&t, &n)?)))
+            .map(|(t, n)| {
+                let st = state_of(&mut *tx, &t, &n)?;
+                Ok((t, n, st))
+            })
             .collect()
     }
 
     pub fn state(&self, tenant: &str, name: &str) -> R<AdapterState> {
-        state_of(&self.conn(), tenant, name)
+        state_of(&mut *self.tx(Mode::Snapshot)?, tenant, name)
     }
 
     /// Resolve a client's model name for `tenant`: `name` routes to the canary when
@@ -420,17 +400,17 @@ impl Registry {
         if check_name("adapter name", name).is_err() {
             return Err(not_found());
         }
-        let conn = self.conn();
+        let mut conn = self.tx(Mode::Snapshot)?;
         let (version, via) = match pinned {
             Some(v) => {
-                servable(&conn, tenant, name, v).map_err(|e| match e {
+                servable(&mut *conn, tenant, name, v).map_err(|e| match e {
                     RegistryError::NotFound(_) | RegistryError::Rejected(_) => not_found(),
                     other => other,
                 })?;
                 (v.to_string(), Via::Pinned)
             }
             None => {
-                let st = state_of(&conn, tenant, name).map_err(|e| match e {
+                let st = state_of(&mut *conn, tenant, name).map_err(|e| match e {
                     RegistryError::NotFound(_) => not_found(),
                     other => other,
                 })?;
@@ -443,7 +423,7 @@ impl Registry {
     /// The files of a version that may be served (not retired, files present).
     pub fn servable_dir(&self, adapter: &AdapterRef) -> R<PathBuf> {
         servable(
-            &self.conn(),
+            &mut *self.tx(Mode::Auto)?,
             adapter.tenant(),
             adapter.name(),
             adapter.version(),
@@ -452,33 +432,29 @@ impl Registry {
     }
 
     pub fn journal(&self, tenant: &str, name: &str) -> R<Vec<JournalEntry>> {
-        let conn = self.conn();
-        let mut st = conn.prepare(
-            "SELECT seq, at, event, version, previous, actor, reason FROM journal WHERE tenant = ?1 AND name = ?2 ORDER BY seq",
-        )?;
-        let v = st
-            .query_map(params![tenant, name], |r| {
+        self.tx(Mode::Auto)?
+            .query(
+                "SELECT seq, at, event, version, previous, actor, reason FROM journal WHERE tenant = ?1 AND name = ?2 ORDER BY seq",
+                p![tenant, name],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(JournalEntry {
-                    seq: r.get(0)?,
-                    at: r.get(1)?,
-                    event: r.get(2)?,
-                    version: r.get(3)?,
-                    previous: r.get(4)?,
-                    actor: r.get(5)?,
-                    reason: r.get(6)?,
+                    seq: r.i(0)?,
+                    at: r.i(1)?,
+                    event: r.s(2)?,
+                    version: r.os(3)?,
+                    previous: r.os(4)?,
+                    actor: r.s(5)?,
+                    reason: r.s(6)?,
                 })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(v)
+            })
+            .collect()
     }
 
     /// Highest journal sequence number: other processes poll it to learn of changes.
     pub fn change_counter(&self) -> R<i64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |r| {
-                r.get(0)
-            })?)
+        last_seq(&mut *self.tx(Mode::Auto)?)
     }
 
     /// In-process feed of alias changes.
@@ -512,13 +488,12 @@ impl Registry {
         &self,
         tenant: &str,
         name: &str,
-        f: impl FnOnce(&Connection) -> R<()>,
+        f: impl FnOnce(&mut dyn Conn) -> R<()>,
     ) -> R<AdapterState> {
         let state = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            f(&tx)?;
-            let st = state_of(&tx, tenant, name)?;
+            let mut tx = self.tx(Mode::Write)?;
+            f(&mut *tx)?;
+            let st = state_of(&mut *tx, tenant, name)?;
             tx.commit()?;
             st
         };
@@ -537,8 +512,8 @@ impl Registry {
         reason: &str,
     ) -> R<AdapterState> {
         self.mutate(tenant, name, |tx| {
-            servable(&tx, tenant, name, version)?;
-            let cur = state_of(&tx, tenant, name)?;
+            servable(tx, tenant, name, version)?;
+            let cur = state_of(tx, tenant, name)?;
             let ok = match &expected {
                 Expect::Any => true,
                 Expect::NoLive => cur.live.is_none(),
@@ -555,12 +530,12 @@ impl Registry {
             }
             if cur.live.as_deref() != Some(version) {
                 if let Some(l) = &cur.live {
-                    set_alias(&tx, tenant, name, "previous", l, None)?;
+                    set_alias(tx, tenant, name, "previous", l, None)?;
                 }
-                set_alias(&tx, tenant, name, "live", version, None)?;
+                set_alias(tx, tenant, name, "live", version, None)?;
             }
             journal(
-                &tx,
+                tx,
                 tenant,
                 name,
                 "promote",
@@ -583,7 +558,7 @@ impl Registry {
         reason: &str,
     ) -> R<AdapterState> {
         self.mutate(tenant, name, |tx| {
-            let cur = state_of(&tx, tenant, name)?;
+            let cur = state_of(tx, tenant, name)?;
             let live = cur.live.clone().ok_or_else(|| {
                 RegistryError::NotFound(format!("live version of {tenant}/{name}"))
             })?;
@@ -593,11 +568,11 @@ impl Registry {
                     RegistryError::NotFound(format!("previous version of {tenant}/{name}"))
                 })?,
             };
-            servable(&tx, tenant, name, &target)?;
-            set_alias(&tx, tenant, name, "previous", &live, None)?;
-            set_alias(&tx, tenant, name, "live", &target, None)?;
+            servable(tx, tenant, name, &target)?;
+            set_alias(tx, tenant, name, "previous", &live, None)?;
+            set_alias(tx, tenant, name, "live", &target, None)?;
             journal(
-                &tx,
+                tx,
                 tenant,
                 name,
                 "rollback",
@@ -620,7 +595,7 @@ impl Registry {
         reason: &str,
     ) -> R<AdapterState> {
         self.mutate(tenant, name, |tx| {
-            state_of(&tx, tenant, name)?;
+            state_of(tx, tenant, name)?;
             match canary {
                 Some((v, pct)) => {
                     if pct > 100 {
@@ -628,10 +603,10 @@ impl Registry {
                             "canary percentage {pct} above 100"
                         )));
                     }
-                    servable(&tx, tenant, name, v)?;
-                    set_alias(&tx, tenant, name, "canary", v, Some(pct))?;
+                    servable(tx, tenant, name, v)?;
+                    set_alias(tx, tenant, name, "canary", v, Some(pct))?;
                     journal(
-                        &tx,
+                        tx,
                         tenant,
                         name,
                         "canary",
@@ -642,11 +617,11 @@ impl Registry {
                     )?;
                 }
                 None => {
-                    tx.execute(
+                    tx.exec(
                         "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
-                        params![tenant, name],
+                        p![tenant, name],
                     )?;
-                    journal(&tx, tenant, name, "canary-clear", None, None, actor, reason)?;
+                    journal(tx, tenant, name, "canary-clear", None, None, actor, reason)?;
                 }
             }
             Ok(())
@@ -656,17 +631,16 @@ impl Registry {
     /// Versions of `tenant` registered with `metadata.snapshot` among `snapshots`:
     /// the lineage from training data to adapter versions.
     pub fn trained_on(&self, tenant: &str, snapshots: &[String]) -> R<Vec<VersionInfo>> {
-        let conn = self.conn();
-        let mut q = conn.prepare(
-            "SELECT id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired
-             FROM versions WHERE tenant = ?1 AND json_extract(metadata, '$.snapshot') = ?2
+        let sql = format!(
+            "SELECT {VERSION_COLS} FROM versions WHERE tenant = ?1 AND {} = ?2
              ORDER BY name, created_at, id",
-        )?;
+            self.db.json_text("metadata", "snapshot")
+        );
+        let mut tx = self.tx(Mode::Snapshot)?;
         let mut out = Vec::new();
         for snap in snapshots {
-            let rows = q.query_map(params![tenant, snap], row_to_version)?;
-            for v in rows {
-                out.push(v?);
+            for r in tx.query(&sql, p![tenant, snap])? {
+                out.push(row_to_version(&r)?);
             }
         }
         Ok(out)
@@ -683,11 +657,12 @@ impl Registry {
         reason: &str,
     ) -> R<AdapterState> {
         self.mutate(tenant, name, |tx| {
-            let known: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                params![tenant, name, version],
-                |r| r.get(0),
-            )?;
+            let known = tx
+                .one(
+                    "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
+                    p![tenant, name, version],
+                )?
+                .i(0)?;
             if known == 0 {
                 return Err(RegistryError::NotFound(format!(
                     "version {tenant}/{name}@{version}"
@@ -732,33 +707,36 @@ impl Registry {
 
     /// Servable (not retired) versions of every tenant and their stored bytes: for metrics.
     pub fn stored_totals(&self) -> R<(i64, i64)> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM versions WHERE retired = 0",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?)
+        let r = self.tx(Mode::Auto)?.one(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM versions WHERE retired = 0",
+            &[],
+        )?;
+        Ok((r.i(0)?, r.i(1)?))
     }
 
     /// Adapters (of every tenant) whose live version is tainted: one query, for metrics.
     pub fn tainted_live_count(&self) -> R<i64> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*) FROM aliases a WHERE a.alias = 'live' AND EXISTS (
+        self.tx(Mode::Auto)?
+            .one(
+                "SELECT COUNT(*) FROM aliases a WHERE a.alias = 'live' AND EXISTS (
                  SELECT 1 FROM journal j WHERE j.tenant = a.tenant AND j.name = a.name
                  AND j.event = 'taint' AND j.version = a.version)",
-            [],
-            |r| r.get(0),
-        )?)
+                &[],
+            )?
+            .i(0)
     }
 
     /// The tainted versions of an adapter.
     pub fn tainted(&self, tenant: &str, name: &str) -> R<Vec<String>> {
-        let conn = self.conn();
-        let mut q = conn.prepare(
-            "SELECT DISTINCT version FROM journal WHERE tenant = ?1 AND name = ?2 AND event = 'taint'
+        self.tx(Mode::Auto)?
+            .query(
+                "SELECT DISTINCT version FROM journal WHERE tenant = ?1 AND name = ?2 AND event = 'taint'
              AND version IS NOT NULL ORDER BY version",
-        )?;
-        let rows = q.query_map(params![tenant, name], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+                p![tenant, name],
+            )?
+            .iter()
+            .map(|r| r.s(0))
+            .collect()
     }
 
     /// Never servable again. The live version cannot be retired (roll back first).
@@ -771,23 +749,23 @@ impl Registry {
         reason: &str,
     ) -> R<AdapterState> {
         self.mutate(tenant, name, |tx| {
-            servable(&tx, tenant, name, version)?;
-            let cur = state_of(&tx, tenant, name)?;
+            servable(tx, tenant, name, version)?;
+            let cur = state_of(tx, tenant, name)?;
             if cur.live.as_deref() == Some(version) {
                 return Err(RegistryError::Rejected(format!(
                     "{version} is live; promote or roll back first"
                 )));
             }
-            tx.execute(
+            tx.exec(
                 "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                params![tenant, name, version],
+                p![tenant, name, version],
             )?;
-            tx.execute(
+            tx.exec(
                 "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                params![tenant, name, version],
+                p![tenant, name, version],
             )?;
             journal(
-                &tx,
+                tx,
                 tenant,
                 name,
                 "retire",
@@ -808,14 +786,13 @@ impl Registry {
         if versions.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tx = self.tx(Mode::Write)?;
         let now = now_ms();
         for (t, n, v) in versions {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO served (tenant, name, version, at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (tenant, name, version) DO UPDATE SET at = excluded.at",
-                params![t, n, v, now],
+                p![t, n, v, now],
             )?;
         }
         tx.commit()?;
@@ -836,27 +813,29 @@ impl Registry {
     ) -> R<Vec<String>> {
         let since = now_ms() - idle.as_millis() as i64;
         let doomed: Vec<String> = {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            state_of(&tx, tenant, name)?;
+            let mut tx = self.tx(Mode::Write)?;
+            state_of(&mut *tx, tenant, name)?;
             let ids: Vec<String> = {
-                let mut st = tx.prepare(
-                    "SELECT id FROM versions v WHERE tenant = ?1 AND name = ?2
+                let rows = tx
+                    .query(
+                        "SELECT id FROM versions v WHERE tenant = ?1 AND name = ?2
                      AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.tenant = v.tenant AND a.name = v.name AND a.version = v.id)
                      ORDER BY created_at DESC, id DESC",
-                )?;
-                let rows = st
-                    .query_map(params![tenant, name], |r| r.get(0))?
-                    .collect::<Result<Vec<String>, _>>()?;
-                let mut recent = tx.prepare(
-                    "SELECT EXISTS (SELECT 1 FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3 AND at >= ?4)
-                         OR EXISTS (SELECT 1 FROM journal WHERE tenant = ?1 AND name = ?2 AND (version = ?3 OR previous = ?3) AND at >= ?4)",
-                )?;
+                        p![tenant, name],
+                    )?
+                    .iter()
+                    .map(|r| r.s(0))
+                    .collect::<R<Vec<String>>>()?;
                 let mut out = Vec::new();
                 for id in rows.into_iter().skip(keep) {
                     // an idle window of zero keeps nothing for recency
-                    let busy: bool = !idle.is_zero()
-                        && recent.query_row(params![tenant, name, id, since], |r| r.get(0))?;
+                    let busy = !idle.is_zero()
+                        && tx.one(
+                            "SELECT EXISTS (SELECT 1 FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3 AND at >= ?4)
+                         OR EXISTS (SELECT 1 FROM journal WHERE tenant = ?1 AND name = ?2 AND (version = ?3 OR previous = ?3) AND at >= ?4)",
+                            p![tenant, name, &id, since],
+                        )?
+                        .b(0)?;
                     if !busy {
                         out.push(id);
                     }
@@ -864,16 +843,16 @@ impl Registry {
                 out
             };
             for id in &ids {
-                tx.execute(
+                tx.exec(
                     "DELETE FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                    params![tenant, name, id],
+                    p![tenant, name, id],
                 )?;
-                tx.execute(
+                tx.exec(
                     "DELETE FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                    params![tenant, name, id],
+                    p![tenant, name, id],
                 )?;
                 journal(
-                    &tx,
+                    &mut *tx,
                     tenant,
                     name,
                     "delete",
@@ -935,61 +914,67 @@ pub(crate) fn pick_alias(st: &AdapterState, bucket: u8) -> Option<(String, Via)>
     }
 }
 
-pub(crate) fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
-    let meta: String = r.get(8)?;
+pub(crate) const VERSION_COLS: &str =
+    "id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired";
+
+pub(crate) fn row_to_version(r: &Row) -> R<VersionInfo> {
     Ok(VersionInfo {
-        id: r.get(0)?,
-        tenant: r.get(1)?,
-        name: r.get(2)?,
-        created_at: r.get(3)?,
-        source: r.get(4)?,
-        parent: r.get(5)?,
-        base_fingerprint: r.get(6)?,
-        size: r.get::<_, i64>(7)? as u64,
-        metadata: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
-        retired: r.get::<_, i64>(9)? != 0,
+        id: r.s(0)?,
+        tenant: r.s(1)?,
+        name: r.s(2)?,
+        created_at: r.i(3)?,
+        source: r.s(4)?,
+        parent: r.os(5)?,
+        base_fingerprint: r.s(6)?,
+        size: r.i(7)? as u64,
+        metadata: serde_json::from_str(&r.s(8)?).unwrap_or(serde_json::Value::Null),
+        retired: r.b(9)?,
     })
 }
 
-pub(crate) fn state_of(conn: &Connection, tenant: &str, name: &str) -> R<AdapterState> {
-    let known: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2",
-        params![tenant, name],
-        |r| r.get(0),
-    )?;
+pub(crate) fn last_seq(c: &mut dyn Conn) -> R<i64> {
+    c.one("SELECT COALESCE(MAX(seq), 0) FROM journal", &[])?
+        .i(0)
+}
+
+pub(crate) fn state_of(c: &mut dyn Conn, tenant: &str, name: &str) -> R<AdapterState> {
+    let known = c
+        .one(
+            "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2",
+            p![tenant, name],
+        )?
+        .i(0)?;
     if known == 0 {
         return Err(RegistryError::NotFound(format!("adapter {tenant}/{name}")));
     }
     let mut st = AdapterState::default();
-    let mut q = conn
-        .prepare("SELECT alias, version, percent FROM aliases WHERE tenant = ?1 AND name = ?2")?;
-    let rows = q.query_map(params![tenant, name], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<i64>>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (alias, version, pct) = row?;
-        match alias.as_str() {
-            "live" => st.live = Some(version),
-            "previous" => st.previous = Some(version),
-            "canary" => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
-            _ => {}
-        }
+    for r in c.query(
+        "SELECT alias, version, percent FROM aliases WHERE tenant = ?1 AND name = ?2",
+        p![tenant, name],
+    )? {
+        set_state(&mut st, &r.s(0)?, r.s(1)?, r.oi(2)?);
     }
     Ok(st)
 }
 
-pub(crate) fn servable(conn: &Connection, tenant: &str, name: &str, version: &str) -> R<()> {
-    let retired: Option<i64> = conn
-        .query_row(
+/// One alias row into an adapter's state.
+pub(crate) fn set_state(st: &mut AdapterState, alias: &str, version: String, pct: Option<i64>) {
+    match alias {
+        "live" => st.live = Some(version),
+        "previous" => st.previous = Some(version),
+        "canary" => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
+        _ => {}
+    }
+}
+
+pub(crate) fn servable(c: &mut dyn Conn, tenant: &str, name: &str, version: &str) -> R<()> {
+    let retired = c
+        .opt(
             "SELECT retired FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-            params![tenant, name, version],
-            |r| r.get(0),
-        )
-        .optional()?;
+            p![tenant, name, version],
+        )?
+        .map(|r| r.i(0))
+        .transpose()?;
     match retired {
         None => Err(RegistryError::NotFound(format!(
             "version {tenant}/{name}@{version}"
@@ -1002,24 +987,24 @@ pub(crate) fn servable(conn: &Connection, tenant: &str, name: &str, version: &st
 }
 
 pub(crate) fn set_alias(
-    conn: &Connection,
+    c: &mut dyn Conn,
     tenant: &str,
     name: &str,
     alias: &str,
     version: &str,
     pct: Option<u8>,
 ) -> R<()> {
-    conn.execute(
+    c.exec(
         "INSERT INTO aliases (tenant, name, alias, version, percent) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (tenant, name, alias) DO UPDATE SET version = excluded.version, percent = excluded.percent",
-        params![tenant, name, alias, version, pct.map(i64::from)],
+        p![tenant, name, alias, version, pct.map(i64::from)],
     )?;
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn journal(
-    conn: &Connection,
+    c: &mut dyn Conn,
     tenant: &str,
     name: &str,
     event: &str,
@@ -1028,9 +1013,9 @@ pub(crate) fn journal(
     actor: &str,
     reason: &str,
 ) -> R<()> {
-    conn.execute(
+    c.exec(
         "INSERT INTO journal (at, tenant, name, event, version, previous, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![now_ms(), tenant, name, event, version, previous, actor, reason],
+        p![now_ms(), tenant, name, event, version, previous, actor, reason],
     )?;
     Ok(())
 }

@@ -168,7 +168,9 @@ impl From<retune_adapters::RegistryError> for ApiError {
             R::TooLarge(_) => Self::TooLarge(e.to_string()),
             R::Rejected(_) => Self::BadRequest(e.to_string()),
             R::Invalid(_) | R::Adapter(_) => Self::Unprocessable(e.to_string()),
-            R::Db(_) | R::Io(_) => Self::Internal(e.to_string()),
+            // nothing was written: the client retries (503 with Retry-After)
+            R::Unavailable(_) => Self::Unavailable(e.to_string()),
+            R::Db(_) | R::Io(_) | R::Schema(_) => Self::Internal(e.to_string()),
         }
     }
 }
