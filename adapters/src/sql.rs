@@ -695,9 +695,13 @@ impl Listen {
 impl Watch for Listen {
     fn wait(&mut self, timeout: Duration) {
         use postgres::fallible_iterator::FallibleIterator;
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) && self.connect().is_err() {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
-            std::thread::sleep(timeout);
+            // back soon either way: the refresh after a reconnect reads what
+            // was committed while nobody listened
+            if self.connect().is_err() {
+                std::thread::sleep(timeout.min(Duration::from_millis(500)));
+            }
             return;
         }
         let Some(c) = self.client.as_mut() else {

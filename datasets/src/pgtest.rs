@@ -99,8 +99,13 @@ impl PgTest {
 
     /// A client on the test's database, for checks behind the store's back.
     pub fn client(&self) -> Result<postgres::Client, String> {
-        postgres::Client::connect(&self.url, postgres::NoTls).map_err(|e| e.to_string())
+        connect(&self.url)
     }
+}
+
+/// A client on `url` (a test's database, or a copy of its URL).
+pub fn connect(url: &str) -> Result<postgres::Client, String> {
+    postgres::Client::connect(url, postgres::NoTls).map_err(|e| e.to_string())
 }
 
 impl Drop for PgTest {
