@@ -152,6 +152,10 @@ impl Default for EngineSettings {
 pub struct AdapterSettings {
     /// Registry root (registry.db + store/). None: no adapters.
     pub root: Option<PathBuf>,
+    /// A PostgreSQL URL (`postgres://user:pass@host:port/db`) for the registry
+    /// replicas share; when set, it is the registry and `root/registry.db` is
+    /// not used (the version files stay in `root/store`).
+    pub registry_url: Option<String>,
     pub max_resident: usize,
     pub max_resident_bytes: usize,
     pub max_rank: usize,
@@ -178,6 +182,7 @@ impl Default for AdapterSettings {
     fn default() -> Self {
         Self {
             root: None,
+            registry_url: None,
             max_resident: 64,
             max_resident_bytes: 2 << 30,
             max_rank: 256,
@@ -292,6 +297,15 @@ impl Default for DatasetSettings {
             url: None,
             capture_queue: 4096,
         }
+    }
+}
+
+impl AdapterSettings {
+    /// The registry to open: the PostgreSQL URL when set, else `root/registry.db`.
+    pub fn registry_location(&self, root: &Path) -> String {
+        self.registry_url
+            .clone()
+            .unwrap_or_else(|| root.join("registry.db").to_string_lossy().into_owned())
     }
 }
 
@@ -455,10 +469,21 @@ impl Settings {
         if let Err((field, reason)) = self.trainer.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
-        if let Some(url) = &self.datasets.url {
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return bad("datasets.url", "must be a postgres:// or postgresql:// URL");
+        for (field, url) in [
+            ("datasets.url", &self.datasets.url),
+            ("adapters.registry_url", &self.adapters.registry_url),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return bad(field, "must be a postgres:// or postgresql:// URL");
+                }
             }
+        }
+        if self.adapters.registry_url.is_some() && self.adapters.root.is_none() {
+            return bad(
+                "adapters.registry_url",
+                "needs adapters.root too (the version files live in its store/)",
+            );
         }
         if self.datasets.capture_queue == 0 {
             return bad("datasets.capture_queue", "must be at least 1");
@@ -561,6 +586,42 @@ mod tests {
             matches!(&err, ConfigError::Invalid { field, .. } if field == "datasets.url"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_registry_url_chooses_postgresql_and_anything_else_is_refused() {
+        let env = |url: Option<&str>| {
+            let mut e = vec![("RETUNE_ADAPTERS__ROOT".to_string(), "/data".to_string())];
+            if let Some(u) = url {
+                e.push(("RETUNE_ADAPTERS__REGISTRY_URL".to_string(), u.to_string()));
+            }
+            e
+        };
+        let root = PathBuf::from("/data");
+        let s = Settings::from_toml(BASE, env(None)).unwrap();
+        assert_eq!(s.adapters.registry_location(&root), "/data/registry.db");
+        let s = Settings::from_toml(BASE, env(Some("postgresql://u:p@db/retune"))).unwrap();
+        assert_eq!(
+            s.adapters.registry_location(&root),
+            "postgresql://u:p@db/retune"
+        );
+        for (url, env) in [
+            ("sqlite:///x.db", env(Some("sqlite:///x.db"))),
+            // no root: the version files would have nowhere to live
+            (
+                "postgres://db/r",
+                vec![(
+                    "RETUNE_ADAPTERS__REGISTRY_URL".to_string(),
+                    "postgres://db/r".to_string(),
+                )],
+            ),
+        ] {
+            let err = Settings::from_toml(BASE, env).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field, .. } if field == "adapters.registry_url"),
+                "{url}: {err}"
+            );
+        }
     }
 
     #[test]

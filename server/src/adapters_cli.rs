@@ -11,6 +11,10 @@ pub struct AdaptersArgs {
     /// Adapter root: registry.db and store/ (the server's `adapters.root`).
     #[arg(long)]
     root: PathBuf,
+    /// A PostgreSQL registry (the server's `adapters.registry_url`) instead of
+    /// `<root>/registry.db`.
+    #[arg(long, env = "RETUNE_ADAPTERS__REGISTRY_URL")]
+    registry_url: Option<String>,
     /// Who makes the change (recorded in the journal); defaults to $USER.
     #[arg(long, global = true)]
     actor: Option<String>,
@@ -110,9 +114,12 @@ enum AdaptersCommand {
     },
 }
 
-fn open(root: &Path) -> Result<Registry> {
+fn open(root: &Path, url: Option<&str>) -> Result<Registry> {
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
-    Ok(Registry::open(&root.join("registry.db"), store, 4 << 30)?)
+    Ok(match url {
+        Some(url) => Registry::open_at(url, store, 4 << 30)?,
+        None => Registry::open(&root.join("registry.db"), store, 4 << 30)?,
+    })
 }
 
 /// `TENANT/NAME`, checked when the command line is parsed (a usage error).
@@ -147,7 +154,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "cli".into()));
     let reason = &args.reason;
-    let reg = open(&args.root)?;
+    let reg = open(&args.root, args.registry_url.as_deref())?;
     use AdaptersCommand as C;
     match &args.command {
         C::List { tenant } => print(reg.list(tenant.as_deref())?),

@@ -17,6 +17,10 @@ pub struct DataArgs {
     /// `<root>/datasets.db`.
     #[arg(long, env = "RETUNE_DATASETS__URL")]
     datasets_url: Option<String>,
+    /// A PostgreSQL registry (`adapters.registry_url`) instead of
+    /// `<root>/registry.db` (erasure and lineage read it).
+    #[arg(long, env = "RETUNE_ADAPTERS__REGISTRY_URL")]
+    registry_url: Option<String>,
     /// Who acts (recorded in the registry journal on erasure); defaults to $USER.
     #[arg(long, global = true)]
     actor: Option<String>,
@@ -102,13 +106,16 @@ fn print(v: impl serde::Serialize) -> Result<()> {
 }
 
 /// The registry beside the datasets store, if there is one.
-fn open_registry(root: &std::path::Path) -> Result<Option<Registry>> {
+fn open_registry(root: &std::path::Path, url: Option<&str>) -> Result<Option<Registry>> {
+    let blobs = || LocalStore::new(&root.join("store")).map(Arc::new);
+    if let Some(url) = url {
+        return Ok(Some(Registry::open_at(url, blobs()?, 4 << 30)?));
+    }
     let path = root.join("registry.db");
     if !path.exists() {
         return Ok(None);
     }
-    let blobs = Arc::new(LocalStore::new(&root.join("store"))?);
-    Ok(Some(Registry::open(&path, blobs, 4 << 30)?))
+    Ok(Some(Registry::open(&path, blobs()?, 4 << 30)?))
 }
 
 pub fn run(args: &DataArgs) -> Result<()> {
@@ -181,7 +188,7 @@ pub fn run(args: &DataArgs) -> Result<()> {
         C::Show { tenant, snapshot } => print(store.manifest(tenant, snapshot)?),
         C::Lineage { tenant, subject } => {
             let l = store.lineage(tenant, subject)?;
-            let versions = match open_registry(&args.root)? {
+            let versions = match open_registry(&args.root, args.registry_url.as_deref())? {
                 Some(reg) => reg.trained_on(tenant, &l.snapshots)?,
                 None => Vec::new(),
             };
@@ -193,7 +200,7 @@ pub fn run(args: &DataArgs) -> Result<()> {
             subject,
             on_tainted_live,
         } => {
-            let registry = open_registry(&args.root)?;
+            let registry = open_registry(&args.root, args.registry_url.as_deref())?;
             let report = retune_server::erasure::erase(
                 store,
                 registry.as_ref(),

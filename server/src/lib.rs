@@ -333,8 +333,8 @@ impl Application {
                     max_file_bytes: settings.adapters.max_version_bytes,
                 };
                 let reg = Arc::new(
-                    Registry::open(
-                        &root.join("registry.db"),
+                    Registry::open_at(
+                        &settings.adapters.registry_location(root),
                         store,
                         settings.adapters.max_version_bytes,
                     )?

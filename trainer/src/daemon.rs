@@ -119,8 +119,8 @@ pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
     let data = retune_datasets::open(&db)?;
     let data = data.as_ref();
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
-    let reg = Registry::open(
-        &root.join("registry.db"),
+    let reg = Registry::open_at(
+        &settings.adapters.registry_location(root),
         store,
         settings.adapters.max_version_bytes,
     )?;
@@ -198,8 +198,8 @@ impl Daemon {
             .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
         let data = retune_datasets::open(&db_path)?;
         let store = Arc::new(LocalStore::new(&root.join("store"))?);
-        let reg = Registry::open(
-            &root.join("registry.db"),
+        let reg = Registry::open_at(
+            &settings.adapters.registry_location(&root),
             store,
             settings.adapters.max_version_bytes,
         )?;

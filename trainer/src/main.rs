@@ -139,6 +139,10 @@ struct Common {
     /// ROOT/datasets.db.
     #[arg(long, env = "RETUNE_DATASETS__URL")]
     datasets_url: Option<String>,
+    /// With --register: a PostgreSQL registry (`adapters.registry_url`) instead
+    /// of ROOT/registry.db.
+    #[arg(long, env = "RETUNE_ADAPTERS__REGISTRY_URL")]
+    registry_url: Option<String>,
     /// Longest example in tokens.
     #[arg(long, default_value_t = 512)]
     max_len: usize,
@@ -432,7 +436,16 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     println!("record:  {}", res.record_path.display());
     println!("plot:    {}", res.plot_path.display());
     if let Some((tenant, name)) = reg {
-        let v = register(&c.root, &tenant, &name, &res.adapter_dir, r, &l.model, None)?;
+        let v = register(
+            &c.root,
+            c.registry_url.as_deref(),
+            &tenant,
+            &name,
+            &res.adapter_dir,
+            r,
+            &l.model,
+            None,
+        )?;
         println!("registered {tenant}/{name} version {} (not promoted)", v.id);
     }
     Ok(())

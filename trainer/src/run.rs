@@ -187,10 +187,13 @@ pub fn run(
 }
 
 /// Register a trained adapter under `tenant/name` in the registry at `root`
-/// (registry.db + store/), refusing a base other than the one the adapter's
-/// versions so far were made for. Not promoted: that is the eval gate's call.
+/// (registry.db + store/; `registry_url`: a PostgreSQL registry instead of
+/// registry.db), refusing a base other than the one the adapter's versions so
+/// far were made for. Not promoted: that is the eval gate's call.
+#[allow(clippy::too_many_arguments)]
 pub fn register(
     root: &Path,
+    registry_url: Option<&str>,
     tenant: &str,
     name: &str,
     adapter_dir: &Path,
@@ -199,7 +202,10 @@ pub fn register(
     parent: Option<&str>,
 ) -> Result<VersionInfo> {
     let store = Arc::new(LocalStore::new(&root.join("store"))?);
-    let reg = Registry::open(&root.join("registry.db"), store, 4 << 30)?;
+    let reg = match registry_url {
+        Some(url) => Registry::open_at(url, store, 4 << 30)?,
+        None => Registry::open(&root.join("registry.db"), store, 4 << 30)?,
+    };
     let base = ServedBase {
         shapes: model.base_shapes(),
         fingerprint: model.fingerprint(),
