@@ -1,0 +1,317 @@
+//! Three `retune serve` processes sharing one PostgreSQL registry and datasets
+//! store and one version store: a promotion or a rollback through any of them is
+//! served by all within 1 s (the alias poll is set far longer: only the
+//! registry's NOTIFY can bring it), and hot swaps every 150 ms with clients on
+//! every replica fail nothing, each response matching the version its header names.
+
+use retune_adapters::{Expect, LocalStore, NewVersion, Registry, ServedBase};
+use retune_datasets::pgtest::PgTest;
+use retune_engine::tiny::{self, TinySpec};
+use retune_server::auth::hash_key;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Resp {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Resp {
+    fn version(&self) -> Option<String> {
+        self.headers
+            .lines()
+            .find_map(|l| l.strip_prefix("x-retune-adapter-version: "))
+            .map(|v| v.trim().to_string())
+    }
+    fn text(&self) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+fn http(port: u16, method: &str, path: &str, key: &str, body: &str) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (headers, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    Resp {
+        status: out[9..12].parse().unwrap(),
+        headers: headers.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}
+
+fn chat(port: u16, model: &str) -> Resp {
+    http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        "acme-key",
+        &format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello world"}}],"max_tokens":8,"temperature":0}}"#
+        ),
+    )
+}
+
+/// The replicas, killed when the test ends however it ends.
+struct Replicas(Vec<Child>);
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn serve(cfg: &Path) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retune"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on port") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no listening line");
+    }
+    let port = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    // keep draining its log so it never blocks on a full pipe
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while err.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    (child, port)
+}
+
+/// Two versions of acme/tickets in the shared stores, the first live.
+fn register(dir: &Path, root: &Path, url: &str, model: &Path) -> (String, String) {
+    let m = retune_engine::load(model).unwrap().model;
+    let base = ServedBase {
+        shapes: m.base_shapes(),
+        fingerprint: m.fingerprint(),
+    };
+    let reg = Registry::open_at(
+        url,
+        Arc::new(LocalStore::new(&root.join("store")).unwrap()),
+        1 << 30,
+    )
+    .unwrap();
+    let spec = TinySpec::default();
+    let ids: Vec<String> = [3u64, 4]
+        .iter()
+        .map(|&seed| {
+            let up = dir.join(format!("upload-{seed}"));
+            tiny::write_adapter(&up, &spec, 8, &[0, 1, 2, 3, 4, 5, 6], seed, 16.0, 0.5).unwrap();
+            reg.register(
+                NewVersion {
+                    tenant: "acme",
+                    name: "tickets",
+                    dir: &up,
+                    source: "upload",
+                    parent: None,
+                    metadata: serde_json::json!({}),
+                    claimed_base: None,
+                    actor: "t",
+                },
+                &base,
+            )
+            .unwrap()
+            .id
+        })
+        .collect();
+    reg.promote("acme", "tickets", &ids[0], Expect::NoLive, "t", "init")
+        .unwrap();
+    (ids[0].clone(), ids[1].clone())
+}
+
+#[test]
+fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second_and_hot_swaps_fail_nothing(
+) {
+    let pg = PgTest::new().unwrap();
+    let dir: PathBuf = std::env::temp_dir().join(format!("retune-replicas-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (model, _) = tiny::write(&dir.join("model"), &TinySpec::default()).unwrap();
+    let root = dir.join("data");
+    let (v1, v2) = register(&dir, &root, &pg.url, &model);
+    let cfg = dir.join("retune.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nport = 0\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 16\n\
+             [adapters]\nroot = {:?}\nregistry_url = {:?}\nalias_poll_ms = 600000\nserved_flush_ms = 200\n\
+             [datasets]\nurl = {:?}\n[auth]\nadmin_key_sha256 = \"{}\"\n\
+             [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n",
+            model.to_string_lossy(),
+            root.to_string_lossy(),
+            pg.url,
+            pg.url,
+            hash_key("admin-key"),
+            hash_key("acme-key"),
+        ),
+    )
+    .unwrap();
+    let mut replicas = Replicas(Vec::new());
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let (c, p) = serve(&cfg);
+        replicas.0.push(c);
+        ports.push(p);
+    }
+    // what each version answers (pinned), on every replica alike
+    let mut expected = HashMap::new();
+    for v in [&v1, &v2] {
+        let texts: Vec<String> = ports
+            .iter()
+            .map(|&p| {
+                let r = chat(p, &format!("tickets@{v}"));
+                assert_eq!(r.status, 200, "{}", r.body);
+                r.text()
+            })
+            .collect();
+        assert!(texts.windows(2).all(|w| w[0] == w[1]), "{texts:?}");
+        expected.insert(v.clone(), texts[0].clone());
+    }
+    assert_ne!(
+        expected[&v1], expected[&v2],
+        "versions must be distinguishable"
+    );
+    for &p in &ports {
+        assert_eq!(chat(p, "tickets").version().as_deref(), Some(v1.as_str()));
+    }
+
+    // promotions and rollbacks through each replica in turn
+    let admin = "/admin/adapters/acme/tickets";
+    let mut live = v1.clone();
+    let mut worst = Duration::ZERO;
+    for round in 0..6 {
+        let via = ports[round % 3];
+        let t = Instant::now();
+        let r = if round % 2 == 0 {
+            let next = if live == v1 { &v2 } else { &v1 };
+            http(
+                via,
+                "POST",
+                &format!("{admin}/promote"),
+                "admin-key",
+                &format!(r#"{{"version":"{next}","expected":"{live}","reason":"round {round}"}}"#),
+            )
+        } else {
+            http(
+                via,
+                "POST",
+                &format!("{admin}/rollback"),
+                "admin-key",
+                r#"{"reason":"undo"}"#,
+            )
+        };
+        assert_eq!(r.status, 200, "round {round}: {}", r.body);
+        let now: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        live = now["live"].as_str().unwrap().to_string();
+        for &p in &ports {
+            loop {
+                let r = chat(p, "tickets");
+                assert_eq!(r.status, 200, "{}", r.body);
+                if r.version().as_deref() == Some(live.as_str()) {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(1),
+                    "round {round}: replica on port {p} still serves {:?}, live is {live}",
+                    r.version()
+                );
+            }
+        }
+        worst = worst.max(t.elapsed());
+    }
+    println!("slowest change served by all three replicas: {worst:?}");
+
+    // hot swaps every 150 ms through the shared registry, clients on every replica
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, url, root, a, b) = (
+            stop.clone(),
+            pg.url.clone(),
+            root.clone(),
+            v1.clone(),
+            v2.clone(),
+        );
+        std::thread::spawn(move || {
+            let reg = Registry::open_at(
+                &url,
+                Arc::new(LocalStore::new(&root.join("store")).unwrap()),
+                1 << 30,
+            )
+            .unwrap();
+            let mut swaps = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let live = reg.state("acme", "tickets").unwrap().live.unwrap();
+                let next = if live == a { &b } else { &a };
+                reg.promote(
+                    "acme",
+                    "tickets",
+                    next,
+                    Expect::Version(live),
+                    "swapper",
+                    "",
+                )
+                .unwrap();
+                swaps += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            swaps
+        })
+    };
+    let clients: Vec<_> = ports
+        .iter()
+        .flat_map(|&p| [p, p])
+        .map(|p| {
+            let (stop, expected) = (stop.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut seen = HashMap::<String, usize>::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = chat(p, "tickets");
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    let v = r.version().expect("a version header");
+                    assert_eq!(
+                        r.text(),
+                        expected[&v],
+                        "response does not match the version {v} its header names"
+                    );
+                    *seen.entry(v).or_default() += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let mut total = HashMap::<String, usize>::new();
+    for c in clients {
+        for (v, n) in c.join().unwrap() {
+            *total.entry(v).or_default() += n;
+        }
+    }
+    println!("{swaps} swaps, responses by version: {total:?}");
+    assert!(swaps >= 10, "{swaps}");
+    assert!(
+        total.len() == 2 && total.values().all(|&n| n > 0),
+        "both versions served during the swaps: {total:?}"
+    );
+}
