@@ -603,7 +603,10 @@ fn forgetting_is_zero_for_an_identity_adapter_and_bounded_for_a_trained_one() {
 
 /// What must hold in the stores whenever no daemon is mid-transaction.
 fn consistent(root: &Path) {
-    let reg = registry(root);
+    consistent_in(&registry(root));
+}
+
+fn consistent_in(reg: &Registry) {
     for (tenant, name, st) in reg.list(None).unwrap() {
         let versions = reg.versions(&tenant, &name).unwrap();
         let journal = reg.journal(&tenant, &name).unwrap();
@@ -1008,4 +1011,140 @@ fn a_candidate_that_beats_a_weak_live_version_goes_out_as_a_watched_canary() {
     // the next pass looks at the watch: the window is not over
     assert!(d.pass().unwrap().is_empty());
     assert_eq!(d.reg.open_watches().unwrap()[0].verdict["state"], "waiting");
+}
+
+#[test]
+fn two_daemons_on_postgresql_never_train_one_adapter_together_and_the_survivor_takes_over_after_kill_9(
+) {
+    use std::time::{Duration, Instant};
+    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
+    let dir = tmpdir("two-daemons");
+    let gguf = tiny(&dir);
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let data = retune_datasets::PgStore::open(&pg.url).unwrap();
+    data.import("acme", "greet", "test", &rows(120, None))
+        .unwrap();
+    let cfg = dir.join("retune.toml");
+    let text = format!(
+        "[model]\npath = {:?}\n[adapters]\nroot = {:?}\nregistry_url = {:?}\n[datasets]\nurl = {:?}\n\
+         [trainer]\nlease_seconds = 10\npoll_seconds = 0.5\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n\
+         [trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = 40.0\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n\
+         [trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\n\
+         [trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
+        gguf.to_string_lossy(),
+        root.to_string_lossy(),
+        pg.url,
+        pg.url
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let spawn = |holder: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_retune-trainer"))
+            .args(["daemon", "--holder", holder, "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{holder}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    struct Killed(Vec<(String, std::process::Child)>);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            for (_, c) in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut daemons = Killed(vec![
+        ("node-a".to_string(), spawn("node-a")),
+        ("node-b".to_string(), spawn("node-b")),
+    ]);
+    let reg = Registry::open_at(
+        &pg.url,
+        Arc::new(LocalStore::new(&root.join("store")).unwrap()),
+        1 << 30,
+    )
+    .unwrap();
+    let mut db = pg.client().unwrap();
+    // never two runs at once; returns the runs
+    let sample = || {
+        let runs = reg.runs("acme", "greet", 50).unwrap();
+        let running: Vec<&str> = runs
+            .iter()
+            .filter(|r| r.status == "running")
+            .map(|r| r.holder.as_str())
+            .collect();
+        assert!(running.len() <= 1, "two trainers at once: {runs:?}");
+        runs
+    };
+    let t = Instant::now();
+    let first = loop {
+        assert!(t.elapsed() < Duration::from_secs(120), "nobody trained");
+        let runs = sample();
+        if let Some(r) = runs
+            .iter()
+            .find(|r| r.status == "running" && r.detail.get("progress").is_some())
+        {
+            break r.clone();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // kill -9 the leader mid-training
+    let k = daemons
+        .0
+        .iter()
+        .position(|(h, _)| *h == first.holder)
+        .unwrap();
+    let (_, mut leader) = daemons.0.remove(k);
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    let expires: i64 = db
+        .query_one(
+            "SELECT expires_at FROM leases WHERE tenant = 'acme' AND name = 'greet'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let survivor = daemons.0[0].0.clone();
+    let t = Instant::now();
+    let second = loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "the survivor never finished a run"
+        );
+        let runs = sample();
+        if let Some(r) = runs
+            .iter()
+            .find(|r| r.holder == survivor && r.finished_at.is_some())
+        {
+            break r.clone();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        second.started_at >= expires,
+        "the survivor started at {} before the leader's lease expired at {expires}",
+        second.started_at
+    );
+    assert_eq!(second.status, "promoted", "{second:?}");
+    let runs = reg.runs("acme", "greet", 50).unwrap();
+    let dead = runs.iter().find(|r| r.id == first.id).unwrap();
+    assert_eq!(dead.status, "crashed", "{dead:?}");
+    consistent_in(&reg);
+    let versions = reg.versions("acme", "greet").unwrap();
+    assert_eq!(
+        versions.len(),
+        1,
+        "the killed run registered nothing: {versions:?}"
+    );
+    assert_eq!(
+        reg.state("acme", "greet").unwrap().live.as_deref(),
+        second.version.as_deref()
+    );
+    println!(
+        "leader {} killed mid-training; {survivor} took over {} ms after the lease expired",
+        first.holder,
+        second.started_at - expires
+    );
 }
