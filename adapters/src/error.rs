@@ -29,6 +29,10 @@ pub enum AdapterError {
     Tensor { name: String, reason: String },
     #[error("tensor `{name}` holds NaN or infinite values")]
     NonFinite { name: String },
+    /// The version's files cannot be fetched now (a shared store is unreachable):
+    /// a retry may succeed.
+    #[error("adapter files unavailable: {0}")]
+    Unavailable(String),
     #[error("rank {rank} of `{module}` exceeds the configured maximum {max}")]
     RankTooLarge {
         module: String,

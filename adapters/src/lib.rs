@@ -10,6 +10,8 @@ pub mod packed;
 pub mod peft;
 pub mod pool;
 pub mod registry;
+pub mod s3;
+pub mod s3test;
 mod sql;
 pub mod store;
 
@@ -22,5 +24,6 @@ pub use pool::{Acquire, AdapterPool, AdapterSource, DirSource, PoolConfig, PoolS
 pub use registry::{
     AdapterState, AliasChange, Expect, JournalEntry, NewVersion, Registry, ServedBase, VersionInfo,
 };
+pub use s3::{S3Options, S3Store};
 pub use sql::{is_postgres_url, PG_SCHEMA_VERSION};
-pub use store::{BlobStore, LocalStore};
+pub use store::{open_store, BlobStore, LocalStore};

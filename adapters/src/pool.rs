@@ -407,9 +407,15 @@ impl AdapterPool {
                 if st.failures.len() > 10_000 {
                     st.failures.clear(); // bounded: many distinct broken versions start over at 1 s
                 }
-                let n = st.failures.entry(handle.clone()).or_insert(0);
-                *n += 1;
-                let retry_at = Instant::now() + backoff(*n);
+                // an unreachable store heals by itself: retried within a second
+                let wait = if matches!(e, AdapterError::Unavailable(_)) {
+                    std::time::Duration::from_secs(1)
+                } else {
+                    let n = st.failures.entry(handle.clone()).or_insert(0);
+                    *n += 1;
+                    backoff(*n)
+                };
+                let retry_at = Instant::now() + wait;
                 st.entries.insert(
                     handle,
                     Entry::Failed {

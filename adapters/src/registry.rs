@@ -165,6 +165,11 @@ impl Registry {
             .map_err(|e| RegistryError::Invalid(format!("{version} cannot be served here: {e}")))
     }
 
+    /// Stored objects the version store refused (content id mismatch).
+    pub fn store_refused(&self) -> u64 {
+        self.store.refused()
+    }
+
     /// Where the database is (a file, or host:port/db without credentials).
     pub fn location(&self) -> String {
         self.db.location()
@@ -895,12 +900,13 @@ impl AdapterSource for Registry {
     }
 
     fn locate(&self, adapter: &AdapterRef) -> Result<PathBuf, AdapterError> {
-        self.store
-            .local_dir(&adapter.key())
-            .map_err(|e| AdapterError::Config {
+        self.store.local_dir(&adapter.key()).map_err(|e| match e {
+            RegistryError::Unavailable(why) => AdapterError::Unavailable(why),
+            other => AdapterError::Config {
                 field: "adapter".into(),
-                reason: e.to_string(),
-            })
+                reason: other.to_string(),
+            },
+        })
     }
 }
 

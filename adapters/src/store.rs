@@ -20,6 +20,31 @@ pub trait BlobStore: Send + Sync {
     /// Store a file derived from version `key`'s content (its compute form) in
     /// its local directory, atomically (written aside, then renamed).
     fn put_derived(&self, key: &str, name: &str, bytes: &[u8]) -> Result<(), RegistryError>;
+    /// Stored objects refused because they did not match their content id
+    /// (a shared store that someone else can write to).
+    fn refused(&self) -> u64 {
+        0
+    }
+}
+
+/// The version store: the S3-compatible bucket at `url` (with `dir` as this
+/// replica's verified cache), or the directory `dir` itself.
+pub fn open_store(
+    dir: &Path,
+    url: Option<&str>,
+    endpoint: Option<&str>,
+) -> Result<std::sync::Arc<dyn BlobStore>, RegistryError> {
+    Ok(match url {
+        Some(url) => std::sync::Arc::new(crate::s3::S3Store::open(
+            &crate::s3::S3Options {
+                url: url.into(),
+                endpoint: endpoint.map(str::to_string),
+                region: None,
+            },
+            dir,
+        )?),
+        None => std::sync::Arc::new(LocalStore::new(dir)?),
+    })
 }
 
 /// Content hash of a version: sha256 over each file's name, length and bytes.

@@ -9,6 +9,7 @@ mod datasets;
 mod device;
 mod engine;
 mod prefix;
+mod stores;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,9 @@ enum Command {
     Adapters(adapters::AdaptersArgs),
     /// The examples store: import rows/s, snapshot time, durable feedback writes/s.
     Datasets(datasets::DatasetsArgs),
+    /// The shared PostgreSQL stores against SQLite: promotion-to-served latency
+    /// and the per-request overhead on serving (the `retune` binary, 32 streams).
+    Stores(stores::StoresArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Datasets(a) => datasets::run(a),
         Command::Prefix(a) => prefix::run(a),
         Command::Adapters(a) => adapters::run(a),
+        Command::Stores(a) => stores::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

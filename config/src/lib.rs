@@ -156,6 +156,13 @@ pub struct AdapterSettings {
     /// replicas share; when set, it is the registry and `root/registry.db` is
     /// not used (the version files stay in `root/store`).
     pub registry_url: Option<String>,
+    /// An S3-compatible bucket (`s3://bucket[/prefix]`) for the version files
+    /// replicas share; `root/store` is then this replica's verified local cache.
+    /// Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`), never from this file.
+    pub store_url: Option<String>,
+    /// The endpoint of an S3-compatible server (`http://host:port`); unset: AWS.
+    pub store_endpoint: Option<String>,
     pub max_resident: usize,
     pub max_resident_bytes: usize,
     pub max_rank: usize,
@@ -183,6 +190,8 @@ impl Default for AdapterSettings {
         Self {
             root: None,
             registry_url: None,
+            store_url: None,
+            store_endpoint: None,
             max_resident: 64,
             max_resident_bytes: 2 << 30,
             max_rank: 256,
@@ -477,6 +486,31 @@ impl Settings {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     return bad(field, "must be a postgres:// or postgresql:// URL");
                 }
+            }
+        }
+        if let Some(url) = &self.adapters.store_url {
+            let bucket = url
+                .strip_prefix("s3://")
+                .map(|r| r.split('/').next().unwrap_or(""));
+            if bucket.is_none_or(str::is_empty) {
+                return bad(
+                    "adapters.store_url",
+                    "must be s3://bucket or s3://bucket/prefix",
+                );
+            }
+            if self.adapters.root.is_none() {
+                return bad(
+                    "adapters.store_url",
+                    "needs adapters.root too (its store/ is the local cache)",
+                );
+            }
+        }
+        if let Some(e) = &self.adapters.store_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return bad(
+                    "adapters.store_endpoint",
+                    "must be an http:// or https:// URL",
+                );
             }
         }
         if self.adapters.registry_url.is_some() && self.adapters.root.is_none() {

@@ -815,7 +815,11 @@ impl Worker {
             },
             Acquire::Pending => Resolved::Pending,
             Acquire::Failed(e) => Resolved::Failed(GenError::new(
-                ErrorKind::Adapter,
+                match *e {
+                    // the store is unreachable: retry later (503), not a broken adapter
+                    retune_adapters::AdapterError::Unavailable(_) => ErrorKind::Unavailable,
+                    _ => ErrorKind::Adapter,
+                },
                 format!("adapter {adapter}: {e}"),
             )),
         }

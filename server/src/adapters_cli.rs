@@ -1,9 +1,8 @@
 //! `retune adapters ...`: the registry from the command line (JSON output).
 
 use anyhow::{bail, Context, Result};
-use retune_adapters::{Expect, LocalStore, NewVersion, Registry, ServedBase};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use retune_adapters::{Expect, NewVersion, Registry, ServedBase};
+use std::path::PathBuf;
 
 /// `retune adapters`: the adapter registry from the command line (JSON output).
 #[derive(clap::Args)]
@@ -15,6 +14,13 @@ pub struct AdaptersArgs {
     /// `<root>/registry.db`.
     #[arg(long, env = "RETUNE_ADAPTERS__REGISTRY_URL")]
     registry_url: Option<String>,
+    /// An S3-compatible version store (`adapters.store_url`); `<root>/store`
+    /// is then the local cache.
+    #[arg(long, env = "RETUNE_ADAPTERS__STORE_URL")]
+    store_url: Option<String>,
+    /// Its endpoint (`adapters.store_endpoint`).
+    #[arg(long, env = "RETUNE_ADAPTERS__STORE_ENDPOINT")]
+    store_endpoint: Option<String>,
     /// Who makes the change (recorded in the journal); defaults to $USER.
     #[arg(long, global = true)]
     actor: Option<String>,
@@ -114,8 +120,13 @@ enum AdaptersCommand {
     },
 }
 
-fn open(root: &Path, url: Option<&str>) -> Result<Registry> {
-    let store = Arc::new(LocalStore::new(&root.join("store"))?);
+fn open(args: &AdaptersArgs) -> Result<Registry> {
+    let (root, url) = (&args.root, args.registry_url.as_deref());
+    let store = retune_adapters::open_store(
+        &root.join("store"),
+        args.store_url.as_deref(),
+        args.store_endpoint.as_deref(),
+    )?;
     Ok(match url {
         Some(url) => Registry::open_at(url, store, 4 << 30)?,
         None => Registry::open(&root.join("registry.db"), store, 4 << 30)?,
@@ -154,7 +165,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "cli".into()));
     let reason = &args.reason;
-    let reg = open(&args.root, args.registry_url.as_deref())?;
+    let reg = open(args)?;
     use AdaptersCommand as C;
     match &args.command {
         C::List { tenant } => print(reg.list(tenant.as_deref())?),

@@ -15,9 +15,7 @@ mod upload;
 
 use actix_web::{web, App, HttpServer, ResponseError};
 use errors::ApiError;
-use retune_adapters::{
-    AdapterPool, AliasCache, LoadLimits, LocalStore, PoolConfig, Registry, ServedBase,
-};
+use retune_adapters::{AdapterPool, AliasCache, LoadLimits, PoolConfig, Registry, ServedBase};
 use retune_config::Settings;
 use retune_datasets::{CaptureWriter, DatasetStore};
 use retune_engine::Health;
@@ -317,7 +315,11 @@ impl Application {
         };
         let (registry, pool) = match &settings.adapters.root {
             Some(root) => {
-                let store = Arc::new(LocalStore::new(&root.join("store"))?);
+                let store = retune_adapters::open_store(
+                    &root.join("store"),
+                    settings.adapters.store_url.as_deref(),
+                    settings.adapters.store_endpoint.as_deref(),
+                )?;
                 // a tensor backend's adapter slots hold ranks up to device_max_rank:
                 // versions above it are refused at register, promote and load
                 let max_rank = if settings.engine.device == "cpu" {

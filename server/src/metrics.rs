@@ -23,6 +23,8 @@ pub struct Metrics {
     pub capture_dropped: prometheus::IntCounter,
     pub feedback: IntCounterVec,
     pub tainted_live: IntGauge,
+    pub store_refused: prometheus::IntCounter,
+    pub registry_unreadable: prometheus::IntCounter,
     pub trainer_runs: IntCounterVec,
     pub trainer_running: IntGauge,
     pub gate_decisions: IntCounterVec,
@@ -308,6 +310,16 @@ impl Metrics {
             "Adapters whose live version was trained on erased data",
         )?;
         r.register(Box::new(tainted_live.clone()))?;
+        let store_refused = prometheus::IntCounter::new(
+            "retune_adapter_store_refused_total",
+            "Stored adapter objects refused because they did not match their content id",
+        )?;
+        r.register(Box::new(store_refused.clone()))?;
+        let registry_unreadable = prometheus::IntCounter::new(
+            "retune_registry_unreadable_total",
+            "Metrics scrapes that could not read the registry (its figures kept their last values)",
+        )?;
+        r.register(Box::new(registry_unreadable.clone()))?;
         let trainer_runs = IntCounterVec::new(
             Opts::new("retune_trainer_runs_total", "Finished trainer runs by outcome (promoted, canary, rejected, failed, skipped, crashed)"),
             &["status"],
@@ -383,6 +395,8 @@ impl Metrics {
             capture_dropped,
             feedback,
             tainted_live,
+            store_refused,
+            registry_unreadable,
             trainer_runs,
             trainer_running,
             gate_decisions,

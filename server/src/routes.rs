@@ -186,16 +186,35 @@ async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError
         crate::metrics::catch_up(&m.captured, cs.captured.load(Ordering::Relaxed));
         crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
     }
-    if let Some(reg) = state.registry.clone() {
-        let (n, c, stored) = web::block(move || {
-            Ok::<_, retune_adapters::RegistryError>((
-                reg.tainted_live_count()?,
-                reg.loop_counts()?,
-                reg.stored_totals()?,
-            ))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("registry task: {e}")))??;
+    if let Some(reg) = &state.registry {
+        crate::metrics::catch_up(&m.store_refused, reg.store_refused());
+    }
+    let read = match state.registry.clone() {
+        Some(reg) => Some(
+            web::block(move || {
+                Ok::<_, retune_adapters::RegistryError>((
+                    reg.tainted_live_count()?,
+                    reg.loop_counts()?,
+                    reg.stored_totals()?,
+                ))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("registry task: {e}")))?,
+        ),
+        None => None,
+    };
+    // a shared registry that is down must not take the serving gauges (which
+    // the inference gateway routes by) with it
+    let read = match read {
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "metrics: the registry cannot be read; its figures keep their last values");
+            m.registry_unreadable.inc();
+            None
+        }
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
+    if let Some((n, c, stored)) = read {
         m.tainted_live.set(n);
         m.pool.stored(stored.0, stored.1);
         // the trainer writes these to the shared registry; the server reports them

@@ -21,8 +21,8 @@ use crate::optim::AdamWConfig;
 use crate::run::{run, DataSource, Job};
 use crate::train::{Progress, TrainSettings};
 use retune_adapters::{
-    load_peft, AdapterRef, Decision, Expect, LocalStore, NewVersion, Registry, RegistryError,
-    Rollout, ServedBase, Via,
+    load_peft, AdapterRef, Decision, Expect, NewVersion, Registry, RegistryError, Rollout,
+    ServedBase, Via,
 };
 use retune_config::{LoopSettings, Settings};
 use retune_datasets::curate::Split;
@@ -118,7 +118,11 @@ pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
         .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
     let data = retune_datasets::open(&db)?;
     let data = data.as_ref();
-    let store = Arc::new(LocalStore::new(&root.join("store"))?);
+    let store = retune_adapters::open_store(
+        &root.join("store"),
+        settings.adapters.store_url.as_deref(),
+        settings.adapters.store_endpoint.as_deref(),
+    )?;
     let reg = Registry::open_at(
         &settings.adapters.registry_location(root),
         store,
@@ -197,7 +201,11 @@ impl Daemon {
             .location(&settings.adapters)
             .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
         let data = retune_datasets::open(&db_path)?;
-        let store = Arc::new(LocalStore::new(&root.join("store"))?);
+        let store = retune_adapters::open_store(
+            &root.join("store"),
+            settings.adapters.store_url.as_deref(),
+            settings.adapters.store_endpoint.as_deref(),
+        )?;
         let reg = Registry::open_at(
             &settings.adapters.registry_location(&root),
             store,
