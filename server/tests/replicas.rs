@@ -1,10 +1,14 @@
 //! Three `retune serve` processes sharing one PostgreSQL registry and datasets
-//! store and one version store: a promotion or a rollback through any of them is
+//! store and one S3-compatible version store (s3s-fs), each with its own data
+//! root (its verified cache): a promotion or a rollback through any of them is
 //! served by all within 1 s (the alias poll is set far longer: only the
 //! registry's NOTIFY can bring it), and hot swaps every 150 ms with clients on
-//! every replica fail nothing, each response matching the version its header names.
+//! every replica fail nothing, each response matching the version its header
+//! names. With the bucket down, a cold version's requests get a clear 503 while
+//! the live one serves.
 
-use retune_adapters::{Expect, LocalStore, NewVersion, Registry, ServedBase};
+use retune_adapters::s3test::S3Test;
+use retune_adapters::{open_store, BlobStore, Expect, NewVersion, Registry, ServedBase};
 use retune_datasets::pgtest::PgTest;
 use retune_engine::tiny::{self, TinySpec};
 use retune_server::auth::hash_key;
@@ -99,21 +103,21 @@ fn serve(cfg: &Path) -> (Child, u16) {
     (child, port)
 }
 
-/// Two versions of acme/tickets in the shared stores, the first live.
-fn register(dir: &Path, root: &Path, url: &str, model: &Path) -> (String, String) {
+/// A registry handle of the test's own (its own cache of the bucket).
+fn handle(url: &str, s3: &S3Test, cache: &Path) -> Registry {
+    let store: Arc<dyn BlobStore> = open_store(cache, Some(&s3.url), Some(&s3.endpoint)).unwrap();
+    Registry::open_at(url, store, 1 << 30).unwrap()
+}
+
+/// Versions of acme/tickets (seeds) in the shared stores, the first live.
+fn register(dir: &Path, reg: &Registry, model: &Path, seeds: &[u64]) -> Vec<String> {
     let m = retune_engine::load(model).unwrap().model;
     let base = ServedBase {
         shapes: m.base_shapes(),
         fingerprint: m.fingerprint(),
     };
-    let reg = Registry::open_at(
-        url,
-        Arc::new(LocalStore::new(&root.join("store")).unwrap()),
-        1 << 30,
-    )
-    .unwrap();
     let spec = TinySpec::default();
-    let ids: Vec<String> = [3u64, 4]
+    let ids: Vec<String> = seeds
         .iter()
         .map(|&seed| {
             let up = dir.join(format!("upload-{seed}"));
@@ -135,9 +139,11 @@ fn register(dir: &Path, root: &Path, url: &str, model: &Path) -> (String, String
             .id
         })
         .collect();
-    reg.promote("acme", "tickets", &ids[0], Expect::NoLive, "t", "init")
-        .unwrap();
-    (ids[0].clone(), ids[1].clone())
+    if reg.state("acme", "tickets").unwrap().live.is_none() {
+        reg.promote("acme", "tickets", &ids[0], Expect::NoLive, "t", "init")
+            .unwrap();
+    }
+    ids
 }
 
 #[test]
@@ -147,28 +153,34 @@ fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second
     let dir: PathBuf = std::env::temp_dir().join(format!("retune-replicas-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (model, _) = tiny::write(&dir.join("model"), &TinySpec::default()).unwrap();
-    let root = dir.join("data");
-    let (v1, v2) = register(&dir, &root, &pg.url, &model);
-    let cfg = dir.join("retune.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nport = 0\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 16\n\
-             [adapters]\nroot = {:?}\nregistry_url = {:?}\nalias_poll_ms = 600000\nserved_flush_ms = 200\n\
-             [datasets]\nurl = {:?}\n[auth]\nadmin_key_sha256 = \"{}\"\n\
-             [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n",
-            model.to_string_lossy(),
-            root.to_string_lossy(),
-            pg.url,
-            pg.url,
-            hash_key("admin-key"),
-            hash_key("acme-key"),
-        ),
-    )
-    .unwrap();
+    let s3 = S3Test::new().unwrap();
+    let mine = handle(&pg.url, &s3, &dir.join("test-cache"));
+    let ids = register(&dir, &mine, &model, &[3, 4]);
+    let (v1, v2) = (ids[0].clone(), ids[1].clone());
     let mut replicas = Replicas(Vec::new());
     let mut ports = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3 {
+        // each replica its own data root: nothing shared but the three stores
+        let cfg = dir.join(format!("retune-{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nport = 0\n[model]\npath = {:?}\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 16\n\
+                 [adapters]\nroot = {:?}\nregistry_url = {:?}\nstore_url = {:?}\nstore_endpoint = {:?}\n\
+                 alias_poll_ms = 600000\nserved_flush_ms = 200\n\
+                 [datasets]\nurl = {:?}\n[auth]\nadmin_key_sha256 = \"{}\"\n\
+                 [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n",
+                model.to_string_lossy(),
+                dir.join(format!("data-{i}")).to_string_lossy(),
+                pg.url,
+                s3.url,
+                s3.endpoint,
+                pg.url,
+                hash_key("admin-key"),
+                hash_key("acme-key"),
+            ),
+        )
+        .unwrap();
         let (c, p) = serve(&cfg);
         replicas.0.push(c);
         ports.push(p);
@@ -244,20 +256,9 @@ fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second
     // hot swaps every 150 ms through the shared registry, clients on every replica
     let stop = Arc::new(AtomicBool::new(false));
     let swapper = {
-        let (stop, url, root, a, b) = (
-            stop.clone(),
-            pg.url.clone(),
-            root.clone(),
-            v1.clone(),
-            v2.clone(),
-        );
+        let (stop, a, b) = (stop.clone(), v1.clone(), v2.clone());
+        let reg = handle(&pg.url, &s3, &dir.join("swapper-cache"));
         std::thread::spawn(move || {
-            let reg = Registry::open_at(
-                &url,
-                Arc::new(LocalStore::new(&root.join("store")).unwrap()),
-                1 << 30,
-            )
-            .unwrap();
             let mut swaps = 0;
             while !stop.load(Ordering::Relaxed) {
                 let live = reg.state("acme", "tickets").unwrap().live.unwrap();
@@ -314,4 +315,23 @@ fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second
         total.len() == 2 && total.values().all(|&n| n > 0),
         "both versions served during the swaps: {total:?}"
     );
+
+    // the bucket down: the live version serves from memory; a version no
+    // replica has loaded yet gets a clear 503
+    let v3 = register(&dir, &mine, &model, &[5]).remove(0);
+    s3.stop();
+    for &p in &ports {
+        let r = chat(p, "tickets");
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = chat(p, &format!("tickets@{v3}"));
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("cannot be fetched"), "{}", r.body);
+        assert!(r.headers.contains("retry-after"), "{}", r.headers);
+    }
+    s3.start().unwrap();
+    let t = Instant::now();
+    while chat(ports[0], &format!("tickets@{v3}")).status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "never resumed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
