@@ -52,6 +52,44 @@ assert grace > drain, f"terminationGracePeriodSeconds {grace} must outlast serve
 (out / "retune.toml").write_text(settings)
 (out / "commands").write_text("".join(" ".join(c) + "\n" for _, c in cmds))
 PY
+# the replicas overlay's gateway wiring: the pool selects the server pods on the
+# port they serve, its endpoint picker is the Service the EPP runs behind, the
+# metric names the EPP is given are the ones the server exports, and every
+# replica reads the shared stores
+"$VENV/bin/python" - "$OUT" <<'PY'
+import re, sys, yaml, pathlib
+docs = [d for d in yaml.safe_load_all((pathlib.Path(sys.argv[1]) / "replicas.yaml").read_text()) if d]
+by = lambda kind, name=None: next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+server, epp = by("Deployment", "retune"), by("Deployment", "retune-epp")
+pool, route, svc = by("InferencePool"), by("HTTPRoute"), by("Service", "retune-epp")
+labels = server["spec"]["template"]["metadata"]["labels"]
+assert all(labels.get(k) == v for k, v in pool["spec"]["selector"]["matchLabels"].items()), "the pool selects no server pod"
+ports = [p["containerPort"] for p in server["spec"]["template"]["spec"]["containers"][0]["ports"]]
+assert pool["spec"]["targetPorts"][0]["number"] in ports, "the pool's target port is not the server's"
+ref = pool["spec"]["endpointPickerRef"]
+assert ref["name"] == svc["metadata"]["name"] and ref["port"]["number"] in [p["port"] for p in svc["spec"]["ports"]]
+epp_labels = epp["spec"]["template"]["metadata"]["labels"]
+assert all(epp_labels.get(k) == v for k, v in svc["spec"]["selector"].items()), "the EPP Service selects no EPP pod"
+assert not all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), "the EPP Service selects server pods"
+args = dict(a[2:].split("=", 1) for a in epp["spec"]["template"]["spec"]["containers"][0]["args"])
+assert args["pool-name"] == pool["metadata"]["name"]
+src = pathlib.Path("server/src/metrics.rs").read_text()
+for flag in ["total-queued-requests-metric", "total-running-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"]:
+    assert f'"{args[flag]}"' in src, f"--{flag}={args[flag]}: server/src/metrics.rs does not export it"
+backends = [b for r in route["spec"]["rules"] for b in r["backendRefs"]]
+assert any(b["kind"] == "InferencePool" and b["name"] == pool["metadata"]["name"] for b in backends)
+assert server["spec"]["replicas"] > 1
+assert not any(d["kind"] == "PersistentVolumeClaim" for d in docs), "a single-writer volume is left"
+env = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("retune-stores")]
+assert env, "no retune-stores secret"
+keys = {k for k in env[0]["data"]}
+for k in ["RETUNE_ADAPTERS__REGISTRY_URL", "RETUNE_DATASETS__URL", "RETUNE_ADAPTERS__STORE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]:
+    assert k in keys, f"retune-stores lacks {k}"
+for c in server["spec"]["template"]["spec"]["containers"]:
+    refs = [e["secretRef"]["name"] for e in c.get("envFrom", [])]
+    assert any(r.startswith("retune-stores") for r in refs), f"container {c['name']} does not read the shared stores"
+print("k8s: the replicas overlay wires the InferencePool, its endpoint picker and the shared stores")
+PY
 if command -v promtool >/dev/null; then
   promtool check rules "$OUT/rules.yml"
 elif [ -n "${CI:-}" ]; then
