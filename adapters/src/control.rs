@@ -390,16 +390,12 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> R<()> {
-        journal(
-            &mut *self.tx(Mode::Auto)?,
-            tenant,
-            name,
-            event,
-            version,
-            None,
-            actor,
-            reason,
-        )
+        // under the write lock like every journal entry: sequence numbers then
+        // commit in order, which readers that follow the journal by its
+        // sequence rely on
+        let mut tx = self.tx(Mode::Write)?;
+        journal(&mut *tx, tenant, name, event, version, None, actor, reason)?;
+        tx.commit()
     }
 
     // ---- runs ----

@@ -125,6 +125,8 @@ impl Row {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
     /// Statements commit one by one (reads, and writes that are one statement).
+    /// Never a journal insert: those take [`Mode::Write`], so that on PostgreSQL
+    /// journal sequence numbers commit in order.
     Auto,
     /// Reads that must agree with each other.
     Snapshot,

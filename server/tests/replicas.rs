@@ -5,7 +5,8 @@
 //! registry's NOTIFY can bring it), and hot swaps every 150 ms with clients on
 //! every replica fail nothing, each response matching the version its header
 //! names. With the bucket down, a cold version's requests get a clear 503 while
-//! the live one serves.
+//! the live one serves, and with PostgreSQL down for 10 s every replica serves
+//! from memory, feedback is a 503, and everything resumes by itself.
 
 use retune_adapters::s3test::S3Test;
 use retune_adapters::{open_store, BlobStore, Expect, NewVersion, Registry, ServedBase};
@@ -149,7 +150,7 @@ fn register(dir: &Path, reg: &Registry, model: &Path, seeds: &[u64]) -> Vec<Stri
 #[test]
 fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second_and_hot_swaps_fail_nothing(
 ) {
-    let pg = PgTest::new().unwrap();
+    let pg = PgTest::private().unwrap(); // stopped and started below
     let dir: PathBuf = std::env::temp_dir().join(format!("retune-replicas-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (model, _) = tiny::write(&dir.join("model"), &TinySpec::default()).unwrap();
@@ -315,6 +316,87 @@ fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second
         total.len() == 2 && total.values().all(|&n| n > 0),
         "both versions served during the swaps: {total:?}"
     );
+
+    // PostgreSQL down for 10 s under load: every replica serves the live version
+    // from memory, feedback is a 503 (never acknowledged and then lost), and
+    // everything resumes by itself
+    let live = mine.state("acme", "tickets").unwrap().live.unwrap();
+    pg.stop().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let (mut served, mut refused) = (0, 0);
+    while Instant::now() < until {
+        for &p in &ports {
+            let r = chat(p, "tickets");
+            assert_eq!(r.status, 200, "serving needs no database: {}", r.body);
+            assert_eq!(r.version().as_deref(), Some(live.as_str()));
+            served += 1;
+            let id = serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let f = http(
+                p,
+                "POST",
+                "/v1/feedback",
+                "acme-key",
+                &format!(r#"{{"completion_id":"{id}","rating":1}}"#),
+            );
+            assert_eq!(f.status, 503, "{}", f.body);
+            assert!(f.headers.contains("retry-after"), "{}", f.headers);
+            refused += 1;
+        }
+    }
+    assert!(
+        served >= 6 && refused >= 6,
+        "{served} served, {refused} refused"
+    );
+    pg.start().unwrap();
+    let t = Instant::now();
+    loop {
+        let r = chat(ports[0], "tickets");
+        let id = serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // the capture is written behind the answer: retry until it is there
+        let f = http(
+            ports[0],
+            "POST",
+            "/v1/feedback",
+            "acme-key",
+            &format!(r#"{{"completion_id":"{id}","rating":1}}"#),
+        );
+        if f.status == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "feedback did not resume: {} {}",
+            f.status,
+            f.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // the replicas' change feeds reconnected: a promotion reaches all within 1 s
+    std::thread::sleep(Duration::from_secs(1));
+    let next = if live == v1 { &v2 } else { &v1 };
+    let t = Instant::now();
+    let r = http(
+        ports[2],
+        "POST",
+        &format!("{admin}/promote"),
+        "admin-key",
+        &format!(r#"{{"version":"{next}","expected":"{live}","reason":"after the outage"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for &p in &ports {
+        while chat(p, "tickets").version().as_deref() != Some(next.as_str()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "replica on port {p} missed the promotion after the outage"
+            );
+        }
+    }
 
     // the bucket down: the live version serves from memory; a version no
     // replica has loaded yet gets a clear 503
