@@ -27,5 +27,5 @@ pub use error::{Result, TrainError};
 pub use examples::{encode, prepare, Encoded, Overflow, Prepared};
 pub use lora::{Adapter, LoraSpec};
 pub use optim::{AdamW, AdamWConfig};
-pub use run::{register, run, DataSource, Job, JobResult};
+pub use run::{register, run, DataSource, Job, JobResult, Stores};
 pub use train::{train, Progress, RunInputs, TrainSettings, TrainingRecord};

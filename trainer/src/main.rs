@@ -143,6 +143,14 @@ struct Common {
     /// of ROOT/registry.db.
     #[arg(long, env = "RETUNE_ADAPTERS__REGISTRY_URL")]
     registry_url: Option<String>,
+    /// With --register: an S3-compatible version store (`adapters.store_url`)
+    /// instead of ROOT/store alone (credentials from AWS_ACCESS_KEY_ID /
+    /// AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "RETUNE_ADAPTERS__STORE_URL")]
+    store_url: Option<String>,
+    /// Its endpoint (`adapters.store_endpoint`).
+    #[arg(long, env = "RETUNE_ADAPTERS__STORE_ENDPOINT")]
+    store_endpoint: Option<String>,
     /// Longest example in tokens.
     #[arg(long, default_value_t = 512)]
     max_len: usize,
@@ -438,7 +446,11 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     if let Some((tenant, name)) = reg {
         let v = register(
             &c.root,
-            c.registry_url.as_deref(),
+            &retune_trainer::Stores {
+                registry_url: c.registry_url.as_deref(),
+                store_url: c.store_url.as_deref(),
+                store_endpoint: c.store_endpoint.as_deref(),
+            },
             &tenant,
             &name,
             &res.adapter_dir,

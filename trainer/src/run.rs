@@ -7,12 +7,11 @@ use crate::examples::{prepare, Prepared};
 use crate::lora::Adapter;
 use crate::plot::loss_svg;
 use crate::train::{train, Progress, RunInputs, TrainSettings, TrainingRecord};
-use retune_adapters::{LocalStore, NewVersion, Registry, ServedBase, VersionInfo};
+use retune_adapters::{NewVersion, Registry, ServedBase, VersionInfo};
 use retune_datasets::curate::Split;
 use retune_datasets::ExampleBody;
 use retune_engine::{ChatTemplate, DeviceModel, Tok};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Where the examples come from.
 pub enum DataSource {
@@ -186,14 +185,23 @@ pub fn run(
     })
 }
 
+/// Where the shared stores are, when not under the data root.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stores<'a> {
+    /// A PostgreSQL registry instead of `root/registry.db`.
+    pub registry_url: Option<&'a str>,
+    /// An S3-compatible version store (`root/store` is then its local cache).
+    pub store_url: Option<&'a str>,
+    pub store_endpoint: Option<&'a str>,
+}
+
 /// Register a trained adapter under `tenant/name` in the registry at `root`
-/// (registry.db + store/; `registry_url`: a PostgreSQL registry instead of
-/// registry.db), refusing a base other than the one the adapter's versions so
+/// (registry.db + store/, or the shared `stores`), refusing a base other than the one the adapter's versions so
 /// far were made for. Not promoted: that is the eval gate's call.
 #[allow(clippy::too_many_arguments)]
 pub fn register(
     root: &Path,
-    registry_url: Option<&str>,
+    stores: &Stores<'_>,
     tenant: &str,
     name: &str,
     adapter_dir: &Path,
@@ -201,8 +209,9 @@ pub fn register(
     model: &DeviceModel,
     parent: Option<&str>,
 ) -> Result<VersionInfo> {
-    let store = Arc::new(LocalStore::new(&root.join("store"))?);
-    let reg = match registry_url {
+    let store =
+        retune_adapters::open_store(&root.join("store"), stores.store_url, stores.store_endpoint)?;
+    let reg = match stores.registry_url {
         Some(url) => Registry::open_at(url, store, 4 << 30)?,
         None => Registry::open(&root.join("registry.db"), store, 4 << 30)?,
     };

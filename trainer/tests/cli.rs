@@ -214,3 +214,67 @@ fn bad_input_exits_2_and_registers_nothing() {
     );
     assert!(!root.join("registry.db").exists(), "nothing registered");
 }
+
+#[test]
+fn registers_into_the_shared_stores_postgresql_and_the_bucket() {
+    let dir = tmpdir("shared");
+    let (gguf, _) = retune_engine::tiny::write(&dir, &Default::default()).unwrap();
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, jsonl(24)).unwrap();
+    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
+    let s3 = retune_adapters::s3test::S3Test::new().unwrap(); // sets the AWS credentials
+    let root = dir.join("root");
+    let out = trainer(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.join("out").to_str().unwrap(),
+        "--model",
+        gguf.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--register",
+        "acme/tone",
+        "--registry-url",
+        &pg.url,
+        "--store-url",
+        &s3.url,
+        "--store-endpoint",
+        &s3.endpoint,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // another replica (its own cache) finds the version in the shared registry
+    // and loads its files from the bucket
+    let other =
+        retune_adapters::open_store(&dir.join("other-cache"), Some(&s3.url), Some(&s3.endpoint))
+            .unwrap();
+    let reg = retune_adapters::Registry::open_at(&pg.url, other, 1 << 30).unwrap();
+    let v = reg.versions("acme", "tone").unwrap().remove(0);
+    assert!(s3
+        .object_file(&format!(
+            "versions/acme/tone/{}/adapter_model.safetensors",
+            v.id
+        ))
+        .is_file());
+    let r = retune_adapters::AdapterRef::new("acme", "tone", &v.id, retune_adapters::Via::Pinned)
+        .unwrap();
+    let got = reg.servable_dir(&r).unwrap();
+    assert!(got.starts_with(dir.join("other-cache").canonicalize().unwrap()));
+    assert!(
+        !root.join("registry.db").exists(),
+        "nothing written to the embedded registry"
+    );
+}

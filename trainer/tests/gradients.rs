@@ -373,8 +373,17 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
     }))
     .unwrap();
     let root = dir.join("root");
-    let v =
-        retune_trainer::register(&root, None, "acme", "tone", &out, &record, &model, None).unwrap();
+    let v = retune_trainer::register(
+        &root,
+        &Default::default(),
+        "acme",
+        "tone",
+        &out,
+        &record,
+        &model,
+        None,
+    )
+    .unwrap();
     let store = std::sync::Arc::new(retune_adapters::LocalStore::new(&root.join("store")).unwrap());
     let reg = retune_adapters::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap();
     assert_eq!(

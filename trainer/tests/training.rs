@@ -380,8 +380,27 @@ fn a_different_base_is_refused_and_nothing_registered() {
     oa.adapter.save_peft(&da, "a").unwrap();
     ob.adapter.save_peft(&db, "b").unwrap();
     let root = dir.join("root");
-    retune_trainer::register(&root, None, "acme", "tone", &da, &oa.record, &a.model, None).unwrap();
-    match retune_trainer::register(&root, None, "acme", "tone", &db, &ob.record, &b.model, None) {
+    retune_trainer::register(
+        &root,
+        &Default::default(),
+        "acme",
+        "tone",
+        &da,
+        &oa.record,
+        &a.model,
+        None,
+    )
+    .unwrap();
+    match retune_trainer::register(
+        &root,
+        &Default::default(),
+        "acme",
+        "tone",
+        &db,
+        &ob.record,
+        &b.model,
+        None,
+    ) {
         Err(TrainError::BaseMismatch(m)) => assert!(m.contains("acme/tone"), "{m}"),
         Err(e) => panic!("expected a base mismatch, got {e}"),
         Ok(_) => panic!("expected a base mismatch"),
