@@ -149,7 +149,7 @@ pub struct EngineArgs {
     #[arg(long)]
     lora: bool,
     /// Measure prefill and decode on every kernel path this machine has
-    /// (AVX2, AVX-512), one after the other in this process, instead of the
+    /// (AVX2, AVX-512, AVX-512 VNNI), one after the other in this process, instead of the
     /// full table.
     #[arg(long)]
     all_kernels: bool,

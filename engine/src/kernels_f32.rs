@@ -33,7 +33,7 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
         target_feature = "f16c"
     ))]
     {
-        if path() == KernelPath::Avx512 {
+        if path().wide() {
             // SAFETY: AVX-512F/BW present and enabled by the OS (checked by `detect`).
             return unsafe { avx512::dequant_row(format, row, out) };
         }
@@ -80,7 +80,7 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
         target_feature = "f16c"
     ))]
     {
-        if path() == KernelPath::Avx512 {
+        if path().wide() {
             // SAFETY: as in `dequant_row`; bounded by all lengths.
             return unsafe {
                 match format {
@@ -125,7 +125,7 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
         target_feature = "f16c"
     ))]
     {
-        if path() == KernelPath::Avx512 {
+        if path().wide() {
             // SAFETY: as in `dequant_row`; lengths are checked inside.
             return unsafe { avx512::tile(w, x) };
         }
@@ -152,10 +152,11 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
 /// Which weight × activation kernels run on this machine: chosen once, at the
 /// first use, from what the CPU reports *and* the OS enables (std's detection
 /// reads XCR0: a CPU flag alone is not enough), or forced with
-/// `RETUNE_KERNELS=avx2|avx512`. Within one machine every path gives
+/// `RETUNE_KERNELS=avx2|avx512|avx512vnni`. Within one machine every path gives
 /// bit-identical results for any batch size (each output is one accumulator of
-/// the path's width over the row, then a fixed horizontal sum); two paths give
-/// results that differ in the last bits.
+/// the path's width over the row, then a fixed horizontal sum). The f32 paths
+/// differ from each other in the last bits; the int8 path, which rounds each
+/// activation block to 8 bits as llama.cpp does, by that rounding (≈ 0.5%).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
     /// Plain Rust (builds without AVX2).
@@ -164,6 +165,10 @@ pub enum KernelPath {
     Avx2,
     /// 16-lane FMA (AVX-512F/BW).
     Avx512,
+    /// AVX-512 with VNNI: quantized weights against int8 activations
+    /// ([`crate::kernels_q8`], llama.cpp's Q8_1 scheme); f32 weights and
+    /// dequantization as [`KernelPath::Avx512`].
+    Avx512Vnni,
 }
 
 impl KernelPath {
@@ -172,7 +177,20 @@ impl KernelPath {
             Self::Portable => "portable",
             Self::Avx2 => "AVX2",
             Self::Avx512 => "AVX-512",
+            Self::Avx512Vnni => "AVX-512 VNNI (int8 activations)",
         }
+    }
+
+    /// The 16-lane f32 kernels run on this path.
+    #[inline]
+    pub fn wide(self) -> bool {
+        matches!(self, Self::Avx512 | Self::Avx512Vnni)
+    }
+
+    /// Quantized weights meet int8 activations on this path.
+    #[inline]
+    pub fn int8(self) -> bool {
+        matches!(self, Self::Avx512Vnni)
     }
 }
 
@@ -183,6 +201,7 @@ fn code(p: KernelPath) -> u8 {
         KernelPath::Portable => 1,
         KernelPath::Avx2 => 2,
         KernelPath::Avx512 => 3,
+        KernelPath::Avx512Vnni => 4,
     }
 }
 
@@ -200,6 +219,11 @@ pub fn available_paths() -> Vec<KernelPath> {
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
             v.push(KernelPath::Avx512);
+            if std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(KernelPath::Avx512Vnni);
+            }
         }
         v
     }
@@ -220,6 +244,7 @@ fn detect() -> KernelPath {
     match std::env::var("RETUNE_KERNELS").as_deref() {
         Ok("avx2") if avail.contains(&KernelPath::Avx2) => KernelPath::Avx2,
         Ok("avx512") if avail.contains(&KernelPath::Avx512) => KernelPath::Avx512,
+        Ok("avx512vnni") if avail.contains(&KernelPath::Avx512Vnni) => KernelPath::Avx512Vnni,
         Ok(other) if !other.is_empty() && other != "auto" => {
             eprintln!(
                 "retune: RETUNE_KERNELS={other} is not available here ({}); using {}",
@@ -243,12 +268,23 @@ pub fn path() -> KernelPath {
         1 => KernelPath::Portable,
         2 => KernelPath::Avx2,
         3 => KernelPath::Avx512,
+        4 => KernelPath::Avx512Vnni,
         _ => {
             let p = detect();
             PATH.store(code(p), std::sync::atomic::Ordering::Relaxed);
             p
         }
     }
+}
+
+/// The best path of this machine that keeps activations in f32 (for checks
+/// against references that compute in f32 on the same dequantized weights).
+pub fn best_f32_path() -> KernelPath {
+    available_paths()
+        .into_iter()
+        .rev()
+        .find(|p| !p.int8())
+        .unwrap_or(KernelPath::Portable)
 }
 
 /// Switch paths (benchmarks comparing them in one process; nothing may be

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod guide;
 pub mod kernels;
 pub mod kernels_f32;
+pub mod kernels_q8;
 pub mod kv;
 pub mod linear;
 pub mod load;

@@ -9,6 +9,7 @@
 use crate::error::{EngineError, Result};
 use crate::kernels::{BlockFormat, QK};
 use crate::kernels_f32;
+use crate::kernels_q8::{self, Packed, QuantX};
 use candle_core::quantized::QMatMul;
 use rayon::prelude::*;
 
@@ -23,6 +24,10 @@ pub struct Linear {
     pub cols: usize,
     pub weight: Weight,
     pub bias: Option<Vec<f32>>,
+    /// Block weights in the int8 kernels' form, built once on that path
+    /// ([`Linear::prepare`] or the first use). The weights are immutable once
+    /// packed: change `weight` only on a linear that has not run on it.
+    packed: std::sync::OnceLock<Packed>,
 }
 
 impl Linear {
@@ -46,7 +51,25 @@ impl Linear {
             cols,
             weight,
             bias,
+            packed: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The int8 kernels' form of block weights, where the kernel path in use
+    /// takes it (built on the first call).
+    pub fn packed(&self) -> Option<&Packed> {
+        match &self.weight {
+            Weight::Blocks { format, data } if kernels_f32::path().int8() => Some(
+                self.packed
+                    .get_or_init(|| kernels_q8::pack(*format, data, self.rows, self.cols)),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Build what the kernel path in use needs before the first request.
+    pub fn prepare(&self) {
+        let _ = self.packed();
     }
 
     /// Copy row `r` as f32 into `out` (embedding lookup on tied weights).
@@ -162,19 +185,34 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         }
     }
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    let wide = kernels_f32::path() == kernels_f32::KernelPath::Avx512;
+    let wide = kernels_f32::path().wide();
+    // the int8 path: every token quantized once, before the parallel region
+    let packs: Vec<Option<&Packed>> = lins.iter().map(|l| l.packed()).collect();
+    let xq = packs
+        .iter()
+        .any(Option::is_some)
+        .then(|| kernels_q8::quantize(x, cols));
+    let q = Int8 {
+        packs: &packs,
+        x: xq.as_ref(),
+    };
     jobs.par_iter().for_each(|&(li, r0, r1)| {
         if wide {
             // SAFETY: the AVX-512 path is only chosen where the CPU and OS have it.
             #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
             unsafe {
-                matmul_job_avx512(lins, &ptrs, x, t, li, r0, r1)
+                matmul_job_avx512(lins, &ptrs, x, t, li, r0, r1, &q)
             }
         } else {
-            matmul_job(lins, &ptrs, x, t, li, r0, r1)
+            matmul_job(lins, &ptrs, x, t, li, r0, r1, &q)
         }
     });
+    struct Int8<'a> {
+        packs: &'a [Option<&'a Packed>],
+        x: Option<&'a QuantX>,
+    }
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn matmul_job(
         lins: &[&Linear],
         ptrs: &[OutPtr],
@@ -183,13 +221,15 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         li: usize,
         r0: usize,
         r1: usize,
+        q: &Int8<'_>,
     ) {
-        matmul_body(lins, ptrs, x, t, li, r0, r1)
+        matmul_body(lins, ptrs, x, t, li, r0, r1, q)
     }
     /// The same job compiled with AVX-512 enabled, so the kernels inline into
     /// its loops as the AVX2 ones do into `matmul_job`'s.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn matmul_job_avx512(
         lins: &[&Linear],
@@ -199,10 +239,12 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         li: usize,
         r0: usize,
         r1: usize,
+        q: &Int8<'_>,
     ) {
-        matmul_body(lins, ptrs, x, t, li, r0, r1)
+        matmul_body(lins, ptrs, x, t, li, r0, r1, q)
     }
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn matmul_body(
         lins: &[&Linear],
         ptrs: &[OutPtr],
@@ -211,6 +253,7 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         li: usize,
         r0: usize,
         r1: usize,
+        q: &Int8<'_>,
     ) {
         let l = lins[li];
         let out = ptrs[li];
@@ -218,6 +261,10 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
             // SAFETY: (ti, r) is inside [t, rows] and owned by this job alone.
             unsafe { *out.0.add(ti * l.rows + r) = v };
         };
+        if let (Some(Some(p)), Some(xq)) = (q.packs.get(li), q.x) {
+            kernels_q8::rows_times_tokens(p, xq, r0, r1, write);
+            return;
+        }
         match &l.weight {
             Weight::Blocks { format, data } if t < TILE_TOKENS => {
                 let rb = l.cols / QK * format.block_bytes();

@@ -117,7 +117,19 @@ impl Model {
             fingerprint: String::new(),
         };
         m.fingerprint = m.compute_fingerprint()?;
+        m.prepare_kernels();
         Ok(m)
+    }
+
+    /// Build what the kernel path in use needs (the int8 path's packed
+    /// weights) now, not at the first request.
+    fn prepare_kernels(&self) {
+        let mut lins: Vec<&Linear> = vec![&self.embed];
+        lins.extend(self.lm_head.as_ref());
+        for l in &self.layers {
+            lins.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        }
+        lins.par_iter().for_each(|l| l.prepare());
     }
 
     /// Projection shapes LoRA adapters are validated against (HF module order).

@@ -153,6 +153,9 @@ fn run_both(host: &Model, dev: &DeviceModel, plans: &[Plan<'_>], decode: usize, 
 
 #[test]
 fn tensor_backend_equals_the_native_engine_with_mixed_adapters_and_chunked_prefill() {
+    // the tensor backend keeps activations in f32: compare on the native
+    // engine's f32-activation path (nextest runs each test in its own process)
+    retune_engine::kernels_f32::set_path(retune_engine::kernels_f32::best_f32_path()).unwrap();
     let dir = tmpdir("equal");
     let (gguf, spec) = model_file(&dir, GgmlDType::Q4_1);
     let host = load(&gguf).unwrap().model;

@@ -1,0 +1,663 @@
+//! Integer kernels for CPUs with AVX-512 VNNI ([`KernelPath::Avx512Vnni`]).
+//!
+//! Activations are quantized per 32-element block as llama.cpp's Q8_1 does:
+//! `d = max|x| / 127`, `q = round(x / d)` (ties to even), `s = d · Σq`.
+//! Quantized weights are repacked once per linear into the form `vpdpbusd`
+//! reads ([`Packed`]): one unsigned byte per element (a 4-bit value or an
+//! 8-bit value plus 128), with an f32 scale `d` and offset `m` per block, so
+//! `w · x ≈ Σ_b d_b·dx_b·Σ(u·q) + m_b·s_b` for every format:
+//! - Q4_0: `u = q4`, `m = −8d`;
+//! - Q4_1: `u = q4`, `m` = the block's minimum;
+//! - Q8_0: `u = q8 + 128`, `m = −128d`.
+//!
+//! Each output is one 16-lane f32 accumulator over the row's block pairs (an
+//! exact i32 dot per pair, converted and scaled), a fixed horizontal sum, plus
+//! the offsets' dot in a fixed order: the same operations for a row whatever
+//! else is in the register tile, so results are bit-identical for any batch
+//! size, as on the f32 paths.
+//!
+//! [`KernelPath::Avx512Vnni`]: crate::kernels_f32::KernelPath::Avx512Vnni
+
+use crate::kernels::{BlockFormat, QK};
+use half::f16;
+
+/// A linear's weights in the compute form of the int8 kernels: one record
+/// per row, rows back to back (one sequential stream for the prefetcher), each
+/// record its values (`row_bytes`), then `nb` f16 scales `d`, then `nb` f16
+/// offsets (GGUF's own f16 fields, so a record is no larger than the GGUF row:
+/// decode streams every weight once per token, and bytes decide its speed).
+/// Q4_1 stores its minimum `m`; Q4_0 and Q8_0 store `d` again, and `m_scale`
+/// (−8, −128) turns it into their offset.
+pub struct Packed {
+    pub rows: usize,
+    /// Blocks per row.
+    pub nb: usize,
+    /// 4-bit values (two per byte) rather than bytes.
+    pub nibbles: bool,
+    /// Value bytes per row.
+    pub row_bytes: usize,
+    /// Bytes per row record: `row_bytes + 4 · nb`.
+    pub stride: usize,
+    /// Multiplies the stored offsets: 1 (Q4_1), −8 (Q4_0), −128 (Q8_0).
+    pub m_scale: f32,
+    pub data: Vec<u8>,
+}
+
+impl Packed {
+    fn record(&self, r: usize) -> &[u8] {
+        &self.data[r * self.stride..(r + 1) * self.stride]
+    }
+    /// Row `r`'s values.
+    pub fn vals(&self, r: usize) -> &[u8] {
+        &self.record(r)[..self.row_bytes]
+    }
+    /// Block `b`'s scale and stored offset (before `m_scale`) in row `r`.
+    pub fn dm(&self, r: usize, b: usize) -> (f32, f32) {
+        let rec = self.record(r);
+        (
+            f16_at(rec, self.row_bytes + 2 * b),
+            f16_at(rec, self.row_bytes + 2 * (self.nb + b)),
+        )
+    }
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Repack `rows` rows of GGUF blocks (`data`, `cols` elements each).
+///
+/// Layout of a row's values: for each pair of blocks (64 elements `e`), Q4
+/// formats store 32 bytes, byte `j` = `e[j] | e[32 + j] << 4`; Q8_0 stores the
+/// 64 bytes `e + 128`. A last unpaired block keeps GGUF's own nibble order (16
+/// bytes, elements `j` and `16 + j` in byte `j`) or its 32 bytes `+ 128`.
+pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
+    let nb = cols / QK;
+    let bb = format.block_bytes();
+    let nibbles = format != BlockFormat::Q8_0;
+    let row_bytes = if nibbles { nb * 16 } else { nb * 32 };
+    let stride = row_bytes + 4 * nb;
+    let mut data_out = vec![0u8; rows * stride];
+    // element values of one block, as unsigned bytes
+    let elems = |b: &[u8]| -> [u8; QK] {
+        let mut e = [0u8; QK];
+        match format {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let qs = if format == BlockFormat::Q4_0 {
+                    &b[2..18]
+                } else {
+                    &b[4..20]
+                };
+                for j in 0..16 {
+                    e[j] = qs[j] & 0x0F;
+                    e[j + 16] = qs[j] >> 4;
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for j in 0..QK {
+                    e[j] = (b[2 + j] as i8 as i16 + 128) as u8;
+                }
+            }
+        }
+        e
+    };
+    for r in 0..rows {
+        let row = &data[r * nb * bb..(r + 1) * nb * bb];
+        let (out, dm) = data_out[r * stride..(r + 1) * stride].split_at_mut(row_bytes);
+        for b in 0..nb {
+            let blk = &row[b * bb..(b + 1) * bb];
+            dm[2 * b..2 * b + 2].copy_from_slice(&blk[0..2]);
+            let m = if format == BlockFormat::Q4_1 {
+                &blk[2..4]
+            } else {
+                &blk[0..2]
+            };
+            dm[2 * (nb + b)..2 * (nb + b) + 2].copy_from_slice(m);
+        }
+        let pairs = nb / 2;
+        for p in 0..pairs {
+            let mut e = [0u8; 2 * QK];
+            e[..QK].copy_from_slice(&elems(&row[2 * p * bb..(2 * p + 1) * bb]));
+            e[QK..].copy_from_slice(&elems(&row[(2 * p + 1) * bb..(2 * p + 2) * bb]));
+            if nibbles {
+                let o = &mut out[p * 32..(p + 1) * 32];
+                for j in 0..32 {
+                    o[j] = e[j] | (e[32 + j] << 4);
+                }
+            } else {
+                out[p * 64..(p + 1) * 64].copy_from_slice(&e);
+            }
+        }
+        if nb % 2 == 1 {
+            let e = elems(&row[(nb - 1) * bb..nb * bb]);
+            if nibbles {
+                let o = &mut out[pairs * 32..pairs * 32 + 16];
+                for j in 0..16 {
+                    o[j] = e[j] | (e[16 + j] << 4);
+                }
+            } else {
+                out[pairs * 64..pairs * 64 + 32].copy_from_slice(&e);
+            }
+        }
+    }
+    Packed {
+        rows,
+        nb,
+        nibbles,
+        row_bytes,
+        stride,
+        m_scale: match format {
+            BlockFormat::Q4_0 => -8.0,
+            BlockFormat::Q4_1 => 1.0,
+            BlockFormat::Q8_0 => -128.0,
+        },
+        data: data_out,
+    }
+}
+
+/// `t` activation rows quantized per block: `q` (`t × cols` bytes), the
+/// scales `d` and the sums `s = d·Σq` (`t × cols/32` each).
+pub struct QuantX {
+    pub cols: usize,
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+/// The plain definition of the activation quantization (the kernels' is
+/// vectorized and gives the same bytes, scales and sums).
+pub fn quantize_reference(x: &[f32], cols: usize) -> QuantX {
+    let nb = cols / QK;
+    let t = x.len() / cols;
+    let mut out = QuantX {
+        cols,
+        q: vec![0; t * cols],
+        d: vec![0.0; t * nb],
+        s: vec![0.0; t * nb],
+    };
+    for (bi, blk) in x.chunks_exact(QK).enumerate().take(t * nb) {
+        let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (j, v) in blk.iter().enumerate() {
+            let q = (v * id).round_ties_even() as i32;
+            out.q[bi * QK + j] = q as i8;
+            sum += q;
+        }
+        out.d[bi] = d;
+        out.s[bi] = d * sum as f32;
+    }
+    out
+}
+
+/// Quantize `t = x.len() / cols` rows (`cols` a multiple of 32).
+pub fn quantize(x: &[f32], cols: usize) -> QuantX {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    {
+        if crate::kernels_f32::path().int8() {
+            // SAFETY: the int8 path is only chosen where AVX-512F/BW/VL/VNNI
+            // are reported by the CPU and enabled by the OS.
+            return unsafe { vnni::quantize(x, cols) };
+        }
+    }
+    quantize_reference(x, cols)
+}
+
+/// `out[t][r]` for rows `r0..r1` of `w` against every row of `x`, through
+/// `put(token, row, value)`. Only on the int8 path.
+pub fn rows_times_tokens(
+    w: &Packed,
+    x: &QuantX,
+    r0: usize,
+    r1: usize,
+    put: impl FnMut(usize, usize, f32),
+) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    {
+        if crate::kernels_f32::path().int8() {
+            // SAFETY: as in `quantize`; every index is checked against `w` and `x`.
+            return unsafe { vnni::rows_times_tokens(w, x, r0, r1, put) };
+        }
+    }
+    reference_rows_times_tokens(w, x, r0, r1, put)
+}
+
+/// The kernels' arithmetic in plain Rust, in their order of operations except
+/// for the lanes of the pair sums (for tests and other CPUs).
+fn reference_rows_times_tokens(
+    w: &Packed,
+    x: &QuantX,
+    r0: usize,
+    r1: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let nb = w.nb;
+    let t = x.q.len() / x.cols.max(1);
+    for ti in 0..t {
+        for r in r0..r1.min(w.rows) {
+            let vals = w.vals(r);
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let mut dot = 0i32;
+                for j in 0..QK {
+                    let u = value(w, vals, b, j) as i32;
+                    dot += u * x.q[ti * x.cols + b * QK + j] as i32;
+                }
+                acc += dot as f32 * (w.dm(r, b).0 * x.d[ti * nb + b]);
+            }
+            let mut off = 0f32;
+            for b in 0..nb {
+                off += w.dm(r, b).1 * x.s[ti * nb + b];
+            }
+            put(ti, r, acc + w.m_scale * off);
+        }
+    }
+}
+
+/// Element `j` of block `b` from a packed row.
+fn value(w: &Packed, vals: &[u8], b: usize, j: usize) -> u8 {
+    let pair = b / 2;
+    let last_odd = w.nb % 2 == 1 && b == w.nb - 1;
+    if w.nibbles {
+        if last_odd {
+            let byte = vals[pair * 32 + j % 16];
+            if j < 16 {
+                byte & 0x0F
+            } else {
+                byte >> 4
+            }
+        } else {
+            let e = (b % 2) * QK + j;
+            let byte = vals[pair * 32 + e % 32];
+            if e < 32 {
+                byte & 0x0F
+            } else {
+                byte >> 4
+            }
+        }
+    } else if last_odd {
+        vals[pair * 64 + j]
+    } else {
+        vals[pair * 64 + (b % 2) * QK + j]
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+mod vnni {
+    use super::{Packed, QuantX, QK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn quantize(x: &[f32], cols: usize) -> QuantX {
+        let nb = cols / QK;
+        let t = x.len() / cols.max(1);
+        let mut out = QuantX {
+            cols,
+            q: vec![0; t * cols],
+            d: vec![0.0; t * nb],
+            s: vec![0.0; t * nb],
+        };
+        let sign = _mm512_set1_ps(-0.0);
+        for bi in 0..t * nb {
+            let p = x.as_ptr().add(bi * QK);
+            let v0 = _mm512_loadu_ps(p);
+            let v1 = _mm512_loadu_ps(p.add(16));
+            let a = _mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1));
+            let amax = _mm512_reduce_max_ps(a);
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let idv = _mm512_set1_ps(id);
+            // rounds to nearest, ties to even (the default MXCSR mode)
+            let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, idv));
+            let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, idv));
+            let o = out.q.as_mut_ptr().add(bi * QK) as *mut __m128i;
+            _mm_storeu_si128(o, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128(o.add(1), _mm512_cvtepi32_epi8(q1));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            *out.d.get_unchecked_mut(bi) = d;
+            *out.s.get_unchecked_mut(bi) = d * sum as f32;
+        }
+        out
+    }
+
+    /// 16 lanes summed in a fixed order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn hsum(v: __m512) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+        let s = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// `a · b` over `n` values, `a` in f16: 16-lane FMAs, a fixed
+    /// horizontal sum, then the remainder in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn dot_f16_f32(a: *const u8, b: *const f32, n: usize) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let av = _mm512_cvtph_ps(_mm256_loadu_si256(a.add(2 * i) as *const __m256i));
+            acc = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(i)), acc);
+            i += 16;
+        }
+        let mut s = hsum(acc);
+        while i < n {
+            let h = (a.add(2 * i) as *const u16).read_unaligned();
+            s += half::f16::from_bits(h).to_f32() * *b.add(i);
+            i += 1;
+        }
+        s
+    }
+
+    /// A register tile of R rows × N tokens over whole rows (`NIB`: 4-bit values).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tile<const NIB: bool, const R: usize, const N: usize>(
+        w: &Packed,
+        x: &QuantX,
+        r: usize,
+        ti: usize,
+    ) -> [[f32; N]; R] {
+        let nb = w.nb;
+        let cols = x.cols;
+        let pairs = nb / 2;
+        let low = _mm512_set1_epi8(0x0F);
+        // lanes 0-7 take the pair's first block's scale, lanes 8-15 its second's
+        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let rec: [*const u8; R] = std::array::from_fn(|k| w.data.as_ptr().add((r + k) * w.stride));
+        let wd: [*const u8; R] = std::array::from_fn(|k| rec[k].add(w.row_bytes));
+        let xq: [*const i8; N] = std::array::from_fn(|k| x.q.as_ptr().add((ti + k) * cols));
+        let xd: [*const f32; N] = std::array::from_fn(|k| x.d.as_ptr().add((ti + k) * nb));
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        for p in 0..pairs {
+            let mut xv = [_mm512_setzero_si512(); N];
+            let mut xs = [_mm_setzero_ps(); N];
+            for t in 0..N {
+                xv[t] = _mm512_loadu_si512(xq[t].add(p * 64) as *const _);
+                xs[t] = _mm_castsi128_ps(_mm_loadl_epi64(xd[t].add(2 * p) as *const __m128i));
+            }
+            // the record of the row two tiles ahead, two cache lines per pair
+            // (the hardware prefetcher alone leaves the loads waiting)
+            if p * 128 < w.stride {
+                for rk in rec {
+                    let ahead = rk.wrapping_add(2 * R * w.stride + p * 128);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                }
+            }
+            for k in 0..R {
+                let wv = if NIB {
+                    let y = _mm256_loadu_si256(rec[k].add(p * 32) as *const __m256i);
+                    let z = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(y),
+                        _mm256_srli_epi16::<4>(y),
+                    );
+                    _mm512_and_si512(z, low)
+                } else {
+                    _mm512_loadu_si512(rec[k].add(p * 64) as *const _)
+                };
+                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (wd[k].add(4 * p) as *const i32).read_unaligned(),
+                ));
+                for t in 0..N {
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[t]);
+                    let sc = _mm512_permutexvar_ps(
+                        spread,
+                        _mm512_castps128_ps512(_mm_mul_ps(ds, xs[t])),
+                    );
+                    acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[k][t]);
+                }
+            }
+        }
+        let mut out = [[0f32; N]; R];
+        for k in 0..R {
+            for t in 0..N {
+                let mut s = hsum(acc[k][t]);
+                if nb % 2 == 1 {
+                    // the unpaired last block, 8 lanes wide
+                    let b = nb - 1;
+                    let wv = if NIB {
+                        let q = _mm_loadu_si128(rec[k].add(pairs * 32) as *const __m128i);
+                        let y = _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(q),
+                            _mm_srli_epi16::<4>(q),
+                        );
+                        _mm256_and_si256(y, _mm256_set1_epi8(0x0F))
+                    } else {
+                        _mm256_loadu_si256(rec[k].add(pairs * 64) as *const __m256i)
+                    };
+                    let xv = _mm256_loadu_si256(xq[t].add(b * QK) as *const __m256i);
+                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+                    let dw =
+                        half::f16::from_bits((wd[k].add(2 * b) as *const u16).read_unaligned())
+                            .to_f32();
+                    let f =
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * *xd[t].add(b)));
+                    s += crate::kernels::avx2::hsum(f);
+                }
+                let off = dot_f16_f32(wd[k].add(2 * nb), x.s.as_ptr().add((ti + t) * nb), nb);
+                out[k][t] = s + w.m_scale * off;
+            }
+        }
+        out
+    }
+
+    /// Rows `r0..r1` (clamped to the weight) against every token of `x`, in
+    /// tiles of 4 rows × 4 tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn rows_times_tokens(
+        w: &Packed,
+        x: &QuantX,
+        r0: usize,
+        r1: usize,
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
+        let r1 = r1.min(w.rows);
+        let t = if x.cols == w.nb * QK && w.nb > 0 {
+            (x.q.len() / x.cols)
+                .min(x.d.len() / w.nb)
+                .min(x.s.len() / w.nb)
+        } else {
+            0
+        };
+        if w.data.len() < w.rows * w.stride || w.stride != w.row_bytes + 4 * w.nb {
+            return;
+        }
+        macro_rules! run {
+            ($r:expr, $rows:literal, $ti:expr, $n:literal) => {{
+                let o = if w.nibbles {
+                    tile::<true, $rows, $n>(w, x, $r, $ti)
+                } else {
+                    tile::<false, $rows, $n>(w, x, $r, $ti)
+                };
+                for (k, row) in o.iter().enumerate() {
+                    for (j, val) in row.iter().enumerate() {
+                        put($ti + j, $r + k, *val);
+                    }
+                }
+            }};
+        }
+        let mut r = r0;
+        while r < r1 {
+            let four = r + 4 <= r1;
+            let mut ti = 0;
+            while ti < t {
+                match (four, t - ti) {
+                    (true, 1) => run!(r, 4, ti, 1),
+                    (true, 2) => run!(r, 4, ti, 2),
+                    (true, 3) => run!(r, 4, ti, 3),
+                    (true, _) => run!(r, 4, ti, 4),
+                    (false, 1) => run!(r, 1, ti, 1),
+                    (false, 2) => run!(r, 1, ti, 2),
+                    (false, 3) => run!(r, 1, ti, 3),
+                    (false, _) => run!(r, 1, ti, 4),
+                }
+                ti += 4;
+            }
+            r += if four { 4 } else { 1 };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{self, BlockFormat};
+    use crate::kernels_f32::{self, KernelPath};
+
+    fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn weights(format: BlockFormat, rows: usize, nb: usize, seed: u64) -> Vec<u8> {
+        let mut data = rand_bytes(rows * nb * format.block_bytes(), seed);
+        for (i, b) in data.chunks_exact_mut(format.block_bytes()).enumerate() {
+            let d = 0.01 + 0.001 * (i % 7) as f32;
+            b[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            if format == BlockFormat::Q4_1 {
+                b[2..4].copy_from_slice(&half::f16::from_f32(-0.08).to_le_bytes());
+            }
+        }
+        data
+    }
+
+    fn acts(t: usize, cols: usize, seed: u64) -> Vec<f32> {
+        rand_bytes(t * cols, seed)
+            .iter()
+            .enumerate()
+            // some blocks all zero (scale 0), the rest of mixed magnitude
+            .map(|(i, &b)| {
+                if (i / QK) % 9 == 4 {
+                    0.0
+                } else {
+                    (b as f32 / 128.0 - 1.0) * (1.0 + (i % 5) as f32)
+                }
+            })
+            .collect()
+    }
+
+    fn run(w: &Packed, x: &QuantX, t: usize, r0: usize, r1: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; t * w.rows];
+        rows_times_tokens(w, x, r0, r1, |ti, r, v| out[ti * w.rows + r] = v);
+        out
+    }
+
+    /// On this machine's best path: the packed form holds every weight, the
+    /// vectorized quantization is the reference's, every tile shape gives the
+    /// same bits for a row, and the result is within int8 rounding of the
+    /// f32 dot of the dequantized weights.
+    #[test]
+    fn int8_kernels_agree_with_their_definition_for_any_tile() {
+        let best = *kernels_f32::available_paths().last().unwrap();
+        kernels_f32::set_path(best).unwrap();
+        eprintln!("path: {}", best.name());
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for nb in [18usize, 7, 1] {
+                let (rows, cols, t) = (11, nb * QK, 9);
+                let data = weights(format, rows, nb, 3 + nb as u64);
+                let w = pack(format, &data, rows, cols);
+                // every element survives the repacking
+                let row_bytes = nb * format.block_bytes();
+                for r in 0..rows {
+                    let mut deq = vec![0f32; cols];
+                    kernels::dequant_row_reference(
+                        format,
+                        &data[r * row_bytes..(r + 1) * row_bytes],
+                        &mut deq,
+                    );
+                    let vals = w.vals(r);
+                    for b in 0..nb {
+                        for j in 0..QK {
+                            let u = value(&w, vals, b, j) as f32;
+                            let (d, m) = w.dm(r, b);
+                            let got = u * d + w.m_scale * m;
+                            let want = deq[b * QK + j];
+                            assert!(
+                                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                                "{format:?} nb {nb} r {r} b {b} j {j}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+                let xs = acts(t, cols, 17 + nb as u64);
+                let xq = quantize(&xs, cols);
+                let xr = quantize_reference(&xs, cols);
+                assert_eq!(xq.q, xr.q, "{format:?} quantized bytes");
+                assert_eq!(
+                    xq.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    xr.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+                assert_eq!(
+                    xq.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    xr.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+                let all = run(&w, &xq, t, 0, rows);
+                // one token at a time and one row at a time: the same bits
+                for ti in 0..t {
+                    let one = quantize(&xs[ti * cols..(ti + 1) * cols], cols);
+                    for (r0, r1) in [(0, rows), (3, 4), (5, 9)] {
+                        let o = run(&w, &one, 1, r0, r1);
+                        for r in r0..r1 {
+                            assert_eq!(
+                                o[r].to_bits(),
+                                all[ti * rows + r].to_bits(),
+                                "{format:?} nb {nb} token {ti} row {r} rows {r0}..{r1}"
+                            );
+                        }
+                    }
+                }
+                // the plain definition and the f32 dot of the dequantized weights
+                let mut plain = vec![0f32; t * rows];
+                reference_rows_times_tokens(&w, &xq, 0, rows, |ti, r, v| plain[ti * rows + r] = v);
+                for ti in 0..t {
+                    let x = &xs[ti * cols..(ti + 1) * cols];
+                    // each activation moves by at most half a step: max|x| of its block / 254
+                    let half_steps: f32 = x
+                        .chunks_exact(QK)
+                        .map(|b| QK as f32 * b.iter().fold(0f32, |a, v| a.max(v.abs())) / 254.0)
+                        .sum();
+                    for r in 0..rows {
+                        let mut deq = vec![0f32; cols];
+                        kernels::dequant_row_reference(
+                            format,
+                            &data[r * row_bytes..(r + 1) * row_bytes],
+                            &mut deq,
+                        );
+                        let exact: f64 =
+                            deq.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let wmax = deq.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let got = all[ti * rows + r];
+                        let p = plain[ti * rows + r];
+                        assert!(
+                            (got - p).abs() <= 1e-4 * (1.0 + p.abs()),
+                            "{format:?} kernel {got} vs definition {p}"
+                        );
+                        let bound = wmax * half_steps * 1.001 + 1e-4;
+                        assert!(
+                            ((got as f64) - exact).abs() <= bound as f64,
+                            "{format:?} nb {nb}: {got} vs exact {exact} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            best != KernelPath::Avx512Vnni || kernels_f32::path().int8(),
+            "the VNNI path ran"
+        );
+    }
+}
