@@ -631,11 +631,11 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::{self, BlockFormat};
 
-    fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+    pub(crate) fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
         (0..n)
             .map(|_| {

@@ -509,19 +509,8 @@ mod vnni {
 mod tests {
     use super::*;
     use crate::kernels::{self, BlockFormat};
+    use crate::kernels_f32::tests::rand_bytes;
     use crate::kernels_f32::{self, KernelPath};
-
-    fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 56) as u8
-            })
-            .collect()
-    }
 
     fn weights(format: BlockFormat, rows: usize, nb: usize, seed: u64) -> Vec<u8> {
         let mut data = rand_bytes(rows * nb * format.block_bytes(), seed);
@@ -572,13 +561,18 @@ mod tests {
                 let w = pack(format, &data, rows, cols);
                 // every element survives the repacking
                 let row_bytes = nb * format.block_bytes();
-                for r in 0..rows {
-                    let mut deq = vec![0f32; cols];
-                    kernels::dequant_row_reference(
-                        format,
-                        &data[r * row_bytes..(r + 1) * row_bytes],
-                        &mut deq,
-                    );
+                let deqs: Vec<Vec<f32>> = (0..rows)
+                    .map(|r| {
+                        let mut deq = vec![0f32; cols];
+                        kernels::dequant_row_reference(
+                            format,
+                            &data[r * row_bytes..(r + 1) * row_bytes],
+                            &mut deq,
+                        );
+                        deq
+                    })
+                    .collect();
+                for (r, deq) in deqs.iter().enumerate() {
                     let vals = w.vals(r);
                     for b in 0..nb {
                         for j in 0..QK {
@@ -630,13 +624,7 @@ mod tests {
                         .chunks_exact(QK)
                         .map(|b| QK as f32 * b.iter().fold(0f32, |a, v| a.max(v.abs())) / 254.0)
                         .sum();
-                    for r in 0..rows {
-                        let mut deq = vec![0f32; cols];
-                        kernels::dequant_row_reference(
-                            format,
-                            &data[r * row_bytes..(r + 1) * row_bytes],
-                            &mut deq,
-                        );
+                    for (r, deq) in deqs.iter().enumerate() {
                         let exact: f64 =
                             deq.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
                         let wmax = deq.iter().fold(0f32, |a, v| a.max(v.abs()));
