@@ -306,14 +306,14 @@ pub fn set_path(p: KernelPath) -> Result<(), String> {
     target_feature = "fma",
     target_feature = "f16c"
 ))]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::{BlockFormat, QK};
     use std::arch::x86_64::*;
 
     /// 16 lanes summed in a fixed order: high and low halves, then the 8-lane sum.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn hsum(v: __m512) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m512) -> f32 {
         // the high half through the f64 view: `extractf32x8` needs AVX-512DQ
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         let h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);

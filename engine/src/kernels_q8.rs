@@ -4,11 +4,14 @@
 //! `d = max|x| / 127`, `q = round(x / d)` (ties to even), `s = d · Σq`.
 //! Quantized weights are repacked once per linear into the form `vpdpbusd`
 //! reads ([`Packed`]): one unsigned byte per element (a 4-bit value or an
-//! 8-bit value plus 128), with an f32 scale `d` and offset `m` per block, so
+//! 8-bit value plus 128), with the block's f16 scale `d` and offset `m`, so
 //! `w · x ≈ Σ_b d_b·dx_b·Σ(u·q) + m_b·s_b` for every format:
 //! - Q4_0: `u = q4`, `m = −8d`;
 //! - Q4_1: `u = q4`, `m` = the block's minimum;
-//! - Q8_0: `u = q8 + 128`, `m = −128d`.
+//! - Q8_0: `u = q8 + 128`, `m = −128d`
+//!
+//! (for Q4_0 and Q8_0 the record stores `d` and [`Packed::m_scale`] applies the
+//! factor to the offsets' dot).
 //!
 //! Each output is one 16-lane f32 accumulator over the row's block pairs (an
 //! exact i32 dot per pair, converted and scaled), a fixed horizontal sum, plus
@@ -169,7 +172,7 @@ pub struct QuantX {
 /// vectorized and gives the same bytes, scales and sums).
 pub fn quantize_reference(x: &[f32], cols: usize) -> QuantX {
     let nb = cols / QK;
-    let t = x.len() / cols;
+    let t = x.len() / cols.max(1);
     let mut out = QuantX {
         cols,
         q: vec![0; t * cols],
@@ -206,7 +209,8 @@ pub fn quantize(x: &[f32], cols: usize) -> QuantX {
 }
 
 /// `out[t][r]` for rows `r0..r1` of `w` against every row of `x`, through
-/// `put(token, row, value)`. Only on the int8 path.
+/// `put(token, row, value)`: the VNNI kernels on the int8 path, their plain
+/// (slow) definition elsewhere.
 pub fn rows_times_tokens(
     w: &Packed,
     x: &QuantX,
@@ -287,6 +291,7 @@ fn value(w: &Packed, vals: &[u8], b: usize, j: usize) -> u8 {
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod vnni {
     use super::{Packed, QuantX, QK};
+    use crate::kernels_f32::avx512::hsum;
     use std::arch::x86_64::*;
 
     #[inline]
@@ -321,17 +326,6 @@ mod vnni {
             *out.s.get_unchecked_mut(bi) = d * sum as f32;
         }
         out
-    }
-
-    /// 16 lanes summed in a fixed order.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn hsum(v: __m512) -> f32 {
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        let h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-        let s = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// `a · b` over `n` values, `a` in f16: 16-lane FMAs, a fixed
