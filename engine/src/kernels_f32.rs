@@ -388,7 +388,7 @@ pub(crate) mod avx512 {
             let xv = [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))];
             for r in 0..R {
                 let p = rows[r].as_ptr().add(i * F::BYTES);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * R * rows[r].len()) as *const i8);
+                crate::kernels::prefetch(p.wrapping_add(2 * R * rows[r].len()));
                 let w = F::expand(p);
                 acc[r] = _mm512_fmadd_ps(w[0], xv[0], acc[r]);
                 acc[r] = _mm512_fmadd_ps(w[1], xv[1], acc[r]);
@@ -417,7 +417,7 @@ pub(crate) mod avx512 {
         let n = (row.len() / F::BYTES).min(out.len() / QK);
         for i in 0..n {
             let p = row.as_ptr().add(i * F::BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * row.len()) as *const i8);
+            crate::kernels::prefetch(p.wrapping_add(4 * row.len()));
             let w = F::expand(p);
             let o = out.as_mut_ptr().add(i * QK);
             _mm512_storeu_ps(o, w[0]);
@@ -556,7 +556,7 @@ mod avx2 {
                 let p = rows[r].as_ptr().add(i * F::BYTES);
                 // Rows are contiguous: touch the same block R rows further on, so
                 // the next group's weights stream in while this group computes.
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * R * rows[r].len()) as *const i8);
+                crate::kernels::prefetch(p.wrapping_add(2 * R * rows[r].len()));
                 let w = F::expand(p);
                 for k in 0..4 {
                     acc[r] = _mm256_fmadd_ps(w[k], xv[k], acc[r]);
@@ -583,7 +583,7 @@ mod avx2 {
         for i in 0..n {
             let p = row.as_ptr().add(i * F::BYTES);
             // the batched path expands four rows at a time: fetch four rows ahead
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * row.len()) as *const i8);
+            crate::kernels::prefetch(p.wrapping_add(4 * row.len()));
             let w = F::expand(p);
             let o = out.as_mut_ptr().add(i * QK);
             for (k, v) in w.iter().enumerate() {

@@ -294,6 +294,9 @@ mod vnni {
     use crate::kernels_f32::avx512::hsum;
     use std::arch::x86_64::*;
 
+    /// How many tiles ahead the weight records are prefetched.
+    const PF_TILES: usize = 4;
+
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn quantize(x: &[f32], cols: usize) -> QuantX {
@@ -376,13 +379,13 @@ mod vnni {
                 xv[t] = _mm512_loadu_si512(xq[t].add(p * 64) as *const _);
                 xs[t] = _mm_castsi128_ps(_mm_loadl_epi64(xd[t].add(2 * p) as *const __m128i));
             }
-            // the record of the row two tiles ahead, two cache lines per pair
+            // the record of the row `PF_TILES` tiles ahead, two cache lines per pair
             // (the hardware prefetcher alone leaves the loads waiting)
             if p * 128 < w.stride {
                 for rk in rec {
-                    let ahead = rk.wrapping_add(2 * R * w.stride + p * 128);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                    let ahead = rk.wrapping_add(PF_TILES * R * w.stride + p * 128);
+                    crate::kernels::prefetch(ahead);
+                    crate::kernels::prefetch(ahead.wrapping_add(64));
                 }
             }
             for k in 0..R {
@@ -476,6 +479,11 @@ mod vnni {
                     }
                 }
             }};
+        }
+        // the first tiles' records: the tiles' own prefetches run `PF_TILES` ahead
+        if r0 < r1 {
+            let end = (r0 + PF_TILES * 4).min(r1);
+            crate::kernels::prefetch_all(&w.data[r0 * w.stride..end * w.stride]);
         }
         let mut r = r0;
         while r < r1 {

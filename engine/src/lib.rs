@@ -22,6 +22,7 @@ pub mod safetensors;
 pub mod sampler;
 pub mod scheduler;
 pub mod stream;
+pub mod team;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 #[cfg(feature = "test-utils")]

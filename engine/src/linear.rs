@@ -11,7 +11,6 @@ use crate::kernels::{BlockFormat, QK};
 use crate::kernels_f32;
 use crate::kernels_q8::{self, Packed, QuantX};
 use candle_core::quantized::QMatMul;
-use rayon::prelude::*;
 
 pub enum Weight {
     Blocks { format: BlockFormat, data: Vec<u8> },
@@ -172,7 +171,14 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
 
     let total_rows: usize = lins.iter().map(|l| l.rows).sum();
     let threads = rayon::current_num_threads().max(1);
-    let chunk = (total_rows / (threads * 16)).clamp(8, 256);
+    // Jobs are contiguous row ranges, at most 1,024 rows. A few tokens (decode)
+    // stream the weights from memory: two jobs per thread and linear, so each
+    // job's rows are one long stream for the prefetchers (the team hands out
+    // the next job in nanoseconds; 16 per thread decoded 20-35% slower, each
+    // job paying a prefetch ramp). More tokens are compute-bound: eight per
+    // thread balance better (prefill 512 measured 336 → 429 tok/s against two).
+    let per = if t <= 4 { 2 } else { 8 };
+    let chunk = (total_rows / (threads * per)).clamp(8, 1024);
     let mut jobs = Vec::new();
     for (li, l) in lins.iter().enumerate() {
         if matches!(l.weight, Weight::Candle(_)) {
@@ -196,7 +202,8 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         packs: &packs,
         x: xq.as_ref(),
     };
-    jobs.par_iter().for_each(|&(li, r0, r1)| {
+    crate::team::for_each(jobs.len(), |j| {
+        let (li, r0, r1) = jobs[j];
         if wide {
             // SAFETY: the AVX-512 path is only chosen where the CPU and OS have it.
             #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
@@ -269,6 +276,8 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
             Weight::Blocks { format, data } if t < TILE_TOKENS => {
                 let rb = l.cols / QK * format.block_bytes();
                 let row = |r: usize| &data[r * rb..(r + 1) * rb];
+                // the first rows: `dot_rows` prefetches two tiles ahead
+                crate::kernels::prefetch_all(&data[r0 * rb..(r0 + 8).min(r1) * rb]);
                 for ti in 0..t {
                     let xs = &x[ti * l.cols..(ti + 1) * l.cols];
                     let mut r = r0;

@@ -6,7 +6,6 @@
 //! depend on what else is in the batch.
 
 use crate::linear::rows_times_tokens;
-use rayon::prelude::*;
 use retune_adapters::{LoraAdapter, LoraPair};
 
 /// A contiguous run of batch tokens and the adapter they use.
@@ -48,45 +47,41 @@ pub fn add_deltas(
         return;
     }
     // shrink, one job per adapter: xa = A x over its tokens
-    let shrunk: Vec<Vec<f32>> = groups
-        .par_iter()
-        .map(|(p, _, toks)| {
-            let xs: Vec<f32> = toks
-                .iter()
-                .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
-                .collect();
-            let mut xa = vec![0f32; toks.len() * p.rank];
-            let a_rows: Vec<&[f32]> = p.a.chunks_exact(cols).collect();
-            for r0 in (0..p.rank).step_by(4) {
-                let rws = &a_rows[r0..(r0 + 4).min(p.rank)];
-                rows_times_tokens(rws, &xs, cols, toks.len(), |ri, ti, v| {
-                    xa[ti * p.rank + r0 + ri] = v
-                });
-            }
-            xa
-        })
-        .collect();
+    let shrunk: Vec<Vec<f32>> = crate::team::map(groups.len(), |g| {
+        let (p, _, toks) = &groups[g];
+        let xs: Vec<f32> = toks
+            .iter()
+            .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
+            .collect();
+        let mut xa = vec![0f32; toks.len() * p.rank];
+        let a_rows: Vec<&[f32]> = p.a.chunks_exact(cols).collect();
+        for r0 in (0..p.rank).step_by(4) {
+            let rws = &a_rows[r0..(r0 + 4).min(p.rank)];
+            rows_times_tokens(rws, &xs, cols, toks.len(), |ri, ti, v| {
+                xa[ti * p.rank + r0 + ri] = v
+            });
+        }
+        xa
+    });
     // expand, one job per (adapter, block of output rows): d = B xa
     let jobs: Vec<(usize, usize)> = (0..groups.len())
         .flat_map(|g| (0..rows).step_by(EXPAND_ROWS).map(move |r| (g, r)))
         .collect();
-    let deltas: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|&(g, r0)| {
-            let (p, _, toks) = &groups[g];
-            let r1 = (r0 + EXPAND_ROWS).min(rows);
-            let w = r1 - r0;
-            let mut d = vec![0f32; toks.len() * w];
-            let b_rows: Vec<&[f32]> = p.b[r0 * p.rank..r1 * p.rank].chunks_exact(p.rank).collect();
-            for r in (0..w).step_by(4) {
-                let rws = &b_rows[r..(r + 4).min(w)];
-                rows_times_tokens(rws, &shrunk[g], p.rank, toks.len(), |ri, ti, v| {
-                    d[ti * w + r + ri] = v
-                });
-            }
-            d
-        })
-        .collect();
+    let deltas: Vec<Vec<f32>> = crate::team::map(jobs.len(), |j| {
+        let (g, r0) = jobs[j];
+        let (p, _, toks) = &groups[g];
+        let r1 = (r0 + EXPAND_ROWS).min(rows);
+        let w = r1 - r0;
+        let mut d = vec![0f32; toks.len() * w];
+        let b_rows: Vec<&[f32]> = p.b[r0 * p.rank..r1 * p.rank].chunks_exact(p.rank).collect();
+        for r in (0..w).step_by(4) {
+            let rws = &b_rows[r..(r + 4).min(w)];
+            rows_times_tokens(rws, &shrunk[g], p.rank, toks.len(), |ri, ti, v| {
+                d[ti * w + r + ri] = v
+            });
+        }
+        d
+    });
     for (&(g, r0), d) in jobs.iter().zip(&deltas) {
         let (p, _, toks) = &groups[g];
         let w = d.len() / toks.len();

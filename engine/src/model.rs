@@ -10,6 +10,7 @@ use crate::linear::{matmul_many, Linear, Weight};
 use crate::lora::{self, Span};
 use half::f16;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -384,15 +385,34 @@ impl Model {
             owner.extend(std::iter::repeat(i).take(it.tokens.len()));
         }
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (idx, o)| {
+        // (token, head) pairs in a few chunks per thread, each with one scores buffer
+        let pairs = q.len() / hd;
+        let per = pairs.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let chunks: Vec<&mut [f32]> = out.chunks_mut(per * hd).collect();
+        let chunks: Vec<Mutex<&mut [f32]>> = chunks.into_iter().map(Mutex::new).collect();
+        crate::team::for_each(chunks.len(), |c| {
+            let mut o = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
+            let mut scores = Vec::new();
+            for (k, o) in o.chunks_exact_mut(hd).enumerate() {
+                let idx = c * per + k;
                 let (ti, head) = (idx / nh, idx % nh);
                 let (keys, vals) = items[owner[ti]].kv.layer(layer);
                 let kvh = head / group;
                 let q = &q[idx * hd..(idx + 1) * hd];
-                attend_head(q, keys, vals, kd, kvh * hd, pos[ti] + 1, scale, scores, o);
-            });
+                attend_head(
+                    q,
+                    keys,
+                    vals,
+                    kd,
+                    kvh * hd,
+                    pos[ti] + 1,
+                    scale,
+                    &mut scores,
+                    o,
+                );
+            }
+        });
+        drop(chunks);
         out
     }
 }
