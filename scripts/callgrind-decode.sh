@@ -12,7 +12,8 @@
 # path, the instructions per forward call and the functions that take them
 # (inlined code counted in the function it was inlined into).
 # Valgrind 3.19 does not run AVX-512 code (its CPUID hides AVX-512), so only the
-# AVX2 path can be counted here; the others are reported as not available.
+# AVX2 paths (f32 and int8 activations) can be counted here; the others are
+# reported as not available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-$(scripts/fetch-model.sh)}"
@@ -23,7 +24,7 @@ paths=$(RETUNE_KERNELS=none "$BIN" generate --model "$MODEL" --max-tokens 1 --ra
   | sed -n 's/.*not available here (\(.*\)); using.*/\1/p')
 [ -n "$paths" ] || paths="AVX2"
 echo "kernel paths on this machine: $paths"
-for p in avx2 avx512 avx512vnni; do
+for p in avx2 avx2int8 avx512 avx512vnni; do
   RETUNE_KERNELS=$p RAYON_NUM_THREADS=1 valgrind --tool=callgrind \
     --callgrind-out-file="$OUT/callgrind.$p" \
     --toggle-collect='retune_engine::model::Model::forward' \

@@ -279,6 +279,7 @@ fn base_bytes(m: &retune_engine::Model) -> usize {
     use retune_engine::linear::{Linear, Weight};
     let size = |l: &Linear| match &l.weight {
         Weight::Blocks { data, .. } => data.len(),
+        Weight::Packed { packed, .. } => packed.data.len(),
         Weight::F32(w) => w.len() * 4,
         Weight::Candle(_) => 0,
     };

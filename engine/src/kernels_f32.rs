@@ -152,7 +152,7 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
 /// Which weight × activation kernels run on this machine: chosen once, at the
 /// first use, from what the CPU reports *and* the OS enables (std's detection
 /// reads XCR0: a CPU flag alone is not enough), or forced with
-/// `RETUNE_KERNELS=avx2|avx512|avx512vnni`. Within one machine every path gives
+/// `RETUNE_KERNELS=avx2|avx2int8|avx512|avx512vnni`. Within one machine every path gives
 /// bit-identical results for any batch size (each output is one accumulator of
 /// the path's width over the row, then a fixed horizontal sum). The f32 paths
 /// differ from each other in the last bits; the int8 path, which rounds each
@@ -163,6 +163,10 @@ pub enum KernelPath {
     Portable,
     /// 8-lane FMA (the x86-64-v3 build's baseline).
     Avx2,
+    /// AVX2 with int8 activations: the VNNI path's arithmetic through
+    /// `vpmaddubsw` + `vpmaddwd` ([`crate::kernels_q8`]), bit-identical to it;
+    /// f32 weights and dequantization as [`KernelPath::Avx2`].
+    Avx2Int8,
     /// 16-lane FMA (AVX-512F/BW).
     Avx512,
     /// AVX-512 with VNNI: quantized weights against int8 activations
@@ -176,6 +180,7 @@ impl KernelPath {
         match self {
             Self::Portable => "portable",
             Self::Avx2 => "AVX2",
+            Self::Avx2Int8 => "AVX2 (int8 activations)",
             Self::Avx512 => "AVX-512",
             Self::Avx512Vnni => "AVX-512 VNNI (int8 activations)",
         }
@@ -190,7 +195,7 @@ impl KernelPath {
     /// Quantized weights meet int8 activations on this path.
     #[inline]
     pub fn int8(self) -> bool {
-        matches!(self, Self::Avx512Vnni)
+        matches!(self, Self::Avx512Vnni | Self::Avx2Int8)
     }
 }
 
@@ -202,10 +207,11 @@ fn code(p: KernelPath) -> u8 {
         KernelPath::Avx2 => 2,
         KernelPath::Avx512 => 3,
         KernelPath::Avx512Vnni => 4,
+        KernelPath::Avx2Int8 => 5,
     }
 }
 
-/// The paths this machine can run, best last.
+/// The paths this machine can run, the default (the best) last.
 pub fn available_paths() -> Vec<KernelPath> {
     #[cfg(all(
         target_arch = "x86_64",
@@ -214,7 +220,9 @@ pub fn available_paths() -> Vec<KernelPath> {
         target_feature = "f16c"
     ))]
     {
-        let mut v = vec![KernelPath::Avx2];
+        // AVX2 with int8 activations decodes faster but prefills and batches
+        // slower than AVX2 in f32 (BENCHMARKS.md, 2026-12-04): not the default
+        let mut v = vec![KernelPath::Avx2Int8, KernelPath::Avx2];
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
@@ -243,6 +251,7 @@ fn detect() -> KernelPath {
     let best = *avail.last().unwrap_or(&KernelPath::Portable);
     match std::env::var("RETUNE_KERNELS").as_deref() {
         Ok("avx2") if avail.contains(&KernelPath::Avx2) => KernelPath::Avx2,
+        Ok("avx2int8") if avail.contains(&KernelPath::Avx2Int8) => KernelPath::Avx2Int8,
         Ok("avx512") if avail.contains(&KernelPath::Avx512) => KernelPath::Avx512,
         Ok("avx512vnni") if avail.contains(&KernelPath::Avx512Vnni) => KernelPath::Avx512Vnni,
         Ok(other) if !other.is_empty() && other != "auto" => {
@@ -269,6 +278,7 @@ pub fn path() -> KernelPath {
         2 => KernelPath::Avx2,
         3 => KernelPath::Avx512,
         4 => KernelPath::Avx512Vnni,
+        5 => KernelPath::Avx2Int8,
         _ => {
             let p = detect();
             PATH.store(code(p), std::sync::atomic::Ordering::Relaxed);

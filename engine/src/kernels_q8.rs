@@ -22,6 +22,8 @@
 //! [`KernelPath::Avx512Vnni`]: crate::kernels_f32::KernelPath::Avx512Vnni
 
 use crate::kernels::{BlockFormat, QK};
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+use crate::kernels_f32::KernelPath;
 use half::f16;
 
 /// A linear's weights in the compute form of the int8 kernels: one record
@@ -31,6 +33,7 @@ use half::f16;
 /// decode streams every weight once per token, and bytes decide its speed).
 /// Q4_1 stores its minimum `m`; Q4_0 and Q8_0 store `d` again, and `m_scale`
 /// (−8, −128) turns it into their offset.
+#[derive(Clone)]
 pub struct Packed {
     pub rows: usize,
     /// Blocks per row.
@@ -61,6 +64,66 @@ impl Packed {
             f16_at(rec, self.row_bytes + 2 * b),
             f16_at(rec, self.row_bytes + 2 * (self.nb + b)),
         )
+    }
+}
+
+impl Packed {
+    /// Block `b`'s f16 scale and offset slots of row `r`, as stored.
+    fn dm_bits(&self, r: usize, b: usize) -> ([u8; 2], [u8; 2]) {
+        let rec = self.record(r);
+        let (i, j) = (self.row_bytes + 2 * b, self.row_bytes + 2 * (self.nb + b));
+        ([rec[i], rec[i + 1]], [rec[j], rec[j + 1]])
+    }
+
+    /// Row `r` as f32, by GGUF's definition of `format` (the embedding lookup
+    /// of a weight kept only in this form).
+    pub fn dequant_row(&self, format: BlockFormat, r: usize, out: &mut [f32]) {
+        let vals = self.vals(r);
+        for (b, o) in out.chunks_exact_mut(QK).take(self.nb).enumerate() {
+            let (d, m) = self.dm(r, b);
+            for (j, o) in o.iter_mut().enumerate() {
+                let u = value(self, vals, b, j);
+                *o = match format {
+                    BlockFormat::Q4_0 => (u as i32 - 8) as f32 * d,
+                    BlockFormat::Q4_1 => u as f32 * d + m,
+                    BlockFormat::Q8_0 => (u as i32 - 128) as f32 * d,
+                };
+            }
+        }
+    }
+
+    /// The GGUF bytes this was packed from (`format` is the one it was packed
+    /// with): packing loses nothing.
+    pub fn unpack(&self, format: BlockFormat) -> Vec<u8> {
+        let bb = format.block_bytes();
+        let mut out = vec![0u8; self.rows * self.nb * bb];
+        for (r, row) in out.chunks_exact_mut(self.nb * bb).enumerate() {
+            let vals = self.vals(r);
+            for (b, blk) in row.chunks_exact_mut(bb).enumerate() {
+                let (d, m) = self.dm_bits(r, b);
+                blk[0..2].copy_from_slice(&d);
+                let u = |j: usize| value(self, vals, b, j);
+                match format {
+                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                        let at = if format == BlockFormat::Q4_1 {
+                            blk[2..4].copy_from_slice(&m);
+                            4
+                        } else {
+                            2
+                        };
+                        for j in 0..16 {
+                            blk[at + j] = u(j) | u(j + 16) << 4;
+                        }
+                    }
+                    BlockFormat::Q8_0 => {
+                        for j in 0..QK {
+                            blk[2 + j] = u(j).wrapping_sub(128);
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -199,18 +262,20 @@ pub fn quantize_reference(x: &[f32], cols: usize) -> QuantX {
 pub fn quantize(x: &[f32], cols: usize) -> QuantX {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     {
-        if crate::kernels_f32::path().int8() {
-            // SAFETY: the int8 path is only chosen where AVX-512F/BW/VL/VNNI
-            // are reported by the CPU and enabled by the OS.
-            return unsafe { vnni::quantize(x, cols) };
+        // SAFETY: each int8 path is only chosen where the CPU reports its
+        // features and the OS enables them (AVX2 is the build's baseline).
+        match crate::kernels_f32::path() {
+            KernelPath::Avx512Vnni => return unsafe { vnni::quantize(x, cols) },
+            KernelPath::Avx2Int8 => return unsafe { avx2q::quantize(x, cols) },
+            _ => {}
         }
     }
     quantize_reference(x, cols)
 }
 
 /// `out[t][r]` for rows `r0..r1` of `w` against every row of `x`, through
-/// `put(token, row, value)`: the VNNI kernels on the int8 path, their plain
-/// (slow) definition elsewhere.
+/// `put(token, row, value)`: the VNNI or AVX2 kernels on the int8 paths,
+/// their plain (slow) definition elsewhere.
 pub fn rows_times_tokens(
     w: &Packed,
     x: &QuantX,
@@ -220,9 +285,11 @@ pub fn rows_times_tokens(
 ) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     {
-        if crate::kernels_f32::path().int8() {
-            // SAFETY: as in `quantize`; every index is checked against `w` and `x`.
-            return unsafe { vnni::rows_times_tokens(w, x, r0, r1, put) };
+        // SAFETY: as in `quantize`; every index is checked against `w` and `x`.
+        match crate::kernels_f32::path() {
+            KernelPath::Avx512Vnni => return unsafe { vnni::rows_times_tokens(w, x, r0, r1, put) },
+            KernelPath::Avx2Int8 => return unsafe { avx2q::rows_times_tokens(w, x, r0, r1, put) },
+            _ => {}
         }
     }
     reference_rows_times_tokens(w, x, r0, r1, put)
@@ -288,14 +355,82 @@ fn value(w: &Packed, vals: &[u8], b: usize, j: usize) -> u8 {
     }
 }
 
+/// How many tiles ahead the weight records are prefetched.
+const PF_TILES: usize = 4;
+
+#[inline(always)]
+fn emit<const R: usize, const N: usize>(
+    o: [[f32; N]; R],
+    r: usize,
+    ti: usize,
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    for (k, row) in o.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            put(ti + j, r + k, *v);
+        }
+    }
+}
+
+/// Rows `r0..r1` (clamped to the weight) against every token of `x` in
+/// tiles of 4 rows × up to 4 tokens, with a module's `tile` (each int8 path
+/// expands it inside its own `target_feature` function, so tiles inline).
+macro_rules! drive {
+    ($w:expr, $x:expr, $r0:expr, $r1:expr, $put:expr, $tile:ident) => {{
+        let (w, x, r0): (&Packed, &QuantX, usize) = ($w, $x, $r0);
+        let mut put = $put;
+        let r1 = $r1.min(w.rows);
+        let t = if x.cols == w.nb * QK && w.nb > 0 {
+            (x.q.len() / x.cols)
+                .min(x.d.len() / w.nb)
+                .min(x.s.len() / w.nb)
+        } else {
+            0
+        };
+        if w.data.len() < w.rows * w.stride || w.stride != w.row_bytes + 4 * w.nb {
+            return;
+        }
+        // the first tiles' records: the tiles' own prefetches run `PF_TILES` ahead
+        if r0 < r1 {
+            let end = (r0 + PF_TILES * 4).min(r1);
+            crate::kernels::prefetch_all(&w.data[r0 * w.stride..end * w.stride]);
+        }
+        let mut r = r0;
+        while r < r1 {
+            let four = r + 4 <= r1;
+            let mut ti = 0;
+            while ti < t {
+                let p = &mut put;
+                match (w.nibbles, four, t - ti) {
+                    (true, true, 1) => super::emit($tile::<true, 4, 1>(w, x, r, ti), r, ti, p),
+                    (true, true, 2) => super::emit($tile::<true, 4, 2>(w, x, r, ti), r, ti, p),
+                    (true, true, 3) => super::emit($tile::<true, 4, 3>(w, x, r, ti), r, ti, p),
+                    (true, true, _) => super::emit($tile::<true, 4, 4>(w, x, r, ti), r, ti, p),
+                    (true, false, 1) => super::emit($tile::<true, 1, 1>(w, x, r, ti), r, ti, p),
+                    (true, false, 2) => super::emit($tile::<true, 1, 2>(w, x, r, ti), r, ti, p),
+                    (true, false, 3) => super::emit($tile::<true, 1, 3>(w, x, r, ti), r, ti, p),
+                    (true, false, _) => super::emit($tile::<true, 1, 4>(w, x, r, ti), r, ti, p),
+                    (false, true, 1) => super::emit($tile::<false, 4, 1>(w, x, r, ti), r, ti, p),
+                    (false, true, 2) => super::emit($tile::<false, 4, 2>(w, x, r, ti), r, ti, p),
+                    (false, true, 3) => super::emit($tile::<false, 4, 3>(w, x, r, ti), r, ti, p),
+                    (false, true, _) => super::emit($tile::<false, 4, 4>(w, x, r, ti), r, ti, p),
+                    (false, false, 1) => super::emit($tile::<false, 1, 1>(w, x, r, ti), r, ti, p),
+                    (false, false, 2) => super::emit($tile::<false, 1, 2>(w, x, r, ti), r, ti, p),
+                    (false, false, 3) => super::emit($tile::<false, 1, 3>(w, x, r, ti), r, ti, p),
+                    (false, false, _) => super::emit($tile::<false, 1, 4>(w, x, r, ti), r, ti, p),
+                }
+                ti += 4;
+            }
+            r += if four { 4 } else { 1 };
+        }
+    }};
+}
+
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod vnni {
-    use super::{Packed, QuantX, QK};
+    use super::{Packed, QuantX, PF_TILES, QK};
     use crate::kernels_f32::avx512::hsum;
     use std::arch::x86_64::*;
-
-    /// How many tiles ahead the weight records are prefetched.
-    const PF_TILES: usize = 4;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -445,65 +580,234 @@ mod vnni {
         out
     }
 
-    /// Rows `r0..r1` (clamped to the weight) against every token of `x`, in
-    /// tiles of 4 rows × 4 tokens.
+    /// Rows `r0..r1` (clamped to the weight) against every token of `x`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn rows_times_tokens(
         w: &Packed,
         x: &QuantX,
         r0: usize,
         r1: usize,
-        mut put: impl FnMut(usize, usize, f32),
+        put: impl FnMut(usize, usize, f32),
     ) {
-        let r1 = r1.min(w.rows);
-        let t = if x.cols == w.nb * QK && w.nb > 0 {
-            (x.q.len() / x.cols)
-                .min(x.d.len() / w.nb)
-                .min(x.s.len() / w.nb)
-        } else {
-            0
+        drive!(w, x, r0, r1, put, tile);
+    }
+}
+
+/// The int8 kernels with AVX2 alone (no VNNI): `vpmaddubsw` then `vpmaddwd`
+/// give the i32 lanes `vpdpbusd` gives (four byte products each, exact), and
+/// the VNNI kernels' 16-lane accumulator is two 8-lane halves here, combined
+/// in the same order: the results are the VNNI path's, bit for bit. Q8_0's
+/// unsigned values (`q + 128`) would overflow `vpmaddubsw`'s 16-bit sums, so
+/// they are taken as `|q| · sign(x)` plus `128 · Σx`, the same integer.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+mod avx2q {
+    use super::{Packed, QuantX, PF_TILES, QK};
+    use crate::kernels::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize(x: &[f32], cols: usize) -> QuantX {
+        let nb = cols / QK;
+        let t = x.len() / cols.max(1);
+        let mut out = QuantX {
+            cols,
+            q: vec![0; t * cols],
+            d: vec![0.0; t * nb],
+            s: vec![0.0; t * nb],
         };
-        if w.data.len() < w.rows * w.stride || w.stride != w.row_bytes + 4 * w.nb {
-            return;
+        let sign = _mm256_set1_ps(-0.0);
+        // packs interleave 4-byte groups by 128-bit lane; this puts them back
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for bi in 0..t * nb {
+            let p = x.as_ptr().add(bi * QK);
+            let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(p.add(8 * k)));
+            let a = v.map(|vk| _mm256_andnot_ps(sign, vk));
+            let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let idv = _mm256_set1_ps(id);
+            // rounds to nearest, ties to even (the default MXCSR mode)
+            let q = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, idv)));
+            let b = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let b = _mm256_permutevar8x32_epi32(b, order);
+            _mm256_storeu_si256(out.q.as_mut_ptr().add(bi * QK) as *mut __m256i, b);
+            let s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s4 = _mm_add_epi32(
+                _mm256_castsi256_si128(s8),
+                _mm256_extracti128_si256::<1>(s8),
+            );
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+            *out.d.get_unchecked_mut(bi) = d;
+            *out.s.get_unchecked_mut(bi) = d * sum as f32;
         }
-        macro_rules! run {
-            ($r:expr, $rows:literal, $ti:expr, $n:literal) => {{
-                let o = if w.nibbles {
-                    tile::<true, $rows, $n>(w, x, $r, $ti)
-                } else {
-                    tile::<false, $rows, $n>(w, x, $r, $ti)
-                };
-                for (k, row) in o.iter().enumerate() {
-                    for (j, val) in row.iter().enumerate() {
-                        put($ti + j, $r + k, *val);
+        out
+    }
+
+    /// As the VNNI kernels' `dot_f16_f32`: 16 lanes (two halves of 8), the
+    /// same horizontal sum, then the remainder in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16_f32(a: *const u8, b: *const f32, n: usize) -> f32 {
+        let mut lo = _mm256_setzero_ps();
+        let mut hi = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let al = _mm256_cvtph_ps(_mm_loadu_si128(a.add(2 * i) as *const __m128i));
+            let ah = _mm256_cvtph_ps(_mm_loadu_si128(a.add(2 * i + 16) as *const __m128i));
+            lo = _mm256_fmadd_ps(al, _mm256_loadu_ps(b.add(i)), lo);
+            hi = _mm256_fmadd_ps(ah, _mm256_loadu_ps(b.add(i + 8)), hi);
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(lo, hi));
+        while i < n {
+            let h = (a.add(2 * i) as *const u16).read_unaligned();
+            s += half::f16::from_bits(h).to_f32() * *b.add(i);
+            i += 1;
+        }
+        s
+    }
+
+    /// Σ over each 4-byte group of `u · x` (`u` unsigned, at most 15, or as
+    /// below), 8 i32 lanes.
+    #[inline(always)]
+    unsafe fn dot4(u: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+    }
+
+    /// `dot4` for Q8_0's `u = q + 128`: `|q| · sign(x, q)` plus the
+    /// activations' `128 · Σx` (`x128`), exact in 16 bits (|q| ≤ 128, |x| ≤ 127).
+    #[inline(always)]
+    unsafe fn dot4_q8(u: __m256i, x: __m256i, x128: __m256i) -> __m256i {
+        let q = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+        _mm256_add_epi32(dot4(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)), x128)
+    }
+
+    /// A register tile of R rows × N tokens over whole rows (`NIB`: 4-bit values).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const NIB: bool, const R: usize, const N: usize>(
+        w: &Packed,
+        x: &QuantX,
+        r: usize,
+        ti: usize,
+    ) -> [[f32; N]; R] {
+        let nb = w.nb;
+        let cols = x.cols;
+        let pairs = nb / 2;
+        let low = _mm256_set1_epi8(0x0F);
+        let k128 = _mm256_set1_epi8(-128);
+        let rec: [*const u8; R] = std::array::from_fn(|k| w.data.as_ptr().add((r + k) * w.stride));
+        let wd: [*const u8; R] = std::array::from_fn(|k| rec[k].add(w.row_bytes));
+        let xq: [*const i8; N] = std::array::from_fn(|k| x.q.as_ptr().add((ti + k) * cols));
+        let xd: [*const f32; N] = std::array::from_fn(|k| x.d.as_ptr().add((ti + k) * nb));
+        // lanes 0-7 of the VNNI accumulator (the pair's first block), 8-15 (its second)
+        let mut lo = [[_mm256_setzero_ps(); N]; R];
+        let mut hi = [[_mm256_setzero_ps(); N]; R];
+        for p in 0..pairs {
+            let mut xv = [[_mm256_setzero_si256(); 2]; N];
+            let mut x128 = [[_mm256_setzero_si256(); 2]; N];
+            let mut xs = [_mm_setzero_ps(); N];
+            for t in 0..N {
+                for h in 0..2 {
+                    xv[t][h] = _mm256_loadu_si256(xq[t].add(p * 64 + 32 * h) as *const __m256i);
+                    if !NIB {
+                        x128[t][h] = dot4(k128, xv[t][h]);
                     }
                 }
-            }};
-        }
-        // the first tiles' records: the tiles' own prefetches run `PF_TILES` ahead
-        if r0 < r1 {
-            let end = (r0 + PF_TILES * 4).min(r1);
-            crate::kernels::prefetch_all(&w.data[r0 * w.stride..end * w.stride]);
-        }
-        let mut r = r0;
-        while r < r1 {
-            let four = r + 4 <= r1;
-            let mut ti = 0;
-            while ti < t {
-                match (four, t - ti) {
-                    (true, 1) => run!(r, 4, ti, 1),
-                    (true, 2) => run!(r, 4, ti, 2),
-                    (true, 3) => run!(r, 4, ti, 3),
-                    (true, _) => run!(r, 4, ti, 4),
-                    (false, 1) => run!(r, 1, ti, 1),
-                    (false, 2) => run!(r, 1, ti, 2),
-                    (false, 3) => run!(r, 1, ti, 3),
-                    (false, _) => run!(r, 1, ti, 4),
-                }
-                ti += 4;
+                xs[t] = _mm_castsi128_ps(_mm_loadl_epi64(xd[t].add(2 * p) as *const __m128i));
             }
-            r += if four { 4 } else { 1 };
+            if p * 128 < w.stride {
+                for rk in rec {
+                    let ahead = rk.wrapping_add(PF_TILES * R * w.stride + p * 128);
+                    crate::kernels::prefetch(ahead);
+                    crate::kernels::prefetch(ahead.wrapping_add(64));
+                }
+            }
+            for k in 0..R {
+                let wv = if NIB {
+                    let y = _mm256_loadu_si256(rec[k].add(p * 32) as *const __m256i);
+                    [
+                        _mm256_and_si256(y, low),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(y), low),
+                    ]
+                } else {
+                    [
+                        _mm256_loadu_si256(rec[k].add(p * 64) as *const __m256i),
+                        _mm256_loadu_si256(rec[k].add(p * 64 + 32) as *const __m256i),
+                    ]
+                };
+                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (wd[k].add(4 * p) as *const i32).read_unaligned(),
+                ));
+                for t in 0..N {
+                    let sc = _mm256_castps128_ps256(_mm_mul_ps(ds, xs[t]));
+                    let (d0, d1) = if NIB {
+                        (dot4(wv[0], xv[t][0]), dot4(wv[1], xv[t][1]))
+                    } else {
+                        (
+                            dot4_q8(wv[0], xv[t][0], x128[t][0]),
+                            dot4_q8(wv[1], xv[t][1], x128[t][1]),
+                        )
+                    };
+                    let s0 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(0));
+                    let s1 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(1));
+                    lo[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), s0, lo[k][t]);
+                    hi[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), s1, hi[k][t]);
+                }
+            }
         }
+        let mut out = [[0f32; N]; R];
+        for k in 0..R {
+            for t in 0..N {
+                let mut s = hsum(_mm256_add_ps(lo[k][t], hi[k][t]));
+                if nb % 2 == 1 {
+                    // the unpaired last block
+                    let b = nb - 1;
+                    let xv = _mm256_loadu_si256(xq[t].add(b * QK) as *const __m256i);
+                    let dot = if NIB {
+                        let q = _mm_loadu_si128(rec[k].add(pairs * 32) as *const __m128i);
+                        let y = _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(q),
+                            _mm_srli_epi16::<4>(q),
+                        );
+                        dot4(_mm256_and_si256(y, low), xv)
+                    } else {
+                        let u = _mm256_loadu_si256(rec[k].add(pairs * 64) as *const __m256i);
+                        dot4_q8(u, xv, dot4(k128, xv))
+                    };
+                    let dw =
+                        half::f16::from_bits((wd[k].add(2 * b) as *const u16).read_unaligned())
+                            .to_f32();
+                    let f =
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * *xd[t].add(b)));
+                    s += hsum(f);
+                }
+                let off = dot_f16_f32(wd[k].add(2 * nb), x.s.as_ptr().add((ti + t) * nb), nb);
+                out[k][t] = s + w.m_scale * off;
+            }
+        }
+        out
+    }
+
+    /// Rows `r0..r1` (clamped to the weight) against every token of `x`, in
+    /// tiles of 4 rows × 4 tokens.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_times_tokens(
+        w: &Packed,
+        x: &QuantX,
+        r0: usize,
+        r1: usize,
+        put: impl FnMut(usize, usize, f32),
+    ) {
+        drive!(w, x, r0, r1, put, tile);
     }
 }
 
@@ -547,15 +851,37 @@ mod tests {
         out
     }
 
-    /// On this machine's best path: the packed form holds every weight, the
-    /// vectorized quantization is the reference's, every tile shape gives the
-    /// same bits for a row, and the result is within int8 rounding of the
-    /// f32 dot of the dequantized weights.
+    /// On each int8 path of this machine: the packed form holds every weight,
+    /// the vectorized quantization is the reference's, every tile shape gives
+    /// the same bits for a row, the result is within int8 rounding of the f32
+    /// dot of the dequantized weights, and the paths give the same bits.
     #[test]
     fn int8_kernels_agree_with_their_definition_for_any_tile() {
-        let best = *kernels_f32::available_paths().last().unwrap();
-        kernels_f32::set_path(best).unwrap();
-        eprintln!("path: {}", best.name());
+        let paths: Vec<KernelPath> = kernels_f32::available_paths()
+            .into_iter()
+            .filter(|p| p.int8())
+            .collect();
+        let mut first: Option<(KernelPath, Vec<Vec<u32>>)> = None;
+        for &path in &paths {
+            kernels_f32::set_path(path).unwrap();
+            assert_eq!(kernels_f32::path(), path);
+            eprintln!("path: {}", path.name());
+            let bits = check_int8_path();
+            match &first {
+                None => first = Some((path, bits)),
+                Some((p0, b0)) => assert!(
+                    *b0 == bits,
+                    "{} and {} give different bits",
+                    p0.name(),
+                    path.name()
+                ),
+            }
+        }
+    }
+
+    /// The checks of one path; returns the bits of every batch output.
+    fn check_int8_path() -> Vec<Vec<u32>> {
+        let mut outputs = Vec::new();
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
             for nb in [18usize, 7, 1] {
                 let (rows, cols, t) = (11, nb * QK, 9);
@@ -589,6 +915,18 @@ mod tests {
                         }
                     }
                 }
+                // packing loses nothing, and the packed form's own
+                // dequantization is GGUF's
+                assert!(w.unpack(format) == data, "{format:?} nb {nb}: unpack");
+                for (r, deq) in deqs.iter().enumerate() {
+                    let mut got = vec![f32::NAN; cols];
+                    w.dequant_row(format, r, &mut got);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        deq.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{format:?} nb {nb} row {r}: dequant_row"
+                    );
+                }
                 let xs = acts(t, cols, 17 + nb as u64);
                 let xq = quantize(&xs, cols);
                 let xr = quantize_reference(&xs, cols);
@@ -602,6 +940,7 @@ mod tests {
                     xr.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 );
                 let all = run(&w, &xq, t, 0, rows);
+                outputs.push(all.iter().map(|v| v.to_bits()).collect());
                 // one token at a time and one row at a time: the same bits
                 for ti in 0..t {
                     let one = quantize(&xs[ti * cols..(ti + 1) * cols], cols);
@@ -645,9 +984,6 @@ mod tests {
                 }
             }
         }
-        assert!(
-            best != KernelPath::Avx512Vnni || kernels_f32::path().int8(),
-            "the VNNI path ran"
-        );
+        outputs
     }
 }

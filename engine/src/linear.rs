@@ -13,7 +13,17 @@ use crate::kernels_q8::{self, Packed, QuantX};
 use candle_core::quantized::QMatMul;
 
 pub enum Weight {
-    Blocks { format: BlockFormat, data: Vec<u8> },
+    Blocks {
+        format: BlockFormat,
+        data: Vec<u8>,
+    },
+    /// Block weights kept only in the int8 kernels' form ([`Linear::prepare`]
+    /// on an int8 path drops the GGUF bytes, which would double the resident
+    /// weights); where the GGUF bytes are needed they are rebuilt, losslessly.
+    Packed {
+        format: BlockFormat,
+        packed: Packed,
+    },
     F32(Vec<f32>),
     Candle(QMatMul),
 }
@@ -27,6 +37,9 @@ pub struct Linear {
     /// ([`Linear::prepare`] or the first use). The weights are immutable once
     /// packed: change `weight` only on a linear that has not run on it.
     packed: std::sync::OnceLock<Packed>,
+    /// The GGUF bytes of a [`Weight::Packed`], rebuilt on the first call that
+    /// needs them (an f32 kernel path chosen later, a device upload).
+    gguf: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl Linear {
@@ -34,6 +47,12 @@ impl Linear {
         let ok = match &weight {
             Weight::Blocks { format, data } => {
                 cols % QK == 0 && data.len() == rows * cols / QK * format.block_bytes()
+            }
+            Weight::Packed { packed, .. } => {
+                cols % QK == 0
+                    && packed.rows == rows
+                    && packed.nb * QK == cols
+                    && packed.data.len() == rows * packed.stride
             }
             Weight::F32(w) => w.len() == rows * cols,
             Weight::Candle(_) => true,
@@ -51,6 +70,7 @@ impl Linear {
             weight,
             bias,
             packed: std::sync::OnceLock::new(),
+            gguf: std::sync::OnceLock::new(),
         })
     }
 
@@ -62,13 +82,39 @@ impl Linear {
                 self.packed
                     .get_or_init(|| kernels_q8::pack(*format, data, self.rows, self.cols)),
             ),
+            Weight::Packed { packed, .. } if kernels_f32::path().int8() => Some(packed),
             _ => None,
         }
     }
 
-    /// Build what the kernel path in use needs before the first request.
-    pub fn prepare(&self) {
-        let _ = self.packed();
+    /// Block weights in GGUF's bytes (rebuilt once from a [`Weight::Packed`]).
+    pub fn blocks(&self) -> Option<(BlockFormat, &[u8])> {
+        match &self.weight {
+            Weight::Blocks { format, data } => Some((*format, data)),
+            Weight::Packed { format, packed } => {
+                Some((*format, self.gguf.get_or_init(|| packed.unpack(*format))))
+            }
+            _ => None,
+        }
+    }
+
+    /// Build what the kernel path in use needs before the first request. On
+    /// an int8 path block weights are repacked and their GGUF bytes dropped
+    /// (returns whether that happened).
+    pub fn prepare(&mut self) -> bool {
+        if !kernels_f32::path().int8() {
+            return false;
+        }
+        if let Weight::Blocks { format, data } = &self.weight {
+            let format = *format;
+            let packed = self
+                .packed
+                .take()
+                .unwrap_or_else(|| kernels_q8::pack(format, data, self.rows, self.cols));
+            self.weight = Weight::Packed { format, packed };
+            return true;
+        }
+        false
     }
 
     /// Copy row `r` as f32 into `out` (embedding lookup on tied weights).
@@ -78,6 +124,7 @@ impl Linear {
                 let rb = self.cols / QK * format.block_bytes();
                 kernels_f32::dequant_row(*format, &data[r * rb..(r + 1) * rb], out);
             }
+            Weight::Packed { format, packed } => packed.dequant_row(*format, r, out),
             Weight::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
             Weight::Candle(_) => {
                 return Err(EngineError::InvalidRequest(
@@ -272,8 +319,8 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
             kernels_q8::rows_times_tokens(p, xq, r0, r1, write);
             return;
         }
-        match &l.weight {
-            Weight::Blocks { format, data } if t < TILE_TOKENS => {
+        match (l.blocks(), &l.weight) {
+            (Some((format, data)), _) if t < TILE_TOKENS => {
                 let rb = l.cols / QK * format.block_bytes();
                 let row = |r: usize| &data[r * rb..(r + 1) * rb];
                 // the first rows: `dot_rows` prefetches two tiles ahead
@@ -283,7 +330,7 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
                     let mut r = r0;
                     while r + 4 <= r1 {
                         let v = kernels_f32::dot_rows::<4>(
-                            *format,
+                            format,
                             [row(r), row(r + 1), row(r + 2), row(r + 3)],
                             xs,
                         );
@@ -293,26 +340,26 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
                         r += 4;
                     }
                     for r in r..r1 {
-                        let [v] = kernels_f32::dot_rows::<1>(*format, [row(r)], xs);
+                        let [v] = kernels_f32::dot_rows::<1>(format, [row(r)], xs);
                         write(ti, r, v);
                     }
                 }
             }
-            Weight::Blocks { format, data } => {
+            (Some((format, data)), _) => {
                 let rb = l.cols / QK * format.block_bytes();
                 let mut scratch = vec![0f32; TILE_ROWS * l.cols];
                 let mut r = r0;
                 while r < r1 {
                     let n = (r1 - r).min(TILE_ROWS);
                     for (i, w) in scratch.chunks_exact_mut(l.cols).take(n).enumerate() {
-                        kernels_f32::dequant_row(*format, &data[(r + i) * rb..(r + i + 1) * rb], w);
+                        kernels_f32::dequant_row(format, &data[(r + i) * rb..(r + i + 1) * rb], w);
                     }
                     let rows: Vec<&[f32]> = scratch.chunks_exact(l.cols).take(n).collect();
                     rows_times_tokens(&rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
                     r += n;
                 }
             }
-            Weight::F32(w) => {
+            (None, Weight::F32(w)) => {
                 let mut r = r0;
                 while r < r1 {
                     let n = (r1 - r).min(TILE_ROWS);
@@ -323,7 +370,7 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
                     r += n;
                 }
             }
-            Weight::Candle(_) => {}
+            (None, _) => {}
         }
     }
     for (l, out) in lins.iter().zip(outs.iter_mut()) {

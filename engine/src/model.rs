@@ -124,13 +124,36 @@ impl Model {
 
     /// Build what the kernel path in use needs (the int8 path's packed
     /// weights) now, not at the first request.
-    fn prepare_kernels(&self) {
-        let mut lins: Vec<&Linear> = vec![&self.embed];
-        lins.extend(self.lm_head.as_ref());
-        for l in &self.layers {
-            lins.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+    fn prepare_kernels(&mut self) {
+        let mut lins: Vec<&mut Linear> = vec![&mut self.embed];
+        lins.extend(self.lm_head.as_mut());
+        for l in &mut self.layers {
+            lins.extend([
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ]);
         }
-        lins.par_iter().for_each(|l| l.prepare());
+        // every linear: `any` would stop at the first one repacked
+        let repacked = lins
+            .into_par_iter()
+            .map(|l| l.prepare())
+            .filter(|&r| r)
+            .count()
+            > 0;
+        // the dropped GGUF bytes lie between live blocks of the heap, where
+        // glibc keeps them resident until asked to give them back
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if repacked {
+            // SAFETY: malloc_trim only returns free pages to the OS.
+            unsafe { libc::malloc_trim(0) };
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        let _ = repacked;
     }
 
     /// Projection shapes LoRA adapters are validated against (HF module order).
@@ -168,9 +191,12 @@ impl Model {
         fn linear(h: &mut Sha256, name: &str, l: &Linear) -> Result<()> {
             h.update(format!("{name}:{}x{}", l.rows, l.cols));
             match &l.weight {
-                Weight::Blocks { format, data } => {
-                    h.update(format!("{format:?}"));
-                    h.update(data);
+                // the GGUF bytes, whichever form the weight is kept in
+                Weight::Blocks { .. } | Weight::Packed { .. } => {
+                    if let Some((format, data)) = l.blocks() {
+                        h.update(format!("{format:?}"));
+                        h.update(data);
+                    }
                 }
                 Weight::F32(w) => floats(h, w),
                 Weight::Candle(candle_core::quantized::QMatMul::QTensor(q)) => {

@@ -130,7 +130,7 @@ impl Team {
                 }
                 std::hint::spin_loop();
                 spins = spins.wrapping_add(1);
-                if spins % 1024 == 0 && t0.elapsed() > SPIN {
+                if spins.is_multiple_of(1024) && t0.elapsed() > SPIN {
                     let mut g = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
                     self.sleepers.fetch_add(1, SeqCst);
                     while self.state.load(SeqCst) >> 32 == seen {

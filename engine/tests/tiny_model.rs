@@ -633,6 +633,10 @@ fn the_base_fingerprint_covers_every_weight() {
                 format: *format,
                 data: data.clone(),
             },
+            Weight::Packed { format, packed } => Weight::Packed {
+                format: *format,
+                packed: packed.clone(),
+            },
             Weight::Candle(_) => panic!("tiny models load as plain weights"),
         };
         retune_engine::linear::Linear::new(l.rows, l.cols, w, l.bias.clone()).unwrap()
@@ -660,6 +664,7 @@ fn the_base_fingerprint_covers_every_weight() {
     match &mut layers[last].down.weight {
         Weight::F32(w) => w[7] += 1e-3,
         Weight::Blocks { data, .. } => data[5] ^= 1,
+        Weight::Packed { packed, .. } => packed.data[5] ^= 1,
         Weight::Candle(_) => panic!("tiny models load as plain weights"),
     }
     assert_ne!(rebuilt(layers).unwrap().fingerprint(), fp);

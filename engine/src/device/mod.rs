@@ -77,6 +77,13 @@ pub struct DeviceModel {
 fn host_f32(l: Linear) -> Result<Vec<f32>> {
     Ok(match l.weight {
         Weight::F32(w) => w,
+        Weight::Packed { format, packed } => {
+            let mut out = vec![0f32; l.rows * l.cols];
+            for (r, o) in out.chunks_exact_mut(l.cols).enumerate() {
+                packed.dequant_row(format, r, o);
+            }
+            out
+        }
         Weight::Blocks { format, data } => {
             let rb = data.len() / l.rows.max(1);
             let mut out = vec![0f32; l.rows * l.cols];
@@ -95,17 +102,15 @@ fn host_f32(l: Linear) -> Result<Vec<f32>> {
 }
 
 fn ggml_of(l: &Linear) -> Option<(GgmlDType, &[u8])> {
-    match &l.weight {
-        Weight::Blocks { format, data } => Some((
-            match format {
-                crate::kernels::BlockFormat::Q4_0 => GgmlDType::Q4_0,
-                crate::kernels::BlockFormat::Q4_1 => GgmlDType::Q4_1,
-                crate::kernels::BlockFormat::Q8_0 => GgmlDType::Q8_0,
-            },
-            data,
-        )),
-        _ => None,
-    }
+    let (format, data) = l.blocks()?;
+    Some((
+        match format {
+            crate::kernels::BlockFormat::Q4_0 => GgmlDType::Q4_0,
+            crate::kernels::BlockFormat::Q4_1 => GgmlDType::Q4_1,
+            crate::kernels::BlockFormat::Q8_0 => GgmlDType::Q8_0,
+        },
+        data,
+    ))
 }
 
 impl DeviceModel {
