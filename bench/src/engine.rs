@@ -153,6 +153,12 @@ pub struct EngineArgs {
     /// full table.
     #[arg(long)]
     all_kernels: bool,
+    /// Alternate retune's single-stream decode and prefill with `llama-bench`
+    /// this many times (needs --llama-bench) and report each round's ratios
+    /// and their medians, instead of the full table: one llama-bench run
+    /// moves by ±15% on this machine kind.
+    #[arg(long)]
+    alternate: Option<usize>,
     /// Keep the synthetic adapters in this directory (with --lora).
     #[arg(long)]
     keep_adapters: Option<PathBuf>,
@@ -195,6 +201,12 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     let (pp, tg) = (med(&mut pp), med(&mut tg));
     if args.all_kernels {
         return compare_kernels(&engine, &prompt, decode_tokens, llama.as_deref(), &path);
+    }
+    if let Some(rounds) = args.alternate {
+        let Some(b) = &llama else {
+            bail!("--alternate needs --llama-bench (or LLAMA_BENCH)");
+        };
+        return alternate(&engine, &prompt, decode_tokens, Path::new(b), &path, rounds);
     }
     println!("| metric | retune | llama.cpp | ratio |\n|---|---|---|---|");
     let theirs = match &llama {
@@ -271,6 +283,50 @@ fn compare_kernels(
     if let Some((pp, tg)) = theirs {
         println!("| llama.cpp (llama-bench, same run) | {pp:.1} | {tg:.1} | |");
     }
+    Ok(())
+}
+
+/// Rounds of (retune, then llama-bench): prefill 512 and single-stream decode
+/// each, the ratio per round, and the medians.
+fn alternate(
+    engine: &Engine,
+    prompt: &[u32],
+    decode_tokens: usize,
+    llama: &Path,
+    model: &Path,
+    rounds: usize,
+) -> Result<()> {
+    println!("{}", retune_engine::cpu::describe());
+    println!("\n| round | retune prefill tok/s | llama.cpp prefill | ratio | retune decode tok/s | llama.cpp decode | ratio |\n|---|---|---|---|---|---|---|");
+    let (mut pr, mut dr) = (Vec::new(), Vec::new());
+    for i in 0..rounds.max(1) {
+        let (ttft, _, _) = timed(engine, req(prompt.to_vec(), 1))?;
+        let pp = prompt.len() as f64 / ttft;
+        let (_, rest, n) = timed(engine, req(prompt[..16].to_vec(), decode_tokens))?;
+        let tg = (n - 1) as f64 / rest;
+        let (lpp, ltg) = llama_bench(llama, model)?;
+        pr.push(pp / lpp);
+        dr.push(tg / ltg);
+        println!(
+            "| {} | {pp:.1} | {lpp:.1} | {:.2}x | {tg:.1} | {ltg:.1} | {:.2}x |",
+            i + 1,
+            pp / lpp,
+            tg / ltg
+        );
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (lo, hi) = (
+        dr.iter().copied().fold(f64::INFINITY, f64::min),
+        dr.iter().copied().fold(0.0, f64::max),
+    );
+    println!(
+        "\nmedian ratios: prefill {:.2}x, decode {:.2}x (decode range {lo:.2}x to {hi:.2}x)",
+        med(&mut pr),
+        med(&mut dr)
+    );
     Ok(())
 }
 
