@@ -68,6 +68,27 @@ impl Packed {
 }
 
 impl Packed {
+    /// Whether this is the form [`pack`] gives `rows × cols` weights of
+    /// `format` (the kernels read by these fields, unchecked).
+    pub fn fits(&self, format: BlockFormat, rows: usize, cols: usize) -> bool {
+        let nibbles = format != BlockFormat::Q8_0;
+        let nb = cols / QK;
+        let row_bytes = nb * if nibbles { 16 } else { 32 };
+        let m_scale = match format {
+            BlockFormat::Q4_0 => -8.0,
+            BlockFormat::Q4_1 => 1.0,
+            BlockFormat::Q8_0 => -128.0,
+        };
+        cols % QK == 0
+            && self.rows == rows
+            && self.nb == nb
+            && self.nibbles == nibbles
+            && self.row_bytes == row_bytes
+            && self.stride == row_bytes + 4 * nb
+            && self.m_scale == m_scale
+            && self.data.len() == rows * self.stride
+    }
+
     /// Block `b`'s f16 scale and offset slots of row `r`, as stored.
     fn dm_bits(&self, r: usize, b: usize) -> ([u8; 2], [u8; 2]) {
         let rec = self.record(r);
@@ -861,6 +882,7 @@ mod tests {
             .into_iter()
             .filter(|p| p.int8())
             .collect();
+        let before = kernels_f32::path();
         let mut first: Option<(KernelPath, Vec<Vec<u32>>)> = None;
         for &path in &paths {
             kernels_f32::set_path(path).unwrap();
@@ -877,6 +899,7 @@ mod tests {
                 ),
             }
         }
+        kernels_f32::set_path(before).unwrap();
     }
 
     /// The checks of one path; returns the bits of every batch output.
@@ -918,6 +941,16 @@ mod tests {
                 // packing loses nothing, and the packed form's own
                 // dequantization is GGUF's
                 assert!(w.unpack(format) == data, "{format:?} nb {nb}: unpack");
+                assert!(w.fits(format, rows, cols) && !w.fits(format, rows + 1, cols));
+                let other = if format == BlockFormat::Q8_0 {
+                    BlockFormat::Q4_1
+                } else {
+                    BlockFormat::Q8_0
+                };
+                assert!(
+                    !w.fits(other, rows, cols),
+                    "{format:?} packed fits {other:?}"
+                );
                 for (r, deq) in deqs.iter().enumerate() {
                     let mut got = vec![f32::NAN; cols];
                     w.dequant_row(format, r, &mut got);

@@ -48,12 +48,7 @@ impl Linear {
             Weight::Blocks { format, data } => {
                 cols % QK == 0 && data.len() == rows * cols / QK * format.block_bytes()
             }
-            Weight::Packed { packed, .. } => {
-                cols % QK == 0
-                    && packed.rows == rows
-                    && packed.nb * QK == cols
-                    && packed.data.len() == rows * packed.stride
-            }
+            Weight::Packed { format, packed } => packed.fits(*format, rows, cols),
             Weight::F32(w) => w.len() == rows * cols,
             Weight::Candle(_) => true,
         };

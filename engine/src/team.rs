@@ -17,9 +17,10 @@
 //! instead. Which thread runs which index never changes a result: every
 //! index computes the same thing wherever it runs.
 
+use std::any::Any;
 use std::cell::UnsafeCell;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,8 @@ struct Team {
     done: AtomicUsize,
     /// The current region's body; written only between regions (see `run`).
     job: UnsafeCell<Option<Job>>,
-    panicked: AtomicBool,
+    /// The first panic of the current region's body, raised again on the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
     /// Held by the caller of a region: one region at a time.
     busy: Mutex<()>,
     sleepers: AtomicUsize,
@@ -72,7 +74,7 @@ fn team(threads: usize) -> Option<Arc<Team>> {
         n: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         job: UnsafeCell::new(None),
-        panicked: AtomicBool::new(false),
+        panic: Mutex::new(None),
         busy: Mutex::new(()),
         sleepers: AtomicUsize::new(0),
         sleep: Mutex::new(()),
@@ -111,8 +113,9 @@ impl Team {
             // SAFETY: index `i` of this epoch is claimed and not done, so the
             // caller is still waiting and `job` is this region's.
             let job = unsafe { (*self.job.get()).unwrap_or_else(|| unreachable_job()) };
-            if catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(i) })).is_err() {
-                self.panicked.store(true, Release);
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(i) })) {
+                let mut g = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                g.get_or_insert(p);
             }
             self.done.fetch_add(1, Release);
         }
@@ -144,29 +147,42 @@ impl Team {
         }
     }
 
-    /// Run `f(0..n)` on the team and the calling thread.
+    /// Run `f(0..n)` on the team and the calling thread (`n < u32::MAX`).
     fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        // Close the previous region first: a helper that read its state just
+        // before it ran out could otherwise claim an index with the next
+        // region's `n` and `job`. After this read-modify-write every stale
+        // claim fails, and every claim that succeeded came before it.
+        let prev = self.state.fetch_or(0xffff_ffff, AcqRel) >> 32;
         // SAFETY: lifetime erasure only; `run` returns after every index is
         // done, and no helper reads `job` after that (see `work`).
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
         // SAFETY: no index of any region is outstanding (the previous `run`
-        // waited for all), so no helper reads `job` now.
+        // waited for all, and the previous region is closed), so no helper
+        // reads `job` now.
         unsafe { *self.job.get() = Some(job) };
         self.n.store(n, Relaxed);
         self.done.store(0, Relaxed);
-        self.panicked.store(false, Relaxed);
-        let epoch = (self.state.load(Relaxed) >> 32) + 1;
+        let epoch = (prev + 1) & 0xffff_ffff;
         self.state.store(epoch << 32, SeqCst);
         if self.sleepers.load(SeqCst) > 0 {
             let _g = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
             self.wake.notify_all();
         }
         self.work(epoch);
+        // a helper preempted mid-index: stop burning the core it needs
+        let mut spins = 0u32;
         while self.done.load(Acquire) < n {
-            std::hint::spin_loop();
+            spins = spins.saturating_add(1);
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
-        if self.panicked.load(Acquire) {
-            panic!("a parallel region's body panicked on a team thread");
+        let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = panic {
+            resume_unwind(p);
         }
     }
 }
@@ -179,7 +195,7 @@ fn unreachable_job() -> Job {
 /// Run `f(i)` for every `i` in `0..n`, in parallel; returns when all are done.
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads();
-    if n <= 1 || threads <= 1 {
+    if n <= 1 || threads <= 1 || n >= u32::MAX as usize {
         (0..n).for_each(f);
         return;
     }
@@ -232,6 +248,19 @@ mod tests {
                 });
                 assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "n = {n}");
             }
+            // many short regions of changing sizes back to back: a helper
+            // late from one region must never claim an index of the next
+            for round in 0..20_000usize {
+                let n = 2 + (round * 7919) % 29;
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                for_each(n, |i| {
+                    hits[i].fetch_add(1, Relaxed);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Relaxed) == 1),
+                    "round {round}, n = {n}"
+                );
+            }
             // back to back, with and without pauses that let the helpers sleep
             for round in 0..200usize {
                 if round % 50 == 0 {
@@ -268,7 +297,8 @@ mod tests {
                     }
                 })
             });
-            assert!(r.is_err());
+            let payload = r.expect_err("the panic reaches the caller");
+            assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom"));
             // the team still works after a panic
             assert_eq!(map(10, |i| i + 1).iter().sum::<usize>(), 55);
         });
