@@ -118,13 +118,15 @@ impl Model {
             fingerprint: String::new(),
         };
         m.fingerprint = m.compute_fingerprint()?;
-        m.prepare_kernels();
         Ok(m)
     }
 
-    /// Build what the kernel path in use needs (the int8 path's packed
-    /// weights) now, not at the first request.
-    fn prepare_kernels(&mut self) {
+    /// Build what the kernel path in use needs (the int8 paths' packed
+    /// weights, dropping the GGUF bytes) now, not at the first request. Done
+    /// when the model becomes the host backend (`Compute::from`), so a model
+    /// bound for a device backend is never packed; a model run without it
+    /// packs each linear at its first use and keeps the GGUF bytes beside.
+    pub fn prepare_kernels(&mut self) {
         let mut lins: Vec<&mut Linear> = vec![&mut self.embed];
         lins.extend(self.lm_head.as_mut());
         for l in &mut self.layers {

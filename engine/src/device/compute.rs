@@ -10,7 +10,9 @@ pub enum Compute {
 }
 
 impl From<Model> for Compute {
-    fn from(m: Model) -> Self {
+    /// The host backend, its kernels prepared ([`Model::prepare_kernels`]).
+    fn from(mut m: Model) -> Self {
+        m.prepare_kernels();
         Self::Host(m)
     }
 }

@@ -98,7 +98,7 @@ pub fn options_from_settings(e: &retune_config::EngineSettings) -> Result<Device
 /// backend on that GPU (a clear error when the build has no CUDA or no GPU is found).
 pub fn build_backend(model: Model, device: &str, opts: &DeviceOptions) -> Result<Compute> {
     match device {
-        "cpu" => Ok(Compute::Host(model)),
+        "cpu" => Ok(model.into()),
         "candle-cpu" => Ok(Compute::Device(DeviceModel::from_model(
             model,
             &Device::Cpu,
