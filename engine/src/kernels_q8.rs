@@ -252,17 +252,24 @@ pub struct QuantX {
     pub s: Vec<f32>,
 }
 
+impl QuantX {
+    /// `t` rows of `cols` zeros, to be filled by a quantizer.
+    fn zeroed(t: usize, cols: usize) -> Self {
+        let nb = cols / QK;
+        QuantX {
+            cols,
+            q: vec![0; t * cols],
+            d: vec![0.0; t * nb],
+            s: vec![0.0; t * nb],
+        }
+    }
+}
+
 /// The plain definition of the activation quantization (the kernels' is
 /// vectorized and gives the same bytes, scales and sums).
 pub fn quantize_reference(x: &[f32], cols: usize) -> QuantX {
-    let nb = cols / QK;
-    let t = x.len() / cols.max(1);
-    let mut out = QuantX {
-        cols,
-        q: vec![0; t * cols],
-        d: vec![0.0; t * nb],
-        s: vec![0.0; t * nb],
-    };
+    let (t, nb) = (x.len() / cols.max(1), cols / QK);
+    let mut out = QuantX::zeroed(t, cols);
     for (bi, blk) in x.chunks_exact(QK).enumerate().take(t * nb) {
         let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -456,14 +463,8 @@ mod vnni {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn quantize(x: &[f32], cols: usize) -> QuantX {
-        let nb = cols / QK;
-        let t = x.len() / cols.max(1);
-        let mut out = QuantX {
-            cols,
-            q: vec![0; t * cols],
-            d: vec![0.0; t * nb],
-            s: vec![0.0; t * nb],
-        };
+        let (t, nb) = (x.len() / cols.max(1), cols / QK);
+        let mut out = QuantX::zeroed(t, cols);
         let sign = _mm512_set1_ps(-0.0);
         for bi in 0..t * nb {
             let p = x.as_ptr().add(bi * QK);
@@ -488,7 +489,8 @@ mod vnni {
     }
 
     /// `a · b` over `n` values, `a` in f16: 16-lane FMAs, a fixed
-    /// horizontal sum, then the remainder in order.
+    /// horizontal sum, then the remainder in order (the AVX2 kernels' copy
+    /// takes the same steps on two 8-lane halves).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn dot_f16_f32(a: *const u8, b: *const f32, n: usize) -> f32 {
@@ -629,14 +631,8 @@ mod avx2q {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quantize(x: &[f32], cols: usize) -> QuantX {
-        let nb = cols / QK;
-        let t = x.len() / cols.max(1);
-        let mut out = QuantX {
-            cols,
-            q: vec![0; t * cols],
-            d: vec![0.0; t * nb],
-            s: vec![0.0; t * nb],
-        };
+        let (t, nb) = (x.len() / cols.max(1), cols / QK);
+        let mut out = QuantX::zeroed(t, cols);
         let sign = _mm256_set1_ps(-0.0);
         // packs interleave 4-byte groups by 128-bit lane; this puts them back
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
