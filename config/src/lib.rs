@@ -81,6 +81,18 @@ fn default_model_id() -> String {
     "base".into()
 }
 
+/// The names `engine.kernels` takes (the engine resolves them against the
+/// CPU at start).
+pub const KERNEL_CHOICES: [&str; 7] = [
+    "auto",
+    "int8",
+    "f32",
+    "avx2",
+    "avx2int8",
+    "avx512",
+    "avx512vnni",
+];
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
@@ -121,6 +133,13 @@ pub struct EngineSettings {
     /// Percent of `prefix_cache_tokens` one tenant may hold, so one tenant
     /// cannot evict everyone's entries.
     pub prefix_cache_tenant_percent: u32,
+    /// The CPU weight kernels (`device = "cpu"`): `auto` (the machine's best,
+    /// chosen at run time), `int8` (the best path with int8 activations: the
+    /// fastest single stream; on an AVX2-only CPU it prefills and batches
+    /// slower than f32), `f32` (the best with f32 activations), or one path:
+    /// `avx2`, `avx2int8`, `avx512`, `avx512vnni`. A path the CPU or its OS
+    /// lacks is refused at start.
+    pub kernels: String,
 }
 
 impl Default for EngineSettings {
@@ -143,6 +162,7 @@ impl Default for EngineSettings {
             prefix_cache_tokens: 16_384,
             prefix_cache_block: 16,
             prefix_cache_tenant_percent: 50,
+            kernels: "auto".into(),
         }
     }
 }
@@ -412,6 +432,25 @@ impl Settings {
         if !["bf16", "f16", "f32"].contains(&e.dtype.as_str()) {
             return bad("engine.dtype", "must be bf16, f16 or f32");
         }
+        if !KERNEL_CHOICES.contains(&e.kernels.as_str()) {
+            return bad(
+                "engine.kernels",
+                &format!(
+                    "is `{}`: must be one of {}",
+                    e.kernels,
+                    KERNEL_CHOICES.join(", ")
+                ),
+            );
+        }
+        if e.kernels != "auto" && e.device != "cpu" {
+            return bad(
+                "engine.kernels",
+                &format!(
+                    "is `{}`: the CPU kernels run only with engine.device = \"cpu\" (it is `{}`)",
+                    e.kernels, e.device
+                ),
+            );
+        }
         if !["dense", "quantized"].contains(&e.weights.as_str()) {
             return bad("engine.weights", "must be dense or quantized");
         }
@@ -603,6 +642,35 @@ mod tests {
             "b".repeat(64)
         );
         assert!(Settings::from_toml(&dup, []).is_err());
+    }
+
+    #[test]
+    fn engine_kernels_takes_the_kernel_choices_and_names_itself_otherwise() {
+        assert_eq!(
+            Settings::from_toml(BASE, []).unwrap().engine.kernels,
+            "auto"
+        );
+        for c in KERNEL_CHOICES {
+            let s = Settings::from_toml(BASE, [("RETUNE_ENGINE__KERNELS".into(), c.into())]);
+            assert_eq!(s.unwrap().engine.kernels, c);
+        }
+        let err =
+            Settings::from_toml(&format!("{BASE}[engine]\nkernels = \"amx\"\n"), []).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field, reason }
+                if field == "engine.kernels" && reason.contains("`amx`") && reason.contains("int8")),
+            "{err}"
+        );
+        let err = Settings::from_toml(
+            &format!("{BASE}[engine]\nkernels = \"int8\"\ndevice = \"cuda\"\n"),
+            [],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field, reason }
+                if field == "engine.kernels" && reason.contains("engine.device")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -151,8 +151,8 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
 
 /// Which weight × activation kernels run on this machine: chosen once, at the
 /// first use, from what the CPU reports *and* the OS enables (std's detection
-/// reads XCR0: a CPU flag alone is not enough), or forced with
-/// `RETUNE_KERNELS=avx2|avx2int8|avx512|avx512vnni`. Within one machine every path gives
+/// reads XCR0: a CPU flag alone is not enough), or chosen with the setting
+/// `engine.kernels` ([`choose`]) or `RETUNE_KERNELS` ([`KERNEL_CHOICES`]). Within one machine every path gives
 /// bit-identical results for any batch size (each output is one accumulator of
 /// the path's width over the row, then a fixed horizontal sum). The f32 paths
 /// differ from each other in the last bits; the int8 path, which rounds each
@@ -183,6 +183,18 @@ impl KernelPath {
             Self::Avx2Int8 => "AVX2 (int8 activations)",
             Self::Avx512 => "AVX-512",
             Self::Avx512Vnni => "AVX-512 VNNI (int8 activations)",
+        }
+    }
+
+    /// The path's name in `engine.kernels` and `RETUNE_KERNELS` (and in the
+    /// `retune_engine_kernels_info` metric).
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+            Self::Avx2Int8 => "avx2int8",
+            Self::Avx512 => "avx512",
+            Self::Avx512Vnni => "avx512vnni",
         }
     }
 
@@ -246,28 +258,69 @@ pub fn available_paths() -> Vec<KernelPath> {
     }
 }
 
+/// What `engine.kernels` (and `RETUNE_KERNELS`) may name: `auto` (the best
+/// path of the machine), `int8` (the best path with int8 activations: the
+/// fastest single-stream decode), `f32` (the best path with f32 activations:
+/// on an AVX2-only CPU the faster prefill and batches), or one path by name.
+pub use retune_config::KERNEL_CHOICES;
+
+/// The path `choice` (one of [`KERNEL_CHOICES`]) names among `avail` (a
+/// machine's paths, the best last); an error says why there is none.
+pub fn resolve(choice: &str, avail: &[KernelPath]) -> Result<KernelPath, String> {
+    let best = |f: &dyn Fn(&KernelPath) -> bool| avail.iter().rev().copied().find(|p| f(p));
+    let named = match choice {
+        "" | "auto" => best(&|_| true),
+        "int8" => best(&|p| p.int8()),
+        "f32" => best(&|p| !p.int8()),
+        "avx2" | "avx2int8" | "avx512" | "avx512vnni" => best(&|p| p.key() == choice),
+        other => {
+            return Err(format!(
+                "`{other}` is not a kernel choice ({})",
+                KERNEL_CHOICES.join(", ")
+            ))
+        }
+    };
+    named.ok_or_else(|| {
+        format!(
+            "`{choice}`: this CPU (or its OS) has no such kernel path; it has {}",
+            avail
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 fn detect() -> KernelPath {
     let avail = available_paths();
     let best = *avail.last().unwrap_or(&KernelPath::Portable);
-    match std::env::var("RETUNE_KERNELS").as_deref() {
-        Ok("avx2") if avail.contains(&KernelPath::Avx2) => KernelPath::Avx2,
-        Ok("avx2int8") if avail.contains(&KernelPath::Avx2Int8) => KernelPath::Avx2Int8,
-        Ok("avx512") if avail.contains(&KernelPath::Avx512) => KernelPath::Avx512,
-        Ok("avx512vnni") if avail.contains(&KernelPath::Avx512Vnni) => KernelPath::Avx512Vnni,
-        Ok(other) if !other.is_empty() && other != "auto" => {
-            eprintln!(
-                "retune: RETUNE_KERNELS={other} is not available here ({}); using {}",
-                avail
-                    .iter()
-                    .map(|p| p.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                best.name()
-            );
-            best
-        }
-        _ => best,
+    let choice = std::env::var("RETUNE_KERNELS").unwrap_or_default();
+    resolve(&choice, &avail).unwrap_or_else(|_| {
+        eprintln!(
+            "retune: RETUNE_KERNELS={choice} is not available here ({}); using {}",
+            avail
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            best.name()
+        );
+        best
+    })
+}
+
+/// Choose the path for this process from a setting (see [`resolve`]); `auto`
+/// keeps the choice made at first use (the machine's best, or
+/// `RETUNE_KERNELS`). Call before a model becomes a host backend: the int8
+/// paths repack its weights then. Returns the path in use.
+pub fn choose(choice: &str) -> Result<KernelPath, String> {
+    if choice.is_empty() || choice == "auto" {
+        return Ok(path());
     }
+    let p = resolve(choice, &available_paths())?;
+    set_path(p)?;
+    Ok(p)
 }
 
 /// The path in use (chosen at first use).
@@ -644,6 +697,62 @@ mod avx2 {
 pub(crate) mod tests {
     use super::*;
     use crate::kernels::{self, BlockFormat};
+
+    /// The settings' names pick the paths they say, on an AVX2-only machine
+    /// and on one with VNNI; a path the machine lacks or an unknown name is
+    /// an error that says what the machine has.
+    #[test]
+    fn kernel_choices_resolve_against_the_machine() {
+        use KernelPath::*;
+        let avx2_only = [Avx2Int8, Avx2];
+        let vnni = [Avx2Int8, Avx2, Avx512, Avx512Vnni];
+        for (choice, on_avx2, on_vnni) in [
+            ("auto", Ok(Avx2), Ok(Avx512Vnni)),
+            ("", Ok(Avx2), Ok(Avx512Vnni)),
+            ("int8", Ok(Avx2Int8), Ok(Avx512Vnni)),
+            ("f32", Ok(Avx2), Ok(Avx512)),
+            ("avx2", Ok(Avx2), Ok(Avx2)),
+            ("avx2int8", Ok(Avx2Int8), Ok(Avx2Int8)),
+            ("avx512", Err(()), Ok(Avx512)),
+            ("avx512vnni", Err(()), Ok(Avx512Vnni)),
+            ("amx", Err(()), Err(())),
+        ] {
+            let got = |avail: &[KernelPath]| resolve(choice, avail).map_err(|_| ());
+            assert_eq!(got(&avx2_only), on_avx2, "{choice} on AVX2");
+            assert_eq!(got(&vnni), on_vnni, "{choice} on VNNI");
+        }
+        let err = resolve("avx512", &avx2_only).unwrap_err();
+        assert!(err.contains("AVX2 (int8 activations), AVX2"), "{err}");
+        let err = resolve("fastest", &vnni).unwrap_err();
+        assert!(err.contains("auto, int8, f32"), "{err}");
+        assert_eq!(
+            resolve("int8", &[Portable]),
+            Err("`int8`: this CPU (or its OS) has no such kernel path; it has portable".into())
+        );
+        for c in KERNEL_CHOICES {
+            assert!(resolve(c, &vnni).is_ok(), "{c}");
+        }
+    }
+
+    /// `choose` switches the process's path (and `auto` keeps it).
+    #[test]
+    fn choose_sets_the_process_path() {
+        let before = path();
+        for p in available_paths() {
+            if p == KernelPath::Portable {
+                continue;
+            }
+            assert_eq!(choose(p.key()), Ok(p));
+            assert_eq!(path(), p);
+            assert_eq!(choose("auto"), Ok(p), "auto keeps the path chosen");
+        }
+        if available_paths().iter().any(|p| p.int8()) {
+            let p = choose("int8").unwrap();
+            assert!(p.int8() && path() == p, "{}", p.name());
+        }
+        assert!(choose("nonsense").is_err());
+        set_path(before).unwrap();
+    }
 
     pub(crate) fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;

@@ -308,6 +308,21 @@ pub struct Application {
 impl Application {
     /// Load the model, open the registry, bind (port 0 picks a free port).
     pub fn build(settings: Settings) -> Result<Self, StartError> {
+        // the kernel path before the model becomes the host backend: the int8
+        // paths repack its weights then
+        let kernels = if settings.engine.device == "cpu" {
+            let path =
+                retune_engine::kernels_f32::choose(&settings.engine.kernels).map_err(|reason| {
+                    StartError::Settings {
+                        field: "engine.kernels".into(),
+                        reason,
+                    }
+                })?;
+            tracing::info!(kernels = path.key(), "{}", retune_engine::cpu::describe());
+            Some(path)
+        } else {
+            None
+        };
         let loaded = load(&settings.model.path)?;
         let base = ServedBase {
             shapes: loaded.model.base_shapes(),
@@ -394,6 +409,13 @@ impl Application {
             .with_template(loaded.template);
         let data = settings.datasets.location(&settings.adapters);
         let mut state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
+        if let Some(path) = kernels {
+            state
+                .metrics
+                .kernels_info
+                .with_label_values(&[path.key()])
+                .set(1);
+        }
         if let Some(at) = data {
             let store: Arc<dyn DatasetStore> = retune_datasets::open(&at)?;
             spawn_retention(store.clone(), &state.settings);

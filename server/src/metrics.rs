@@ -1,6 +1,8 @@
 //! Every Prometheus metric retune exports, in one place.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -40,6 +42,8 @@ pub struct Metrics {
     /// the LoRA affinity metric (vLLM's `vllm:lora_requests_info` semantics).
     pub kv_usage: prometheus::Gauge,
     pub lora_info: prometheus::GaugeVec,
+    /// The CPU weight kernels this process runs (`engine.kernels`), value 1.
+    pub kernels_info: IntGaugeVec,
     /// Adapters that already have `by_version` series; capped to bound label sets.
     seen_adapters: std::sync::Mutex<std::collections::HashSet<String>>,
     max_adapters: usize,
@@ -374,6 +378,14 @@ impl Metrics {
         )?;
         r.register(Box::new(kv_usage.clone()))?;
         r.register(Box::new(lora_info.clone()))?;
+        let kernels_info = IntGaugeVec::new(
+            Opts::new(
+                "retune_engine_kernels_info",
+                "The CPU weight kernels this process runs (engine.kernels resolved against the CPU); value 1",
+            ),
+            &["path"],
+        )?;
+        r.register(Box::new(kernels_info.clone()))?;
         Ok(Self {
             registry: r,
             requests,
@@ -409,6 +421,7 @@ impl Metrics {
             pool,
             kv_usage,
             lora_info,
+            kernels_info,
             seen_adapters: Default::default(),
             max_adapters,
         })

@@ -1820,3 +1820,58 @@ fn pinned_adapters_beyond_the_resident_limit_are_refused_at_start_naming_the_key
         "{msg}"
     );
 }
+
+/// `engine.kernels` picks the CPU kernels before the model becomes the host
+/// backend, and /metrics says which path runs; a path this CPU lacks is
+/// refused at start, naming the key (the resolver's own test covers that on
+/// any machine).
+#[test]
+fn engine_kernels_chooses_the_path_and_metrics_report_it() {
+    use retune_engine::kernels_f32::{self, available_paths, resolve};
+    let avail = available_paths();
+    // the choice that is not this machine's default (VNNI: int8; AVX2-only: f32)
+    let default = resolve("auto", &avail).unwrap();
+    let (choice, want) = if default.int8() {
+        ("f32", resolve("f32", &avail).unwrap())
+    } else {
+        ("int8", resolve("int8", &avail).unwrap())
+    };
+    assert_ne!(want, default);
+    let (settings, app) = app_settings(
+        "kernels",
+        &format!("max_tokens_cap = 64\nkernels = \"{choice}\""),
+        "",
+        TinySpec::default(),
+    );
+    let app = start(settings, app);
+    let path = kernels_f32::path();
+    assert_eq!(path, want, "{}", path.name());
+    let r = http(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some("acme-key"),
+        r#"{"model":"tiny","prompt":"hello","max_tokens":4}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = http(&app, "GET", "/metrics", Some("metrics-key"), "").body;
+    let series = format!("retune_engine_kernels_info{{path=\"{}\"}}", path.key());
+    assert_eq!(series_value(&m, &series), Some(1.0), "{m}");
+    assert_eq!(m.matches("retune_engine_kernels_info{").count(), 1, "{m}");
+    for c in ["avx512", "avx512vnni"] {
+        if avail.iter().any(|p| p.key() == c) {
+            continue;
+        }
+        let (s, _) = app_settings(
+            &format!("kernels-{c}"),
+            &format!("kernels = \"{c}\""),
+            "",
+            TinySpec::default(),
+        );
+        let err = Application::build(s)
+            .err()
+            .expect("a path the CPU lacks is refused")
+            .to_string();
+        assert!(err.contains("engine.kernels") && err.contains(c), "{err}");
+    }
+}
