@@ -283,13 +283,18 @@ pub fn resolve(choice: &str, avail: &[KernelPath]) -> Result<KernelPath, String>
     named.ok_or_else(|| {
         format!(
             "`{choice}`: this CPU (or its OS) has no such kernel path; it has {}",
-            avail
-                .iter()
-                .map(|p| p.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names(avail)
         )
     })
+}
+
+/// `paths`' names, comma-separated.
+fn names(paths: &[KernelPath]) -> String {
+    paths
+        .iter()
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn detect() -> KernelPath {
@@ -299,11 +304,7 @@ fn detect() -> KernelPath {
     resolve(&choice, &avail).unwrap_or_else(|_| {
         eprintln!(
             "retune: RETUNE_KERNELS={choice} is not available here ({}); using {}",
-            avail
-                .iter()
-                .map(|p| p.name())
-                .collect::<Vec<_>>()
-                .join(", "),
+            names(&avail),
             best.name()
         );
         best
@@ -311,9 +312,10 @@ fn detect() -> KernelPath {
 }
 
 /// Choose the path for this process from a setting (see [`resolve`]); `auto`
-/// keeps the choice made at first use (the machine's best, or
-/// `RETUNE_KERNELS`). Call before a model becomes a host backend: the int8
-/// paths repack its weights then. Returns the path in use.
+/// keeps the path in use (chosen at first use from `RETUNE_KERNELS`, else
+/// the machine's best, unless switched since). Call before a model becomes a
+/// host backend: the int8 paths repack its weights then. The path is the
+/// process's: one served model per process. Returns the path in use.
 pub fn choose(choice: &str) -> Result<KernelPath, String> {
     if choice.is_empty() || choice == "auto" {
         return Ok(path());
@@ -734,9 +736,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// Tests that switch the process's path hold this (nextest runs each test
+    /// in its own process; `cargo test` runs them on threads of one).
+    pub(crate) static PATH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// `choose` switches the process's path (and `auto` keeps it).
     #[test]
     fn choose_sets_the_process_path() {
+        let _one = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let before = path();
         for p in available_paths() {
             if p == KernelPath::Portable {
@@ -772,6 +779,7 @@ pub(crate) mod tests {
     /// (nextest), so switching the global path here touches no other test.
     #[test]
     fn every_available_path_is_self_consistent_and_agrees_with_the_others() {
+        let _one = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let paths = available_paths();
         let mut results = Vec::new();
         for p in &paths {

@@ -401,10 +401,12 @@ fn emit<const R: usize, const N: usize>(
 }
 
 /// Rows `r0..r1` (clamped to the weight) against every token of `x` in
-/// tiles of 4 rows × up to 4 tokens, with a module's `tile` (each int8 path
-/// expands it inside its own `target_feature` function, so tiles inline).
+/// tiles of 4 rows × 1 token for one token, and of `$rows` (4 or 1) rows × up
+/// to 4 tokens for more, with a module's `tile` (each int8 path expands it
+/// inside its own `target_feature` function, so tiles inline). Every tile
+/// shape gives a row the same bits.
 macro_rules! drive {
-    ($w:expr, $x:expr, $r0:expr, $r1:expr, $put:expr, $tile:ident) => {{
+    ($w:expr, $x:expr, $r0:expr, $r1:expr, $put:expr, $tile:ident, $rows:expr) => {{
         let (w, x, r0): (&Packed, &QuantX, usize) = ($w, $x, $r0);
         let mut put = $put;
         let r1 = $r1.min(w.rows);
@@ -425,7 +427,7 @@ macro_rules! drive {
         }
         let mut r = r0;
         while r < r1 {
-            let four = r + 4 <= r1;
+            let four = (t == 1 || $rows == 4) && r + 4 <= r1;
             let mut ti = 0;
             while ti < t {
                 let p = &mut put;
@@ -612,7 +614,7 @@ mod vnni {
         r1: usize,
         put: impl FnMut(usize, usize, f32),
     ) {
-        drive!(w, x, r0, r1, put, tile);
+        drive!(w, x, r0, r1, put, tile, 4);
     }
 }
 
@@ -731,15 +733,16 @@ mod avx2q {
         for p in 0..pairs {
             let mut xv = [[_mm256_setzero_si256(); 2]; N];
             let mut x128 = [[_mm256_setzero_si256(); 2]; N];
-            let mut xs = [_mm_setzero_ps(); N];
+            // each token's two block scales, each in every lane
+            let mut xs = [[_mm256_setzero_ps(); 2]; N];
             for t in 0..N {
                 for h in 0..2 {
                     xv[t][h] = _mm256_loadu_si256(xq[t].add(p * 64 + 32 * h) as *const __m256i);
                     if !NIB {
                         x128[t][h] = dot4(k128, xv[t][h]);
                     }
+                    xs[t][h] = _mm256_broadcast_ss(&*xd[t].add(2 * p + h));
                 }
-                xs[t] = _mm_castsi128_ps(_mm_loadl_epi64(xd[t].add(2 * p) as *const __m128i));
             }
             if p * 128 < w.stride {
                 for rk in rec {
@@ -761,11 +764,14 @@ mod avx2q {
                         _mm256_loadu_si256(rec[k].add(p * 64 + 32) as *const __m256i),
                     ]
                 };
-                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                // the row's two block scales, each in every lane: their
+                // products with the tokens' are the VNNI path's lanes
+                let ds = _mm256_cvtph_ps(_mm_set1_epi32(
                     (wd[k].add(4 * p) as *const i32).read_unaligned(),
                 ));
+                let w0 = _mm256_moveldup_ps(ds);
+                let w1 = _mm256_movehdup_ps(ds);
                 for t in 0..N {
-                    let sc = _mm256_castps128_ps256(_mm_mul_ps(ds, xs[t]));
                     let (d0, d1) = if NIB {
                         (dot4(wv[0], xv[t][0]), dot4(wv[1], xv[t][1]))
                     } else {
@@ -774,8 +780,8 @@ mod avx2q {
                             dot4_q8(wv[1], xv[t][1], x128[t][1]),
                         )
                     };
-                    let s0 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(0));
-                    let s1 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(1));
+                    let s0 = _mm256_mul_ps(w0, xs[t][0]);
+                    let s1 = _mm256_mul_ps(w1, xs[t][1]);
                     lo[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), s0, lo[k][t]);
                     hi[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), s1, hi[k][t]);
                 }
@@ -814,8 +820,13 @@ mod avx2q {
         out
     }
 
-    /// Rows `r0..r1` (clamped to the weight) against every token of `x`, in
-    /// tiles of 4 rows × 4 tokens.
+    /// Rows `r0..r1` (clamped to the weight) against every token of `x`:
+    /// one token in tiles of 4 rows, several in tiles of 1 row × 4 tokens.
+    /// A 4 × 4 tile's 32 accumulators (two 8-lane halves per output) do not
+    /// fit AVX2's 16 registers; 1 × 4 has 8 (the activations are reloaded
+    /// from L1) and still unpacks each weight once for four tokens (against the f32 AVX2 path in the same
+    /// runs, three rounds: prefill 0.84× → 0.90×, 32 streams 0.81× → 0.84×;
+    /// BENCHMARKS.md, 2026-12-06).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows_times_tokens(
         w: &Packed,
@@ -824,7 +835,7 @@ mod avx2q {
         r1: usize,
         put: impl FnMut(usize, usize, f32),
     ) {
-        drive!(w, x, r0, r1, put, tile);
+        drive!(w, x, r0, r1, put, tile, 1);
     }
 }
 
@@ -874,6 +885,9 @@ mod tests {
     /// dot of the dequantized weights, and the paths give the same bits.
     #[test]
     fn int8_kernels_agree_with_their_definition_for_any_tile() {
+        let _one = kernels_f32::tests::PATH_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let paths: Vec<KernelPath> = kernels_f32::available_paths()
             .into_iter()
             .filter(|p| p.int8())
