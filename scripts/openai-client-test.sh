@@ -16,7 +16,7 @@ ADMIN_SHA=$(printf %s "$ADMIN_KEY" | sha256sum | cut -d' ' -f1)
 # a throwaway data root: the test uploads an adapter
 DATA=$(mktemp -d)
 RETUNE_SERVER__PORT=$PORT RETUNE_AUTH__METRICS_KEY_SHA256=$METRICS_SHA RETUNE_AUTH__ADMIN_KEY_SHA256=$ADMIN_SHA \
-  RETUNE_ADAPTERS__ROOT="$DATA" ./target/release/retune serve --model "$MODEL" > /tmp/retune-openai-test.log 2>&1 &
+  RETUNE_ADAPTERS__ROOT="$DATA" ./target/release/retune serve --model "$MODEL" > "${TMPDIR:-/tmp}/retune-openai-test.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -rf "$DATA"' EXIT
 for _ in $(seq 1 100); do
@@ -27,9 +27,9 @@ done
 # the metrics exposition passes promtool's checks
 # /metrics is closed without the metrics key
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/metrics")" = 401 ]
-curl -sf -H "Authorization: Bearer $METRICS_KEY" "http://127.0.0.1:$PORT/metrics" > /tmp/retune-metrics.txt
+curl -sf -H "Authorization: Bearer $METRICS_KEY" "http://127.0.0.1:$PORT/metrics" > "${TMPDIR:-/tmp}/retune-metrics.txt"
 if command -v promtool >/dev/null; then
-  promtool check metrics < /tmp/retune-metrics.txt
+  promtool check metrics < "${TMPDIR:-/tmp}/retune-metrics.txt"
   echo "promtool check metrics: OK"
 elif [ -n "${CI:-}" ]; then
   echo "promtool missing (Debian package prometheus)" >&2; exit 1
