@@ -315,7 +315,9 @@ pub struct DatasetSettings {
     /// A PostgreSQL URL (`postgres://user:pass@host:port/db`) shared by replicas;
     /// when set, it is the store and `path` is not used.
     pub url: Option<String>,
-    /// Records waiting for the writer before new ones are dropped (and counted).
+    /// Records waiting for the writer before new ones are dropped (and counted);
+    /// while the store is unavailable as many again (plus one batch) are held
+    /// and retried.
     pub capture_queue: usize,
 }
 

@@ -195,20 +195,47 @@ fn malformed_feedback_names_its_field() {
     }
 }
 
-/// A store that fails or stalls on demand.
+/// A store that fails, stalls or is unreachable on demand.
 struct Flaky {
     inner: SqliteStore,
     fail: Mutex<bool>,
     stall: Mutex<Duration>,
+    /// `Unavailable` (a shared database down); nothing written.
+    down: Mutex<bool>,
+    /// Write, then answer `Unavailable` once (a commit whose answer was lost).
+    lose_answer: Mutex<bool>,
+    /// Batches asked to be written.
+    calls: Mutex<usize>,
+}
+
+impl Flaky {
+    fn new(name: &str) -> Self {
+        Flaky {
+            inner: SqliteStore::open(&tmp(name).join("datasets.db")).unwrap(),
+            fail: Mutex::new(false),
+            stall: Mutex::new(Duration::ZERO),
+            down: Mutex::new(false),
+            lose_answer: Mutex::new(false),
+            calls: Mutex::new(0),
+        }
+    }
 }
 
 impl DatasetStore for Flaky {
     fn record(&self, batch: &[CapturedCompletion]) -> Result<(), DataError> {
+        *self.calls.lock().unwrap() += 1;
         std::thread::sleep(*self.stall.lock().unwrap());
         if *self.fail.lock().unwrap() {
             return Err(DataError::Db("disk full".into()));
         }
-        self.inner.record(batch)
+        if *self.down.lock().unwrap() {
+            return Err(DataError::Unavailable("connection refused".into()));
+        }
+        self.inner.record(batch)?;
+        if std::mem::take(&mut *self.lose_answer.lock().unwrap()) {
+            return Err(DataError::Unavailable("connection reset".into()));
+        }
+        Ok(())
     }
     fn completion(&self, t: &str, id: &str) -> Result<CapturedCompletion, DataError> {
         self.inner.completion(t, id)
@@ -269,11 +296,8 @@ impl DatasetStore for Flaky {
 
 #[test]
 fn the_writer_drops_and_counts_when_the_store_fails_or_falls_behind() {
-    let store = Arc::new(Flaky {
-        inner: SqliteStore::open(&tmp("flaky").join("datasets.db")).unwrap(),
-        fail: Mutex::new(true),
-        stall: Mutex::new(Duration::ZERO),
-    });
+    let store = Arc::new(Flaky::new("flaky"));
+    *store.fail.lock().unwrap() = true;
     let w = CaptureWriter::start(store.clone(), 4).unwrap();
     for i in 0..3 {
         assert!(w.capture(completion(&format!("f{i}"), "acme")));
@@ -311,4 +335,57 @@ fn the_writer_drops_and_counts_when_the_store_fails_or_falls_behind() {
     assert_eq!(c as usize, accepted);
     assert_eq!(d as usize, 3 + 50 - accepted);
     assert!(store.completion("acme", "s0").is_ok());
+}
+
+/// A store that cannot be reached (a shared database down) loses nothing the
+/// queue can hold: the records wait, the writer retries with backoff, a flush
+/// does not claim them written, and they are written once it is back. A write
+/// whose answer was lost is retried without duplicating anything (the stores
+/// ignore an id they have).
+#[test]
+fn the_writer_holds_records_while_the_store_is_unavailable_and_writes_them_once_back() {
+    let store = Arc::new(Flaky::new("unavailable"));
+    *store.down.lock().unwrap() = true;
+    let w = CaptureWriter::start(store.clone(), 8).unwrap();
+    for i in 0..40 {
+        assert!(
+            w.capture(completion(&format!("u{i}"), "acme")),
+            "u{i} dropped"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        !w.flush(Duration::from_millis(300)),
+        "a flush while the store is down must not report the records written"
+    );
+    let tries = *store.calls.lock().unwrap();
+    assert!(tries >= 2, "retried: {tries} tries");
+    assert_eq!(w.stats().captured.load(Ordering::Relaxed), 0);
+    assert_eq!(w.stats().dropped.load(Ordering::Relaxed), 0);
+    // back, but the first write's answer is lost after its commit
+    *store.lose_answer.lock().unwrap() = true;
+    *store.down.lock().unwrap() = false;
+    assert!(w.flush(Duration::from_secs(10)));
+    assert_eq!(w.stats().captured.load(Ordering::Relaxed), 40);
+    assert_eq!(w.stats().dropped.load(Ordering::Relaxed), 0);
+    for i in 0..40 {
+        assert!(store.completion("acme", &format!("u{i}")).is_ok(), "u{i}");
+    }
+    // more than the writer holds: the rest is dropped and counted, never blocking
+    *store.down.lock().unwrap() = true;
+    let t = std::time::Instant::now();
+    let accepted = (0..2000)
+        .filter(|i| w.capture(completion(&format!("o{i}"), "acme")))
+        .count();
+    assert!(t.elapsed() < Duration::from_secs(1), "capture blocked");
+    std::thread::sleep(Duration::from_millis(100));
+    *store.down.lock().unwrap() = false;
+    assert!(w.flush(Duration::from_secs(10)));
+    let (c, d) = (
+        w.stats().captured.load(Ordering::Relaxed) as usize,
+        w.stats().dropped.load(Ordering::Relaxed) as usize,
+    );
+    assert!(accepted < 2000, "nothing dropped past the hold: {accepted}");
+    assert_eq!(c + d, 40 + 2000, "every record written or counted");
+    assert!(c > 40 && d >= 2000 - accepted, "captured {c}, dropped {d}");
 }

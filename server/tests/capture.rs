@@ -538,6 +538,7 @@ async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_i
     .await
     .unwrap();
     let (st, b) = state(&dir, store.clone());
+    let capture = st.capture.clone().unwrap();
     let svc = test::init_service(app(st)).await;
     let complete = |b: &ScriptedBackend| script(b, &["fee"]);
     complete(&b);
@@ -551,10 +552,13 @@ async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_i
     pg.stop().unwrap();
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let (mut served, mut refused) = (0, 0);
+    let mut during = Vec::new();
     while std::time::Instant::now() < until {
         complete(&b);
         let resp = test::call_service(&svc, chat("acme-key", false).to_request()).await;
         assert_eq!(resp.status(), 200, "serving does not need the store");
+        let j: serde_json::Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+        during.push(j["id"].as_str().unwrap().to_string());
         served += 1;
         let resp = test::call_service(&svc, feedback("acme-key", fb("during"))).await;
         assert_eq!(
@@ -595,9 +599,28 @@ async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_i
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // exactly what was acknowledged: before and after, nothing from the outage
-    let st = tokio::task::spawn_blocking(move || store.feedback("acme", &id).unwrap())
+    let reader = store.clone();
+    let st = tokio::task::spawn_blocking(move || reader.feedback("acme", &id).unwrap())
         .await
         .unwrap();
     assert_eq!(st.correction.as_deref(), Some("after"));
     assert_eq!(st.events, 2);
+    // the completions served during the outage were held and written after it
+    let flushed = tokio::task::spawn_blocking(move || capture.flush(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(flushed, "the held captures were written");
+    let missing = tokio::task::spawn_blocking(move || {
+        during
+            .iter()
+            .filter(|id| store.completion("acme", id).is_err())
+            .cloned()
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(
+        missing.is_empty(),
+        "captures lost in the outage: {missing:?}"
+    );
 }
