@@ -402,10 +402,18 @@ fn three_replicas_on_postgresql_see_every_promotion_and_rollback_within_a_second
     // replica has loaded yet gets a clear 503
     let v3 = register(&dir, &mine, &model, &[5]).remove(0);
     s3.stop();
+    let t = Instant::now();
     for &p in &ports {
         let r = chat(p, "tickets");
         assert_eq!(r.status, 200, "{}", r.body);
-        let r = chat(p, &format!("tickets@{v3}"));
+        // a replica learns of a new version through the change feed, within 1 s
+        let r = loop {
+            let r = chat(p, &format!("tickets@{v3}"));
+            if r.status != 404 || t.elapsed() > Duration::from_secs(1) {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(r.body.contains("cannot be fetched"), "{}", r.body);
         assert!(r.headers.contains("retry-after"), "{}", r.headers);
