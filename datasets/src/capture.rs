@@ -2,10 +2,10 @@
 //! by its own thread. A full queue or a failing store never delays or fails a
 //! completion. A store that is unavailable (a shared database down:
 //! [`DataError::Unavailable`], nothing written) is retried with backoff while
-//! the records wait, up to the queue's capacity held beside the queue; past
-//! that, and on any other store error, records are dropped and counted. The
-//! stores insert by id and ignore an id they have, so a retried batch is never
-//! written twice.
+//! the records wait, up to one batch plus the queue's capacity held beside the
+//! queue; past that, and on any other store error, records are dropped and
+//! counted. The stores insert by id and ignore an id they have, so a retried
+//! batch is never written twice.
 
 use crate::record::CapturedCompletion;
 use crate::{DataError, DatasetStore};
@@ -152,8 +152,7 @@ fn run(rx: Receiver<Msg>, store: Arc<dyn DatasetStore>, stats: Arc<CaptureStats>
         let due = retry.is_none_or(|(at, _)| Instant::now() >= at);
         if !pending.is_empty() && due {
             let n = pending.len().min(BATCH);
-            let batch: Vec<CapturedCompletion> = pending.range(..n).cloned().collect();
-            match store.record(&batch) {
+            match store.record(&pending.make_contiguous()[..n]) {
                 Ok(()) => {
                     stats.captured.fetch_add(n as u64, Ordering::Relaxed);
                     pending.drain(..n);

@@ -272,7 +272,8 @@ pub fn resolve(choice: &str, avail: &[KernelPath]) -> Result<KernelPath, String>
         "" | "auto" => best(&|_| true),
         "int8" => best(&|p| p.int8()),
         "f32" => best(&|p| !p.int8()),
-        "avx2" | "avx2int8" | "avx512" | "avx512vnni" => best(&|p| p.key() == choice),
+        // the rest of the choices name one path each
+        c if KERNEL_CHOICES.contains(&c) => best(&|p| p.key() == c),
         other => {
             return Err(format!(
                 "`{other}` is not a kernel choice ({})",

@@ -824,9 +824,9 @@ mod avx2q {
     /// one token in tiles of 4 rows, several in tiles of 1 row × 4 tokens.
     /// A 4 × 4 tile's 32 accumulators (two 8-lane halves per output) do not
     /// fit AVX2's 16 registers; 1 × 4 has 8 (the activations are reloaded
-    /// from L1) and still unpacks each weight once for four tokens (against the f32 AVX2 path in the same
-    /// runs, three rounds: prefill 0.84× → 0.90×, 32 streams 0.81× → 0.84×;
-    /// BENCHMARKS.md, 2026-12-06).
+    /// from L1) and still unpacks each weight once for four tokens. Against
+    /// the f32 AVX2 path in the same runs, three rounds: prefill 0.84× →
+    /// 0.90×, 32 streams 0.81× → 0.84× (BENCHMARKS.md, 2026-12-06).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows_times_tokens(
         w: &Packed,
