@@ -48,7 +48,9 @@ assert cmds[0][1] == ["/usr/local/bin/retune", "serve", "--config", "/etc/retune
 grace = spec["terminationGracePeriodSeconds"]
 settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["retune.toml"]
 drain = int(re.search(r"drain_seconds\s*=\s*(\d+)", settings).group(1))
-assert grace > drain, f"terminationGracePeriodSeconds {grace} must outlast server.drain_seconds {drain}"
+# after the drain the server waits up to EXIT_FLUSH (server/src/lib.rs) for queued captures
+exit_flush = int(re.search(r"EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs\((\d+)\)", pathlib.Path("server/src/lib.rs").read_text()).group(1))
+assert grace > drain + exit_flush, f"terminationGracePeriodSeconds {grace} must outlast server.drain_seconds {drain} plus the exit flush {exit_flush}"
 (out / "retune.toml").write_text(settings)
 (out / "commands").write_text("".join(" ".join(c) + "\n" for _, c in cmds))
 PY

@@ -916,7 +916,7 @@ mod tests {
     fn check_int8_path() -> Vec<Vec<u32>> {
         let mut outputs = Vec::new();
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            for nb in [18usize, 7, 1] {
+            for nb in [18usize, 7, 1, 35, 48] {
                 let (rows, cols, t) = (11, nb * QK, 9);
                 let data = weights(format, rows, nb, 3 + nb as u64);
                 let w = pack(format, &data, rows, cols);

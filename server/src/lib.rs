@@ -234,11 +234,11 @@ pub fn app(
 /// Every few seconds, tell the registry which versions were served (gc keeps
 /// versions served within its idle window).
 fn spawn_served_flush(state: web::Data<AppState>) {
-    let Some(reg) = state.registry.clone() else {
+    if state.registry.is_none() {
         return;
-    };
+    }
     let every = std::time::Duration::from_millis(state.settings.adapters.served_flush_ms.max(10));
-    // a weak handle: the thread ends with the server (its last flush included)
+    // a weak handle: the thread ends with the server ([`flush_on_exit`] does the last flush)
     let weak = std::sync::Arc::downgrade(&state.into_inner());
     let spawned = std::thread::Builder::new()
         .name("retune-served".into())
@@ -247,18 +247,65 @@ fn spawn_served_flush(state: web::Data<AppState>) {
             let Some(state) = weak.upgrade() else {
                 return;
             };
-            let batch: Vec<(String, String, String)> = {
-                let mut s = state.served.lock().unwrap_or_else(|p| p.into_inner());
-                s.drain().collect()
-            };
-            if let Err(e) = reg.mark_served(&batch) {
-                tracing::warn!(error = %e, "recording served versions failed (retried)");
-                let mut s = state.served.lock().unwrap_or_else(|p| p.into_inner());
-                s.extend(batch);
-            }
+            flush_served(&state);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot record served versions: gc relies on its other rules");
+    }
+}
+
+/// Record the versions served since the last call in the registry; on failure
+/// they are kept for the next call. False when that failed.
+fn flush_served(state: &AppState) -> bool {
+    let Some(reg) = &state.registry else {
+        return true;
+    };
+    let batch: Vec<(String, String, String)> = {
+        let mut s = state.served.lock().unwrap_or_else(|p| p.into_inner());
+        s.drain().collect()
+    };
+    if batch.is_empty() {
+        return true;
+    }
+    if let Err(e) = reg.mark_served(&batch) {
+        tracing::warn!(error = %e, "recording served versions failed (retried)");
+        let mut s = state.served.lock().unwrap_or_else(|p| p.into_inner());
+        s.extend(batch);
+        return false;
+    }
+    true
+}
+
+/// How long a stopping server waits, once its connections are closed, for the
+/// captured completions still queued (or held for an unavailable store) to
+/// reach the store. The k8s base's grace period (40 s) covers the drain (20 s)
+/// plus this.
+pub const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The last writes of a stopping server: the capture queue, waited for up to
+/// [`EXIT_FLUSH`], and the versions served since the last flush (gc keeps
+/// them). Blocks.
+fn flush_on_exit(state: &AppState) {
+    if let Some(w) = &state.capture {
+        let t = std::time::Instant::now();
+        let before = w.stats().captured.load(Ordering::Relaxed);
+        if w.flush(EXIT_FLUSH) {
+            tracing::info!(
+                written = w.stats().captured.load(Ordering::Relaxed) - before,
+                ms = t.elapsed().as_millis() as u64,
+                "captured completions written before exit"
+            );
+        } else {
+            tracing::error!(
+                seconds = EXIT_FLUSH.as_secs(),
+                "captured completions still queued after waiting for the store: they are lost"
+            );
+        }
+    }
+    if !flush_served(state) {
+        tracing::warn!(
+            "versions served since the last flush were not recorded: gc relies on its other rules"
+        );
     }
 }
 
@@ -520,7 +567,13 @@ impl Application {
                 }
             }
         });
-        self.server.await?;
+        let served = self.server.await;
+        // what the handlers queued is written before the process ends
+        let state = self.state.clone();
+        if let Err(e) = actix_web::rt::task::spawn_blocking(move || flush_on_exit(&state)).await {
+            tracing::error!(error = %e, "the last writes before exit failed");
+        }
+        served?;
         if self.fatal.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("the engine stopped"));
         }

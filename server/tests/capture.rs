@@ -22,9 +22,19 @@ fn state(
     dir: &std::path::Path,
     store: Arc<dyn DatasetStore>,
 ) -> (web::Data<AppState>, Arc<ScriptedBackend>) {
+    let (st, b) = state_with(dir, store, "");
+    (web::Data::new(st), b)
+}
+
+/// [`state`] with `server` settings (TOML, a `[server]` table or nothing).
+fn state_with(
+    dir: &std::path::Path,
+    store: Arc<dyn DatasetStore>,
+    server: &str,
+) -> (AppState, Arc<ScriptedBackend>) {
     let b = Arc::new(ScriptedBackend::tiny(&dir.join("tok")).unwrap());
     let toml = format!(
-        "[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[auth]\npublic_metrics = true\nadmin_key_sha256 = \"{}\"\n\
+        "{server}[model]\npath = \"m.gguf\"\nid = \"tiny\"\n[engine]\nmax_tokens_cap = 64\n[auth]\npublic_metrics = true\nadmin_key_sha256 = \"{}\"\n\
          [[tenants]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n\
          [[tenants]]\nname = \"globex\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nenabled = false\n\
          [[tenants]]\nname = \"initech\"\nkey_sha256 = [\"{}\"]\n[tenants.capture]\nscrub = true\n",
@@ -45,7 +55,7 @@ fn state(
         .unwrap()
         .with_datasets(store)
         .unwrap();
-    (web::Data::new(st), b)
+    (st, b)
 }
 
 fn chat(key: &str, stream: bool) -> test::TestRequest {
@@ -523,6 +533,63 @@ async fn a_slow_store_never_delays_a_completion() {
     assert!(capture.flush(Duration::from_secs(20)));
     for id in &ids {
         assert!(store.completion("acme", id).is_ok(), "{id}");
+    }
+}
+
+/// The process ends when the server returns: what its handlers queued for a
+/// slow store must be written by then, not die with the writer thread.
+// the plain test attribute (`test` here is actix's module)
+#[core::prelude::v1::test]
+fn a_stopping_server_writes_the_captures_still_queued_before_it_returns() {
+    use std::io::{Read, Write};
+    let dir = tmp("exit");
+    let store = Faulty::new(&dir, false, Duration::from_millis(600));
+    let (st, _) = state_with(
+        &dir,
+        store.clone(),
+        "[server]\nport = 0\ndrain_seconds = 2\n",
+    );
+    let capture = st.capture.clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let app = retune_server::Application::serve(st).unwrap();
+            tx.send((app.port(), app.shutdown_handle())).unwrap();
+            let _ = done_tx.send(app.run_until_stopped().await);
+        })
+    });
+    let (port, sh) = rx.recv().unwrap();
+    let mut ids = Vec::new();
+    for stream in [false, true, false, true, false] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let body = format!(
+            r#"{{"model":"tiny","stream":{stream},"max_tokens":8,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer acme-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let id = out
+            .split("cmpl-")
+            .nth(1)
+            .map(|r| format!("chatcmpl-{}", &r[..32]));
+        ids.push(id.unwrap());
+    }
+    // the first write is still in the store's 600 ms: the rest wait in the queue
+    assert_eq!(
+        capture
+            .stats()
+            .captured
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    sh.begin();
+    let result = done.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    for id in &ids {
+        assert!(store.completion("acme", id).is_ok(), "lost at exit: {id}");
     }
 }
 
