@@ -133,6 +133,121 @@ pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     }
 }
 
+/// Attention scores of a group of query heads that share a kv head:
+/// `out[h·n + p] = q_h · key_p` for the `g` rows of `q` (`hd` each) and the `n`
+/// cached keys at `keys[p·kd + off..][..hd]`. Each is exactly [`dot_f32_f16`]
+/// of the two (the same bits); each key is converted once for the group, and
+/// several positions run side by side (the dot's single accumulator is a
+/// latency chain).
+pub fn attention_dots(
+    q: &[f32],
+    g: usize,
+    keys: &[f16],
+    kd: usize,
+    off: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let hd = q.len() / g.max(1);
+    let fits = g > 0
+        && q.len() == g * hd
+        && out.len() >= g * n
+        && (n == 0 || (off + hd <= kd && keys.len() >= (n - 1) * kd + off + hd));
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    if fits {
+        let mut h = 0;
+        while h < g {
+            let (qh, k, o) = (
+                q[h * hd..].as_ptr(),
+                keys[off..].as_ptr(),
+                out[h * n..].as_mut_ptr(),
+            );
+            // SAFETY: the bounds were checked above (`fits`); features enabled
+            // at compile time.
+            unsafe {
+                h += match g - h {
+                    1 => avx2::dots_f16::<1>(qh, hd, k, kd, n, o),
+                    2 => avx2::dots_f16::<2>(qh, hd, k, kd, n, o),
+                    3 => avx2::dots_f16::<3>(qh, hd, k, kd, n, o),
+                    _ => avx2::dots_f16::<4>(qh, hd, k, kd, n, o),
+                };
+            }
+        }
+        return;
+    }
+    let _ = fits;
+    for h in 0..g {
+        for p in 0..n {
+            let lo = (p * kd + off).min(keys.len());
+            let hi = (lo + hd).min(keys.len());
+            if let (Some(o), Some(qh)) = (out.get_mut(h * n + p), q.get(h * hd..(h + 1) * hd)) {
+                *o = dot_f32_f16(qh, &keys[lo..hi]);
+            }
+        }
+    }
+}
+
+/// The attention outputs of a group of query heads that share a kv head:
+/// `o_h += Σ_p w[h·n + p] · value_p` for the `g` rows of `o` (`hd` each) and
+/// the `n` cached values at `vals[p·kd + off..][..hd]`. Each element is
+/// accumulated in position order exactly as [`axpy_f16`] per position does
+/// (the same bits), in registers rather than through memory, each value
+/// converted once for the group.
+pub fn attention_sum(
+    w: &[f32],
+    g: usize,
+    vals: &[f16],
+    kd: usize,
+    off: usize,
+    n: usize,
+    o: &mut [f32],
+) {
+    let hd = o.len() / g.max(1);
+    let fits = g > 0
+        && o.len() == g * hd
+        && w.len() >= g * n
+        && (n == 0 || (off + hd <= kd && vals.len() >= (n - 1) * kd + off + hd));
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    if fits {
+        let mut h = 0;
+        while h < g {
+            let (wh, v, oh) = (
+                w[h * n..].as_ptr(),
+                vals[off..].as_ptr(),
+                o[h * hd..].as_mut_ptr(),
+            );
+            // SAFETY: as above.
+            unsafe {
+                h += match g - h {
+                    1 => avx2::sum_f16::<1, 8>(wh, n, v, kd, hd, oh),
+                    2 => avx2::sum_f16::<2, 4>(wh, n, v, kd, hd, oh),
+                    3 => avx2::sum_f16::<3, 4>(wh, n, v, kd, hd, oh),
+                    _ => avx2::sum_f16::<4, 3>(wh, n, v, kd, hd, oh),
+                };
+            }
+        }
+        return;
+    }
+    let _ = fits;
+    for (h, oh) in o.chunks_exact_mut(hd.max(1)).enumerate().take(g) {
+        for p in 0..n {
+            let lo = (p * kd + off).min(vals.len());
+            let hi = (lo + hd).min(vals.len());
+            axpy_f16(oh, w.get(h * n + p).copied().unwrap_or(0.0), &vals[lo..hi]);
+        }
+    }
+}
+
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -181,6 +296,121 @@ pub(crate) mod avx2 {
             *out.get_unchecked_mut(i) += w * v.get_unchecked(i).to_f32();
             i += 1;
         }
+    }
+
+    /// [`super::attention_dots`] for `G` (at most 4) heads from `q`: returns `G`.
+    /// `q` holds `G · hd` values, `k` the first key (`n` keys `kd` apart, `hd`
+    /// each), `out` `G` rows of `n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots_f16<const G: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const half::f16,
+        kd: usize,
+        n: usize,
+        out: *mut f32,
+    ) -> usize {
+        let mut p = 0;
+        while p + 2 <= n {
+            dots_at::<G, 2>(q, hd, k, kd, n, p, out);
+            p += 2;
+        }
+        if p < n {
+            dots_at::<G, 1>(q, hd, k, kd, n, p, out);
+        }
+        G
+    }
+
+    #[inline(always)]
+    unsafe fn dots_at<const G: usize, const P: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const half::f16,
+        kd: usize,
+        n: usize,
+        p: usize,
+        out: *mut f32,
+    ) {
+        let kp: [*const half::f16; P] = std::array::from_fn(|j| k.add((p + j) * kd));
+        let mut acc = [[_mm256_setzero_ps(); P]; G];
+        let mut i = 0;
+        while i + 8 <= hd {
+            let kv: [__m256; P] = std::array::from_fn(|j| {
+                _mm256_cvtph_ps(_mm_loadu_si128(kp[j].add(i) as *const __m128i))
+            });
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let qv = _mm256_loadu_ps(q.add(h * hd + i));
+                for j in 0..P {
+                    acc[j] = _mm256_fmadd_ps(qv, kv[j], acc[j]);
+                }
+            }
+            i += 8;
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for j in 0..P {
+                let mut s = hsum(acc[j]);
+                for t in i..hd {
+                    s += *q.add(h * hd + t) * (*kp[j].add(t)).to_f32();
+                }
+                *out.add(h * n + p + j) = s;
+            }
+        }
+    }
+
+    /// [`super::attention_sum`] for `G` (at most 4) heads, `C` vectors of
+    /// columns at a time (`G · C` accumulators): returns `G`. `w` holds `G`
+    /// rows of `n` weights, `v` the first value (`n` values `kd` apart, `hd`
+    /// each), `o` `G` rows of `hd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn sum_f16<const G: usize, const C: usize>(
+        w: *const f32,
+        n: usize,
+        v: *const half::f16,
+        kd: usize,
+        hd: usize,
+        o: *mut f32,
+    ) -> usize {
+        let nv = hd / 8;
+        let mut c0 = 0;
+        while c0 < nv {
+            let cn = C.min(nv - c0);
+            let mut acc = [[_mm256_setzero_ps(); C]; G];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate().take(cn) {
+                    *a = _mm256_loadu_ps(o.add(h * hd + 8 * (c0 + j)));
+                }
+            }
+            for p in 0..n {
+                let vp = v.add(p * kd + 8 * c0);
+                let x: [__m256; C] = std::array::from_fn(|j| {
+                    if j < cn {
+                        _mm256_cvtph_ps(_mm_loadu_si128(vp.add(8 * j) as *const __m128i))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_broadcast_ss(&*w.add(h * n + p));
+                    for j in 0..cn {
+                        acc[j] = _mm256_fmadd_ps(wv, x[j], acc[j]);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (j, a) in acc.iter().enumerate().take(cn) {
+                    _mm256_storeu_ps(o.add(h * hd + 8 * (c0 + j)), *a);
+                }
+            }
+            c0 += cn;
+        }
+        for t in 8 * nv..hd {
+            for h in 0..G {
+                for p in 0..n {
+                    *o.add(h * hd + t) += *w.add(h * n + p) * (*v.add(p * kd + t)).to_f32();
+                }
+            }
+        }
+        G
     }
 }
 

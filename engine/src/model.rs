@@ -413,22 +413,25 @@ impl Model {
             owner.extend(std::iter::repeat(i).take(it.tokens.len()));
         }
         let mut out = vec![0f32; q.len()];
-        // (token, head) pairs in a few chunks per thread, each with one scores buffer
-        let pairs = q.len() / hd;
-        let per = pairs.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let chunks: Vec<&mut [f32]> = out.chunks_mut(per * hd).collect();
+        // (token, kv head) groups, the query heads of a kv head side by side
+        // (heads `kvh·group..` are contiguous), in a few chunks per thread,
+        // each with one scores buffer
+        let nkv = nh / group;
+        let units = q.len() / (hd * group);
+        let per = units.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let chunks: Vec<&mut [f32]> = out.chunks_mut(per * group * hd).collect();
         let chunks: Vec<Mutex<&mut [f32]>> = chunks.into_iter().map(Mutex::new).collect();
         crate::team::for_each(chunks.len(), |c| {
             let mut o = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
             let mut scores = Vec::new();
-            for (k, o) in o.chunks_exact_mut(hd).enumerate() {
-                let idx = c * per + k;
-                let (ti, head) = (idx / nh, idx % nh);
+            for (k, o) in o.chunks_exact_mut(group * hd).enumerate() {
+                let unit = c * per + k;
+                let (ti, kvh) = (unit / nkv, unit % nkv);
                 let (keys, vals) = items[owner[ti]].kv.layer(layer);
-                let kvh = head / group;
-                let q = &q[idx * hd..(idx + 1) * hd];
-                attend_head(
-                    q,
+                let at = unit * group * hd;
+                attend_group(
+                    &q[at..at + group * hd],
+                    group,
                     keys,
                     vals,
                     kd,
@@ -466,8 +469,8 @@ pub(crate) fn rope_tables(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
 
 /// One query head over `n` cached positions of its kv head (at `off` within each
 /// `kd`-wide cache row): softmax(q·K/√d)·V into `o`.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
-#[inline(never)]
 fn attend_head(
     q: &[f32],
     keys: &[f16],
@@ -496,6 +499,46 @@ fn attend_head(
     for (p, s) in scores.iter().enumerate() {
         kernels::axpy_f16(o, s * inv, &vals[p * kd + off..p * kd + off + hd]);
     }
+}
+
+/// The `g` query heads of one kv head (rows of `hd` in `q`) over `n` cached
+/// positions into `o` (`g` rows): for each head exactly what [`attend_head`]
+/// computes (the same bits), each key and value converted once for the group
+/// and the outputs accumulated in registers.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn attend_group(
+    q: &[f32],
+    g: usize,
+    keys: &[f16],
+    vals: &[f16],
+    kd: usize,
+    off: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    scores.clear();
+    scores.resize(g * n, 0.0);
+    kernels::attention_dots(q, g, keys, kd, off, n, scores);
+    for row in scores.chunks_exact_mut(n.max(1)).take(g) {
+        let mut max = f32::NEG_INFINITY;
+        for s in row.iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+    kernels::attention_sum(scores, g, vals, kd, off, n, o);
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {
@@ -540,6 +583,69 @@ pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let inv = 1.0 / (ss + eps).sqrt();
         for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * inv * g;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The grouped attention is the per-head one, bit for bit, for any group
+    /// size, head width (tails included), kv head and number of positions.
+    #[test]
+    fn grouped_attention_gives_the_bits_of_one_head_at_a_time() {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+        };
+        for hd in [64usize, 36, 8, 128] {
+            for g in [1usize, 2, 3, 4, 5, 7] {
+                for n in [1usize, 2, 3, 17, 64] {
+                    let nkv = 3;
+                    let kd = nkv * hd;
+                    let keys: Vec<f16> = (0..n * kd).map(|_| f16::from_f32(next())).collect();
+                    let vals: Vec<f16> = (0..n * kd).map(|_| f16::from_f32(next())).collect();
+                    let q: Vec<f32> = (0..g * hd).map(|_| next()).collect();
+                    let kvh = n % nkv;
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let mut scores = Vec::new();
+                    let mut got = vec![0f32; g * hd];
+                    attend_group(
+                        &q,
+                        g,
+                        &keys,
+                        &vals,
+                        kd,
+                        kvh * hd,
+                        n,
+                        scale,
+                        &mut scores,
+                        &mut got,
+                    );
+                    for h in 0..g {
+                        let mut want = vec![0f32; hd];
+                        attend_head(
+                            &q[h * hd..(h + 1) * hd],
+                            &keys,
+                            &vals,
+                            kd,
+                            kvh * hd,
+                            n,
+                            scale,
+                            &mut scores,
+                            &mut want,
+                        );
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got[h * hd..(h + 1) * hd]),
+                            bits(&want),
+                            "hd {hd}, group {g}, head {h}, {n} positions"
+                        );
+                    }
+                }
+            }
         }
     }
 }
