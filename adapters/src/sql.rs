@@ -419,23 +419,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A call waits this long for a connection, then fails as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Pool = r2d2::Pool<PostgresConnectionManager<postgres::NoTls>>;
+use retune_config::pg::{describe, explain, pg_target, PgTarget, PgTls};
+
+type Pool = r2d2::Pool<PostgresConnectionManager<PgTls>>;
 
 pub(crate) struct Pg {
     pool: Pool,
     cfg: postgres::Config,
+    tls: PgTls,
     at: String,
-}
-
-fn describe(cfg: &postgres::Config) -> String {
-    let host = match cfg.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or("(default)"))
 }
 
 impl From<postgres::Error> for RegistryError {
@@ -457,9 +449,11 @@ impl From<postgres::Error> for RegistryError {
 
 impl Pg {
     fn open(url: &str) -> R<Self> {
-        let mut cfg: postgres::Config = url
-            .parse()
-            .map_err(|e| RegistryError::Invalid(format!("not a PostgreSQL URL: {e}")))?;
+        let PgTarget {
+            config: mut cfg,
+            tls,
+            ..
+        } = pg_target(url).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -467,22 +461,30 @@ impl Pg {
             cfg.application_name("retune-registry");
         }
         let at = describe(&cfg);
+        // one connection first, for the reason when it fails (the pool's
+        // error carries the text "db error" and nothing else)
+        drop(cfg.connect(tls.clone()).map_err(|e| {
+            RegistryError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {at}: {}",
+                explain(&e)
+            ))
+        })?);
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(CONNECT_TIMEOUT)
             .test_on_check_out(true)
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build(PostgresConnectionManager::new(cfg.clone(), postgres::NoTls))
+            .build(PostgresConnectionManager::new(cfg.clone(), tls.clone()))
             .map_err(|e| {
                 RegistryError::Unavailable(format!("cannot connect to PostgreSQL at {at}: {e}"))
             })?;
-        let db = Self { pool, cfg, at };
+        let db = Self { pool, cfg, tls, at };
         db.migrate()?;
         Ok(db)
     }
 
-    fn conn(&self) -> R<r2d2::PooledConnection<PostgresConnectionManager<postgres::NoTls>>> {
+    fn conn(&self) -> R<r2d2::PooledConnection<PostgresConnectionManager<PgTls>>> {
         self.pool
             .get_timeout(CALL_TIMEOUT)
             .map_err(|e| RegistryError::Unavailable(format!("PostgreSQL at {}: {e}", self.at)))
@@ -571,7 +573,7 @@ fn pg_type(v: &V) -> Type {
 }
 
 struct PgTx {
-    conn: r2d2::PooledConnection<PostgresConnectionManager<postgres::NoTls>>,
+    conn: r2d2::PooledConnection<PostgresConnectionManager<PgTls>>,
     open: bool,
 }
 
@@ -655,6 +657,7 @@ impl Db for Pg {
         Ok(Arc::new(Pg {
             pool: self.pool.clone(),
             cfg: self.cfg.clone(),
+            tls: self.tls.clone(),
             at: self.at.clone(),
         }))
     }
@@ -662,6 +665,7 @@ impl Db for Pg {
     fn watcher(&self) -> R<Box<dyn Watch>> {
         let mut w = Listen {
             cfg: self.cfg.clone(),
+            tls: self.tls.clone(),
             client: None,
         };
         w.connect()?;
@@ -682,12 +686,13 @@ impl Db for Pg {
 /// lost while disconnected costs one poll interval, never a change).
 struct Listen {
     cfg: postgres::Config,
+    tls: PgTls,
     client: Option<postgres::Client>,
 }
 
 impl Listen {
     fn connect(&mut self) -> R<()> {
-        let mut c = self.cfg.connect(postgres::NoTls)?;
+        let mut c = self.cfg.connect(self.tls.clone())?;
         c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
         self.client = Some(c);
         Ok(())

@@ -1,6 +1,7 @@
 //! Settings for every retune process: a TOML file plus `RETUNE_<SECTION>__<KEY>`
 //! environment overrides, validated once at startup.
 
+pub mod pg;
 mod trainer;
 
 use serde::Deserialize;
@@ -527,6 +528,11 @@ impl Settings {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     return bad(field, "must be a postgres:// or postgresql:// URL");
                 }
+                // its TLS options: a mode this client cannot honour, a CA file
+                // that is missing or holds no certificate
+                if let Err(e) = pg::pg_target(url) {
+                    return bad(field, &e.0);
+                }
             }
         }
         if let Some(url) = &self.adapters.store_url {
@@ -711,6 +717,14 @@ mod tests {
         );
         for (url, env) in [
             ("sqlite:///x.db", env(Some("sqlite:///x.db"))),
+            // TLS options this client cannot honour
+            ("sslmode=allow", env(Some("postgres://db/r?sslmode=allow"))),
+            (
+                "a missing CA file",
+                env(Some(
+                    "postgres://db/r?sslmode=require&sslrootcert=/nonexistent.pem",
+                )),
+            ),
             // no root: the version files would have nowhere to live
             (
                 "postgres://db/r",

@@ -103,6 +103,44 @@ impl PgTest {
     }
 }
 
+/// A private cluster that takes TLS connections only (`pg-cluster.sh
+/// start-tls`): its certificate names 127.0.0.1 and no host name; stopped and
+/// removed on drop.
+pub struct PgTlsCluster {
+    /// The maintenance database, without TLS options (refused as it is).
+    pub url: String,
+    /// The CA that signed the server's certificate (PEM).
+    pub ca: PathBuf,
+    /// A CA that signed nothing the server has.
+    pub other_ca: PathBuf,
+    dir: PathBuf,
+}
+
+impl PgTlsCluster {
+    pub fn start() -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "retune-pgtls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = run(&["start-tls", &dir.to_string_lossy()])?;
+        Ok(Self {
+            url,
+            ca: dir.join("tls/ca.pem"),
+            other_ca: dir.join("tls/other-ca.pem"),
+            dir,
+        })
+    }
+}
+
+impl Drop for PgTlsCluster {
+    fn drop(&mut self) {
+        let _ = run(&["stop", &self.dir.to_string_lossy()]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A client on `url` (a test's database, or a copy of its URL).
 pub fn connect(url: &str) -> Result<postgres::Client, String> {
     postgres::Client::connect(url, postgres::NoTls).map_err(|e| e.to_string())

@@ -22,8 +22,9 @@ use crate::snapshot::{content_id, curate, Candidate, Manifest, Origin, Policy, S
 use crate::sqlite::now_ms;
 use crate::DatasetStore;
 use crate::{Erased, Lineage, Signals};
-use postgres::{GenericClient, NoTls};
+use postgres::GenericClient;
 use r2d2_postgres::PostgresConnectionManager;
+use retune_config::pg::{describe, explain, pg_target, PgTarget, PgTls};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -83,24 +84,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// server that is down answers its callers' retries, not their patience.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+type Pool = r2d2::Pool<PostgresConnectionManager<PgTls>>;
 
 pub struct PgStore {
     pool: Pool,
     /// host:port/dbname, without credentials, for messages.
     at: String,
-}
-
-/// Where `cfg` points, without the password.
-pub(crate) fn describe(cfg: &postgres::Config) -> String {
-    let host = match cfg.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or("(default)"))
 }
 
 /// A PostgreSQL error as the store's: SQL errors are the database's fault
@@ -132,9 +121,11 @@ impl PgStore {
     /// (`Invalid`), a server that cannot be reached within a few seconds
     /// (`Unavailable`), a schema newer than this build (`Schema`).
     pub fn open(url: &str) -> Result<Self, DataError> {
-        let mut cfg: postgres::Config = url.parse().map_err(|e| {
-            DataError::invalid("datasets.url", format!("not a PostgreSQL URL: {e}"))
-        })?;
+        let PgTarget {
+            config: mut cfg,
+            tls,
+            ..
+        } = pg_target(url).map_err(|e| DataError::invalid("datasets.url", e.to_string()))?;
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -142,13 +133,21 @@ impl PgStore {
             cfg.application_name("retune");
         }
         let at = describe(&cfg);
+        // one connection first, for the reason when it fails (the pool's
+        // error carries the text "db error" and nothing else)
+        drop(cfg.connect(tls.clone()).map_err(|e| {
+            DataError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {at}: {}",
+                explain(&e)
+            ))
+        })?);
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(CONNECT_TIMEOUT)
             .test_on_check_out(true)
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build(PostgresConnectionManager::new(cfg, NoTls))
+            .build(PostgresConnectionManager::new(cfg, tls))
             .map_err(|e| {
                 DataError::Unavailable(format!("cannot connect to PostgreSQL at {at}: {e}"))
             })?;
@@ -162,7 +161,7 @@ impl PgStore {
         &self.at
     }
 
-    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, DataError> {
+    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<PgTls>>, DataError> {
         self.pool
             .get_timeout(CALL_TIMEOUT)
             .map_err(|e| DataError::Unavailable(format!("PostgreSQL at {}: {e}", self.at)))

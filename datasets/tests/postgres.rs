@@ -1,7 +1,7 @@
 //! What only the shared PostgreSQL store has to hold: refusals at open, a
 //! server that goes away and comes back, replicas writing at once.
 
-use retune_datasets::pgtest::PgTest;
+use retune_datasets::pgtest::{PgTest, PgTlsCluster};
 use retune_datasets::*;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,65 @@ fn a_bad_url_an_unreachable_server_and_a_newer_schema_are_refused_with_the_reaso
     match PgStore::open(&pg.url) {
         Err(DataError::Schema(m)) => assert!(m.contains("999"), "{m}"),
         other => panic!("newer schema: {:?}", other.err()),
+    }
+}
+
+/// A server that takes TLS only (as managed databases are often set): reached
+/// with `sslmode` and the CA that signed its certificate; a certificate from
+/// another CA, or one that does not name the host connected to, is refused
+/// with the reason.
+#[test]
+fn a_tls_only_server_is_reached_over_verified_tls_and_bad_certificates_are_refused() {
+    let c = PgTlsCluster::start().unwrap();
+    let (ca, other) = (c.ca.display(), c.other_ca.display());
+    // without TLS the server refuses: what works below went over TLS
+    match PgStore::open(&c.url) {
+        Err(DataError::Unavailable(m)) => assert!(m.contains("no encryption"), "{m}"),
+        other => panic!("plain connection: {:?}", other.err()),
+    }
+    for mode in ["require", "verify-ca", "verify-full", "prefer"] {
+        let url = format!("{}?sslmode={mode}&sslrootcert={ca}", c.url);
+        let store = PgStore::open(&url).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let id = format!("c-{mode}");
+        store.record(&[completion(&id)]).unwrap();
+        assert_eq!(store.completion("acme", &id).unwrap().output_text, "answer");
+    }
+    // the CA is percent-encoded in the URL like any query value
+    let enc = ca.to_string().replace('/', "%2F");
+    PgStore::open(&format!("{}?sslmode=verify-full&sslrootcert={enc}", c.url)).unwrap();
+    // signed by a CA this client was not told to trust
+    let url = format!("{}?sslmode=require&sslrootcert={other}", c.url);
+    match PgStore::open(&url) {
+        Err(DataError::Unavailable(m)) => {
+            assert!(m.contains("invalid peer certificate: UnknownIssuer"), "{m}")
+        }
+        other => panic!("unrelated CA: {:?}", other.err()),
+    }
+    // the right CA, but `localhost` is not a name the certificate has
+    let url =
+        format!("{}?sslmode=verify-full&sslrootcert={ca}", c.url).replace("127.0.0.1", "localhost");
+    match PgStore::open(&url) {
+        Err(DataError::Unavailable(m)) => {
+            assert!(m.contains("not valid for name \"localhost\""), "{m}")
+        }
+        other => panic!("wrong name: {:?}", other.err()),
+    }
+    // options that cannot be honoured: refused at open, naming them
+    for (q, says) in [
+        ("sslmode=allow", "sslmode=allow"),
+        ("sslmode=require&sslcert=/c.pem", "sslcert"),
+        (
+            "sslmode=require&sslrootcert=/nonexistent/ca.pem",
+            "/nonexistent/ca.pem",
+        ),
+    ] {
+        match PgStore::open(&format!("{}?{q}", c.url)) {
+            Err(DataError::Invalid { field, reason }) => {
+                assert_eq!(field, "datasets.url");
+                assert!(reason.contains(says), "{q}: {reason}");
+            }
+            other => panic!("{q}: {:?}", other.err()),
+        }
     }
 }
 

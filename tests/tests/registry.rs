@@ -1125,9 +1125,45 @@ fn pg_dir(name: &str, pg: &retune_datasets::pgtest::PgTest) -> PathBuf {
 
 #[test]
 fn on_postgresql_another_replicas_promotion_reaches_the_alias_cache_by_notify_not_the_poll() {
-    use std::time::{Duration, Instant};
     let pg = retune_datasets::pgtest::PgTest::new().unwrap();
-    let dir = pg_dir("notify", &pg);
+    notify_reaches_the_cache(&pg_dir("notify", &pg));
+}
+
+/// The same over TLS, to a server that takes nothing else: the pool's
+/// connections and the change feed's `LISTEN` connection verify its
+/// certificate; one from another CA is refused at open with the reason.
+#[test]
+fn on_a_tls_only_postgresql_the_registry_and_its_change_feed_run_over_verified_tls() {
+    let c = retune_datasets::pgtest::PgTlsCluster::start().unwrap();
+    let dir = tmpdir("notify-tls");
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        c.url,
+        c.ca.display()
+    );
+    std::fs::write(dir.join("registry.location"), &url).unwrap();
+    notify_reaches_the_cache(&dir);
+    let store = || Arc::new(LocalStore::new(&dir.join("store")).unwrap());
+    let wrong = format!(
+        "{}?sslmode=require&sslrootcert={}",
+        c.url,
+        c.other_ca.display()
+    );
+    let e = Registry::open_at(&wrong, store(), 1 << 20)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("invalid peer certificate: UnknownIssuer"), "{e}");
+    let e = Registry::open_at(&c.url, store(), 1 << 20)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no encryption"), "{e}");
+}
+
+fn notify_reaches_the_cache(dir: &Path) {
+    use std::time::{Duration, Instant};
+    let dir = dir.to_path_buf();
     let reg = Arc::new(open(&dir));
     let ids: Vec<String> = (1..=3)
         .map(|s| {
