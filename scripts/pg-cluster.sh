@@ -37,35 +37,27 @@ tls_files() {
   true
 }
 case "$cmd" in
-  start-tls)
-    command -v openssl >/dev/null || { echo "pg-cluster: openssl not found (apt-get install openssl)" >&2; exit 1; }
+  start|start-tls)
+    tls=""
+    if [ "$cmd" = start-tls ]; then
+      command -v openssl >/dev/null || { echo "pg-cluster: openssl not found (apt-get install openssl)" >&2; exit 1; }
+      tls="-c ssl=on -c ssl_cert_file=$dir/tls/server.pem -c ssl_key_file=$dir/tls/server.key"
+    fi
     mkdir -p "$dir"
     [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
-    tls_files
+    [ -n "$tls" ] && tls_files
     if [ ! -f "$dir/data/PG_VERSION" ]; then
       as_pg "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }
-      printf 'local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n' \
-        | as_pg tee "$dir/data/pg_hba.conf" >/dev/null
+      if [ -n "$tls" ]; then
+        printf 'local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n' \
+          | as_pg tee "$dir/data/pg_hba.conf" >/dev/null
+      fi
     fi
     port="${3:-$(cat "$dir/port" 2>/dev/null || free_port)}"
     echo "$port" > "$dir/port"
     as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c ssl=on -c ssl_cert_file=$dir/tls/server.pem -c ssl_key_file=$dir/tls/server.key" start >/dev/null \
-      || { tail -20 "$dir/server.log" >&2; exit 1; }
-    echo "postgres://postgres@127.0.0.1:$port/postgres"
-    ;;
-  start)
-    mkdir -p "$dir"
-    [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
-    if [ ! -f "$dir/data/PG_VERSION" ]; then
-      as_pg "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
-        || { cat "$dir/initdb.log" >&2; exit 1; }
-    fi
-    port="${3:-$(cat "$dir/port" 2>/dev/null || free_port)}"
-    echo "$port" > "$dir/port"
-    as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=on" start >/dev/null \
+      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=on $tls" start >/dev/null \
       || { tail -20 "$dir/server.log" >&2; exit 1; }
     echo "postgres://postgres@127.0.0.1:$port/postgres"
     ;;
