@@ -249,10 +249,30 @@ fn compare_kernels(
     use retune_engine::kernels_f32::{available_paths, set_path};
     println!("{}", retune_engine::cpu::describe());
     let paths = available_paths();
+    // an engine per path, loaded and warmed on it: the int8 paths pack the
+    // weights in their own layouts (the grouped one for AVX2 int8), and a
+    // weight keeps the layout, and so the kernels, of the path it was packed on
+    let _ = engine;
+    let cfg = || EngineConfig {
+        prefix_cache: retune_engine::PrefixConfig {
+            max_tokens: 0,
+            ..Default::default()
+        },
+        ..EngineConfig::default()
+    };
+    let mut engines = Vec::new();
+    for p in &paths {
+        set_path(*p).map_err(anyhow::Error::msg)?;
+        let loaded = load(model)?;
+        let e = Engine::start(loaded.model, loaded.tok, cfg())?;
+        timed(&e, req(prompt[..64].to_vec(), 8))?;
+        engines.push(e);
+    }
     let mut res: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); paths.len()];
     for _ in 0..3 {
         for (i, p) in paths.iter().enumerate() {
             set_path(*p).map_err(anyhow::Error::msg)?;
+            let engine = &engines[i];
             let (ttft, _, _) = timed(engine, req(prompt.to_vec(), 1))?;
             res[i].0.push(prompt.len() as f64 / ttft);
             let (_, rest, n) = timed(engine, req(prompt[..16].to_vec(), decode_tokens))?;

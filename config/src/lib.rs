@@ -135,9 +135,9 @@ pub struct EngineSettings {
     /// cannot evict everyone's entries.
     pub prefix_cache_tenant_percent: u32,
     /// The CPU weight kernels (`device = "cpu"`): `auto` (the machine's best,
-    /// chosen at run time), `int8` (the best path with int8 activations: the
-    /// fastest single stream; on an AVX2-only CPU it prefills and batches
-    /// slower than f32), `f32` (the best with f32 activations), or one path:
+    /// chosen at run time: VNNI, else AVX2 with int8 activations), `int8`
+    /// (the best path with int8 activations: the same), `f32` (the best with
+    /// f32 activations), or one path:
     /// `avx2`, `avx2int8`, `avx512`, `avx512vnni`. A path the CPU or its OS
     /// lacks is refused at start.
     pub kernels: String,

@@ -232,18 +232,22 @@ pub fn available_paths() -> Vec<KernelPath> {
         target_feature = "f16c"
     ))]
     {
-        // AVX2 with int8 activations decodes faster but prefills and batches
-        // slower than AVX2 in f32 (BENCHMARKS.md, 2026-12-04): not the default
-        let mut v = vec![KernelPath::Avx2Int8, KernelPath::Avx2];
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-        {
+        // AVX2 with int8 activations on the grouped layout decodes, prefills
+        // and batches faster than the f32 paths, AVX-512's included
+        // (BENCHMARKS.md, "grouped layout", 2026-12-06): the default where
+        // VNNI is missing
+        let mut v = vec![KernelPath::Avx2];
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        if avx512 {
             v.push(KernelPath::Avx512);
-            if std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-            {
-                v.push(KernelPath::Avx512Vnni);
-            }
+        }
+        v.push(KernelPath::Avx2Int8);
+        if avx512
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            v.push(KernelPath::Avx512Vnni);
         }
         v
     }
@@ -259,9 +263,9 @@ pub fn available_paths() -> Vec<KernelPath> {
 }
 
 /// What `engine.kernels` (and `RETUNE_KERNELS`) may name: `auto` (the best
-/// path of the machine), `int8` (the best path with int8 activations: the
-/// fastest single-stream decode), `f32` (the best path with f32 activations:
-/// on an AVX2-only CPU the faster prefill and batches), or one path by name.
+/// path of the machine: VNNI, else AVX2 int8), `int8` (the best path with
+/// int8 activations, the same), `f32` (the best path with f32 activations),
+/// or one path by name.
 pub use retune_config::KERNEL_CHOICES;
 
 /// The path `choice` (one of [`KERNEL_CHOICES`]) names among `avail` (a
@@ -707,11 +711,11 @@ pub(crate) mod tests {
     #[test]
     fn kernel_choices_resolve_against_the_machine() {
         use KernelPath::*;
-        let avx2_only = [Avx2Int8, Avx2];
-        let vnni = [Avx2Int8, Avx2, Avx512, Avx512Vnni];
+        let avx2_only = [Avx2, Avx2Int8];
+        let vnni = [Avx2, Avx512, Avx2Int8, Avx512Vnni];
         for (choice, on_avx2, on_vnni) in [
-            ("auto", Ok(Avx2), Ok(Avx512Vnni)),
-            ("", Ok(Avx2), Ok(Avx512Vnni)),
+            ("auto", Ok(Avx2Int8), Ok(Avx512Vnni)),
+            ("", Ok(Avx2Int8), Ok(Avx512Vnni)),
             ("int8", Ok(Avx2Int8), Ok(Avx512Vnni)),
             ("f32", Ok(Avx2), Ok(Avx512)),
             ("avx2", Ok(Avx2), Ok(Avx2)),
@@ -725,7 +729,7 @@ pub(crate) mod tests {
             assert_eq!(got(&vnni), on_vnni, "{choice} on VNNI");
         }
         let err = resolve("avx512", &avx2_only).unwrap_err();
-        assert!(err.contains("AVX2 (int8 activations), AVX2"), "{err}");
+        assert!(err.contains("AVX2, AVX2 (int8 activations)"), "{err}");
         let err = resolve("fastest", &vnni).unwrap_err();
         assert!(err.contains("auto, int8, f32"), "{err}");
         assert_eq!(

@@ -13,13 +13,22 @@
 //! (for Q4_0 and Q8_0 the record stores `d` and [`Packed::m_scale`] applies the
 //! factor to the offsets' dot).
 //!
-//! Each output is one 16-lane f32 accumulator over the row's block pairs (an
-//! exact i32 dot per pair, converted and scaled), a fixed horizontal sum, plus
-//! the offsets' dot in a fixed order: the same operations for a row whatever
-//! else is in the register tile, so results are bit-identical for any batch
-//! size, as on the f32 paths.
+//! Two layouts, each with its own arithmetic (a weight keeps the layout of the
+//! path it was packed on, and the kernels follow the layout):
+//! - one record per row ([`pack_rows`], the VNNI path): each output is one
+//!   16-lane f32 accumulator over the row's block pairs (an exact i32 dot per
+//!   pair, converted and scaled), a fixed horizontal sum, plus the offsets'
+//!   dot in a fixed order; AVX2 alone reproduces it bit for bit;
+//! - groups of 8 rows ([`pack_grouped`], [`KernelPath::Avx2Int8`]): lanes
+//!   are rows, each block's integer dot is exact, and the blocks add up in
+//!   order ([`reference_grouped`] defines it).
+//!
+//! Either way a row's operations do not depend on what else is in the
+//! register tile, so results are bit-identical for any batch size, as on the
+//! f32 paths.
 //!
 //! [`KernelPath::Avx512Vnni`]: crate::kernels_f32::KernelPath::Avx512Vnni
+//! [`KernelPath::Avx2Int8`]: crate::kernels_f32::KernelPath::Avx2Int8
 
 use crate::kernels::{BlockFormat, QK};
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
@@ -46,24 +55,55 @@ pub struct Packed {
     pub stride: usize,
     /// Multiplies the stored offsets: 1 (Q4_1), −8 (Q4_0), −128 (Q8_0).
     pub m_scale: f32,
+    /// Rows in groups of [`GROUP`] ([`pack_grouped`]'s layout, read by the
+    /// AVX2 int8 kernels and their own arithmetic) rather than one record per
+    /// row.
+    pub grouped: bool,
     pub data: Vec<u8>,
 }
+
+/// Rows per group in the grouped layout.
+pub const GROUP: usize = 8;
 
 impl Packed {
     fn record(&self, r: usize) -> &[u8] {
         &self.data[r * self.stride..(r + 1) * self.stride]
     }
-    /// Row `r`'s values.
-    pub fn vals(&self, r: usize) -> &[u8] {
+    /// Row `r`'s values (the row layout).
+    fn vals(&self, r: usize) -> &[u8] {
         &self.record(r)[..self.row_bytes]
     }
     /// Block `b`'s scale and stored offset (before `m_scale`) in row `r`.
     pub fn dm(&self, r: usize, b: usize) -> (f32, f32) {
-        let rec = self.record(r);
+        let (d, m) = self.dm_bits(r, b);
         (
-            f16_at(rec, self.row_bytes + 2 * b),
-            f16_at(rec, self.row_bytes + 2 * (self.nb + b)),
+            f16::from_bits(u16::from_le_bytes(d)).to_f32(),
+            f16::from_bits(u16::from_le_bytes(m)).to_f32(),
         )
+    }
+    /// Bytes of one group's block in the grouped layout: the values, then
+    /// [`GROUP`] f16 scales, then [`GROUP`] f16 offsets.
+    fn group_block(&self) -> usize {
+        GROUP * (self.row_bytes / self.nb.max(1) + 4)
+    }
+    /// Element `j` of block `b` of row `r`, as the unsigned byte the kernels
+    /// multiply (a 4-bit value, or an 8-bit value plus 128).
+    pub fn elem(&self, r: usize, b: usize, j: usize) -> u8 {
+        if !self.grouped {
+            return value(self, self.vals(r), b, j);
+        }
+        let at = (r / GROUP * self.nb + b) * self.group_block();
+        let k = r % GROUP;
+        if self.nibbles {
+            let byte = self.data[at + 32 * (j / 8) + 4 * k + j % 4];
+            if j % 8 < 4 {
+                byte & 0x0F
+            } else {
+                byte >> 4
+            }
+        } else {
+            self.data[at + 32 * (j / 4) + 4 * k + j % 4]
+        }
     }
 }
 
@@ -86,11 +126,22 @@ impl Packed {
             && self.row_bytes == row_bytes
             && self.stride == row_bytes + 4 * nb
             && self.m_scale == m_scale
-            && self.data.len() == rows * self.stride
+            && self.data.len()
+                == if self.grouped {
+                    rows.div_ceil(GROUP) * GROUP
+                } else {
+                    rows
+                } * self.stride
     }
 
     /// Block `b`'s f16 scale and offset slots of row `r`, as stored.
     fn dm_bits(&self, r: usize, b: usize) -> ([u8; 2], [u8; 2]) {
+        if self.grouped {
+            let gb = self.group_block();
+            let at = (r / GROUP * self.nb + b) * gb + gb - 4 * GROUP + 2 * (r % GROUP);
+            let d = &self.data[at..];
+            return ([d[0], d[1]], [d[2 * GROUP], d[2 * GROUP + 1]]);
+        }
         let rec = self.record(r);
         let (i, j) = (self.row_bytes + 2 * b, self.row_bytes + 2 * (self.nb + b));
         ([rec[i], rec[i + 1]], [rec[j], rec[j + 1]])
@@ -99,11 +150,10 @@ impl Packed {
     /// Row `r` as f32, by GGUF's definition of `format` (the embedding lookup
     /// of a weight kept only in this form).
     pub fn dequant_row(&self, format: BlockFormat, r: usize, out: &mut [f32]) {
-        let vals = self.vals(r);
         for (b, o) in out.chunks_exact_mut(QK).take(self.nb).enumerate() {
             let (d, m) = self.dm(r, b);
             for (j, o) in o.iter_mut().enumerate() {
-                let u = value(self, vals, b, j);
+                let u = self.elem(r, b, j);
                 *o = match format {
                     BlockFormat::Q4_0 => (u as i32 - 8) as f32 * d,
                     BlockFormat::Q4_1 => u as f32 * d + m,
@@ -119,11 +169,10 @@ impl Packed {
         let bb = format.block_bytes();
         let mut out = vec![0u8; self.rows * self.nb * bb];
         for (r, row) in out.chunks_exact_mut(self.nb * bb).enumerate() {
-            let vals = self.vals(r);
             for (b, blk) in row.chunks_exact_mut(bb).enumerate() {
                 let (d, m) = self.dm_bits(r, b);
                 blk[0..2].copy_from_slice(&d);
-                let u = |j: usize| value(self, vals, b, j);
+                let u = |j: usize| self.elem(r, b, j);
                 match format {
                     BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
                         let at = if format == BlockFormat::Q4_1 {
@@ -148,11 +197,6 @@ impl Packed {
     }
 }
 
-#[inline(always)]
-fn f16_at(b: &[u8], off: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
-}
-
 /// Repack `rows` rows of GGUF blocks (`data`, `cols` elements each).
 ///
 /// Layout of a row's values: for each pair of blocks (64 elements `e`), Q4
@@ -160,6 +204,63 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 /// 64 bytes `e + 128`. A last unpaired block keeps GGUF's own nibble order (16
 /// bytes, elements `j` and `16 + j` in byte `j`) or its 32 bytes `+ 128`.
 pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if crate::kernels_f32::path() == KernelPath::Avx2Int8 {
+        return pack_grouped(format, data, rows, cols);
+    }
+    pack_rows(format, data, rows, cols)
+}
+
+/// Repack in groups of [`GROUP`] rows (the last padded with zero rows), for
+/// the AVX2 int8 kernels: for each group, block after block, the values of
+/// its rows interleaved four elements at a time, so one 32-byte load holds
+/// four elements of each of the 8 rows: Q4 formats store 4 × 32 bytes, byte
+/// `4k + i` of part `c` = `e[k][8c + i] | e[k][8c + 4 + i] << 4` (row `k`);
+/// Q8_0 stores 8 × 32 bytes, byte `4k + i` of part `c` = `e[k][4c + i] + 128`.
+/// Then the rows' 8 f16 scales, then their 8 f16 offsets (as in [`pack`]).
+pub fn pack_grouped(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
+    let by_row = pack_rows(format, data, rows, cols);
+    let mut g = Packed {
+        grouped: true,
+        data: vec![0u8; rows.div_ceil(GROUP) * GROUP * by_row.stride],
+        ..by_row.clone_empty()
+    };
+    let gb = g.group_block();
+    let vb = gb - 4 * GROUP;
+    for r in 0..rows {
+        let k = r % GROUP;
+        for b in 0..g.nb {
+            let at = (r / GROUP * g.nb + b) * gb;
+            for j in 0..QK {
+                let u = by_row.elem(r, b, j);
+                if g.nibbles {
+                    let i = at + 32 * (j / 8) + 4 * k + j % 4;
+                    g.data[i] |= if j % 8 < 4 { u } else { u << 4 };
+                } else {
+                    g.data[at + 32 * (j / 4) + 4 * k + j % 4] = u;
+                }
+            }
+            let (d, m) = by_row.dm_bits(r, b);
+            g.data[at + vb + 2 * k..at + vb + 2 * k + 2].copy_from_slice(&d);
+            let mo = at + vb + 2 * GROUP + 2 * k;
+            g.data[mo..mo + 2].copy_from_slice(&m);
+        }
+    }
+    g
+}
+
+impl Packed {
+    /// The same fields without the bytes.
+    fn clone_empty(&self) -> Packed {
+        Packed {
+            data: Vec::new(),
+            ..*self
+        }
+    }
+}
+
+/// Repack in one record per row (the VNNI kernels' layout).
+pub fn pack_rows(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
     let nb = cols / QK;
     let bb = format.block_bytes();
     let nibbles = format != BlockFormat::Q8_0;
@@ -239,6 +340,7 @@ pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packe
             BlockFormat::Q4_1 => 1.0,
             BlockFormat::Q8_0 => -128.0,
         },
+        grouped: false,
         data: data_out,
     }
 }
@@ -311,6 +413,14 @@ pub fn rows_times_tokens(
     r1: usize,
     put: impl FnMut(usize, usize, f32),
 ) {
+    if w.grouped {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+        // SAFETY: AVX2 is the build's baseline; every index is checked
+        // against `w` and `x`.
+        return unsafe { avx2q::groups_times_tokens(w, x, r0, r1, put) };
+        #[allow(unreachable_code)]
+        return reference_grouped(w, x, r0, r1, put);
+    }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     {
         // SAFETY: as in `quantize`; every index is checked against `w` and `x`.
@@ -336,14 +446,9 @@ fn reference_rows_times_tokens(
     let t = x.q.len() / x.cols.max(1);
     for ti in 0..t {
         for r in r0..r1.min(w.rows) {
-            let vals = w.vals(r);
             let mut acc = 0f32;
             for b in 0..nb {
-                let mut dot = 0i32;
-                for j in 0..QK {
-                    let u = value(w, vals, b, j) as i32;
-                    dot += u * x.q[ti * x.cols + b * QK + j] as i32;
-                }
+                let dot = block_dot(w, x, r, ti, b);
                 acc += dot as f32 * (w.dm(r, b).0 * x.d[ti * nb + b]);
             }
             let mut off = 0f32;
@@ -351,6 +456,44 @@ fn reference_rows_times_tokens(
                 off += w.dm(r, b).1 * x.s[ti * nb + b];
             }
             put(ti, r, acc + w.m_scale * off);
+        }
+    }
+}
+
+/// Block `b`'s exact integer dot of row `r` and token `ti`.
+fn block_dot(w: &Packed, x: &QuantX, r: usize, ti: usize, b: usize) -> i32 {
+    let xq = &x.q[ti * x.cols + b * QK..][..QK];
+    (0..QK).map(|j| w.elem(r, b, j) as i32 * xq[j] as i32).sum()
+}
+
+/// The arithmetic of the grouped layout's kernels, which it defines: per row
+/// and token, block after block, the block's exact integer dot `D`, its
+/// whole contribution `fma(D, d_w·d_x, m·m_scale·s_x)` (the scaled values and
+/// the offsets, which nearly cancel for Q4_1, meet within the block), then
+/// `acc += ` that. Adding the two parts to the running sum one after the
+/// other lost enough to move the first-step logprobs against llama.cpp from
+/// 0.28 to 0.42 (the e2e agreement test allows 0.35). Nothing in it depends
+/// on the other rows or tokens of a call: a row's bits are the same in any
+/// batch.
+pub fn reference_grouped(
+    w: &Packed,
+    x: &QuantX,
+    r0: usize,
+    r1: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let nb = w.nb;
+    let t = x.q.len() / x.cols.max(1);
+    for ti in 0..t {
+        for r in r0..r1.min(w.rows) {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let dot = block_dot(w, x, r, ti, b);
+                let (d, m) = w.dm(r, b);
+                let off = m * w.m_scale * x.s[ti * nb + b];
+                acc += (dot as f32).mul_add(d * x.d[ti * nb + b], off);
+            }
+            put(ti, r, acc);
         }
     }
 }
@@ -626,7 +769,7 @@ mod vnni {
 /// they are taken as `|q| · sign(x)` plus `128 · Σx`, the same integer.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod avx2q {
-    use super::{Packed, QuantX, PF_TILES, QK};
+    use super::{Packed, QuantX, GROUP, PF_TILES, QK};
     use crate::kernels::avx2::hsum;
     use std::arch::x86_64::*;
 
@@ -820,6 +963,145 @@ mod avx2q {
         out
     }
 
+    /// One group of [`GROUP`] rows against `N` tokens from `ti`, in the
+    /// grouped layout: the rows' outputs, one 8-lane vector per token. Per
+    /// block, each part's 32 bytes hold 4 elements of each row; the token's
+    /// 4 matching activations are broadcast, `vpmaddubsw` multiplies, and the
+    /// block's products add up in 16 bits (Q4: at most 8 × 2 × 15 × 127 =
+    /// 30,480) or, for Q8_0, in 32; one `vpmaddwd` then gives each row's
+    /// exact integer dot in its lane ([`super::reference_grouped`]).
+    #[inline(always)]
+    unsafe fn group_tile<const NIB: bool, const N: usize>(
+        w: &Packed,
+        x: &QuantX,
+        g: usize,
+        ti: usize,
+    ) -> [__m256; N] {
+        let nb = w.nb;
+        let gb = w.group_block();
+        let vb = gb - 4 * GROUP;
+        let base = w.data.as_ptr().add(g * nb * gb);
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let k128 = _mm256_set1_epi8(-128);
+        let ms = _mm256_set1_ps(w.m_scale);
+        let xq: [*const i8; N] = std::array::from_fn(|t| x.q.as_ptr().add((ti + t) * x.cols));
+        let xd: [*const f32; N] = std::array::from_fn(|t| x.d.as_ptr().add((ti + t) * nb));
+        let xs: [*const f32; N] = std::array::from_fn(|t| x.s.as_ptr().add((ti + t) * nb));
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            let blk = base.add(b * gb);
+            let ahead = blk.wrapping_add(8 * gb);
+            crate::kernels::prefetch(ahead);
+            crate::kernels::prefetch(ahead.wrapping_add(64));
+            crate::kernels::prefetch(ahead.wrapping_add(128));
+            let mut dot = [_mm256_setzero_si256(); N];
+            if NIB {
+                for c in 0..4 {
+                    let y = _mm256_loadu_si256(blk.add(32 * c) as *const __m256i);
+                    let lo = _mm256_and_si256(y, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(y), low);
+                    for t in 0..N {
+                        let p = xq[t].add(b * QK + 8 * c);
+                        let xa = _mm256_set1_epi32((p as *const i32).read_unaligned());
+                        let xb = _mm256_set1_epi32((p.add(4) as *const i32).read_unaligned());
+                        dot[t] = _mm256_add_epi16(dot[t], _mm256_maddubs_epi16(lo, xa));
+                        dot[t] = _mm256_add_epi16(dot[t], _mm256_maddubs_epi16(hi, xb));
+                    }
+                }
+                for d in dot.iter_mut() {
+                    *d = _mm256_madd_epi16(*d, ones);
+                }
+            } else {
+                for c in 0..8 {
+                    let u = _mm256_loadu_si256(blk.add(32 * c) as *const __m256i);
+                    for t in 0..N {
+                        let p = xq[t].add(b * QK + 4 * c);
+                        let xa = _mm256_set1_epi32((p as *const i32).read_unaligned());
+                        let v = dot4_q8(u, xa, dot4(k128, xa));
+                        dot[t] = _mm256_add_epi32(dot[t], v);
+                    }
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(vb) as *const __m128i));
+            let mw = _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm_loadu_si128(blk.add(vb + 2 * GROUP) as *const __m128i)),
+                ms,
+            );
+            for t in 0..N {
+                let s = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*xd[t].add(b)));
+                let off = _mm256_mul_ps(mw, _mm256_broadcast_ss(&*xs[t].add(b)));
+                let blk = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), s, off);
+                acc[t] = _mm256_add_ps(acc[t], blk);
+            }
+        }
+        acc
+    }
+
+    /// Rows `r0..r1` (clamped to the weight) of a grouped [`Packed`] against
+    /// every token of `x`, a group of rows and up to 4 tokens at a time (a
+    /// group partly outside the range is computed whole and emitted in part).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn groups_times_tokens(
+        w: &Packed,
+        x: &QuantX,
+        r0: usize,
+        r1: usize,
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
+        let r1 = r1.min(w.rows);
+        let t = if x.cols == w.nb * QK && w.nb > 0 {
+            (x.q.len() / x.cols)
+                .min(x.d.len() / w.nb)
+                .min(x.s.len() / w.nb)
+        } else {
+            0
+        };
+        let groups = w.rows.div_ceil(GROUP);
+        if !w.grouped
+            || w.stride != w.row_bytes + 4 * w.nb
+            || w.data.len() < groups * w.nb * w.group_block()
+        {
+            return;
+        }
+        let mut emit = |v: __m256, g: usize, ti: usize| {
+            let mut o = [0f32; GROUP];
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+            for (k, v) in o.iter().enumerate() {
+                let r = g * GROUP + k;
+                if r >= r0 && r < r1 {
+                    put(ti, r, *v);
+                }
+            }
+        };
+        let mut g = r0 / GROUP;
+        while g * GROUP < r1 {
+            let mut ti = 0;
+            while ti < t {
+                macro_rules! run {
+                    ($n:expr) => {{
+                        let o = if w.nibbles {
+                            group_tile::<true, $n>(w, x, g, ti)
+                        } else {
+                            group_tile::<false, $n>(w, x, g, ti)
+                        };
+                        for (j, v) in o.into_iter().enumerate() {
+                            emit(v, g, ti + j);
+                        }
+                        ti += $n;
+                    }};
+                }
+                match t - ti {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    _ => run!(4),
+                }
+            }
+            g += 1;
+        }
+    }
+
     /// Rows `r0..r1` (clamped to the weight) against every token of `x`:
     /// one token in tiles of 4 rows, several in tiles of 1 row × 4 tokens.
     /// A 4 × 4 tile's 32 accumulators (two 8-lane halves per output) do not
@@ -898,7 +1180,12 @@ mod tests {
             kernels_f32::set_path(path).unwrap();
             assert_eq!(kernels_f32::path(), path);
             eprintln!("path: {}", path.name());
-            let bits = check_int8_path();
+            if path == KernelPath::Avx2Int8 {
+                // its own layout and arithmetic (checked against its definition)
+                check_int8_path(pack_grouped);
+            }
+            // every int8 path reads the row layout with the same bits
+            let bits = check_int8_path(pack_rows);
             match &first {
                 None => first = Some((path, bits)),
                 Some((p0, b0)) => assert!(
@@ -913,7 +1200,7 @@ mod tests {
     }
 
     /// The checks of one path; returns the bits of every batch output.
-    fn check_int8_path() -> Vec<Vec<u32>> {
+    fn check_int8_path(pack: fn(BlockFormat, &[u8], usize, usize) -> Packed) -> Vec<Vec<u32>> {
         let mut outputs = Vec::new();
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
             for nb in [18usize, 7, 1, 35, 48] {
@@ -934,10 +1221,9 @@ mod tests {
                     })
                     .collect();
                 for (r, deq) in deqs.iter().enumerate() {
-                    let vals = w.vals(r);
                     for b in 0..nb {
                         for j in 0..QK {
-                            let u = value(&w, vals, b, j) as f32;
+                            let u = w.elem(r, b, j) as f32;
                             let (d, m) = w.dm(r, b);
                             let got = u * d + w.m_scale * m;
                             let want = deq[b * QK + j];
@@ -984,6 +1270,16 @@ mod tests {
                 );
                 let all = run(&w, &xq, t, 0, rows);
                 outputs.push(all.iter().map(|v| v.to_bits()).collect());
+                if w.grouped {
+                    // the grouped kernels' arithmetic is their definition's, bit for bit
+                    let mut def = vec![f32::NAN; t * rows];
+                    reference_grouped(&w, &xq, 0, rows, |ti, r, v| def[ti * rows + r] = v);
+                    assert_eq!(
+                        all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        def.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{format:?} nb {nb}: grouped kernel against its definition"
+                    );
+                }
                 // one token at a time and one row at a time: the same bits
                 for ti in 0..t {
                     let one = quantize(&xs[ti * cols..(ti + 1) * cols], cols);

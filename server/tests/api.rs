@@ -1832,7 +1832,7 @@ fn engine_kernels_chooses_the_path_and_metrics_report_it() {
     if !avail.iter().any(|p| p.int8()) {
         return; // a build without the x86 kernels has one path
     }
-    // the choice that is not this machine's default (VNNI: int8; AVX2-only: f32)
+    // the choice that is not this machine's default (every x86 default is int8: f32)
     let default = resolve("auto", &avail).unwrap();
     let (choice, want) = if default.int8() {
         ("f32", resolve("f32", &avail).unwrap())

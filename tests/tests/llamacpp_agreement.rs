@@ -50,7 +50,11 @@ fn tokenizer_matches_llamacpp_tokenize_and_detokenize() {
 
 #[test]
 fn teacher_forced_top1_and_first_step_logprobs_match_llamacpp() {
-    let r = teacher_forced(&loaded().model, None, &llamacpp_fixture());
+    agrees(&teacher_forced(&loaded().model, None, &llamacpp_fixture()));
+}
+
+/// Top-1 agreement at every decisive step and first-step logprobs close.
+fn agrees(r: &retune_e2e::TeacherForced) {
     println!("{r:?}");
     assert!(
         r.decisive >= 100,
@@ -118,4 +122,20 @@ fn greedy_tokens_identical_alone_and_in_a_batch_of_eight() {
         }
         assert_eq!(&got, want, "prompt {i}");
     }
+}
+
+/// The same agreement on the AVX2 int8 path, with its grouped layout and
+/// arithmetic, where this machine has it. It is the default only where VNNI
+/// is missing, so the other tests here do not reach it on a VNNI machine.
+#[test]
+fn teacher_forced_agreement_holds_on_the_avx2_int8_path() {
+    use retune_engine::kernels_f32::{available_paths, path, set_path, KernelPath};
+    if !available_paths().contains(&KernelPath::Avx2Int8) {
+        return; // a build without the x86 kernels
+    }
+    set_path(KernelPath::Avx2Int8).unwrap();
+    let l = load(&model_path()).expect("load real model");
+    let r = teacher_forced(&l.model, None, &llamacpp_fixture());
+    assert_eq!(path(), KernelPath::Avx2Int8);
+    agrees(&r);
 }
