@@ -232,10 +232,9 @@ pub fn available_paths() -> Vec<KernelPath> {
         target_feature = "f16c"
     ))]
     {
-        // AVX2 with int8 activations on the grouped layout decodes, prefills
-        // and batches faster than the f32 paths, AVX-512's included
-        // (BENCHMARKS.md, "grouped layout", 2026-12-06): the default where
-        // VNNI is missing
+        // the int8 paths on the grouped layout decode, prefill and batch
+        // faster than the f32 paths, AVX-512's included (BENCHMARKS.md,
+        // "grouped layout", 2026-12-06): VNNI is the default, else AVX2 int8
         let mut v = vec![KernelPath::Avx2];
         let avx512 = std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw");

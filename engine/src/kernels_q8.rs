@@ -13,15 +13,17 @@
 //! (for Q4_0 and Q8_0 the record stores `d` and [`Packed::m_scale`] applies the
 //! factor to the offsets' dot).
 //!
-//! Two layouts, each with its own arithmetic (a weight keeps the layout of the
-//! path it was packed on, and the kernels follow the layout):
-//! - one record per row ([`pack_rows`], the VNNI path): each output is one
-//!   16-lane f32 accumulator over the row's block pairs (an exact i32 dot per
-//!   pair, converted and scaled), a fixed horizontal sum, plus the offsets'
-//!   dot in a fixed order; AVX2 alone reproduces it bit for bit;
-//! - groups of 8 rows ([`pack_grouped`], [`KernelPath::Avx2Int8`]): lanes
-//!   are rows, each block's integer dot is exact, and the blocks add up in
-//!   order ([`reference_grouped`] defines it).
+//! Two layouts, each with its own arithmetic (a weight keeps the layout it was
+//! packed in, and the kernels follow the layout):
+//! - groups of 8 rows ([`pack_grouped`]), what both int8 paths pack: lanes
+//!   are rows, each block's integer dot is exact (`vpmaddubsw` on AVX2,
+//!   `vpdpbusd` with VNNI: the same bits), and the blocks add up in order
+//!   ([`reference_grouped`] defines it);
+//! - one record per row ([`pack_rows`], the int8 paths' layout before
+//!   2026-12-06, now built only on request): each output is one 16-lane f32
+//!   accumulator over the row's block pairs (an exact i32 dot per pair,
+//!   converted and scaled), a fixed horizontal sum, plus the offsets' dot in
+//!   a fixed order; AVX2 alone reproduces it bit for bit.
 //!
 //! Either way a row's operations do not depend on what else is in the
 //! register tile, so results are bit-identical for any batch size, as on the
@@ -205,7 +207,8 @@ impl Packed {
 /// bytes, elements `j` and `16 + j` in byte `j`) or its 32 bytes `+ 128`.
 pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if crate::kernels_f32::path() == KernelPath::Avx2Int8 {
+    if crate::kernels_f32::path().int8() {
+        // both int8 paths run faster on it (BENCHMARKS.md, "grouped layout")
         return pack_grouped(format, data, rows, cols);
     }
     pack_rows(format, data, rows, cols)
@@ -417,7 +420,13 @@ pub fn rows_times_tokens(
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
         // SAFETY: AVX2 is the build's baseline; every index is checked
         // against `w` and `x`.
-        return unsafe { avx2q::groups_times_tokens(w, x, r0, r1, put) };
+        return unsafe {
+            if crate::kernels_f32::path() == KernelPath::Avx512Vnni {
+                avx2q::groups_times_tokens_vnni(w, x, r0, r1, put)
+            } else {
+                avx2q::groups_times_tokens(w, x, r0, r1, put)
+            }
+        };
         #[allow(unreachable_code)]
         return reference_grouped(w, x, r0, r1, put);
     }
@@ -971,7 +980,7 @@ mod avx2q {
     /// 30,480) or, for Q8_0, in 32; one `vpmaddwd` then gives each row's
     /// exact integer dot in its lane ([`super::reference_grouped`]).
     #[inline(always)]
-    unsafe fn group_tile<const NIB: bool, const N: usize>(
+    unsafe fn group_tile<const NIB: bool, const N: usize, const VNNI: bool>(
         w: &Packed,
         x: &QuantX,
         g: usize,
@@ -1005,12 +1014,19 @@ mod avx2q {
                         let p = xq[t].add(b * QK + 8 * c);
                         let xa = _mm256_set1_epi32((p as *const i32).read_unaligned());
                         let xb = _mm256_set1_epi32((p.add(4) as *const i32).read_unaligned());
-                        dot[t] = _mm256_add_epi16(dot[t], _mm256_maddubs_epi16(lo, xa));
-                        dot[t] = _mm256_add_epi16(dot[t], _mm256_maddubs_epi16(hi, xb));
+                        if VNNI {
+                            dot[t] = _mm256_dpbusd_epi32(dot[t], lo, xa);
+                            dot[t] = _mm256_dpbusd_epi32(dot[t], hi, xb);
+                        } else {
+                            dot[t] = _mm256_add_epi16(dot[t], _mm256_maddubs_epi16(lo, xa));
+                            dot[t] = _mm256_add_epi16(dot[t], _mm256_maddubs_epi16(hi, xb));
+                        }
                     }
                 }
-                for d in dot.iter_mut() {
-                    *d = _mm256_madd_epi16(*d, ones);
+                if !VNNI {
+                    for d in dot.iter_mut() {
+                        *d = _mm256_madd_epi16(*d, ones);
+                    }
                 }
             } else {
                 for c in 0..8 {
@@ -1018,8 +1034,12 @@ mod avx2q {
                     for t in 0..N {
                         let p = xq[t].add(b * QK + 4 * c);
                         let xa = _mm256_set1_epi32((p as *const i32).read_unaligned());
-                        let v = dot4_q8(u, xa, dot4(k128, xa));
-                        dot[t] = _mm256_add_epi32(dot[t], v);
+                        if VNNI {
+                            dot[t] = _mm256_dpbusd_epi32(dot[t], u, xa);
+                        } else {
+                            let v = dot4_q8(u, xa, dot4(k128, xa));
+                            dot[t] = _mm256_add_epi32(dot[t], v);
+                        }
                     }
                 }
             }
@@ -1043,6 +1063,30 @@ mod avx2q {
     /// group partly outside the range is computed whole and emitted in part).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn groups_times_tokens(
+        w: &Packed,
+        x: &QuantX,
+        r0: usize,
+        r1: usize,
+        put: impl FnMut(usize, usize, f32),
+    ) {
+        groups_body::<false>(w, x, r0, r1, put)
+    }
+
+    /// [`groups_times_tokens`] with `vpdpbusd` (AVX-512 VNNI on 256-bit
+    /// registers) for the integer dots: the same exact dots, so the same bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn groups_times_tokens_vnni(
+        w: &Packed,
+        x: &QuantX,
+        r0: usize,
+        r1: usize,
+        put: impl FnMut(usize, usize, f32),
+    ) {
+        groups_body::<true>(w, x, r0, r1, put)
+    }
+
+    #[inline(always)]
+    unsafe fn groups_body<const VNNI: bool>(
         w: &Packed,
         x: &QuantX,
         r0: usize,
@@ -1081,9 +1125,9 @@ mod avx2q {
                 macro_rules! run {
                     ($n:expr) => {{
                         let o = if w.nibbles {
-                            group_tile::<true, $n>(w, x, g, ti)
+                            group_tile::<true, $n, VNNI>(w, x, g, ti)
                         } else {
-                            group_tile::<false, $n>(w, x, g, ti)
+                            group_tile::<false, $n, VNNI>(w, x, g, ti)
                         };
                         for (j, v) in o.into_iter().enumerate() {
                             emit(v, g, ti + j);
@@ -1180,11 +1224,10 @@ mod tests {
             kernels_f32::set_path(path).unwrap();
             assert_eq!(kernels_f32::path(), path);
             eprintln!("path: {}", path.name());
-            if path == KernelPath::Avx2Int8 {
-                // its own layout and arithmetic (checked against its definition)
-                check_int8_path(pack_grouped);
-            }
-            // every int8 path reads the row layout with the same bits
+            // the grouped layout, which every int8 path packs: each path's
+            // kernel (vpmaddubsw or vpdpbusd) against the definition, bit for bit
+            check_int8_path(pack_grouped);
+            // the row layout: every int8 path reads it with the same bits
             let bits = check_int8_path(pack_rows);
             match &first {
                 None => first = Some((path, bits)),
