@@ -1,4 +1,5 @@
-//! Integer kernels for CPUs with AVX-512 VNNI ([`KernelPath::Avx512Vnni`]).
+//! The int8 paths' kernels: int8 activations against quantized weights
+//! ([`KernelPath::Avx512Vnni`], [`KernelPath::Avx2Int8`]).
 //!
 //! Activations are quantized per 32-element block as llama.cpp's Q8_1 does:
 //! `d = max|x| / 127`, `q = round(x / d)` (ties to even), `s = d · Σq`.
@@ -20,10 +21,8 @@
 //!   `vpdpbusd` with VNNI: the same bits), and the blocks add up in order
 //!   ([`reference_grouped`] defines it);
 //! - one record per row ([`pack_rows`], the int8 paths' layout before
-//!   2026-12-06, now built only on request): each output is one 16-lane f32
-//!   accumulator over the row's block pairs (an exact i32 dot per pair,
-//!   converted and scaled), a fixed horizontal sum, plus the offsets' dot in
-//!   a fixed order; AVX2 alone reproduces it bit for bit.
+//!   2026-12-06; [`pack_grouped`] reads it): its vector kernels went with it,
+//!   and a weight in it is computed by its plain definition.
 //!
 //! Either way a row's operations do not depend on what else is in the
 //! register tile, so results are bit-identical for any batch size, as on the
@@ -407,8 +406,9 @@ pub fn quantize(x: &[f32], cols: usize) -> QuantX {
 }
 
 /// `out[t][r]` for rows `r0..r1` of `w` against every row of `x`, through
-/// `put(token, row, value)`: the VNNI or AVX2 kernels on the int8 paths,
-/// their plain (slow) definition elsewhere.
+/// `put(token, row, value)`: on the grouped layout (what the int8 paths
+/// pack) the VNNI or AVX2 kernels; on the row layout, and without AVX2, the
+/// plain (slow) definitions.
 pub fn rows_times_tokens(
     w: &Packed,
     x: &QuantX,
@@ -430,20 +430,13 @@ pub fn rows_times_tokens(
         #[allow(unreachable_code)]
         return reference_grouped(w, x, r0, r1, put);
     }
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    {
-        // SAFETY: as in `quantize`; every index is checked against `w` and `x`.
-        match crate::kernels_f32::path() {
-            KernelPath::Avx512Vnni => return unsafe { vnni::rows_times_tokens(w, x, r0, r1, put) },
-            KernelPath::Avx2Int8 => return unsafe { avx2q::rows_times_tokens(w, x, r0, r1, put) },
-            _ => {}
-        }
-    }
+    // the row layout has no vector kernel since the grouped layout replaced
+    // it (2026-12-06): no path packs it, [`pack_grouped`] reads it
     reference_rows_times_tokens(w, x, r0, r1, put)
 }
 
-/// The kernels' arithmetic in plain Rust, in their order of operations except
-/// for the lanes of the pair sums (for tests and other CPUs).
+/// The row layout's arithmetic in plain Rust (its vector kernels' order of
+/// operations except for the lanes of the pair sums).
 fn reference_rows_times_tokens(
     w: &Packed,
     x: &QuantX,
@@ -535,83 +528,10 @@ fn value(w: &Packed, vals: &[u8], b: usize, j: usize) -> u8 {
     }
 }
 
-/// How many tiles ahead the weight records are prefetched.
-const PF_TILES: usize = 4;
-
-#[inline(always)]
-fn emit<const R: usize, const N: usize>(
-    o: [[f32; N]; R],
-    r: usize,
-    ti: usize,
-    put: &mut impl FnMut(usize, usize, f32),
-) {
-    for (k, row) in o.iter().enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            put(ti + j, r + k, *v);
-        }
-    }
-}
-
-/// Rows `r0..r1` (clamped to the weight) against every token of `x` in
-/// tiles of 4 rows × 1 token for one token, and of `$rows` (4 or 1) rows × up
-/// to 4 tokens for more, with a module's `tile` (each int8 path expands it
-/// inside its own `target_feature` function, so tiles inline). Every tile
-/// shape gives a row the same bits.
-macro_rules! drive {
-    ($w:expr, $x:expr, $r0:expr, $r1:expr, $put:expr, $tile:ident, $rows:expr) => {{
-        let (w, x, r0): (&Packed, &QuantX, usize) = ($w, $x, $r0);
-        let mut put = $put;
-        let r1 = $r1.min(w.rows);
-        let t = if x.cols == w.nb * QK && w.nb > 0 {
-            (x.q.len() / x.cols)
-                .min(x.d.len() / w.nb)
-                .min(x.s.len() / w.nb)
-        } else {
-            0
-        };
-        if w.data.len() < w.rows * w.stride || w.stride != w.row_bytes + 4 * w.nb {
-            return;
-        }
-        // the first tiles' records: the tiles' own prefetches run `PF_TILES` ahead
-        if r0 < r1 {
-            let end = (r0 + PF_TILES * 4).min(r1);
-            crate::kernels::prefetch_all(&w.data[r0 * w.stride..end * w.stride]);
-        }
-        let mut r = r0;
-        while r < r1 {
-            let four = (t == 1 || $rows == 4) && r + 4 <= r1;
-            let mut ti = 0;
-            while ti < t {
-                let p = &mut put;
-                match (w.nibbles, four, t - ti) {
-                    (true, true, 1) => super::emit($tile::<true, 4, 1>(w, x, r, ti), r, ti, p),
-                    (true, true, 2) => super::emit($tile::<true, 4, 2>(w, x, r, ti), r, ti, p),
-                    (true, true, 3) => super::emit($tile::<true, 4, 3>(w, x, r, ti), r, ti, p),
-                    (true, true, _) => super::emit($tile::<true, 4, 4>(w, x, r, ti), r, ti, p),
-                    (true, false, 1) => super::emit($tile::<true, 1, 1>(w, x, r, ti), r, ti, p),
-                    (true, false, 2) => super::emit($tile::<true, 1, 2>(w, x, r, ti), r, ti, p),
-                    (true, false, 3) => super::emit($tile::<true, 1, 3>(w, x, r, ti), r, ti, p),
-                    (true, false, _) => super::emit($tile::<true, 1, 4>(w, x, r, ti), r, ti, p),
-                    (false, true, 1) => super::emit($tile::<false, 4, 1>(w, x, r, ti), r, ti, p),
-                    (false, true, 2) => super::emit($tile::<false, 4, 2>(w, x, r, ti), r, ti, p),
-                    (false, true, 3) => super::emit($tile::<false, 4, 3>(w, x, r, ti), r, ti, p),
-                    (false, true, _) => super::emit($tile::<false, 4, 4>(w, x, r, ti), r, ti, p),
-                    (false, false, 1) => super::emit($tile::<false, 1, 1>(w, x, r, ti), r, ti, p),
-                    (false, false, 2) => super::emit($tile::<false, 1, 2>(w, x, r, ti), r, ti, p),
-                    (false, false, 3) => super::emit($tile::<false, 1, 3>(w, x, r, ti), r, ti, p),
-                    (false, false, _) => super::emit($tile::<false, 1, 4>(w, x, r, ti), r, ti, p),
-                }
-                ti += 4;
-            }
-            r += if four { 4 } else { 1 };
-        }
-    }};
-}
-
+/// The activations' quantization with AVX-512.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod vnni {
-    use super::{Packed, QuantX, PF_TILES, QK};
-    use crate::kernels_f32::avx512::hsum;
+    use super::{QuantX, QK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -641,145 +561,16 @@ mod vnni {
         }
         out
     }
-
-    /// `a · b` over `n` values, `a` in f16: 16-lane FMAs, a fixed
-    /// horizontal sum, then the remainder in order (the AVX2 kernels' copy
-    /// takes the same steps on two 8-lane halves).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn dot_f16_f32(a: *const u8, b: *const f32, n: usize) -> f32 {
-        let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            let av = _mm512_cvtph_ps(_mm256_loadu_si256(a.add(2 * i) as *const __m256i));
-            acc = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(i)), acc);
-            i += 16;
-        }
-        let mut s = hsum(acc);
-        while i < n {
-            let h = (a.add(2 * i) as *const u16).read_unaligned();
-            s += half::f16::from_bits(h).to_f32() * *b.add(i);
-            i += 1;
-        }
-        s
-    }
-
-    /// A register tile of R rows × N tokens over whole rows (`NIB`: 4-bit values).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn tile<const NIB: bool, const R: usize, const N: usize>(
-        w: &Packed,
-        x: &QuantX,
-        r: usize,
-        ti: usize,
-    ) -> [[f32; N]; R] {
-        let nb = w.nb;
-        let cols = x.cols;
-        let pairs = nb / 2;
-        let low = _mm512_set1_epi8(0x0F);
-        // lanes 0-7 take the pair's first block's scale, lanes 8-15 its second's
-        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        let rec: [*const u8; R] = std::array::from_fn(|k| w.data.as_ptr().add((r + k) * w.stride));
-        let wd: [*const u8; R] = std::array::from_fn(|k| rec[k].add(w.row_bytes));
-        let xq: [*const i8; N] = std::array::from_fn(|k| x.q.as_ptr().add((ti + k) * cols));
-        let xd: [*const f32; N] = std::array::from_fn(|k| x.d.as_ptr().add((ti + k) * nb));
-        let mut acc = [[_mm512_setzero_ps(); N]; R];
-        for p in 0..pairs {
-            let mut xv = [_mm512_setzero_si512(); N];
-            let mut xs = [_mm_setzero_ps(); N];
-            for t in 0..N {
-                xv[t] = _mm512_loadu_si512(xq[t].add(p * 64) as *const _);
-                xs[t] = _mm_castsi128_ps(_mm_loadl_epi64(xd[t].add(2 * p) as *const __m128i));
-            }
-            // the record of the row `PF_TILES` tiles ahead, two cache lines per pair
-            // (the hardware prefetcher alone leaves the loads waiting)
-            if p * 128 < w.stride {
-                for rk in rec {
-                    let ahead = rk.wrapping_add(PF_TILES * R * w.stride + p * 128);
-                    crate::kernels::prefetch(ahead);
-                    crate::kernels::prefetch(ahead.wrapping_add(64));
-                }
-            }
-            for k in 0..R {
-                let wv = if NIB {
-                    let y = _mm256_loadu_si256(rec[k].add(p * 32) as *const __m256i);
-                    let z = _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(y),
-                        _mm256_srli_epi16::<4>(y),
-                    );
-                    _mm512_and_si512(z, low)
-                } else {
-                    _mm512_loadu_si512(rec[k].add(p * 64) as *const _)
-                };
-                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    (wd[k].add(4 * p) as *const i32).read_unaligned(),
-                ));
-                for t in 0..N {
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[t]);
-                    let sc = _mm512_permutexvar_ps(
-                        spread,
-                        _mm512_castps128_ps512(_mm_mul_ps(ds, xs[t])),
-                    );
-                    acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[k][t]);
-                }
-            }
-        }
-        let mut out = [[0f32; N]; R];
-        for k in 0..R {
-            for t in 0..N {
-                let mut s = hsum(acc[k][t]);
-                if nb % 2 == 1 {
-                    // the unpaired last block, 8 lanes wide
-                    let b = nb - 1;
-                    let wv = if NIB {
-                        let q = _mm_loadu_si128(rec[k].add(pairs * 32) as *const __m128i);
-                        let y = _mm256_inserti128_si256::<1>(
-                            _mm256_castsi128_si256(q),
-                            _mm_srli_epi16::<4>(q),
-                        );
-                        _mm256_and_si256(y, _mm256_set1_epi8(0x0F))
-                    } else {
-                        _mm256_loadu_si256(rec[k].add(pairs * 64) as *const __m256i)
-                    };
-                    let xv = _mm256_loadu_si256(xq[t].add(b * QK) as *const __m256i);
-                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-                    let dw =
-                        half::f16::from_bits((wd[k].add(2 * b) as *const u16).read_unaligned())
-                            .to_f32();
-                    let f =
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * *xd[t].add(b)));
-                    s += crate::kernels::avx2::hsum(f);
-                }
-                let off = dot_f16_f32(wd[k].add(2 * nb), x.s.as_ptr().add((ti + t) * nb), nb);
-                out[k][t] = s + w.m_scale * off;
-            }
-        }
-        out
-    }
-
-    /// Rows `r0..r1` (clamped to the weight) against every token of `x`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn rows_times_tokens(
-        w: &Packed,
-        x: &QuantX,
-        r0: usize,
-        r1: usize,
-        put: impl FnMut(usize, usize, f32),
-    ) {
-        drive!(w, x, r0, r1, put, tile, 4);
-    }
 }
 
-/// The int8 kernels with AVX2 alone (no VNNI): `vpmaddubsw` then `vpmaddwd`
-/// give the i32 lanes `vpdpbusd` gives (four byte products each, exact), and
-/// the VNNI kernels' 16-lane accumulator is two 8-lane halves here, combined
-/// in the same order: the results are the VNNI path's, bit for bit. Q8_0's
-/// unsigned values (`q + 128`) would overflow `vpmaddubsw`'s 16-bit sums, so
-/// they are taken as `|q| · sign(x)` plus `128 · Σx`, the same integer.
+/// The activations' quantization with AVX2 alone, and the grouped layout's
+/// kernels: `vpmaddubsw` (AVX2) or `vpdpbusd` (VNNI on 256-bit registers) for
+/// the blocks' exact integer dots. Q8_0's unsigned values (`q + 128`) would
+/// overflow `vpmaddubsw`'s 16-bit sums, so there they are taken as
+/// `|q| · sign(x)` plus `128 · Σx`, the same integer.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod avx2q {
-    use super::{Packed, QuantX, GROUP, PF_TILES, QK};
-    use crate::kernels::avx2::hsum;
+    use super::{Packed, QuantX, GROUP, QK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -822,30 +613,6 @@ mod avx2q {
         out
     }
 
-    /// As the VNNI kernels' `dot_f16_f32`: 16 lanes (two halves of 8), the
-    /// same horizontal sum, then the remainder in order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_f16_f32(a: *const u8, b: *const f32, n: usize) -> f32 {
-        let mut lo = _mm256_setzero_ps();
-        let mut hi = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            let al = _mm256_cvtph_ps(_mm_loadu_si128(a.add(2 * i) as *const __m128i));
-            let ah = _mm256_cvtph_ps(_mm_loadu_si128(a.add(2 * i + 16) as *const __m128i));
-            lo = _mm256_fmadd_ps(al, _mm256_loadu_ps(b.add(i)), lo);
-            hi = _mm256_fmadd_ps(ah, _mm256_loadu_ps(b.add(i + 8)), hi);
-            i += 16;
-        }
-        let mut s = hsum(_mm256_add_ps(lo, hi));
-        while i < n {
-            let h = (a.add(2 * i) as *const u16).read_unaligned();
-            s += half::f16::from_bits(h).to_f32() * *b.add(i);
-            i += 1;
-        }
-        s
-    }
-
     /// Σ over each 4-byte group of `u · x` (`u` unsigned, at most 15, or as
     /// below), 8 i32 lanes.
     #[inline(always)]
@@ -859,117 +626,6 @@ mod avx2q {
     unsafe fn dot4_q8(u: __m256i, x: __m256i, x128: __m256i) -> __m256i {
         let q = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
         _mm256_add_epi32(dot4(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)), x128)
-    }
-
-    /// A register tile of R rows × N tokens over whole rows (`NIB`: 4-bit values).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const NIB: bool, const R: usize, const N: usize>(
-        w: &Packed,
-        x: &QuantX,
-        r: usize,
-        ti: usize,
-    ) -> [[f32; N]; R] {
-        let nb = w.nb;
-        let cols = x.cols;
-        let pairs = nb / 2;
-        let low = _mm256_set1_epi8(0x0F);
-        let k128 = _mm256_set1_epi8(-128);
-        let rec: [*const u8; R] = std::array::from_fn(|k| w.data.as_ptr().add((r + k) * w.stride));
-        let wd: [*const u8; R] = std::array::from_fn(|k| rec[k].add(w.row_bytes));
-        let xq: [*const i8; N] = std::array::from_fn(|k| x.q.as_ptr().add((ti + k) * cols));
-        let xd: [*const f32; N] = std::array::from_fn(|k| x.d.as_ptr().add((ti + k) * nb));
-        // lanes 0-7 of the VNNI accumulator (the pair's first block), 8-15 (its second)
-        let mut lo = [[_mm256_setzero_ps(); N]; R];
-        let mut hi = [[_mm256_setzero_ps(); N]; R];
-        for p in 0..pairs {
-            let mut xv = [[_mm256_setzero_si256(); 2]; N];
-            let mut x128 = [[_mm256_setzero_si256(); 2]; N];
-            // each token's two block scales, each in every lane
-            let mut xs = [[_mm256_setzero_ps(); 2]; N];
-            for t in 0..N {
-                for h in 0..2 {
-                    xv[t][h] = _mm256_loadu_si256(xq[t].add(p * 64 + 32 * h) as *const __m256i);
-                    if !NIB {
-                        x128[t][h] = dot4(k128, xv[t][h]);
-                    }
-                    xs[t][h] = _mm256_broadcast_ss(&*xd[t].add(2 * p + h));
-                }
-            }
-            if p * 128 < w.stride {
-                for rk in rec {
-                    let ahead = rk.wrapping_add(PF_TILES * R * w.stride + p * 128);
-                    crate::kernels::prefetch(ahead);
-                    crate::kernels::prefetch(ahead.wrapping_add(64));
-                }
-            }
-            for k in 0..R {
-                let wv = if NIB {
-                    let y = _mm256_loadu_si256(rec[k].add(p * 32) as *const __m256i);
-                    [
-                        _mm256_and_si256(y, low),
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(y), low),
-                    ]
-                } else {
-                    [
-                        _mm256_loadu_si256(rec[k].add(p * 64) as *const __m256i),
-                        _mm256_loadu_si256(rec[k].add(p * 64 + 32) as *const __m256i),
-                    ]
-                };
-                // the row's two block scales, each in every lane: their
-                // products with the tokens' are the VNNI path's lanes
-                let ds = _mm256_cvtph_ps(_mm_set1_epi32(
-                    (wd[k].add(4 * p) as *const i32).read_unaligned(),
-                ));
-                let w0 = _mm256_moveldup_ps(ds);
-                let w1 = _mm256_movehdup_ps(ds);
-                for t in 0..N {
-                    let (d0, d1) = if NIB {
-                        (dot4(wv[0], xv[t][0]), dot4(wv[1], xv[t][1]))
-                    } else {
-                        (
-                            dot4_q8(wv[0], xv[t][0], x128[t][0]),
-                            dot4_q8(wv[1], xv[t][1], x128[t][1]),
-                        )
-                    };
-                    let s0 = _mm256_mul_ps(w0, xs[t][0]);
-                    let s1 = _mm256_mul_ps(w1, xs[t][1]);
-                    lo[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), s0, lo[k][t]);
-                    hi[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), s1, hi[k][t]);
-                }
-            }
-        }
-        let mut out = [[0f32; N]; R];
-        for k in 0..R {
-            for t in 0..N {
-                let mut s = hsum(_mm256_add_ps(lo[k][t], hi[k][t]));
-                if nb % 2 == 1 {
-                    // the unpaired last block
-                    let b = nb - 1;
-                    let xv = _mm256_loadu_si256(xq[t].add(b * QK) as *const __m256i);
-                    let dot = if NIB {
-                        let q = _mm_loadu_si128(rec[k].add(pairs * 32) as *const __m128i);
-                        let y = _mm256_inserti128_si256::<1>(
-                            _mm256_castsi128_si256(q),
-                            _mm_srli_epi16::<4>(q),
-                        );
-                        dot4(_mm256_and_si256(y, low), xv)
-                    } else {
-                        let u = _mm256_loadu_si256(rec[k].add(pairs * 64) as *const __m256i);
-                        dot4_q8(u, xv, dot4(k128, xv))
-                    };
-                    let dw =
-                        half::f16::from_bits((wd[k].add(2 * b) as *const u16).read_unaligned())
-                            .to_f32();
-                    let f =
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * *xd[t].add(b)));
-                    s += hsum(f);
-                }
-                let off = dot_f16_f32(wd[k].add(2 * nb), x.s.as_ptr().add((ti + t) * nb), nb);
-                out[k][t] = s + w.m_scale * off;
-            }
-        }
-        out
     }
 
     /// One group of [`GROUP`] rows against `N` tokens from `ti`, in the
@@ -1145,24 +801,6 @@ mod avx2q {
             g += 1;
         }
     }
-
-    /// Rows `r0..r1` (clamped to the weight) against every token of `x`:
-    /// one token in tiles of 4 rows, several in tiles of 1 row × 4 tokens.
-    /// A 4 × 4 tile's 32 accumulators (two 8-lane halves per output) do not
-    /// fit AVX2's 16 registers; 1 × 4 has 8 (the activations are reloaded
-    /// from L1) and still unpacks each weight once for four tokens. Against
-    /// the f32 AVX2 path in the same runs, three rounds: prefill 0.84× →
-    /// 0.90×, 32 streams 0.81× → 0.84× (BENCHMARKS.md, 2026-12-06).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows_times_tokens(
-        w: &Packed,
-        x: &QuantX,
-        r0: usize,
-        r1: usize,
-        put: impl FnMut(usize, usize, f32),
-    ) {
-        drive!(w, x, r0, r1, put, tile, 1);
-    }
 }
 
 #[cfg(test)]
@@ -1227,7 +865,7 @@ mod tests {
             // the grouped layout, which every int8 path packs: each path's
             // kernel (vpmaddubsw or vpdpbusd) against the definition, bit for bit
             check_int8_path(pack_grouped);
-            // the row layout: every int8 path reads it with the same bits
+            // the row layout (its plain definition): packing, accessors, bounds
             let bits = check_int8_path(pack_rows);
             match &first {
                 None => first = Some((path, bits)),
