@@ -163,9 +163,9 @@ pub enum KernelPath {
     Portable,
     /// 8-lane FMA (the x86-64-v3 build's baseline).
     Avx2,
-    /// AVX2 with int8 activations: the VNNI path's arithmetic through
-    /// `vpmaddubsw` + `vpmaddwd` ([`crate::kernels_q8`]), bit-identical to it;
-    /// f32 weights and dequantization as [`KernelPath::Avx2`].
+    /// AVX2 with int8 activations: the grouped layout's arithmetic through
+    /// `vpmaddubsw` + `vpmaddwd` ([`crate::kernels_q8`]), bit-identical to the
+    /// VNNI path; f32 weights and dequantization as [`KernelPath::Avx2`].
     Avx2Int8,
     /// 16-lane FMA (AVX-512F/BW).
     Avx512,
