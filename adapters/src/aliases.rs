@@ -72,7 +72,17 @@ pub struct AliasCache {
     db: Arc<dyn Db>,
     /// Refreshes one at a time.
     refreshing: Mutex<()>,
+    /// When a lookup that found nothing last read the registry (ms since
+    /// `born`): at most one such read per [`MISS_REFRESH_MS`].
+    miss_refresh: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
 }
+
+/// A lookup that finds nothing reads what changed in the registry first, at
+/// most this often: a version or alias another replica has just committed is
+/// served here before its notification arrives, and a stream of unknown names
+/// costs the database one small read per period, not one per request.
+const MISS_REFRESH_MS: u64 = 5;
 
 impl AliasCache {
     /// Load every adapter's routing state from `reg`'s database, follow `reg`'s
@@ -83,6 +93,8 @@ impl AliasCache {
             snap: ArcSwap::from_pointee(Snapshot::default()),
             db: reg.db.reader()?,
             refreshing: Mutex::new(()),
+            miss_refresh: std::sync::atomic::AtomicU64::new(0),
+            born: std::time::Instant::now(),
         });
         cache.refresh()?;
         reg.listen(Arc::downgrade(&cache));
@@ -109,7 +121,39 @@ impl AliasCache {
     /// Resolve a client's model name for `tenant` from memory, with the
     /// registry's rules ([`Registry::resolve`]): `name` → canary when `bucket`
     /// falls in its share, else live; `name@version` pins a servable version.
+    /// What memory does not have is looked for again after reading the
+    /// registry's changes ([`MISS_REFRESH_MS`]): a replica serves a version
+    /// another one has just registered without waiting for the notification.
     pub fn resolve(&self, tenant: &str, model: &str, bucket: u8) -> R<AdapterRef> {
+        match self.lookup(tenant, model, bucket) {
+            // another replica's commit may be ahead of its notification:
+            // read what changed, then look again
+            Err(RegistryError::NotFound(m)) => match self.refresh_after_miss() {
+                true => self.lookup(tenant, model, bucket),
+                false => Err(RegistryError::NotFound(m)),
+            },
+            found => found,
+        }
+    }
+
+    /// Read the registry's changes after a lookup found nothing, unless one
+    /// did within [`MISS_REFRESH_MS`]; true when anything changed.
+    fn refresh_after_miss(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = self.born.elapsed().as_millis() as u64 + MISS_REFRESH_MS;
+        let last = self.miss_refresh.load(Ordering::Relaxed);
+        if now < last + MISS_REFRESH_MS
+            || self
+                .miss_refresh
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        matches!(self.refresh(), Ok(true))
+    }
+
+    fn lookup(&self, tenant: &str, model: &str, bucket: u8) -> R<AdapterRef> {
         let not_found = || RegistryError::NotFound(format!("model `{model}`"));
         let (name, pinned) = match model.split_once('@') {
             Some((n, v)) => (n, Some(v)),

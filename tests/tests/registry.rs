@@ -1283,3 +1283,44 @@ fn postgresql_down_the_alias_cache_serves_the_last_state_writes_are_unavailable_
         .unwrap();
     assert_eq!(reg.state("acme", "tickets").unwrap().live, Some(v1.id));
 }
+
+/// A version or adapter another replica has just committed is served at once,
+/// before its notification or the poll: a lookup that finds nothing reads
+/// the registry's changes first (at most every few milliseconds).
+#[test]
+fn a_lookup_that_finds_nothing_reads_the_registrys_changes_first() {
+    use std::time::Duration;
+    let dir = tmpdir("miss-refresh");
+    let reg = Arc::new(open(&dir));
+    let v1 = reg
+        .register(new(&upload(&dir, 1), "acme", "tickets"), &base())
+        .unwrap()
+        .id;
+    reg.promote("acme", "tickets", &v1, Expect::NoLive, "a", "")
+        .unwrap();
+    // no notification reaches it (SQLite), and the poll is far longer than the test
+    let cache = AliasCache::attach(&reg, Duration::from_secs(600)).unwrap();
+    let other = open(&dir); // another replica: its commits reach the cache by the database only
+    let v2 = other
+        .register(new(&upload(&dir, 2), "acme", "tickets"), &base())
+        .unwrap()
+        .id;
+    let pinned = format!("tickets@{v2}");
+    assert_eq!(cache.resolve("acme", &pinned, 0).unwrap().version(), v2);
+    let v3 = other
+        .register(new(&upload(&dir, 3), "acme", "billing"), &base())
+        .unwrap()
+        .id;
+    other
+        .promote("acme", "billing", &v3, Expect::NoLive, "b", "")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(10)); // past the last miss's read
+    assert_eq!(cache.resolve("acme", "billing", 0).unwrap().version(), v3);
+    // what does not exist is still not found
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(matches!(
+        cache.resolve("acme", "nope", 0),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(cache.resolve("acme", "tickets", 0).unwrap().version(), v1);
+}
