@@ -83,6 +83,8 @@ pub struct AliasCache {
 /// served here before its notification arrives, and a stream of unknown names
 /// costs the database one small read per period, not one per request.
 const MISS_REFRESH_MS: u64 = 5;
+/// After such a read failed, none for this long.
+const MISS_BACKOFF_MS: u64 = 1_000;
 
 impl AliasCache {
     /// Load every adapter's routing state from `reg`'s database, follow `reg`'s
@@ -150,7 +152,18 @@ impl AliasCache {
         {
             return false;
         }
-        matches!(self.refresh(), Ok(true))
+        match self.refresh() {
+            Ok(changed) => changed,
+            Err(_) => {
+                // the database is not answering (the refresh waited for it):
+                // misses stay memory-only for a while rather than each paying
+                // that wait on the request path
+                let after = self.born.elapsed().as_millis() as u64;
+                self.miss_refresh
+                    .store(after + MISS_BACKOFF_MS, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     fn lookup(&self, tenant: &str, model: &str, bucket: u8) -> R<AdapterRef> {

@@ -180,12 +180,23 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         },
         ..EngineConfig::default()
     };
-    let engine = Engine::start(loaded.model, loaded.tok, cfg)?;
     let prompt: Vec<u32> = (0..512u32)
         .map(|i| (i * 7919) % (vocab - 100) + 50)
         .collect();
+    if args.all_kernels {
+        // an engine of its own per path
+        drop(loaded);
+        return compare_kernels(&prompt, decode_tokens, llama.as_deref(), &path);
+    }
+    let engine = Engine::start(loaded.model, loaded.tok, cfg)?;
     // warm-up
     timed(&engine, req(prompt[..64].to_vec(), 8))?;
+    if let Some(rounds) = args.alternate {
+        let Some(b) = &llama else {
+            bail!("--alternate needs --llama-bench (or LLAMA_BENCH)");
+        };
+        return alternate(&engine, &prompt, decode_tokens, Path::new(b), &path, rounds);
+    }
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for _ in 0..3 {
@@ -199,15 +210,6 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let (pp, tg) = (med(&mut pp), med(&mut tg));
-    if args.all_kernels {
-        return compare_kernels(&engine, &prompt, decode_tokens, llama.as_deref(), &path);
-    }
-    if let Some(rounds) = args.alternate {
-        let Some(b) = &llama else {
-            bail!("--alternate needs --llama-bench (or LLAMA_BENCH)");
-        };
-        return alternate(&engine, &prompt, decode_tokens, Path::new(b), &path, rounds);
-    }
     println!("| metric | retune | llama.cpp | ratio |\n|---|---|---|---|");
     let theirs = match &llama {
         Some(b) => Some(llama_bench(Path::new(b), &path)?),
@@ -240,7 +242,6 @@ pub fn run(args: &EngineArgs) -> Result<()> {
 /// Prefill, single-stream and 32-stream decode on each kernel path, in turns
 /// (path A, path B, path A, ...), medians over 3 turns each.
 fn compare_kernels(
-    engine: &Engine,
     prompt: &[u32],
     decode_tokens: usize,
     llama: Option<&str>,
@@ -252,7 +253,6 @@ fn compare_kernels(
     // an engine per path, loaded and warmed on it: the int8 paths pack the
     // weights in their own layouts (the grouped one for AVX2 int8), and a
     // weight keeps the layout, and so the kernels, of the path it was packed on
-    let _ = engine;
     let cfg = || EngineConfig {
         prefix_cache: retune_engine::PrefixConfig {
             max_tokens: 0,

@@ -56,9 +56,8 @@ pub struct Packed {
     pub stride: usize,
     /// Multiplies the stored offsets: 1 (Q4_1), −8 (Q4_0), −128 (Q8_0).
     pub m_scale: f32,
-    /// Rows in groups of [`GROUP`] ([`pack_grouped`]'s layout, read by the
-    /// AVX2 int8 kernels and their own arithmetic) rather than one record per
-    /// row.
+    /// Rows in groups of [`GROUP`] ([`pack_grouped`]'s layout, the int8
+    /// paths' kernels and their arithmetic) rather than one record per row.
     pub grouped: bool,
     pub data: Vec<u8>,
 }
@@ -198,12 +197,8 @@ impl Packed {
     }
 }
 
-/// Repack `rows` rows of GGUF blocks (`data`, `cols` elements each).
-///
-/// Layout of a row's values: for each pair of blocks (64 elements `e`), Q4
-/// formats store 32 bytes, byte `j` = `e[j] | e[32 + j] << 4`; Q8_0 stores the
-/// 64 bytes `e + 128`. A last unpaired block keeps GGUF's own nibble order (16
-/// bytes, elements `j` and `16 + j` in byte `j`) or its 32 bytes `+ 128`.
+/// Repack `rows` rows of GGUF blocks (`data`, `cols` elements each) for the
+/// kernel path in use: [`pack_grouped`] on the int8 paths, else [`pack_rows`].
 pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     if crate::kernels_f32::path().int8() {
@@ -214,12 +209,12 @@ pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packe
 }
 
 /// Repack in groups of [`GROUP`] rows (the last padded with zero rows), for
-/// the AVX2 int8 kernels: for each group, block after block, the values of
+/// the int8 kernels: for each group, block after block, the values of
 /// its rows interleaved four elements at a time, so one 32-byte load holds
 /// four elements of each of the 8 rows: Q4 formats store 4 × 32 bytes, byte
 /// `4k + i` of part `c` = `e[k][8c + i] | e[k][8c + 4 + i] << 4` (row `k`);
 /// Q8_0 stores 8 × 32 bytes, byte `4k + i` of part `c` = `e[k][4c + i] + 128`.
-/// Then the rows' 8 f16 scales, then their 8 f16 offsets (as in [`pack`]).
+/// Then the rows' 8 f16 scales, then their 8 f16 offsets (as in [`pack_rows`]).
 pub fn pack_grouped(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
     let by_row = pack_rows(format, data, rows, cols);
     let mut g = Packed {
@@ -261,7 +256,13 @@ impl Packed {
     }
 }
 
-/// Repack in one record per row (the VNNI kernels' layout).
+/// Repack in one record per row (the int8 paths' layout before the grouped
+/// one; [`pack_grouped`] starts from it).
+///
+/// Layout of a row's values: for each pair of blocks (64 elements `e`), Q4
+/// formats store 32 bytes, byte `j` = `e[j] | e[32 + j] << 4`; Q8_0 stores the
+/// 64 bytes `e + 128`. A last unpaired block keeps GGUF's own nibble order (16
+/// bytes, elements `j` and `16 + j` in byte `j`) or its 32 bytes `+ 128`.
 pub fn pack_rows(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
     let nb = cols / QK;
     let bb = format.block_bytes();
@@ -631,10 +632,11 @@ mod avx2q {
     /// One group of [`GROUP`] rows against `N` tokens from `ti`, in the
     /// grouped layout: the rows' outputs, one 8-lane vector per token. Per
     /// block, each part's 32 bytes hold 4 elements of each row; the token's
-    /// 4 matching activations are broadcast, `vpmaddubsw` multiplies, and the
+    /// 4 matching activations are broadcast. With `VNNI`, `vpdpbusd`
+    /// multiplies and adds into 32 bits; else `vpmaddubsw` multiplies, the
     /// block's products add up in 16 bits (Q4: at most 8 × 2 × 15 × 127 =
-    /// 30,480) or, for Q8_0, in 32; one `vpmaddwd` then gives each row's
-    /// exact integer dot in its lane ([`super::reference_grouped`]).
+    /// 30,480; Q8_0 in 32) and one `vpmaddwd` widens them. Either way each
+    /// row's exact integer dot is in its lane ([`super::reference_grouped`]).
     #[inline(always)]
     unsafe fn group_tile<const NIB: bool, const N: usize, const VNNI: bool>(
         w: &Packed,

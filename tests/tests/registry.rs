@@ -1324,3 +1324,38 @@ fn a_lookup_that_finds_nothing_reads_the_registrys_changes_first() {
     ));
     assert_eq!(cache.resolve("acme", "tickets", 0).unwrap().version(), v1);
 }
+
+/// With the database down, a lookup that finds nothing pays the wait for it
+/// once, then misses stay in memory for a while; what memory has is served.
+#[test]
+fn on_postgresql_down_a_miss_waits_for_the_database_once_then_stays_in_memory() {
+    use std::time::{Duration, Instant};
+    let pg = retune_datasets::pgtest::PgTest::private().unwrap();
+    let dir = pg_dir("miss-down", &pg);
+    let reg = Arc::new(open(&dir));
+    let v1 = reg
+        .register(new(&upload(&dir, 1), "acme", "tickets"), &base())
+        .unwrap()
+        .id;
+    reg.promote("acme", "tickets", &v1, Expect::NoLive, "a", "")
+        .unwrap();
+    let cache = AliasCache::attach(&reg, Duration::from_secs(600)).unwrap();
+    pg.stop().unwrap();
+    assert_eq!(cache.resolve("acme", "tickets", 0).unwrap().version(), v1);
+    let miss = |name: &str| {
+        let t = Instant::now();
+        let r = cache.resolve("acme", name, 0);
+        assert!(
+            matches!(r, Err(RegistryError::NotFound(_))),
+            "{name}: {r:?}"
+        );
+        t.elapsed()
+    };
+    let first = miss("nope");
+    std::thread::sleep(Duration::from_millis(20)); // past the miss-refresh period
+    let second = miss("nope-either");
+    assert!(
+        second < Duration::from_millis(100),
+        "the second miss waited for the database again: {second:?} (the first took {first:?})"
+    );
+}
