@@ -1,7 +1,11 @@
 //! The engine against llama.cpp on the real SmolLM2-135M Q4_1 GGUF (same file,
-//! same prompt tokens), using outputs recorded from llama-server.
+//! same prompt tokens), using outputs recorded from llama-server, and against the
+//! exact reference (transformers on the same weights in f32) on the same tokens;
+//! the numeric checks run on every kernel path this machine can run.
 
-use retune_e2e::{llamacpp_fixture, model_path, teacher_forced};
+use retune_e2e::{
+    exact_reference, llamacpp_fixture, model_path, on_every_path, teacher_forced, Bounds,
+};
 use retune_engine::*;
 use std::sync::OnceLock;
 
@@ -50,31 +54,24 @@ fn tokenizer_matches_llamacpp_tokenize_and_detokenize() {
 
 #[test]
 fn teacher_forced_top1_and_first_step_logprobs_match_llamacpp() {
-    agrees(&teacher_forced(&loaded().model, None, &llamacpp_fixture()));
-}
-
-/// Top-1 agreement at every decisive step and first-step logprobs close.
-fn agrees(r: &retune_e2e::TeacherForced) {
-    println!("{r:?}");
-    assert!(
-        r.decisive >= 100,
-        "too few decisive steps ({}) for a meaningful check",
-        r.decisive
-    );
-    assert!(
-        r.violations.is_empty(),
-        "top-1 disagreements at decisive steps: {:?}",
-        r.violations
-    );
-    assert!(
-        r.max_first_step_diff <= 0.35,
-        "first-step top-5 logprobs differ by {}",
-        r.max_first_step_diff
-    );
+    let fx = llamacpp_fixture();
+    let exact = exact_reference("llamacpp_smollm2_q4_1.json");
+    on_every_path(|p| {
+        let l = load(&model_path()).expect("load real model");
+        let r = teacher_forced(&l.model, None, &fx, &exact, &Bounds::of(p));
+        r.check(&Bounds::of(p)).map(|_| format!("{r:?}"))
+    });
 }
 
 #[test]
 fn greedy_tokens_identical_alone_and_in_a_batch_of_eight() {
+    on_every_path(|_| {
+        alone_and_batched_agree();
+        Ok("identical".into())
+    });
+}
+
+fn alone_and_batched_agree() {
     let l = load(&model_path()).unwrap();
     let prompts: Vec<Vec<u32>> = llamacpp_fixture()
         .chats
@@ -122,20 +119,4 @@ fn greedy_tokens_identical_alone_and_in_a_batch_of_eight() {
         }
         assert_eq!(&got, want, "prompt {i}");
     }
-}
-
-/// The same agreement on the AVX2 int8 path, with its grouped layout and
-/// arithmetic, where this machine has it. It is the default only where VNNI
-/// is missing, so the other tests here do not reach it on a VNNI machine.
-#[test]
-fn teacher_forced_agreement_holds_on_the_avx2_int8_path() {
-    use retune_engine::kernels_f32::{available_paths, path, set_path, KernelPath};
-    if !available_paths().contains(&KernelPath::Avx2Int8) {
-        return; // a build without the x86 kernels
-    }
-    set_path(KernelPath::Avx2Int8).unwrap();
-    let l = load(&model_path()).expect("load real model");
-    let r = teacher_forced(&l.model, None, &llamacpp_fixture());
-    assert_eq!(path(), KernelPath::Avx2Int8);
-    agrees(&r);
 }
