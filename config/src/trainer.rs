@@ -184,6 +184,21 @@ pub struct GateOptions {
     pub canary_percent: u8,
     /// Bootstrap resamples for the intervals.
     pub bootstrap: usize,
+    /// The classical arm of a label task (a TF-IDF classifier trained on the
+    /// snapshot's train split in seconds): `require` (the default: a candidate
+    /// that does not beat it is rejected), `report` (scored and reported only),
+    /// `off`.
+    pub classical: ClassicalMode,
+}
+
+/// What the gate does with its classical arm.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassicalMode {
+    #[default]
+    Require,
+    Report,
+    Off,
 }
 
 impl Default for GateOptions {
@@ -203,6 +218,7 @@ impl Default for GateOptions {
             rollout: "canary".into(),
             canary_percent: 20,
             bootstrap: 2000,
+            classical: ClassicalMode::Require,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! ([`open`] picks by location).
 
 pub mod capture;
+pub mod classical;
 pub mod curate;
 pub mod error;
 pub mod import;

@@ -13,7 +13,8 @@ use crate::error::{Result, TrainError};
 use crate::eval::{generate, generate_ids};
 use crate::stats::{bootstrap_mean, mcnemar_exact, mean, paired_bootstrap, wilson};
 use retune_adapters::LoraAdapter;
-use retune_config::GateOptions;
+use retune_config::{ClassicalMode, GateOptions};
+use retune_datasets::classical::{ClassicalOptions, TextClassifier};
 use retune_datasets::{ExampleBody, SnapshotRow};
 use retune_engine::{BatchItem, ChatMessage, ChatTemplate, Model, Tok};
 use serde::Serialize;
@@ -84,6 +85,24 @@ pub struct Forgetting {
     pub ok: bool,
 }
 
+/// The classical arm of a label task: a TF-IDF classifier trained on the
+/// snapshot's train split and scored on the same eval rows as every arm.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassicalArm {
+    pub mode: ClassicalMode,
+    /// Train rows it learnt from and the labels it chooses among.
+    pub train_rows: usize,
+    pub labels: usize,
+    /// Labels with too few train rows to learn (it never answers them).
+    pub skipped_labels: Vec<String>,
+    pub train_seconds: f64,
+    /// Candidate against it, paired like the other baselines.
+    pub comparison: Option<Comparison>,
+    /// In words: what it scored, what the candidate scored, what that means;
+    /// or why it could not run.
+    pub note: String,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct GateReport {
     pub metric: Metric,
@@ -93,6 +112,8 @@ pub struct GateReport {
     pub arms: Vec<Arm>,
     pub vs_live: Option<Comparison>,
     pub vs_baselines: Vec<Comparison>,
+    /// The classical arm (label tasks, unless `gate.classical` is `off`).
+    pub classical: Option<ClassicalArm>,
     pub forgetting: Forgetting,
     pub passed: bool,
     pub reasons: Vec<String>,
@@ -108,7 +129,7 @@ impl GateReport {
                 .find(|a| a.name == n)
                 .map(|a| format!("{n} {:.3}", a.score))
         };
-        let mut parts: Vec<String> = ["candidate", "live", "base+prompt", "constant"]
+        let mut parts: Vec<String> = ["candidate", "live", "base+prompt", "constant", "classical"]
             .iter()
             .filter_map(|n| arm(n))
             .collect();
@@ -478,6 +499,52 @@ pub fn forgetting(
     })
 }
 
+/// The input text of an example for the classical classifier: its user turns.
+fn classifier_text(body: &ExampleBody) -> Result<String> {
+    let (msgs, _) = split_example(body)?;
+    Ok(msgs
+        .iter()
+        .filter(|m| m.role == "user")
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Train the classical classifier on `train` and answer every eval row;
+/// `Err` carries the reason it could not run, in words.
+fn classical_answers(
+    train: &[SnapshotRow],
+    eval_msgs: &[&SnapshotRow],
+    seed: u64,
+) -> Result<std::result::Result<(TextClassifier, Vec<String>, f64), String>> {
+    let texts = train
+        .iter()
+        .map(|r| classifier_text(&r.body))
+        .collect::<Result<Vec<_>>>()?;
+    let labels = train
+        .iter()
+        .map(|r| expected(Metric::Label, r))
+        .collect::<Result<Vec<_>>>()?;
+    let t = std::time::Instant::now();
+    let c = match TextClassifier::train(
+        &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+        &labels.iter().map(String::as_str).collect::<Vec<_>>(),
+        &ClassicalOptions {
+            seed,
+            ..ClassicalOptions::default()
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let secs = t.elapsed().as_secs_f64();
+    let answers = eval_msgs
+        .iter()
+        .map(|r| classifier_text(&r.body).map(|t| c.predict(&t).to_string()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Ok((c, answers, secs)))
+}
+
 /// Run the gate.
 pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
     let started = std::time::Instant::now();
@@ -547,6 +614,62 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
         let ans = vec![constant.clone(); wants.len()];
         arms.push(arm("constant", &ans, &wants, metric, keys, g.seed, b, 0.0));
     }
+    // the classical arm: label tasks only
+    let mut classical = None;
+    if metric == Metric::Label && opt.classical != ClassicalMode::Off {
+        let t = std::time::Instant::now();
+        match classical_answers(g.train, &rows, g.seed)? {
+            Ok((c, ans, train_seconds)) => {
+                let a = arm(
+                    "classical",
+                    &ans,
+                    &wants,
+                    metric,
+                    keys,
+                    g.seed,
+                    b,
+                    t.elapsed().as_secs_f64(),
+                );
+                let cmp = compare(&arms[0], &a, opt.min_gain_over_baseline, b, g.seed);
+                let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+                let verdict = if cmp.beats {
+                    "the fine-tune beats it"
+                } else {
+                    "fine-tuning does not pay here yet"
+                };
+                let note = format!(
+                    "a TF-IDF classifier (trained in {train_seconds:.1} s on {} rows) scores {} on these rows; the candidate {}: {verdict} (paired difference {:+.3}, 95% interval [{:+.3}, {:+.3}])",
+                    g.train.len(),
+                    pct(a.score),
+                    pct(arms[0].score),
+                    cmp.gain,
+                    cmp.interval.0,
+                    cmp.interval.1
+                );
+                classical = Some(ClassicalArm {
+                    mode: opt.classical,
+                    train_rows: g.train.len(),
+                    labels: c.labels().len(),
+                    skipped_labels: c.skipped_labels.clone(),
+                    train_seconds,
+                    comparison: Some(cmp),
+                    note,
+                });
+                arms.push(a);
+            }
+            Err(why) => {
+                classical = Some(ClassicalArm {
+                    mode: opt.classical,
+                    train_rows: g.train.len(),
+                    labels: 0,
+                    skipped_labels: Vec::new(),
+                    train_seconds: 0.0,
+                    comparison: None,
+                    note: format!("the classical arm did not run: {why}"),
+                })
+            }
+        }
+    }
     let forgetting = forgetting(
         g.model,
         g.tok,
@@ -580,6 +703,11 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
             ));
         }
     }
+    if let Some(c) = &classical {
+        if c.mode == ClassicalMode::Require && c.comparison.as_ref().is_some_and(|cmp| !cmp.beats) {
+            reasons.push(c.note.clone());
+        }
+    }
     if !forgetting.ok {
         reasons.push(format!(
             "forgets: KL to the base {:.3} nats/token on general prompts, bound {:.3}",
@@ -594,6 +722,7 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
         arms,
         vs_live,
         vs_baselines,
+        classical,
         forgetting,
         reasons,
         seconds: started.elapsed().as_secs_f64(),
@@ -603,6 +732,65 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn labelled(text: &str, label: &str) -> SnapshotRow {
+        SnapshotRow {
+            split: retune_datasets::curate::Split::Train,
+            body: ExampleBody::Chat {
+                messages: vec![
+                    retune_datasets::Message {
+                        role: "system".into(),
+                        content: "Classify.".into(),
+                        weight: None,
+                    },
+                    retune_datasets::Message {
+                        role: "user".into(),
+                        content: text.into(),
+                        weight: None,
+                    },
+                    retune_datasets::Message {
+                        role: "assistant".into(),
+                        content: label.into(),
+                        weight: None,
+                    },
+                ],
+            },
+            origins: vec![],
+            subject_ids: vec![],
+            label: Some(label.into()),
+            input_key: text.into(),
+        }
+    }
+
+    #[test]
+    fn the_classical_arm_names_why_it_cannot_run_and_answers_when_it_can() {
+        let one = vec![labelled("card lost", "lost"), labelled("lost it", "lost")];
+        let eval = [&one[0]];
+        let why = classical_answers(&one, &eval, 0).unwrap().unwrap_err();
+        assert!(
+            why.contains("at least 2 labels") && why.contains("same label"),
+            "{why}"
+        );
+        let rare = vec![
+            labelled("card lost", "lost"),
+            labelled("lost my card", "lost"),
+            labelled("top up failed", "top_up"),
+        ];
+        let why = classical_answers(&rare, &eval, 0).unwrap().unwrap_err();
+        assert!(why.contains("1 of 2 labels"), "{why}");
+        let two = vec![
+            labelled("card lost", "lost"),
+            labelled("lost my card", "lost"),
+            labelled("top up failed", "top_up"),
+            labelled("my top up failed again", "top_up"),
+        ];
+        let q = labelled("the top up failed", "top_up");
+        let (c, answers, _) = classical_answers(&two, &[&q, &two[0]], 0).unwrap().unwrap();
+        assert_eq!(c.labels(), ["lost", "top_up"]);
+        // the system prompt is not part of the classifier's input
+        assert_eq!(classifier_text(&q.body).unwrap(), "the top up failed");
+        assert_eq!(answers, ["top_up", "lost"]);
+    }
 
     #[test]
     fn metrics() {

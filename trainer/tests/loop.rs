@@ -63,7 +63,14 @@ fn rows(n: usize, shuffle_seed: Option<u64>) -> Vec<ImportRow> {
         .collect()
 }
 
+/// The tiny tasks here are ones a TF-IDF classifier solves perfectly: the loop's
+/// other behaviour is tested with the classical arm reported only (`require`,
+/// the default, has its own test).
 fn settings(dir: &Path, gguf: &Path, extra: &str) -> Settings {
+    settings_with(dir, gguf, extra, "report")
+}
+
+fn settings_with(dir: &Path, gguf: &Path, extra: &str, classical: &str) -> Settings {
     let toml = format!(
         r#"
 [model]
@@ -89,6 +96,7 @@ max_new_tokens = 6
 bootstrap = 500
 max_forgetting = 100.0
 rollout = "live"
+classical = "{classical}"
 [trainer.defaults.data]
 eval_percent = 25
 scrub = false
@@ -133,6 +141,21 @@ fn the_gate_passes_a_learnable_task_and_rejects_shuffled_labels_every_time() {
     assert_eq!(gate["passed"], true);
     assert_eq!(gate["metric"], "label");
     assert!(gate["arms"][0]["score"].as_f64().unwrap() > 0.9, "{gate}");
+    // reported, not required: the classical arm's figure is in the report
+    let classical = &gate["classical"];
+    assert_eq!(classical["mode"], "report", "{gate}");
+    assert!(
+        classical["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("a TF-IDF classifier"),
+        "{gate}"
+    );
+    assert!(gate["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["name"] == "classical" && a["score"].as_f64().unwrap() > 0.9));
     assert!(v.metadata["snapshot"].is_string() && v.metadata["training"].is_object());
     let j = d.reg.journal("acme", "greet").unwrap();
     assert!(j.iter().any(|e| e.event == "gate-pass"), "{j:?}");
@@ -169,6 +192,40 @@ fn the_gate_passes_a_learnable_task_and_rejects_shuffled_labels_every_time() {
             .iter()
             .any(|e| e.event == "gate-fail" && e.reason.contains("does not beat")));
     }
+}
+
+#[test]
+fn under_require_a_candidate_that_does_not_beat_the_classical_arm_is_rejected() {
+    // the learnable task, which the candidate learns (it beats base+prompt and the
+    // constant answer) and a TF-IDF classifier solves perfectly too
+    let dir = tmpdir("classical");
+    let gguf = tiny(&dir);
+    let s = settings_with(&dir, &gguf, "", "require");
+    import(&dir, &rows(120, None));
+    let d = Daemon::open(s, "test-holder".into()).unwrap();
+    let out = d.pass().unwrap();
+    eprintln!("{}", out[0].reason);
+    assert_eq!(out[0].status, "rejected", "{}", out[0].reason);
+    assert!(
+        out[0].reason.contains("a TF-IDF classifier")
+            && out[0].reason.contains("fine-tuning does not pay here yet"),
+        "{}",
+        out[0].reason
+    );
+    assert!(
+        !out[0].reason.contains("does not beat"),
+        "{}",
+        out[0].reason
+    );
+    let v = d
+        .reg
+        .version("acme", "greet", out[0].version.as_deref().unwrap())
+        .unwrap();
+    let gate = &v.metadata["gate"];
+    assert_eq!(gate["classical"]["mode"], "require");
+    assert!(!gate["classical"]["comparison"]["beats"].as_bool().unwrap());
+    assert!(gate["arms"][0]["score"].as_f64().unwrap() > 0.9, "{gate}");
+    assert_eq!(d.reg.state("acme", "greet").unwrap().live, None);
 }
 
 #[test]
@@ -669,7 +726,7 @@ fn kill_9_at_any_point_leaves_the_registry_consistent_and_the_next_run_completes
     let gguf = tiny(&dir);
     let cfg = dir.join("retune.toml");
     let text = format!(
-        "[model]\npath = {:?}\n[adapters]\nroot = {:?}\n[trainer]\nlease_seconds = 60\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n[trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = 8.0\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n[trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\n[trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
+        "[model]\npath = {:?}\n[adapters]\nroot = {:?}\n[trainer]\nlease_seconds = 60\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n[trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = 8.0\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n[trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\nclassical = \"report\"\n[trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
         gguf.to_string_lossy(),
         dir.join("root").to_string_lossy()
     );
@@ -795,7 +852,7 @@ fn sigterm_mid_training_ends_the_run_as_interrupted_releases_the_lease_and_exits
     let cfg_with = |epochs: f64, name: &str| {
         let cfg = dir.join(name);
         let text = format!(
-            "[model]\npath = {:?}\n[adapters]\nroot = {:?}\n[trainer]\nlease_seconds = 10\npoll_seconds = 30\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n[trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = {epochs}\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n[trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\n[trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
+            "[model]\npath = {:?}\n[adapters]\nroot = {:?}\n[trainer]\nlease_seconds = 10\npoll_seconds = 30\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n[trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = {epochs}\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n[trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\nclassical = \"report\"\n[trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
             gguf.to_string_lossy(),
             root.to_string_lossy()
         );
@@ -987,7 +1044,7 @@ fn a_candidate_that_beats_a_weak_live_version_goes_out_as_a_watched_canary() {
         v
     };
     import(&dir, &rows(120, None));
-    let extra = "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n[trainer.adapters.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"canary\"\ncanary_percent = 25\n";
+    let extra = "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n[trainer.adapters.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"canary\"\ncanary_percent = 25\nclassical = \"report\"\n";
     let d = Daemon::open(settings(&dir, &gguf, extra), "h".into()).unwrap();
     let out = d.pass().unwrap();
     assert_eq!(out[0].status, "canary", "{}", out[0].reason);
@@ -1030,7 +1087,7 @@ fn two_daemons_on_postgresql_never_train_one_adapter_together_and_the_survivor_t
         "[model]\npath = {:?}\n[adapters]\nroot = {:?}\nregistry_url = {:?}\n[datasets]\nurl = {:?}\n\
          [trainer]\nlease_seconds = 10\npoll_seconds = 0.5\n[trainer.defaults.trigger]\nmin_new_examples = 20\nmin_examples = 10\n\
          [trainer.defaults.train]\nrank = 4\nalpha = 8.0\nlr = 0.01\nepochs = 40.0\nbatch_size = 8\nmax_len = 64\nwarmup_steps = 2\ntop_layers = 2\n\
-         [trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\n\
+         [trainer.defaults.gate]\nmax_new_tokens = 6\nbootstrap = 500\nmax_forgetting = 100.0\nrollout = \"live\"\nclassical = \"report\"\n\
          [trainer.defaults.data]\neval_percent = 25\nscrub = false\n",
         gguf.to_string_lossy(),
         root.to_string_lossy(),
