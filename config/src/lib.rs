@@ -7,8 +7,8 @@ mod trainer;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 pub use trainer::{
-    AdapterLoop, ClassicalMode, DataOptions, GateOptions, LoopSettings, TrainOptions,
-    TrainerSettings, TriggerSettings, WatchOptions,
+    AdapterLoop, ClassicalMode, DataOptions, GateOptions, LoopSettings, SuspectPolicy,
+    TrainOptions, TrainerSettings, TriggerSettings, WatchOptions,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -257,6 +257,26 @@ pub struct DataOptions {
     pub eval_percent: u8,
     pub include_positive: bool,
     pub scrub: bool,
+    /// Suspect labels of a label task (found at the snapshot step by the
+    /// classical classifier's out-of-fold predictions): `report` (listed in
+    /// the manifest), `holdout` (also left out of training), `off`.
+    pub suspects: SuspectPolicy,
+}
+
+/// What the snapshot step does with suspect labels.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SuspectPolicy {
+    #[default]
+    Report,
+    Holdout,
+    Off,
+}
+
+impl SuspectPolicy {
+    pub fn is_report(&self) -> bool {
+        *self == Self::Report
+    }
 }
 
 impl Default for DataOptions {
@@ -265,6 +285,7 @@ impl Default for DataOptions {
             eval_percent: 10,
             include_positive: true,
             scrub: true,
+            suspects: SuspectPolicy::Report,
         }
     }
 }

@@ -23,8 +23,44 @@ pub use postgres::PgStore;
 pub use record::{
     CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Message, Rating,
 };
-pub use snapshot::{Manifest, Policy, SnapshotRow};
+pub use snapshot::{Manifest, Policy, SnapshotRow, SuspectPolicy, Suspects};
 pub use sqlite::SqliteStore;
+
+/// Curate a snapshot ([`DatasetStore::snapshot`]) and, for a label task whose
+/// policy looks for them, find its suspect labels once (outside the store's
+/// transaction: seconds of classifier training never hold its lock) and record
+/// them in the manifest.
+pub fn snapshot_with_suspects(
+    store: &dyn DatasetStore,
+    tenant: &str,
+    adapter: &str,
+    policy: &Policy,
+) -> Result<Manifest, DataError> {
+    let m = store.snapshot(tenant, adapter, policy)?;
+    if policy.suspects == snapshot::SuspectPolicy::Off
+        || m.suspects.is_some()
+        || m.labels.is_empty()
+    {
+        return Ok(m);
+    }
+    let rows = store.snapshot_rows(tenant, &m.id)?;
+    let s = snapshot::find_snapshot_suspects(&rows, policy.suspects);
+    store.set_suspects(tenant, &m.id, &s)
+}
+
+/// The rows of a snapshot to train on: less its suspect train rows when its
+/// policy holds them out ([`snapshot::training_rows`]).
+pub fn training_rows(
+    store: &dyn DatasetStore,
+    tenant: &str,
+    id: &str,
+) -> Result<Vec<SnapshotRow>, DataError> {
+    let m = store.manifest(tenant, id)?;
+    Ok(snapshot::training_rows(
+        &m,
+        store.snapshot_rows(tenant, id)?,
+    ))
+}
 
 /// Whether `location` names a PostgreSQL database (else it is a SQLite file).
 pub fn is_postgres_url(location: &str) -> bool {
@@ -107,6 +143,13 @@ pub trait DatasetStore: Send + Sync {
     fn manifest(&self, tenant: &str, id: &str) -> Result<Manifest, DataError>;
     fn snapshots(&self, tenant: &str, adapter: Option<&str>) -> Result<Vec<Manifest>, DataError>;
     fn snapshot_rows(&self, tenant: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError>;
+    /// Record the suspect labels found in a stored snapshot (its manifest).
+    fn set_suspects(
+        &self,
+        tenant: &str,
+        id: &str,
+        suspects: &snapshot::Suspects,
+    ) -> Result<Manifest, DataError>;
     /// The snapshots holding rows about `subject`.
     fn lineage(&self, tenant: &str, subject: &str) -> Result<Lineage, DataError>;
     /// Delete everything about `subject`, from snapshots too.

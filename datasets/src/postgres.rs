@@ -442,6 +442,30 @@ impl DatasetStore for PgStore {
         rows.iter().map(|r| parse(r.get(0), "manifest")).collect()
     }
 
+    fn set_suspects(
+        &self,
+        tenant: &str,
+        id: &str,
+        suspects: &crate::snapshot::Suspects,
+    ) -> Result<Manifest, DataError> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let r = tx
+            .query_opt(
+                "SELECT manifest FROM ds_snapshots WHERE id = $1 AND tenant = $2 FOR UPDATE",
+                &[&id, &tenant],
+            )?
+            .ok_or_else(|| DataError::NotFound(format!("snapshot `{id}`")))?;
+        let mut m: Manifest = parse(r.get(0), "manifest")?;
+        m.suspects = Some(suspects.clone());
+        tx.execute(
+            "UPDATE ds_snapshots SET manifest = $1 WHERE id = $2",
+            &[&js(&m)?, &id],
+        )?;
+        tx.commit()?;
+        Ok(m)
+    }
+
     fn snapshot_rows(&self, tenant: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
         self.manifest(tenant, id)?;
         let rows = self.conn()?.query(

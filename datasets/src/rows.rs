@@ -113,6 +113,7 @@ pub(crate) fn manifest(
         conflicts: c.conflicts.clone(),
         scrubbed: c.scrubbed.clone(),
         erased: 0,
+        suspects: None,
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::curate::{input_key, scrub, split_of, Scrubbed, Split};
 use crate::record::{ExampleBody, Message};
+pub use retune_config::SuspectPolicy;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -18,6 +19,11 @@ pub struct Policy {
     pub scrub: bool,
     /// Share of the input-hash space that is held out for eval.
     pub eval_percent: u8,
+    /// Suspect labels: listed (`report`, the default, not written into the
+    /// policy so earlier snapshots keep their ids), left out of training
+    /// (`holdout`), or not looked for (`off`).
+    #[serde(default, skip_serializing_if = "SuspectPolicy::is_report")]
+    pub suspects: SuspectPolicy,
 }
 
 impl Default for Policy {
@@ -26,8 +32,39 @@ impl Default for Policy {
             include_positive: true,
             scrub: true,
             eval_percent: 10,
+            suspects: SuspectPolicy::Report,
         }
     }
+}
+
+/// A row whose given label the classical classifier, trained without it,
+/// confidently puts elsewhere.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SuspectRow {
+    pub input_key: String,
+    pub split: Split,
+    pub given: String,
+    pub suggested: String,
+    /// Out-of-fold probabilities of the suggested and the given label.
+    pub suggested_p: f32,
+    pub given_p: f32,
+}
+
+/// The snapshot step's look for suspect labels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Suspects {
+    pub policy: SuspectPolicy,
+    /// Labelled rows looked at.
+    pub checked: usize,
+    pub folds: usize,
+    /// The classifier's out-of-fold accuracy against the given labels.
+    pub oof_accuracy: f32,
+    /// Train rows left out of training (policy `holdout`).
+    pub held_out: usize,
+    pub seconds: f64,
+    /// Why nothing was looked at (too few labels), when so.
+    pub note: Option<String>,
+    pub rows: Vec<SuspectRow>,
 }
 
 /// Where a candidate example came from, before curation.
@@ -87,6 +124,9 @@ pub struct Manifest {
     pub scrubbed: Scrubbed,
     /// Rows removed later by erasure.
     pub erased: usize,
+    /// Suspect labels (label tasks; added after the snapshot is stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspects: Option<Suspects>,
 }
 
 pub struct Curated {
@@ -244,5 +284,95 @@ pub fn content_id(tenant: &str, adapter: &str, p: &Policy, rows: &[SnapshotRow])
     h.finalize()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The text the classical classifier reads: an example's user turns (a text
+/// example's prompt), without system prompts and the answer.
+pub fn classifier_text(body: &ExampleBody) -> String {
+    match body {
+        ExampleBody::Chat { messages } => {
+            let n = messages
+                .len()
+                .saturating_sub(messages.last().is_some_and(|m| m.role == "assistant") as usize);
+            messages[..n]
+                .iter()
+                .filter(|m| m.role == "user")
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        ExampleBody::Text { prompt, .. } => prompt.clone(),
+    }
+}
+
+/// Look for suspect labels among a snapshot's labelled rows (every row, train
+/// and eval, is scored out of fold; `holdout` leaves only train rows out).
+pub fn find_snapshot_suspects(rows: &[SnapshotRow], policy: SuspectPolicy) -> Suspects {
+    let t = std::time::Instant::now();
+    let labelled: Vec<&SnapshotRow> = rows.iter().filter(|r| r.label.is_some()).collect();
+    let texts: Vec<String> = labelled.iter().map(|r| classifier_text(&r.body)).collect();
+    let labels: Vec<&str> = labelled
+        .iter()
+        .map(|r| r.label.as_deref().unwrap_or_default())
+        .collect();
+    let mut out = Suspects {
+        policy,
+        checked: labelled.len(),
+        folds: 5,
+        oof_accuracy: 0.0,
+        held_out: 0,
+        seconds: 0.0,
+        note: None,
+        rows: Vec::new(),
+    };
+    match crate::classical::find_suspects(
+        &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+        &labels,
+        out.folds,
+        &crate::classical::ClassicalOptions::default(),
+    ) {
+        Ok(r) => {
+            out.oof_accuracy = r.oof_accuracy;
+            out.rows = r
+                .suspects
+                .into_iter()
+                .map(|s| SuspectRow {
+                    input_key: labelled[s.index].input_key.clone(),
+                    split: labelled[s.index].split,
+                    given: s.given,
+                    suggested: s.suggested,
+                    suggested_p: s.suggested_p,
+                    given_p: s.given_p,
+                })
+                .collect();
+            if policy == SuspectPolicy::Holdout {
+                out.held_out = out.rows.iter().filter(|r| r.split == Split::Train).count();
+            }
+        }
+        Err(e) => out.note = Some(format!("no suspects looked for: {e}")),
+    }
+    out.seconds = t.elapsed().as_secs_f64();
+    out
+}
+
+/// The rows to train on: a snapshot's rows less the suspect train rows its
+/// manifest holds out.
+pub fn training_rows(m: &Manifest, rows: Vec<SnapshotRow>) -> Vec<SnapshotRow> {
+    let Some(s) = m
+        .suspects
+        .as_ref()
+        .filter(|s| s.policy == SuspectPolicy::Holdout)
+    else {
+        return rows;
+    };
+    let out: std::collections::BTreeSet<&str> = s
+        .rows
+        .iter()
+        .filter(|r| r.split == Split::Train)
+        .map(|r| r.input_key.as_str())
+        .collect();
+    rows.into_iter()
+        .filter(|r| !(r.split == Split::Train && out.contains(r.input_key.as_str())))
         .collect()
 }

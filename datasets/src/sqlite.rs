@@ -319,6 +319,34 @@ impl DatasetStore for SqliteStore {
         rows.map(|m| parse(&m?, "manifest")).collect()
     }
 
+    fn set_suspects(
+        &self,
+        tenant: &str,
+        id: &str,
+        suspects: &crate::snapshot::Suspects,
+    ) -> Result<Manifest, DataError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let m: Option<String> = tx
+            .query_row(
+                "SELECT manifest FROM snapshots WHERE id = ?1 AND tenant = ?2",
+                params![id, tenant],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut m: Manifest = parse(
+            &m.ok_or_else(|| DataError::NotFound(format!("snapshot `{id}`")))?,
+            "manifest",
+        )?;
+        m.suspects = Some(suspects.clone());
+        tx.execute(
+            "UPDATE snapshots SET manifest = ?1 WHERE id = ?2",
+            params![js(&m)?, id],
+        )?;
+        tx.commit()?;
+        Ok(m)
+    }
+
     /// The rows of a snapshot, in order.
     fn snapshot_rows(&self, tenant: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
         self.manifest(tenant, id)?;

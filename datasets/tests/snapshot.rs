@@ -327,3 +327,146 @@ fn erasure_leaves_no_row_of_the_subject_and_names_the_snapshots_it_touched() {
         assert!(s.lineage("acme", "zed").unwrap().snapshots.is_empty());
     }
 }
+
+/// Banking77 rows from the classical fixture, 5% of their labels flipped.
+fn flipped_banking77(n: usize) -> (Vec<String>, std::collections::BTreeSet<String>) {
+    #[derive(serde::Deserialize)]
+    struct Fx {
+        train: Vec<(String, String)>,
+    }
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/classical_banking77.json"
+    );
+    let fx: Fx = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let rows = &fx.train[..n];
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r.1.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut flipped = std::collections::BTreeSet::new();
+    let lines = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (q, a))| {
+            let label = if i % 20 == 7 {
+                flipped.insert(q.clone());
+                let j = (names.iter().position(|x| x == a).unwrap() + 1 + i % 5) % names.len();
+                names[j]
+            } else {
+                a.as_str()
+            };
+            serde_json::json!({"messages": [{"role": "system", "content": "Classify."},
+                {"role": "user", "content": q}, {"role": "assistant", "content": label}], "label": label})
+            .to_string()
+        })
+        .collect();
+    (lines, flipped)
+}
+
+#[test]
+fn suspect_labels_are_listed_by_the_snapshot_step_and_held_out_by_policy() {
+    // the default policy's serialisation (and so every earlier snapshot id) is unchanged
+    let js = serde_json::to_value(Policy::default()).unwrap();
+    assert!(js.get("suspects").is_none(), "{js}");
+    for b in backends("suspects") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let (lines, flipped) = flipped_banking77(2000);
+        s.import("acme", "b77", "import:1", &parse_jsonl(&lines.join("\n")).0)
+            .unwrap();
+        let m = snapshot_with_suspects(s.as_ref(), "acme", "b77", &Policy::default()).unwrap();
+        let sus = m.suspects.clone().expect("suspects looked for");
+        let text: BTreeMap<String, String> = s
+            .snapshot_rows("acme", &m.id)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.input_key.clone(), snapshot::classifier_text(&r.body)))
+            .collect();
+        let found = sus
+            .rows
+            .iter()
+            .filter(|r| flipped.contains(&text[&r.input_key]))
+            .count();
+        eprintln!(
+            "{} rows, {} flips, {} suspects, {found} of them flips, out-of-fold accuracy {:.3}, {:.1} s",
+            sus.checked,
+            flipped.len(),
+            sus.rows.len(),
+            sus.oof_accuracy,
+            sus.seconds
+        );
+        assert_eq!(sus.checked, 2000);
+        assert!(
+            found * 10 >= flipped.len() * 6,
+            "{found} of {}",
+            flipped.len()
+        );
+        assert_eq!(sus.held_out, 0, "report only");
+        // stored with the manifest, listed by the store
+        assert_eq!(
+            s.manifest("acme", &m.id).unwrap().suspects,
+            Some(sus.clone())
+        );
+        assert_eq!(
+            training_rows(s.as_ref(), "acme", &m.id).unwrap().len(),
+            2000
+        );
+        // the same content again: the same snapshot, not looked at twice
+        let again = snapshot_with_suspects(s.as_ref(), "acme", "b77", &Policy::default()).unwrap();
+        assert_eq!(
+            (again.id.as_str(), again.suspects.as_ref()),
+            (m.id.as_str(), Some(&sus))
+        );
+
+        // holdout: the suspect train rows are left out of training, eval rows stay
+        let hold = Policy {
+            suspects: SuspectPolicy::Holdout,
+            ..Policy::default()
+        };
+        let mh = snapshot_with_suspects(s.as_ref(), "acme", "b77", &hold).unwrap();
+        assert_ne!(mh.id, m.id, "the policy is part of the snapshot");
+        let sh = mh.suspects.clone().unwrap();
+        let train_suspects: std::collections::BTreeSet<&str> = sh
+            .rows
+            .iter()
+            .filter(|r| r.split == Split::Train)
+            .map(|r| r.input_key.as_str())
+            .collect();
+        assert!(sh.held_out > 0 && sh.held_out == train_suspects.len());
+        let rows = training_rows(s.as_ref(), "acme", &mh.id).unwrap();
+        assert_eq!(rows.len(), 2000 - sh.held_out);
+        assert!(rows
+            .iter()
+            .all(|r| r.split == Split::Eval || !train_suspects.contains(r.input_key.as_str())));
+        assert_eq!(
+            rows.iter().filter(|r| r.split == Split::Eval).count(),
+            mh.eval,
+            "eval rows are never held out"
+        );
+
+        // off: none looked for; one label only: a reason, not a crash
+        let off = Policy {
+            suspects: SuspectPolicy::Off,
+            ..Policy::default()
+        };
+        assert!(snapshot_with_suspects(s.as_ref(), "acme", "b77", &off)
+            .unwrap()
+            .suspects
+            .is_none());
+        let one: Vec<String> = (0..30)
+            .map(|i| {
+                serde_json::json!({"messages": [{"role": "user", "content": format!("q {i}")},
+                {"role": "assistant", "content": "yes"}], "label": "yes"})
+                .to_string()
+            })
+            .collect();
+        s.import("acme", "one", "import:1", &parse_jsonl(&one.join("\n")).0)
+            .unwrap();
+        let m1 = snapshot_with_suspects(s.as_ref(), "acme", "one", &Policy::default()).unwrap();
+        let note = m1.suspects.unwrap().note.unwrap();
+        assert!(note.contains("at least 2 labels"), "{note}");
+    }
+}

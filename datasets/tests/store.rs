@@ -261,6 +261,14 @@ impl DatasetStore for Flaky {
     fn snapshot_rows(&self, t: &str, id: &str) -> Result<Vec<SnapshotRow>, DataError> {
         self.inner.snapshot_rows(t, id)
     }
+    fn set_suspects(
+        &self,
+        t: &str,
+        id: &str,
+        s: &retune_datasets::snapshot::Suspects,
+    ) -> Result<Manifest, DataError> {
+        self.inner.set_suspects(t, id, s)
+    }
     fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
         self.inner.lineage(t, s)
     }

@@ -88,7 +88,15 @@ async fn snapshot(
             message: "must be 0..=100".into(),
         });
     }
-    let m = blocking(move || Ok(s.snapshot(&t, &a, &policy)?)).await?;
+    let m = blocking(move || {
+        Ok(retune_datasets::snapshot_with_suspects(
+            s.as_ref(),
+            &t,
+            &a,
+            &policy,
+        )?)
+    })
+    .await?;
     state
         .metrics
         .snapshot_examples

@@ -52,6 +52,10 @@ enum DataCommand {
         /// Percent of the input-hash space held out for eval.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
         eval_percent: u8,
+        /// Suspect labels (label tasks): report (listed in the manifest), holdout
+        /// (also left out of training) or off.
+        #[arg(long, default_value = "report", value_parser = ["report", "holdout", "off"])]
+        suspects: String,
     },
     /// Write a snapshot as JSONL (the import format) to stdout or a file.
     Export {
@@ -149,14 +153,22 @@ pub fn run(args: &DataArgs) -> Result<()> {
             no_positive,
             no_scrub,
             eval_percent,
+            suspects,
         } => {
             let (t, a) = split(adapter)?;
             let policy = Policy {
                 include_positive: !no_positive,
                 scrub: !no_scrub,
                 eval_percent: *eval_percent,
+                suspects: match suspects.as_str() {
+                    "holdout" => retune_datasets::snapshot::SuspectPolicy::Holdout,
+                    "off" => retune_datasets::snapshot::SuspectPolicy::Off,
+                    _ => retune_datasets::snapshot::SuspectPolicy::Report,
+                },
             };
-            print(store.snapshot(t, a, &policy)?)
+            print(retune_datasets::snapshot_with_suspects(
+                store, t, a, &policy,
+            )?)
         }
         C::Export {
             tenant,

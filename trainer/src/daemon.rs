@@ -500,8 +500,9 @@ impl Daemon {
             include_positive: ls.data.include_positive,
             scrub: ls.data.scrub,
             eval_percent: ls.data.eval_percent,
+            suspects: ls.data.suspects,
         };
-        let m = self.data.snapshot(tenant, name, &policy)?;
+        let m = retune_datasets::snapshot_with_suspects(self.data.as_ref(), tenant, name, &policy)?;
         let mut detail = serde_json::json!({"trigger": trigger.to_string(), "snapshot": &m});
         self.reg
             .run_update(run_id, "running", Some(&m.id), None, &detail, false)?;
@@ -628,7 +629,9 @@ impl Daemon {
         }
         self.renew(tenant, name)?;
         // gate
-        let rows = self.data.snapshot_rows(tenant, &m.id)?;
+        // the gate's train split as trained on (suspects held out by policy)
+        let rows =
+            retune_datasets::snapshot::training_rows(&m, self.data.snapshot_rows(tenant, &m.id)?);
         let (train_rows, eval_rows): (Vec<_>, Vec<_>) =
             rows.into_iter().partition(|r| r.split == Split::Train);
         let candidate = load_peft(&result.adapter_dir, &self.base.shapes, &Default::default())?;

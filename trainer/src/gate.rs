@@ -15,6 +15,7 @@ use crate::stats::{bootstrap_mean, mcnemar_exact, mean, paired_bootstrap, wilson
 use retune_adapters::LoraAdapter;
 use retune_config::{ClassicalMode, GateOptions};
 use retune_datasets::classical::{ClassicalOptions, TextClassifier};
+use retune_datasets::snapshot::classifier_text;
 use retune_datasets::{ExampleBody, SnapshotRow};
 use retune_engine::{BatchItem, ChatMessage, ChatTemplate, Model, Tok};
 use serde::Serialize;
@@ -499,17 +500,6 @@ pub fn forgetting(
     })
 }
 
-/// The input text of an example for the classical classifier: its user turns.
-fn classifier_text(body: &ExampleBody) -> Result<String> {
-    let (msgs, _) = split_example(body)?;
-    Ok(msgs
-        .iter()
-        .filter(|m| m.role == "user")
-        .map(|m| m.content.as_str())
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
-
 /// Train the classical classifier on `train` and answer every eval row;
 /// `Err` carries the reason it could not run, in words.
 fn classical_answers(
@@ -517,10 +507,7 @@ fn classical_answers(
     eval_msgs: &[&SnapshotRow],
     seed: u64,
 ) -> Result<std::result::Result<(TextClassifier, Vec<String>, f64), String>> {
-    let texts = train
-        .iter()
-        .map(|r| classifier_text(&r.body))
-        .collect::<Result<Vec<_>>>()?;
+    let texts: Vec<String> = train.iter().map(|r| classifier_text(&r.body)).collect();
     let labels = train
         .iter()
         .map(|r| expected(Metric::Label, r))
@@ -540,8 +527,8 @@ fn classical_answers(
     let secs = t.elapsed().as_secs_f64();
     let answers = eval_msgs
         .iter()
-        .map(|r| classifier_text(&r.body).map(|t| c.predict(&t).to_string()))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|r| c.predict(&classifier_text(&r.body)).to_string())
+        .collect();
     Ok(Ok((c, answers, secs)))
 }
 
@@ -788,7 +775,7 @@ mod tests {
         let (c, answers, _) = classical_answers(&two, &[&q, &two[0]], 0).unwrap().unwrap();
         assert_eq!(c.labels(), ["lost", "top_up"]);
         // the system prompt is not part of the classifier's input
-        assert_eq!(classifier_text(&q.body).unwrap(), "the top up failed");
+        assert_eq!(classifier_text(&q.body), "the top up failed");
         assert_eq!(answers, ["top_up", "lost"]);
     }
 

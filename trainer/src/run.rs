@@ -36,7 +36,8 @@ pub fn read_source(
                 return Err(TrainError::Data(format!("no datasets store at {db}")));
             }
             let store = retune_datasets::open(db)?;
-            let rows = store.snapshot_rows(tenant, id)?;
+            // less the suspect train rows its policy holds out
+            let rows = retune_datasets::training_rows(store.as_ref(), tenant, id)?;
             if rows.is_empty() {
                 return Err(TrainError::Data(format!("snapshot {id} is empty")));
             }
