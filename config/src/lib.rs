@@ -743,6 +743,32 @@ mod tests {
     }
 
     #[test]
+    fn declared_label_sets_are_refused_naming_the_key_unless_sound() {
+        let with = |labels: &str| {
+            Settings::from_toml(
+                &format!("{BASE}[[trainer.adapters]]\ntenant = \"acme\"\nname = \"t\"\n[trainer.adapters.data]\nlabels = {labels}\n"),
+                [],
+            )
+        };
+        assert!(with(r#"["a", "b"]"#).is_ok());
+        for (labels, why) in [
+            ("[]", "at least 2 labels"),
+            (r#"["a"]"#, "at least 2 labels"),
+            (r#"["a", " "]"#, "label 1 is empty"),
+            (r#"["a", "b", "a"]"#, "`a` is declared twice"),
+        ] {
+            let err = with(labels).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field, reason } if field == "trainer.adapters[0].data.labels" && reason.contains(why)),
+                "{labels}: {err}"
+            );
+        }
+        // labels that are not strings: the parser names the key
+        let err = with("[1, 2]").unwrap_err().to_string();
+        assert!(err.contains("labels"), "{err}");
+    }
+
+    #[test]
     fn prefix_cache_settings_that_cannot_fit_are_refused_naming_the_key() {
         let s = Settings::from_toml(BASE, []).unwrap();
         assert_eq!(s.engine.prefix_cache_tokens, 16_384);

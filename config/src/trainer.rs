@@ -261,6 +261,10 @@ pub struct DataOptions {
     /// classical classifier's out-of-fold predictions): `report` (listed in
     /// the manifest), `holdout` (also left out of training), `off`.
     pub suspects: SuspectPolicy,
+    /// A declared label task's label set (at least 2, distinct, non-empty):
+    /// imported examples whose label (or answer) is not one of them are refused
+    /// by line, and a label longer than `train.max_len` tokens stops a run.
+    pub labels: Option<Vec<String>>,
 }
 
 /// What the snapshot step does with suspect labels.
@@ -286,6 +290,7 @@ impl Default for DataOptions {
             include_positive: true,
             scrub: true,
             suspects: SuspectPolicy::Report,
+            labels: None,
         }
     }
 }
@@ -343,6 +348,21 @@ impl LoopSettings {
                 "data.eval_percent",
                 "must be 1 to 50 (the gate needs held-out data)",
             );
+        }
+        if let Some(labels) = &self.data.labels {
+            if labels.len() < 2 {
+                return bad(
+                    "data.labels",
+                    "a label task needs at least 2 labels (an empty or one-label set declares nothing to choose)",
+                );
+            }
+            if let Some(i) = labels.iter().position(|l| l.trim().is_empty()) {
+                return bad("data.labels", &format!("label {i} is empty"));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(l) = labels.iter().find(|l| !seen.insert(l.as_str())) {
+                return bad("data.labels", &format!("`{l}` is declared twice"));
+            }
         }
         if self.trigger.min_new_examples == 0 {
             return bad("trigger.min_new_examples", "must be at least 1");

@@ -92,6 +92,17 @@ pub fn parse_line(line: &str) -> Result<ImportRow, String> {
 
 /// Parse a JSONL text: the good rows and the bad lines (blank lines are skipped).
 pub fn parse_jsonl(text: &str) -> (Vec<ImportRow>, Vec<LineError>) {
+    parse_jsonl_for(text, None)
+}
+
+/// The label an example carries: its `label`, else its answer.
+pub fn label_of(r: &ImportRow) -> String {
+    r.label.clone().unwrap_or_else(|| r.body.input_output().1)
+}
+
+/// [`parse_jsonl`] for a declared label task: a line whose label (or, without
+/// one, answer) is not one of `labels` is refused by number too.
+pub fn parse_jsonl_for(text: &str, labels: Option<&[String]>) -> (Vec<ImportRow>, Vec<LineError>) {
     let mut rows = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -99,7 +110,17 @@ pub fn parse_jsonl(text: &str) -> (Vec<ImportRow>, Vec<LineError>) {
             continue;
         }
         match parse_line(line) {
-            Ok(r) => rows.push(r),
+            Ok(r) => match labels {
+                Some(set) if !set.contains(&label_of(&r)) => errors.push(LineError {
+                    line: i + 1,
+                    reason: format!(
+                        "label `{}` is not one of the task's {} declared labels",
+                        label_of(&r),
+                        set.len()
+                    ),
+                }),
+                _ => rows.push(r),
+            },
             Err(reason) => errors.push(LineError {
                 line: i + 1,
                 reason,

@@ -18,7 +18,7 @@ pub mod sqlite;
 
 pub use capture::{CaptureStats, CaptureWriter};
 pub use error::DataError;
-pub use import::{parse_jsonl, LineError};
+pub use import::{label_of, parse_jsonl, parse_jsonl_for, LineError};
 pub use postgres::PgStore;
 pub use record::{
     CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Message, Rating,

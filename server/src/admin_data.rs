@@ -6,7 +6,7 @@ use crate::errors::ApiError;
 use crate::routes::body;
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
-use retune_datasets::{parse_jsonl, DatasetStore, Policy};
+use retune_datasets::{parse_jsonl_for, DatasetStore, Policy};
 use std::sync::Arc;
 
 type Data = web::Data<AppState>;
@@ -59,8 +59,16 @@ async fn import(
     let raw = body(&state, payload).await?;
     let text = String::from_utf8(raw.to_vec())
         .map_err(|_| ApiError::BadRequest("the body must be UTF-8 JSONL".into()))?;
+    // a declared label task refuses examples outside its label set, by line
+    let labels = state
+        .settings
+        .trainer
+        .adapters
+        .iter()
+        .find(|d| d.tenant == t && d.name == a)
+        .and_then(|d| d.resolve(&state.settings.trainer.defaults).data.labels);
     let (imported, errors) = blocking(move || {
-        let (rows, errors) = parse_jsonl(&text);
+        let (rows, errors) = parse_jsonl_for(&text, labels.as_deref());
         Ok((s.import(&t, &a, "import:admin", &rows)?, errors))
     })
     .await?;

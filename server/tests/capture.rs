@@ -432,6 +432,56 @@ async fn completions_succeed_and_drops_are_counted_while_the_store_fails() {
 }
 
 #[actix_web::test]
+async fn a_declared_label_task_refuses_examples_outside_its_label_set_by_line() {
+    let dir = tmp("declared-labels");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, _b) = state_with(
+        &dir,
+        store.clone(),
+        "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"tickets\"\n[trainer.adapters.data]\nlabels = [\"card_arrival\", \"refund\"]\n",
+    );
+    let svc = test::init_service(app(web::Data::new(st))).await;
+    let jsonl = [
+        r#"{"messages": [{"role": "user", "content": "where is my card"}, {"role": "assistant", "content": "card_arrival"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "money back?"}, {"role": "assistant", "content": "refund please"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "money back?"}, {"role": "assistant", "content": "x"}], "label": "refund"}"#,
+        r#"{"messages": [{"role": "user", "content": "card?"}, {"role": "assistant", "content": "card_arrival"}], "label": 7}"#,
+        r#"{"prompt": "fee?", "completion": "fees"}"#,
+    ]
+    .join("\n");
+    let req = test::TestRequest::post()
+        .uri("/admin/data/acme/tickets/import")
+        .insert_header(("authorization", "Bearer admin-key"))
+        .set_payload(jsonl)
+        .to_request();
+    let j: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(j["imported"], 2, "{j}");
+    let lines: Vec<u64> = j["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [2, 4, 5], "{j}");
+    assert!(j["errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("`refund please` is not one of the task's 2 declared labels"));
+    assert!(j["errors"][1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("must be a string"));
+    // another adapter of the tenant declares no labels: anything goes
+    let req = test::TestRequest::post()
+        .uri("/admin/data/acme/other/import")
+        .insert_header(("authorization", "Bearer admin-key"))
+        .set_payload(r#"{"prompt": "fee?", "completion": "fees"}"#)
+        .to_request();
+    let j: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(j["imported"], 1, "{j}");
+}
+
+#[actix_web::test]
 async fn the_admin_data_api_imports_snapshots_exports_and_erases() {
     let dir = tmp("admin");
     let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());

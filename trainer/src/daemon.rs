@@ -506,6 +506,17 @@ impl Daemon {
         let mut detail = serde_json::json!({"trigger": trigger.to_string(), "snapshot": &m});
         self.reg
             .run_update(run_id, "running", Some(&m.id), None, &detail, false)?;
+        // (after the snapshot is on the run: the same data is not retried)
+        // a declared label that cannot fit a training example is bad input
+        for l in ls.data.labels.iter().flatten() {
+            let n = self.tok.encode(l, false)?.len();
+            if n > ls.train.max_len {
+                return Err(TrainError::Data(format!(
+                    "declared label `{l}` is {n} tokens, longer than train.max_len ({})",
+                    ls.train.max_len
+                )));
+            }
+        }
         let mut skip = |status: &str, reason: String| -> Result<RunOutcome> {
             detail["reason"] = serde_json::json!(reason);
             self.end_run(tenant, name, run_id, status, Some(&m.id), &detail, reason)

@@ -238,7 +238,7 @@ fn bad_input_stops_with_a_journaled_reason_and_promotes_nothing() {
         import(&d, &rows);
         let daemon = Daemon::open(settings(&d, &gguf, extra), "h".into()).unwrap();
         let out = daemon.pass().unwrap();
-        assert_eq!(out.len(), 1, "{sub}");
+        assert_eq!(out.len(), 1, "{sub}: {out:?}");
         assert_eq!(out[0].status, "failed", "{sub}: {}", out[0].reason);
         assert!(out[0].reason.contains(want), "{sub}: {}", out[0].reason);
         assert!(
@@ -262,6 +262,14 @@ fn bad_input_stops_with_a_journaled_reason_and_promotes_nothing() {
         rows(24, None),
         "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n[trainer.adapters.trigger]\nmin_new_examples = 20\nmin_examples = 30\n",
         "too few examples",
+    );
+    // a declared label longer than train.max_len (64 tokens) cannot be trained
+    let long = vec!["word"; 80].join(" ");
+    check(
+        "long-label",
+        rows(60, None),
+        &format!("[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n[trainer.adapters.data]\neval_percent = 25\nscrub = false\nlabels = [\"hello\", \"world\", \"hello world\", \"{long}\"]\n"),
+        "longer than train.max_len (64)",
     );
     // every input twice with different answers
     let mut conflicting = rows(30, None);
