@@ -351,6 +351,17 @@ fn declared<'a>(state: &'a AppState, tenant: &str, model: &str) -> Option<Declar
         })
 }
 
+/// The label set of the tenant's declared label task `model` (`name` or
+/// `name@version`), if it declares one.
+fn declared_labels(state: &AppState, tenant: &str, model: &str) -> Option<Vec<String>> {
+    let name = model.split('@').next().unwrap_or(model);
+    let t = &state.settings.trainer;
+    t.adapters
+        .iter()
+        .find(|a| a.enabled && a.tenant == tenant && a.name == name)
+        .and_then(|a| a.resolve(&t.defaults).data.labels)
+}
+
 #[derive(Clone, Debug)]
 struct Declared {
     name: String,
@@ -657,7 +668,14 @@ async fn admit<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
     let c = common(&r);
     let lp = logprobs(&r);
-    let params = params(state, c, lp)?;
+    let mut params = params(state, c, lp)?;
+    // a declared label task answers one of its labels, whatever the adapter's
+    // weights, unless the client constrains the output itself
+    if params.constraint.is_none() {
+        if let Some(labels) = declared_labels(state, &t, &c.model) {
+            params.constraint = Some(Constraint::Choice { choices: labels });
+        }
+    }
     let id = completion_id(id_prefix);
     let (adapter, declared) = match resolve(state, &t, &c.model, &id) {
         Ok(a) => (a, None),

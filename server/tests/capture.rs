@@ -4,6 +4,7 @@ use actix_web::{test, web};
 use retune_adapters::{BaseShapes, ServedBase};
 use retune_config::Settings;
 use retune_datasets::*;
+use retune_engine::guide::Constraint;
 use retune_engine::testing::{Script, ScriptedBackend, Step};
 use retune_engine::FinishReason;
 use retune_server::{app, auth::hash_key, AppState};
@@ -479,6 +480,60 @@ async fn a_declared_label_task_refuses_examples_outside_its_label_set_by_line() 
         .to_request();
     let j: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
     assert_eq!(j["imported"], 1, "{j}");
+}
+
+#[actix_web::test]
+async fn a_declared_label_task_is_answered_under_its_label_set_unless_the_client_constrains() {
+    let dir = tmp("declared-choice");
+    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let (st, b) = state_with(
+        &dir,
+        store,
+        "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"tickets\"\n[trainer.adapters.data]\nlabels = [\"card_arrival\", \"refund\"]\n",
+    );
+    let svc = test::init_service(app(web::Data::new(st))).await;
+    let ask = |model: &str, extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": model, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "where is my card"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        test::TestRequest::post()
+            .uri("/v1/chat/completions")
+            .insert_header(("authorization", "Bearer acme-key"))
+            .set_json(body)
+            .to_request()
+    };
+    let labels = vec!["card_arrival".to_string(), "refund".to_string()];
+    script(&b, &["card_arrival"]);
+    let resp = test::call_service(&svc, ask("tickets", serde_json::json!({}))).await;
+    assert_eq!(resp.status(), 200);
+    let last = b.submitted().pop().unwrap();
+    assert_eq!(
+        last.params().constraint,
+        Some(Constraint::Choice {
+            choices: labels.clone()
+        })
+    );
+    // the client's own constraint is kept
+    script(&b, &["x"]);
+    let resp = test::call_service(
+        &svc,
+        ask("tickets", serde_json::json!({"guided_choice": ["x", "y"]})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        b.submitted().pop().unwrap().params().constraint,
+        Some(Constraint::Choice {
+            choices: vec!["x".into(), "y".into()]
+        })
+    );
+    // the base model (no task declared under that name) is free
+    script(&b, &["hi"]);
+    let resp = test::call_service(&svc, ask("tiny", serde_json::json!({}))).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(b.submitted().pop().unwrap().params().constraint, None);
 }
 
 #[actix_web::test]
