@@ -76,6 +76,12 @@ fn yes() -> bool {
 }
 
 impl AdapterLoop {
+    /// This adapter's declared label set (its `data` group's, else the
+    /// defaults'), borrowed: the request path asks it without resolving the rest.
+    pub fn labels<'a>(&'a self, d: &'a LoopSettings) -> Option<&'a [String]> {
+        self.data.as_ref().unwrap_or(&d.data).labels.as_deref()
+    }
+
     /// This adapter's settings: its groups, else the defaults'.
     pub fn resolve(&self, d: &LoopSettings) -> LoopSettings {
         LoopSettings {

@@ -25,6 +25,16 @@ pub enum ClassicalError {
     Mismatch { texts: usize, labels: usize },
 }
 
+fn same_len(texts: &[&str], labels: &[&str]) -> Result<(), ClassicalError> {
+    if texts.len() == labels.len() {
+        return Ok(());
+    }
+    Err(ClassicalError::Mismatch {
+        texts: texts.len(),
+        labels: labels.len(),
+    })
+}
+
 /// A training row needs at least this many rows of its label to be learnt.
 pub const MIN_ROWS_PER_LABEL: usize = 2;
 
@@ -328,12 +338,7 @@ impl TextClassifier {
         labels: &[&str],
         o: &ClassicalOptions,
     ) -> Result<Self, ClassicalError> {
-        if texts.len() != labels.len() {
-            return Err(ClassicalError::Mismatch {
-                texts: texts.len(),
-                labels: labels.len(),
-            });
-        }
+        same_len(texts, labels)?;
         let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
         for l in labels {
             *counts.entry(l).or_default() += 1;
@@ -474,12 +479,7 @@ pub fn find_suspects(
     folds: usize,
     o: &ClassicalOptions,
 ) -> Result<SuspectReport, ClassicalError> {
-    if texts.len() != labels.len() {
-        return Err(ClassicalError::Mismatch {
-            texts: texts.len(),
-            labels: labels.len(),
-        });
-    }
+    same_len(texts, labels)?;
     let folds = folds.max(2);
     let mut names: Vec<&str> = labels.to_vec();
     names.sort_unstable();

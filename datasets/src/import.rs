@@ -110,12 +110,11 @@ pub fn parse_jsonl_for(text: &str, labels: Option<&[String]>) -> (Vec<ImportRow>
             continue;
         }
         match parse_line(line) {
-            Ok(r) => match labels {
-                Some(set) if !set.contains(&label_of(&r)) => errors.push(LineError {
+            Ok(r) => match labels.map(|set| (set, label_of(&r))) {
+                Some((set, label)) if !set.contains(&label) => errors.push(LineError {
                     line: i + 1,
                     reason: format!(
-                        "label `{}` is not one of the task's {} declared labels",
-                        label_of(&r),
+                        "label `{label}` is not one of the task's {} declared labels",
                         set.len()
                     ),
                 }),

@@ -66,7 +66,8 @@ async fn import(
         .adapters
         .iter()
         .find(|d| d.tenant == t && d.name == a)
-        .and_then(|d| d.resolve(&state.settings.trainer.defaults).data.labels);
+        .and_then(|d| d.labels(&state.settings.trainer.defaults))
+        .map(<[String]>::to_vec);
     let (imported, errors) = blocking(move || {
         let (rows, errors) = parse_jsonl_for(&text, labels.as_deref());
         Ok((s.import(&t, &a, "import:admin", &rows)?, errors))

@@ -359,7 +359,8 @@ fn declared_labels(state: &AppState, tenant: &str, model: &str) -> Option<Vec<St
     t.adapters
         .iter()
         .find(|a| a.enabled && a.tenant == tenant && a.name == name)
-        .and_then(|a| a.resolve(&t.defaults).data.labels)
+        .and_then(|a| a.labels(&t.defaults))
+        .map(<[String]>::to_vec)
 }
 
 #[derive(Clone, Debug)]

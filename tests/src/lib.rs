@@ -133,7 +133,8 @@ pub struct Bounds {
     /// A step where llama.cpp leads by more than 0.3 nats is decided by the
     /// model (so our top-1 must be llama.cpp's) only if the exact reference
     /// agrees on the top-1 and leads by more than this.
-    pub decided_by_exact_margin: f64,
+    /// (None: every such step is decided by the model.)
+    pub decided_by_exact_margin: Option<f64>,
     /// Our top-1 must be the exact reference's where it leads by more than this.
     pub exact_top1_margin: f64,
     /// |ours − llama.cpp| over the first step's top-5 logprobs (None: implied by
@@ -155,7 +156,7 @@ impl Bounds {
             // their errors against the exact reference: the first-step check
             // against llama.cpp is the exact check plus llama.cpp's own error
             Self {
-                decided_by_exact_margin: 0.75,
+                decided_by_exact_margin: Some(0.75),
                 exact_top1_margin: 0.75,
                 first_step_vs_llamacpp: None,
                 first_step_vs_exact: 0.75,
@@ -164,7 +165,7 @@ impl Bounds {
             }
         } else {
             Self {
-                decided_by_exact_margin: 0.0,
+                decided_by_exact_margin: None,
                 exact_top1_margin: 0.1,
                 first_step_vs_llamacpp: Some(0.35),
                 first_step_vs_exact: 0.02,
@@ -312,9 +313,9 @@ pub fn teacher_forced(
             }
             let exact_margin = (es.top2[0].1 - es.top2[1].1) as f32;
             if step.top.len() >= 2 && step.top[0].1 - step.top[1].1 > 0.3 {
-                let decided = b.decided_by_exact_margin == 0.0
-                    || (es.top2[0].0 == step.top[0].0
-                        && exact_margin as f64 > b.decided_by_exact_margin);
+                let decided = b
+                    .decided_by_exact_margin
+                    .is_none_or(|min| es.top2[0].0 == step.top[0].0 && exact_margin as f64 > min);
                 if decided {
                     r.decisive += 1;
                     if ours != step.top[0].0 {
