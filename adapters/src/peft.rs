@@ -138,11 +138,24 @@ impl AdapterConfig {
         if self.bias.as_deref().is_some_and(|b| b != "none") {
             return unsupported("bias", "trained biases are not supported");
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return unsupported(
-                "modules_to_save",
-                "fully trained modules (embeddings, lm_head) are not supported",
-            );
+        if let Some(m) = self.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+            // a classification adapter's head (PEFT SEQ_CLS: `score`) is the one
+            // fully trained module served
+            let head = self.task_type.as_deref() == Some("SEQ_CLS") && m == &["score"];
+            if !head {
+                return unsupported(
+                    "modules_to_save",
+                    "fully trained modules (embeddings, lm_head) are not supported; a SEQ_CLS adapter may save `score` only",
+                );
+            }
+        }
+        if self.task_type.as_deref() == Some("SEQ_CLS")
+            && self.modules_to_save.as_ref().is_none_or(|m| m.is_empty())
+        {
+            return Err(AdapterError::Config {
+                field: "modules_to_save".into(),
+                reason: "a SEQ_CLS adapter must save its `score` head".into(),
+            });
         }
         if self
             .layers_to_transform
@@ -288,10 +301,33 @@ pub struct LoraPair {
     pub b: Vec<f32>,
 }
 
+/// The tensor of a classification adapter's head (PEFT `SEQ_CLS`,
+/// `modules_to_save = ["score"]`): `[labels, hidden]`, no bias.
+pub const HEAD_TENSOR: &str = "base_model.model.score.weight";
+
+/// The safetensors metadata key holding the head's labels (a JSON array of
+/// strings, row order), so the weights file carries what its rows mean.
+pub const LABELS_METADATA: &str = "retune.labels";
+
+/// Most labels a head may have.
+pub const MAX_LABELS: usize = 4096;
+
+/// A classification head: row `i` of `weight` scores `labels[i]` from the last
+/// token's final hidden state.
+#[derive(Clone, Debug)]
+pub struct ClassHead {
+    pub labels: Vec<String>,
+    /// `[labels, hidden]`, row-major
+    pub weight: Vec<f32>,
+    pub hidden: usize,
+}
+
 /// A loaded adapter: per layer, per module of [`MODULES`], an optional pair.
 #[derive(Debug)]
 pub struct LoraAdapter {
     pub layers: Vec<[Option<LoraPair>; 7]>,
+    /// A classification adapter's head (answers are its labels).
+    pub head: Option<ClassHead>,
     /// Bytes held by the weights.
     pub bytes: usize,
     pub config: AdapterConfig,
@@ -370,7 +406,9 @@ impl Clone for LoraAdapter {
     /// A clone is a new loaded copy: it gets a fresh identity, since its weights
     /// may be changed independently.
     fn clone(&self) -> Self {
-        Self::new(self.layers.clone(), self.bytes, self.config.clone())
+        let mut c = Self::new(self.layers.clone(), self.bytes, self.config.clone());
+        c.head = self.head.clone();
+        c
     }
 }
 
@@ -379,6 +417,7 @@ impl LoraAdapter {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
             layers,
+            head: None,
             bytes,
             config,
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -562,7 +601,13 @@ pub fn load_peft(
 
     let mut halves: HashMap<(usize, usize), (Option<Vec<f32>>, Option<Vec<f32>>, usize)> =
         HashMap::new();
+    let wants_head = config.task_type.as_deref() == Some("SEQ_CLS");
+    let mut head = None;
     for (name, view) in st.tensors() {
+        if name == HEAD_TENSOR && wants_head {
+            head = Some(load_head(&bytes, &st_path, &name, &view, base)?);
+            continue;
+        }
         let Some((layer, m, is_a)) = parse_name(&name) else {
             return Err(AdapterError::Unsupported {
                 field: name.clone(),
@@ -663,7 +708,83 @@ pub fn load_peft(
         total += (a.len() + b.len()) * 4;
         layers[layer][m] = Some(LoraPair { rank, scale, a, b });
     }
-    Ok(LoraAdapter::new(layers, total, config))
+    if wants_head && head.is_none() {
+        return Err(AdapterError::Tensor {
+            name: HEAD_TENSOR.into(),
+            reason: "a SEQ_CLS adapter must hold its head".into(),
+        });
+    }
+    if let Some(h) = &head {
+        total += h.weight.len() * 4;
+    }
+    let mut a = LoraAdapter::new(layers, total, config);
+    a.head = head;
+    Ok(a)
+}
+
+/// The head tensor and its labels (the weights file's metadata), checked
+/// against the base's hidden size.
+fn load_head(
+    bytes: &[u8],
+    st_path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    base: &BaseShapes,
+) -> Result<ClassHead, AdapterError> {
+    let hidden = base.dims[0].1;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| AdapterError::Corrupt {
+        path: st_path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let bad = |reason: String| AdapterError::Tensor {
+        name: name.to_string(),
+        reason,
+    };
+    let labels_json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(LABELS_METADATA))
+        .ok_or_else(|| {
+            bad(format!(
+                "the weights file's metadata has no `{LABELS_METADATA}` (the head's labels)"
+            ))
+        })?;
+    let labels: Vec<String> = serde_json::from_str(labels_json)
+        .map_err(|e| bad(format!("`{LABELS_METADATA}` is not a JSON list of strings: {e}")))?;
+    if labels.len() < 2 || labels.len() > MAX_LABELS {
+        return Err(bad(format!(
+            "{} labels (2..={MAX_LABELS})",
+            labels.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(l) = labels.iter().find(|l| l.trim().is_empty() || !seen.insert(*l)) {
+        return Err(bad(format!("label `{l}` is empty or repeated")));
+    }
+    let shape = view.shape().to_vec();
+    if shape.len() != 2 || shape[1] != hidden {
+        return Err(AdapterError::Shape {
+            name: name.to_string(),
+            got: shape,
+            expected: vec![labels.len(), hidden],
+        });
+    }
+    if shape[0] != labels.len() {
+        return Err(bad(format!(
+            "{} rows for {} labels in `{LABELS_METADATA}`",
+            shape[0],
+            labels.len()
+        )));
+    }
+    let weight = to_f32(name, view)?;
+    if weight.iter().any(|x| !x.is_finite()) {
+        return Err(bad("non-finite weights".into()));
+    }
+    Ok(ClassHead {
+        labels,
+        weight,
+        hidden,
+    })
 }
 
 #[cfg(test)]

@@ -374,8 +374,32 @@ impl Model {
         let mut normed = vec![0f32; n * h];
         rms_norm_rows(&rows, &self.norm, c.rms_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = head.forward(&normed, n)?;
-        Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect())
+        // a classifier adapter's rows read its head; the rest the vocabulary
+        let heads = crate::lora::heads_of(items);
+        if heads.iter().all(Option::is_none) {
+            let logits = head.forward(&normed, n)?;
+            return Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect());
+        }
+        let lm: Vec<usize> = (0..n).filter(|&r| heads[r].is_none()).collect();
+        let lm_rows: Vec<f32> = lm
+            .iter()
+            .flat_map(|&r| normed[r * h..(r + 1) * h].iter().copied())
+            .collect();
+        let mut lm_logits = if lm.is_empty() {
+            Vec::new()
+        } else {
+            head.forward(&lm_rows, lm.len())?
+        }
+        .chunks_exact(head.rows)
+        .map(<[f32]>::to_vec)
+        .collect::<Vec<_>>()
+        .into_iter();
+        Ok((0..n)
+            .map(|r| match heads[r] {
+                Some(ch) => crate::lora::class_logits(ch, &normed[r * h..(r + 1) * h]),
+                None => lm_logits.next().unwrap_or_default(),
+            })
+            .collect())
     }
 
     fn rope(&self, x: &mut [f32], heads: usize, pos: &[usize]) {

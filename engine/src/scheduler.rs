@@ -480,6 +480,39 @@ struct Seq {
     cached: usize,
 }
 
+impl Seq {
+    /// Another sample of this request (`n > 1`): its prompt, grammar, stops,
+    /// adapter and clock, its own cache (`fed` prompt positions in) and sender.
+    fn sibling(
+        &self,
+        tx: EventSender,
+        kv: Cache,
+        fed: usize,
+        params: SamplingParams,
+        reserve: usize,
+        cached: usize,
+    ) -> Seq {
+        Seq {
+            guide: self.guide.clone(),
+            forks: Vec::new(),
+            prompt: self.prompt.clone(),
+            fed,
+            last: None,
+            output: Vec::new(),
+            kv,
+            sampler: Sampler::with_prompt(params, &self.prompt),
+            detok: Detok::default(),
+            stop: StopText::new(self.stop.stops().to_vec()),
+            tx,
+            reserve,
+            adapter: self.adapter.clone(),
+            tenant: self.tenant.clone(),
+            clock: self.clock,
+            cached,
+        }
+    }
+}
+
 enum Resolved {
     Ready(Option<Arc<LoraAdapter>>),
     Pending,
@@ -1040,6 +1073,7 @@ impl Worker {
         let context = self.model.cfg().context;
         // each sampling row's logits (by row), then the draws in parallel
         let mut rows: Vec<Option<Vec<f32>>> = (0..self.active.len()).map(|_| None).collect();
+        let mut classified: Vec<(usize, Vec<f32>)> = Vec::new();
         let room = self.cfg.max_kv_tokens.saturating_sub(self.reserved);
         for (i, toks, want) in &inputs {
             let s = &mut self.active[*i];
@@ -1061,6 +1095,12 @@ impl Worker {
                 continue;
             }
             let Some(l) = logits.next() else { break };
+            if head_of(s).is_some() {
+                // a classifier answers its label (its forks too: they would
+                // answer the same)
+                classified.push((*i, l));
+                continue;
+            }
             if s.guide.is_some() && !matches!(masks.get(i), Some(Ok(_))) {
                 let why = match masks.get(i) {
                     Some(Err(e)) => e.to_string(),
@@ -1088,25 +1128,7 @@ impl Worker {
                             }
                         },
                     };
-                    let stops = s.stop.stops().to_vec();
-                    let f = Seq {
-                        guide: s.guide.clone(),
-                        forks: Vec::new(),
-                        prompt: s.prompt.clone(),
-                        fed,
-                        last: None,
-                        output: Vec::new(),
-                        kv,
-                        sampler: Sampler::with_prompt(params, &s.prompt),
-                        detok: Detok::default(),
-                        stop: StopText::new(stops),
-                        tx,
-                        reserve: one,
-                        adapter: s.adapter.clone(),
-                        tenant: s.tenant.clone(),
-                        clock: s.clock,
-                        cached: if now { s.cached } else { 0 },
-                    };
+                    let f = s.sibling(tx, kv, fed, params, one, if now { s.cached } else { 0 });
                     // a copied cache samples now, from the same logits; a
                     // fresh one prefills first
                     let l = if now { l.clone() } else { Vec::new() };
@@ -1158,6 +1180,24 @@ impl Worker {
                 finished.push(i);
             }
         }
+        for (i, l) in classified {
+            let s = &mut self.active[i];
+            for tx in std::mem::take(&mut s.forks) {
+                // every sample of a classifier is its one answer
+                let kv = match self.model.new_cache() {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        let _ = tx.send(Event::Error(GenError::internal(e.to_string())));
+                        continue;
+                    }
+                };
+                let params = s.sampler.params().clone();
+                let mut copy = s.sibling(tx, kv, s.fed, params, 0, s.cached);
+                answer_label(&mut copy, &l, &self.tok, context, &self.stats);
+            }
+            answer_label(s, &l, &self.tok, context, &self.stats);
+            finished.push(i);
+        }
         let mut kept = Vec::new();
         for (mut f, l, i) in forked {
             if !l.is_empty() {
@@ -1204,6 +1244,61 @@ fn choose(s: &mut Seq, l: &[f32], mask: Option<&Mask>) -> std::result::Result<Sa
     Ok(s.sampler.sample_masked(l, narrowed.as_ref().or(mask)))
 }
 
+/// The classifier head of row `s`'s adapter, if it has one.
+fn head_of(s: &Seq) -> Option<&retune_adapters::ClassHead> {
+    s.adapter.as_ref().and_then(|a| a.0.head.as_ref())
+}
+
+/// A classifier's answer: its most probable label, emitted as that label's
+/// tokens (cut by `max_tokens` or a stop string like any answer), the first
+/// carrying the label's log-probability under the head and the rest 0, so the
+/// answer's token log-probabilities sum to the label's. The row then ends.
+fn answer_label(s: &mut Seq, scores: &[f32], tok: &Tok, context: usize, stats: &EngineStats) {
+    let Some(head) = head_of(s) else { return };
+    let best = scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    let max = scores.get(best).copied().unwrap_or(0.0);
+    let log_z = max + scores.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+    let logprob = scores.get(best).map_or(0.0, |x| x - log_z);
+    let ids = match head.labels.get(best).map(|l| tok.encode(l, false)) {
+        Some(Ok(ids)) if !ids.is_empty() => ids,
+        Some(Err(e)) => {
+            let _ = s.tx.send(Event::Error(GenError::internal(format!(
+                "the classifier's label does not tokenize: {e}"
+            ))));
+            return;
+        }
+        _ => {
+            let _ = s.tx.send(Event::Error(GenError::internal(
+                "the classifier's scores do not match its labels",
+            )));
+            return;
+        }
+    };
+    // the label is the whole answer (no grammar), then the end of turn
+    s.guide = None;
+    let end = tok
+        .eos
+        .first()
+        .copied()
+        .filter(|_| s.sampler.params().stop_on_eos);
+    for (k, id) in ids.into_iter().chain(end).enumerate() {
+        let sampled = Sampled {
+            token: id,
+            logprob: Some(if k == 0 { logprob } else { 0.0 }),
+            top: Vec::new(),
+        };
+        if !advance(s, tok, sampled, context, stats) {
+            return;
+        }
+    }
+    let tail = s.stop.flush();
+    done(s, FinishReason::Stop, tail);
+}
+
 /// Advance row `s` past its drawn token: its grammar, the token event, or
 /// the ending. Returns whether it goes on.
 fn advance(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize, stats: &EngineStats) -> bool {
@@ -1235,8 +1330,14 @@ fn advance(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize, stats: &Eng
     };
     let tail = s.stop.flush();
     let tail = if reason.1 { String::new() } else { tail };
+    done(s, reason.0, tail);
+    false
+}
+
+/// End row `s`: its completion record goes to the reader.
+fn done(s: &mut Seq, finish: FinishReason, tail: String) {
     let record = Completion {
-        finish: reason.0,
+        finish,
         prompt: std::mem::take(&mut s.prompt),
         output: std::mem::take(&mut s.output),
         adapter: s.adapter.as_ref().map(|a| a.1.clone()),
@@ -1246,7 +1347,6 @@ fn advance(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize, stats: &Eng
         cached_tokens: s.cached,
     };
     let _ = s.tx.send(Event::Done(Box::new(record)));
-    false
 }
 
 /// How much slower per FLOP attention runs than the projections (see

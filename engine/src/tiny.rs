@@ -374,3 +374,55 @@ pub fn write_random_adapter_as(
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).map_err(io(dir))?;
     Ok(())
 }
+
+/// A random PEFT `SEQ_CLS` adapter (a classifier): [`write_random_adapter`]'s
+/// LoRA pairs plus a `score` head over `labels` (rows uniform in ±`head_scale`),
+/// its labels in the weights file's metadata.
+#[allow(clippy::too_many_arguments)]
+pub fn write_classifier_adapter(
+    dir: &Path,
+    shapes: &retune_adapters::BaseShapes,
+    rank: usize,
+    modules: &[usize],
+    seed: u64,
+    labels: &[&str],
+    head_scale: f32,
+) -> Result<()> {
+    write_random_adapter(dir, shapes, rank, modules, seed, 2.0 * rank as f32, 0.05)?;
+    let st_path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&st_path).map_err(io(dir))?;
+    let bad = |e: String| EngineError::InvalidRequest(format!("classifier adapter: {e}"));
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let hidden = shapes.dims[0].1;
+    let mut r = Lcg(seed ^ 0x5eed);
+    let head: Vec<u8> = (0..labels.len() * hidden)
+        .flat_map(|_| (head_scale * r.next()).to_le_bytes())
+        .collect();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .collect();
+    views.push((
+        retune_adapters::HEAD_TENSOR.to_string(),
+        safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![labels.len(), hidden],
+            &head,
+        )
+        .map_err(|e| bad(e.to_string()))?,
+    ));
+    let meta = std::collections::HashMap::from([(
+        retune_adapters::LABELS_METADATA.to_string(),
+        serde_json::to_string(labels).map_err(|e| bad(e.to_string()))?,
+    )]);
+    let out = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(&st_path, out).map_err(io(dir))?;
+    let cfg_path = dir.join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).map_err(io(dir))?)
+            .map_err(|e| bad(e.to_string()))?;
+    cfg["task_type"] = serde_json::json!("SEQ_CLS");
+    cfg["modules_to_save"] = serde_json::json!(["score"]);
+    std::fs::write(&cfg_path, cfg.to_string()).map_err(io(dir))?;
+    Ok(())
+}

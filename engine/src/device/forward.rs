@@ -373,6 +373,17 @@ impl DeviceModel {
             Some(l) => l.forward(&xl)?,
             None => xl.matmul(&self.embed.t()?)?,
         };
-        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+        let mut out: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        // a classifier adapter's rows read its head (on the host: a few labels)
+        let heads = crate::lora::heads_of(items);
+        if heads.iter().any(Option::is_some) {
+            let hidden: Vec<Vec<f32>> = xl.to_dtype(DType::F32)?.to_vec2()?;
+            for (r, h) in heads.iter().enumerate() {
+                if let (Some(h), Some(x)) = (h, hidden.get(r)) {
+                    out[r] = crate::lora::class_logits(h, x);
+                }
+            }
+        }
+        Ok(out)
     }
 }

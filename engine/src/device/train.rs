@@ -59,10 +59,50 @@ impl TrainLora {
 
 /// Right-padded rows of token ids, `batch × len` (padding is never attended to by
 /// real tokens: attention is causal).
+///
+/// When every row starts with the same `prefix` tokens (a chat template's
+/// system prompt), those are computed once: the residual stream holds the
+/// prefix's rows, then each row's other `len - prefix` positions
+/// ([`TrainBatch::row`]). Attention is causal, so a prefix's states do not depend
+/// on what follows it: the result equals running each row whole.
 pub struct TrainBatch {
     pub tokens: Vec<u32>,
     pub batch: usize,
     pub len: usize,
+    /// Leading tokens every row shares (`< len`; 0: none shared).
+    pub prefix: usize,
+}
+
+impl TrainBatch {
+    /// Rows of the residual stream: the shared prefix once, then each row's rest.
+    pub fn stream_rows(&self) -> usize {
+        self.prefix + self.batch * (self.len - self.prefix)
+    }
+
+    /// The stream row of position `i` of batch row `b`.
+    pub fn row(&self, b: usize, i: usize) -> usize {
+        if i < self.prefix {
+            i
+        } else {
+            self.prefix + b * (self.len - self.prefix) + (i - self.prefix)
+        }
+    }
+
+    /// The longest prefix every row's first `lens[b]` tokens share, leaving each
+    /// row at least one position of its own (0 for a single row, where nothing
+    /// is shared).
+    pub fn shared_prefix(tokens: &[u32], len: usize, lens: &[usize]) -> usize {
+        if lens.len() < 2 || len == 0 {
+            return 0;
+        }
+        let mut p = lens.iter().copied().min().unwrap_or(0).saturating_sub(1);
+        let first = &tokens[..len];
+        for b in 1..lens.len() {
+            let row = &tokens[b * len..(b + 1) * len];
+            p = p.min(first.iter().zip(row).take_while(|(x, y)| x == y).count());
+        }
+        p
+    }
 }
 
 /// Inverted-dropout masks on each LoRA input, drawn from a seed (reproducible).
@@ -260,10 +300,17 @@ impl DeviceModel {
         }
     }
 
-    /// The embedding rows of `batch` (the input of layer 0), f32 `[batch·len, hidden]`.
+    /// The embedding rows of `batch` (the input of layer 0), f32
+    /// `[stream_rows, hidden]`: the shared prefix once, then each row's rest.
     pub fn train_embed(&self, batch: &TrainBatch) -> Result<Tensor> {
         self.check_batch(batch)?;
-        let ids = Tensor::from_slice(&batch.tokens, batch.tokens.len(), &self.device)?;
+        let (p, len) = (batch.prefix, batch.len);
+        let mut stream = Vec::with_capacity(batch.stream_rows());
+        stream.extend_from_slice(&batch.tokens[..p]);
+        for b in 0..batch.batch {
+            stream.extend_from_slice(&batch.tokens[b * len + p..(b + 1) * len]);
+        }
+        let ids = Tensor::from_slice(&stream, stream.len(), &self.device)?;
         Ok(self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?)
     }
 
@@ -274,6 +321,14 @@ impl DeviceModel {
                 b.tokens.len(),
                 b.batch,
                 b.len
+            )));
+        }
+        if b.prefix >= b.len
+            || (1..b.batch).any(|r| b.tokens[r * b.len..r * b.len + b.prefix] != b.tokens[..b.prefix])
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "training batch: its rows do not share a {}-token prefix shorter than {}",
+                b.prefix, b.len
             )));
         }
         if b.len > self.cfg.context {
@@ -292,7 +347,8 @@ impl DeviceModel {
     }
 
     /// Run layers `from..to` over whole sequences. `x`: the residual stream entering
-    /// layer `from`, `[batch·len, hidden]` f32. LoRA pairs in `lora` apply where present.
+    /// layer `from`, `[stream_rows, hidden]` f32 ([`TrainBatch::row`]). LoRA pairs in
+    /// `lora` apply where present.
     pub fn train_layers(
         &self,
         x: Tensor,
@@ -305,28 +361,38 @@ impl DeviceModel {
         let c = &self.cfg;
         let (hd, nh, nkv) = (c.head_dim, c.n_head, c.n_kv_head);
         let group = nh / nkv;
-        let (bsz, len) = (batch.batch, batch.len);
-        let t = bsz * len;
+        let (bsz, len, pre) = (batch.batch, batch.len, batch.prefix);
+        // each row's own positions after the shared prefix
+        let own = len - pre;
+        let t = batch.stream_rows();
+        if x.dim(0)? != t {
+            return Err(EngineError::InvalidRequest(format!(
+                "training stream of {} rows, the batch has {t}",
+                x.dim(0)?
+            )));
+        }
         let dev = &self.device;
         let half = hd / 2;
-        let cos = self.cos.narrow(0, 0, len)?;
-        let sin = self.sin.narrow(0, 0, len)?;
-        // positions 0..len for every row: [t, 1, half]
-        let cos = cos
-            .unsqueeze(0)?
-            .broadcast_as((bsz, len, half))?
-            .reshape((t, 1, half))?;
-        let sin = sin
-            .unsqueeze(0)?
-            .broadcast_as((bsz, len, half))?
-            .reshape((t, 1, half))?;
-        // causal mask for rows (query head within its group, position)
-        let mut m = vec![f32::NEG_INFINITY; group * len * len];
-        for r in 0..group * len {
-            let i = r % len;
-            m[r * len..r * len + i + 1].fill(0.0);
-        }
-        let mask = Tensor::from_vec(m, (group * len, len), dev)?;
+        // each stream row's position: [t, 1, half]
+        let pos: Vec<u32> = (0..pre as u32)
+            .chain((0..bsz).flat_map(|_| pre as u32..len as u32))
+            .collect();
+        let pos = Tensor::from_vec(pos, t, dev)?;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((t, 1, half))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((t, 1, half))?;
+        // masks over rows (query head within its group, position): queries of
+        // `q` positions starting at `at` over `k` keys from position 0
+        let causal = |q: usize, k: usize, at: usize| -> Result<Tensor> {
+            let mut m = vec![f32::NEG_INFINITY; group * q * k];
+            for r in 0..group * q {
+                let i = at + r % q;
+                m[r * k..r * k + i + 1].fill(0.0);
+            }
+            Ok(Tensor::from_vec(m, (group * q, k), dev)?)
+        };
+        // the prefix over itself; each row's own positions over the prefix and themselves
+        let mask_pre = (pre > 0).then(|| causal(pre, pre, 0)).transpose()?;
+        let mask = causal(own, len, pre)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let fused = self.fused();
         // [t, half] tables for the fused rope
@@ -384,29 +450,60 @@ impl DeviceModel {
             let v = project(2, &xn)?;
             let q = rope(&q, nh)?;
             let k = rope(&k, nkv)?;
-            // q: [b, nkv, group·len, hd]; k, v: [b, nkv, len, hd]
-            let q = q
-                .reshape((bsz, len, nkv, group, hd))?
-                .permute((0, 2, 3, 1, 4))?
-                .contiguous()?
-                .reshape((bsz, nkv, group * len, hd))?;
-            let k = k
-                .reshape((bsz, len, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((bsz, len, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
-            let s = s.broadcast_add(&mask)?;
-            let p = Self::softmax_mode(&s, Mode::Train)?;
-            let o = p.matmul(&v)?; // [b, nkv, group·len, hd]
-            let o = o
-                .reshape((bsz, nkv, group, len, hd))?
-                .permute((0, 3, 1, 2, 4))?
-                .contiguous()?
-                .reshape((t, nh * hd))?;
+            // queries `[b·n, nh·hd]` as [b, nkv, group·n, hd]; keys and values
+            // `[b·n, nkv·hd]` as [b, nkv, n, hd]
+            let heads_q = |x: &Tensor, b: usize, n: usize| -> Result<Tensor> {
+                Ok(x.reshape((b, n, nkv, group, hd))?
+                    .permute((0, 2, 3, 1, 4))?
+                    .contiguous()?
+                    .reshape((b, nkv, group * n, hd))?)
+            };
+            let heads_kv = |x: &Tensor, b: usize, n: usize| -> Result<Tensor> {
+                Ok(x.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            // softmax(q·kᵀ·scale + mask)·v back to rows `[b·n, nh·hd]`
+            let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, b: usize, n: usize| -> Result<Tensor> {
+                let s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+                let s = s.broadcast_add(mask)?;
+                let p = Self::softmax_mode(&s, Mode::Train)?;
+                Ok(p.matmul(v)?
+                    .reshape((b, nkv, group, n, hd))?
+                    .permute((0, 3, 1, 2, 4))?
+                    .contiguous()?
+                    .reshape((b * n, nh * hd))?)
+            };
+            let o = match &mask_pre {
+                None => attend(
+                    &heads_q(&q, bsz, len)?,
+                    &heads_kv(&k, bsz, len)?,
+                    &heads_kv(&v, bsz, len)?,
+                    &mask,
+                    bsz,
+                    len,
+                )?,
+                Some(mask_pre) => {
+                    let (kp, vp) = (
+                        heads_kv(&k.narrow(0, 0, pre)?, 1, pre)?,
+                        heads_kv(&v.narrow(0, 0, pre)?, 1, pre)?,
+                    );
+                    let op = attend(&heads_q(&q.narrow(0, 0, pre)?, 1, pre)?, &kp, &vp, mask_pre, 1, pre)?;
+                    // each row's keys: the shared prefix's, then its own
+                    let with_prefix = |shared: &Tensor, x: &Tensor| -> Result<Tensor> {
+                        let own_kv = heads_kv(&x.narrow(0, pre, bsz * own)?, bsz, own)?;
+                        let shared = shared.broadcast_as((bsz, nkv, pre, hd))?.contiguous()?;
+                        Ok(Tensor::cat(&[&shared, &own_kv], 2)?)
+                    };
+                    let os = attend(
+                        &heads_q(&q.narrow(0, pre, bsz * own)?, bsz, own)?,
+                        &with_prefix(&kp, &k)?,
+                        &with_prefix(&vp, &v)?,
+                        &mask,
+                        bsz,
+                        own,
+                    )?;
+                    Tensor::cat(&[&op, &os], 0)?
+                }
+            };
             let o = project(3, &o)?;
             x = (x + o)?;
             let xn = self.rms_train(&x, &layer.ffn_norm)?;
@@ -426,15 +523,33 @@ impl DeviceModel {
     /// Final norm and output projection of the residual-stream rows `rows` of `x`
     /// (only where a loss is read): f32 logits `[rows, vocab]`.
     pub fn train_head(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
-        let idx = Tensor::from_slice(rows, rows.len(), &self.device)?;
-        let xl = self.rms_train(&x.index_select(&idx, 0)?, &self.norm)?;
+        let xl = self.train_final_hidden(x, rows)?;
         match &self.lm_head {
             Some(l) => l.forward_frozen(&xl),
             None => frozen_matmul(&xl, &self.embed),
         }
     }
 
-    /// Whole training forward: logits at `rows` (flat indices `b·len + i`).
+    /// The final norm of the residual-stream rows `rows` of `x`: what the output
+    /// projection (or a classification head) reads, f32 `[rows, hidden]`.
+    pub fn train_final_hidden(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(rows, rows.len(), &self.device)?;
+        self.rms_train(&x.index_select(&idx, 0)?, &self.norm)
+    }
+
+    /// The input-embedding rows of `ids`, f32 `[ids, hidden]` (e.g. to start a
+    /// classification head from its labels' tokens).
+    pub fn embedding_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {t} out of vocabulary"
+            )));
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.embed.index_select(&idx, 0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Whole training forward: logits at stream rows `rows` ([`TrainBatch::row`]).
     pub fn train_logits(
         &self,
         batch: &TrainBatch,
