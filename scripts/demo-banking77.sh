@@ -23,6 +23,7 @@ sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 API_KEY="$(key)"; ADMIN_KEY="$(key)"
 (umask 077; printf 'RETUNE_API_KEY=%s\nRETUNE_ADMIN_KEY=%s\n' "$API_KEY" "$ADMIN_KEY" > "$DEMO/keys.env")
 PROMPT="$(python3 -c 'import json,sys; l=json.load(open(sys.argv[1])); print(json.dumps("Classify the customer message for a bank into exactly one of these intents and answer with the intent name only: " + ", ".join(l) + "."))' "$DEMO/split/labels.json")"
+LABELS="$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$DEMO/split/labels.json")"
 cat > "$DEMO/retune.toml" <<EOF
 [server]
 port = $PORT
@@ -47,22 +48,16 @@ name = "banking77"
 # every train row: the run starts once all of them are in
 min_new_examples = $(wc -l < "$DEMO/split/train.jsonl")
 min_examples = 100
+# a declared label task: the trainer picks its own settings for it (a classifier)
+[trainer.adapters.data]
+labels = $LABELS
 [trainer.adapters.train]
-rank = 16
-alpha = 32.0
-top_layers = 8
-lr = 1e-3
-epochs = 2.5
 max_minutes = ${TRAIN_MINUTES:-25}
-batch_size = 16
-max_len = 256
 [trainer.adapters.gate]
 system_prompt = $PROMPT
 shots = 0
 max_eval = 1000
 max_new_tokens = 16
-# a classifier is not asked to keep its chat manners: the bound is loose and the KL is reported
-max_forgetting = 5.0
 rollout = "live"
 EOF
 LOG="$DEMO/logs"; mkdir -p "$LOG"

@@ -7,7 +7,8 @@ mod trainer;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 pub use trainer::{
-    AdapterLoop, ClassicalMode, DataOptions, GateOptions, LoopSettings, SuspectPolicy,
+    check_labels, AdapterLoop, ClassicalMode, DataOptions, GateOptions, LoopSettings, Objective,
+    SuspectPolicy,
     TrainOptions, TrainerSettings, TriggerSettings, WatchOptions,
 };
 
@@ -766,6 +767,38 @@ mod tests {
         // labels that are not strings: the parser names the key
         let err = with("[1, 2]").unwrap_err().to_string();
         assert!(err.contains("labels"), "{err}");
+    }
+
+    #[test]
+    fn a_classifier_objective_needs_declared_labels() {
+        let task = |extra: &str| {
+            Settings::from_toml(
+                &format!("{BASE}[[trainer.adapters]]\ntenant = \"acme\"\nname = \"t\"\n{extra}"),
+                [],
+            )
+        };
+        let s = task("").unwrap();
+        assert_eq!(
+            s.trainer.adapters[0]
+                .resolve(&s.trainer.defaults)
+                .train
+                .objective,
+            Objective::Auto
+        );
+        assert!(task("[trainer.adapters.train]\nobjective = \"generate\"\n").is_ok());
+        assert!(task(
+            "[trainer.adapters.data]\nlabels = [\"a\", \"b\"]\n[trainer.adapters.train]\nobjective = \"classify\"\n"
+        )
+        .is_ok());
+        let err = task("[trainer.adapters.train]\nobjective = \"classify\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field, reason } if field == "trainer.adapters[0].train.objective" && reason.contains("data.labels")),
+            "{err}"
+        );
+        let err = task("[trainer.adapters.train]\nobjective = \"guess\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("objective") || err.contains("guess"), "{err}");
     }
 
     #[test]

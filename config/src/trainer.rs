@@ -135,6 +135,22 @@ pub struct TrainOptions {
     /// `patience` evals without improvement (0: off).
     pub eval_every: usize,
     pub patience: usize,
+    /// How a task is learned: `auto` (a declared label task as a classifier,
+    /// anything else by generating the answer), `classify`, `generate`.
+    pub objective: Objective,
+}
+
+/// How an adapter learns its task.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// A declared label task (`data.labels`) as a classifier, else generate.
+    #[default]
+    Auto,
+    /// A head over the declared labels on the last prompt token (needs `data.labels`).
+    Classify,
+    /// Generate the answer's tokens.
+    Generate,
 }
 
 impl Default for TrainOptions {
@@ -145,14 +161,15 @@ impl Default for TrainOptions {
             modules: vec!["all".into()],
             top_layers: Some(8),
             lr: 1e-3,
-            epochs: 2.0,
-            max_minutes: Some(30.0),
+            epochs: 3.0,
+            max_minutes: Some(25.0),
             batch_size: 16,
             max_len: 256,
             warmup_steps: 30,
             seed: 0,
             eval_every: 0,
             patience: 0,
+            objective: Objective::Auto,
         }
     }
 }
@@ -356,19 +373,15 @@ impl LoopSettings {
             );
         }
         if let Some(labels) = &self.data.labels {
-            if labels.len() < 2 {
-                return bad(
-                    "data.labels",
-                    "a label task needs at least 2 labels (an empty or one-label set declares nothing to choose)",
-                );
+            if let Err(why) = check_labels(labels) {
+                return bad("data.labels", &why);
             }
-            if let Some(i) = labels.iter().position(|l| l.trim().is_empty()) {
-                return bad("data.labels", &format!("label {i} is empty"));
-            }
-            let mut seen = std::collections::BTreeSet::new();
-            if let Some(l) = labels.iter().find(|l| !seen.insert(l.as_str())) {
-                return bad("data.labels", &format!("`{l}` is declared twice"));
-            }
+        }
+        if self.train.objective == Objective::Classify && self.data.labels.is_none() {
+            return bad(
+                "train.objective",
+                "`classify` needs the task's labels declared in data.labels",
+            );
         }
         if self.trigger.min_new_examples == 0 {
             return bad("trigger.min_new_examples", "must be at least 1");
@@ -398,4 +411,22 @@ impl TrainerSettings {
         }
         Ok(())
     }
+}
+
+/// A label set is at least 2 distinct, non-empty labels; the reason otherwise.
+pub fn check_labels(labels: &[String]) -> Result<(), String> {
+    if labels.len() < 2 {
+        return Err(
+            "a label task needs at least 2 labels (an empty or one-label set declares nothing to choose)"
+                .into(),
+        );
+    }
+    if let Some(i) = labels.iter().position(|l| l.trim().is_empty()) {
+        return Err(format!("label {i} is empty"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(l) = labels.iter().find(|l| !seen.insert(l.as_str())) {
+        return Err(format!("`{l}` is declared twice"));
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use retune_adapters::{LocalStore, Registry};
-use retune_datasets::{parse_jsonl, Policy};
+use retune_datasets::{parse_jsonl_for, Policy};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +37,11 @@ enum DataCommand {
         adapter: String,
         /// The JSONL file.
         file: PathBuf,
+        /// A declared label task's labels (a JSON list of strings, as in
+        /// `data.labels`): lines whose label or answer is not one of them are
+        /// refused by number, the rest imported.
+        #[arg(long)]
+        labels: Option<PathBuf>,
     },
     /// Curate the examples of TENANT/ADAPTER into a snapshot; prints its manifest.
     Snapshot {
@@ -135,11 +140,28 @@ pub fn run(args: &DataArgs) -> Result<()> {
         .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "cli".into()));
     use DataCommand as C;
     match &args.command {
-        C::Import { adapter, file } => {
+        C::Import {
+            adapter,
+            file,
+            labels,
+        } => {
             let (t, a) = split(adapter)?;
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let (rows, errors) = parse_jsonl(&text);
+            let labels: Option<Vec<String>> = match labels {
+                Some(p) => {
+                    let v: Vec<String> = serde_json::from_str(
+                        &std::fs::read_to_string(p)
+                            .with_context(|| format!("reading {}", p.display()))?,
+                    )
+                    .with_context(|| format!("{}: not a JSON list of strings", p.display()))?;
+                    retune_config::check_labels(&v)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                    Some(v)
+                }
+                None => None,
+            };
+            let (rows, errors) = parse_jsonl_for(&text, labels.as_deref());
             let source = format!("import:{}", file.display());
             let imported = store.import(t, a, &source, &rows)?;
             print(serde_json::json!({"imported": imported, "errors": errors}))?;

@@ -276,3 +276,53 @@ fn erasing_a_subject_taints_exactly_the_versions_trained_on_its_data() {
     ]);
     assert_eq!(json(&out)["tainted"], serde_json::json!([]));
 }
+
+#[test]
+fn import_for_a_label_task_refuses_answers_outside_its_labels_by_line() {
+    let dir = std::env::temp_dir().join(format!("retune-data-cli-labels-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    let root = dir.join("root").to_string_lossy().to_string();
+    let labels = dir.join("labels.json");
+    std::fs::write(&labels, r#"["card_arrival", "lost_or_stolen_card"]"#).unwrap();
+    let f = dir.join("t.jsonl");
+    std::fs::write(
+        &f,
+        [
+            line("lost my card", "lost_or_stolen_card", None),
+            line("where is my card", "card_arival", None),
+            line("card arrived?", "card_arrival", None),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (code, out, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "import",
+        "acme/intents",
+        f.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let r = json(&out);
+    assert_eq!(r["imported"], 2, "{r}");
+    assert_eq!(r["errors"][0]["line"], 2, "{r}");
+    assert!(r["errors"][0]["reason"].as_str().unwrap().contains("card_arival"), "{r}");
+    // a label set that declares nothing is refused before anything is read
+    std::fs::write(&labels, r#"["only"]"#).unwrap();
+    let (code, _, err) = retune(&[
+        "data",
+        "--root",
+        &root,
+        "import",
+        "acme/intents",
+        f.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("at least 2 labels"), "{err}");
+}

@@ -28,8 +28,8 @@ pub fn epoch_batches(lengths: &[usize], batch: usize, seed: u64, epoch: u64) -> 
     out
 }
 
-/// One micro-batch as the engine's padded rows plus the loss rows: logits at flat
-/// row `b·len + i - 1` predict `tokens[i]` with its weight.
+/// One micro-batch as the engine's padded rows plus the loss rows: logits at
+/// stream row `batch.row(b, i - 1)` predict `tokens[i]` with its weight.
 pub struct MicroBatch {
     pub batch: TrainBatch,
     pub rows: Vec<u32>,
@@ -40,7 +40,18 @@ pub struct MicroBatch {
 }
 
 impl MicroBatch {
+    /// The batch, its shared prefix computed once.
     pub fn new(examples: &[&Encoded], pad: u32) -> Self {
+        Self::build(examples, pad, true)
+    }
+
+    /// The batch with every row computed whole (to check the shared prefix
+    /// against).
+    pub fn unshared(examples: &[&Encoded], pad: u32) -> Self {
+        Self::build(examples, pad, false)
+    }
+
+    fn build(examples: &[&Encoded], pad: u32, share: bool) -> Self {
         let len = examples
             .iter()
             .map(|e| e.tokens.len())
@@ -48,26 +59,43 @@ impl MicroBatch {
             .unwrap_or(1)
             .max(1);
         let mut tokens = Vec::with_capacity(examples.len() * len);
+        for e in examples {
+            tokens.extend_from_slice(&e.tokens);
+            tokens.extend(std::iter::repeat(pad).take(len - e.tokens.len()));
+        }
+        let lens: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+        let prefix = if share {
+            TrainBatch::shared_prefix(&tokens, len, &lens)
+        } else {
+            0
+        };
+        let batch = TrainBatch {
+            tokens,
+            batch: examples.len(),
+            len,
+            prefix,
+        };
         let (mut rows, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
         let mut real = 0;
         for (b, e) in examples.iter().enumerate() {
-            tokens.extend_from_slice(&e.tokens);
-            tokens.extend(std::iter::repeat(pad).take(len - e.tokens.len()));
             real += e.tokens.len();
+            if let Some(c) = e.class {
+                // the head reads the last prompt token
+                rows.push(batch.row(b, e.tokens.len() - 1) as u32);
+                targets.push(c);
+                weights.push(1.0);
+                continue;
+            }
             for i in 1..e.tokens.len() {
                 if e.weights[i] > 0.0 {
-                    rows.push((b * len + i - 1) as u32);
+                    rows.push(batch.row(b, i - 1) as u32);
                     targets.push(e.tokens[i]);
                     weights.push(e.weights[i]);
                 }
             }
         }
         Self {
-            batch: TrainBatch {
-                tokens,
-                batch: examples.len(),
-                len,
-            },
+            batch,
             rows,
             targets,
             weights,

@@ -24,7 +24,7 @@ use retune_adapters::{
     load_peft, AdapterRef, Decision, Expect, NewVersion, Registry, RegistryError, Rollout,
     ServedBase, Via,
 };
-use retune_config::{LoopSettings, Settings};
+use retune_config::{LoopSettings, Objective, Settings};
 use retune_datasets::curate::Split;
 use retune_datasets::{DatasetStore, Policy};
 use retune_engine::{ChatTemplate, DeviceModel, Model, Tok};
@@ -412,6 +412,14 @@ impl Daemon {
             seed: t.seed,
             min_examples: ls.trigger.min_examples,
             checkpoint_every: 0,
+            labels: match t.objective {
+                Objective::Generate => None,
+                // a declared label task is learned as a classifier (config
+                // validation refuses `classify` without labels)
+                Objective::Auto | Objective::Classify => ls.data.labels.clone(),
+            },
+            // the budget binds on a slow machine: the schedule still finishes
+            fit_to_budget: t.max_minutes.is_some(),
             ..TrainSettings::default()
         })
     }
@@ -575,7 +583,11 @@ impl Daemon {
             None => None,
         };
         // train
-        let settings = self.train_settings(ls)?;
+        let mut settings = self.train_settings(ls)?;
+        // a small snapshot's few steps are not all warm-up: at most a tenth of them
+        let planned = (m.train.div_ceil(settings.batch_size.max(1)) as f64 * settings.epochs)
+            .ceil() as usize;
+        settings.warmup_steps = settings.warmup_steps.min((planned / 10).max(1));
         let mut last_renew = std::time::Instant::now();
         let renew_every =
             std::time::Duration::from_secs((self.settings.trainer.lease_seconds / 4).max(1));

@@ -13,6 +13,9 @@ pub struct Accuracy {
     pub total: usize,
     pub accuracy: f64,
     pub seconds: f64,
+    /// Each example's answer, in order.
+    #[serde(skip)]
+    pub answers: Vec<String>,
 }
 
 pub fn argmax(v: &[f32]) -> u32 {
@@ -79,6 +82,7 @@ pub fn exact_match(
         total,
         accuracy: correct as f64 / total.max(1) as f64,
         seconds: started.elapsed().as_secs_f64(),
+        answers,
     })
 }
 
@@ -148,7 +152,7 @@ pub fn generate_ids(
             .collect();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut done = vec![false; chunk.len()];
-        let mut next: Vec<u32> = {
+        let first = {
             let mut items: Vec<BatchItem<'_>> = chunk
                 .iter()
                 .zip(caches.iter_mut())
@@ -159,12 +163,21 @@ pub fn generate_ids(
                     want_logits: true,
                 })
                 .collect();
-            model
-                .forward(&mut items)?
-                .iter()
-                .map(|l| argmax(l))
-                .collect()
+            model.forward(&mut items)?
         };
+        if let Some(head) = adapter.and_then(|a| a.head.as_ref()) {
+            // a classifier's answer is its best label, as the server answers
+            for l in &first {
+                let label = head.labels.get(argmax(l) as usize).ok_or_else(|| {
+                    TrainError::Setting("the classifier's scores do not match its labels".into())
+                })?;
+                let mut ids = tok.encode(label, false)?;
+                ids.truncate(max_new);
+                answers.push(ids);
+            }
+            continue;
+        }
+        let mut next: Vec<u32> = first.iter().map(|l| argmax(l)).collect();
         for step in 0..max_new {
             for (i, &t) in next.iter().enumerate() {
                 if !done[i] {
@@ -201,3 +214,4 @@ pub fn generate_ids(
     }
     Ok(answers)
 }
+

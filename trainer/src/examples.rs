@@ -16,6 +16,9 @@ use std::collections::BTreeMap;
 pub struct Encoded {
     pub tokens: Vec<u32>,
     pub weights: Vec<f32>,
+    /// A classification example: the label's index, read by the head at the
+    /// last token (`weights` is then 1 at the last position, 0 elsewhere).
+    pub class: Option<u32>,
 }
 
 impl Encoded {
@@ -71,7 +74,11 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
             tokens.push(end);
             let mut weights = vec![0.0; tokens.len()];
             weights[n..].fill(1.0);
-            Ok(Encoded { tokens, weights })
+            Ok(Encoded {
+                tokens,
+                weights,
+                class: None,
+            })
         }
         ExampleBody::Chat { messages } => {
             let mut tokens = Vec::new();
@@ -124,7 +131,11 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
             if tokens.is_empty() {
                 return Err(bad("the example has no assistant message".into()));
             }
-            Ok(Encoded { tokens, weights })
+            Ok(Encoded {
+                tokens,
+                weights,
+                class: None,
+            })
         }
     }
 }
@@ -172,6 +183,61 @@ pub fn prepare(
             continue;
         }
         out.examples.push(e);
+    }
+    Ok(out)
+}
+
+/// Classification examples for a head over `labels`: the prompt the server
+/// renders (up to the assistant's turn), the label's index as the target.
+/// Examples whose answer is not one of `labels`, or whose prompt is longer than
+/// `max_len`, are left out (counted): a prompt is never cut, its end is what the
+/// head reads.
+pub fn prepare_classes(
+    bodies: &[ExampleBody],
+    tok: &Tok,
+    template: &ChatTemplate,
+    max_len: usize,
+    labels: &[String],
+) -> Result<Prepared> {
+    let index: BTreeMap<&str, u32> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i as u32))
+        .collect();
+    let mut out = Prepared::default();
+    let drop = |why: &str, out: &mut Prepared| {
+        *out.dropped.entry(why.to_string()).or_insert(0) += 1;
+    };
+    for b in bodies {
+        let (tokens, answer) = match crate::eval::case(b, tok, template) {
+            Ok(c) => c,
+            Err(TrainError::Data(_)) | Err(TrainError::Engine(_)) => {
+                drop("unrenderable", &mut out);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(&class) = index.get(answer.as_str()) else {
+            drop("answer not a declared label", &mut out);
+            continue;
+        };
+        if tokens.len() > max_len {
+            drop("longer than max_len", &mut out);
+            continue;
+        }
+        if tokens.is_empty() {
+            drop("unrenderable", &mut out);
+            continue;
+        }
+        let mut weights = vec![0.0; tokens.len()];
+        if let Some(w) = weights.last_mut() {
+            *w = 1.0;
+        }
+        out.examples.push(Encoded {
+            tokens,
+            weights,
+            class: Some(class),
+        });
     }
     Ok(out)
 }

@@ -84,6 +84,10 @@ pub struct Forgetting {
     pub max_prompt_kl: f64,
     pub bound: f64,
     pub ok: bool,
+    /// Why the check did not apply (a classifier answers only its labels: it
+    /// has no free text to drift).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 /// The classical arm of a label task: a TF-IDF classifier trained on the
@@ -453,6 +457,20 @@ pub fn forgetting(
     max_new: usize,
     bound: f64,
 ) -> Result<Forgetting> {
+    if candidate.head.is_some() {
+        return Ok(Forgetting {
+            prompts: 0,
+            tokens: 0,
+            kl: 0.0,
+            max_prompt_kl: 0.0,
+            bound,
+            ok: true,
+            skipped: Some(
+                "the candidate is a classifier: it answers only its labels, so no free text can drift"
+                    .into(),
+            ),
+        });
+    }
     let prompts = GENERAL_PROMPTS
         .iter()
         .map(|p| render(template, tok, &[ChatMessage::new("user", p)]))
@@ -497,6 +515,7 @@ pub fn forgetting(
         max_prompt_kl: worst,
         bound,
         ok: kl <= bound,
+        skipped: None,
     })
 }
 
@@ -617,15 +636,23 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
                     b,
                     t.elapsed().as_secs_f64(),
                 );
-                let cmp = compare(&arms[0], &a, opt.min_gain_over_baseline, b, g.seed);
+                let mut cmp = compare(&arms[0], &a, opt.min_gain_over_baseline, b, g.seed);
+                // a choice between two working classifiers: the better one on
+                // these rows (the point estimate), its interval and McNemar's p
+                // reported; the baselines above must be beaten beyond doubt
+                cmp.beats = cmp.gain > cmp.required;
                 let pct = |x: f64| format!("{:.1}%", 100.0 * x);
                 let verdict = if cmp.beats {
                     "the fine-tune beats it"
                 } else {
                     "fine-tuning does not pay here yet"
                 };
+                let p = cmp
+                    .mcnemar_p
+                    .map(|p| format!(", McNemar p {p:.3}"))
+                    .unwrap_or_default();
                 let note = format!(
-                    "a TF-IDF classifier (trained in {train_seconds:.1} s on {} rows) scores {} on these rows; the candidate {}: {verdict} (paired difference {:+.3}, 95% interval [{:+.3}, {:+.3}])",
+                    "a TF-IDF classifier (trained in {train_seconds:.1} s on {} rows) scores {} on these rows; the candidate {}: {verdict} (paired difference {:+.3}, 95% interval [{:+.3}, {:+.3}]{p})",
                     g.train.len(),
                     pct(a.score),
                     pct(arms[0].score),

@@ -61,6 +61,44 @@ pub struct Adapter {
     pub lora: TrainLora,
     /// Recorded in the saved config (PEFT's `lora_dropout`).
     pub dropout: f32,
+    /// A classification head over the final hidden state (a label task).
+    pub head: Option<ClassHead>,
+}
+
+/// A linear classification head on the last token's final hidden state: PEFT's
+/// `SEQ_CLS` `score` module (no bias), one row per label.
+pub struct ClassHead {
+    pub labels: Vec<String>,
+    /// `[labels, hidden]`
+    pub weight: Var,
+}
+
+/// The head's tensor name in a PEFT `SEQ_CLS` adapter (`modules_to_save = ["score"]`).
+pub const HEAD_TENSOR: &str = retune_adapters::HEAD_TENSOR;
+
+impl ClassHead {
+    /// Row `i` starts as the mean input embedding of label `i`'s tokens, so the
+    /// untrained head already prefers labels whose words the hidden state is near
+    /// (the tied output projection's geometry).
+    pub fn init(
+        labels: &[String],
+        model: &retune_engine::DeviceModel,
+        tok: &retune_engine::Tok,
+    ) -> Result<Self> {
+        let mut rows = Vec::with_capacity(labels.len());
+        for l in labels {
+            let ids = tok.encode(l, false)?;
+            if ids.is_empty() {
+                return Err(TrainError::Data(format!("label `{l}` has no tokens")));
+            }
+            rows.push(model.embedding_rows(&ids)?.mean_keepdim(0)?);
+        }
+        let w = Tensor::cat(&rows, 0)?;
+        Ok(Self {
+            labels: labels.to_vec(),
+            weight: Var::from_tensor(&w)?,
+        })
+    }
 }
 
 fn module_path(layer: usize, m: usize) -> String {
@@ -100,6 +138,7 @@ impl Adapter {
             n_layers: shapes.n_layers,
             lora: TrainLora { layers },
             dropout: 0.0,
+            head: None,
         })
     }
 
@@ -157,15 +196,36 @@ impl Adapter {
         })?;
         spec.modules = modules.into_iter().collect();
         spec.first_layer = first.unwrap_or(0);
+        let head = match &a.head {
+            Some(h) => Some(ClassHead {
+                labels: h.labels.clone(),
+                weight: Var::from_tensor(&Tensor::from_slice(
+                    &h.weight,
+                    (h.labels.len(), h.hidden),
+                    dev,
+                )?)?,
+            }),
+            None => None,
+        };
         Ok(Self {
             spec,
             n_layers: shapes.n_layers,
             lora: TrainLora { layers },
             dropout: 0.0,
+            head,
         })
     }
 
-    /// (PEFT tensor name, var) in a fixed order.
+    /// Every trained variable: the LoRA pairs, then the head.
+    pub fn vars(&self) -> Vec<&Var> {
+        let mut v: Vec<&Var> = self.lora.vars().collect();
+        if let Some(h) = &self.head {
+            v.push(&h.weight);
+        }
+        v
+    }
+
+    /// (PEFT tensor name, var) in a fixed order (that of [`Adapter::vars`]).
     pub fn named(&self) -> Vec<(String, &Var)> {
         let mut out = Vec::new();
         for (l, row) in self.lora.layers.iter().enumerate() {
@@ -176,6 +236,9 @@ impl Adapter {
                     out.push((format!("{base}.lora_B.weight"), &p.b));
                 }
             }
+        }
+        if let Some(h) = &self.head {
+            out.push((HEAD_TENSOR.to_string(), &h.weight));
         }
         out
     }
@@ -195,9 +258,13 @@ impl Adapter {
                 names.join("|")
             ));
         }
+        let (task, save) = match &self.head {
+            Some(_) => ("SEQ_CLS", serde_json::json!(["score"])),
+            None => ("CAUSAL_LM", serde_json::Value::Null),
+        };
         serde_json::json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task,
             "base_model_name_or_path": base_name,
             "r": self.spec.rank,
             "lora_alpha": self.spec.alpha,
@@ -208,7 +275,7 @@ impl Adapter {
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": save,
             "use_dora": false,
         })
     }
@@ -232,7 +299,16 @@ impl Adapter {
                     .map_err(|e| TrainError::Setting(format!("safetensors view: {e}")))
             })
             .collect::<Result<_>>()?;
-        let st = safetensors::serialize(views, None)
+        // a head's labels travel in the weights file's metadata, in row order
+        let meta = match &self.head {
+            Some(h) => Some(std::collections::HashMap::from([(
+                retune_adapters::LABELS_METADATA.to_string(),
+                serde_json::to_string(&h.labels)
+                    .map_err(|e| TrainError::Setting(e.to_string()))?,
+            )])),
+            None => None,
+        };
+        let st = safetensors::serialize(views, meta)
             .map_err(|e| TrainError::Setting(format!("safetensors: {e}")))?;
         let cfg = serde_json::to_vec_pretty(&self.config_json(base_name))
             .map_err(|e| TrainError::Setting(e.to_string()))?;
@@ -248,14 +324,14 @@ impl Adapter {
     /// Copies of the current values (for the best-so-far adapter).
     pub fn values(&self) -> Result<Vec<Tensor>> {
         Ok(self
-            .lora
             .vars()
+            .into_iter()
             .map(|v| v.as_tensor().copy())
             .collect::<candle_core::Result<_>>()?)
     }
 
     pub fn set_values(&self, vals: &[Tensor]) -> Result<()> {
-        for (v, t) in self.lora.vars().zip(vals) {
+        for (v, t) in self.vars().into_iter().zip(vals) {
             v.set(t)?;
         }
         Ok(())

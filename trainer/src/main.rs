@@ -48,6 +48,9 @@ enum Cmd {
         max_new: usize,
         #[arg(long)]
         threads: Option<usize>,
+        /// Write each example's answer (JSONL, one adapter: the last) here.
+        #[arg(long)]
+        answers: Option<PathBuf>,
     },
     /// The loop: watch the examples store, train adapters that are due, gate
     /// them, roll out the ones that pass, watch them and roll back regressions.
@@ -239,6 +242,34 @@ struct TrainArgs {
     /// Also save the adapter after these minutes of training (OUT/at-<m>min).
     #[arg(long, value_delimiter = ',')]
     save_at_minutes: Vec<f64>,
+    /// Train a classifier over these labels (a JSON file: a list of strings, the
+    /// head's row order): a head on the last prompt token instead of generating
+    /// the answer; examples whose answer is not one of them are left out.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// With --max-minutes: decay the learning rate by the time spent as well as
+    /// by the steps, so a run the budget cuts ends annealed.
+    #[arg(long)]
+    fit_to_budget: bool,
+    /// Run every row of a micro-batch whole, even the tokens all rows start with
+    /// (by default those are computed once per batch; exact either way).
+    #[arg(long)]
+    whole_rows: bool,
+}
+
+/// A label set from a JSON file (a list of at least 2 distinct, non-empty strings).
+fn read_labels(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::Setting(format!("--labels {}: {e}", path.display())))?;
+    let v: Vec<String> = serde_json::from_str(&text).map_err(|e| {
+        TrainError::Setting(format!(
+            "--labels {}: not a JSON list of strings: {e}",
+            path.display()
+        ))
+    })?;
+    retune_config::check_labels(&v)
+        .map_err(|e| TrainError::Setting(format!("--labels {}: {e}", path.display())))?;
+    Ok(v)
 }
 
 fn modules(names: &[String]) -> anyhow::Result<Vec<usize>> {
@@ -349,6 +380,9 @@ fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSettings> {
         checkpoint_every: a.checkpoint_every,
         cache_frozen: !a.no_cache_frozen,
         save_at_minutes: a.save_at_minutes.clone(),
+        labels: a.labels.as_deref().map(read_labels).transpose()?,
+        fit_to_budget: a.fit_to_budget,
+        share_prefix: !a.whole_rows,
     })
 }
 
@@ -668,8 +702,8 @@ fn eval_cmd(
     data: &std::path::Path,
     adapters: &[PathBuf],
     limit: Option<usize>,
-    batch: usize,
-    max_new: usize,
+    (batch, max_new): (usize, usize),
+    answers: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let l = retune_engine::load(model).with_context(|| format!("loading {}", model.display()))?;
     let text =
@@ -707,6 +741,14 @@ fn eval_cmd(
             "{}",
             serde_json::json!({"adapter": name, "accuracy": acc.accuracy, "correct": acc.correct, "total": acc.total, "seconds": acc.seconds})
         );
+        if let Some(path) = answers {
+            let lines: String = acc
+                .answers
+                .iter()
+                .map(|a| format!("{}\n", serde_json::json!({ "answer": a.trim() })))
+                .collect();
+            std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(())
 }
@@ -748,8 +790,9 @@ fn main() {
             limit,
             batch,
             max_new,
+            answers,
             ..
-        } => eval_cmd(&model, &data, &adapter, limit, batch, max_new),
+        } => eval_cmd(&model, &data, &adapter, limit, (batch, max_new), answers.as_deref()),
         Cmd::Daemon { at, once, holder } => daemon_cmd(&at, once, holder),
         Cmd::Status { at, json } => status_cmd(&at, json),
     };

@@ -73,11 +73,19 @@ impl AdamW {
 /// Linear warm-up to `peak` over `warmup` steps, then cosine decay to 0 at `total`
 /// (Hugging Face's `get_cosine_schedule_with_warmup`).
 pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64) -> f64 {
+    lr_at_fraction(step, warmup, total, peak, 0.0)
+}
+
+/// [`lr_at`], with the cosine at least `done` of the way through (the share of a
+/// time budget already spent), so a run that the budget will cut still decays
+/// to 0 by its end.
+pub fn lr_at_fraction(step: usize, warmup: usize, total: usize, peak: f64, done: f64) -> f64 {
     if step < warmup {
         return peak * step as f64 / warmup.max(1) as f64;
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+    let progress = progress.max(done);
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos())
 }
 
 /// The global L2 norm of `grads`.

@@ -3,7 +3,7 @@
 //! record and the loss plot, and optionally register the result.
 
 use crate::error::{io, Result, TrainError};
-use crate::examples::{prepare, Prepared};
+use crate::examples::{prepare, prepare_classes, Prepared};
 use crate::lora::Adapter;
 use crate::plot::loss_svg;
 use crate::train::{train, Progress, RunInputs, TrainSettings, TrainingRecord};
@@ -119,6 +119,11 @@ pub fn prepare_source(
     s: &TrainSettings,
 ) -> Result<(Prepared, Prepared, Option<String>)> {
     let (tr, ev, snap) = read_source(src)?;
+    if let Some(labels) = &s.labels {
+        let train = prepare_classes(&tr, tok, template, s.max_len, labels)?;
+        let eval = prepare_classes(&ev, tok, template, s.max_len, labels)?;
+        return Ok((train, eval, snap));
+    }
     let train = prepare(&tr, tok, template, s.max_len, s.overflow)?;
     let eval = prepare(&ev, tok, template, s.max_len, s.overflow)?;
     Ok((train, eval, snap))
@@ -157,6 +162,7 @@ pub fn run(
             base_name: &job.base_name,
             snapshot,
             data_source: source_name,
+            tok: Some(job.tok),
         },
         progress,
     )?;

@@ -7,7 +7,7 @@ use crate::batches::{epoch_batches, MicroBatch};
 use crate::error::{io, Result, TrainError};
 use crate::examples::{Encoded, Overflow, Prepared};
 use crate::lora::{write_dir_atomic, Adapter, LoraSpec};
-use crate::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig};
+use crate::optim::{clip, global_norm, lr_at, lr_at_fraction, AdamW, AdamWConfig};
 use candle_core::{Device, Tensor};
 use retune_engine::{grad_of, weighted_nll, DeviceModel, Dropout};
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,24 @@ pub struct TrainSettings {
     pub cache_frozen: bool,
     /// Also save the adapter as it is after these many minutes of training.
     pub save_at_minutes: Vec<f64>,
+    /// A label task trained as a classifier: a head over these labels on the last
+    /// prompt token's final hidden state (PEFT `SEQ_CLS`), instead of generating
+    /// the label's tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    /// With `max_minutes`: the cosine decays by whichever is further along, the
+    /// steps or the time budget, so a run the budget cuts ends annealed (the
+    /// schedule then depends on the machine's speed: not resumable to the same bytes).
+    #[serde(default)]
+    pub fit_to_budget: bool,
+    /// Compute the tokens every row of a micro-batch starts with once per batch
+    /// (exact; off only to measure what it saves).
+    #[serde(default = "yes")]
+    pub share_prefix: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for TrainSettings {
@@ -80,6 +98,9 @@ impl Default for TrainSettings {
             checkpoint_every: 0,
             cache_frozen: true,
             save_at_minutes: Vec::new(),
+            labels: None,
+            fit_to_budget: false,
+            share_prefix: true,
         }
     }
 }
@@ -151,6 +172,8 @@ pub struct RunInputs<'a> {
     pub base_name: &'a str,
     pub snapshot: Option<String>,
     pub data_source: String,
+    /// The tokenizer (a classification head starts from its labels' tokens).
+    pub tok: Option<&'a retune_engine::Tok>,
 }
 
 pub struct Outcome {
@@ -168,6 +191,10 @@ fn data_hash(train: &Prepared, eval: &Prepared) -> String {
             for (t, w) in e.tokens.iter().zip(&e.weights) {
                 h.update(t.to_le_bytes());
                 h.update(w.to_le_bytes());
+            }
+            if let Some(c) = e.class {
+                h.update(b"class");
+                h.update(c.to_le_bytes());
             }
         }
     }
@@ -226,24 +253,35 @@ impl Ctx<'_> {
                 .train_layers(x, &mb.batch, None, 0..self.first, None, 0)?);
         };
         let h = cache.hidden;
-        let len = mb.batch.len;
+        let batch = &mb.batch;
+        // each example's rows are kept whole (its copy of a shared prefix too):
+        // the batches it meets, and so what they share, change every epoch
         if ids.iter().any(|&i| cache.rows[i].is_none()) {
             let y = self
                 .model
-                .train_layers(x, &mb.batch, None, 0..self.first, None, 0)?;
+                .train_layers(x, batch, None, 0..self.first, None, 0)?;
             let y: Vec<f32> = y.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
             for (b, &i) in ids.iter().enumerate() {
                 let n = examples[i].tokens.len();
-                cache.rows[i] = Some(y[b * len * h..(b * len + n) * h].to_vec());
+                let mut r = Vec::with_capacity(n * h);
+                for pos in 0..n {
+                    let at = batch.row(b, pos) * h;
+                    r.extend_from_slice(&y[at..at + h]);
+                }
+                cache.rows[i] = Some(r);
             }
         }
-        let mut flat = vec![0f32; ids.len() * len * h];
+        let mut flat = vec![0f32; batch.stream_rows() * h];
         for (b, &i) in ids.iter().enumerate() {
             if let Some(r) = &cache.rows[i] {
-                flat[b * len * h..b * len * h + r.len()].copy_from_slice(r);
+                let from = if b == 0 { 0 } else { batch.prefix };
+                for pos in from..examples[i].tokens.len() {
+                    let at = batch.row(b, pos) * h;
+                    flat[at..at + h].copy_from_slice(&r[pos * h..(pos + 1) * h]);
+                }
             }
         }
-        Ok(Tensor::from_vec(flat, (ids.len() * len, h), &dev)?)
+        Ok(Tensor::from_vec(flat, (batch.stream_rows(), h), &dev)?)
     }
 
     /// Loss tensor of one micro-batch, normalised by `norm`.
@@ -256,7 +294,11 @@ impl Ctx<'_> {
         salt: u64,
     ) -> Result<(Tensor, usize, f64)> {
         let refs: Vec<&Encoded> = ids.iter().map(|&i| &examples[i]).collect();
-        let mb = MicroBatch::new(&refs, PAD);
+        let mb = if self.settings.share_prefix {
+            MicroBatch::new(&refs, PAD)
+        } else {
+            MicroBatch::unshared(&refs, PAD)
+        };
         let x = self.entry(examples, ids, &mb)?;
         let n = self.model.cfg.n_layer;
         let x = self.model.train_layers(
@@ -267,7 +309,7 @@ impl Ctx<'_> {
             dropout,
             salt,
         )?;
-        let logits = self.model.train_head(&x, &mb.rows)?;
+        let logits = output_logits(self.model, self.adapter, &x, &mb.rows)?;
         Ok((
             weighted_nll(&logits, &mb.targets, &mb.weights, norm)?,
             mb.tokens,
@@ -293,6 +335,22 @@ impl Ctx<'_> {
         self.cache = saved;
         Ok(Some((total / weight.max(1e-12)) as f32))
     }
+}
+
+/// What the loss reads at `rows` of the last layer's output `x`: the classifier
+/// head's label scores when the adapter has one, else the vocabulary's logits.
+pub fn output_logits(
+    model: &DeviceModel,
+    adapter: &Adapter,
+    x: &Tensor,
+    rows: &[u32],
+) -> Result<Tensor> {
+    Ok(match &adapter.head {
+        Some(h) => model
+            .train_final_hidden(x, rows)?
+            .matmul(&h.weight.as_tensor().t()?)?,
+        None => model.train_head(x, rows)?,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -450,6 +508,37 @@ pub fn train(
     };
     let mut adapter = adapter;
     adapter.dropout = s.dropout;
+    match (&s.labels, &adapter.head) {
+        (Some(labels), None) => {
+            let tok = inp.tok.ok_or_else(|| {
+                TrainError::Setting("a classification head needs the tokenizer".into())
+            })?;
+            adapter.head = Some(crate::lora::ClassHead::init(labels, model, tok)?);
+        }
+        (Some(labels), Some(h)) if &h.labels != labels => {
+            return Err(TrainError::Setting(
+                "the starting adapter's head has other labels (or another order) than the task's"
+                    .into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(TrainError::Setting(
+                "the starting adapter is a classifier; the settings name no labels".into(),
+            ))
+        }
+        _ => {}
+    }
+    let classes = s.labels.as_ref().map_or(0, Vec::len) as u32;
+    if train
+        .examples
+        .iter()
+        .chain(&inp.eval.examples)
+        .any(|e| e.class.is_some() != (classes > 0) || e.class.is_some_and(|c| c >= classes))
+    {
+        return Err(TrainError::Setting(
+            "examples and settings disagree on the task: classification examples need labels, and their classes must be among them".into(),
+        ));
+    }
     let longest = train
         .examples
         .iter()
@@ -464,7 +553,7 @@ pub fn train(
         )));
     }
     let first = adapter.lora.lowest_layer().unwrap_or(0);
-    let vars: Vec<_> = adapter.lora.vars().cloned().collect();
+    let vars: Vec<_> = adapter.vars().into_iter().cloned().collect();
     let var_refs: Vec<&candle_core::Var> = vars.iter().collect();
     let mut opt = AdamW::new(s.optim.clone(), &var_refs)?;
 
@@ -598,7 +687,10 @@ pub fn train(
             .flat_map(|ids| ids.iter())
             .map(|&i| {
                 let e = &train.examples[i];
-                e.weights[1..].iter().map(|&w| w as f64).sum::<f64>()
+                match e.class {
+                    Some(_) => 1.0,
+                    None => e.weights[1..].iter().map(|&w| w as f64).sum::<f64>(),
+                }
             })
             .sum();
         let mut grads: Vec<Tensor> = Vec::new();
@@ -640,7 +732,16 @@ pub fn train(
         if s.max_grad_norm > 0.0 {
             clip(&mut grads, gnorm, s.max_grad_norm)?;
         }
-        let lr = lr_at(step, s.warmup_steps, total, s.optim.lr);
+        let lr = match (s.fit_to_budget, s.max_minutes) {
+            (true, Some(m)) => lr_at_fraction(
+                step,
+                s.warmup_steps,
+                total,
+                s.optim.lr,
+                elapsed(prior_seconds) / (m * 60.0).max(1e-9),
+            ),
+            _ => lr_at(step, s.warmup_steps, total, s.optim.lr),
+        };
         opt.step(&var_refs, &grads, lr)?;
         step += 1;
         trained_tokens += toks as u64;

@@ -64,6 +64,7 @@ fn examples(b: &Batch) -> Vec<Encoded> {
                     .iter()
                     .map(|&v| if v == -100 { 0.0 } else { 1.0 })
                     .collect(),
+                class: None,
             }
         })
         .collect()
@@ -319,6 +320,7 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
     let ex = Encoded {
         tokens: tokens.clone(),
         weights: vec![1.0; tokens.len()],
+        class: None,
     };
     let mb = MicroBatch::new(&[&ex], 0);
     let rows: Vec<u32> = (0..tokens.len() as u32).collect();
@@ -404,4 +406,259 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
         d < 5e-3 * scale,
         "served trained adapter vs trainer logits: max diff {d} (max |logit| {scale})"
     );
+}
+
+/// A classifier (LoRA + a head over labels on the last prompt token): every
+/// module's A and B and the head against finite differences, and the trained
+/// forward's label scores against the serving engine's for the saved adapter.
+#[test]
+fn classifier_gradients_match_finite_differences_and_serving() {
+    let dir = tmpdir("cls");
+    let spec = retune_engine::tiny::TinySpec::default();
+    let (gguf, _) = retune_engine::tiny::write(&dir, &spec).unwrap();
+    let l = retune_engine::load(&gguf).unwrap();
+    let model =
+        DeviceModel::for_training(retune_engine::load(&gguf).unwrap().model, &Device::Cpu, 64)
+            .unwrap();
+    let shapes = model.base_shapes();
+    let spec_l = retune_trainer::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        modules: (0..7).collect(),
+        first_layer: 0,
+    };
+    let mut ad = Adapter::init(&spec_l, &shapes, 11, &Device::Cpu).unwrap();
+    // B ≠ 0, so A's gradient is not zero by construction
+    for v in ad.lora.vars() {
+        let t = v.as_tensor();
+        if t.dims()[1] == 4 {
+            v.set(&(Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap()))
+                .unwrap();
+        }
+    }
+    let labels: Vec<String> = ["alpha", "beta gamma", "delta"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    ad.head = Some(retune_trainer::lora::ClassHead::init(&labels, &model, &l.tok).unwrap());
+    let ex: Vec<Encoded> = (0..4)
+        .map(|i| {
+            let tokens: Vec<u32> = (0..10 + i).map(|k| ((k * 31 + i * 7) % 200 + 3) as u32).collect();
+            let mut weights = vec![0.0; tokens.len()];
+            *weights.last_mut().unwrap() = 1.0;
+            Encoded {
+                tokens,
+                weights,
+                class: Some((i % 3) as u32),
+            }
+        })
+        .collect();
+    let refs: Vec<&Encoded> = ex.iter().collect();
+    let mb = MicroBatch::new(&refs, 0);
+    // one row per example: its last token
+    assert_eq!(mb.rows.len(), 4);
+    let loss_of = |ad: &Adapter| {
+        let x = model.train_embed(&mb.batch).unwrap();
+        let x = model
+            .train_layers(x, &mb.batch, Some(&ad.lora), 0..shapes.n_layers, None, 0)
+            .unwrap();
+        let logits = retune_trainer::train::output_logits(&model, ad, &x, &mb.rows).unwrap();
+        weighted_nll(&logits, &mb.targets, &mb.weights, 4.0).unwrap()
+    };
+    let gs = loss_of(&ad).backward().unwrap();
+    let mut checked = 0;
+    for (k, (name, var)) in ad.named().into_iter().enumerate() {
+        let theta = var.as_tensor().copy().unwrap();
+        let n = theta.elem_count();
+        let mut s = 0x51u64 + k as u64;
+        let d: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (s >> 33) & 1 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
+        let d = Tensor::from_vec(d, theta.shape(), &Device::Cpu).unwrap();
+        let g = gs.get(var.as_tensor()).expect("gradient").clone();
+        let analytic = (&g * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let central = |h: f64| {
+            var.set(&(&theta + (&d * h).unwrap()).unwrap()).unwrap();
+            let up = loss_of(&ad).to_scalar::<f32>().unwrap() as f64;
+            var.set(&(&theta - (&d * h).unwrap()).unwrap()).unwrap();
+            let down = loss_of(&ad).to_scalar::<f32>().unwrap() as f64;
+            var.set(&theta).unwrap();
+            (up - down) / (2.0 * h)
+        };
+        let eps = 4e-3f64;
+        let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
+        assert!(
+            numeric.abs() > 1e-4,
+            "{name}: finite difference {numeric} too small to check"
+        );
+        assert!(
+            (numeric - analytic).abs() < 0.03 * numeric.abs() + 2e-4,
+            "{name}: analytic {analytic} vs finite difference {numeric}"
+        );
+        checked += 1;
+    }
+    // every pair of every layer, and the head
+    assert_eq!(checked, 2 * 7 * shapes.n_layers + 1);
+    assert_eq!(ad.named().last().unwrap().0, retune_adapters::HEAD_TENSOR);
+
+    // saved as PEFT SEQ_CLS, loaded and served: the same label scores
+    let out = dir.join("cls-adapter");
+    ad.save_peft(&out, "tiny").unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    let served_ad =
+        retune_adapters::load_peft(&out, &l.model.base_shapes(), &Default::default()).unwrap();
+    assert_eq!(served_ad.head.as_ref().unwrap().labels, labels);
+    let x = model.train_embed(&mb.batch).unwrap();
+    let x = model
+        .train_layers(x, &mb.batch, Some(&ad.lora), 0..shapes.n_layers, None, 0)
+        .unwrap();
+    let trained: Vec<Vec<f32>> = retune_trainer::train::output_logits(&model, &ad, &x, &mb.rows)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (e, want) in ex.iter().zip(&trained) {
+        let mut kv = l.model.new_cache();
+        let got = l
+            .model
+            .forward(&mut [retune_engine::BatchItem {
+                tokens: &e.tokens,
+                adapter: Some(&served_ad),
+                kv: &mut kv,
+                want_logits: true,
+            }])
+            .unwrap()
+            .remove(0);
+        assert_eq!(got.len(), labels.len());
+        let d = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // the serving engine keeps K/V in f16 (as the test above): to f16 rounding
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(d < 5e-3 * scale, "served {got:?} vs trained {want:?}");
+    }
+    // and continued from, head included
+    let again = Adapter::from_peft(&out, &shapes, &Device::Cpu).unwrap();
+    assert_eq!(again.head.as_ref().unwrap().labels, labels);
+}
+
+/// Rows that share a prefix (a chat template's system prompt) have it computed
+/// once: the loss and every gradient equal those of the rows run whole, on the
+/// fused ops and the composed ones, for generated answers and a classifier.
+#[test]
+fn a_shared_prefix_computed_once_changes_nothing() {
+    let dir = tmpdir("prefix");
+    let spec = retune_engine::tiny::TinySpec::default();
+    let (gguf, _) = retune_engine::tiny::write(&dir, &spec).unwrap();
+    let l = retune_engine::load(&gguf).unwrap();
+    let model = DeviceModel::for_training(l.model, &Device::Cpu, 64).unwrap();
+    let shapes = model.base_shapes();
+    let spec_l = retune_trainer::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        modules: (0..7).collect(),
+        first_layer: 1,
+    };
+    let mut ad = Adapter::init(&spec_l, &shapes, 5, &Device::Cpu).unwrap();
+    for v in ad.lora.vars() {
+        let t = v.as_tensor();
+        if t.dims()[1] == 4 {
+            v.set(&Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    // a 9-token shared start, then rows of different lengths (padded)
+    let shared: Vec<u32> = (0..9).map(|k| (k * 13 % 150 + 3) as u32).collect();
+    let rows: Vec<Vec<u32>> = (0..5)
+        .map(|i| {
+            let mut t = shared.clone();
+            t.extend((0..3 + 2 * i).map(|k| ((k * 29 + i * 11) % 180 + 5) as u32));
+            t
+        })
+        .collect();
+    let gen: Vec<Encoded> = rows
+        .iter()
+        .map(|t| Encoded {
+            tokens: t.clone(),
+            // loss on the tail, and on one position inside the shared start
+            weights: (0..t.len())
+                .map(|k| if k >= 10 || k == 4 { 1.0 } else { 0.0 })
+                .collect(),
+            class: None,
+        })
+        .collect();
+    let cls: Vec<Encoded> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Encoded {
+            tokens: t.clone(),
+            weights: (0..t.len()).map(|k| if k + 1 == t.len() { 1.0 } else { 0.0 }).collect(),
+            class: Some((i % 3) as u32),
+        })
+        .collect();
+    let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    let head = retune_trainer::lora::ClassHead::init(&labels, &model, &l.tok).unwrap();
+    for (what, ex, with_head) in [("generated", &gen, false), ("classifier", &cls, true)] {
+        ad.head = None;
+        if with_head {
+            ad.head = Some(retune_trainer::lora::ClassHead {
+                labels: head.labels.clone(),
+                weight: Var::from_tensor(head.weight.as_tensor()).unwrap(),
+            });
+        }
+        let refs: Vec<&Encoded> = ex.iter().collect();
+        let shared_mb = MicroBatch::new(&refs, 0);
+        let whole_mb = MicroBatch::unshared(&refs, 0);
+        assert_eq!(shared_mb.batch.prefix, 9, "{what}");
+        assert_eq!(whole_mb.batch.prefix, 0);
+        assert!(shared_mb.batch.stream_rows() < whole_mb.batch.stream_rows());
+        for fused in [true, false] {
+            model.set_fused_training(fused);
+            let run = |mb: &MicroBatch| {
+                let x = model.train_embed(&mb.batch).unwrap();
+                // frozen layer 0, then the LoRA layers
+                let x = model.train_layers(x, &mb.batch, None, 0..1, None, 0).unwrap();
+                let x = model
+                    .train_layers(x, &mb.batch, Some(&ad.lora), 1..shapes.n_layers, None, 0)
+                    .unwrap();
+                let logits = retune_trainer::train::output_logits(&model, &ad, &x, &mb.rows).unwrap();
+                let loss = weighted_nll(&logits, &mb.targets, &mb.weights, 7.0).unwrap();
+                let gs = loss.backward().unwrap();
+                let grads: Vec<Vec<f32>> = ad
+                    .vars()
+                    .into_iter()
+                    .map(|v| gs.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                    .collect();
+                (loss.to_scalar::<f32>().unwrap(), grads)
+            };
+            let (ls, gs) = run(&shared_mb);
+            let (lw, gw) = run(&whole_mb);
+            assert!((ls - lw).abs() < 1e-5 * lw.abs().max(1.0), "{what} fused={fused}: loss {ls} vs {lw}");
+            for (k, (a, b)) in gs.iter().zip(&gw).enumerate() {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+                let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-4 * scale, "{what} fused={fused}: gradient {k} differs by {d} (scale {scale})");
+            }
+        }
+    }
+    model.set_fused_training(true);
+    // rows that do not share what the batch claims are refused
+    let mut bad = MicroBatch::new(&gen.iter().collect::<Vec<_>>(), 0);
+    bad.batch.tokens[bad.batch.len + 2] ^= 1;
+    assert!(model.train_embed(&bad.batch).is_err());
 }

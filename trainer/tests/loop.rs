@@ -1213,3 +1213,45 @@ fn two_daemons_on_postgresql_never_train_one_adapter_together_and_the_survivor_t
         second.started_at - expires
     );
 }
+
+/// Declaring the label set is all it takes: the daemon trains a classifier
+/// (LoRA + a head over the labels), gates it through the serving forward, skips
+/// the forgetting check (it answers only labels) and promotes it; the registered
+/// version is a PEFT SEQ_CLS adapter whose head carries the declared labels.
+#[test]
+fn a_declared_label_task_is_trained_as_a_classifier_and_promoted() {
+    let dir = tmpdir("classifier");
+    let gguf = tiny(&dir);
+    let s = settings(
+        &dir,
+        &gguf,
+        "[[trainer.adapters]]\ntenant = \"acme\"\nname = \"greet\"\n[trainer.adapters.data]\neval_percent = 25\nscrub = false\nlabels = [\"hello\", \"world\", \"hello world\"]\n",
+    );
+    import(&dir, &rows(120, None));
+    let d = Daemon::open(s, "test-holder".into()).unwrap();
+    let out = d.pass().unwrap();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].status, "promoted", "{}", out[0].reason);
+    let live = d.reg.state("acme", "greet").unwrap().live.unwrap();
+    let v = d.reg.version("acme", "greet", &live).unwrap();
+    let gate = &v.metadata["gate"];
+    assert!(gate["arms"][0]["score"].as_f64().unwrap() > 0.9, "{gate}");
+    assert!(
+        gate["forgetting"]["skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("classifier")),
+        "{gate}"
+    );
+    let training = &v.metadata["training"]["settings"];
+    assert_eq!(training["labels"], serde_json::json!(ANSWERS), "{training}");
+    assert_eq!(training["fit_to_budget"], true, "{training}");
+    let r = retune_adapters::AdapterRef::new("acme", "greet", &live, retune_adapters::Via::Live)
+        .unwrap();
+    let dir = d.reg.servable_dir(&r).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let base = base_of(&gguf);
+    let a = retune_adapters::load_peft(&dir, &base.shapes, &Default::default()).unwrap();
+    assert_eq!(a.head.as_ref().unwrap().labels, ANSWERS);
+}

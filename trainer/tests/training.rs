@@ -90,6 +90,7 @@ fn inputs<'a>(
         base_name: "tiny",
         snapshot: None,
         data_source: "test".into(),
+        tok: None,
     }
 }
 
@@ -451,4 +452,107 @@ fn dropout_is_reproducible_and_changes_training() {
         serde_json::from_slice(&std::fs::read(dir.join("d1/adapter_config.json")).unwrap())
             .unwrap();
     assert!((cfg["lora_dropout"].as_f64().unwrap() - 0.3).abs() < 1e-6);
+}
+
+/// A label task trained as a classifier: the head reads the last prompt token,
+/// it learns, it resumes to the same bytes (head and its moments included), and
+/// examples whose answer is not a label are left out, counted.
+#[test]
+fn a_label_task_trains_a_classifier_head() {
+    let dir = tmpdir("classifier");
+    let t = tiny(&dir, 1);
+    let labels: Vec<String> = ["hello", "world", "hello world"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut s = settings();
+    s.labels = Some(labels.clone());
+    s.max_steps = Some(40);
+    let mut data = dataset(30);
+    data.push(chat("an odd one", "goodbye"));
+    let train_set =
+        retune_trainer::examples::prepare_classes(&data, &t.tok, &t.template, 128, &labels)
+            .unwrap();
+    assert_eq!(train_set.examples.len(), 30);
+    assert_eq!(train_set.dropped.get("answer not a declared label"), Some(&1));
+    // the target is the label's index; the prompt ends where the answer would start
+    let first = &train_set.examples[0];
+    assert_eq!(first.class, Some(0));
+    assert_eq!(first.target_count(), 1);
+    let (prompt, _) = {
+        let full = encode(&data[0], &t.tok, &t.template).unwrap();
+        let n = full.weights.iter().position(|w| *w > 0.0).unwrap();
+        (full.tokens[..n].to_vec(), ())
+    };
+    assert_eq!(first.tokens, prompt);
+
+    let none = Prepared::default();
+    let tok = &t.tok;
+    let with_tok = |ck| RunInputs {
+        tok: Some(tok),
+        ..inputs(&train_set, &none, &s, ck)
+    };
+    let a = train(&t.model, with_tok(None), go).unwrap();
+    let c = &a.record.loss_curve;
+    let (head, tail) = (c[0], c[c.len() - 3..].iter().sum::<f32>() / 3.0);
+    assert!(tail < 0.5 * head, "loss {head} → {tail}");
+    let h = a.adapter.head.as_ref().expect("a head");
+    assert_eq!(h.labels, labels);
+    // its training accuracy, through the serving engine
+    let ad_dir = dir.join("a");
+    a.adapter.save_peft(&ad_dir, "tiny").unwrap();
+    let serve = retune_engine::load(&dir.join("model.gguf")).unwrap();
+    let la = retune_adapters::load_peft(&ad_dir, &serve.model.base_shapes(), &Default::default())
+        .unwrap();
+    let acc = retune_trainer::eval::exact_match(
+        &serve.model,
+        &serve.tok,
+        &serve.template,
+        Some(&la),
+        &data[..30],
+        8,
+        8,
+    )
+    .unwrap();
+    assert!(acc.accuracy >= 0.9, "training accuracy {}", acc.accuracy);
+
+    // without the tokenizer a head cannot start; a resumed run lands on the same bytes
+    assert!(matches!(
+        train(&t.model, inputs(&train_set, &none, &s, None), go),
+        Err(TrainError::Setting(_))
+    ));
+    let ckpt = dir.join("ckpt");
+    let mut sc = s.clone();
+    sc.checkpoint_every = 4;
+    let straight = train(&t.model, RunInputs { tok: Some(tok), ..inputs(&train_set, &none, &sc, None) }, go).unwrap();
+    let stop = |p: &Progress| match p {
+        Progress::Step { step: 8, .. } => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    };
+    assert!(matches!(
+        train(&t.model, RunInputs { tok: Some(tok), ..inputs(&train_set, &none, &sc, Some(&ckpt)) }, stop),
+        Err(TrainError::Interrupted { step: 8, .. })
+    ));
+    let r = train(&t.model, RunInputs { tok: Some(tok), ..inputs(&train_set, &none, &sc, Some(&ckpt)) }, go).unwrap();
+    assert_eq!(r.record.resumed_from, Some(8));
+    assert_eq!(
+        adapter_bytes(&straight.adapter, &dir.join("s")),
+        adapter_bytes(&r.adapter, &dir.join("r"))
+    );
+
+    // generation examples with classifier settings (or the reverse) are refused
+    let gen_set = prepare(&dataset(12), &t.tok, &t.template, 128, Overflow::Drop).unwrap();
+    assert!(matches!(
+        train(&t.model, RunInputs { tok: Some(tok), ..inputs(&gen_set, &none, &s, None) }, go),
+        Err(TrainError::Setting(_))
+    ));
+    // nothing left when no answer is a label
+    let off: Vec<ExampleBody> = (0..10).map(|i| chat(&format!("q{i}"), "nope")).collect();
+    let empty =
+        retune_trainer::examples::prepare_classes(&off, &t.tok, &t.template, 128, &labels).unwrap();
+    match train(&t.model, RunInputs { tok: Some(tok), ..inputs(&empty, &none, &s, None) }, go) {
+        Err(TrainError::Data(m)) => assert!(m.contains("answer not a declared label"), "{m}"),
+        Err(e) => panic!("expected a data error, got {e}"),
+        Ok(_) => panic!("expected a data error"),
+    }
 }
