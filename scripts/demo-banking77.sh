@@ -57,7 +57,6 @@ max_minutes = ${TRAIN_MINUTES:-25}
 system_prompt = $PROMPT
 shots = 0
 max_eval = 1000
-max_new_tokens = 16
 rollout = "live"
 EOF
 LOG="$DEMO/logs"; mkdir -p "$LOG"

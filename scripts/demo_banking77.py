@@ -48,7 +48,7 @@ def feed(a):
     def one(ex):
         msgs, label = user_and_label(ex)
         st, c = call(a.base, "POST", "/v1/chat/completions", a.api_key,
-                     {"model": TASK, "messages": msgs, "max_tokens": 16, "temperature": 0})
+                     {"model": TASK, "messages": msgs, "max_tokens": 32, "temperature": 0})
         if st != 200:
             raise RuntimeError(f"completion: {st} {c}")
         answer = c["choices"][0]["message"]["content"].strip()
@@ -115,7 +115,7 @@ def holdout(a):
     def one(ex):
         msgs, label = user_and_label(ex)
         st, c = call(a.base, "POST", "/v1/chat/completions", a.api_key,
-                     {"model": a.model, "messages": msgs, "max_tokens": 16, "temperature": 0})
+                     {"model": a.model, "messages": msgs, "max_tokens": 32, "temperature": 0})
         if st != 200:
             raise RuntimeError(f"completion: {st} {c}")
         return c["choices"][0]["message"]["content"].strip() == label, c.get("model")

@@ -166,14 +166,13 @@ pub fn generate_ids(
             model.forward(&mut items)?
         };
         if let Some(head) = adapter.and_then(|a| a.head.as_ref()) {
-            // a classifier's answer is its best label, as the server answers
+            // a classifier's answer is its best label, whole (a label longer
+            // than `max_new` tokens is still the answer it gives)
             for l in &first {
                 let label = head.labels.get(argmax(l) as usize).ok_or_else(|| {
                     TrainError::Setting("the classifier's scores do not match its labels".into())
                 })?;
-                let mut ids = tok.encode(label, false)?;
-                ids.truncate(max_new);
-                answers.push(ids);
+                answers.push(tok.encode(label, false)?);
             }
             continue;
         }
