@@ -20,8 +20,8 @@ pub use control::{Decision, LoopCounts, Rollout, RunInfo, WatchEnd, WatchInfo};
 pub use error::{AdapterError, RegistryError};
 pub use names::{check_name, AdapterRef, Via};
 pub use peft::{
-    load_peft, AdapterConfig, BaseShapes, ClassHead, LoadLimits, LoraAdapter, LoraPair, HEAD_TENSOR,
-    LABELS_METADATA, MAX_LABELS, MODULES,
+    load_peft, AdapterConfig, BaseShapes, ClassHead, LoadLimits, LoraAdapter, LoraPair,
+    HEAD_TENSOR, LABELS_METADATA, MAX_LABELS, MODULES,
 };
 pub use pool::{Acquire, AdapterPool, AdapterSource, DirSource, PoolConfig, PoolStats};
 pub use registry::{

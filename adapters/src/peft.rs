@@ -749,16 +749,19 @@ fn load_head(
                 "the weights file's metadata has no `{LABELS_METADATA}` (the head's labels)"
             ))
         })?;
-    let labels: Vec<String> = serde_json::from_str(labels_json)
-        .map_err(|e| bad(format!("`{LABELS_METADATA}` is not a JSON list of strings: {e}")))?;
+    let labels: Vec<String> = serde_json::from_str(labels_json).map_err(|e| {
+        bad(format!(
+            "`{LABELS_METADATA}` is not a JSON list of strings: {e}"
+        ))
+    })?;
     if labels.len() < 2 || labels.len() > MAX_LABELS {
-        return Err(bad(format!(
-            "{} labels (2..={MAX_LABELS})",
-            labels.len()
-        )));
+        return Err(bad(format!("{} labels (2..={MAX_LABELS})", labels.len())));
     }
     let mut seen = std::collections::HashSet::new();
-    if let Some(l) = labels.iter().find(|l| l.trim().is_empty() || !seen.insert(*l)) {
+    if let Some(l) = labels
+        .iter()
+        .find(|l| l.trim().is_empty() || !seen.insert(*l))
+    {
         return Err(bad(format!("label `{l}` is empty or repeated")));
     }
     let shape = view.shape().to_vec();

@@ -8,8 +8,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 pub use trainer::{
     check_labels, AdapterLoop, ClassicalMode, DataOptions, GateOptions, LoopSettings, Objective,
-    SuspectPolicy,
-    TrainOptions, TrainerSettings, TriggerSettings, WatchOptions,
+    SuspectPolicy, TrainOptions, TrainerSettings, TriggerSettings, WatchOptions,
 };
 
 #[derive(Debug, thiserror::Error)]

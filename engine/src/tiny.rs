@@ -398,10 +398,8 @@ pub fn write_classifier_adapter(
     let head: Vec<u8> = (0..labels.len() * hidden)
         .flat_map(|_| (head_scale * r.next()).to_le_bytes())
         .collect();
-    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
-        .tensors()
-        .into_iter()
-        .collect();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().collect();
     views.push((
         retune_adapters::HEAD_TENSOR.to_string(),
         safetensors::tensor::TensorView::new(

@@ -69,8 +69,7 @@ fn bad_classifier_adapters_are_refused_with_the_reason() {
     };
     let edit_cfg = |p: &Path, f: &dyn Fn(&mut serde_json::Value)| {
         let c = p.join("adapter_config.json");
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&c).unwrap()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&c).unwrap()).unwrap();
         f(&mut v);
         std::fs::write(&c, v.to_string()).unwrap();
     };
@@ -85,11 +84,21 @@ fn bad_classifier_adapters_are_refused_with_the_reason() {
         v["task_type"] = "CAUSAL_LM".into();
         v["modules_to_save"] = serde_json::Value::Null;
     });
-    assert!(matches!(err(&p), AdapterError::Unsupported { .. }), "{}", err(&p));
+    assert!(
+        matches!(err(&p), AdapterError::Unsupported { .. }),
+        "{}",
+        err(&p)
+    );
     // modules_to_save other than the head
     let p = fresh("lm-head");
-    edit_cfg(&p, &|v| v["modules_to_save"] = serde_json::json!(["lm_head"]));
-    assert!(err(&p).to_string().contains("modules_to_save"), "{}", err(&p));
+    edit_cfg(&p, &|v| {
+        v["modules_to_save"] = serde_json::json!(["lm_head"])
+    });
+    assert!(
+        err(&p).to_string().contains("modules_to_save"),
+        "{}",
+        err(&p)
+    );
     // SEQ_CLS that says it saves nothing
     let p = fresh("no-save");
     edit_cfg(&p, &|v| v["modules_to_save"] = serde_json::Value::Null);
@@ -99,7 +108,11 @@ fn bad_classifier_adapters_are_refused_with_the_reason() {
         ("no-labels", None, "no `retune.labels`"),
         ("not-json", Some("refund,other"), "not a JSON list"),
         ("one-label", Some(r#"["refund"]"#), "1 labels"),
-        ("repeated", Some(r#"["a","b","a","c"]"#), "empty or repeated"),
+        (
+            "repeated",
+            Some(r#"["a","b","a","c"]"#),
+            "empty or repeated",
+        ),
         ("rows", Some(r#"["a","b","c"]"#), "4 rows for 3 labels"),
     ] {
         let p = fresh(name);
@@ -187,7 +200,10 @@ fn the_head_scores_match_on_both_backends_and_in_mixed_batches() {
         .remove(0);
     assert_eq!(dev.len(), LABELS.len());
     let d = max_diff(&dev, &alone);
-    assert!(d < 1e-3 * spread.max(1.0), "backends differ by {d}: {dev:?} vs {alone:?}");
+    assert!(
+        d < 1e-3 * spread.max(1.0),
+        "backends differ by {d}: {dev:?} vs {alone:?}"
+    );
 }
 
 fn engine(gguf: &Path, dir: &Path, cls: &Path, seed: u64) -> (Engine, AdapterRef) {
@@ -223,7 +239,11 @@ fn the_scheduler_answers_a_label_with_its_probability() {
         let best = (0..want.len())
             .max_by(|&i, &j| want[i].total_cmp(&want[j]))
             .unwrap();
-        let z = want.iter().map(|x| (x - want[best]).exp()).sum::<f32>().ln();
+        let z = want
+            .iter()
+            .map(|x| (x - want[best]).exp())
+            .sum::<f32>()
+            .ln();
         let params = SamplingParams {
             // a classifier answers its best label whatever the temperature
             temperature: 1.0,

@@ -310,7 +310,13 @@ fn import_for_a_label_task_refuses_answers_outside_its_labels_by_line() {
     let r = json(&out);
     assert_eq!(r["imported"], 2, "{r}");
     assert_eq!(r["errors"][0]["line"], 2, "{r}");
-    assert!(r["errors"][0]["reason"].as_str().unwrap().contains("card_arival"), "{r}");
+    assert!(
+        r["errors"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("card_arival"),
+        "{r}"
+    );
     // a label set that declares nothing is refused before anything is read
     std::fs::write(&labels, r#"["only"]"#).unwrap();
     let (code, _, err) = retune(&[

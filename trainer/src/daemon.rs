@@ -585,8 +585,8 @@ impl Daemon {
         // train
         let mut settings = self.train_settings(ls)?;
         // a small snapshot's few steps are not all warm-up: at most a tenth of them
-        let planned = (m.train.div_ceil(settings.batch_size.max(1)) as f64 * settings.epochs)
-            .ceil() as usize;
+        let planned =
+            (m.train.div_ceil(settings.batch_size.max(1)) as f64 * settings.epochs).ceil() as usize;
         settings.warmup_steps = settings.warmup_steps.min((planned / 10).max(1));
         let mut last_renew = std::time::Instant::now();
         let renew_every =

@@ -213,4 +213,3 @@ pub fn generate_ids(
     }
     Ok(answers)
 }
-

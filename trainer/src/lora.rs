@@ -303,8 +303,7 @@ impl Adapter {
         let meta = match &self.head {
             Some(h) => Some(std::collections::HashMap::from([(
                 retune_adapters::LABELS_METADATA.to_string(),
-                serde_json::to_string(&h.labels)
-                    .map_err(|e| TrainError::Setting(e.to_string()))?,
+                serde_json::to_string(&h.labels).map_err(|e| TrainError::Setting(e.to_string()))?,
             )])),
             None => None,
         };

@@ -792,7 +792,14 @@ fn main() {
             max_new,
             answers,
             ..
-        } => eval_cmd(&model, &data, &adapter, limit, (batch, max_new), answers.as_deref()),
+        } => eval_cmd(
+            &model,
+            &data,
+            &adapter,
+            limit,
+            (batch, max_new),
+            answers.as_deref(),
+        ),
         Cmd::Daemon { at, once, holder } => daemon_cmd(&at, once, holder),
         Cmd::Status { at, json } => status_cmd(&at, json),
     };

@@ -209,6 +209,44 @@ fn one_step(fused: bool) {
     }
 }
 
+/// The gradient `g` of `var` along a ±1 direction drawn from `seed`, and the
+/// loss's derivative along it by finite differences: Richardson extrapolation of
+/// two central differences with steps `eps` and `eps / 2` (small enough for a
+/// random tiny model's loss, which bends sharply at h ≈ 1e-2 along some
+/// directions; large enough that f32 rounding of the loss stays small).
+fn directional(var: &Var, g: &Tensor, seed: u64, eps: f64, loss: &dyn Fn() -> f64) -> (f64, f64) {
+    let theta = var.as_tensor().copy().unwrap();
+    let mut s = seed;
+    let d: Vec<f32> = (0..theta.elem_count())
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (s >> 33) & 1 == 0 {
+                1.0
+            } else {
+                -1.0
+            }
+        })
+        .collect();
+    let d = Tensor::from_vec(d, theta.shape(), &Device::Cpu).unwrap();
+    let analytic = (g * &d)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let central = |h: f64| {
+        var.set(&(&theta + (&d * h).unwrap()).unwrap()).unwrap();
+        let up = loss();
+        var.set(&(&theta - (&d * h).unwrap()).unwrap()).unwrap();
+        let down = loss();
+        var.set(&theta).unwrap();
+        (up - down) / (2.0 * h)
+    };
+    (analytic, (4.0 * central(eps / 2.0) - central(eps)) / 3.0)
+}
+
 fn finite_differences(fused: bool) {
     let fx = read_fixture();
     let model = fixture_model(fused);
@@ -222,42 +260,10 @@ fn finite_differences(fused: bool) {
     let eps = 4e-3f64;
     let mut checked = 0;
     for (k, (name, var)) in ad.named().into_iter().enumerate() {
-        let theta = var.as_tensor().copy().unwrap();
-        // a ±1 direction from a fixed seed
-        let n = theta.elem_count();
-        let mut s = 0x9E37_79B9u64 + k as u64;
-        let d: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                if (s >> 33) & 1 == 0 {
-                    1.0
-                } else {
-                    -1.0
-                }
-            })
-            .collect();
-        let d = Tensor::from_vec(d, theta.shape(), &Device::Cpu).unwrap();
         let g = gs.get(var.as_tensor()).expect("gradient").clone();
-        let analytic = (&g * &d)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        let central = |h: f64| {
-            var.set(&(&theta + (&d * h).unwrap()).unwrap()).unwrap();
-            let up = loss_of(&model, &ad, &mb).to_scalar::<f32>().unwrap() as f64;
-            var.set(&(&theta - (&d * h).unwrap()).unwrap()).unwrap();
-            let down = loss_of(&model, &ad, &mb).to_scalar::<f32>().unwrap() as f64;
-            var.set(&theta).unwrap();
-            (up - down) / (2.0 * h)
-        };
-        // Richardson extrapolation of two central differences; steps small enough
-        // for this random tiny model's loss (it bends sharply at h ≈ 1e-2 along
-        // some directions), large enough that f32 rounding of the loss stays small
-        let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
+        let (analytic, numeric) = directional(var, &g, 0x9E37_79B9u64 + k as u64, eps, &|| {
+            loss_of(&model, &ad, &mb).to_scalar::<f32>().unwrap() as f64
+        });
         // a cut gradient (zero) would fail here: every directional derivative is sizeable
         assert!(
             numeric.abs() > 3e-3,
@@ -444,7 +450,9 @@ fn classifier_gradients_match_finite_differences_and_serving() {
     ad.head = Some(retune_trainer::lora::ClassHead::init(&labels, &model, &l.tok).unwrap());
     let ex: Vec<Encoded> = (0..4)
         .map(|i| {
-            let tokens: Vec<u32> = (0..10 + i).map(|k| ((k * 31 + i * 7) % 200 + 3) as u32).collect();
+            let tokens: Vec<u32> = (0..10 + i)
+                .map(|k| ((k * 31 + i * 7) % 200 + 3) as u32)
+                .collect();
             let mut weights = vec![0.0; tokens.len()];
             *weights.last_mut().unwrap() = 1.0;
             Encoded {
@@ -469,34 +477,10 @@ fn classifier_gradients_match_finite_differences_and_serving() {
     let gs = loss_of(&ad).backward().unwrap();
     let mut checked = 0;
     for (k, (name, var)) in ad.named().into_iter().enumerate() {
-        let theta = var.as_tensor().copy().unwrap();
-        let n = theta.elem_count();
-        let mut s = 0x51u64 + k as u64;
-        let d: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                if (s >> 33) & 1 == 0 {
-                    1.0
-                } else {
-                    -1.0
-                }
-            })
-            .collect();
-        let d = Tensor::from_vec(d, theta.shape(), &Device::Cpu).unwrap();
         let g = gs.get(var.as_tensor()).expect("gradient").clone();
-        let analytic = (&g * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-        let central = |h: f64| {
-            var.set(&(&theta + (&d * h).unwrap()).unwrap()).unwrap();
-            let up = loss_of(&ad).to_scalar::<f32>().unwrap() as f64;
-            var.set(&(&theta - (&d * h).unwrap()).unwrap()).unwrap();
-            let down = loss_of(&ad).to_scalar::<f32>().unwrap() as f64;
-            var.set(&theta).unwrap();
-            (up - down) / (2.0 * h)
-        };
-        let eps = 4e-3f64;
-        let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
+        let (analytic, numeric) = directional(var, &g, 0x51u64 + k as u64, 4e-3, &|| {
+            loss_of(&ad).to_scalar::<f32>().unwrap() as f64
+        });
         assert!(
             numeric.abs() > 1e-4,
             "{name}: finite difference {numeric} too small to check"
@@ -607,7 +591,9 @@ fn a_shared_prefix_computed_once_changes_nothing() {
         .enumerate()
         .map(|(i, t)| Encoded {
             tokens: t.clone(),
-            weights: (0..t.len()).map(|k| if k + 1 == t.len() { 1.0 } else { 0.0 }).collect(),
+            weights: (0..t.len())
+                .map(|k| if k + 1 == t.len() { 1.0 } else { 0.0 })
+                .collect(),
             class: Some((i % 3) as u32),
         })
         .collect();
@@ -632,27 +618,47 @@ fn a_shared_prefix_computed_once_changes_nothing() {
             let run = |mb: &MicroBatch| {
                 let x = model.train_embed(&mb.batch).unwrap();
                 // frozen layer 0, then the LoRA layers
-                let x = model.train_layers(x, &mb.batch, None, 0..1, None, 0).unwrap();
+                let x = model
+                    .train_layers(x, &mb.batch, None, 0..1, None, 0)
+                    .unwrap();
                 let x = model
                     .train_layers(x, &mb.batch, Some(&ad.lora), 1..shapes.n_layers, None, 0)
                     .unwrap();
-                let logits = retune_trainer::train::output_logits(&model, &ad, &x, &mb.rows).unwrap();
+                let logits =
+                    retune_trainer::train::output_logits(&model, &ad, &x, &mb.rows).unwrap();
                 let loss = weighted_nll(&logits, &mb.targets, &mb.weights, 7.0).unwrap();
                 let gs = loss.backward().unwrap();
                 let grads: Vec<Vec<f32>> = ad
                     .vars()
                     .into_iter()
-                    .map(|v| gs.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                    .map(|v| {
+                        gs.get(v.as_tensor())
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    })
                     .collect();
                 (loss.to_scalar::<f32>().unwrap(), grads)
             };
             let (ls, gs) = run(&shared_mb);
             let (lw, gw) = run(&whole_mb);
-            assert!((ls - lw).abs() < 1e-5 * lw.abs().max(1.0), "{what} fused={fused}: loss {ls} vs {lw}");
+            assert!(
+                (ls - lw).abs() < 1e-5 * lw.abs().max(1.0),
+                "{what} fused={fused}: loss {ls} vs {lw}"
+            );
             for (k, (a, b)) in gs.iter().zip(&gw).enumerate() {
                 let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-                let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                assert!(d < 1e-4 * scale, "{what} fused={fused}: gradient {k} differs by {d} (scale {scale})");
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-4 * scale,
+                    "{what} fused={fused}: gradient {k} differs by {d} (scale {scale})"
+                );
             }
         }
     }

@@ -474,7 +474,10 @@ fn a_label_task_trains_a_classifier_head() {
         retune_trainer::examples::prepare_classes(&data, &t.tok, &t.template, 128, &labels)
             .unwrap();
     assert_eq!(train_set.examples.len(), 30);
-    assert_eq!(train_set.dropped.get("answer not a declared label"), Some(&1));
+    assert_eq!(
+        train_set.dropped.get("answer not a declared label"),
+        Some(&1)
+    );
     // the target is the label's index; the prompt ends where the answer would start
     let first = &train_set.examples[0];
     assert_eq!(first.class, Some(0));
@@ -524,16 +527,39 @@ fn a_label_task_trains_a_classifier_head() {
     let ckpt = dir.join("ckpt");
     let mut sc = s.clone();
     sc.checkpoint_every = 4;
-    let straight = train(&t.model, RunInputs { tok: Some(tok), ..inputs(&train_set, &none, &sc, None) }, go).unwrap();
+    let straight = train(
+        &t.model,
+        RunInputs {
+            tok: Some(tok),
+            ..inputs(&train_set, &none, &sc, None)
+        },
+        go,
+    )
+    .unwrap();
     let stop = |p: &Progress| match p {
         Progress::Step { step: 8, .. } => ControlFlow::Break(()),
         _ => ControlFlow::Continue(()),
     };
     assert!(matches!(
-        train(&t.model, RunInputs { tok: Some(tok), ..inputs(&train_set, &none, &sc, Some(&ckpt)) }, stop),
+        train(
+            &t.model,
+            RunInputs {
+                tok: Some(tok),
+                ..inputs(&train_set, &none, &sc, Some(&ckpt))
+            },
+            stop
+        ),
         Err(TrainError::Interrupted { step: 8, .. })
     ));
-    let r = train(&t.model, RunInputs { tok: Some(tok), ..inputs(&train_set, &none, &sc, Some(&ckpt)) }, go).unwrap();
+    let r = train(
+        &t.model,
+        RunInputs {
+            tok: Some(tok),
+            ..inputs(&train_set, &none, &sc, Some(&ckpt))
+        },
+        go,
+    )
+    .unwrap();
     assert_eq!(r.record.resumed_from, Some(8));
     assert_eq!(
         adapter_bytes(&straight.adapter, &dir.join("s")),
@@ -543,14 +569,28 @@ fn a_label_task_trains_a_classifier_head() {
     // generation examples with classifier settings (or the reverse) are refused
     let gen_set = prepare(&dataset(12), &t.tok, &t.template, 128, Overflow::Drop).unwrap();
     assert!(matches!(
-        train(&t.model, RunInputs { tok: Some(tok), ..inputs(&gen_set, &none, &s, None) }, go),
+        train(
+            &t.model,
+            RunInputs {
+                tok: Some(tok),
+                ..inputs(&gen_set, &none, &s, None)
+            },
+            go
+        ),
         Err(TrainError::Setting(_))
     ));
     // nothing left when no answer is a label
     let off: Vec<ExampleBody> = (0..10).map(|i| chat(&format!("q{i}"), "nope")).collect();
     let empty =
         retune_trainer::examples::prepare_classes(&off, &t.tok, &t.template, 128, &labels).unwrap();
-    match train(&t.model, RunInputs { tok: Some(tok), ..inputs(&empty, &none, &s, None) }, go) {
+    match train(
+        &t.model,
+        RunInputs {
+            tok: Some(tok),
+            ..inputs(&empty, &none, &s, None)
+        },
+        go,
+    ) {
         Err(TrainError::Data(m)) => assert!(m.contains("answer not a declared label"), "{m}"),
         Err(e) => panic!("expected a data error, got {e}"),
         Ok(_) => panic!("expected a data error"),

@@ -324,7 +324,8 @@ impl DeviceModel {
             )));
         }
         if b.prefix >= b.len
-            || (1..b.batch).any(|r| b.tokens[r * b.len..r * b.len + b.prefix] != b.tokens[..b.prefix])
+            || (1..b.batch)
+                .any(|r| b.tokens[r * b.len..r * b.len + b.prefix] != b.tokens[..b.prefix])
         {
             return Err(EngineError::InvalidRequest(format!(
                 "training batch: its rows do not share a {}-token prefix shorter than {}",
@@ -462,7 +463,13 @@ impl DeviceModel {
                 Ok(x.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?)
             };
             // softmax(q·kᵀ·scale + mask)·v back to rows `[b·n, nh·hd]`
-            let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, b: usize, n: usize| -> Result<Tensor> {
+            let attend = |q: &Tensor,
+                          k: &Tensor,
+                          v: &Tensor,
+                          mask: &Tensor,
+                          b: usize,
+                          n: usize|
+             -> Result<Tensor> {
                 let s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
                 let s = s.broadcast_add(mask)?;
                 let p = Self::softmax_mode(&s, Mode::Train)?;
@@ -486,7 +493,14 @@ impl DeviceModel {
                         heads_kv(&k.narrow(0, 0, pre)?, 1, pre)?,
                         heads_kv(&v.narrow(0, 0, pre)?, 1, pre)?,
                     );
-                    let op = attend(&heads_q(&q.narrow(0, 0, pre)?, 1, pre)?, &kp, &vp, mask_pre, 1, pre)?;
+                    let op = attend(
+                        &heads_q(&q.narrow(0, 0, pre)?, 1, pre)?,
+                        &kp,
+                        &vp,
+                        mask_pre,
+                        1,
+                        pre,
+                    )?;
                     // each row's keys: the shared prefix's, then its own
                     let with_prefix = |shared: &Tensor, x: &Tensor| -> Result<Tensor> {
                         let own_kv = heads_kv(&x.narrow(0, pre, bsz * own)?, bsz, own)?;
