@@ -414,6 +414,25 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
     );
 }
 
+/// A rank-4 adapter on all 7 modules of layers `first_layer..`, PEFT's init from
+/// `seed` with B drawn random (≠ 0), so A's gradient is not zero by construction.
+fn rank4_with_b(model: &DeviceModel, first_layer: usize, seed: u64) -> Adapter {
+    let spec = retune_trainer::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        modules: (0..7).collect(),
+        first_layer,
+    };
+    let ad = Adapter::init(&spec, &model.base_shapes(), seed, &Device::Cpu).unwrap();
+    for p in ad.lora.layers.iter().flatten().flatten() {
+        let b = p.b.as_tensor();
+        p.b.set(&Tensor::randn(0f32, 0.05, b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    ad
+}
+
 /// A classifier (LoRA + a head over labels on the last prompt token): every
 /// module's A and B and the head against finite differences, and the trained
 /// forward's label scores against the serving engine's for the saved adapter.
@@ -427,22 +446,7 @@ fn classifier_gradients_match_finite_differences_and_serving() {
         DeviceModel::for_training(retune_engine::load(&gguf).unwrap().model, &Device::Cpu, 64)
             .unwrap();
     let shapes = model.base_shapes();
-    let spec_l = retune_trainer::LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        rslora: false,
-        modules: (0..7).collect(),
-        first_layer: 0,
-    };
-    let mut ad = Adapter::init(&spec_l, &shapes, 11, &Device::Cpu).unwrap();
-    // B ≠ 0, so A's gradient is not zero by construction
-    for v in ad.lora.vars() {
-        let t = v.as_tensor();
-        if t.dims()[1] == 4 {
-            v.set(&(Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap()))
-                .unwrap();
-        }
-    }
+    let mut ad = rank4_with_b(&model, 0, 11);
     let labels: Vec<String> = ["alpha", "beta gamma", "delta"]
         .iter()
         .map(|s| s.to_string())
@@ -551,21 +555,7 @@ fn a_shared_prefix_computed_once_changes_nothing() {
     let l = retune_engine::load(&gguf).unwrap();
     let model = DeviceModel::for_training(l.model, &Device::Cpu, 64).unwrap();
     let shapes = model.base_shapes();
-    let spec_l = retune_trainer::LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        rslora: false,
-        modules: (0..7).collect(),
-        first_layer: 1,
-    };
-    let mut ad = Adapter::init(&spec_l, &shapes, 5, &Device::Cpu).unwrap();
-    for v in ad.lora.vars() {
-        let t = v.as_tensor();
-        if t.dims()[1] == 4 {
-            v.set(&Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    let mut ad = rank4_with_b(&model, 1, 5);
     // a 9-token shared start, then rows of different lengths (padded)
     let shared: Vec<u32> = (0..9).map(|k| (k * 13 % 150 + 3) as u32).collect();
     let rows: Vec<Vec<u32>> = (0..5)
