@@ -15,6 +15,7 @@ use crate::registry::{
     Registry, ServedBase, Staged, VersionInfo,
 };
 use crate::sql::{p, Conn, Mode, Row};
+use crate::states::{Alias, JournalEvent, RunStatus, WatchMode, WatchStatus};
 use serde::Serialize;
 
 type R<T> = Result<T, RegistryError>;
@@ -53,9 +54,7 @@ pub struct RunInfo {
     pub started_at: i64,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
-    /// `running`, `promoted`, `canary`, `rejected`, `failed`, `skipped`, `crashed`,
-    /// `interrupted` (stopped by a signal; nothing registered).
-    pub status: String,
+    pub status: RunStatus,
     pub snapshot: Option<String>,
     pub version: Option<String>,
     pub detail: serde_json::Value,
@@ -69,14 +68,12 @@ pub struct WatchInfo {
     pub version: String,
     /// The version it is compared against (live before the rollout).
     pub previous: Option<String>,
-    /// `canary` or `before_after`.
-    pub mode: String,
+    pub mode: WatchMode,
     pub percent: Option<u8>,
     pub started_at: i64,
     /// Journal sequence of the rollout: alias changes after it by anyone else end the watch.
     pub promote_seq: i64,
-    /// `watching`, `passed`, `rolled_back`, `superseded`, `inconclusive`.
-    pub status: String,
+    pub status: WatchStatus,
     pub verdict: serde_json::Value,
     pub updated_at: i64,
 }
@@ -85,7 +82,7 @@ pub struct WatchInfo {
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct LoopCounts {
     /// Runs by status.
-    pub runs: Vec<(String, i64)>,
+    pub runs: Vec<(RunStatus, i64)>,
     pub gate_passes: i64,
     pub gate_fails: i64,
     pub auto_rollbacks: i64,
@@ -125,7 +122,7 @@ fn row_to_run(r: &Row) -> R<RunInfo> {
         started_at: r.i(4)?,
         updated_at: r.i(5)?,
         finished_at: r.oi(6)?,
-        status: r.s(7)?,
+        status: r.s(7)?.parse()?,
         snapshot: r.os(8)?,
         version: r.os(9)?,
         detail: serde_json::from_str(&r.s(10)?).unwrap_or(serde_json::Value::Null),
@@ -138,11 +135,11 @@ fn row_to_watch(r: &Row) -> R<WatchInfo> {
         name: r.s(1)?,
         version: r.s(2)?,
         previous: r.os(3)?,
-        mode: r.s(4)?,
+        mode: r.s(4)?.parse()?,
         percent: r.oi(5)?.map(|p| p.clamp(0, 100) as u8),
         started_at: r.i(6)?,
         promote_seq: r.i(7)?,
-        status: r.s(8)?,
+        status: r.s(8)?.parse()?,
         verdict: serde_json::from_str(&r.s(9)?).unwrap_or(serde_json::Value::Null),
         updated_at: r.i(10)?,
     })
@@ -243,7 +240,7 @@ impl Registry {
                     tx,
                     tenant,
                     name,
-                    "register",
+                    JournalEvent::Register,
                     Some(&id),
                     None,
                     v.actor,
@@ -263,7 +260,7 @@ impl Registry {
                         tx,
                         tenant,
                         name,
-                        "gate-fail",
+                        JournalEvent::GateFail,
                         Some(&id),
                         None,
                         v.actor,
@@ -296,7 +293,7 @@ impl Registry {
                         tx,
                         tenant,
                         name,
-                        "gate-pass",
+                        JournalEvent::GatePass,
                         Some(&id),
                         cur.live.as_deref(),
                         v.actor,
@@ -306,21 +303,21 @@ impl Registry {
                         Rollout::Live => {
                             if cur.live.as_deref() != Some(id.as_str()) {
                                 if let Some(l) = &cur.live {
-                                    set_alias(tx, tenant, name, "previous", l, None)?;
+                                    set_alias(tx, tenant, name, Alias::Previous, l, None)?;
                                 }
-                                set_alias(tx, tenant, name, "live", &id, None)?;
+                                set_alias(tx, tenant, name, Alias::Live, &id, None)?;
                             }
                             journal(
                                 tx,
                                 tenant,
                                 name,
-                                "promote",
+                                JournalEvent::Promote,
                                 Some(&id),
                                 cur.live.as_deref(),
                                 v.actor,
                                 summary,
                             )?;
-                            ("before_after", None)
+                            (WatchMode::BeforeAfter, None)
                         }
                         Rollout::Canary(p) => {
                             if *p == 0 || *p > 100 {
@@ -330,31 +327,31 @@ impl Registry {
                             }
                             if cur.live.is_none() {
                                 // nothing to share traffic with: the first version goes live
-                                set_alias(tx, tenant, name, "live", &id, None)?;
+                                set_alias(tx, tenant, name, Alias::Live, &id, None)?;
                                 journal(
                                     tx,
                                     tenant,
                                     name,
-                                    "promote",
+                                    JournalEvent::Promote,
                                     Some(&id),
                                     None,
                                     v.actor,
                                     summary,
                                 )?;
-                                ("before_after", None)
+                                (WatchMode::BeforeAfter, None)
                             } else {
-                                set_alias(tx, tenant, name, "canary", &id, Some(*p))?;
+                                set_alias(tx, tenant, name, Alias::Canary, &id, Some(*p))?;
                                 journal(
                                     tx,
                                     tenant,
                                     name,
-                                    "canary",
+                                    JournalEvent::Canary,
                                     Some(&id),
                                     cur.live.as_deref(),
                                     v.actor,
                                     &format!("{p}%: {summary}"),
                                 )?;
-                                ("canary", Some(*p))
+                                (WatchMode::Canary, Some(*p))
                             }
                         }
                     };
@@ -366,7 +363,7 @@ impl Registry {
                              ON CONFLICT (tenant, name, version) DO UPDATE SET previous = excluded.previous, mode = excluded.mode,
                              percent = excluded.percent, started_at = excluded.started_at, promote_seq = excluded.promote_seq,
                              status = excluded.status, verdict = excluded.verdict, updated_at = excluded.updated_at"),
-                            p![tenant, name, &id, &cur.live, mode, pct.map(i64::from), now, seq],
+                            p![tenant, name, &id, &cur.live, mode.as_str(), pct.map(i64::from), now, seq],
                         )?;
                     }
                 }
@@ -385,7 +382,7 @@ impl Registry {
         &self,
         tenant: &str,
         name: &str,
-        event: &str,
+        event: JournalEvent,
         version: Option<&str>,
         actor: &str,
         reason: &str,
@@ -413,13 +410,14 @@ impl Registry {
     pub fn run_update(
         &self,
         id: &str,
-        status: &str,
+        status: RunStatus,
         snapshot: Option<&str>,
         version: Option<&str>,
         detail: &serde_json::Value,
         finished: bool,
     ) -> R<()> {
         let now = now_ms();
+        let status = status.as_str();
         self.tx(Mode::Auto)?.exec(
             "UPDATE runs SET status = ?2, snapshot = COALESCE(?3, snapshot), version = COALESCE(?4, version),
              detail = ?5, updated_at = ?6, finished_at = CASE WHEN ?7 THEN ?6 ELSE finished_at END WHERE id = ?1",
@@ -491,16 +489,19 @@ impl Registry {
                 &[],
             )?
             .iter()
-            .map(|r| Ok((r.s(0)?, r.i(1)?)))
+            .map(|r| Ok((r.s(0)?.parse()?, r.i(1)?)))
             .collect::<R<Vec<_>>>()?;
-        let mut count = |event: &str| -> R<i64> {
-            tx.one("SELECT COUNT(*) FROM journal WHERE event = ?1", p![event])?
-                .i(0)
+        let mut count = |event: JournalEvent| -> R<i64> {
+            tx.one(
+                "SELECT COUNT(*) FROM journal WHERE event = ?1",
+                p![event.as_str()],
+            )?
+            .i(0)
         };
         let (gate_passes, gate_fails, auto_rollbacks) = (
-            count("gate-pass")?,
-            count("gate-fail")?,
-            count("auto-rollback")?,
+            count(JournalEvent::GatePass)?,
+            count(JournalEvent::GateFail)?,
+            count(JournalEvent::AutoRollback)?,
         );
         Ok(LoopCounts {
             runs,
@@ -565,7 +566,7 @@ impl Registry {
         verdict: &serde_json::Value,
         actor: &str,
         reason: &str,
-    ) -> R<String> {
+    ) -> R<WatchStatus> {
         let (status, state) = {
             let mut guard = self.tx(Mode::Write)?;
             let tx = &mut *guard;
@@ -574,10 +575,16 @@ impl Registry {
                     "SELECT status FROM watches WHERE tenant = ?1 AND name = ?2 AND version = ?3",
                     p![&w.tenant, &w.name, &w.version],
                 )?
-                .map(|r| r.s(0))
-                .transpose()?;
-            if still.as_deref() != Some("watching") {
-                return Ok(still.unwrap_or_else(|| "unknown".into()));
+                .map(|r| r.s(0)?.parse::<WatchStatus>())
+                .transpose()?
+                .ok_or_else(|| {
+                    RegistryError::NotFound(format!(
+                        "the watch of {}/{} {}",
+                        w.tenant, w.name, w.version
+                    ))
+                })?;
+            if still != WatchStatus::Watching {
+                return Ok(still);
             }
             let (t, n, v) = (w.tenant.as_str(), w.name.as_str(), w.version.as_str());
             let others = tx
@@ -588,41 +595,41 @@ impl Registry {
                 )?
                 .i(0)?;
             let cur = state_of(tx, t, n)?;
-            let in_place = match w.mode.as_str() {
-                "canary" => {
+            let in_place = match w.mode {
+                WatchMode::Canary => {
                     cur.canary.as_ref().map(|c| c.0.as_str()) == Some(v) && cur.live == w.previous
                 }
-                _ => cur.live.as_deref() == Some(v),
+                WatchMode::BeforeAfter => cur.live.as_deref() == Some(v),
             };
             let status = if others > 0 || !in_place {
                 journal(
                     tx,
                     t,
                     n,
-                    "watch-superseded",
+                    JournalEvent::WatchSuperseded,
                     Some(v),
                     None,
                     actor,
                     "the adapter's aliases changed since the rollout: nothing is undone",
                 )?;
-                "superseded"
+                WatchStatus::Superseded
             } else {
                 match end {
                     WatchEnd::Regressed => {
-                        match w.mode.as_str() {
-                            "canary" => {
+                        match w.mode {
+                            WatchMode::Canary => {
                                 tx.exec(
                                     "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
                                     p![t, n],
                                 )?;
                             }
-                            _ => {
+                            WatchMode::BeforeAfter => {
                                 let prev = w.previous.as_deref().ok_or_else(|| {
                                     RegistryError::NotFound(format!("previous version of {t}/{n}"))
                                 })?;
                                 servable(tx, t, n, prev)?;
-                                set_alias(tx, t, n, "live", prev, None)?;
-                                set_alias(tx, t, n, "previous", v, None)?;
+                                set_alias(tx, t, n, Alias::Live, prev, None)?;
+                                set_alias(tx, t, n, Alias::Previous, v, None)?;
                             }
                         }
                         tx.exec(
@@ -637,20 +644,20 @@ impl Registry {
                             tx,
                             t,
                             n,
-                            "auto-rollback",
+                            JournalEvent::AutoRollback,
                             w.previous.as_deref(),
                             Some(v),
                             actor,
                             reason,
                         )?;
-                        "rolled_back"
+                        WatchStatus::RolledBack
                     }
                     WatchEnd::Passed => {
-                        if w.mode == "canary" {
+                        if w.mode == WatchMode::Canary {
                             if let Some(l) = &cur.live {
-                                set_alias(tx, t, n, "previous", l, None)?;
+                                set_alias(tx, t, n, Alias::Previous, l, None)?;
                             }
-                            set_alias(tx, t, n, "live", v, None)?;
+                            set_alias(tx, t, n, Alias::Live, v, None)?;
                             tx.exec(
                                 "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
                                 p![t, n],
@@ -659,29 +666,47 @@ impl Registry {
                                 tx,
                                 t,
                                 n,
-                                "promote",
+                                JournalEvent::Promote,
                                 Some(v),
                                 cur.live.as_deref(),
                                 actor,
                                 reason,
                             )?;
                         }
-                        journal(tx, t, n, "watch-pass", Some(v), None, actor, reason)?;
-                        "passed"
+                        journal(
+                            tx,
+                            t,
+                            n,
+                            JournalEvent::WatchPass,
+                            Some(v),
+                            None,
+                            actor,
+                            reason,
+                        )?;
+                        WatchStatus::Passed
                     }
                     WatchEnd::Inconclusive => {
-                        journal(tx, t, n, "watch-inconclusive", Some(v), None, actor, reason)?;
-                        "inconclusive"
+                        journal(
+                            tx,
+                            t,
+                            n,
+                            JournalEvent::WatchInconclusive,
+                            Some(v),
+                            None,
+                            actor,
+                            reason,
+                        )?;
+                        WatchStatus::Inconclusive
                     }
                 }
             };
             tx.exec(
                 "UPDATE watches SET status = ?4, verdict = ?5, updated_at = ?6 WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                p![t, n, v, status, verdict.to_string(), now_ms()],
+                p![t, n, v, status.as_str(), verdict.to_string(), now_ms()],
             )?;
             let st = state_of(tx, t, n)?;
             guard.commit()?;
-            (status.to_string(), st)
+            (status, st)
         };
         self.notify(&w.tenant, &w.name, &state);
         Ok(status)

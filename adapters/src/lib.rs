@@ -11,8 +11,10 @@ pub mod peft;
 pub mod pool;
 pub mod registry;
 pub mod s3;
+#[cfg(feature = "test-utils")]
 pub mod s3test;
 mod sql;
+pub mod states;
 pub mod store;
 
 pub use aliases::{AliasCache, Routed, Snapshot};
@@ -29,4 +31,5 @@ pub use registry::{
 };
 pub use s3::{S3Options, S3Store};
 pub use sql::{is_postgres_url, PG_SCHEMA_VERSION};
+pub use states::{Alias, JournalEvent, RunStatus, WatchMode, WatchStatus};
 pub use store::{open_store, BlobStore, LocalStore};

@@ -11,6 +11,7 @@ use crate::names::{check_name, store_key, AdapterRef, Via};
 use crate::peft::{load_peft, BaseShapes, LoadLimits};
 use crate::pool::AdapterSource;
 use crate::sql::{p, Conn, Db, Mode, Row};
+use crate::states::{Alias, JournalEvent};
 use crate::store::{content_id_of, BlobStore, FILES};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ pub struct AdapterState {
 pub struct JournalEntry {
     pub seq: i64,
     pub at: i64,
-    pub event: String,
+    pub event: JournalEvent,
     pub version: Option<String>,
     pub previous: Option<String>,
     pub actor: String,
@@ -107,12 +108,7 @@ pub struct Registry {
     listeners: Mutex<Vec<Weak<AliasCache>>>,
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use retune_config::now_ms;
 
 impl Registry {
     /// The embedded registry: a SQLite file.
@@ -239,7 +235,7 @@ impl Registry {
             &mut *tx,
             v.tenant,
             v.name,
-            "register",
+            JournalEvent::Register,
             Some(&id),
             None,
             v.actor,
@@ -447,7 +443,7 @@ impl Registry {
                 Ok(JournalEntry {
                     seq: r.i(0)?,
                     at: r.i(1)?,
-                    event: r.s(2)?,
+                    event: r.s(2)?.parse()?,
                     version: r.os(3)?,
                     previous: r.os(4)?,
                     actor: r.s(5)?,
@@ -535,15 +531,15 @@ impl Registry {
             }
             if cur.live.as_deref() != Some(version) {
                 if let Some(l) = &cur.live {
-                    set_alias(tx, tenant, name, "previous", l, None)?;
+                    set_alias(tx, tenant, name, Alias::Previous, l, None)?;
                 }
-                set_alias(tx, tenant, name, "live", version, None)?;
+                set_alias(tx, tenant, name, Alias::Live, version, None)?;
             }
             journal(
                 tx,
                 tenant,
                 name,
-                "promote",
+                JournalEvent::Promote,
                 Some(version),
                 cur.live.as_deref(),
                 actor,
@@ -574,13 +570,13 @@ impl Registry {
                 })?,
             };
             servable(tx, tenant, name, &target)?;
-            set_alias(tx, tenant, name, "previous", &live, None)?;
-            set_alias(tx, tenant, name, "live", &target, None)?;
+            set_alias(tx, tenant, name, Alias::Previous, &live, None)?;
+            set_alias(tx, tenant, name, Alias::Live, &target, None)?;
             journal(
                 tx,
                 tenant,
                 name,
-                "rollback",
+                JournalEvent::Rollback,
                 Some(&target),
                 Some(&live),
                 actor,
@@ -609,12 +605,12 @@ impl Registry {
                         )));
                     }
                     servable(tx, tenant, name, v)?;
-                    set_alias(tx, tenant, name, "canary", v, Some(pct))?;
+                    set_alias(tx, tenant, name, Alias::Canary, v, Some(pct))?;
                     journal(
                         tx,
                         tenant,
                         name,
-                        "canary",
+                        JournalEvent::Canary,
                         Some(v),
                         None,
                         actor,
@@ -626,7 +622,16 @@ impl Registry {
                         "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
                         p![tenant, name],
                     )?;
-                    journal(tx, tenant, name, "canary-clear", None, None, actor, reason)?;
+                    journal(
+                        tx,
+                        tenant,
+                        name,
+                        JournalEvent::CanaryClear,
+                        None,
+                        None,
+                        actor,
+                        reason,
+                    )?;
                 }
             }
             Ok(())
@@ -677,7 +682,7 @@ impl Registry {
                 tx,
                 tenant,
                 name,
-                "taint",
+                JournalEvent::Taint,
                 Some(version),
                 None,
                 actor,
@@ -701,7 +706,7 @@ impl Registry {
                 tx,
                 tenant,
                 name,
-                "retrain",
+                JournalEvent::Retrain,
                 Some(version),
                 None,
                 actor,
@@ -773,7 +778,7 @@ impl Registry {
                 tx,
                 tenant,
                 name,
-                "retire",
+                JournalEvent::Retire,
                 Some(version),
                 None,
                 actor,
@@ -860,7 +865,7 @@ impl Registry {
                     &mut *tx,
                     tenant,
                     name,
-                    "delete",
+                    JournalEvent::Delete,
                     Some(id),
                     None,
                     actor,
@@ -963,13 +968,14 @@ pub(crate) fn state_of(c: &mut dyn Conn, tenant: &str, name: &str) -> R<AdapterS
     Ok(st)
 }
 
-/// One alias row into an adapter's state.
+/// One alias row into an adapter's state (a name this build does not know is
+/// left out).
 pub(crate) fn set_state(st: &mut AdapterState, alias: &str, version: String, pct: Option<i64>) {
-    match alias {
-        "live" => st.live = Some(version),
-        "previous" => st.previous = Some(version),
-        "canary" => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
-        _ => {}
+    match alias.parse::<Alias>() {
+        Ok(Alias::Live) => st.live = Some(version),
+        Ok(Alias::Previous) => st.previous = Some(version),
+        Ok(Alias::Canary) => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
+        Err(_) => {}
     }
 }
 
@@ -996,14 +1002,14 @@ pub(crate) fn set_alias(
     c: &mut dyn Conn,
     tenant: &str,
     name: &str,
-    alias: &str,
+    alias: Alias,
     version: &str,
     pct: Option<u8>,
 ) -> R<()> {
     c.exec(
         "INSERT INTO aliases (tenant, name, alias, version, percent) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (tenant, name, alias) DO UPDATE SET version = excluded.version, percent = excluded.percent",
-        p![tenant, name, alias, version, pct.map(i64::from)],
+        p![tenant, name, alias.as_str(), version, pct.map(i64::from)],
     )?;
     Ok(())
 }
@@ -1013,7 +1019,7 @@ pub(crate) fn journal(
     c: &mut dyn Conn,
     tenant: &str,
     name: &str,
-    event: &str,
+    event: JournalEvent,
     version: Option<&str>,
     previous: Option<&str>,
     actor: &str,
@@ -1021,7 +1027,7 @@ pub(crate) fn journal(
 ) -> R<()> {
     c.exec(
         "INSERT INTO journal (at, tenant, name, event, version, previous, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        p![now_ms(), tenant, name, event, version, previous, actor, reason],
+        p![now_ms(), tenant, name, event.as_str(), version, previous, actor, reason],
     )?;
     Ok(())
 }

@@ -2,13 +2,23 @@
 //! environment overrides, validated once at startup.
 
 pub mod pg;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the
+/// timestamps every store and journal writes.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 mod trainer;
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 pub use trainer::{
-    check_labels, AdapterLoop, ClassicalMode, DataOptions, GateOptions, LoopSettings, Objective,
-    SuspectPolicy, TrainOptions, TrainerSettings, TriggerSettings, WatchOptions,
+    check_labels, AdapterLoop, ClassicalMode, DataOptions, GateMetric, GateOptions, LoopSettings,
+    Objective, RolloutMode, SuspectPolicy, TrainOptions, TrainerSettings, TriggerSettings,
+    WatchOptions,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -650,6 +660,40 @@ mod tests {
             "b".repeat(64)
         );
         assert!(Settings::from_toml(&dup, []).is_err());
+    }
+
+    #[test]
+    fn gate_metric_and_rollout_are_their_choices_and_anything_else_is_named() {
+        let s = Settings::from_toml(BASE, []).unwrap();
+        let d = &s.trainer.defaults.gate;
+        assert_eq!(
+            (d.metric, d.rollout),
+            (GateMetric::Auto, RolloutMode::Canary)
+        );
+        let s = Settings::from_toml(
+            &format!("{BASE}[trainer.defaults.gate]\nmetric = \"token_f1\"\nrollout = \"live\"\n"),
+            [],
+        )
+        .unwrap();
+        let d = &s.trainer.defaults.gate;
+        assert_eq!(
+            (d.metric, d.rollout),
+            (GateMetric::TokenF1, RolloutMode::Live)
+        );
+        for bad in [
+            "[trainer.defaults.gate]\nmetric = \"bleu\"\n",
+            "[trainer.defaults.gate]\nrollout = \"shadow\"\n",
+        ] {
+            let err = Settings::from_toml(&format!("{BASE}{bad}"), [])
+                .unwrap_err()
+                .to_string();
+            let word = if bad.contains("bleu") {
+                "`bleu`"
+            } else {
+                "`shadow`"
+            };
+            assert!(err.contains(word) && err.contains("expected"), "{err}");
+        }
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct TrainOptions {
     /// How a task is learned: `auto` (a declared label task as a classifier,
     /// anything else by generating the answer), `classify`, `generate`.
     pub objective: Objective,
+    /// Label smoothing of the training loss, 0 to below 1 (0: none).
+    pub label_smoothing: f64,
 }
 
 /// How an adapter learns its task.
@@ -170,6 +172,7 @@ impl Default for TrainOptions {
             eval_every: 0,
             patience: 0,
             objective: Objective::Auto,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -180,7 +183,7 @@ pub struct GateOptions {
     /// `auto` (label accuracy when examples carry labels, JSON when `json_keys`
     /// is set, exact match for short answers, token F1 for long ones), `exact`,
     /// `label`, `json`, `token_f1`.
-    pub metric: String,
+    pub metric: GateMetric,
     /// The adapter's prompt for the base-model baseline: a system prompt…
     pub system_prompt: Option<String>,
     /// …and this many examples from the train split as earlier chat turns.
@@ -203,7 +206,7 @@ pub struct GateOptions {
     pub max_eval: usize,
     pub max_new_tokens: usize,
     /// `live` (promote; the watch compares before and after) or `canary`.
-    pub rollout: String,
+    pub rollout: RolloutMode,
     pub canary_percent: u8,
     /// Bootstrap resamples for the intervals.
     pub bootstrap: usize,
@@ -212,6 +215,30 @@ pub struct GateOptions {
     /// that does not beat it is rejected), `report` (scored and reported only),
     /// `off`.
     pub classical: ClassicalMode,
+}
+
+/// How the gate scores an answer.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateMetric {
+    /// Chosen from the eval rows (see `GateOptions::metric`).
+    #[default]
+    Auto,
+    Exact,
+    Label,
+    Json,
+    TokenF1,
+}
+
+/// How a version that passed the gate reaches users.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutMode {
+    /// Made live; the watch compares before and after.
+    Live,
+    /// A share of the traffic (`canary_percent`) beside the live version.
+    #[default]
+    Canary,
 }
 
 /// What the gate does with its classical arm.
@@ -227,7 +254,7 @@ pub enum ClassicalMode {
 impl Default for GateOptions {
     fn default() -> Self {
         Self {
-            metric: "auto".into(),
+            metric: GateMetric::Auto,
             system_prompt: None,
             shots: 0,
             json_keys: Vec::new(),
@@ -238,7 +265,7 @@ impl Default for GateOptions {
             max_forgetting: 1.0,
             max_eval: 1000,
             max_new_tokens: 32,
-            rollout: "canary".into(),
+            rollout: RolloutMode::Canary,
             canary_percent: 20,
             bootstrap: 2000,
             classical: ClassicalMode::Require,
@@ -321,22 +348,15 @@ impl Default for DataOptions {
 impl LoopSettings {
     pub fn validate(&self, at: &str) -> Result<(), (String, String)> {
         let bad = |f: &str, r: &str| Err((format!("{at}.{f}"), r.to_string()));
-        if !["auto", "exact", "label", "json", "token_f1"].contains(&self.gate.metric.as_str()) {
-            return bad(
-                "gate.metric",
-                "must be auto, exact, label, json or token_f1",
-            );
-        }
-        if self.gate.metric == "json" && self.gate.json_keys.is_empty() {
+        if self.gate.metric == GateMetric::Json && self.gate.json_keys.is_empty() {
             return bad(
                 "gate.json_keys",
                 "the json metric needs the keys an answer must hold",
             );
         }
-        if !["live", "canary"].contains(&self.gate.rollout.as_str()) {
-            return bad("gate.rollout", "must be live or canary");
-        }
-        if self.gate.rollout == "canary" && !(1..=100).contains(&self.gate.canary_percent) {
+        if self.gate.rollout == RolloutMode::Canary
+            && !(1..=100).contains(&self.gate.canary_percent)
+        {
             return bad("gate.canary_percent", "must be 1 to 100");
         }
         if self.gate.max_eval == 0 || self.gate.max_new_tokens == 0 || self.gate.bootstrap < 100 {
@@ -365,6 +385,9 @@ impl LoopSettings {
         }
         if !(self.train.lr > 0.0) || !(self.train.epochs > 0.0) {
             return bad("train.lr/epochs", "must be positive");
+        }
+        if !(0.0..1.0).contains(&self.train.label_smoothing) {
+            return bad("train.label_smoothing", "must be at least 0 and below 1");
         }
         if self.data.eval_percent == 0 || self.data.eval_percent > 50 {
             return bad(

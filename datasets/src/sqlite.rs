@@ -49,12 +49,7 @@ pub struct SqliteStore {
     db: Mutex<Connection>,
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use retune_config::now_ms;
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, DataError> {

@@ -148,6 +148,7 @@ fn suspect_finder_recalls_flipped_labels() {
 /// is `scripts/banking77.py split DIR --system ""` (1,000 held-out rows, seed 77).
 ///
 /// `RETUNE_B77_SPLIT=DIR cargo nextest run --release -p retune-datasets --run-ignored only banking77 --no-capture`
+/// (with `RETUNE_B77_KEPT=FILE`, the train rows without the suspects are written to FILE).
 #[test]
 #[ignore = "a measurement on Banking77: needs RETUNE_B77_SPLIT"]
 fn banking77_suspects_and_accuracy_without_them() {
@@ -223,6 +224,18 @@ fn banking77_suspects_and_accuracy_without_them() {
         .filter(|(i, _)| !out.contains(i))
         .map(|(_, r)| r)
         .collect();
+    if let Ok(path) = std::env::var("RETUNE_B77_KEPT") {
+        // The train rows without the suspects, verbatim, for training an adapter on them.
+        let text = std::fs::read_to_string(dir.join("train.jsonl")).expect("split file");
+        let lines: Vec<&str> = text
+            .lines()
+            .enumerate()
+            .filter(|(i, _)| !out.contains(i))
+            .map(|(_, l)| l)
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write kept rows");
+        println!("{} kept rows written to {path}", lines.len());
+    }
     let (a_kept, _) = acc(&kept);
     println!(
         "classical arm without the suspects: {:.1}% ({:+.1} points)",

@@ -22,6 +22,9 @@ pub enum ErrorKind {
     Capacity,
     /// The backend is shutting down or has stopped.
     Unavailable,
+    /// The adapter's files cannot be fetched right now (its store is
+    /// unreachable): retry later.
+    AdapterUnavailable,
     /// A fault of the server (its message may name files: log it, never show it).
     Internal,
 }
@@ -33,6 +36,7 @@ impl ErrorKind {
             Self::Adapter => "adapter",
             Self::Capacity => "capacity",
             Self::Unavailable => "unavailable",
+            Self::AdapterUnavailable => "adapter_unavailable",
             Self::Internal => "internal",
         }
     }

@@ -35,8 +35,8 @@ pub use backend::{
 };
 pub use chat::{ChatMessage, ChatTemplate, Rendered};
 pub use device::{
-    grad_of, weighted_nll, Cache, Compute, DeviceModel, DeviceOptions, Dropout, LoraParam, Mode,
-    TrainBatch, TrainLora, WeightMode,
+    grad_of, smoothed_nll, weighted_nll, Cache, Compute, DeviceModel, DeviceOptions, Dropout,
+    LoraParam, Mode, TrainBatch, TrainLora, WeightMode,
 };
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};

@@ -850,7 +850,7 @@ impl Worker {
             Acquire::Failed(e) => Resolved::Failed(GenError::new(
                 match *e {
                     // the store is unreachable: retry later (503), not a broken adapter
-                    retune_adapters::AdapterError::Unavailable(_) => ErrorKind::Unavailable,
+                    retune_adapters::AdapterError::Unavailable(_) => ErrorKind::AdapterUnavailable,
                     _ => ErrorKind::Adapter,
                 },
                 format!("adapter {adapter}: {e}"),

@@ -1,13 +1,12 @@
 //! Admin API (admin key): register, promote (compare-and-set), rollback, canary,
 //! retire, list and show adapter versions. Registry calls run off the async runtime.
 
-use crate::auth::Admin;
 use crate::errors::ApiError;
+use crate::extract::{blocking, registry, AdminCaller};
 use crate::AppState;
-use actix_web::{web, HttpRequest, HttpResponse};
-use retune_adapters::{Expect, NewVersion, Registry};
+use actix_web::{web, HttpResponse};
+use retune_adapters::{Expect, NewVersion};
 use serde::Deserialize;
-use std::sync::Arc;
 
 type Data = web::Data<AppState>;
 
@@ -46,55 +45,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// The admin key, checked: who it is, and (for a route naming a tenant) that
-/// it manages that tenant and the tenant is configured.
-pub(crate) fn admin_key(state: &AppState, req: &HttpRequest) -> Result<Admin, ApiError> {
-    let key = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::Unauthorized("missing `Authorization: Bearer <admin key>`".into())
-        })?;
-    let who = state
-        .keys
-        .admin(key)
-        .cloned()
-        .ok_or_else(|| ApiError::Unauthorized("admin key required".into()))?;
-    if let Some(t) = req.match_info().get("tenant") {
-        if !who.may(t) {
-            return Err(ApiError::Forbidden(format!(
-                "this key does not manage tenant `{t}`"
-            )));
-        }
-        if !state.settings.tenants.iter().any(|x| x.name == t) {
-            return Err(ApiError::Missing(format!("tenant `{t}` is not configured")));
-        }
-    }
-    Ok(who)
-}
-
-pub(crate) fn admin(
-    state: &AppState,
-    req: &HttpRequest,
-) -> Result<(Arc<Registry>, Admin), ApiError> {
-    let who = admin_key(state, req)?;
-    let reg = state
-        .registry
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("no adapter registry configured".into()))?;
-    Ok((reg, who))
-}
-
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    web::block(f)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-}
-
 #[derive(Deserialize)]
 struct ListQuery {
     tenant: Option<String>,
@@ -102,10 +52,10 @@ struct ListQuery {
 
 async fn list(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(who): AdminCaller,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, who) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let tenant = q.into_inner().tenant;
     if let Some(t) = &tenant {
         if !who.may(t) {
@@ -125,10 +75,10 @@ async fn list(
 
 async fn show(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, _) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || {
         let state = reg.state(&t, &n)?;
@@ -145,10 +95,10 @@ async fn show(
 /// snapshot, training record, gate report and outcome).
 async fn runs(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, _) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || Ok(reg.runs(&t, &n, 50)?)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
@@ -158,10 +108,10 @@ async fn runs(
 /// retired ones), oldest first.
 async fn gate(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, _) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || {
         Ok(reg
@@ -181,10 +131,10 @@ async fn gate(
 /// Watches after rollouts, newest first, with their latest figures.
 async fn watch(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, _) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let (t, n) = path.into_inner();
     let v = blocking(move || Ok(reg.watches(&t, &n)?)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"data": v})))
@@ -203,11 +153,11 @@ struct RegisterBody {
 
 async fn register(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(who): AdminCaller,
     path: web::Path<(String, String)>,
     body: web::Json<RegisterBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, who) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let (t, n) = path.into_inner();
     let b = body.into_inner();
     let base = state.base.clone();
@@ -299,12 +249,12 @@ struct Change {
 
 async fn change(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(who): AdminCaller,
     path: web::Path<(String, String)>,
     body: web::Json<Change>,
     op: &'static str,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, who) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let (t, n) = path.into_inner();
     let c = body.into_inner();
     let metrics = state.clone();
@@ -349,7 +299,7 @@ async fn change(
 
 async fn promote(
     s: Data,
-    r: HttpRequest,
+    r: AdminCaller,
     p: web::Path<(String, String)>,
     b: web::Json<Change>,
 ) -> Result<HttpResponse, ApiError> {
@@ -357,7 +307,7 @@ async fn promote(
 }
 async fn rollback(
     s: Data,
-    r: HttpRequest,
+    r: AdminCaller,
     p: web::Path<(String, String)>,
     b: web::Json<Change>,
 ) -> Result<HttpResponse, ApiError> {
@@ -365,7 +315,7 @@ async fn rollback(
 }
 async fn canary(
     s: Data,
-    r: HttpRequest,
+    r: AdminCaller,
     p: web::Path<(String, String)>,
     b: web::Json<Change>,
 ) -> Result<HttpResponse, ApiError> {
@@ -373,7 +323,7 @@ async fn canary(
 }
 async fn retire(
     s: Data,
-    r: HttpRequest,
+    r: AdminCaller,
     p: web::Path<(String, String)>,
     b: web::Json<Change>,
 ) -> Result<HttpResponse, ApiError> {

@@ -1,13 +1,11 @@
 //! Admin API for the datasets store (admin key): import JSONL for an adapter,
 //! curate a snapshot, read and export snapshots, erase a subject.
 
-use crate::admin::{admin_key, blocking};
 use crate::errors::ApiError;
-use crate::routes::body;
+use crate::extract::{blocking, datasets, AdminCaller, LimitedBody};
 use crate::AppState;
-use actix_web::{web, HttpRequest, HttpResponse};
-use retune_datasets::{parse_jsonl_for, DatasetStore, Policy};
-use std::sync::Arc;
+use actix_web::{web, HttpResponse};
+use retune_datasets::{parse_jsonl_for, Policy};
 
 type Data = web::Data<AppState>;
 
@@ -31,32 +29,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/admin/data/{tenant}/erase", web::post().to(erase));
 }
 
-fn store(state: &AppState, req: &HttpRequest) -> Result<Arc<dyn DatasetStore>, ApiError> {
-    Ok(store_as(state, req)?.0)
-}
-
-fn store_as(
-    state: &AppState,
-    req: &HttpRequest,
-) -> Result<(Arc<dyn DatasetStore>, crate::auth::Admin), ApiError> {
-    let who = admin_key(state, req)?;
-    let s = state
-        .data
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("no datasets store is configured".into()))?;
-    Ok((s, who))
-}
-
 /// The body is JSONL; the answer lists every bad line by number (the rest is imported).
 async fn import(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
-    payload: web::Payload,
+    LimitedBody(raw): LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
-    let s = store(&state, &req)?;
+    let s = datasets(&state)?;
     let (t, a) = path.into_inner();
-    let raw = body(&state, payload).await?;
     let text = String::from_utf8(raw.to_vec())
         .map_err(|_| ApiError::BadRequest("the body must be UTF-8 JSONL".into()))?;
     // a declared label task refuses examples outside its label set, by line
@@ -78,13 +59,12 @@ async fn import(
 
 async fn snapshot(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
-    payload: web::Payload,
+    LimitedBody(raw): LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
-    let s = store(&state, &req)?;
+    let s = datasets(&state)?;
     let (t, a) = path.into_inner();
-    let raw = body(&state, payload).await?;
     let policy: Policy = if raw.iter().all(u8::is_ascii_whitespace) {
         Policy::default()
     } else {
@@ -115,10 +95,10 @@ async fn snapshot(
 
 async fn manifest(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let s = store(&state, &req)?;
+    let s = datasets(&state)?;
     let (t, id) = path.into_inner();
     let m = blocking(move || Ok(s.manifest(&t, &id)?)).await?;
     Ok(HttpResponse::Ok().json(m))
@@ -126,10 +106,10 @@ async fn manifest(
 
 async fn export(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(_): AdminCaller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let s = store(&state, &req)?;
+    let s = datasets(&state)?;
     let (t, id) = path.into_inner();
     let text = blocking(move || {
         let mut out = String::new();
@@ -152,13 +132,12 @@ struct EraseBody {
 
 async fn erase(
     state: Data,
-    req: HttpRequest,
+    AdminCaller(who): AdminCaller,
     path: web::Path<String>,
-    payload: web::Payload,
+    LimitedBody(raw): LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
-    let (s, who) = store_as(&state, &req)?;
+    let s = datasets(&state)?;
     let t = path.into_inner();
-    let raw = body(&state, payload).await?;
     let b: EraseBody = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
     if b.subject_id.is_empty() {

@@ -145,11 +145,13 @@ impl From<GenError> for ApiError {
             // the engine's words go to the log (they may name internals)
             ErrorKind::Unavailable => {
                 tracing::warn!(detail = %e.message, "generation unavailable");
-                Self::Unavailable(if e.message.starts_with("adapter ") {
-                    "the adapter's files cannot be fetched right now; retry shortly".into()
-                } else {
-                    "the server is shutting down or restarting; retry shortly".into()
-                })
+                Self::Unavailable("the server is shutting down or restarting; retry shortly".into())
+            }
+            ErrorKind::AdapterUnavailable => {
+                tracing::warn!(detail = %e.message, "adapter store unavailable");
+                Self::Unavailable(
+                    "the adapter's files cannot be fetched right now; retry shortly".into(),
+                )
             }
             ErrorKind::Internal => Self::Internal(e.message),
         }

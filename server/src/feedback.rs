@@ -3,12 +3,11 @@
 //! disk; an unknown id and another tenant's id get the same 404.
 
 use crate::errors::ApiError;
-use crate::routes::{body, tenant};
+use crate::extract::{datasets, LimitedBody, Tenant};
 use crate::AppState;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use retune_datasets::{DataError, DatasetStore, Feedback, Rating};
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
 
 type Data = web::Data<AppState>;
@@ -16,13 +15,6 @@ type Data = web::Data<AppState>;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/feedback", web::post().to(post))
         .route("/v1/feedback/{completion_id}", web::get().to(get));
-}
-
-fn store(state: &AppState) -> Result<Arc<dyn DatasetStore>, ApiError> {
-    state
-        .data
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("no datasets store is configured".into()))
 }
 
 fn invalid(param: &str, message: &str) -> ApiError {
@@ -126,7 +118,7 @@ async fn with_catch_up<T: Send + 'static>(
     state: &AppState,
     op: impl Fn(&dyn DatasetStore) -> Result<T, DataError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let store = store(state)?;
+    let store = datasets(state)?;
     let writer = state.capture.clone();
     web::block(move || match (op(store.as_ref()), &writer) {
         (Err(DataError::NotFound(_)), Some(w)) => {
@@ -142,11 +134,9 @@ async fn with_catch_up<T: Send + 'static>(
 
 async fn post(
     state: Data,
-    req: HttpRequest,
-    payload: web::Payload,
+    Tenant(t): Tenant,
+    LimitedBody(raw): LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
-    let t = tenant(&state, &req)?.to_string();
-    let raw = body(&state, payload).await?;
     let fb = parse(&raw)?;
     let kind = if fb.correction.is_some() {
         "correction"
@@ -162,10 +152,9 @@ async fn post(
 
 async fn get(
     state: Data,
-    req: HttpRequest,
+    Tenant(t): Tenant,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let t = tenant(&state, &req)?.to_string();
     let id = path.into_inner();
     let st = with_catch_up(&state, move |s| s.feedback(&t, &id)).await?;
     Ok(HttpResponse::Ok().json(st))

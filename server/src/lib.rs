@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod admin_data;
 pub mod auth;
+mod capture;
 pub mod erasure;
 pub mod errors;
+pub mod extract;
 pub mod feedback;
 pub mod metrics;
 pub mod openai;
@@ -209,7 +211,7 @@ pub fn app(
                     let tenant = res
                         .request()
                         .extensions()
-                        .get::<routes::TenantLabel>()
+                        .get::<extract::TenantLabel>()
                         .map(|t| t.0.clone());
                     let tenant = tenant.unwrap_or_else(|| "-".into());
                     let status = res.status().as_u16().to_string();

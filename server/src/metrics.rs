@@ -1,8 +1,13 @@
 //! Every Prometheus metric retune exports, in one place.
 
+use crate::errors::ApiError;
+use crate::extract::MetricsCaller;
+use crate::AppState;
+use actix_web::{web, HttpResponse};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use std::sync::atomic::Ordering;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -448,4 +453,116 @@ pub fn catch_up(c: &prometheus::IntCounter, total: u64) {
     if total > now {
         c.inc_by(total - now);
     }
+}
+
+/// `GET /metrics`: the serving figures read now, the loop's figures from the
+/// shared registry (kept at their last values while it cannot be read), in
+/// Prometheus' text format. Closed without the metrics key unless
+/// `auth.public_metrics`.
+pub(crate) async fn scrape(
+    state: web::Data<AppState>,
+    _: MetricsCaller,
+) -> Result<HttpResponse, ApiError> {
+    let m = &state.metrics;
+    let s = state.backend.stats();
+    m.queue_depth.set(s.queued as i64);
+    m.running.set(s.running as i64);
+    m.step_tokens.set(s.last_step_tokens as i64);
+    if let Some(p) = &s.prefix {
+        m.prefix.update(p);
+    }
+    m.kv_usage.set(if s.kv_capacity_tokens > 0 {
+        s.kv_reserved_tokens as f64 / s.kv_capacity_tokens as f64
+    } else {
+        0.0
+    });
+    if state.pool.is_some() {
+        m.set_lora_info(
+            state.settings.adapters.max_resident,
+            &s.running_adapters,
+            &s.waiting_adapters,
+        );
+    }
+    if let Some(p) = &state.pool {
+        let ps = p.stats();
+        m.adapters_resident
+            .set(ps.resident.load(Ordering::Relaxed) as i64);
+        m.adapter_bytes.set(ps.bytes.load(Ordering::Relaxed) as i64);
+        m.adapter_loads.set(ps.loads.load(Ordering::Relaxed) as i64);
+        m.adapter_evictions
+            .set(ps.evictions.load(Ordering::Relaxed) as i64);
+        m.adapter_load_seconds
+            .set(ps.load_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        m.pool.update(p);
+    }
+    if let Some(w) = &state.capture {
+        let cs = w.stats();
+        catch_up(&m.captured, cs.captured.load(Ordering::Relaxed));
+        catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
+    }
+    if let Some(reg) = &state.registry {
+        catch_up(&m.store_refused, reg.store_refused());
+    }
+    let read = match state.registry.clone() {
+        Some(reg) => Some(
+            web::block(move || {
+                Ok::<_, retune_adapters::RegistryError>((
+                    reg.tainted_live_count()?,
+                    reg.loop_counts()?,
+                    reg.stored_totals()?,
+                ))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("registry task: {e}")))?,
+        ),
+        None => None,
+    };
+    // a shared registry that is down must not take the serving gauges (which
+    // the inference gateway routes by) with it
+    let read = match read {
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "metrics: the registry cannot be read; its figures keep their last values");
+            m.registry_unreadable.inc();
+            None
+        }
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
+    if let Some((n, c, stored)) = read {
+        m.tainted_live.set(n);
+        m.pool.stored(stored.0, stored.1);
+        // the trainer writes these to the shared registry; the server reports them
+        let mut running = 0;
+        for (status, count) in &c.runs {
+            if *status == retune_adapters::RunStatus::Running {
+                running = *count;
+            } else {
+                catch_up(
+                    &m.trainer_runs.with_label_values(&[status.as_str()]),
+                    *count as u64,
+                );
+            }
+        }
+        m.trainer_running.set(running);
+        catch_up(
+            &m.gate_decisions.with_label_values(&["pass"]),
+            c.gate_passes as u64,
+        );
+        catch_up(
+            &m.gate_decisions.with_label_values(&["fail"]),
+            c.gate_fails as u64,
+        );
+        catch_up(&m.auto_rollbacks, c.auto_rollbacks as u64);
+        m.trainer_last_run
+            .set(c.last_run_finished.unwrap_or(0) / 1000);
+        m.watches_open.set(c.watching);
+    }
+    let mut out = Vec::new();
+    use prometheus::Encoder;
+    prometheus::TextEncoder::new()
+        .encode(&m.registry.gather(), &mut out)
+        .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(out))
 }

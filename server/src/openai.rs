@@ -117,3 +117,84 @@ pub struct TokenLogprob {
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
 }
+
+/// `GET /v1/models`: the base model and the tenant's live adapters.
+#[derive(Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub owned_by: String,
+    /// The live version serving an adapter's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// A chat or text completion, whole or one chunk of its stream (`usage`
+/// only on the whole response and on the stream's usage chunk).
+#[derive(Serialize)]
+pub struct CompletionBody<C> {
+    pub id: String,
+    /// `chat.completion`, `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One sample of a whole completion.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum CompletionChoice {
+    Chat {
+        index: usize,
+        message: AssistantMessage,
+        finish_reason: &'static str,
+        logprobs: Option<serde_json::Value>,
+    },
+    Text {
+        index: usize,
+        text: String,
+        finish_reason: &'static str,
+        logprobs: Option<serde_json::Value>,
+    },
+}
+
+#[derive(Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// One sample's piece of a streamed completion (`finish_reason` on its last).
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum ChunkChoice {
+    Chat {
+        index: usize,
+        delta: Delta,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<serde_json::Value>,
+    },
+    Text {
+        index: usize,
+        text: String,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<serde_json::Value>,
+    },
+}
+
+/// New text of a streamed chat message (`role` on the sample's first chunk).
+#[derive(Serialize)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    pub content: String,
+}

@@ -1,6 +1,7 @@
 //! HTTP handlers.
 
 use crate::errors::ApiError;
+use crate::extract::{LimitedBody, Tenant};
 use crate::openai::*;
 use crate::AppState;
 use crate::RequestId;
@@ -8,7 +9,6 @@ use actix_web::web::{self, Bytes};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use retune_adapters::{AdapterRef, RegistryError};
-use retune_datasets::CapturedCompletion;
 use retune_engine::guide::Constraint;
 use retune_engine::{ChatMessage, Completion, Event, Health, SamplingParams, ValidRequest};
 use std::sync::atomic::Ordering;
@@ -16,13 +16,10 @@ use std::time::Instant;
 
 type Data = web::Data<AppState>;
 
-/// The authenticated tenant, for the request metrics middleware.
-pub struct TenantLabel(pub String);
-
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics))
+        .route("/metrics", web::get().to(crate::metrics::scrape))
         .route("/v1/models", web::get().to(models))
         .route("/v1/chat/completions", web::post().to(chat))
         .route("/v1/completions", web::post().to(completions))
@@ -49,11 +46,9 @@ fn yes() -> bool {
 /// tokenizer, for counting tokens and for `logit_bias`.
 async fn tokenize(
     state: Data,
-    req: HttpRequest,
-    payload: web::Payload,
+    _: Tenant,
+    LimitedBody(raw): LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
-    tenant(&state, &req)?;
-    let raw = body(&state, payload).await?;
     let r: TokenizeRequest = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
     let backend = state.backend.clone();
@@ -133,170 +128,30 @@ impl PeerFd {
     }
 }
 
-async fn metrics(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    if !state.settings.auth.public_metrics {
-        let key = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthorized(
-                    "`/metrics` needs `Authorization: Bearer <metrics key>`".into(),
-                )
-            })?;
-        if !state.keys.may_scrape(key) {
-            return Err(ApiError::Unauthorized("not a metrics key".into()));
-        }
-    }
-    let m = &state.metrics;
-    let s = state.backend.stats();
-    m.queue_depth.set(s.queued as i64);
-    m.running.set(s.running as i64);
-    m.step_tokens.set(s.last_step_tokens as i64);
-    if let Some(p) = &s.prefix {
-        m.prefix.update(p);
-    }
-    m.kv_usage.set(if s.kv_capacity_tokens > 0 {
-        s.kv_reserved_tokens as f64 / s.kv_capacity_tokens as f64
-    } else {
-        0.0
-    });
-    if state.pool.is_some() {
-        m.set_lora_info(
-            state.settings.adapters.max_resident,
-            &s.running_adapters,
-            &s.waiting_adapters,
-        );
-    }
-    if let Some(p) = &state.pool {
-        let ps = p.stats();
-        m.adapters_resident
-            .set(ps.resident.load(Ordering::Relaxed) as i64);
-        m.adapter_bytes.set(ps.bytes.load(Ordering::Relaxed) as i64);
-        m.adapter_loads.set(ps.loads.load(Ordering::Relaxed) as i64);
-        m.adapter_evictions
-            .set(ps.evictions.load(Ordering::Relaxed) as i64);
-        m.adapter_load_seconds
-            .set(ps.load_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        m.pool.update(p);
-    }
-    if let Some(w) = &state.capture {
-        let cs = w.stats();
-        crate::metrics::catch_up(&m.captured, cs.captured.load(Ordering::Relaxed));
-        crate::metrics::catch_up(&m.capture_dropped, cs.dropped.load(Ordering::Relaxed));
-    }
-    if let Some(reg) = &state.registry {
-        crate::metrics::catch_up(&m.store_refused, reg.store_refused());
-    }
-    let read = match state.registry.clone() {
-        Some(reg) => Some(
-            web::block(move || {
-                Ok::<_, retune_adapters::RegistryError>((
-                    reg.tainted_live_count()?,
-                    reg.loop_counts()?,
-                    reg.stored_totals()?,
-                ))
-            })
-            .await
-            .map_err(|e| ApiError::Internal(format!("registry task: {e}")))?,
-        ),
-        None => None,
-    };
-    // a shared registry that is down must not take the serving gauges (which
-    // the inference gateway routes by) with it
-    let read = match read {
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "metrics: the registry cannot be read; its figures keep their last values");
-            m.registry_unreadable.inc();
-            None
-        }
-        Some(Ok(r)) => Some(r),
-        None => None,
-    };
-    if let Some((n, c, stored)) = read {
-        m.tainted_live.set(n);
-        m.pool.stored(stored.0, stored.1);
-        // the trainer writes these to the shared registry; the server reports them
-        let mut running = 0;
-        for (status, count) in &c.runs {
-            if status == "running" {
-                running = *count;
-            } else {
-                crate::metrics::catch_up(
-                    &m.trainer_runs.with_label_values(&[status]),
-                    *count as u64,
-                );
-            }
-        }
-        m.trainer_running.set(running);
-        crate::metrics::catch_up(
-            &m.gate_decisions.with_label_values(&["pass"]),
-            c.gate_passes as u64,
-        );
-        crate::metrics::catch_up(
-            &m.gate_decisions.with_label_values(&["fail"]),
-            c.gate_fails as u64,
-        );
-        crate::metrics::catch_up(&m.auto_rollbacks, c.auto_rollbacks as u64);
-        m.trainer_last_run
-            .set(c.last_run_finished.unwrap_or(0) / 1000);
-        m.watches_open.set(c.watching);
-    }
-    let mut out = Vec::new();
-    use prometheus::Encoder;
-    prometheus::TextEncoder::new()
-        .encode(&m.registry.gather(), &mut out)
-        .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(out))
-}
-
-pub(crate) fn tenant<'a>(state: &'a AppState, req: &HttpRequest) -> Result<&'a str, ApiError> {
-    let key = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::Unauthorized("missing `Authorization: Bearer <key>`".into()))?;
-    let t = state
-        .keys
-        .tenant(key)
-        .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
-    req.extensions_mut().insert(TenantLabel(t.to_string()));
-    Ok(t)
-}
-
-async fn models(state: Data, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let t = tenant(&state, &req)?;
-    let mut data = vec![
-        serde_json::json!({"id": state.settings.model.id, "object": "model", "owned_by": "retune"}),
-    ];
+async fn models(state: Data, Tenant(t): Tenant) -> Result<HttpResponse, ApiError> {
+    let t = t.as_str();
+    let mut data = vec![ModelCard {
+        id: state.settings.model.id.clone(),
+        object: "model",
+        owned_by: "retune".into(),
+        version: None,
+    }];
     if let Some(aliases) = &state.aliases {
         for (name, st) in aliases.snapshot().of_tenant(t) {
             if let Some(live) = st.live {
-                data.push(serde_json::json!({"id": name, "object": "model", "owned_by": t, "version": live}));
+                data.push(ModelCard {
+                    id: name.to_string(),
+                    object: "model",
+                    owned_by: t.to_string(),
+                    version: Some(live.to_string()),
+                });
             }
         }
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
-}
-
-/// Read the body up to the configured limit.
-pub(crate) async fn body(state: &AppState, mut payload: web::Payload) -> Result<Bytes, ApiError> {
-    let limit = state.settings.server.max_body_bytes;
-    let mut buf = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ApiError::TooLarge(format!(
-                "request body over {limit} bytes"
-            )));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
+    Ok(HttpResponse::Ok().json(ModelList {
+        object: "list",
+        data,
+    }))
 }
 
 /// `model` → the adapter version it names for `tenant` (`None` = the base).
@@ -620,21 +475,7 @@ struct Job {
     /// Unknown request fields, named in `x-retune-ignored-params`.
     ignored: Vec<String>,
     /// Set when this completion is to be captured.
-    capture: Option<CaptureCtx>,
-}
-
-/// What a captured record needs beyond the completion itself.
-struct CaptureCtx {
-    tenant: String,
-    /// The messages or prompt as sent.
-    request: serde_json::Value,
-    user: Option<String>,
-    /// Scrub personal data before storing (tenant setting).
-    scrub: bool,
-    /// The adapter version serving it (set when it is submitted).
-    adapter: Option<retune_adapters::AdapterRef>,
-    /// The declared task it is captured under when no version serves it yet.
-    declared: Option<String>,
+    capture: Option<crate::capture::CaptureCtx>,
 }
 
 /// A parsed, authenticated request with its adapter resolved: the part chat and
@@ -651,16 +492,14 @@ struct Admitted<T> {
 async fn admit<T: serde::de::DeserializeOwned>(
     state: &AppState,
     req: &HttpRequest,
-    payload: web::Payload,
+    (Tenant(t), LimitedBody(raw)): (Tenant, LimitedBody),
     id_prefix: &str,
     common: impl Fn(&T) -> &Common,
     logprobs: impl Fn(&T) -> Option<usize>,
     chat: bool,
 ) -> Result<Admitted<T>, ApiError> {
-    let t = tenant(state, req)?.to_string();
-    let raw = body(state, payload).await?;
-    let settings = capture_settings(state, &t).filter(|_| state.capture.is_some());
-    let capture = settings.is_some_and(sampled);
+    let settings = crate::capture::settings_of(state, &t).filter(|_| state.capture.is_some());
+    let capture = settings.is_some_and(crate::capture::sampled);
     let scrub = settings.is_some_and(|c| c.scrub);
     let value: serde_json::Value = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
@@ -706,7 +545,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
         logprobs: lp.is_some(),
         n: c.n.unwrap_or(1),
         ignored,
-        capture: capture.then(|| CaptureCtx {
+        capture: capture.then(|| crate::capture::CaptureCtx {
             tenant: t,
             request: serde_json::Value::Null,
             user: c.user.clone(),
@@ -722,113 +561,6 @@ async fn admit<T: serde::de::DeserializeOwned>(
         adapter,
         declared,
     })
-}
-
-fn capture_settings<'a>(
-    state: &'a AppState,
-    tenant: &str,
-) -> Option<&'a retune_config::CaptureSettings> {
-    state
-        .settings
-        .tenants
-        .iter()
-        .find(|t| t.name == tenant)
-        .map(|t| &t.capture)
-}
-
-/// Whether the tenant's capture settings record this completion.
-fn sampled(c: &retune_config::CaptureSettings) -> bool {
-    c.enabled && (c.sample_rate >= 1.0 || rand::random::<f64>() < c.sample_rate)
-}
-
-/// Queue a captured record (never blocks; a full queue drops it): what every
-/// record holds, then `fill` sets what this one adds.
-fn queue_record(state: &AppState, job: &Job, fill: impl FnOnce(&mut CapturedCompletion)) {
-    let (Some(ctx), Some(w)) = (&job.capture, &state.capture) else {
-        return;
-    };
-    let mut record = CapturedCompletion {
-        id: job.id.clone(),
-        tenant: ctx.tenant.clone(),
-        adapter: ctx
-            .adapter
-            .as_ref()
-            .map(|a| a.name().to_string())
-            .or_else(|| ctx.declared.clone()),
-        version: ctx.adapter.as_ref().map(|a| a.version().to_string()),
-        base_fingerprint: state.base.fingerprint.clone(),
-        request: ctx.request.clone(),
-        params: serde_json::Value::Null,
-        output_text: String::new(),
-        output_ids: Vec::new(),
-        finish: "error".into(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        ttft_ms: 0.0,
-        total_ms: 0.0,
-        user: ctx.user.clone(),
-        created_at: now_ms(),
-    };
-    fill(&mut record);
-    if ctx.scrub {
-        scrub_record(&mut record);
-    }
-    w.capture(record);
-}
-
-/// The record of a finished completion: exactly the text the client received.
-/// Sample `index` of `n` is recorded as `{id}-{index}` (sample 0 as `{id}`).
-fn capture(state: &AppState, job: &Job, index: usize, c: &Completion, text: String) {
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    queue_record(state, job, |r| {
-        if index > 0 {
-            r.id = format!("{}-{index}", job.id);
-        }
-        if let Some(a) = &c.adapter {
-            r.adapter = Some(a.name().to_string());
-            r.version = Some(a.version().to_string());
-        }
-        r.params = serde_json::to_value(&c.params).unwrap_or_default();
-        r.output_text = text;
-        r.output_ids = c.output.clone();
-        r.finish = c.finish.as_str().into();
-        r.prompt_tokens = c.prompt_tokens();
-        r.completion_tokens = c.completion_tokens();
-        r.ttft_ms = ms(c.timings.first_token);
-        r.total_ms = ms(c.timings.total);
-    });
-}
-
-/// A completion that failed (finish `error`, no output): the watch after a
-/// rollout counts a version's errors from these.
-fn capture_error(state: &AppState, job: &Job, started: Instant) {
-    queue_record(state, job, |r| {
-        r.total_ms = started.elapsed().as_secs_f64() * 1e3
-    });
-}
-
-/// Personal data out of a record before it is stored: text scrubbed, token ids
-/// (which would still spell it) dropped.
-fn scrub_record(r: &mut CapturedCompletion) {
-    use retune_datasets::curate::scrub;
-    fn walk(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::String(s) => *s = scrub(s).0,
-            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
-            serde_json::Value::Object(o) => o.values_mut().for_each(walk),
-            _ => {}
-        }
-    }
-    walk(&mut r.request);
-    r.output_text = scrub(&r.output_text).0;
-    r.output_ids.clear();
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Tokenise off the async runtime.
@@ -855,12 +587,13 @@ async fn encode_rendered(
 async fn chat(
     state: Data,
     req: HttpRequest,
-    payload: web::Payload,
+    caller: Tenant,
+    body: LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
     let mut a = admit(
         &state,
         &req,
-        payload,
+        (caller, body),
         "chatcmpl",
         |r: &ChatRequest| &r.common,
         |r| r.logprobs.then(|| r.top_logprobs.unwrap_or(0)),
@@ -905,12 +638,13 @@ async fn chat(
 async fn completions(
     state: Data,
     req: HttpRequest,
-    payload: web::Payload,
+    caller: Tenant,
+    body: LimitedBody,
 ) -> Result<HttpResponse, ApiError> {
     let mut a = admit(
         &state,
         &req,
-        payload,
+        (caller, body),
         "cmpl",
         |r: &CompletionRequest| &r.common,
         |r| r.logprobs,
@@ -1133,7 +867,7 @@ async fn generate(
                         drop(events);
                         tracing::info!(request_id = %job.request_id, completion_id = %job.id, "client left: generation cancelled");
                         state.metrics.cancelled.inc();
-                        capture_error(&state, &job, started);
+                        crate::capture::failure(&state, &job.id, job.capture.as_ref(), started);
                         return Err(ApiError::ClientGone);
                     }
                     continue;
@@ -1153,7 +887,14 @@ async fn generate(
                 Some((k, Some(Event::Done(c)))) => {
                     let mut text = std::mem::take(&mut texts[k]);
                     text.push_str(&c.tail);
-                    capture(&state, &job, k, &c, text.clone());
+                    crate::capture::completion(
+                        &state,
+                        &job.id,
+                        job.capture.as_ref(),
+                        k,
+                        &c,
+                        text.clone(),
+                    );
                     done[k] = Some(Choice {
                         text,
                         logprobs: std::mem::take(&mut lps[k]),
@@ -1161,11 +902,11 @@ async fn generate(
                     });
                 }
                 Some((_, Some(Event::Error(e)))) => {
-                    capture_error(&state, &job, started);
+                    crate::capture::failure(&state, &job.id, job.capture.as_ref(), started);
                     return Err(e.into());
                 }
                 Some((_, None)) | None => {
-                    capture_error(&state, &job, started);
+                    crate::capture::failure(&state, &job.id, job.capture.as_ref(), started);
                     return Err(ended(&state));
                 }
             }
@@ -1175,26 +916,42 @@ async fn generate(
         let generated: usize = done.iter().map(|c| c.completion.completion_tokens()).sum();
         let cached = done.first().map_or(0, |c| c.completion.cached_tokens);
         count_tokens(&state, prompt, generated);
-        let choices: Vec<serde_json::Value> = done
-            .iter()
+        let choices: Vec<CompletionChoice> = done
+            .into_iter()
             .enumerate()
-            .map(|(k, c)| {
+            .map(|(index, c)| {
                 let logprobs = job
                     .logprobs
                     .then(|| logprobs_json(job.chat, &c.logprobs, &mut 0));
-                let finish = c.completion.finish.as_str();
+                let finish_reason = c.completion.finish.as_str();
                 if job.chat {
-                    serde_json::json!({"index": k, "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": finish, "logprobs": logprobs})
+                    CompletionChoice::Chat {
+                        index,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: c.text,
+                        },
+                        finish_reason,
+                        logprobs,
+                    }
                 } else {
-                    serde_json::json!({"index": k, "text": c.text, "finish_reason": finish, "logprobs": logprobs})
+                    CompletionChoice::Text {
+                        index,
+                        text: c.text,
+                        finish_reason,
+                        logprobs,
+                    }
                 }
             })
             .collect();
-        return Ok(resp.json(
-            serde_json::json!({"id": job.id, "object": object, "created": created,
-            "model": job.model, "choices": choices, "usage": usage(prompt, generated, cached)}),
-        ));
+        return Ok(resp.json(CompletionBody {
+            id: job.id,
+            object,
+            created,
+            model: job.model,
+            choices,
+            usage: Some(usage(prompt, generated, cached)),
+        }));
     }
     // SSE: dropping this stream (client gone) drops the engine streams and cancels.
     let st = state.clone();
@@ -1208,15 +965,27 @@ async fn generate(
         cached: 0,
         over: false,
     };
-    let sse = futures_util::stream::unfold(
-        (events, job, per),
-        move |(mut events, job, mut per)| {
+    let sse =
+        futures_util::stream::unfold((events, job, per), move |(mut events, job, mut per)| {
             let st = st.clone();
             async move {
                 if per.over {
                     return None;
                 }
-                let chunk = |choice: serde_json::Value| serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [choice]});
+                let body = |choices: Vec<ChunkChoice>, usage: Option<Usage>| {
+                    let b = CompletionBody {
+                        id: job.id.clone(),
+                        object,
+                        created,
+                        model: job.model.clone(),
+                        choices,
+                        usage,
+                    };
+                    format!(
+                        "data: {}\n\n",
+                        serde_json::to_string(&b).unwrap_or_default()
+                    )
+                };
                 let mut out = String::new();
                 match events.next().await {
                     Some((k, Some(Event::Token(t)))) => {
@@ -1230,28 +999,50 @@ async fn generate(
                             None
                         };
                         let choice = if job.chat {
-                            let mut delta = serde_json::json!({"content": t.text});
-                            if per.first[k] {
-                                delta["role"] = "assistant".into();
+                            ChunkChoice::Chat {
+                                index: k,
+                                delta: Delta {
+                                    role: per.first[k].then_some("assistant"),
+                                    content: t.text.clone(),
+                                },
+                                finish_reason: None,
+                                logprobs: lp,
                             }
-                            serde_json::json!({"index": k, "delta": delta, "finish_reason": null, "logprobs": lp})
                         } else {
-                            serde_json::json!({"index": k, "text": t.text, "finish_reason": null, "logprobs": lp})
+                            ChunkChoice::Text {
+                                index: k,
+                                text: t.text.clone(),
+                                finish_reason: None,
+                                logprobs: lp,
+                            }
                         };
                         per.first[k] = false;
-                        out.push_str(&format!("data: {}\n\n", chunk(choice)));
+                        out.push_str(&body(vec![choice], None));
                         if job.capture.is_some() {
                             per.sent[k].push_str(&t.text);
                         }
                     }
                     Some((k, Some(Event::Done(c)))) => {
-                        let finish = c.finish.as_str();
+                        let finish_reason = Some(c.finish.as_str());
                         let choice = if job.chat {
-                            serde_json::json!({"index": k, "delta": {"content": c.tail}, "finish_reason": finish})
+                            ChunkChoice::Chat {
+                                index: k,
+                                delta: Delta {
+                                    role: None,
+                                    content: c.tail.clone(),
+                                },
+                                finish_reason,
+                                logprobs: None,
+                            }
                         } else {
-                            serde_json::json!({"index": k, "text": c.tail, "finish_reason": finish})
+                            ChunkChoice::Text {
+                                index: k,
+                                text: c.tail.clone(),
+                                finish_reason,
+                                logprobs: None,
+                            }
                         };
-                        out.push_str(&format!("data: {}\n\n", chunk(choice)));
+                        out.push_str(&body(vec![choice], None));
                         per.prompt = c.prompt_tokens();
                         if per.left == per.first.len() {
                             per.cached = c.cached_tokens;
@@ -1259,26 +1050,35 @@ async fn generate(
                         per.generated += c.completion_tokens();
                         if job.capture.is_some() {
                             per.sent[k].push_str(&c.tail);
-                            capture(&st, &job, k, &c, std::mem::take(&mut per.sent[k]));
+                            crate::capture::completion(
+                                &st,
+                                &job.id,
+                                job.capture.as_ref(),
+                                k,
+                                &c,
+                                std::mem::take(&mut per.sent[k]),
+                            );
                         }
                         per.left -= 1;
                         if per.left == 0 {
                             count_tokens(&st, per.prompt, per.generated);
                             if job.include_usage {
-                                let u = serde_json::json!({"id": job.id, "object": object, "created": created, "model": job.model, "choices": [], "usage": usage(per.prompt, per.generated, per.cached)});
-                                out.push_str(&format!("data: {u}\n\n"));
+                                out.push_str(&body(
+                                    Vec::new(),
+                                    Some(usage(per.prompt, per.generated, per.cached)),
+                                ));
                             }
                             out.push_str("data: [DONE]\n\n");
                             per.over = true;
                         }
                     }
                     Some((_, Some(Event::Error(e)))) => {
-                        capture_error(&st, &job, started);
+                        crate::capture::failure(&st, &job.id, job.capture.as_ref(), started);
                         out.push_str(&stream_error(&job, e.into()));
                         per.over = true;
                     }
                     Some((_, None)) | None => {
-                        capture_error(&st, &job, started);
+                        crate::capture::failure(&st, &job.id, job.capture.as_ref(), started);
                         out.push_str(&stream_error(&job, ended(&st)));
                         per.over = true;
                     }
@@ -1288,8 +1088,7 @@ async fn generate(
                     (events, job, per),
                 ))
             }
-        },
-    );
+        });
     Ok(resp
         .content_type("text/event-stream")
         .insert_header(("cache-control", "no-cache"))

@@ -3,8 +3,8 @@
 //! stored: memory stays flat whatever the size. A JSON body with the weights in
 //! base64 is still accepted for small adapters (up to [`JSON_MAX`]).
 
-use crate::admin::{admin, blocking};
 use crate::errors::ApiError;
+use crate::extract::{blocking, registry, AdminCaller};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
@@ -85,10 +85,11 @@ struct Meta {
 pub(crate) async fn upload(
     state: web::Data<AppState>,
     req: HttpRequest,
+    AdminCaller(who): AdminCaller,
     path: web::Path<(String, String)>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (reg, who) = admin(&state, &req)?;
+    let reg = registry(&state)?;
     let root = state
         .settings
         .adapters

@@ -867,7 +867,7 @@ fn the_loop_is_visible_through_the_admin_api_and_metrics() {
         .unwrap();
     reg.run_update(
         "run-1",
-        "canary",
+        retune_adapters::RunStatus::Canary,
         Some("snap-1"),
         Some(&v.id),
         &serde_json::json!({"reason": "pass"}),

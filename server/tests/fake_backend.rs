@@ -137,6 +137,7 @@ async fn each_error_kind_maps_to_its_status_and_only_client_messages_are_shown()
         (ErrorKind::Adapter, 503, "server_error"),
         (ErrorKind::Capacity, 429, "rate_limit_error"),
         (ErrorKind::Unavailable, 503, "server_error"),
+        (ErrorKind::AdapterUnavailable, 503, "server_error"),
         (ErrorKind::Internal, 500, "server_error"),
     ];
     for (kind, status, typ) in cases {
@@ -157,8 +158,18 @@ async fn each_error_kind_maps_to_its_status_and_only_client_messages_are_shown()
             let j: serde_json::Value =
                 serde_json::from_slice(&test::read_body(resp).await).unwrap();
             assert_eq!(j["error"]["type"], typ, "{kind:?}");
-            let shown = j["error"]["message"].as_str().unwrap().contains("/srv/x");
-            assert_eq!(shown, kind == ErrorKind::Client, "{kind:?}: {j}");
+            let message = j["error"]["message"].as_str().unwrap();
+            assert_eq!(
+                message.contains("/srv/x"),
+                kind == ErrorKind::Client,
+                "{kind:?}: {j}"
+            );
+            // a store that cannot be reached and a server going down say so apart
+            assert_eq!(
+                message.contains("adapter's files cannot be fetched"),
+                kind == ErrorKind::AdapterUnavailable,
+                "{kind:?}: {j}"
+            );
         }
     }
 }

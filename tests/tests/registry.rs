@@ -119,11 +119,11 @@ fn promote_rollback_twice_restart_and_journal() {
             .unwrap();
         assert_eq!(s2, s, "rolling back twice returns to where we started");
         assert!(reg.change_counter().unwrap() > counter);
-        let events: Vec<String> = reg
+        let events: Vec<&str> = reg
             .journal("acme", "tickets")
             .unwrap()
             .into_iter()
-            .map(|e| e.event)
+            .map(|e| e.event.as_str())
             .collect();
         assert_eq!(
             events,

@@ -21,10 +21,10 @@ use crate::optim::AdamWConfig;
 use crate::run::{run, DataSource, Job};
 use crate::train::{Progress, TrainSettings};
 use retune_adapters::{
-    load_peft, AdapterRef, Decision, Expect, NewVersion, Registry, RegistryError, Rollout,
-    ServedBase, Via,
+    load_peft, AdapterRef, Decision, Expect, JournalEvent, NewVersion, Registry, RegistryError,
+    Rollout, RunStatus, ServedBase, Via,
 };
-use retune_config::{LoopSettings, Objective, Settings};
+use retune_config::{LoopSettings, Objective, RolloutMode, Settings};
 use retune_datasets::curate::Split;
 use retune_datasets::{DatasetStore, Policy};
 use retune_engine::{ChatTemplate, DeviceModel, Model, Tok};
@@ -35,12 +35,7 @@ use std::sync::Arc;
 
 pub const ACTOR: &str = "retune-trainer";
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use retune_config::now_ms;
 
 /// Why an adapter is trained now.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,8 +59,8 @@ impl std::fmt::Display for Trigger {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RunOutcome {
     pub run: String,
-    /// `promoted`, `canary`, `rejected`, `failed`, `skipped`.
-    pub status: String,
+    /// Promoted, canary, rejected, failed, skipped or interrupted.
+    pub status: RunStatus,
     pub version: Option<String>,
     pub reason: String,
 }
@@ -82,7 +77,7 @@ pub fn data_mark(reg: &Registry, data: &dyn DatasetStore, tenant: &str, name: &s
         }
     }
     for r in reg.runs(tenant, name, 50)? {
-        if !matches!(r.status.as_str(), "crashed" | "running" | "interrupted") {
+        if r.status.used_its_snapshot() {
             if let Some(s) = &r.snapshot {
                 mark = mark.max(snapshot_time(data, tenant, s).unwrap_or(0));
             }
@@ -280,7 +275,7 @@ impl Daemon {
         };
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
-            let running = matches!(self.reg.run(&id), Ok(r) if r.status == "running");
+            let running = matches!(self.reg.run(&id), Ok(r) if r.status == RunStatus::Running);
             if !running {
                 let _ = std::fs::remove_dir_all(e.path());
             }
@@ -324,7 +319,7 @@ impl Daemon {
             if let Some(e) = j
                 .iter()
                 .rev()
-                .find(|e| e.event == "retrain" && e.at > last_start)
+                .find(|e| e.event == JournalEvent::Retrain && e.at > last_start)
             {
                 return Ok(Some(Trigger::Retrain(e.reason.clone())));
             }
@@ -362,7 +357,7 @@ impl Daemon {
                 now_ms(),
                 ACTOR,
             ) {
-                Ok(status) if status != "watching" => {
+                Ok(status) if status != retune_adapters::WatchStatus::Watching => {
                     tracing::info!(tenant = %w.tenant, adapter = %w.name, version = %w.version, %status, "watch ended")
                 }
                 Ok(_) => {}
@@ -420,6 +415,7 @@ impl Daemon {
             },
             // the budget binds on a slow machine: the schedule still finishes
             fit_to_budget: t.max_minutes.is_some(),
+            label_smoothing: t.label_smoothing,
             ..TrainSettings::default()
         })
     }
@@ -449,12 +445,28 @@ impl Daemon {
             Err(e @ TrainError::Interrupted { .. }) if self.stop_requested() => {
                 let reason = format!("stopped by a signal: {e}");
                 let detail = serde_json::json!({"trigger": trigger.to_string(), "reason": reason});
-                self.end_run(tenant, name, &run_id, "interrupted", None, &detail, reason)?
+                self.end_run(
+                    tenant,
+                    name,
+                    &run_id,
+                    RunStatus::Interrupted,
+                    None,
+                    &detail,
+                    reason,
+                )?
             }
             Err(e) => {
                 let reason = e.to_string();
                 let detail = serde_json::json!({"trigger": trigger.to_string(), "reason": reason});
-                self.end_run(tenant, name, &run_id, "failed", None, &detail, reason)?
+                self.end_run(
+                    tenant,
+                    name,
+                    &run_id,
+                    RunStatus::Failed,
+                    None,
+                    &detail,
+                    reason,
+                )?
             }
         };
         self.reg.release_lease(tenant, name, &self.holder)?;
@@ -470,21 +482,21 @@ impl Daemon {
         tenant: &str,
         name: &str,
         run_id: &str,
-        status: &str,
+        status: RunStatus,
         snapshot: Option<&str>,
         detail: &serde_json::Value,
         reason: String,
     ) -> Result<RunOutcome> {
         self.reg
             .run_update(run_id, status, snapshot, None, detail, true)?;
-        if status == "failed" {
+        if status == RunStatus::Failed {
             let why = format!("run {run_id}: {reason}");
             self.reg
-                .note(tenant, name, "run-failed", None, ACTOR, &why)?;
+                .note(tenant, name, JournalEvent::RunFailed, None, ACTOR, &why)?;
         }
         Ok(RunOutcome {
             run: run_id.into(),
-            status: status.into(),
+            status,
             version: None,
             reason,
         })
@@ -512,8 +524,14 @@ impl Daemon {
         };
         let m = retune_datasets::snapshot_with_suspects(self.data.as_ref(), tenant, name, &policy)?;
         let mut detail = serde_json::json!({"trigger": trigger.to_string(), "snapshot": &m});
-        self.reg
-            .run_update(run_id, "running", Some(&m.id), None, &detail, false)?;
+        self.reg.run_update(
+            run_id,
+            RunStatus::Running,
+            Some(&m.id),
+            None,
+            &detail,
+            false,
+        )?;
         // (after the snapshot is on the run: the same data is not retried)
         // a declared label that cannot fit a training example is bad input
         for l in ls.data.labels.iter().flatten() {
@@ -525,7 +543,7 @@ impl Daemon {
                 )));
             }
         }
-        let mut skip = |status: &str, reason: String| -> Result<RunOutcome> {
+        let mut skip = |status: RunStatus, reason: String| -> Result<RunOutcome> {
             detail["reason"] = serde_json::json!(reason);
             self.end_run(tenant, name, run_id, status, Some(&m.id), &detail, reason)
         };
@@ -536,7 +554,7 @@ impl Daemon {
         });
         if let (Some(v), false) = (&already, matches!(trigger, Trigger::Retrain(_))) {
             return skip(
-                "skipped",
+                RunStatus::Skipped,
                 format!(
                     "snapshot {} was already trained on (version {})",
                     m.id, v.id
@@ -544,14 +562,14 @@ impl Daemon {
             );
         }
         if m.train == 0 && !m.conflicts.is_empty() {
-            return skip("failed", format!(
+            return skip(RunStatus::Failed, format!(
                 "every example conflicts: {} inputs have different answers, nothing left to train on",
                 m.conflicts.len()
             ));
         }
         if m.train < ls.trigger.min_examples {
             return skip(
-                "failed",
+                RunStatus::Failed,
                 format!(
                     "too few examples: {} for training (at least {}), dropped {:?}",
                     m.train, ls.trigger.min_examples, m.dropped
@@ -560,7 +578,7 @@ impl Daemon {
         }
         if m.eval == 0 {
             return skip(
-                "failed",
+                RunStatus::Failed,
                 "no eval examples: the gate has nothing to judge on".into(),
             );
         }
@@ -632,9 +650,14 @@ impl Daemon {
                     progress_detail["progress"] = serde_json::json!({"step": step, "total": total, "loss": loss,
                         "tokens_per_second": tokens_per_s, "elapsed_seconds": elapsed_s});
                     // visible in `status` and the admin API while it runs
-                    let _ =
-                        self.reg
-                            .run_update(run_id, "running", None, None, &progress_detail, false);
+                    let _ = self.reg.run_update(
+                        run_id,
+                        RunStatus::Running,
+                        None,
+                        None,
+                        &progress_detail,
+                        false,
+                    );
                 }
             }
             ControlFlow::Continue(())
@@ -672,6 +695,7 @@ impl Daemon {
             candidate: &candidate,
             live: live_id.as_deref().zip(live.as_ref()),
             options: &gate_opts,
+            labels: ls.data.labels.as_deref(),
             seed: ls.train.seed,
             batch: 32,
         })?;
@@ -685,7 +709,7 @@ impl Daemon {
                     .clone()
                     .map(Expect::Version)
                     .unwrap_or(Expect::NoLive),
-                rollout: if ls.gate.rollout == "canary" {
+                rollout: if ls.gate.rollout == RolloutMode::Canary {
                     Rollout::Canary(ls.gate.canary_percent)
                 } else {
                     Rollout::Live
@@ -730,18 +754,18 @@ impl Daemon {
             Err(e) => return Err(e.into()),
         };
         let status = if !report.passed {
-            "rejected"
+            RunStatus::Rejected
         } else if st.canary.as_ref().map(|c| c.0.as_str()) == Some(info.id.as_str()) {
-            "canary"
+            RunStatus::Canary
         } else {
-            "promoted"
+            RunStatus::Promoted
         };
         detail["reason"] = serde_json::json!(summary);
         self.reg
             .run_update(run_id, status, Some(&m.id), Some(&info.id), &detail, true)?;
         Ok(RunOutcome {
             run: run_id.into(),
-            status: status.into(),
+            status,
             version: Some(info.id),
             reason: summary,
         })

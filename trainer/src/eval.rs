@@ -5,6 +5,7 @@
 use crate::error::{Result, TrainError};
 use retune_adapters::LoraAdapter;
 use retune_datasets::ExampleBody;
+use retune_engine::guide::{Constraint, Guide};
 use retune_engine::{BatchItem, ChatMessage, ChatTemplate, Model, Tok};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -54,15 +55,16 @@ pub(crate) fn case(
     ))
 }
 
-/// Greedy answers (at most `max_new` tokens) compared with the expected ones.
+/// Greedy answers (at most `max_new` tokens; only `labels` when given, as a
+/// declared label task is served) compared with the expected ones.
 pub fn exact_match(
     model: &Model,
     tok: &Tok,
     template: &ChatTemplate,
     adapter: Option<&LoraAdapter>,
     examples: &[ExampleBody],
-    max_new: usize,
-    batch: usize,
+    (max_new, batch): (usize, usize),
+    labels: Option<&[String]>,
 ) -> Result<Accuracy> {
     let started = std::time::Instant::now();
     let cases = examples
@@ -70,7 +72,7 @@ pub fn exact_match(
         .map(|b| case(b, tok, template))
         .collect::<Result<Vec<_>>>()?;
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.0.clone()).collect();
-    let answers = generate(model, tok, adapter, &prompts, max_new, batch)?;
+    let answers = generate(model, tok, adapter, &prompts, (max_new, batch), labels)?;
     let correct = answers
         .iter()
         .zip(&cases)
@@ -107,13 +109,15 @@ pub fn generate(
     tok: &Tok,
     adapter: Option<&LoraAdapter>,
     prompts: &[Vec<u32>],
-    max_new: usize,
-    batch: usize,
+    (max_new, batch): (usize, usize),
+    labels: Option<&[String]>,
 ) -> Result<Vec<String>> {
-    Ok(generate_ids(model, tok, adapter, prompts, max_new, batch)?
-        .iter()
-        .map(|ids| tok.decode(ids, true))
-        .collect::<std::result::Result<Vec<_>, _>>()?)
+    Ok(
+        generate_ids(model, tok, adapter, prompts, (max_new, batch), labels)?
+            .iter()
+            .map(|ids| tok.decode(ids, true))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+    )
 }
 
 /// [`generate`]'s token ids (without the end-of-sequence token).
@@ -122,12 +126,28 @@ pub fn generate_ids(
     tok: &Tok,
     adapter: Option<&LoraAdapter>,
     prompts: &[Vec<u32>],
-    max_new: usize,
-    batch: usize,
+    (max_new, batch): (usize, usize),
+    labels: Option<&[String]>,
 ) -> Result<Vec<Vec<u32>>> {
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(TrainError::Data("an empty prompt".into()));
     }
+    // a declared label task is decoded as it is served: only its labels
+    let guide = labels
+        .map(|l| {
+            tok.grammars()?.compile(&Constraint::Choice {
+                choices: l.to_vec(),
+            })
+        })
+        .transpose()?;
+    let pick = |g: &mut Option<Guide>, logits: &[f32]| -> Result<u32> {
+        let Some(g) = g else {
+            return Ok(argmax(logits));
+        };
+        let mut l = logits.to_vec();
+        g.mask()?.apply(&mut l);
+        Ok(argmax(&l))
+    };
     // leave every prompt at least one token of its own to forward
     let shared = common_prefix(prompts).min(prompts.iter().map(|p| p.len() - 1).min().unwrap_or(0));
     let prefix_cache = if shared >= 8 {
@@ -176,7 +196,12 @@ pub fn generate_ids(
             }
             continue;
         }
-        let mut next: Vec<u32> = first.iter().map(|l| argmax(l)).collect();
+        let mut guides: Vec<Option<Guide>> = chunk.iter().map(|_| guide.clone()).collect();
+        let mut next = first
+            .iter()
+            .zip(guides.iter_mut())
+            .map(|(l, g)| pick(g, l))
+            .collect::<Result<Vec<u32>>>()?;
         for step in 0..max_new {
             for (i, &t) in next.iter().enumerate() {
                 if !done[i] {
@@ -184,6 +209,10 @@ pub fn generate_ids(
                         done[i] = true;
                     } else {
                         out[i].push(t);
+                        if let Some(g) = &mut guides[i] {
+                            g.commit(t)?;
+                            done[i] = g.is_done();
+                        }
                     }
                 }
             }
@@ -206,7 +235,7 @@ pub fn generate_ids(
                 .collect();
             let logits = model.forward(&mut items)?;
             for (k, &i) in live.iter().enumerate() {
-                next[i] = argmax(&logits[k]);
+                next[i] = pick(&mut guides[i], &logits[k])?;
             }
         }
         answers.extend(out);

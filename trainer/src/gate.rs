@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::eval::{generate, generate_ids};
 use crate::stats::{bootstrap_mean, mcnemar_exact, mean, paired_bootstrap, wilson};
 use retune_adapters::LoraAdapter;
-use retune_config::{ClassicalMode, GateOptions};
+use retune_config::{ClassicalMode, GateMetric, GateOptions};
 use retune_datasets::classical::{ClassicalOptions, TextClassifier};
 use retune_datasets::snapshot::classifier_text;
 use retune_datasets::{ExampleBody, SnapshotRow};
@@ -164,6 +164,9 @@ pub struct GateInputs<'a> {
     /// The live version (its id) when there is one.
     pub live: Option<(&'a str, &'a LoraAdapter)>,
     pub options: &'a GateOptions,
+    /// A declared label task's labels: every arm that generates answers only
+    /// these, as the task is served.
+    pub labels: Option<&'a [String]>,
     pub seed: u64,
     /// Prompts per forward.
     pub batch: usize,
@@ -274,12 +277,12 @@ pub fn score(metric: Metric, pred: &str, want: &str, keys: &[String]) -> f64 {
 /// The metric for `auto`: labels when every eval row has one, JSON when keys are
 /// declared, exact match for short answers (median at most 8 words), token F1 else.
 pub fn choose_metric(opt: &GateOptions, eval: &[SnapshotRow]) -> Result<Metric> {
-    Ok(match opt.metric.as_str() {
-        "exact" => Metric::Exact,
-        "label" => Metric::Label,
-        "json" => Metric::Json,
-        "token_f1" => Metric::TokenF1,
-        "auto" => {
+    Ok(match opt.metric {
+        GateMetric::Exact => Metric::Exact,
+        GateMetric::Label => Metric::Label,
+        GateMetric::Json => Metric::Json,
+        GateMetric::TokenF1 => Metric::TokenF1,
+        GateMetric::Auto => {
             if !eval.is_empty() && eval.iter().all(|r| r.label.is_some()) {
                 Metric::Label
             } else if !opt.json_keys.is_empty() {
@@ -297,7 +300,6 @@ pub fn choose_metric(opt: &GateOptions, eval: &[SnapshotRow]) -> Result<Metric> 
                 }
             }
         }
-        other => return Err(TrainError::Setting(format!("gate.metric `{other}`"))),
     })
 }
 
@@ -475,7 +477,7 @@ pub fn forgetting(
         .iter()
         .map(|p| render(template, tok, &[ChatMessage::new("user", p)]))
         .collect::<Result<Vec<_>>>()?;
-    let answers = generate_ids(model, tok, None, &prompts, max_new, prompts.len())?;
+    let answers = generate_ids(model, tok, None, &prompts, (max_new, prompts.len()), None)?;
     let (mut total, mut tokens, mut worst) = (0.0f64, 0usize, 0.0f64);
     for (p, a) in prompts.iter().zip(&answers) {
         let (mut kb, mut kc) = (model.new_cache(), model.new_cache());
@@ -581,6 +583,11 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
         .collect::<Result<Vec<_>>>()?;
     let keys = &opt.json_keys;
     let b = opt.bootstrap;
+    // a label is never cut by the token cap: the answer is a whole label
+    let mut max_new = opt.max_new_tokens;
+    for l in g.labels.unwrap_or_default() {
+        max_new = max_new.max(g.tok.encode(l, false)?.len() + 1);
+    }
     let timed =
         |adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>]| -> Result<(Vec<String>, f64)> {
             let t = std::time::Instant::now();
@@ -589,8 +596,8 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
                 g.tok,
                 adapter,
                 prompts,
-                opt.max_new_tokens,
-                g.batch,
+                (max_new, g.batch),
+                g.labels,
             )?;
             Ok((out, t.elapsed().as_secs_f64()))
         };

@@ -51,6 +51,10 @@ enum Cmd {
         /// Write each example's answer (JSONL, one adapter: the last) here.
         #[arg(long)]
         answers: Option<PathBuf>,
+        /// A declared label task's labels (a JSON list of strings): answers are
+        /// only these, as the task is served (a classifier answers its own).
+        #[arg(long)]
+        labels: Option<PathBuf>,
     },
     /// The loop: watch the examples store, train adapters that are due, gate
     /// them, roll out the ones that pass, watch them and roll back regressions.
@@ -255,6 +259,9 @@ struct TrainArgs {
     /// (by default those are computed once per batch; exact either way).
     #[arg(long)]
     whole_rows: bool,
+    /// Label smoothing of the training loss (0 to below 1; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
 }
 
 /// A label set from a JSON file (a list of at least 2 distinct, non-empty strings).
@@ -383,6 +390,7 @@ fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSettings> {
         labels: a.labels.as_deref().map(read_labels).transpose()?,
         fit_to_budget: a.fit_to_budget,
         share_prefix: !a.whole_rows,
+        label_smoothing: a.label_smoothing,
     })
 }
 
@@ -704,7 +712,9 @@ fn eval_cmd(
     limit: Option<usize>,
     (batch, max_new): (usize, usize),
     answers: Option<&std::path::Path>,
+    labels: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
+    let labels = labels.map(read_labels).transpose()?;
     let l = retune_engine::load(model).with_context(|| format!("loading {}", model.display()))?;
     let text =
         std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
@@ -734,8 +744,8 @@ fn eval_cmd(
             &l.template,
             a.as_ref(),
             &bodies,
-            max_new,
-            batch,
+            (max_new, batch),
+            labels.as_deref(),
         )?;
         println!(
             "{}",
@@ -791,6 +801,7 @@ fn main() {
             batch,
             max_new,
             answers,
+            labels,
             ..
         } => eval_cmd(
             &model,
@@ -799,6 +810,7 @@ fn main() {
             limit,
             (batch, max_new),
             answers.as_deref(),
+            labels.as_deref(),
         ),
         Cmd::Daemon { at, once, holder } => daemon_cmd(&at, once, holder),
         Cmd::Status { at, json } => status_cmd(&at, json),

@@ -9,7 +9,7 @@ use crate::examples::{Encoded, Overflow, Prepared};
 use crate::lora::{write_dir_atomic, Adapter, LoraSpec};
 use crate::optim::{clip, global_norm, lr_at, lr_at_fraction, AdamW, AdamWConfig};
 use candle_core::{Device, Tensor};
-use retune_engine::{grad_of, weighted_nll, DeviceModel, Dropout};
+use retune_engine::{grad_of, smoothed_nll, DeviceModel, Dropout};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -64,10 +64,19 @@ pub struct TrainSettings {
     /// (exact; off only to measure what it saves).
     #[serde(default = "yes")]
     pub share_prefix: bool,
+    /// Label smoothing of the training loss (0: none): the target puts
+    /// `1 − eps` on the answer and `eps` evenly over every class (eval loss
+    /// stays the plain NLL).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_smoothing: f64,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for TrainSettings {
@@ -101,6 +110,7 @@ impl Default for TrainSettings {
             labels: None,
             fit_to_budget: false,
             share_prefix: true,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -311,7 +321,13 @@ impl Ctx<'_> {
         )?;
         let logits = output_logits(self.model, self.adapter, &x, &mb.rows)?;
         Ok((
-            weighted_nll(&logits, &mb.targets, &mb.weights, norm)?,
+            smoothed_nll(
+                &logits,
+                &mb.targets,
+                &mb.weights,
+                norm,
+                self.settings.label_smoothing,
+            )?,
             mb.tokens,
             mb.weight(),
         ))
@@ -491,6 +507,12 @@ pub fn train(
         return Err(TrainError::Setting(format!(
             "dropout {} (0 ≤ p < 1)",
             s.dropout
+        )));
+    }
+    if !(0.0..1.0).contains(&s.label_smoothing) {
+        return Err(TrainError::Setting(format!(
+            "label smoothing {} (0 ≤ eps < 1)",
+            s.label_smoothing
         )));
     }
     let adapter = match inp.init {

@@ -16,7 +16,7 @@
 
 use crate::error::Result;
 use crate::stats::two_proportion_greater;
-use retune_adapters::{Registry, WatchEnd, WatchInfo};
+use retune_adapters::{Registry, WatchEnd, WatchInfo, WatchMode, WatchStatus};
 use retune_config::WatchOptions;
 use retune_datasets::{DatasetStore, Signals};
 use serde::Serialize;
@@ -96,7 +96,7 @@ pub fn tick(
     o: &WatchOptions,
     now_ms: i64,
     actor: &str,
-) -> Result<String> {
+) -> Result<WatchStatus> {
     let Some(old_version) = w.previous.as_deref() else {
         let v = serde_json::json!({"state": "nothing to compare against"});
         return Ok(reg.finish_watch(
@@ -109,9 +109,11 @@ pub fn tick(
     };
     let elapsed = (now_ms - w.started_at).max(0);
     let new = data.signals(&w.tenant, &w.name, &w.version, w.started_at, now_ms + 1)?;
-    let old = match w.mode.as_str() {
-        "canary" => data.signals(&w.tenant, &w.name, old_version, w.started_at, now_ms + 1)?,
-        _ => data.signals(
+    let old = match w.mode {
+        WatchMode::Canary => {
+            data.signals(&w.tenant, &w.name, old_version, w.started_at, now_ms + 1)?
+        }
+        WatchMode::BeforeAfter => data.signals(
             &w.tenant,
             &w.name,
             old_version,
@@ -124,7 +126,7 @@ pub fn tick(
     match end {
         None => {
             reg.watch_progress(w, &verdict)?;
-            Ok("watching".into())
+            Ok(WatchStatus::Watching)
         }
         Some(e) => {
             let reason = format!(

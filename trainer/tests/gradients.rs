@@ -7,7 +7,7 @@
 //!   saved, registered and served reproduces the trainer's logits.
 
 use candle_core::{Device, Tensor, Var};
-use retune_engine::{weighted_nll, DeviceModel};
+use retune_engine::{smoothed_nll, weighted_nll, DeviceModel};
 use retune_trainer::batches::MicroBatch;
 use retune_trainer::optim::{clip, global_norm, AdamW, AdamWConfig};
 use retune_trainer::{Adapter, Encoded};
@@ -90,6 +90,47 @@ fn short(name: &str) -> &str {
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// Label smoothing: the loss is `(1 − eps)·nll + eps·mean(−log p)` per row,
+/// weighted, and its gradient on the logits is `w/norm · (softmax − target)`
+/// with the smoothed target; eps = 0 is the plain weighted NLL.
+#[test]
+fn label_smoothing_has_the_smoothed_targets_loss_and_gradient() {
+    let rows: [[f64; 4]; 3] = [
+        [1.0, 2.0, 3.0, -1.0],
+        [0.0, 0.0, 5.0, 0.5],
+        [-2.0, 1.5, 0.0, 0.25],
+    ];
+    let (targets, weights, norm, eps) = ([2u32, 0, 3], [1.0f32, 0.5, 2.0], 3.5, 0.1);
+    let flat: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+    let logits = Var::from_vec(flat, (3, 4), &Device::Cpu).unwrap();
+    let loss = smoothed_nll(logits.as_tensor(), &targets, &weights, norm, eps).unwrap();
+    let grads = loss.backward().unwrap();
+    let g: Vec<Vec<f32>> = grads.get(logits.as_tensor()).unwrap().to_vec2().unwrap();
+    let (mut want, mut plain) = (0f64, 0f64);
+    for (i, r) in rows.iter().enumerate() {
+        let z = r.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let lp: Vec<f64> = r.iter().map(|x| x - z).collect();
+        let t = targets[i] as usize;
+        let w = weights[i] as f64;
+        want += w * ((1.0 - eps) * -lp[t] + eps * -lp.iter().sum::<f64>() / 4.0) / norm;
+        plain += w * -lp[t] / norm;
+        for k in 0..4 {
+            let target = eps / 4.0 + if k == t { 1.0 - eps } else { 0.0 };
+            let dg = w / norm * (lp[k].exp() - target);
+            assert!(
+                (g[i][k] as f64 - dg).abs() < 1e-6,
+                "row {i} class {k}: {} vs {dg}",
+                g[i][k]
+            );
+        }
+    }
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(rel(got, want) < 1e-6, "{got} vs {want}");
+    let zero = weighted_nll(logits.as_tensor(), &targets, &weights, norm).unwrap();
+    assert!(rel(zero.to_scalar::<f32>().unwrap() as f64, plain) < 1e-6);
+    assert!((want - plain).abs() > 1e-3, "smoothing changes the loss");
 }
 
 #[test]

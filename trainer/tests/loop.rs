@@ -632,12 +632,13 @@ fn gated_registration_is_all_or_nothing() {
     );
 }
 
-#[test]
-fn forgetting_is_zero_for_an_identity_adapter_and_bounded_for_a_trained_one() {
-    let dir = tmpdir("forget");
-    let gguf = tiny(&dir);
-    let l = retune_engine::load(&gguf).unwrap();
-    let base = base_of(&gguf);
+/// A rank-2 adapter on every module of every layer, its B set by `b` from the
+/// zeros it starts at, saved at `dir` and loaded as served.
+fn rank2_adapter(
+    dir: &Path,
+    base: &ServedBase,
+    b: impl Fn(&candle_core::Tensor) -> candle_core::Tensor,
+) -> retune_adapters::LoraAdapter {
     let spec = LoraSpec {
         rank: 2,
         alpha: 4.0,
@@ -646,24 +647,75 @@ fn forgetting_is_zero_for_an_identity_adapter_and_bounded_for_a_trained_one() {
         first_layer: 0,
     };
     let a = Adapter::init(&spec, &base.shapes, 1, &Device::Cpu).unwrap();
-    a.save_peft(&dir.join("zero"), "tiny").unwrap();
-    let zero =
-        retune_adapters::load_peft(&dir.join("zero"), &base.shapes, &Default::default()).unwrap();
+    for layer in &a.lora.layers {
+        for p in layer.iter().flatten() {
+            p.b.set(&b(p.b.as_tensor())).unwrap();
+        }
+    }
+    a.save_peft(dir, "tiny").unwrap();
+    retune_adapters::load_peft(dir, &base.shapes, &Default::default()).unwrap()
+}
+
+#[test]
+fn forgetting_is_zero_for_an_identity_adapter_and_bounded_for_a_trained_one() {
+    let dir = tmpdir("forget");
+    let gguf = tiny(&dir);
+    let l = retune_engine::load(&gguf).unwrap();
+    let base = base_of(&gguf);
+    let zero = rank2_adapter(&dir.join("zero"), &base, |b| b.zeros_like().unwrap());
     let f = retune_trainer::gate::forgetting(&l.model, &l.tok, &l.template, &zero, 8, 0.0).unwrap();
     assert!(f.kl.abs() < 1e-9 && f.ok && f.tokens > 12, "{f:?}");
     // B != 0: the adapter changes the base's answers; a zero bound rejects it
-    for layer in &a.lora.layers {
-        for p in layer.iter().flatten() {
-            let b = p.b.as_tensor();
-            p.b.set(&(b.ones_like().unwrap() * 0.5).unwrap()).unwrap();
-        }
-    }
-    a.save_peft(&dir.join("moved"), "tiny").unwrap();
-    let moved =
-        retune_adapters::load_peft(&dir.join("moved"), &base.shapes, &Default::default()).unwrap();
+    let moved = rank2_adapter(&dir.join("moved"), &base, |b| {
+        (b.ones_like().unwrap() * 0.5).unwrap()
+    });
     let f =
         retune_trainer::gate::forgetting(&l.model, &l.tok, &l.template, &moved, 8, 0.0).unwrap();
     assert!(f.kl > 1e-3 && !f.ok, "{f:?}");
+}
+
+/// The gate and `retune-trainer eval` decode a declared label task as it is
+/// served: only its labels, for the base and for an adapter with random weights
+/// (which, unconstrained, answer other text).
+#[test]
+fn a_label_task_is_decoded_as_served_only_its_labels_for_any_weights() {
+    let dir = tmpdir("constrained");
+    let gguf = tiny(&dir);
+    let l = retune_engine::load(&gguf).unwrap();
+    let base = base_of(&gguf);
+    let random = rank2_adapter(&dir.join("random"), &base, |b| {
+        b.randn_like(0.0, 0.5).unwrap()
+    });
+    let labels: Vec<String> = ["hello", "world", "hello world", "lost card"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let bodies: Vec<ExampleBody> = (0..12).map(|i| row(i, i % 3).body).collect();
+    for adapter in [None, Some(&random)] {
+        let eval = |labels: Option<&[String]>| {
+            retune_trainer::eval::exact_match(
+                &l.model,
+                &l.tok,
+                &l.template,
+                adapter,
+                &bodies,
+                (24, 5),
+                labels,
+            )
+            .unwrap()
+            .answers
+        };
+        let free = eval(None);
+        assert!(
+            free.iter().any(|x| !labels.contains(&x.trim().to_string())),
+            "{free:?}"
+        );
+        let only = eval(Some(&labels));
+        assert!(
+            only.iter().all(|x| labels.contains(&x.trim().to_string())),
+            "{only:?}"
+        );
+    }
 }
 
 /// What must hold in the stores whenever no daemon is mid-transaction.

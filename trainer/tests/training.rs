@@ -513,8 +513,8 @@ fn a_label_task_trains_a_classifier_head() {
         &serve.template,
         Some(&la),
         &data[..30],
-        8,
-        8,
+        (8, 8),
+        None,
     )
     .unwrap();
     assert!(acc.accuracy >= 0.9, "training accuracy {}", acc.accuracy);

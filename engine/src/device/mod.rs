@@ -32,7 +32,9 @@ pub use kv::DeviceKv;
 pub use options::{
     build_backend, options_from_settings, parse_device, parse_dtype, DeviceOptions, WeightMode,
 };
-pub use train::{grad_of, weighted_nll, Dropout, LoraParam, Mode, TrainBatch, TrainLora};
+pub use train::{
+    grad_of, smoothed_nll, weighted_nll, Dropout, LoraParam, Mode, TrainBatch, TrainLora,
+};
 
 use crate::error::{EngineError, Result};
 use crate::kernels_f32;

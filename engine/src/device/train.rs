@@ -586,10 +586,27 @@ pub fn weighted_nll(
     weights: &[f32],
     norm: f64,
 ) -> Result<Tensor> {
+    smoothed_nll(logits, targets, weights, norm, 0.0)
+}
+
+/// [`weighted_nll`] with label smoothing `eps` (Szegedy et al. 2016, PyTorch's
+/// `label_smoothing`): each row's target is `1 − eps` on its class and `eps`
+/// spread evenly over all `vocab` classes, so its loss is
+/// `(1 − eps)·nllᵢ + eps·mean_k(−log pᵢₖ)`.
+pub fn smoothed_nll(
+    logits: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+    norm: f64,
+    eps: f64,
+) -> Result<Tensor> {
     let dev = logits.device();
     let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let idx = Tensor::from_slice(targets, (targets.len(), 1), dev)?;
-    let picked = lp.gather(&idx, 1)?.squeeze(1)?;
+    let mut picked = lp.gather(&idx, 1)?.squeeze(1)?;
+    if eps != 0.0 {
+        picked = ((picked * (1.0 - eps))? + (lp.mean(D::Minus1)? * eps)?)?;
+    }
     let w = Tensor::from_slice(weights, weights.len(), dev)?;
     Ok(((picked * w)?.sum_all()? * (-1.0 / norm))?)
 }
