@@ -11,8 +11,6 @@ pub mod peft;
 pub mod pool;
 pub mod registry;
 pub mod s3;
-#[cfg(feature = "test-utils")]
-pub mod s3test;
 mod sql;
 pub mod states;
 pub mod store;

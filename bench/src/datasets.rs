@@ -38,7 +38,7 @@ pub fn run(a: &DatasetsArgs) -> Result<()> {
     println!("== SQLite (WAL, synchronous=FULL) at {}", dir.display());
     workload(a, sqlite)?;
     if a.postgres {
-        let pg = retune_datasets::pgtest::PgTest::new().map_err(anyhow::Error::msg)?;
+        let pg = retune_testkit::pg::PgTest::new().map_err(anyhow::Error::msg)?;
         let store = PgStore::open(&pg.url)?;
         println!(
             "== PostgreSQL (fsync on, synchronous_commit on) at {}",

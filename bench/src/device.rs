@@ -7,8 +7,8 @@
 
 use anyhow::{bail, Context, Result};
 use retune_adapters::{Acquire, AdapterPool, DirSource, LoadLimits, PoolConfig};
-use retune_engine::device::{build_backend, parse_dtype, DeviceOptions, WeightMode};
-use retune_engine::{load, Backend, Compute, Engine, EngineConfig, Event, GenerateRequest};
+use retune_engine::device::{build_backend, build_device, parse_dtype, DeviceOptions, WeightMode};
+use retune_engine::{load, Backend, Engine, EngineConfig, Event, GenerateRequest};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -426,12 +426,7 @@ pub fn run_check(args: &CheckArgs) -> Result<()> {
         adapter_slots: 4,
         max_rank: a.as_ref().map_or(16, |a| a.max_rank().max(16)),
     };
-    let dev = match build_backend(load(&path)?.model, &device, &opts)? {
-        Compute::Device(d) => d,
-        Compute::Host(_) => {
-            bail!("--device must name a tensor-backend device (cuda, cuda:N, candle-cpu)")
-        }
-    };
+    let dev = build_device(load(&path)?.model, &device, &opts)?;
     let mut failed = false;
     let mut worst = 0f32;
     println!("| prompt | tokens equal | first divergence (step, CPU top-2 gap) | max |Δlogit| / range |\n|---|---|---|---|");

@@ -9,8 +9,6 @@ pub mod classical;
 pub mod curate;
 pub mod error;
 pub mod import;
-#[cfg(feature = "test-utils")]
-pub mod pgtest;
 pub mod postgres;
 pub mod record;
 mod rows;

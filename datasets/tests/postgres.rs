@@ -1,7 +1,7 @@
 //! What only the shared PostgreSQL store has to hold: refusals at open, a
 //! server that goes away and comes back, replicas writing at once.
 
-use retune_datasets::pgtest::{PgTest, PgTlsCluster};
+use retune_testkit::pg::{PgTest, PgTlsCluster};
 use retune_datasets::*;
 use std::time::{Duration, Instant};
 

@@ -123,7 +123,7 @@ impl Model {
 
     /// Build what the kernel path in use needs (the int8 paths' packed
     /// weights, dropping the GGUF bytes) now, not at the first request. Done
-    /// when the model becomes the host backend (`Compute::from`), so a model
+    /// when the model becomes the host backend (`Box::<dyn Compute>::from`), so a model
     /// bound for a device backend is never packed; a model run without it
     /// packs each linear at its first use and keeps the GGUF bytes beside.
     pub fn prepare_kernels(&mut self) {

@@ -711,7 +711,7 @@ async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_i
     let dir = tmp("pg-outage");
     // the PostgreSQL client blocks: never on the async runtime's threads
     let (pg, store) = tokio::task::spawn_blocking(|| {
-        let pg = retune_datasets::pgtest::PgTest::private().unwrap();
+        let pg = retune_testkit::pg::PgTest::private().unwrap();
         let store = Arc::new(PgStore::open(&pg.url).unwrap());
         (pg, store)
     })

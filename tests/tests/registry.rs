@@ -31,7 +31,7 @@ fn base() -> ServedBase {
 /// child processes and second handles open the same one.
 fn both(name: &str, test: impl Fn(PathBuf)) {
     test(tmpdir(&format!("{name}-sqlite")));
-    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
+    let pg = retune_testkit::pg::PgTest::new().unwrap();
     let dir = tmpdir(&format!("{name}-pg"));
     std::fs::write(dir.join("registry.location"), &pg.url).unwrap();
     test(dir);
@@ -698,7 +698,7 @@ fn hold_writer(dir: &Path) -> std::sync::mpsc::Sender<()> {
     let at = location(dir);
     if retune_adapters::is_postgres_url(&at) {
         std::thread::spawn(move || {
-            let mut c = retune_datasets::pgtest::connect(&at).unwrap();
+            let mut c = retune_testkit::pg::connect(&at).unwrap();
             c.batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7310012642)")
                 .unwrap();
             ready_tx.send(()).unwrap();
@@ -1117,7 +1117,7 @@ fn an_adapter_evicted_from_every_tier_serves_the_same_output_and_a_corrupt_one_f
 }
 
 /// A registry on a fresh PostgreSQL database (and the database's handle).
-fn pg_dir(name: &str, pg: &retune_datasets::pgtest::PgTest) -> PathBuf {
+fn pg_dir(name: &str, pg: &retune_testkit::pg::PgTest) -> PathBuf {
     let dir = tmpdir(name);
     std::fs::write(dir.join("registry.location"), &pg.url).unwrap();
     dir
@@ -1125,7 +1125,7 @@ fn pg_dir(name: &str, pg: &retune_datasets::pgtest::PgTest) -> PathBuf {
 
 #[test]
 fn on_postgresql_another_replicas_promotion_reaches_the_alias_cache_by_notify_not_the_poll() {
-    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
+    let pg = retune_testkit::pg::PgTest::new().unwrap();
     notify_reaches_the_cache(&pg_dir("notify", &pg));
 }
 
@@ -1134,7 +1134,7 @@ fn on_postgresql_another_replicas_promotion_reaches_the_alias_cache_by_notify_no
 /// certificate; one from another CA is refused at open with the reason.
 #[test]
 fn on_a_tls_only_postgresql_the_registry_and_its_change_feed_run_over_verified_tls() {
-    let c = retune_datasets::pgtest::PgTlsCluster::start().unwrap();
+    let c = retune_testkit::pg::PgTlsCluster::start().unwrap();
     let dir = tmpdir("notify-tls");
     let url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
@@ -1219,7 +1219,7 @@ fn a_postgresql_registry_that_cannot_be_used_is_refused_at_open_with_the_reason(
         Err(RegistryError::Invalid(_))
     ));
     // a schema from a newer build
-    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
+    let pg = retune_testkit::pg::PgTest::new().unwrap();
     drop(Registry::open_at(&pg.url, store(), 1 << 20).unwrap());
     let mut c = pg.client().unwrap();
     c.batch_execute(
@@ -1237,7 +1237,7 @@ fn a_postgresql_registry_that_cannot_be_used_is_refused_at_open_with_the_reason(
 #[test]
 fn postgresql_down_the_alias_cache_serves_the_last_state_writes_are_unavailable_and_it_resumes() {
     use std::time::{Duration, Instant};
-    let pg = retune_datasets::pgtest::PgTest::private().unwrap();
+    let pg = retune_testkit::pg::PgTest::private().unwrap();
     let dir = pg_dir("outage", &pg);
     let reg = Arc::new(open(&dir));
     let (u1, u2) = (upload(&dir, 1), upload(&dir, 2));
@@ -1330,7 +1330,7 @@ fn a_lookup_that_finds_nothing_reads_the_registrys_changes_first() {
 #[test]
 fn on_postgresql_down_a_miss_waits_for_the_database_once_then_stays_in_memory() {
     use std::time::{Duration, Instant};
-    let pg = retune_datasets::pgtest::PgTest::private().unwrap();
+    let pg = retune_testkit::pg::PgTest::private().unwrap();
     let dir = pg_dir("miss-down", &pg);
     let reg = Arc::new(open(&dir));
     let v1 = reg

@@ -3,7 +3,7 @@
 //! tampered object is refused and counted and never served, and an unreachable
 //! bucket fails only cold adapters (as Unavailable) while resident ones serve.
 
-use retune_adapters::s3test::S3Test;
+use retune_testkit::s3::S3Test;
 use retune_adapters::*;
 use retune_engine::tiny::{self, TinySpec};
 use std::path::{Path, PathBuf};

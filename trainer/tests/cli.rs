@@ -221,8 +221,8 @@ fn registers_into_the_shared_stores_postgresql_and_the_bucket() {
     let (gguf, _) = retune_engine::tiny::write(&dir, &Default::default()).unwrap();
     let data = dir.join("data.jsonl");
     std::fs::write(&data, jsonl(24)).unwrap();
-    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
-    let s3 = retune_adapters::s3test::S3Test::new().unwrap(); // sets the AWS credentials
+    let pg = retune_testkit::pg::PgTest::new().unwrap();
+    let s3 = retune_testkit::s3::S3Test::new().unwrap(); // sets the AWS credentials
     let root = dir.join("root");
     let out = trainer(&[
         "train",

@@ -1134,7 +1134,7 @@ fn a_candidate_that_beats_a_weak_live_version_goes_out_as_a_watched_canary() {
 fn two_daemons_on_postgresql_never_train_one_adapter_together_and_the_survivor_takes_over_after_kill_9(
 ) {
     use std::time::{Duration, Instant};
-    let pg = retune_datasets::pgtest::PgTest::new().unwrap();
+    let pg = retune_testkit::pg::PgTest::new().unwrap();
     let dir = tmpdir("two-daemons");
     let gguf = tiny(&dir);
     let root = dir.join("root");

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use retune_datasets::pgtest::PgTest;
+use retune_testkit::pg::PgTest;
 use retune_datasets::{DatasetStore, PgStore, SqliteStore};
 use std::path::PathBuf;
 

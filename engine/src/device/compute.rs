@@ -2,24 +2,67 @@ use super::{DeviceKv, DeviceModel};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
 use crate::model::{BatchItem, Model, ModelConfig};
+use crate::prefix::{PrefixCache, PrefixConfig};
 
-/// What the scheduler runs: the native CPU engine or the tensor backend.
-pub enum Compute {
-    Host(Model),
-    Device(DeviceModel),
-}
+/// What the scheduler runs: the native CPU engine ([`Model`]) or the tensor
+/// backend ([`DeviceModel`]). Each narrows a sequence's [`Cache`] to its own.
+pub trait Compute: Send {
+    fn cfg(&self) -> &ModelConfig;
 
-impl From<Model> for Compute {
-    /// The host backend, its kernels prepared ([`Model::prepare_kernels`]).
-    fn from(mut m: Model) -> Self {
-        m.prepare_kernels();
-        Self::Host(m)
+    fn new_cache(&self) -> Result<Cache>;
+
+    /// A copy of `c` for another sample of the same prompt; `None` where the
+    /// backend cannot copy one (a device slot): that sample prefills anew.
+    fn fork_cache(&self, c: &Cache) -> Option<Cache>;
+
+    /// Concurrent sequences the backend can hold (`None` = limited by memory only).
+    fn max_sequences(&self) -> Option<usize> {
+        None
+    }
+
+    /// Distinct adapters one forward step can run (`None`: any number).
+    fn max_step_adapters(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether this backend can run `a`; the message says why not.
+    fn check_adapter(&self, a: &retune_adapters::LoraAdapter) -> std::result::Result<(), String> {
+        same_layers(self.cfg(), a)
+    }
+
+    fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>>;
+
+    /// A prefix cache over this backend's KV, where it can copy KV (the host's).
+    fn prefix_cache(&self, _cfg: &PrefixConfig) -> Option<PrefixCache> {
+        None
     }
 }
 
-impl From<DeviceModel> for Compute {
+fn same_layers(
+    cfg: &ModelConfig,
+    a: &retune_adapters::LoraAdapter,
+) -> std::result::Result<(), String> {
+    let layers = cfg.n_layer;
+    if a.layers.len() != layers {
+        return Err(format!(
+            "adapter has {} layers, the model {layers}",
+            a.layers.len()
+        ));
+    }
+    Ok(())
+}
+
+impl From<Model> for Box<dyn Compute> {
+    /// The host backend, its kernels prepared ([`Model::prepare_kernels`]).
+    fn from(mut m: Model) -> Self {
+        m.prepare_kernels();
+        Box::new(m)
+    }
+}
+
+impl From<DeviceModel> for Box<dyn Compute> {
     fn from(m: DeviceModel) -> Self {
-        Self::Device(m)
+        Box::new(m)
     }
 }
 
@@ -47,89 +90,92 @@ impl Cache {
     }
 }
 
-impl Compute {
-    pub fn cfg(&self) -> &ModelConfig {
-        match self {
-            Self::Host(m) => &m.cfg,
-            Self::Device(m) => &m.cfg,
-        }
+impl Compute for Model {
+    fn cfg(&self) -> &ModelConfig {
+        &self.cfg
     }
 
-    /// A copy of `c` for another sample of the same prompt; `None` where the
-    /// backend cannot copy one (a device slot): that sample prefills anew.
-    pub fn fork_cache(&self, c: &Cache) -> Option<Cache> {
+    fn new_cache(&self) -> Result<Cache> {
+        Ok(Cache::Host(Model::new_cache(self)))
+    }
+
+    fn fork_cache(&self, c: &Cache) -> Option<Cache> {
         match c {
             Cache::Host(k) => Some(Cache::Host(k.clone())),
             Cache::Device(_) => None,
         }
     }
 
-    pub fn new_cache(&self) -> Result<Cache> {
-        Ok(match self {
-            Self::Host(m) => Cache::Host(m.new_cache()),
-            Self::Device(m) => Cache::Device(m.new_cache()?),
-        })
+    fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>> {
+        Model::forward(
+            self,
+            &mut view(items, |c| match c {
+                Cache::Host(kv) => Some(kv),
+                Cache::Device(_) => None,
+            })?,
+        )
     }
 
-    /// Concurrent sequences the backend can hold (`None` = limited by memory only).
-    pub fn max_sequences(&self) -> Option<usize> {
-        match self {
-            Self::Host(_) => None,
-            Self::Device(m) => Some(m.slots()),
-        }
+    fn prefix_cache(&self, cfg: &PrefixConfig) -> Option<PrefixCache> {
+        Some(PrefixCache::new(
+            cfg.clone(),
+            &self.fingerprint(),
+            self.cfg.n_layer,
+            self.cfg.kv_dim(),
+        ))
+        .filter(PrefixCache::enabled)
+    }
+}
+
+impl Compute for DeviceModel {
+    fn cfg(&self) -> &ModelConfig {
+        &self.cfg
     }
 
-    /// Distinct adapters one forward step can run (`None`: any number).
-    pub fn max_step_adapters(&self) -> Option<usize> {
-        match self {
-            Self::Host(_) => None,
-            Self::Device(m) => Some(m.adapter_slots()),
-        }
+    fn new_cache(&self) -> Result<Cache> {
+        Ok(Cache::Device(DeviceModel::new_cache(self)?))
     }
 
-    /// Whether this backend can run `a` (a device's adapter slots have a fixed
-    /// rank); the message says why not.
-    pub fn check_adapter(
-        &self,
-        a: &retune_adapters::LoraAdapter,
-    ) -> std::result::Result<(), String> {
-        let layers = self.cfg().n_layer;
-        if a.layers.len() != layers {
+    fn fork_cache(&self, _: &Cache) -> Option<Cache> {
+        None
+    }
+
+    fn max_sequences(&self) -> Option<usize> {
+        Some(self.slots())
+    }
+
+    fn max_step_adapters(&self) -> Option<usize> {
+        Some(self.adapter_slots())
+    }
+
+    /// Also: a device's adapter slots have a fixed rank.
+    fn check_adapter(&self, a: &retune_adapters::LoraAdapter) -> std::result::Result<(), String> {
+        same_layers(&self.cfg, a)?;
+        let rank = a
+            .layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.rank)
+            .max()
+            .unwrap_or(0);
+        if rank > self.max_rank() {
             return Err(format!(
-                "adapter has {} layers, the model {layers}",
-                a.layers.len()
+                "adapter rank {rank} exceeds this device's max_rank {}",
+                self.max_rank()
             ));
-        }
-        if let Self::Device(m) = self {
-            let rank = a
-                .layers
-                .iter()
-                .flatten()
-                .flatten()
-                .map(|p| p.rank)
-                .max()
-                .unwrap_or(0);
-            if rank > m.max_rank() {
-                return Err(format!(
-                    "adapter rank {rank} exceeds this device's max_rank {}",
-                    m.max_rank()
-                ));
-            }
         }
         Ok(())
     }
 
-    pub fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>> {
-        match self {
-            Self::Host(m) => m.forward(&mut view(items, |c| match c {
-                Cache::Host(kv) => Some(kv),
-                Cache::Device(_) => None,
-            })?),
-            Self::Device(m) => m.forward(&mut view(items, |c| match c {
+    fn forward(&self, items: &mut [BatchItem<'_, Cache>]) -> Result<Vec<Vec<f32>>> {
+        DeviceModel::forward(
+            self,
+            &mut view(items, |c| match c {
                 Cache::Device(kv) => Some(kv),
                 Cache::Host(_) => None,
-            })?),
-        }
+            })?,
+        )
     }
 }
 

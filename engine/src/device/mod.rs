@@ -30,7 +30,8 @@ mod train_ops;
 pub use compute::{Cache, Compute};
 pub use kv::DeviceKv;
 pub use options::{
-    build_backend, options_from_settings, parse_device, parse_dtype, DeviceOptions, WeightMode,
+    build_backend, build_device, options_from_settings, parse_device, parse_dtype, DeviceOptions,
+    WeightMode,
 };
 pub use train::{
     grad_of, smoothed_nll, weighted_nll, Dropout, LoraParam, Mode, TrainBatch, TrainLora,

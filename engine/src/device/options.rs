@@ -96,17 +96,22 @@ pub fn options_from_settings(e: &retune_config::EngineSettings) -> Result<Device
 /// The backend a device setting names: `cpu` = the native CPU engine; `candle-cpu`
 /// = the tensor backend on candle's CPU device; `cuda` / `cuda:N` = the tensor
 /// backend on that GPU (a clear error when the build has no CUDA or no GPU is found).
-pub fn build_backend(model: Model, device: &str, opts: &DeviceOptions) -> Result<Compute> {
+pub fn build_backend(model: Model, device: &str, opts: &DeviceOptions) -> Result<Box<dyn Compute>> {
     match device {
         "cpu" => Ok(model.into()),
-        "candle-cpu" => Ok(Compute::Device(DeviceModel::from_model(
-            model,
-            &Device::Cpu,
-            opts,
-        )?)),
-        name => {
-            let dev = parse_device(name)?;
-            Ok(Compute::Device(DeviceModel::from_model(model, &dev, opts)?))
-        }
+        name => Ok(build_device(model, name, opts)?.into()),
+    }
+}
+
+/// The tensor backend on the device a setting names (`candle-cpu`, `cuda`,
+/// `cuda:N`); `cpu` (the native engine) is not one.
+pub fn build_device(model: Model, device: &str, opts: &DeviceOptions) -> Result<DeviceModel> {
+    match device {
+        "cpu" => Err(EngineError::InvalidRequest(
+            "`cpu` is the native engine, not a tensor-backend device (candle-cpu, cuda, cuda:N)"
+                .into(),
+        )),
+        "candle-cpu" => DeviceModel::from_model(model, &Device::Cpu, opts),
+        name => DeviceModel::from_model(model, &parse_device(name)?, opts),
     }
 }

@@ -10,6 +10,7 @@ use crate::backend::{
 use crate::chat::{ChatTemplate, CHATML};
 use crate::device::{Cache, Compute};
 use crate::error::{EngineError, Result};
+use crate::fairness::{Budgets, Fairness, Held};
 use crate::guide::{Guide, Mask};
 use crate::model::BatchItem;
 use crate::prefix::{PrefixCache, PrefixConfig, PrefixStats};
@@ -21,6 +22,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+
+mod adapters;
+mod admission;
+mod emit;
+mod prefill;
+
+use emit::*;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -102,10 +110,6 @@ fn release(book: &Mutex<QueueBook>, tenant: &Arc<str>) {
         }
     }
 }
-
-/// A head-of-queue request that has waited this long stops younger ones of
-/// other tenants from taking the KV it needs as it frees.
-const STARVATION: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A request before validation (the CLI, tests, evals); `Engine::generate` checks
 /// it into a [`ValidRequest`].
@@ -194,18 +198,18 @@ impl Drop for AliveGuard {
 }
 
 impl Engine {
-    pub fn start(model: impl Into<Compute>, tok: Tok, cfg: EngineConfig) -> Result<Self> {
+    pub fn start(model: impl Into<Box<dyn Compute>>, tok: Tok, cfg: EngineConfig) -> Result<Self> {
         Self::start_with_pool(model, tok, cfg, None)
     }
 
     /// Start with an adapter pool: requests may then name an adapter.
     pub fn start_with_pool(
-        model: impl Into<Compute>,
+        model: impl Into<Box<dyn Compute>>,
         tok: Tok,
         mut cfg: EngineConfig,
         pool: Option<Arc<AdapterPool>>,
     ) -> Result<Self> {
-        let model: Compute = model.into();
+        let model: Box<dyn Compute> = model.into();
         if let Some(n) = model.max_sequences() {
             cfg.max_batch = cfg.max_batch.min(n);
         }
@@ -221,16 +225,7 @@ impl Engine {
         let book = Arc::new(Mutex::new(QueueBook::default()));
         let abort = Arc::new(Mutex::new(None));
         // the prefix cache holds host KV: the device backend's slots are not copied
-        let prefix = match &model {
-            Compute::Host(m) => Some(PrefixCache::new(
-                cfg.prefix_cache.clone(),
-                &m.fingerprint(),
-                m.cfg.n_layer,
-                m.cfg.kv_dim(),
-            ))
-            .filter(PrefixCache::enabled),
-            Compute::Device(_) => None,
-        };
+        let prefix = model.prefix_cache(&cfg.prefix_cache);
         let prefix_stats = prefix.as_ref().map(PrefixCache::stats);
         let worker = Worker {
             model,
@@ -520,7 +515,7 @@ enum Resolved {
 }
 
 struct Worker {
-    model: Compute,
+    model: Box<dyn Compute>,
     tok: Arc<Tok>,
     cfg: EngineConfig,
     rx: Receiver<Job>,
@@ -641,280 +636,6 @@ impl Worker {
         self.stats.running.store(0, Ordering::Relaxed);
         self.stats.last_step_tokens.store(0, Ordering::Relaxed);
         self.release_adapters();
-    }
-
-    fn queued(&self) -> usize {
-        self.queues.values().map(VecDeque::len).sum()
-    }
-
-    fn enqueue(&mut self, job: Job) {
-        self.queues
-            .entry(job.tenant.clone())
-            .or_default()
-            .push_back(job);
-    }
-
-    /// Take `tenant`'s head of queue out of the books.
-    fn dequeue(&mut self, tenant: &Arc<str>) -> Option<Job> {
-        let q = self.queues.get_mut(tenant)?;
-        let job = q.pop_front()?;
-        if q.is_empty() {
-            self.queues.remove(tenant);
-        }
-        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-        release(&self.book, tenant);
-        Some(job)
-    }
-
-    /// What `tenant` holds now, as a fraction of the KV budget plus a fraction of
-    /// the batch, over its weight: the tenant holding least goes first.
-    fn usage(&self, tenant: &str) -> f64 {
-        let (mut kv, mut seqs) = (0usize, 0usize);
-        for s in self.active.iter().filter(|s| &*s.tenant == tenant) {
-            kv += s.reserve;
-            seqs += 1;
-        }
-        for j in self.loading.iter().filter(|j| &*j.tenant == tenant) {
-            kv += self.reserve_of(j);
-            seqs += 1;
-        }
-        (kv as f64 / self.cfg.max_kv_tokens.max(1) as f64
-            + seqs as f64 / self.cfg.max_batch.max(1) as f64)
-            / self.cfg.weight(tenant)
-    }
-
-    /// Whether admitting `job` keeps its tenant within its weighted share of the
-    /// batch's rows among the tenants active now or in the last seconds (a
-    /// tenant alone may use them all). Every row slows each step a little: a
-    /// tenant filling the batch would slow everyone else's tokens.
-    fn within_batch_share(&self, job: &Job) -> bool {
-        let t = &*job.tenant;
-        let mut tenants: Vec<&str> = self.seen.keys().map(|k| &**k).collect();
-        tenants.extend(self.queues.keys().map(|k| &**k));
-        tenants.extend(self.active.iter().map(|s| &*s.tenant));
-        tenants.extend(self.loading.iter().map(|j| &*j.tenant));
-        tenants.push(t);
-        tenants.sort_unstable();
-        tenants.dedup();
-        if tenants.len() == 1 {
-            return true;
-        }
-        let total: f64 = tenants.iter().map(|w| self.cfg.weight(w)).sum();
-        let share = (self.cfg.max_batch as f64 * self.cfg.weight(t) / total).ceil() as usize;
-        let mine = self.active.iter().filter(|s| &*s.tenant == t).count()
-            + self.loading.iter().filter(|j| &*j.tenant == t).count();
-        mine < share.max(1)
-    }
-
-    /// Whether admitting `job` keeps its tenant within its weighted share of the
-    /// KV budget among the tenants that want some; a tenant may always run one
-    /// sequence, and may use more than its share when nobody else is waiting.
-    fn within_share(&self, job: &Job) -> bool {
-        let t = &*job.tenant;
-        let others_waiting = self.queues.iter().any(|(k, q)| &**k != t && !q.is_empty());
-        if !others_waiting {
-            return true;
-        }
-        let mut mine = 0usize;
-        let mut running_mine = false;
-        let mut wanting: Vec<&str> = self.queues.keys().map(|k| &**k).collect();
-        for s in &self.active {
-            wanting.push(&s.tenant);
-            if &*s.tenant == t {
-                mine += s.reserve;
-                running_mine = true;
-            }
-        }
-        for j in &self.loading {
-            wanting.push(&j.tenant);
-            if &*j.tenant == t {
-                mine += self.reserve_of(j);
-                running_mine = true;
-            }
-        }
-        if !running_mine {
-            return true;
-        }
-        wanting.sort_unstable();
-        wanting.dedup();
-        let total: f64 = wanting.iter().map(|w| self.cfg.weight(w)).sum();
-        let share = self.cfg.max_kv_tokens as f64 * self.cfg.weight(t) / total.max(1.0);
-        (mine + self.reserve_of(job)) as f64 <= share
-    }
-
-    /// Admission from the per-tenant queues: the tenant holding least (weighted)
-    /// first; a head that does not fit does not block other tenants' heads, unless
-    /// it has waited past [`STARVATION`] and is the most deserving, when admission
-    /// pauses until the KV it needs frees.
-    fn admit_fairly(&mut self) {
-        // requests whose caller left while they waited
-        let mut gone: Vec<Arc<str>> = Vec::new();
-        for (t, q) in self.queues.iter_mut() {
-            q.retain(|j| {
-                let closed = j.tx.is_closed();
-                if closed {
-                    gone.push(t.clone());
-                }
-                !closed
-            });
-        }
-        for t in gone {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            release(&self.book, &t);
-        }
-        self.queues.retain(|_, q| !q.is_empty());
-        loop {
-            if self.active.len() >= self.cfg.max_batch.max(1)
-                || self.loading.len() >= self.cfg.max_queue.max(1)
-                || self.queues.is_empty()
-            {
-                return;
-            }
-            let mut order: Vec<(f64, std::time::Instant, Arc<str>)> = self
-                .queues
-                .iter()
-                .filter_map(|(t, q)| {
-                    q.front()
-                        .map(|j| (self.usage(t), j.clock.submitted, t.clone()))
-                })
-                .collect();
-            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let mut progressed = false;
-            for (rank, (_, since, t)) in order.iter().enumerate() {
-                let Some(head) = self.queues.get(t).and_then(VecDeque::front) else {
-                    continue;
-                };
-                if head.tx.is_closed() {
-                    self.dequeue(t);
-                    progressed = true;
-                    break;
-                }
-                if !self.within_batch_share(head) {
-                    continue; // its share of rows is full while others are active
-                }
-                if !self.fits(head) || !self.within_share(head) {
-                    if rank == 0 && since.elapsed() > STARVATION {
-                        return; // let the KV drain for it
-                    }
-                    continue;
-                }
-                let Some(job) = self.dequeue(t) else { continue };
-                match self.resolve_adapter(&job) {
-                    Resolved::Ready(a) => self.admit(job, a),
-                    Resolved::Pending => self.loading.push(job),
-                    Resolved::Failed(e) => drop(job.tx.send(Event::Error(e))),
-                }
-                progressed = true;
-                break;
-            }
-            if !progressed {
-                return;
-            }
-        }
-    }
-
-    /// KV positions a job may need: every sample's.
-    fn reserve_of(&self, job: &Job) -> usize {
-        self.one_reserve(job) * (1 + job.forks.len())
-    }
-
-    fn one_reserve(&self, job: &Job) -> usize {
-        (job.prompt.len() + job.params.max_tokens).min(self.model.cfg().context)
-    }
-
-    /// KV budget: a job fits if nothing runs or its reservation fits.
-    fn fits(&self, job: &Job) -> bool {
-        self.active.is_empty() || self.reserved + self.reserve_of(job) <= self.cfg.max_kv_tokens
-    }
-
-    fn resolve_adapter(&self, job: &Job) -> Resolved {
-        let Some(adapter) = &job.adapter else {
-            return Resolved::Ready(None);
-        };
-        let Some(pool) = &self.pool else {
-            return Resolved::Failed(GenError::new(
-                ErrorKind::Adapter,
-                format!("adapter {adapter} requested but this engine has no adapter pool"),
-            ));
-        };
-        match pool.acquire(adapter) {
-            Acquire::Ready(a) => match self.model.check_adapter(&a) {
-                Ok(()) => Resolved::Ready(Some(a)),
-                // only this request fails: the batch never sees the adapter
-                Err(why) => Resolved::Failed(GenError::new(
-                    ErrorKind::Adapter,
-                    format!("adapter {adapter}: {why}"),
-                )),
-            },
-            Acquire::Pending => Resolved::Pending,
-            Acquire::Failed(e) => Resolved::Failed(GenError::new(
-                match *e {
-                    // the store is unreachable: retry later (503), not a broken adapter
-                    retune_adapters::AdapterError::Unavailable(_) => ErrorKind::AdapterUnavailable,
-                    _ => ErrorKind::Adapter,
-                },
-                format!("adapter {adapter}: {e}"),
-            )),
-        }
-    }
-
-    /// Publish the adapter names of running and waiting sequences (for the
-    /// inference gateway's LoRA metric) when they changed.
-    fn publish_adapters(&self) {
-        fn names<'a>(it: &mut dyn Iterator<Item = &'a AdapterRef>) -> Vec<&'a str> {
-            let mut v: Vec<&str> = it.map(|a| a.name()).collect();
-            v.sort_unstable();
-            v.dedup();
-            v
-        }
-        let running = names(
-            &mut self
-                .active
-                .iter()
-                .filter_map(|s| s.adapter.as_ref().map(|(_, r)| r)),
-        );
-        let waiting = names(
-            &mut self
-                .queues
-                .values()
-                .flatten()
-                .chain(&self.loading)
-                .filter_map(|j| j.adapter.as_ref()),
-        );
-        let mut cur = self
-            .stats
-            .adapters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let same =
-            |a: &[String], b: &[&str]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y);
-        if !same(&cur.0, &running) || !same(&cur.1, &waiting) {
-            *cur = (
-                running.into_iter().map(String::from).collect(),
-                waiting.into_iter().map(String::from).collect(),
-            );
-        }
-    }
-
-    /// Start loading the adapters of the requests next in each tenant's queue,
-    /// so their loads overlap the running sequences' steps instead of
-    /// starting when the request reaches the head.
-    fn prefetch_adapters(&self) {
-        let Some(pool) = &self.pool else { return };
-        for q in self.queues.values() {
-            for job in q.iter().take(PREFETCH_PER_TENANT) {
-                if let Some(a) = &job.adapter {
-                    pool.prefetch(a);
-                }
-            }
-        }
-    }
-
-    /// Let the pool evict what finished sequences no longer hold.
-    fn release_adapters(&self) {
-        if let Some(pool) = &self.pool {
-            pool.trim();
-        }
     }
 
     fn admit(&mut self, mut job: Job, adapter: Option<Arc<LoraAdapter>>) {
@@ -1227,327 +948,5 @@ impl Worker {
         if !finished.is_empty() || any_forked {
             self.release_adapters();
         }
-    }
-}
-
-/// Draw row `s`'s next token from its logits `l`, among what `mask` allows
-/// (narrowed near the budget's end to close JSON).
-fn choose(s: &mut Seq, l: &[f32], mask: Option<&Mask>) -> std::result::Result<Sampled, GenError> {
-    if mask.is_some_and(Mask::is_empty) {
-        return Err(GenError::internal("the grammar allows no token here"));
-    }
-    let left = s.sampler.params().max_tokens.saturating_sub(s.output.len());
-    let narrowed = match (&mut s.guide, mask) {
-        (Some(g), Some(m)) => g.wrap_up(m, left),
-        _ => None,
-    };
-    Ok(s.sampler.sample_masked(l, narrowed.as_ref().or(mask)))
-}
-
-/// The classifier head of row `s`'s adapter, if it has one.
-fn head_of(s: &Seq) -> Option<&retune_adapters::ClassHead> {
-    s.adapter.as_ref().and_then(|a| a.0.head.as_ref())
-}
-
-/// A classifier's answer: its most probable label, emitted as that label's
-/// tokens (cut by `max_tokens` or a stop string like any answer), the first
-/// carrying the label's log-probability under the head and the rest 0, so the
-/// answer's token log-probabilities sum to the label's. The row then ends.
-fn answer_label(s: &mut Seq, scores: &[f32], tok: &Tok, context: usize, stats: &EngineStats) {
-    let Some(head) = head_of(s) else { return };
-    let best = scores
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i);
-    let max = scores.get(best).copied().unwrap_or(0.0);
-    let log_z = max + scores.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-    let logprob = scores.get(best).map_or(0.0, |x| x - log_z);
-    let ids = match head.labels.get(best).map(|l| tok.encode(l, false)) {
-        Some(Ok(ids)) if !ids.is_empty() => ids,
-        Some(Err(e)) => {
-            let _ = s.tx.send(Event::Error(GenError::internal(format!(
-                "the classifier's label does not tokenize: {e}"
-            ))));
-            return;
-        }
-        _ => {
-            let _ = s.tx.send(Event::Error(GenError::internal(
-                "the classifier's scores do not match its labels",
-            )));
-            return;
-        }
-    };
-    // the label is the whole answer (no grammar), then the end of turn
-    s.guide = None;
-    let end = tok
-        .eos
-        .first()
-        .copied()
-        .filter(|_| s.sampler.params().stop_on_eos);
-    for (k, id) in ids.into_iter().chain(end).enumerate() {
-        let sampled = Sampled {
-            token: id,
-            logprob: Some(if k == 0 { logprob } else { 0.0 }),
-            top: Vec::new(),
-        };
-        if !advance(s, tok, sampled, context, stats) {
-            return;
-        }
-    }
-    let tail = s.stop.flush();
-    done(s, FinishReason::Stop, tail);
-}
-
-/// Advance row `s` past its drawn token: its grammar, the token event, or
-/// the ending. Returns whether it goes on.
-fn advance(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize, stats: &EngineStats) -> bool {
-    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-    let id = sampled.token;
-    let p = s.sampler.params();
-    let is_stop_token = p.stop_token_ids.contains(&id) || (p.stop_on_eos && tok.eos.contains(&id));
-    if let (Some(g), false) = (&mut s.guide, is_stop_token) {
-        if let Err(e) = g.commit(id) {
-            let _ = s.tx.send(Event::Error(GenError::internal(e.to_string())));
-            return false;
-        }
-    }
-    let mut reason = emit(s, tok, sampled, context);
-    if let Some(g) = &s.guide {
-        if reason.is_none() && g.is_done() {
-            // the grammar is complete and allows nothing more
-            reason = Some((FinishReason::Stop, false));
-        }
-        if g.wrapped() {
-            // closed early to fit max_tokens: it ended for length
-            if let Some(r) = &mut reason {
-                r.0 = FinishReason::Length;
-            }
-        }
-    }
-    let Some(reason) = reason else {
-        return true;
-    };
-    let tail = s.stop.flush();
-    let tail = if reason.1 { String::new() } else { tail };
-    done(s, reason.0, tail);
-    false
-}
-
-/// End row `s`: its completion record goes to the reader.
-fn done(s: &mut Seq, finish: FinishReason, tail: String) {
-    let record = Completion {
-        finish,
-        prompt: std::mem::take(&mut s.prompt),
-        output: std::mem::take(&mut s.output),
-        adapter: s.adapter.as_ref().map(|a| a.1.clone()),
-        params: s.sampler.params().clone(),
-        timings: s.clock.timings(),
-        tail,
-        cached_tokens: s.cached,
-    };
-    let _ = s.tx.send(Event::Done(Box::new(record)));
-}
-
-/// How much slower per FLOP attention runs than the projections (see
-/// [`Worker::attention_break_even`]).
-const ATTENTION_SLOWDOWN: f64 = 3.0;
-/// Half-life of a tenant's recorded compute, seconds.
-const SPENT_HALF_LIFE: f64 = 5.0;
-/// A tenant with work this recently keeps its share of the batch's rows.
-const RECENT: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl Worker {
-    /// Positions of context at which one token's attention costs as much as its
-    /// projections (the cost model of [`Self::cost`]).
-    fn attention_break_even(&self) -> f64 {
-        let c = self.model.cfg();
-        let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
-        let linear = (2 * h * q + 2 * h * kv + 3 * h * f) as f64;
-        // attention runs at about a third of the projections' FLOP rate
-        // (measured on SmolLM2-135M, 2 cores: prefill 3.2 ms/token at 500
-        // tokens, 9.9 at 6,000 — break-even near 1,070 positions)
-        (linear / (2 * q).max(1) as f64 / ATTENTION_SLOWDOWN).max(1.0)
-    }
-
-    /// Work of `n` tokens fed after `at` positions of context, in token equivalents.
-    fn cost(n: usize, at: usize, even: f64) -> f64 {
-        n as f64 * (1.0 + (at as f64 + n as f64 / 2.0) / even)
-    }
-
-    /// Record this step's work per tenant (and decay the past).
-    fn account(&mut self, inputs: &[(usize, Vec<u32>, bool)]) {
-        let now = std::time::Instant::now();
-        let dt = now.duration_since(self.spent_at).as_secs_f64();
-        self.spent_at = now;
-        let decay = 0.5f64.powf(dt / SPENT_HALF_LIFE);
-        self.spent.retain(|_, v| {
-            *v *= decay;
-            *v > 1e-3
-        });
-        let even = self.attention_break_even();
-        for (i, toks, _) in inputs {
-            let s = &self.active[*i];
-            let at = if s.last.is_some() { s.kv.len() } else { s.fed };
-            let w = self.cfg.weight(&s.tenant);
-            *self.spent.entry(s.tenant.clone()).or_insert(0.0) +=
-                Self::cost(toks.len(), at, even) / w;
-            self.seen.insert(s.tenant.clone(), now);
-        }
-        self.seen.retain(|_, at| now.duration_since(*at) < RECENT);
-    }
-
-    /// Prompts that share a prefix compute it once. A prefilling sequence
-    /// takes from the prefix cache what another has computed of its prompt
-    /// meanwhile, and waits (returned `true`) while another sequence of the
-    /// same scope and weights, further on, is still computing the next block
-    /// of its prompt. The sequence furthest on never waits: every step
-    /// progresses.
-    fn share_prefixes(&mut self) -> Vec<bool> {
-        let n = self.active.len();
-        let mut waiting = vec![false; n];
-        let Some(prefix) = &mut self.prefix else {
-            return waiting;
-        };
-        let block = prefix.block();
-        let keys: Vec<Option<(Arc<str>, String)>> = self
-            .active
-            .iter()
-            .map(|s| {
-                (s.last.is_none() && s.fed < s.prompt.len() && matches!(s.kv, Cache::Host(_)))
-                    .then(|| (prefix.scope_of(&s.tenant), weights_key(&s.adapter)))
-            })
-            .collect();
-        for (s, key) in self.active.iter_mut().zip(&keys) {
-            let Some((scope, weights)) = key else {
-                continue;
-            };
-            if let Some(hit) = prefix.extend(scope, weights, &s.prompt, s.fed) {
-                s.cached += hit.tokens - s.fed;
-                s.fed = hit.tokens;
-                s.kv = Cache::Host(hit.kv);
-            }
-        }
-        for i in 0..n {
-            let Some(key) = &keys[i] else { continue };
-            let me = &self.active[i];
-            let next_block_end = (me.fed / block + 1) * block;
-            waiting[i] = (0..n).any(|j| {
-                let other = &self.active[j];
-                j != i
-                    && keys[j].as_ref() == Some(key)
-                    && (other.fed > me.fed || (other.fed == me.fed && j < i))
-                    && {
-                        let common = me
-                            .prompt
-                            .iter()
-                            .zip(&other.prompt)
-                            .take_while(|(a, b)| a == b)
-                            .count();
-                        common >= next_block_end && other.fed < common
-                    }
-            });
-        }
-        waiting
-    }
-
-    /// Prompt tokens each prefilling sequence gets this step. The budget is
-    /// `prefill_chunk` tokens, or `prefill_chunk_decoding` token equivalents
-    /// while any sequence decodes; tenants that spent least recently (by weight)
-    /// go first, each prompt of a tenant gets an equal part of its turn, and
-    /// every step makes progress for someone.
-    fn prefill_plan(&self, waiting: &[bool]) -> Vec<usize> {
-        let n = self.active.len();
-        let open = |i: usize| {
-            let s = &self.active[i];
-            s.last.is_none() && s.prompt.len() > s.fed && !waiting.get(i).copied().unwrap_or(false)
-        };
-        let mut plan = vec![0usize; n];
-        let decoding = self.active.iter().any(|s| s.last.is_some());
-        let even = self.attention_break_even();
-        let mut left = if decoding {
-            self.cfg.prefill_chunk_decoding.max(1)
-        } else {
-            self.cfg.prefill_chunk.max(1)
-        } as f64;
-        let mut tenants: Vec<(f64, Arc<str>)> = Vec::new();
-        for (i, s) in self.active.iter().enumerate() {
-            if open(i) && !tenants.iter().any(|(_, t)| *t == s.tenant) {
-                tenants.push((
-                    self.spent.get(&s.tenant).copied().unwrap_or(0.0),
-                    s.tenant.clone(),
-                ));
-            }
-        }
-        tenants.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (rank, (_, t)) in tenants.iter().enumerate() {
-            if left <= 0.0 && rank > 0 {
-                break;
-            }
-            let mine: Vec<usize> = (0..n)
-                .filter(|&i| open(i) && self.active[i].tenant == *t)
-                .collect();
-            // the tenant's turn, split evenly in token equivalents among its prompts
-            let mut open = mine.clone();
-            while left > 0.0 && !open.is_empty() {
-                let share = left / open.len() as f64;
-                let mut spent = 0.0;
-                for &i in &open {
-                    let s = &self.active[i];
-                    let need = s.prompt.len() - s.fed - plan[i];
-                    let at = s.fed + plan[i];
-                    let per = 1.0 + at as f64 / even;
-                    let k = ((share / per).floor() as usize).min(need);
-                    plan[i] += k;
-                    spent += Self::cost(k, at, even);
-                }
-                left -= spent;
-                open.retain(|&i| self.active[i].fed + plan[i] < self.active[i].prompt.len());
-                if spent == 0.0 {
-                    break;
-                }
-            }
-            // progress: the first tenant always gets at least a token
-            if rank == 0 && mine.iter().all(|&i| plan[i] == 0) {
-                plan[mine[0]] = 1;
-                left -= Self::cost(1, self.active[mine[0]].fed, even);
-            }
-        }
-        plan
-    }
-}
-
-/// Record one sampled token; returns the finish reason (and whether a stop string
-/// ended it) when the sequence is done.
-fn emit(s: &mut Seq, tok: &Tok, sampled: Sampled, context: usize) -> Option<(FinishReason, bool)> {
-    let id = sampled.token;
-    s.output.push(id);
-    s.clock
-        .first_token
-        .get_or_insert_with(std::time::Instant::now);
-    s.last = Some(id);
-    let p = s.sampler.params();
-    let is_stop_token = p.stop_token_ids.contains(&id) || (p.stop_on_eos && tok.eos.contains(&id));
-    let (text, hit) = if is_stop_token {
-        (String::new(), false)
-    } else {
-        s.stop.push(&s.detok.push(tok, id))
-    };
-    let max_tokens = p.max_tokens;
-    let _ = s.tx.send(Event::Token(TokenEvent {
-        id,
-        text,
-        logprob: sampled.logprob,
-        top: sampled.top,
-        at: std::time::Instant::now(),
-    }));
-    if is_stop_token {
-        Some((FinishReason::Stop, false))
-    } else if hit {
-        Some((FinishReason::Stop, true))
-    } else if s.output.len() >= max_tokens || s.kv.len() + 1 >= context {
-        Some((FinishReason::Length, false))
-    } else {
-        None
     }
 }
