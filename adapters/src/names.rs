@@ -2,11 +2,11 @@
 //! adapter version, built once per request and used by every later step (the
 //! response header, the metrics, the loader) without parsing a string again.
 
-use crate::error::RegistryError;
+use crate::error::NameError;
 use std::fmt;
 
 /// Tenant, adapter and version names: `[a-z0-9][a-z0-9._-]{0,63}`, no `..`.
-pub fn check_name(what: &str, s: &str) -> Result<(), RegistryError> {
+pub fn check_name(what: &str, s: &str) -> Result<(), NameError> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && !s.contains("..")
@@ -18,12 +18,12 @@ pub fn check_name(what: &str, s: &str) -> Result<(), RegistryError> {
     if ok {
         Ok(())
     } else {
-        Err(RegistryError::Forbidden(format!("invalid {what} `{s}`")))
+        Err(NameError(format!("invalid {what} `{s}`")))
     }
 }
 
 /// The store key of a version: `tenant/name/version`.
-pub(crate) fn store_key(tenant: &str, name: &str, version: &str) -> String {
+pub fn store_key(tenant: &str, name: &str, version: &str) -> String {
     format!("{tenant}/{name}/{version}")
 }
 
@@ -51,7 +51,7 @@ pub struct AdapterRef {
 
 impl AdapterRef {
     /// A reference to `tenant/name@version`; every part must be a valid name.
-    pub fn new(tenant: &str, name: &str, version: &str, via: Via) -> Result<Self, RegistryError> {
+    pub fn new(tenant: &str, name: &str, version: &str, via: Via) -> Result<Self, NameError> {
         check_name("tenant", tenant)?;
         check_name("adapter name", name)?;
         check_name("version", version)?;

@@ -58,7 +58,7 @@ impl FileStamp {
 
     /// Stamps of the PEFT files in `dir`.
     pub fn all(dir: &Path) -> std::io::Result<Vec<Self>> {
-        crate::store::FILES
+        crate::files::FILES
             .iter()
             .map(|f| Self::of(dir, f))
             .collect()
@@ -358,7 +358,7 @@ pub fn load_verified(
     limits: &LoadLimits,
 ) -> Result<LoraAdapter, AdapterError> {
     let mut files = Vec::new();
-    for f in crate::store::FILES {
+    for f in crate::files::FILES {
         let p = dir.join(f);
         let bytes = std::fs::read(&p).map_err(|e| AdapterError::Io {
             path: p.clone(),
@@ -366,7 +366,7 @@ pub fn load_verified(
         })?;
         files.push((f, bytes));
     }
-    let id = crate::store::content_id(&files);
+    let id = crate::files::content_id(&files);
     if id != content_id {
         return Err(AdapterError::Config {
             field: "adapter".into(),

@@ -79,27 +79,6 @@ pub trait Servable: Send + Sync {
     }
 }
 
-impl Servable for crate::aliases::AliasCache {
-    fn servable(&self, adapter: &AdapterRef) -> bool {
-        self.snapshot()
-            .get(adapter.tenant(), adapter.name())
-            .is_some_and(|a| a.servable.contains(adapter.version()))
-    }
-
-    fn routed(&self, tenant: &str, name: &str) -> Vec<String> {
-        let snap = self.snapshot();
-        let Some(a) = snap.get(tenant, name) else {
-            return Vec::new();
-        };
-        a.state
-            .live
-            .iter()
-            .chain(a.state.canary.as_ref().map(|c| &c.0))
-            .cloned()
-            .collect()
-    }
-}
-
 /// Counters for metrics.
 #[derive(Default)]
 pub struct PoolStats {

@@ -11,10 +11,10 @@
 
 use anyhow::{bail, Result};
 use retune_adapters::{
-    Acquire, AdapterError, AdapterPool, AdapterRef, AdapterSource, LocalStore, NewVersion,
-    PoolConfig, Registry, ServedBase, Via,
+    Acquire, AdapterError, AdapterPool, AdapterRef, AdapterSource, PoolConfig, Via,
 };
 use retune_engine::{load, Backend, Engine, EngineConfig, Event, SamplingParams};
+use retune_registry::{LocalStore, NewVersion, Registry, ServedBase};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -300,7 +300,7 @@ pub fn run(a: &AdaptersArgs) -> Result<()> {
         let from = reg.servable_dir(r)?;
         let to = files.join(r.name()).join(r.version());
         std::fs::create_dir_all(&to)?;
-        for f in retune_adapters::store::FILES {
+        for f in retune_registry::store::FILES {
             std::fs::copy(from.join(f), to.join(f))?;
         }
     }

@@ -6,7 +6,7 @@
 //!   each pair of stores, the same adapter, 32 client streams, rounds alternated.
 
 use anyhow::{bail, Context, Result};
-use retune_adapters::{AliasCache, Expect, LocalStore, NewVersion, Registry, ServedBase};
+use retune_registry::{AliasCache, Expect, LocalStore, NewVersion, Registry, ServedBase};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

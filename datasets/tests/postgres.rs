@@ -1,8 +1,8 @@
 //! What only the shared PostgreSQL store has to hold: refusals at open, a
 //! server that goes away and comes back, replicas writing at once.
 
-use retune_testkit::pg::{PgTest, PgTlsCluster};
 use retune_datasets::*;
+use retune_testkit::pg::{PgTest, PgTlsCluster};
 use std::time::{Duration, Instant};
 
 fn completion(id: &str) -> CapturedCompletion {

@@ -1,7 +1,7 @@
 //! `retune adapters ...`: the registry from the command line (JSON output).
 
 use anyhow::{bail, Context, Result};
-use retune_adapters::{Expect, NewVersion, Registry, ServedBase};
+use retune_registry::{Expect, NewVersion, Registry, ServedBase};
 use std::path::PathBuf;
 
 /// `retune adapters`: the adapter registry from the command line (JSON output).
@@ -122,7 +122,7 @@ enum AdaptersCommand {
 
 fn open(args: &AdaptersArgs) -> Result<Registry> {
     let (root, url) = (&args.root, args.registry_url.as_deref());
-    let store = retune_adapters::open_store(
+    let store = retune_registry::open_store(
         &root.join("store"),
         args.store_url.as_deref(),
         args.store_endpoint.as_deref(),

@@ -5,7 +5,7 @@ use crate::errors::ApiError;
 use crate::extract::{blocking, registry, AdminCaller};
 use crate::AppState;
 use actix_web::{web, HttpResponse};
-use retune_adapters::{Expect, NewVersion};
+use retune_registry::{Expect, NewVersion};
 use serde::Deserialize;
 
 type Data = web::Data<AppState>;

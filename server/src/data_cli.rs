@@ -1,8 +1,8 @@
 //! `retune data ...`: the datasets store from the command line (JSON output).
 
 use anyhow::{bail, Context, Result};
-use retune_adapters::{LocalStore, Registry};
 use retune_datasets::{parse_jsonl_for, Policy};
+use retune_registry::{LocalStore, Registry};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 //! store (snapshots too), and every adapter version trained on a snapshot that
 //! held such a row is marked tainted in the registry journal.
 
-use retune_adapters::Registry;
 use retune_datasets::{DatasetStore, Erased};
+use retune_registry::Registry;
 
 #[derive(Debug, serde::Serialize)]
 pub struct TaintedVersion {
@@ -50,7 +50,7 @@ pub enum ErasureError {
     #[error(transparent)]
     Data(#[from] retune_datasets::DataError),
     #[error(transparent)]
-    Registry(#[from] retune_adapters::RegistryError),
+    Registry(#[from] retune_registry::RegistryError),
 }
 
 pub fn erase(
@@ -117,7 +117,7 @@ fn act(
                         tenant,
                         &t.adapter,
                         &v.id,
-                        retune_adapters::Expect::Version(t.version.clone()),
+                        retune_registry::Expect::Version(t.version.clone()),
                         actor,
                         "live version tainted by erasure",
                     )?;

@@ -164,9 +164,9 @@ impl From<EngineError> for ApiError {
     }
 }
 
-impl From<retune_adapters::RegistryError> for ApiError {
-    fn from(e: retune_adapters::RegistryError) -> Self {
-        use retune_adapters::RegistryError as R;
+impl From<retune_registry::RegistryError> for ApiError {
+    fn from(e: retune_registry::RegistryError) -> Self {
+        use retune_registry::RegistryError as R;
         match e {
             R::NotFound(_) => Self::NotFound(e.to_string()),
             R::Conflict { .. } | R::LeaseLost(_) => Self::Conflict(e.to_string()),

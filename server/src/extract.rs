@@ -13,8 +13,8 @@ use actix_web::web::{self, Bytes};
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::{ready, LocalBoxFuture, Ready};
 use futures_util::StreamExt;
-use retune_adapters::Registry;
 use retune_datasets::DatasetStore;
+use retune_registry::Registry;
 use std::sync::Arc;
 
 /// The authenticated tenant, for the request metrics middleware.

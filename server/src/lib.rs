@@ -17,11 +17,12 @@ mod upload;
 
 use actix_web::{web, App, HttpServer, ResponseError};
 use errors::ApiError;
-use retune_adapters::{AdapterPool, AliasCache, LoadLimits, PoolConfig, Registry, ServedBase};
+use retune_adapters::{AdapterPool, LoadLimits, PoolConfig};
 use retune_config::Settings;
 use retune_datasets::{CaptureWriter, DatasetStore};
 use retune_engine::Health;
 use retune_engine::{load, Backend, Engine, EngineConfig};
+use retune_registry::{AliasCache, Registry, ServedBase};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ pub enum StartError {
     #[error("loading the model: {0}")]
     Model(#[from] retune_engine::EngineError),
     #[error("opening the adapter registry: {0}")]
-    Registry(#[from] retune_adapters::RegistryError),
+    Registry(#[from] retune_registry::RegistryError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: String,
@@ -379,7 +380,7 @@ impl Application {
         };
         let (registry, pool) = match &settings.adapters.root {
             Some(root) => {
-                let store = retune_adapters::open_store(
+                let store = retune_registry::open_store(
                     &root.join("store"),
                     settings.adapters.store_url.as_deref(),
                     settings.adapters.store_endpoint.as_deref(),

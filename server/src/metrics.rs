@@ -506,7 +506,7 @@ pub(crate) async fn scrape(
     let read = match state.registry.clone() {
         Some(reg) => Some(
             web::block(move || {
-                Ok::<_, retune_adapters::RegistryError>((
+                Ok::<_, retune_registry::RegistryError>((
                     reg.tainted_live_count()?,
                     reg.loop_counts()?,
                     reg.stored_totals()?,
@@ -534,7 +534,7 @@ pub(crate) async fn scrape(
         // the trainer writes these to the shared registry; the server reports them
         let mut running = 0;
         for (status, count) in &c.runs {
-            if *status == retune_adapters::RunStatus::Running {
+            if *status == retune_registry::RunStatus::Running {
                 running = *count;
             } else {
                 catch_up(

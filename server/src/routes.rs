@@ -8,9 +8,10 @@ use crate::RequestId;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use retune_adapters::{AdapterRef, RegistryError};
+use retune_adapters::AdapterRef;
 use retune_engine::guide::Constraint;
 use retune_engine::{ChatMessage, Completion, Event, Health, SamplingParams, ValidRequest};
+use retune_registry::RegistryError;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 

@@ -8,7 +8,7 @@ use crate::extract::{blocking, registry, AdminCaller};
 use crate::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use retune_adapters::NewVersion;
+use retune_registry::NewVersion;
 use serde::Deserialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -54,7 +54,7 @@ impl UploadDir {
 pub(crate) fn private_copy(root: &Path, from: &Path, limit: u64) -> Result<UploadDir, ApiError> {
     let dir = UploadDir::new(root)?;
     let mut total = 0u64;
-    for f in retune_adapters::store::FILES {
+    for f in retune_registry::store::FILES {
         let src = from.join(f);
         let meta = std::fs::symlink_metadata(&src)
             .map_err(|_| ApiError::Missing(format!("the version's {f} is missing")))?;

@@ -1,8 +1,8 @@
 //! The HTTP API on a tiny model: routes, errors, tenants, streaming.
 
-use retune_adapters::{Expect, LocalStore, NewVersion, Registry, ServedBase};
 use retune_config::Settings;
 use retune_engine::tiny::{self, TinySpec};
+use retune_registry::{Expect, LocalStore, NewVersion, Registry, ServedBase};
 use retune_server::{auth::hash_key, Application};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -823,7 +823,7 @@ fn tensor_backend_serves_the_same_completions_and_cuda_without_the_feature_is_a_
 /// watches, automatic rollbacks — is visible through the admin API and /metrics.
 #[test]
 fn the_loop_is_visible_through_the_admin_api_and_metrics() {
-    use retune_adapters::{Decision, Rollout, WatchEnd};
+    use retune_registry::{Decision, Rollout, WatchEnd};
     let app = spawn_app("loop");
     let reg = Registry::open(
         &app.root.join("registry.db"),
@@ -867,7 +867,7 @@ fn the_loop_is_visible_through_the_admin_api_and_metrics() {
         .unwrap();
     reg.run_update(
         "run-1",
-        retune_adapters::RunStatus::Canary,
+        retune_registry::RunStatus::Canary,
         Some("snap-1"),
         Some(&v.id),
         &serde_json::json!({"reason": "pass"}),

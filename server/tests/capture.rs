@@ -1,12 +1,13 @@
 //! Capture and the feedback API on the scripted backend (no model, no socket).
 
 use actix_web::{test, web};
-use retune_adapters::{BaseShapes, ServedBase};
+use retune_adapters::BaseShapes;
 use retune_config::Settings;
 use retune_datasets::*;
 use retune_engine::guide::Constraint;
 use retune_engine::testing::{Script, ScriptedBackend, Step};
 use retune_engine::FinishReason;
+use retune_registry::ServedBase;
 use retune_server::{app, auth::hash_key, AppState};
 use std::sync::Arc;
 use std::time::Duration;

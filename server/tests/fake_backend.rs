@@ -2,10 +2,11 @@
 //! generation failure reaches a client, and what the validated request holds.
 
 use actix_web::{test, web};
-use retune_adapters::{BaseShapes, ServedBase};
+use retune_adapters::BaseShapes;
 use retune_config::Settings;
 use retune_engine::testing::{Script, ScriptedBackend, Step};
 use retune_engine::{ErrorKind, FinishReason, GenError, Health};
+use retune_registry::ServedBase;
 use retune_server::{app, auth::hash_key, AppState};
 use std::sync::{Arc, OnceLock};
 

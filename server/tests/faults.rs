@@ -4,10 +4,11 @@
 //! error; a client that leaves a non-streaming request cancels its generation.
 
 use actix_web::{test as atest, web};
-use retune_adapters::{BaseShapes, ServedBase};
+use retune_adapters::BaseShapes;
 use retune_config::Settings;
 use retune_engine::testing::{Script, ScriptedBackend, Step};
 use retune_engine::Health;
+use retune_registry::ServedBase;
 use retune_server::{app, auth::hash_key, AppState, Application, Shutdown};
 use std::io::{Read, Write};
 use std::net::TcpStream;

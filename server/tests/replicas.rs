@@ -8,11 +8,11 @@
 //! the live one serves, and with PostgreSQL down for 10 s every replica serves
 //! from memory, feedback is a 503, and everything resumes by itself.
 
-use retune_testkit::s3::S3Test;
-use retune_adapters::{open_store, BlobStore, Expect, NewVersion, Registry, ServedBase};
-use retune_testkit::pg::PgTest;
 use retune_engine::tiny::{self, TinySpec};
+use retune_registry::{open_store, BlobStore, Expect, NewVersion, Registry, ServedBase};
 use retune_server::auth::hash_key;
+use retune_testkit::pg::PgTest;
+use retune_testkit::s3::S3Test;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

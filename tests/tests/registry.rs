@@ -3,6 +3,7 @@
 
 use retune_adapters::*;
 use retune_engine::tiny::{self, TinySpec};
+use retune_registry::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -696,7 +697,7 @@ fn hold_writer(dir: &Path) -> std::sync::mpsc::Sender<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let at = location(dir);
-    if retune_adapters::is_postgres_url(&at) {
+    if retune_registry::is_postgres_url(&at) {
         std::thread::spawn(move || {
             let mut c = retune_testkit::pg::connect(&at).unwrap();
             c.batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7310012642)")

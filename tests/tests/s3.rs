@@ -3,9 +3,10 @@
 //! tampered object is refused and counted and never served, and an unreachable
 //! bucket fails only cold adapters (as Unavailable) while resident ones serve.
 
-use retune_testkit::s3::S3Test;
 use retune_adapters::*;
 use retune_engine::tiny::{self, TinySpec};
+use retune_registry::*;
+use retune_testkit::s3::S3Test;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

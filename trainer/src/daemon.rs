@@ -20,14 +20,15 @@ use crate::lora::{parse_modules, LoraSpec};
 use crate::optim::AdamWConfig;
 use crate::run::{run, DataSource, Job};
 use crate::train::{Progress, TrainSettings};
-use retune_adapters::{
-    load_peft, AdapterRef, Decision, Expect, JournalEvent, NewVersion, Registry, RegistryError,
-    Rollout, RunStatus, ServedBase, Via,
-};
+use retune_adapters::{load_peft, AdapterRef, Via};
 use retune_config::{LoopSettings, Objective, RolloutMode, Settings};
 use retune_datasets::curate::Split;
 use retune_datasets::{DatasetStore, Policy};
 use retune_engine::{ChatTemplate, DeviceModel, Model, Tok};
+use retune_registry::{
+    Decision, Expect, JournalEvent, NewVersion, Registry, RegistryError, Rollout, RunStatus,
+    ServedBase,
+};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,13 +96,13 @@ pub struct AdapterStatus {
     pub canary: Option<(String, u8)>,
     pub lease: Option<String>,
     pub new_examples: usize,
-    pub runs: Vec<retune_adapters::RunInfo>,
-    pub watch: Option<retune_adapters::WatchInfo>,
+    pub runs: Vec<retune_registry::RunInfo>,
+    pub watch: Option<retune_registry::WatchInfo>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Status {
-    pub counts: retune_adapters::LoopCounts,
+    pub counts: retune_registry::LoopCounts,
     pub adapters: Vec<AdapterStatus>,
 }
 
@@ -113,7 +114,7 @@ pub fn status(settings: &Settings, root: &Path) -> Result<Status> {
         .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
     let data = retune_datasets::open(&db)?;
     let data = data.as_ref();
-    let store = retune_adapters::open_store(
+    let store = retune_registry::open_store(
         &root.join("store"),
         settings.adapters.store_url.as_deref(),
         settings.adapters.store_endpoint.as_deref(),
@@ -196,7 +197,7 @@ impl Daemon {
             .location(&settings.adapters)
             .unwrap_or_else(|| root.join("datasets.db").to_string_lossy().into_owned());
         let data = retune_datasets::open(&db_path)?;
-        let store = retune_adapters::open_store(
+        let store = retune_registry::open_store(
             &root.join("store"),
             settings.adapters.store_url.as_deref(),
             settings.adapters.store_endpoint.as_deref(),
@@ -357,7 +358,7 @@ impl Daemon {
                 now_ms(),
                 ACTOR,
             ) {
-                Ok(status) if status != retune_adapters::WatchStatus::Watching => {
+                Ok(status) if status != retune_registry::WatchStatus::Watching => {
                     tracing::info!(tenant = %w.tenant, adapter = %w.name, version = %w.version, %status, "watch ended")
                 }
                 Ok(_) => {}
@@ -594,7 +595,7 @@ impl Daemon {
                         info.base_fingerprint, self.base.fingerprint
                     )));
                 }
-                let r = AdapterRef::new(tenant, name, v, Via::Live)?;
+                let r = AdapterRef::new(tenant, name, v, Via::Live).map_err(RegistryError::from)?;
                 let dir = self.reg.servable_dir(&r)?;
                 Some(load_peft(&dir, &self.base.shapes, &Default::default())?)
             }

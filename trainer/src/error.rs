@@ -45,7 +45,7 @@ pub enum TrainError {
     #[error(transparent)]
     Adapter(#[from] retune_adapters::AdapterError),
     #[error(transparent)]
-    Registry(#[from] retune_adapters::RegistryError),
+    Registry(#[from] retune_registry::RegistryError),
     #[error(transparent)]
     Datasets(#[from] retune_datasets::DataError),
 }

@@ -7,10 +7,10 @@ use crate::examples::{prepare, prepare_classes, Prepared};
 use crate::lora::Adapter;
 use crate::plot::loss_svg;
 use crate::train::{train, Progress, RunInputs, TrainSettings, TrainingRecord};
-use retune_adapters::{NewVersion, Registry, ServedBase, VersionInfo};
 use retune_datasets::curate::Split;
 use retune_datasets::ExampleBody;
 use retune_engine::{ChatTemplate, DeviceModel, Tok};
+use retune_registry::{NewVersion, Registry, ServedBase, VersionInfo};
 use std::path::{Path, PathBuf};
 
 /// Where the examples come from.
@@ -217,7 +217,7 @@ pub fn register(
     parent: Option<&str>,
 ) -> Result<VersionInfo> {
     let store =
-        retune_adapters::open_store(&root.join("store"), stores.store_url, stores.store_endpoint)?;
+        retune_registry::open_store(&root.join("store"), stores.store_url, stores.store_endpoint)?;
     let reg = match stores.registry_url {
         Some(url) => Registry::open_at(url, store, 4 << 30)?,
         None => Registry::open(&root.join("registry.db"), store, 4 << 30)?,

@@ -16,9 +16,9 @@
 
 use crate::error::Result;
 use crate::stats::two_proportion_greater;
-use retune_adapters::{Registry, WatchEnd, WatchInfo, WatchMode, WatchStatus};
 use retune_config::WatchOptions;
 use retune_datasets::{DatasetStore, Signals};
+use retune_registry::{Registry, WatchEnd, WatchInfo, WatchMode, WatchStatus};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

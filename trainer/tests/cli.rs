@@ -35,9 +35,9 @@ fn trainer(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn registry(root: &Path) -> retune_adapters::Registry {
-    let store = std::sync::Arc::new(retune_adapters::LocalStore::new(&root.join("store")).unwrap());
-    retune_adapters::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap()
+fn registry(root: &Path) -> retune_registry::Registry {
+    let store = std::sync::Arc::new(retune_registry::LocalStore::new(&root.join("store")).unwrap());
+    retune_registry::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap()
 }
 
 #[test]
@@ -259,9 +259,9 @@ fn registers_into_the_shared_stores_postgresql_and_the_bucket() {
     // another replica (its own cache) finds the version in the shared registry
     // and loads its files from the bucket
     let other =
-        retune_adapters::open_store(&dir.join("other-cache"), Some(&s3.url), Some(&s3.endpoint))
+        retune_registry::open_store(&dir.join("other-cache"), Some(&s3.url), Some(&s3.endpoint))
             .unwrap();
-    let reg = retune_adapters::Registry::open_at(&pg.url, other, 1 << 30).unwrap();
+    let reg = retune_registry::Registry::open_at(&pg.url, other, 1 << 30).unwrap();
     let v = reg.versions("acme", "tone").unwrap().remove(0);
     assert!(s3
         .object_file(&format!(

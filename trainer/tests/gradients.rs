@@ -433,8 +433,8 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
         None,
     )
     .unwrap();
-    let store = std::sync::Arc::new(retune_adapters::LocalStore::new(&root.join("store")).unwrap());
-    let reg = retune_adapters::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap();
+    let store = std::sync::Arc::new(retune_registry::LocalStore::new(&root.join("store")).unwrap());
+    let reg = retune_registry::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap();
     assert_eq!(
         reg.trained_on("acme", &["snap-1".into()]).unwrap().len(),
         1,

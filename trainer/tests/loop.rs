@@ -4,13 +4,13 @@
 //! back a planted regression but never a person's promotion.
 
 use candle_core::Device;
-use retune_adapters::{
-    Decision, Expect, LocalStore, NewVersion, Registry, RegistryError, Rollout, ServedBase,
-};
 use retune_config::{Settings, WatchOptions};
 use retune_datasets::{
     CapturedCompletion, DatasetStore, ExampleBody, Feedback, ImportRow, Message, Rating,
     SqliteStore,
+};
+use retune_registry::{
+    Decision, Expect, LocalStore, NewVersion, Registry, RegistryError, Rollout, ServedBase,
 };
 use retune_trainer::daemon::Daemon;
 use retune_trainer::{Adapter, LoraSpec};

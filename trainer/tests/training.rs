@@ -406,8 +406,8 @@ fn a_different_base_is_refused_and_nothing_registered() {
         Err(e) => panic!("expected a base mismatch, got {e}"),
         Ok(_) => panic!("expected a base mismatch"),
     }
-    let store = std::sync::Arc::new(retune_adapters::LocalStore::new(&root.join("store")).unwrap());
-    let reg = retune_adapters::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap();
+    let store = std::sync::Arc::new(retune_registry::LocalStore::new(&root.join("store")).unwrap());
+    let reg = retune_registry::Registry::open(&root.join("registry.db"), store, 1 << 30).unwrap();
     assert_eq!(reg.versions("acme", "tone").unwrap().len(), 1);
 
     // starting from an adapter made for other shapes: refused at load

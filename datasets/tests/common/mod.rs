@@ -3,8 +3,8 @@
 
 #![allow(dead_code)]
 
-use retune_testkit::pg::PgTest;
 use retune_datasets::{DatasetStore, PgStore, SqliteStore};
+use retune_testkit::pg::PgTest;
 use std::path::PathBuf;
 
 pub enum Backend {

@@ -13,10 +13,10 @@
 //! entries name are read again.
 
 use crate::error::RegistryError;
-use crate::names::{check_name, AdapterRef, Via};
-use crate::registry::{last_seq, pick_alias, set_state, AdapterState, Registry};
+use crate::registry::{last_seq, pick_alias, set_state, AdapterState, Listener, Registry};
 use crate::sql::{p, Conn, Db, Mode};
 use arc_swap::ArcSwap;
+use retune_adapters::names::{check_name, AdapterRef, Via};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -99,7 +99,8 @@ impl AliasCache {
             born: std::time::Instant::now(),
         });
         cache.refresh()?;
-        reg.listen(Arc::downgrade(&cache));
+        let listener: Arc<dyn Listener> = cache.clone();
+        reg.listen(Arc::downgrade(&listener));
         let mut watch = cache.db.watcher()?;
         let weak: Weak<Self> = Arc::downgrade(&cache);
         std::thread::Builder::new()
@@ -265,4 +266,31 @@ fn load_one(c: &mut dyn Conn, tenant: &str, name: &str) -> R<Option<Routed>> {
         set_state(&mut a.state, &r.s(0)?, r.s(1)?, r.oi(2)?);
     }
     Ok(Some(a))
+}
+
+impl retune_adapters::pool::Servable for AliasCache {
+    fn servable(&self, adapter: &AdapterRef) -> bool {
+        self.snapshot()
+            .get(adapter.tenant(), adapter.name())
+            .is_some_and(|a| a.servable.contains(adapter.version()))
+    }
+
+    fn routed(&self, tenant: &str, name: &str) -> Vec<String> {
+        let snap = self.snapshot();
+        let Some(a) = snap.get(tenant, name) else {
+            return Vec::new();
+        };
+        a.state
+            .live
+            .iter()
+            .chain(a.state.canary.as_ref().map(|c| &c.0))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Listener for AliasCache {
+    fn refresh(&self) -> R<bool> {
+        AliasCache::refresh(self)
+    }
 }

@@ -5,14 +5,14 @@
 //! one write transaction, and writers serialise, so concurrent processes (replicas,
 //! trainers) never interleave a read-then-write.
 
-use crate::aliases::AliasCache;
-use crate::error::{AdapterError, RegistryError};
-use crate::names::{check_name, store_key, AdapterRef, Via};
-use crate::peft::{load_peft, BaseShapes, LoadLimits};
-use crate::pool::AdapterSource;
+use crate::error::RegistryError;
 use crate::sql::{p, Conn, Db, Mode, Row};
 use crate::states::{Alias, JournalEvent};
 use crate::store::{content_id_of, BlobStore, FILES};
+use retune_adapters::names::{check_name, store_key, AdapterRef, Via};
+use retune_adapters::peft::{load_peft, BaseShapes, LoadLimits};
+use retune_adapters::pool::AdapterSource;
+use retune_adapters::AdapterError;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -52,6 +52,13 @@ pub struct JournalEntry {
     pub previous: Option<String>,
     pub actor: String,
     pub reason: String,
+}
+
+/// An in-memory copy of the aliases (the request path's [`crate::AliasCache`]),
+/// refreshed after every change made through this process's registry.
+pub trait Listener: Send + Sync {
+    /// Read the current state; `Ok(true)` when something changed.
+    fn refresh(&self) -> R<bool>;
 }
 
 /// An alias change, for in-process subscribers (the server's hot-swap).
@@ -105,7 +112,7 @@ pub struct Registry {
     limits: LoadLimits,
     subscribers: Mutex<Vec<Sender<AliasChange>>>,
     /// In-memory alias caches, refreshed before a change made here returns.
-    listeners: Mutex<Vec<Weak<AliasCache>>>,
+    listeners: Mutex<Vec<Weak<dyn Listener>>>,
 }
 
 pub(crate) use retune_config::now_ms;
@@ -172,7 +179,7 @@ impl Registry {
     }
 
     /// Keep `cache` current with every change made through this registry.
-    pub(crate) fn listen(&self, cache: Weak<AliasCache>) {
+    pub fn listen(&self, cache: Weak<dyn Listener>) {
         self.listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -181,7 +188,7 @@ impl Registry {
 
     /// After a commit: in-memory caches read the change before the caller returns.
     pub(crate) fn changed(&self) {
-        let live: Vec<Arc<AliasCache>> = {
+        let live: Vec<Arc<dyn Listener>> = {
             let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
             l.retain(|w| w.strong_count() > 0);
             l.iter().filter_map(Weak::upgrade).collect()
@@ -326,12 +333,12 @@ impl Registry {
     /// version without one loads the slow way and writes it then.
     fn write_packed(&self, key: &str, id: &str, base: &ServedBase) {
         let built = self.store.local_dir(key).and_then(|dir| {
-            let a = crate::packed::load_verified(&dir, id, &base.shapes, &self.limits)
+            let a = retune_adapters::packed::load_verified(&dir, id, &base.shapes, &self.limits)
                 .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            let bytes = crate::packed::pack_dir(&a, &dir, id, &base.shapes)
+            let bytes = retune_adapters::packed::pack_dir(&a, &dir, id, &base.shapes)
                 .map_err(|e| RegistryError::Io(e.to_string()))?;
             self.store
-                .put_derived(key, crate::packed::PACKED_FILE, &bytes)
+                .put_derived(key, retune_adapters::packed::PACKED_FILE, &bytes)
         });
         if let Err(e) = built {
             eprintln!("retune: compute form of {key} not written (its loads stay slow): {e}");
@@ -897,7 +904,7 @@ impl AdapterSource for Registry {
 
     fn store_packed(&self, adapter: &AdapterRef, bytes: &[u8]) -> Result<(), AdapterError> {
         self.store
-            .put_derived(&adapter.key(), crate::packed::PACKED_FILE, bytes)
+            .put_derived(&adapter.key(), retune_adapters::packed::PACKED_FILE, bytes)
             .map_err(|e| AdapterError::Config {
                 field: "adapter".into(),
                 reason: e.to_string(),

@@ -12,9 +12,9 @@
 //! journal by its sequence relies on.
 
 use crate::error::RegistryError;
-use crate::registry::now_ms;
 use postgres::types::{IsNull, ToSql, Type};
 use r2d2_postgres::PostgresConnectionManager;
+use retune_config::now_ms;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
