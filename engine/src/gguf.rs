@@ -5,7 +5,7 @@
 use crate::error::{EngineError, Result};
 use crate::kernels::BlockFormat;
 use crate::linear::{Linear, Weight};
-use crate::model::{Layer, Model, ModelConfig};
+use crate::model::{Arch, Layer, Model, ModelConfig};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::Device;
 use std::borrow::Cow;
@@ -64,13 +64,7 @@ impl GgufFile {
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
-        let arch = self
-            .meta_str("general.architecture")
-            .unwrap_or("")
-            .to_string();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-            return Err(EngineError::UnsupportedArchitecture(arch));
-        }
+        let arch = Arch::parse(self.meta_str("general.architecture").unwrap_or(""))?;
         let a = |k: &str| format!("{arch}.{k}");
         let hidden = self.meta_usize(&a("embedding_length"))?;
         let n_head = self.meta_usize(&a("attention.head_count"))?;
@@ -248,7 +242,7 @@ impl GgufFile {
         let (h, qd, kd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         // llama.cpp's converter permutes Q/K rows of llama-arch models for its
         // interleaved rope; undo that so rope (and LoRA) use the HF layout.
-        let permuted = cfg.arch != "qwen2";
+        let permuted = cfg.arch != Arch::Qwen2;
         let q_perm = permuted.then(|| unpermute(cfg.n_head, cfg.head_dim));
         let k_perm = permuted.then(|| unpermute(cfg.n_kv_head, cfg.head_dim));
         let embed = self.linear("token_embd.weight", cfg.vocab, h, None, None)?;

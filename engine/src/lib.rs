@@ -41,7 +41,7 @@ pub use device::{
 };
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
-pub use model::{BatchItem, Model, ModelConfig};
+pub use model::{Arch, BatchItem, Model, ModelConfig};
 pub use prefix::{PrefixConfig, PrefixStats};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Engine, EngineConfig, GenerateRequest, Generated};

@@ -12,9 +12,45 @@ use half::f16;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+/// The model families the engine runs (GGUF `general.architecture`, HF
+/// `model_type`): one llama-style block; qwen2 stores q and k unpermuted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    /// The name GGUF and HF give it (and the base fingerprint carries).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The family `name` names; another is [`EngineError::UnsupportedArchitecture`].
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "llama" => Self::Llama,
+            "mistral" => Self::Mistral,
+            "qwen2" => Self::Qwen2,
+            other => return Err(EngineError::UnsupportedArchitecture(other.to_string())),
+        })
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    pub arch: String,
+    pub arch: Arch,
     pub n_layer: usize,
     pub hidden: usize,
     pub ffn: usize,

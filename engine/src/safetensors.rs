@@ -2,7 +2,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, Weight};
-use crate::model::{Layer, Model, ModelConfig};
+use crate::model::{Arch, Layer, Model, ModelConfig};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -51,10 +51,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, bool)> {
     })?;
     let hf: HfConfig = serde_json::from_str(&text)
         .map_err(|e| EngineError::invalid(&path, format!("config.json: {e}")))?;
-    let arch = match hf.model_type.as_str() {
-        "llama" | "mistral" | "qwen2" => hf.model_type.clone(),
-        other => return Err(EngineError::UnsupportedArchitecture(other.to_string())),
-    };
+    let arch = Arch::parse(&hf.model_type)?;
     let head_dim = hf
         .head_dim
         .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
