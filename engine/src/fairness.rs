@@ -69,12 +69,11 @@ impl<'a, B: Budgets> Fairness<'a, B> {
 
     /// Queue heads `(tenant, arrival)` in admission order: least usage first,
     /// then the earliest.
-    pub fn order<K: Ord>(&self, heads: &mut [(&str, K)]) {
-        heads.sort_by(|a, b| {
-            self.usage(a.0)
-                .total_cmp(&self.usage(b.0))
-                .then(a.1.cmp(&b.1))
-        });
+    pub fn order<K: Ord>(&self, heads: &mut Vec<(&str, K)>) {
+        let mut keyed: Vec<(f64, (&str, K))> =
+            heads.drain(..).map(|h| (self.usage(h.0), h)).collect();
+        keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1 .1.cmp(&b.1 .1)));
+        heads.extend(keyed.into_iter().map(|(_, h)| h));
     }
 
     /// Whether one more sequence keeps `tenant` within its weighted share of the
@@ -157,14 +156,17 @@ mod tests {
         let mut h = held("a", 3, 100);
         h.extend(held("b", 1, 100));
         let f = Fairness::new(&b, h, vec!["a", "b", "c"], vec![]);
-        let mut heads = [("a", 1), ("b", 2), ("c", 3)];
+        let mut heads = vec![("a", 1), ("b", 2), ("c", 3)];
         f.order(&mut heads);
-        assert_eq!(heads.map(|h| h.0), ["c", "b", "a"]);
+        assert_eq!(
+            heads.iter().map(|h| h.0).collect::<Vec<_>>(),
+            ["c", "b", "a"]
+        );
         // equal holdings: arrival decides
         let f = Fairness::new(&b, vec![], vec!["a", "b"], vec![]);
-        let mut heads = [("a", 5), ("b", 2)];
+        let mut heads = vec![("a", 5), ("b", 2)];
         f.order(&mut heads);
-        assert_eq!(heads.map(|h| h.0), ["b", "a"]);
+        assert_eq!(heads.iter().map(|h| h.0).collect::<Vec<_>>(), ["b", "a"]);
         // a weight of 3 makes the same holding count a third
         let w = budgets(&[("a", 3.0)]);
         let mut h = held("a", 3, 100);

@@ -138,12 +138,12 @@ pub struct ModelCard {
 /// A chat or text completion, whole or one chunk of its stream (`usage`
 /// only on the whole response and on the stream's usage chunk).
 #[derive(Serialize)]
-pub struct CompletionBody<C> {
-    pub id: String,
+pub struct CompletionBody<'a, C> {
+    pub id: &'a str,
     /// `chat.completion`, `chat.completion.chunk` or `text_completion`.
     pub object: &'static str,
     pub created: u64,
-    pub model: String,
+    pub model: &'a str,
     pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
@@ -176,16 +176,16 @@ pub struct AssistantMessage {
 /// One sample's piece of a streamed completion (`finish_reason` on its last).
 #[derive(Serialize)]
 #[serde(untagged)]
-pub enum ChunkChoice {
+pub enum ChunkChoice<'a> {
     Chat {
         index: usize,
-        delta: Delta,
+        delta: Delta<'a>,
         finish_reason: Option<&'static str>,
         logprobs: Option<serde_json::Value>,
     },
     Text {
         index: usize,
-        text: String,
+        text: &'a str,
         finish_reason: Option<&'static str>,
         logprobs: Option<serde_json::Value>,
     },
@@ -193,8 +193,8 @@ pub enum ChunkChoice {
 
 /// New text of a streamed chat message (`role` on the sample's first chunk).
 #[derive(Serialize)]
-pub struct Delta {
+pub struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
-    pub content: String,
+    pub content: &'a str,
 }

@@ -946,10 +946,10 @@ async fn generate(
             })
             .collect();
         return Ok(resp.json(CompletionBody {
-            id: job.id,
+            id: &job.id,
             object,
             created,
-            model: job.model,
+            model: &job.model,
             choices,
             usage: Some(usage(prompt, generated, cached)),
         }));
@@ -975,10 +975,10 @@ async fn generate(
                 }
                 let body = |choices: Vec<ChunkChoice>, usage: Option<Usage>| {
                     let b = CompletionBody {
-                        id: job.id.clone(),
+                        id: &job.id,
                         object,
                         created,
-                        model: job.model.clone(),
+                        model: &job.model,
                         choices,
                         usage,
                     };
@@ -1004,7 +1004,7 @@ async fn generate(
                                 index: k,
                                 delta: Delta {
                                     role: per.first[k].then_some("assistant"),
-                                    content: t.text.clone(),
+                                    content: &t.text,
                                 },
                                 finish_reason: None,
                                 logprobs: lp,
@@ -1012,7 +1012,7 @@ async fn generate(
                         } else {
                             ChunkChoice::Text {
                                 index: k,
-                                text: t.text.clone(),
+                                text: &t.text,
                                 finish_reason: None,
                                 logprobs: lp,
                             }
@@ -1030,7 +1030,7 @@ async fn generate(
                                 index: k,
                                 delta: Delta {
                                     role: None,
-                                    content: c.tail.clone(),
+                                    content: &c.tail,
                                 },
                                 finish_reason,
                                 logprobs: None,
@@ -1038,7 +1038,7 @@ async fn generate(
                         } else {
                             ChunkChoice::Text {
                                 index: k,
-                                text: c.tail.clone(),
+                                text: &c.tail,
                                 finish_reason,
                                 logprobs: None,
                             }

@@ -140,13 +140,11 @@ pub fn generate_ids(
             })
         })
         .transpose()?;
-    let pick = |g: &mut Option<Guide>, logits: &[f32]| -> Result<u32> {
-        let Some(g) = g else {
-            return Ok(argmax(logits));
-        };
-        let mut l = logits.to_vec();
-        g.mask()?.apply(&mut l);
-        Ok(argmax(&l))
+    let pick = |g: &mut Option<Guide>, logits: &mut [f32]| -> Result<u32> {
+        if let Some(g) = g {
+            g.mask()?.apply(logits);
+        }
+        Ok(argmax(logits))
     };
     // leave every prompt at least one token of its own to forward
     let shared = common_prefix(prompts).min(prompts.iter().map(|p| p.len() - 1).min().unwrap_or(0));
@@ -172,7 +170,7 @@ pub fn generate_ids(
             .collect();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut done = vec![false; chunk.len()];
-        let first = {
+        let mut first = {
             let mut items: Vec<BatchItem<'_>> = chunk
                 .iter()
                 .zip(caches.iter_mut())
@@ -198,7 +196,7 @@ pub fn generate_ids(
         }
         let mut guides: Vec<Option<Guide>> = chunk.iter().map(|_| guide.clone()).collect();
         let mut next = first
-            .iter()
+            .iter_mut()
             .zip(guides.iter_mut())
             .map(|(l, g)| pick(g, l))
             .collect::<Result<Vec<u32>>>()?;
@@ -233,9 +231,9 @@ pub fn generate_ids(
                     want_logits: true,
                 })
                 .collect();
-            let logits = model.forward(&mut items)?;
+            let mut logits = model.forward(&mut items)?;
             for (k, &i) in live.iter().enumerate() {
-                next[i] = pick(&mut guides[i], &logits[k])?;
+                next[i] = pick(&mut guides[i], &mut logits[k])?;
             }
         }
         answers.extend(out);
