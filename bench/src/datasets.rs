@@ -34,12 +34,12 @@ pub fn run(a: &DatasetsArgs) -> Result<()> {
     });
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let sqlite: Arc<dyn DatasetStore> = Arc::new(SqliteStore::open(&dir.join("datasets.db"))?);
+    let sqlite: Arc<dyn DatasetStore> = Arc::new(SqlStore::sqlite(&dir.join("datasets.db"))?);
     println!("== SQLite (WAL, synchronous=FULL) at {}", dir.display());
     workload(a, sqlite)?;
     if a.postgres {
         let pg = retune_testkit::pg::PgTest::new().map_err(anyhow::Error::msg)?;
-        let store = PgStore::open(&pg.url)?;
+        let store = SqlStore::open(&pg.url)?;
         println!(
             "== PostgreSQL (fsync on, synchronous_commit on) at {}",
             store.location()
@@ -91,7 +91,7 @@ fn workload(a: &DatasetsArgs, store: Arc<dyn DatasetStore>) -> Result<()> {
         params: serde_json::json!({}),
         output_text: "x".into(),
         output_ids: vec![1],
-        finish: "stop".into(),
+        finish: retune_datasets::Finish::Stop,
         prompt_tokens: 1,
         completion_tokens: 1,
         ttft_ms: 0.0,

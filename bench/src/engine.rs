@@ -247,12 +247,12 @@ fn compare_kernels(
     llama: Option<&str>,
     model: &Path,
 ) -> Result<()> {
-    use retune_engine::kernels_f32::{available_paths, set_path};
+    use retune_engine::kernels_f32::{available_paths, Kernels};
     println!("{}", retune_engine::cpu::describe());
     let paths = available_paths();
-    // an engine per path, loaded and warmed on it: the int8 paths pack the
-    // weights in their own layouts (the grouped one for AVX2 int8), and a
-    // weight keeps the layout, and so the kernels, of the path it was packed on
+    // an engine per path, its model loaded for that path and warmed on it:
+    // the int8 paths pack the weights in their own layouts (the grouped one
+    // for AVX2 int8); each model runs the kernels of its own path
     let cfg = || EngineConfig {
         prefix_cache: retune_engine::PrefixConfig {
             max_tokens: 0,
@@ -262,16 +262,17 @@ fn compare_kernels(
     };
     let mut engines = Vec::new();
     for p in &paths {
-        set_path(*p).map_err(anyhow::Error::msg)?;
-        let loaded = load(model)?;
+        let mut loaded = load(model)?;
+        loaded
+            .model
+            .set_kernels(Kernels::new(*p).map_err(anyhow::Error::msg)?);
         let e = Engine::start(loaded.model, loaded.tok, cfg())?;
         timed(&e, req(prompt[..64].to_vec(), 8))?;
         engines.push(e);
     }
     let mut res: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); paths.len()];
     for _ in 0..3 {
-        for (i, p) in paths.iter().enumerate() {
-            set_path(*p).map_err(anyhow::Error::msg)?;
+        for (i, _) in paths.iter().enumerate() {
             let engine = &engines[i];
             let (ttft, _, _) = timed(engine, req(prompt.to_vec(), 1))?;
             res[i].0.push(prompt.len() as f64 / ttft);

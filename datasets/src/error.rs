@@ -24,9 +24,3 @@ impl DataError {
         }
     }
 }
-
-impl From<rusqlite::Error> for DataError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Db(e.to_string())
-    }
-}

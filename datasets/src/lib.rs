@@ -1,29 +1,29 @@
 //! retune's data layer: every completion captured with what replays it, feedback
 //! (ratings, corrections, labels, the person the data is about) with its history.
 //! It knows no HTTP and no tensors; the server writes it, the trainer reads it.
-//! Stores sit behind [`DatasetStore`]: SQLite embedded, PostgreSQL shared
-//! ([`open`] picks by location).
+//! The store sits behind [`DatasetStore`], written once over the one SQL layer:
+//! SQLite embedded, PostgreSQL shared ([`open`] picks by location).
 
 pub mod capture;
 pub mod classical;
 pub mod curate;
 pub mod error;
 pub mod import;
-pub mod postgres;
 pub mod record;
 mod rows;
+mod schema;
 pub mod snapshot;
-pub mod sqlite;
+pub mod store;
 
 pub use capture::{CaptureStats, CaptureWriter};
 pub use error::DataError;
 pub use import::{label_of, parse_jsonl, parse_jsonl_for, LineError};
-pub use postgres::PgStore;
 pub use record::{
-    CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Message, Rating,
+    CapturedCompletion, ExampleBody, Feedback, FeedbackState, Finish, ImportRow, Message, Rating,
 };
+pub use schema::PG_SCHEMA_VERSION;
 pub use snapshot::{Manifest, Policy, SnapshotRow, SuspectPolicy, Suspects};
-pub use sqlite::SqliteStore;
+pub use store::SqlStore;
 
 /// Curate a snapshot ([`DatasetStore::snapshot`]) and, for a label task whose
 /// policy looks for them, find its suspect labels once (outside the store's
@@ -61,18 +61,11 @@ pub fn training_rows(
     ))
 }
 
-/// Whether `location` names a PostgreSQL database (else it is a SQLite file).
-pub fn is_postgres_url(location: &str) -> bool {
-    location.starts_with("postgres://") || location.starts_with("postgresql://")
-}
+pub use retune_sql::is_postgres_url;
 
 /// Open the store at `location`: a `postgres://` URL, or a SQLite file path.
 pub fn open(location: &str) -> Result<std::sync::Arc<dyn DatasetStore>, DataError> {
-    Ok(if is_postgres_url(location) {
-        std::sync::Arc::new(PgStore::open(location)?)
-    } else {
-        std::sync::Arc::new(SqliteStore::open(std::path::Path::new(location))?)
-    })
+    Ok(std::sync::Arc::new(SqlStore::open(location)?))
 }
 
 /// The snapshots of a tenant that hold rows about one subject.

@@ -21,7 +21,7 @@ pub struct CapturedCompletion {
     /// Exactly the text the client received.
     pub output_text: String,
     pub output_ids: Vec<u32>,
-    pub finish: String,
+    pub finish: Finish,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub ttft_ms: f64,
@@ -30,6 +30,41 @@ pub struct CapturedCompletion {
     pub user: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
+}
+
+/// How a captured completion ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// End of sequence, a stop token or a stop string.
+    Stop,
+    /// `max_tokens`, or the context was full.
+    Length,
+    /// The generation failed (no output): the watch counts it as bad.
+    Error,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl std::str::FromStr for Finish {
+    type Err = DataError;
+
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        match s {
+            "stop" => Ok(Self::Stop),
+            "length" => Ok(Self::Length),
+            "error" => Ok(Self::Error),
+            other => Err(DataError::Db(format!("a stored finish `{other}`"))),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

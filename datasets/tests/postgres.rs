@@ -16,7 +16,7 @@ fn completion(id: &str) -> CapturedCompletion {
         params: serde_json::json!({}),
         output_text: "answer".into(),
         output_ids: vec![1],
-        finish: "stop".into(),
+        finish: retune_datasets::Finish::Stop,
         prompt_tokens: 3,
         completion_tokens: 1,
         ttft_ms: 1.0,
@@ -36,7 +36,7 @@ fn correction(id: &str, text: &str) -> Feedback {
 
 #[test]
 fn a_bad_url_an_unreachable_server_and_a_newer_schema_are_refused_with_the_reason() {
-    match PgStore::open("postgres://nobody@127.0.0.1:notaport/db") {
+    match SqlStore::open("postgres://nobody@127.0.0.1:notaport/db") {
         Err(DataError::Invalid { field, .. }) => assert_eq!(field, "datasets.url"),
         other => panic!("bad URL: {:?}", other.err()),
     }
@@ -47,7 +47,7 @@ fn a_bad_url_an_unreachable_server_and_a_newer_schema_are_refused_with_the_reaso
         .unwrap()
         .port();
     let t = Instant::now();
-    match PgStore::open(&format!("postgres://postgres:secret@127.0.0.1:{port}/x")) {
+    match SqlStore::open(&format!("postgres://postgres:secret@127.0.0.1:{port}/x")) {
         Err(DataError::Unavailable(m)) => {
             assert!(m.contains(&format!("127.0.0.1:{port}/x")), "{m}");
             assert!(!m.contains("secret"), "the password is not printed: {m}");
@@ -57,9 +57,9 @@ fn a_bad_url_an_unreachable_server_and_a_newer_schema_are_refused_with_the_reaso
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 
     let pg = PgTest::new().unwrap();
-    drop(PgStore::open(&pg.url).unwrap());
+    drop(SqlStore::open(&pg.url).unwrap());
     // opening again applies nothing twice
-    drop(PgStore::open(&pg.url).unwrap());
+    drop(SqlStore::open(&pg.url).unwrap());
     let mut c = pg.client().unwrap();
     let n: i64 = c
         .query_one(
@@ -68,13 +68,13 @@ fn a_bad_url_an_unreachable_server_and_a_newer_schema_are_refused_with_the_reaso
         )
         .unwrap()
         .get(0);
-    assert_eq!(n, retune_datasets::postgres::SCHEMA_VERSION as i64);
+    assert_eq!(n, retune_datasets::PG_SCHEMA_VERSION as i64);
     c.execute(
         "INSERT INTO retune_migrations VALUES ('datasets', 999, 'from the future', 0)",
         &[],
     )
     .unwrap();
-    match PgStore::open(&pg.url) {
+    match SqlStore::open(&pg.url) {
         Err(DataError::Schema(m)) => assert!(m.contains("999"), "{m}"),
         other => panic!("newer schema: {:?}", other.err()),
     }
@@ -89,23 +89,23 @@ fn a_tls_only_server_is_reached_over_verified_tls_and_bad_certificates_are_refus
     let c = PgTlsCluster::start().unwrap();
     let (ca, other) = (c.ca.display(), c.other_ca.display());
     // without TLS the server refuses: what works below went over TLS
-    match PgStore::open(&c.url) {
+    match SqlStore::open(&c.url) {
         Err(DataError::Unavailable(m)) => assert!(m.contains("no encryption"), "{m}"),
         other => panic!("plain connection: {:?}", other.err()),
     }
     for mode in ["require", "verify-ca", "verify-full", "prefer"] {
         let url = format!("{}?sslmode={mode}&sslrootcert={ca}", c.url);
-        let store = PgStore::open(&url).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let store = SqlStore::open(&url).unwrap_or_else(|e| panic!("{mode}: {e}"));
         let id = format!("c-{mode}");
         store.record(&[completion(&id)]).unwrap();
         assert_eq!(store.completion("acme", &id).unwrap().output_text, "answer");
     }
     // the CA is percent-encoded in the URL like any query value
     let enc = ca.to_string().replace('/', "%2F");
-    PgStore::open(&format!("{}?sslmode=verify-full&sslrootcert={enc}", c.url)).unwrap();
+    SqlStore::open(&format!("{}?sslmode=verify-full&sslrootcert={enc}", c.url)).unwrap();
     // signed by a CA this client was not told to trust
     let url = format!("{}?sslmode=require&sslrootcert={other}", c.url);
-    match PgStore::open(&url) {
+    match SqlStore::open(&url) {
         Err(DataError::Unavailable(m)) => {
             assert!(m.contains("invalid peer certificate: UnknownIssuer"), "{m}")
         }
@@ -114,7 +114,7 @@ fn a_tls_only_server_is_reached_over_verified_tls_and_bad_certificates_are_refus
     // the right CA, but `localhost` is not a name the certificate has
     let url =
         format!("{}?sslmode=verify-full&sslrootcert={ca}", c.url).replace("127.0.0.1", "localhost");
-    match PgStore::open(&url) {
+    match SqlStore::open(&url) {
         Err(DataError::Unavailable(m)) => {
             assert!(m.contains("not valid for name \"localhost\""), "{m}")
         }
@@ -129,7 +129,7 @@ fn a_tls_only_server_is_reached_over_verified_tls_and_bad_certificates_are_refus
             "/nonexistent/ca.pem",
         ),
     ] {
-        match PgStore::open(&format!("{}?{q}", c.url)) {
+        match SqlStore::open(&format!("{}?{q}", c.url)) {
             Err(DataError::Invalid { field, reason }) => {
                 assert_eq!(field, "datasets.url");
                 assert!(reason.contains(says), "{q}: {reason}");
@@ -143,9 +143,9 @@ fn a_tls_only_server_is_reached_over_verified_tls_and_bad_certificates_are_refus
 fn replicas_opening_and_writing_at_once_see_one_store() {
     let pg = PgTest::new().unwrap();
     // four replicas migrate an empty database at the same moment
-    let stores: Vec<PgStore> = std::thread::scope(|s| {
+    let stores: Vec<SqlStore> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..4)
-            .map(|_| s.spawn(|| PgStore::open(&pg.url).unwrap()))
+            .map(|_| s.spawn(|| SqlStore::open(&pg.url).unwrap()))
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -199,7 +199,7 @@ fn replicas_opening_and_writing_at_once_see_one_store() {
 #[test]
 fn a_server_gone_fails_writes_as_unavailable_and_the_store_resumes_by_itself() {
     let pg = PgTest::private().unwrap();
-    let s = PgStore::open(&pg.url).unwrap();
+    let s = SqlStore::open(&pg.url).unwrap();
     s.record(&[completion("c1"), completion("c2")]).unwrap();
     s.add_feedback("acme", &correction("c1", "before")).unwrap();
     pg.stop().unwrap();

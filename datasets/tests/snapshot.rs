@@ -22,7 +22,7 @@ fn captured(id: &str, q: &str, out: &str) -> CapturedCompletion {
         params: serde_json::json!({"seed": 1}),
         output_text: out.into(),
         output_ids: vec![1],
-        finish: "stop".into(),
+        finish: retune_datasets::Finish::Stop,
         prompt_tokens: 3,
         completion_tokens: 1,
         ttft_ms: 1.0,

@@ -26,7 +26,7 @@ fn completion(id: &str, tenant: &str) -> CapturedCompletion {
         params: serde_json::json!({"temperature": 0.7, "seed": 42}),
         output_text: "card_payment_wrong_amount".into(),
         output_ids: vec![5, 6, 7],
-        finish: "stop".into(),
+        finish: retune_datasets::Finish::Stop,
         prompt_tokens: 12,
         completion_tokens: 3,
         ttft_ms: 1.5,
@@ -53,6 +53,55 @@ fn a_captured_completion_reads_back_exactly_and_only_for_its_tenant() {
             Err(DataError::NotFound(_))
         ));
     }
+}
+
+/// A SQLite file written by a build before the one SQL layer (its tables
+/// without the `ds_` prefix, `user` for the end user, no migrations table)
+/// opens with every row there, and the store writes on.
+#[test]
+fn a_sqlite_file_from_before_the_shared_schema_keeps_its_rows() {
+    let path = tmp("old-schema").join("datasets.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE completions (
+                id TEXT PRIMARY KEY, tenant TEXT NOT NULL, adapter TEXT, version TEXT,
+                base_fingerprint TEXT NOT NULL, request TEXT NOT NULL, params TEXT NOT NULL,
+                output_text TEXT NOT NULL, output_ids TEXT NOT NULL, finish TEXT NOT NULL,
+                prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+                ttft_ms REAL NOT NULL, total_ms REAL NOT NULL, user TEXT, created_at INTEGER NOT NULL);
+             CREATE TABLE feedback (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, completion_id TEXT NOT NULL, tenant TEXT NOT NULL,
+                rating INTEGER, correction TEXT, labels TEXT NOT NULL, subject_id TEXT, comment TEXT,
+                created_at INTEGER NOT NULL);
+             INSERT INTO completions VALUES ('c-old', 'acme', 'tickets', '0abc', 'base',
+                '{\"prompt\": \"hi\"}', '{}', 'hello', '[1,2]', 'stop', 3, 2, 1.5, 3.0, 'u9', 7);
+             INSERT INTO feedback (completion_id, tenant, rating, correction, labels, subject_id, comment, created_at)
+                VALUES ('c-old', 'acme', NULL, 'better', '{}', 'subj', NULL, 8);",
+        )
+        .unwrap();
+    }
+    let s = SqlStore::sqlite(&path).unwrap();
+    let c = s.completion("acme", "c-old").unwrap();
+    assert_eq!(
+        (c.output_text.as_str(), c.user.as_deref()),
+        ("hello", Some("u9"))
+    );
+    assert_eq!((c.ttft_ms, c.output_ids.clone()), (1.5, vec![1, 2]));
+    assert_eq!(
+        s.feedback("acme", "c-old").unwrap().correction.as_deref(),
+        Some("better")
+    );
+    s.record(&[completion("c-new", "acme")]).unwrap();
+    assert_eq!(
+        s.completion("acme", "c-new").unwrap(),
+        completion("c-new", "acme")
+    );
+    drop(s);
+    // opened again: nothing migrates twice
+    let s = SqlStore::sqlite(&path).unwrap();
+    assert_eq!(s.lineage("acme", "subj").unwrap().snapshots.len(), 0);
+    assert_eq!(s.completion("acme", "c-old").unwrap().output_text, "hello");
 }
 
 #[test]
@@ -197,7 +246,7 @@ fn malformed_feedback_names_its_field() {
 
 /// A store that fails, stalls or is unreachable on demand.
 struct Flaky {
-    inner: SqliteStore,
+    inner: SqlStore,
     fail: Mutex<bool>,
     stall: Mutex<Duration>,
     /// `Unavailable` (a shared database down); nothing written.
@@ -211,7 +260,7 @@ struct Flaky {
 impl Flaky {
     fn new(name: &str) -> Self {
         Flaky {
-            inner: SqliteStore::open(&tmp(name).join("datasets.db")).unwrap(),
+            inner: SqlStore::sqlite(&tmp(name).join("datasets.db")).unwrap(),
             fail: Mutex::new(false),
             stall: Mutex::new(Duration::ZERO),
             down: Mutex::new(false),

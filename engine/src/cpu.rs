@@ -58,6 +58,11 @@ pub fn amx_granted() -> Option<bool> {
 /// This machine's CPU for benchmark reports: its model name, the vector units
 /// it reports, and the kernel path that runs (chosen at run time).
 pub fn describe() -> String {
+    describe_for(crate::kernels_f32::Kernels::process_default())
+}
+
+/// As [`describe`], naming the kernel path `k`.
+pub fn describe_for(k: crate::kernels_f32::Kernels) -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
         info.lines()
@@ -94,7 +99,7 @@ pub fn describe() -> String {
         field("model name"),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         has.join(" "),
-        crate::kernels_f32::path().name(),
+        k.path().name(),
         avail.join(", ")
     )
 }

@@ -24,8 +24,9 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
 }
 
-/// Expand one quantized row to f32 with the same arithmetic on every path.
-pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+/// Expand one quantized row to f32 with the same arithmetic on every path
+/// (`k` the model's path).
+pub fn dequant_row(k: Kernels, format: BlockFormat, row: &[u8], out: &mut [f32]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -33,7 +34,7 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
         target_feature = "f16c"
     ))]
     {
-        if path().wide() {
+        if k.wide() {
             // SAFETY: AVX-512F/BW present and enabled by the OS (checked by `detect`).
             return unsafe { avx512::dequant_row(format, row, out) };
         }
@@ -47,6 +48,7 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
         target_feature = "f16c"
     )))]
     {
+        let _ = k; // one path without AVX2
         let bb = format.block_bytes();
         for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
             let d = f16_at(b, 0);
@@ -72,7 +74,12 @@ pub fn dequant_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
 /// `dequant_row` followed by `tile` (same per-lane FMAs in the same order). R
 /// independent accumulator chains hide the FMA latency of a single dot.
 #[inline]
-pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+pub fn dot_rows<const R: usize>(
+    k: Kernels,
+    format: BlockFormat,
+    rows: [&[u8]; R],
+    x: &[f32],
+) -> [f32; R] {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -80,7 +87,7 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
         target_feature = "f16c"
     ))]
     {
-        if path().wide() {
+        if k.wide() {
             // SAFETY: as in `dequant_row`; bounded by all lengths.
             return unsafe {
                 match format {
@@ -108,8 +115,8 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
     {
         rows.map(|row| {
             let mut w = vec![0f32; x.len()];
-            dequant_row(format, row, &mut w);
-            let [[v]] = tile::<1, 1>([&w], [x]);
+            dequant_row(k, format, row, &mut w);
+            let [[v]] = tile::<1, 1>(k, [&w], [x]);
             v
         })
     }
@@ -117,7 +124,11 @@ pub fn dot_rows<const R: usize>(format: BlockFormat, rows: [&[u8]; R], x: &[f32]
 
 /// `out[r][t] = w[r] · x[t]` for a register tile of R rows × N tokens.
 #[inline]
-pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [[f32; N]; R] {
+pub fn tile<const R: usize, const N: usize>(
+    k: Kernels,
+    w: [&[f32]; R],
+    x: [&[f32]; N],
+) -> [[f32; N]; R] {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -125,7 +136,7 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
         target_feature = "f16c"
     ))]
     {
-        if path().wide() {
+        if k.wide() {
             // SAFETY: as in `dequant_row`; lengths are checked inside.
             return unsafe { avx512::tile(w, x) };
         }
@@ -139,6 +150,7 @@ pub fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [
         target_feature = "f16c"
     )))]
     {
+        let _ = k; // one path without AVX2
         let mut out = [[0f32; N]; R];
         for r in 0..R {
             for t in 0..N {
@@ -208,6 +220,64 @@ impl KernelPath {
     #[inline]
     pub fn int8(self) -> bool {
         matches!(self, Self::Avx512Vnni | Self::Avx2Int8)
+    }
+}
+
+/// A kernel path this machine runs, checked when it is made: what every
+/// kernel takes, so that a model carries its own path (the int8 paths pack its
+/// weights for it) and nothing reads a process-wide setting while it computes.
+/// The only ways to make one check the CPU and the OS, which is what makes the
+/// kernels' `unsafe` feature-gated calls sound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels(KernelPath);
+
+impl Kernels {
+    /// `p`, if this machine runs it.
+    pub fn new(p: KernelPath) -> Result<Self, String> {
+        if available_paths().contains(&p) {
+            Ok(Self(p))
+        } else {
+            Err(format!(
+                "kernel path {} is not available on this machine",
+                p.name()
+            ))
+        }
+    }
+
+    /// The path `choice` (one of [`KERNEL_CHOICES`]) names on this machine;
+    /// `auto` (or empty) is the process default ([`Kernels::process_default`]).
+    pub fn choose(choice: &str) -> Result<Self, String> {
+        if choice.is_empty() || choice == "auto" {
+            return Ok(Self::process_default());
+        }
+        resolve(choice, &available_paths()).map(Self)
+    }
+
+    /// The default for models built now: `RETUNE_KERNELS`, else the machine's
+    /// best, unless [`set_path`] changed it.
+    pub fn process_default() -> Self {
+        Self(path())
+    }
+
+    /// The best path of this machine that keeps activations in f32.
+    pub fn best_f32() -> Self {
+        Self(best_f32_path())
+    }
+
+    pub fn path(self) -> KernelPath {
+        self.0
+    }
+
+    /// The 16-lane f32 kernels run on this path.
+    #[inline]
+    pub fn wide(self) -> bool {
+        self.0.wide()
+    }
+
+    /// Quantized weights meet int8 activations on this path.
+    #[inline]
+    pub fn int8(self) -> bool {
+        self.0.int8()
     }
 }
 
@@ -315,11 +385,10 @@ fn detect() -> KernelPath {
     })
 }
 
-/// Choose the path for this process from a setting (see [`resolve`]); `auto`
-/// keeps the path in use (chosen at first use from `RETUNE_KERNELS`, else
-/// the machine's best, unless switched since). Call before a model becomes a
-/// host backend: the int8 paths repack its weights then. The path is the
-/// process's: one served model per process. Returns the path in use.
+/// Choose the default path for models built from now on from a setting (see
+/// [`resolve`]); `auto` keeps the default (chosen at first use from
+/// `RETUNE_KERNELS`, else the machine's best, unless switched since). A model
+/// keeps the path it was built with ([`Kernels`]). Returns the default.
 pub fn choose(choice: &str) -> Result<KernelPath, String> {
     if choice.is_empty() || choice == "auto" {
         return Ok(path());
@@ -329,7 +398,7 @@ pub fn choose(choice: &str) -> Result<KernelPath, String> {
     Ok(p)
 }
 
-/// The path in use (chosen at first use).
+/// The default path for models built now (chosen at first use).
 #[inline]
 pub fn path() -> KernelPath {
     match PATH.load(std::sync::atomic::Ordering::Relaxed) {
@@ -356,8 +425,8 @@ pub fn best_f32_path() -> KernelPath {
         .unwrap_or(KernelPath::Portable)
 }
 
-/// Switch paths (benchmarks comparing them in one process; nothing may be
-/// computing meanwhile). Refused for a path this machine cannot run.
+/// Set the default path for models built from now on (models built before
+/// keep theirs). Refused for a path this machine cannot run.
 pub fn set_path(p: KernelPath) -> Result<(), String> {
     if !available_paths().contains(&p) {
         return Err(format!(
@@ -789,7 +858,9 @@ pub(crate) mod tests {
         for p in &paths {
             set_path(*p).unwrap();
             assert_eq!(path(), *p);
-            results.push(fused_dot_tiles_and_reference_agree());
+            results.push(fused_dot_tiles_and_reference_agree(
+                Kernels::new(*p).unwrap(),
+            ));
         }
         for r in &results[1..] {
             for (a, b) in r.iter().zip(&results[0]) {
@@ -799,7 +870,7 @@ pub(crate) mod tests {
         eprintln!("kernel paths checked: {paths:?}");
     }
 
-    fn fused_dot_tiles_and_reference_agree() -> Vec<f32> {
+    fn fused_dot_tiles_and_reference_agree(kp: Kernels) -> Vec<f32> {
         let mut seen = Vec::new();
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
             let nb = 18;
@@ -826,7 +897,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|r| {
                     let mut w = vec![0f32; nb * QK];
-                    dequant_row(format, r, &mut w);
+                    dequant_row(kp, format, r, &mut w);
                     w
                 })
                 .collect();
@@ -836,15 +907,16 @@ pub(crate) mod tests {
             for (a, b) in w[0].iter().zip(&reference) {
                 assert!((a - b).abs() < 1e-6, "{format:?}: {a} vs {b}");
             }
-            let t = tile::<2, 4>([&w[0], &w[1]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
-            let t43 = tile::<4, 3>([&w[0], &w[1], &w[1], &w[0]], [&xs[1], &xs[2], &xs[3]]);
+            let t = tile::<2, 4>(kp, [&w[0], &w[1]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
+            let t43 = tile::<4, 3>(kp, [&w[0], &w[1], &w[1], &w[0]], [&xs[1], &xs[2], &xs[3]]);
             for k in 0..4 {
-                let four = dot_rows::<4>(format, [&rows[0], &rows[1], &rows[0], &rows[1]], &xs[k]);
+                let four =
+                    dot_rows::<4>(kp, format, [&rows[0], &rows[1], &rows[0], &rows[1]], &xs[k]);
                 assert_eq!(
                     four.map(f32::to_bits),
                     [t[0][k], t[1][k], t[0][k], t[1][k]].map(f32::to_bits)
                 );
-                let [[a], [b], _, _] = tile::<4, 1>([&w[0], &w[1], &w[0], &w[1]], [&xs[k]]);
+                let [[a], [b], _, _] = tile::<4, 1>(kp, [&w[0], &w[1], &w[0], &w[1]], [&xs[k]]);
                 assert_eq!(
                     [a.to_bits(), b.to_bits()],
                     [t[0][k].to_bits(), t[1][k].to_bits()]
@@ -856,7 +928,7 @@ pub(crate) mod tests {
             }
             for r in 0..2 {
                 for k in 0..4 {
-                    let [fused] = dot_rows::<1>(format, [&rows[r]], &xs[k]);
+                    let [fused] = dot_rows::<1>(kp, format, [&rows[r]], &xs[k]);
                     assert_eq!(
                         fused.to_bits(),
                         t[r][k].to_bits(),
@@ -868,7 +940,7 @@ pub(crate) mod tests {
                 }
             }
             // a length that is not a multiple of either width takes the tail
-            let odd = tile::<1, 1>([&w[0][..QK * nb - 5]], [&xs[0][..QK * nb - 5]]);
+            let odd = tile::<1, 1>(kp, [&w[0][..QK * nb - 5]], [&xs[0][..QK * nb - 5]]);
             let naive: f32 = w[0][..QK * nb - 5]
                 .iter()
                 .zip(&xs[0])

@@ -33,7 +33,7 @@
 
 use crate::kernels::{BlockFormat, QK};
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-use crate::kernels_f32::KernelPath;
+use crate::kernels_f32::{KernelPath, Kernels};
 use half::f16;
 
 /// A linear's weights in the compute form of the int8 kernels: one record
@@ -198,10 +198,12 @@ impl Packed {
 }
 
 /// Repack `rows` rows of GGUF blocks (`data`, `cols` elements each) for the
-/// kernel path in use: [`pack_grouped`] on the int8 paths, else [`pack_rows`].
-pub fn pack(format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
+/// kernel path `k`: [`pack_grouped`] on the int8 paths, else [`pack_rows`].
+pub fn pack(k: Kernels, format: BlockFormat, data: &[u8], rows: usize, cols: usize) -> Packed {
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let _ = k; // one path without AVX2
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if crate::kernels_f32::path().int8() {
+    if k.int8() {
         // both int8 paths run faster on it (BENCHMARKS.md, "grouped layout")
         return pack_grouped(format, data, rows, cols);
     }
@@ -391,13 +393,16 @@ pub fn quantize_reference(x: &[f32], cols: usize) -> QuantX {
     out
 }
 
-/// Quantize `t = x.len() / cols` rows (`cols` a multiple of 32).
-pub fn quantize(x: &[f32], cols: usize) -> QuantX {
+/// Quantize `t = x.len() / cols` rows (`cols` a multiple of 32) with the
+/// kernels of path `k`.
+pub fn quantize(k: Kernels, x: &[f32], cols: usize) -> QuantX {
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let _ = k; // one path without AVX2
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     {
         // SAFETY: each int8 path is only chosen where the CPU reports its
         // features and the OS enables them (AVX2 is the build's baseline).
-        match crate::kernels_f32::path() {
+        match k.path() {
             KernelPath::Avx512Vnni => return unsafe { vnni::quantize(x, cols) },
             KernelPath::Avx2Int8 => return unsafe { avx2q::quantize(x, cols) },
             _ => {}
@@ -411,18 +416,21 @@ pub fn quantize(x: &[f32], cols: usize) -> QuantX {
 /// pack) the VNNI or AVX2 kernels; on the row layout, and without AVX2, the
 /// plain (slow) definitions.
 pub fn rows_times_tokens(
+    k: Kernels,
     w: &Packed,
     x: &QuantX,
     r0: usize,
     r1: usize,
     put: impl FnMut(usize, usize, f32),
 ) {
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let _ = k; // one path without AVX2
     if w.grouped {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
         // SAFETY: AVX2 is the build's baseline; every index is checked
         // against `w` and `x`.
         return unsafe {
-            if crate::kernels_f32::path() == KernelPath::Avx512Vnni {
+            if k.path() == KernelPath::Avx512Vnni {
                 avx2q::groups_times_tokens_vnni(w, x, r0, r1, put)
             } else {
                 avx2q::groups_times_tokens(w, x, r0, r1, put)
@@ -839,9 +847,9 @@ mod tests {
             .collect()
     }
 
-    fn run(w: &Packed, x: &QuantX, t: usize, r0: usize, r1: usize) -> Vec<f32> {
+    fn run(k: Kernels, w: &Packed, x: &QuantX, t: usize, r0: usize, r1: usize) -> Vec<f32> {
         let mut out = vec![f32::NAN; t * w.rows];
-        rows_times_tokens(w, x, r0, r1, |ti, r, v| out[ti * w.rows + r] = v);
+        rows_times_tokens(k, w, x, r0, r1, |ti, r, v| out[ti * w.rows + r] = v);
         out
     }
 
@@ -851,24 +859,19 @@ mod tests {
     /// dot of the dequantized weights, and the paths give the same bits.
     #[test]
     fn int8_kernels_agree_with_their_definition_for_any_tile() {
-        let _one = kernels_f32::tests::PATH_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
         let paths: Vec<KernelPath> = kernels_f32::available_paths()
             .into_iter()
             .filter(|p| p.int8())
             .collect();
-        let before = kernels_f32::path();
         let mut first: Option<(KernelPath, Vec<Vec<u32>>)> = None;
         for &path in &paths {
-            kernels_f32::set_path(path).unwrap();
-            assert_eq!(kernels_f32::path(), path);
+            let k = Kernels::new(path).unwrap();
             eprintln!("path: {}", path.name());
             // the grouped layout, which every int8 path packs: each path's
             // kernel (vpmaddubsw or vpdpbusd) against the definition, bit for bit
-            check_int8_path(pack_grouped);
+            check_int8_path(k, pack_grouped);
             // the row layout (its plain definition): packing, accessors, bounds
-            let bits = check_int8_path(pack_rows);
+            let bits = check_int8_path(k, pack_rows);
             match &first {
                 None => first = Some((path, bits)),
                 Some((p0, b0)) => assert!(
@@ -879,11 +882,13 @@ mod tests {
                 ),
             }
         }
-        kernels_f32::set_path(before).unwrap();
     }
 
     /// The checks of one path; returns the bits of every batch output.
-    fn check_int8_path(pack: fn(BlockFormat, &[u8], usize, usize) -> Packed) -> Vec<Vec<u32>> {
+    fn check_int8_path(
+        k: Kernels,
+        pack: fn(BlockFormat, &[u8], usize, usize) -> Packed,
+    ) -> Vec<Vec<u32>> {
         let mut outputs = Vec::new();
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
             for nb in [18usize, 7, 1, 35, 48] {
@@ -940,7 +945,7 @@ mod tests {
                     );
                 }
                 let xs = acts(t, cols, 17 + nb as u64);
-                let xq = quantize(&xs, cols);
+                let xq = quantize(k, &xs, cols);
                 let xr = quantize_reference(&xs, cols);
                 assert_eq!(xq.q, xr.q, "{format:?} quantized bytes");
                 assert_eq!(
@@ -951,7 +956,7 @@ mod tests {
                     xq.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     xr.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 );
-                let all = run(&w, &xq, t, 0, rows);
+                let all = run(k, &w, &xq, t, 0, rows);
                 outputs.push(all.iter().map(|v| v.to_bits()).collect());
                 if w.grouped {
                     // the grouped kernels' arithmetic is their definition's, bit for bit
@@ -965,9 +970,9 @@ mod tests {
                 }
                 // one token at a time and one row at a time: the same bits
                 for ti in 0..t {
-                    let one = quantize(&xs[ti * cols..(ti + 1) * cols], cols);
+                    let one = quantize(k, &xs[ti * cols..(ti + 1) * cols], cols);
                     for (r0, r1) in [(0, rows), (3, 4), (5, 9)] {
-                        let o = run(&w, &one, 1, r0, r1);
+                        let o = run(k, &w, &one, 1, r0, r1);
                         for r in r0..r1 {
                             assert_eq!(
                                 o[r].to_bits(),

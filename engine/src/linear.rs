@@ -8,7 +8,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::kernels::{BlockFormat, QK};
-use crate::kernels_f32;
+use crate::kernels_f32::{self, Kernels};
 use crate::kernels_q8::{self, Packed, QuantX};
 use candle_core::quantized::QMatMul;
 
@@ -69,15 +69,15 @@ impl Linear {
         })
     }
 
-    /// The int8 kernels' form of block weights, where the kernel path in use
-    /// takes it (built on the first call).
-    pub fn packed(&self) -> Option<&Packed> {
+    /// The int8 kernels' form of block weights, where path `k` takes it
+    /// (built on the first call).
+    pub fn packed(&self, k: Kernels) -> Option<&Packed> {
         match &self.weight {
-            Weight::Blocks { format, data } if kernels_f32::path().int8() => Some(
+            Weight::Blocks { format, data } if k.int8() => Some(
                 self.packed
-                    .get_or_init(|| kernels_q8::pack(*format, data, self.rows, self.cols)),
+                    .get_or_init(|| kernels_q8::pack(k, *format, data, self.rows, self.cols)),
             ),
-            Weight::Packed { packed, .. } if kernels_f32::path().int8() => Some(packed),
+            Weight::Packed { packed, .. } if k.int8() => Some(packed),
             _ => None,
         }
     }
@@ -96,8 +96,8 @@ impl Linear {
     /// Build what the kernel path in use needs before the first request. On
     /// an int8 path block weights are repacked and their GGUF bytes dropped
     /// (returns whether that happened).
-    pub fn prepare(&mut self) -> bool {
-        if !kernels_f32::path().int8() {
+    pub fn prepare(&mut self, k: Kernels) -> bool {
+        if !k.int8() {
             return false;
         }
         if let Weight::Blocks { format, data } = &self.weight {
@@ -105,7 +105,7 @@ impl Linear {
             let packed = self
                 .packed
                 .take()
-                .unwrap_or_else(|| kernels_q8::pack(format, data, self.rows, self.cols));
+                .unwrap_or_else(|| kernels_q8::pack(k, format, data, self.rows, self.cols));
             self.weight = Weight::Packed { format, packed };
             return true;
         }
@@ -113,11 +113,11 @@ impl Linear {
     }
 
     /// Copy row `r` as f32 into `out` (embedding lookup on tied weights).
-    pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+    pub fn row_f32(&self, k: Kernels, r: usize, out: &mut [f32]) -> Result<()> {
         match &self.weight {
             Weight::Blocks { format, data } => {
                 let rb = self.cols / QK * format.block_bytes();
-                kernels_f32::dequant_row(*format, &data[r * rb..(r + 1) * rb], out);
+                kernels_f32::dequant_row(k, *format, &data[r * rb..(r + 1) * rb], out);
             }
             Weight::Packed { format, packed } => packed.dequant_row(*format, r, out),
             Weight::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
@@ -130,8 +130,8 @@ impl Linear {
         Ok(())
     }
 
-    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        let mut outs = matmul_many(&[self], x, t)?;
+    pub fn forward(&self, k: Kernels, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let mut outs = matmul_many(k, &[self], x, t)?;
         Ok(outs.pop().unwrap_or_default())
     }
 }
@@ -144,6 +144,7 @@ const TILE_TOKENS: usize = 3;
 /// Up to [`TILE_ROWS`] weight rows against all `t` tokens, in register tiles.
 #[inline]
 pub(crate) fn rows_times_tokens(
+    k: Kernels,
     rows: &[&[f32]],
     x: &[f32],
     cols: usize,
@@ -155,41 +156,41 @@ pub(crate) fn rows_times_tokens(
     while ti + TILE_TOKENS <= t {
         let xs = [xt(ti), xt(ti + 1), xt(ti + 2)];
         if let [a, b, c, d] = rows {
-            for (ri, vals) in kernels_f32::tile::<4, 3>([a, b, c, d], xs)
+            for (ri, vals) in kernels_f32::tile::<4, 3>(k, [a, b, c, d], xs)
                 .iter()
                 .enumerate()
             {
                 vals.iter()
                     .enumerate()
-                    .for_each(|(k, v)| put(ri, ti + k, *v));
+                    .for_each(|(j, v)| put(ri, ti + j, *v));
             }
         } else {
             for (ri, row) in rows.iter().enumerate() {
-                let [vals] = kernels_f32::tile::<1, 3>([row], xs);
+                let [vals] = kernels_f32::tile::<1, 3>(k, [row], xs);
                 vals.iter()
                     .enumerate()
-                    .for_each(|(k, v)| put(ri, ti + k, *v));
+                    .for_each(|(j, v)| put(ri, ti + j, *v));
             }
         }
         ti += TILE_TOKENS;
     }
     // remaining 1-2 tokens: still several independent accumulator chains
     if let ([a, b, c, d], 2) = (rows, t - ti) {
-        let v = kernels_f32::tile::<4, 2>([a, b, c, d], [xt(ti), xt(ti + 1)]);
+        let v = kernels_f32::tile::<4, 2>(k, [a, b, c, d], [xt(ti), xt(ti + 1)]);
         for (ri, vals) in v.iter().enumerate() {
             vals.iter()
                 .enumerate()
-                .for_each(|(k, v)| put(ri, ti + k, *v));
+                .for_each(|(j, v)| put(ri, ti + j, *v));
         }
         return;
     }
     for ti in ti..t {
         if let [a, b, c, d] = rows {
-            let v = kernels_f32::tile::<4, 1>([a, b, c, d], [xt(ti)]);
+            let v = kernels_f32::tile::<4, 1>(k, [a, b, c, d], [xt(ti)]);
             v.iter().enumerate().for_each(|(ri, [v])| put(ri, ti, *v));
         } else {
             for (ri, row) in rows.iter().enumerate() {
-                let [[v]] = kernels_f32::tile::<1, 1>([row], [xt(ti)]);
+                let [[v]] = kernels_f32::tile::<1, 1>(k, [row], [xt(ti)]);
                 put(ri, ti, v);
             }
         }
@@ -203,8 +204,9 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// Run several linears with the same input `x` (`t` rows of `cols`) in one
-/// parallel region. Returns one `[t, rows]` output per linear.
-pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+/// parallel region on the kernels of path `k`. Returns one `[t, rows]` output
+/// per linear.
+pub fn matmul_many(k: Kernels, lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
     let cols = lins.first().map(|l| l.cols).unwrap_or(0);
     if lins.iter().any(|l| l.cols != cols) || x.len() != t * cols {
         return Err(EngineError::InvalidRequest("matmul input shape".into()));
@@ -234,14 +236,15 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
         }
     }
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    let wide = kernels_f32::path().wide();
+    let wide = k.wide();
     // the int8 path: every token quantized once, before the parallel region
-    let packs: Vec<Option<&Packed>> = lins.iter().map(|l| l.packed()).collect();
+    let packs: Vec<Option<&Packed>> = lins.iter().map(|l| l.packed(k)).collect();
     let xq = packs
         .iter()
         .any(Option::is_some)
-        .then(|| kernels_q8::quantize(x, cols));
+        .then(|| kernels_q8::quantize(k, x, cols));
     let q = Int8 {
+        k,
         packs: &packs,
         x: xq.as_ref(),
     };
@@ -257,7 +260,10 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
             matmul_job(lins, &ptrs, x, t, li, r0, r1, &q)
         }
     });
+    /// What every job reads besides the weights: the path, and on the int8
+    /// paths the packed weights and the quantized tokens.
     struct Int8<'a> {
+        k: Kernels,
         packs: &'a [Option<&'a Packed>],
         x: Option<&'a QuantX>,
     }
@@ -307,12 +313,13 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
     ) {
         let l = lins[li];
         let out = ptrs[li];
+        let k = q.k;
         let write = |ti: usize, r: usize, v: f32| {
             // SAFETY: (ti, r) is inside [t, rows] and owned by this job alone.
             unsafe { *out.0.add(ti * l.rows + r) = v };
         };
         if let (Some(Some(p)), Some(xq)) = (q.packs.get(li), q.x) {
-            kernels_q8::rows_times_tokens(p, xq, r0, r1, write);
+            kernels_q8::rows_times_tokens(k, p, xq, r0, r1, write);
             return;
         }
         match (l.blocks(), &l.weight) {
@@ -326,17 +333,18 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
                     let mut r = r0;
                     while r + 4 <= r1 {
                         let v = kernels_f32::dot_rows::<4>(
+                            k,
                             format,
                             [row(r), row(r + 1), row(r + 2), row(r + 3)],
                             xs,
                         );
                         v.into_iter()
                             .enumerate()
-                            .for_each(|(k, v)| write(ti, r + k, v));
+                            .for_each(|(j, v)| write(ti, r + j, v));
                         r += 4;
                     }
                     for r in r..r1 {
-                        let [v] = kernels_f32::dot_rows::<1>(format, [row(r)], xs);
+                        let [v] = kernels_f32::dot_rows::<1>(k, format, [row(r)], xs);
                         write(ti, r, v);
                     }
                 }
@@ -348,10 +356,15 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
                 while r < r1 {
                     let n = (r1 - r).min(TILE_ROWS);
                     for (i, w) in scratch.chunks_exact_mut(l.cols).take(n).enumerate() {
-                        kernels_f32::dequant_row(format, &data[(r + i) * rb..(r + i + 1) * rb], w);
+                        kernels_f32::dequant_row(
+                            k,
+                            format,
+                            &data[(r + i) * rb..(r + i + 1) * rb],
+                            w,
+                        );
                     }
                     let rows: Vec<&[f32]> = scratch.chunks_exact(l.cols).take(n).collect();
-                    rows_times_tokens(&rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
+                    rows_times_tokens(k, &rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
                     r += n;
                 }
             }
@@ -362,7 +375,7 @@ pub fn matmul_many(lins: &[&Linear], x: &[f32], t: usize) -> Result<Vec<Vec<f32>
                     let rows: Vec<&[f32]> = (r..r + n)
                         .map(|i| &w[i * l.cols..(i + 1) * l.cols])
                         .collect();
-                    rows_times_tokens(&rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
+                    rows_times_tokens(k, &rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
                     r += n;
                 }
             }

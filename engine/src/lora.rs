@@ -5,6 +5,7 @@
 //! computed per token with fixed-order dot products, so a row's output does not
 //! depend on what else is in the batch.
 
+use crate::kernels_f32::Kernels;
 use crate::linear::rows_times_tokens;
 use retune_adapters::{LoraAdapter, LoraPair};
 
@@ -19,8 +20,10 @@ pub struct Span<'a> {
 /// Output rows per expand job.
 const EXPAND_ROWS: usize = 128;
 
-/// `out` is `[t, rows]`, `x` is `[t, cols]`.
+/// `out` is `[t, rows]`, `x` is `[t, cols]`; on the kernels of path `k`.
+#[allow(clippy::too_many_arguments)]
 pub fn add_deltas(
+    k: Kernels,
     spans: &[Span<'_>],
     layer: usize,
     module: usize,
@@ -57,7 +60,7 @@ pub fn add_deltas(
         let a_rows: Vec<&[f32]> = p.a.chunks_exact(cols).collect();
         for r0 in (0..p.rank).step_by(4) {
             let rws = &a_rows[r0..(r0 + 4).min(p.rank)];
-            rows_times_tokens(rws, &xs, cols, toks.len(), |ri, ti, v| {
+            rows_times_tokens(k, rws, &xs, cols, toks.len(), |ri, ti, v| {
                 xa[ti * p.rank + r0 + ri] = v
             });
         }
@@ -76,7 +79,7 @@ pub fn add_deltas(
         let b_rows: Vec<&[f32]> = p.b[r0 * p.rank..r1 * p.rank].chunks_exact(p.rank).collect();
         for r in (0..w).step_by(4) {
             let rws = &b_rows[r..(r + 4).min(w)];
-            rows_times_tokens(rws, &shrunk[g], p.rank, toks.len(), |ri, ti, v| {
+            rows_times_tokens(k, rws, &shrunk[g], p.rank, toks.len(), |ri, ti, v| {
                 d[ti * w + r + ri] = v
             });
         }

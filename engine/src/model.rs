@@ -5,6 +5,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::kernels;
+use crate::kernels_f32::Kernels;
 use crate::kv::KvCache;
 use crate::linear::{matmul_many, Linear, Weight};
 use crate::lora::{self, Span};
@@ -119,6 +120,9 @@ pub struct Model {
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     fingerprint: String,
+    /// The kernel path its forward runs on (the process default when it was
+    /// built; [`Model::set_kernels`] before it runs).
+    kernels: Kernels,
 }
 
 /// One sequence's slice of a batched forward: new tokens appended after what its
@@ -152,17 +156,31 @@ impl Model {
             rope_cos,
             rope_sin,
             fingerprint: String::new(),
+            kernels: Kernels::process_default(),
         };
         m.fingerprint = m.compute_fingerprint()?;
         Ok(m)
     }
 
-    /// Build what the kernel path in use needs (the int8 paths' packed
+    /// The kernel path this model runs on.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Run on path `k` from now on. Call before the model first runs (or
+    /// [`Model::prepare_kernels`]): a weight keeps the layout of the path
+    /// it was first packed for.
+    pub fn set_kernels(&mut self, k: Kernels) {
+        self.kernels = k;
+    }
+
+    /// Build what its kernel path needs (the int8 paths' packed
     /// weights, dropping the GGUF bytes) now, not at the first request. Done
     /// when the model becomes the host backend (`Box::<dyn Compute>::from`), so a model
     /// bound for a device backend is never packed; a model run without it
     /// packs each linear at its first use and keeps the GGUF bytes beside.
     pub fn prepare_kernels(&mut self) {
+        let k = self.kernels;
         let mut lins: Vec<&mut Linear> = vec![&mut self.embed];
         lins.extend(self.lm_head.as_mut());
         for l in &mut self.layers {
@@ -179,7 +197,7 @@ impl Model {
         // every linear: `any` would stop at the first one repacked
         let repacked = lins
             .into_par_iter()
-            .map(|l| l.prepare())
+            .map(|l| l.prepare(k))
             .filter(|&r| r)
             .count()
             > 0;
@@ -312,6 +330,7 @@ impl Model {
             }
             pos.extend(it.kv.len()..it.kv.len() + it.tokens.len());
         }
+        let k = self.kernels;
         let mut x = vec![0f32; t * h];
         let mut off = 0;
         for it in items.iter() {
@@ -322,7 +341,7 @@ impl Model {
                     )));
                 }
                 self.embed
-                    .row_f32(tok as usize, &mut x[off * h..(off + 1) * h])?;
+                    .row_f32(k, tok as usize, &mut x[off * h..(off + 1) * h])?;
                 off += 1;
             }
         }
@@ -347,10 +366,10 @@ impl Model {
                        layer: usize,
                        x: &[f32]|
          -> Result<Vec<Vec<f32>>> {
-            let mut outs = matmul_many(lins, x, t)?;
+            let mut outs = matmul_many(k, lins, x, t)?;
             if any_lora {
                 for ((out, l), &m) in outs.iter_mut().zip(lins).zip(modules) {
-                    lora::add_deltas(&spans, layer, m, x, l.cols, out, l.rows);
+                    lora::add_deltas(k, &spans, layer, m, x, l.cols, out, l.rows);
                 }
             }
             Ok(outs)
@@ -413,7 +432,7 @@ impl Model {
         // a classifier adapter's rows read its head; the rest the vocabulary
         let heads = crate::lora::heads_of(items);
         if heads.iter().all(Option::is_none) {
-            let logits = head.forward(&normed, n)?;
+            let logits = head.forward(self.kernels, &normed, n)?;
             return Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect());
         }
         let lm: Vec<usize> = (0..n).filter(|&r| heads[r].is_none()).collect();
@@ -424,7 +443,7 @@ impl Model {
         let mut lm_logits = if lm.is_empty() {
             Vec::new()
         } else {
-            head.forward(&lm_rows, lm.len())?
+            head.forward(self.kernels, &lm_rows, lm.len())?
         }
         .chunks_exact(head.rows)
         .map(<[f32]>::to_vec)

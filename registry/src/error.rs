@@ -34,12 +34,6 @@ pub enum RegistryError {
     Io(String),
 }
 
-impl From<rusqlite::Error> for RegistryError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Db(e.to_string())
-    }
-}
-
 impl From<NameError> for RegistryError {
     /// A bad name is refused as it always was: forbidden.
     fn from(e: NameError) -> Self {

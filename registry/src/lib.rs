@@ -5,14 +5,17 @@
 pub mod aliases;
 pub mod control;
 pub mod error;
+mod lifecycle;
 pub mod registry;
+mod rows;
 pub mod s3;
 mod sql;
 pub mod states;
 pub mod store;
+mod watches;
 
 pub use aliases::{AliasCache, Routed, Snapshot};
-pub use control::{Decision, LoopCounts, Rollout, RunInfo, WatchEnd, WatchInfo};
+pub use control::{Decision, LoopCounts, Rollout, RunInfo};
 pub use error::RegistryError;
 pub use registry::{
     AdapterState, AliasChange, Expect, JournalEntry, NewVersion, Registry, ServedBase, VersionInfo,
@@ -21,6 +24,7 @@ pub use s3::{S3Options, S3Store};
 pub use sql::{is_postgres_url, PG_SCHEMA_VERSION};
 pub use states::{Alias, JournalEvent, RunStatus, WatchMode, WatchStatus};
 pub use store::{BlobStore, LocalStore};
+pub use watches::{WatchEnd, WatchInfo};
 
 use std::path::Path;
 

@@ -6,8 +6,8 @@
 //! trainers) never interleave a read-then-write.
 
 use crate::error::RegistryError;
-use crate::sql::{p, Conn, Db, Mode, Row};
-use crate::states::{Alias, JournalEvent};
+use crate::sql::{p, Conn, Db, Mode};
+use crate::states::JournalEvent;
 use crate::store::{content_id_of, BlobStore, FILES};
 use retune_adapters::names::{check_name, store_key, AdapterRef, Via};
 use retune_adapters::peft::{load_peft, BaseShapes, LoadLimits};
@@ -19,6 +19,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 
 type R<T> = Result<T, RegistryError>;
+
+pub(crate) use crate::rows::*;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct VersionInfo {
@@ -107,12 +109,12 @@ pub(crate) enum Staged {
 
 pub struct Registry {
     pub(crate) db: Arc<dyn Db>,
-    store: Arc<dyn BlobStore>,
-    max_version_bytes: u64,
-    limits: LoadLimits,
-    subscribers: Mutex<Vec<Sender<AliasChange>>>,
+    pub(crate) store: Arc<dyn BlobStore>,
+    pub(crate) max_version_bytes: u64,
+    pub(crate) limits: LoadLimits,
+    pub(crate) subscribers: Mutex<Vec<Sender<AliasChange>>>,
     /// In-memory alias caches, refreshed before a change made here returns.
-    listeners: Mutex<Vec<Weak<dyn Listener>>>,
+    pub(crate) listeners: Mutex<Vec<Weak<dyn Listener>>>,
 }
 
 pub(crate) use retune_config::now_ms;
@@ -203,7 +205,7 @@ impl Registry {
     }
 
     pub(crate) fn tx(&self, mode: Mode) -> R<Box<dyn Conn + '_>> {
-        self.db.begin(mode)
+        Ok(self.db.begin(mode)?)
     }
 
     /// Register a version (idempotent: the same files give the same id).
@@ -331,7 +333,7 @@ impl Registry {
     /// Validate the stored copy once and keep its compute form, so that loads
     /// map it instead of parsing and checking the PEFT files. Best effort: a
     /// version without one loads the slow way and writes it then.
-    fn write_packed(&self, key: &str, id: &str, base: &ServedBase) {
+    pub(crate) fn write_packed(&self, key: &str, id: &str, base: &ServedBase) {
         let built = self.store.local_dir(key).and_then(|dir| {
             let a = retune_adapters::packed::load_verified(&dir, id, &base.shapes, &self.limits)
                 .map_err(|e| RegistryError::Invalid(e.to_string()))?;
@@ -492,7 +494,7 @@ impl Registry {
 
     /// Run one alias change: `BEGIN IMMEDIATE`, `f`, read the new state, commit,
     /// then tell subscribers.
-    fn mutate(
+    pub(crate) fn mutate(
         &self,
         tenant: &str,
         name: &str,
@@ -507,391 +509,6 @@ impl Registry {
         };
         self.notify(tenant, name, &state);
         Ok(state)
-    }
-
-    /// Make `version` live if the current live version is what the caller expects.
-    pub fn promote(
-        &self,
-        tenant: &str,
-        name: &str,
-        version: &str,
-        expected: Expect,
-        actor: &str,
-        reason: &str,
-    ) -> R<AdapterState> {
-        self.mutate(tenant, name, |tx| {
-            servable(tx, tenant, name, version)?;
-            let cur = state_of(tx, tenant, name)?;
-            let ok = match &expected {
-                Expect::Any => true,
-                Expect::NoLive => cur.live.is_none(),
-                Expect::Version(v) => cur.live.as_deref() == Some(v.as_str()),
-            };
-            if !ok {
-                return Err(RegistryError::Conflict {
-                    expected: match expected {
-                        Expect::Version(v) => v,
-                        _ => "none".into(),
-                    },
-                    actual: cur.live.unwrap_or_else(|| "none".into()),
-                });
-            }
-            if cur.live.as_deref() != Some(version) {
-                if let Some(l) = &cur.live {
-                    set_alias(tx, tenant, name, Alias::Previous, l, None)?;
-                }
-                set_alias(tx, tenant, name, Alias::Live, version, None)?;
-            }
-            journal(
-                tx,
-                tenant,
-                name,
-                JournalEvent::Promote,
-                Some(version),
-                cur.live.as_deref(),
-                actor,
-                reason,
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Undo: swap live and previous, or make a named version live.
-    pub fn rollback(
-        &self,
-        tenant: &str,
-        name: &str,
-        to: Option<&str>,
-        actor: &str,
-        reason: &str,
-    ) -> R<AdapterState> {
-        self.mutate(tenant, name, |tx| {
-            let cur = state_of(tx, tenant, name)?;
-            let live = cur.live.clone().ok_or_else(|| {
-                RegistryError::NotFound(format!("live version of {tenant}/{name}"))
-            })?;
-            let target = match to {
-                Some(v) => v.to_string(),
-                None => cur.previous.clone().ok_or_else(|| {
-                    RegistryError::NotFound(format!("previous version of {tenant}/{name}"))
-                })?,
-            };
-            servable(tx, tenant, name, &target)?;
-            set_alias(tx, tenant, name, Alias::Previous, &live, None)?;
-            set_alias(tx, tenant, name, Alias::Live, &target, None)?;
-            journal(
-                tx,
-                tenant,
-                name,
-                JournalEvent::Rollback,
-                Some(&target),
-                Some(&live),
-                actor,
-                reason,
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Route `percent`% of the adapter's traffic to `version`, or clear the canary.
-    pub fn set_canary(
-        &self,
-        tenant: &str,
-        name: &str,
-        canary: Option<(&str, u8)>,
-        actor: &str,
-        reason: &str,
-    ) -> R<AdapterState> {
-        self.mutate(tenant, name, |tx| {
-            state_of(tx, tenant, name)?;
-            match canary {
-                Some((v, pct)) => {
-                    if pct > 100 {
-                        return Err(RegistryError::Rejected(format!(
-                            "canary percentage {pct} above 100"
-                        )));
-                    }
-                    servable(tx, tenant, name, v)?;
-                    set_alias(tx, tenant, name, Alias::Canary, v, Some(pct))?;
-                    journal(
-                        tx,
-                        tenant,
-                        name,
-                        JournalEvent::Canary,
-                        Some(v),
-                        None,
-                        actor,
-                        &format!("{pct}%: {reason}"),
-                    )?;
-                }
-                None => {
-                    tx.exec(
-                        "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = 'canary'",
-                        p![tenant, name],
-                    )?;
-                    journal(
-                        tx,
-                        tenant,
-                        name,
-                        JournalEvent::CanaryClear,
-                        None,
-                        None,
-                        actor,
-                        reason,
-                    )?;
-                }
-            }
-            Ok(())
-        })
-    }
-
-    /// Versions of `tenant` registered with `metadata.snapshot` among `snapshots`:
-    /// the lineage from training data to adapter versions.
-    pub fn trained_on(&self, tenant: &str, snapshots: &[String]) -> R<Vec<VersionInfo>> {
-        let sql = format!(
-            "SELECT {VERSION_COLS} FROM versions WHERE tenant = ?1 AND {} = ?2
-             ORDER BY name, created_at, id",
-            self.db.json_text("metadata", "snapshot")
-        );
-        let mut tx = self.tx(Mode::Snapshot)?;
-        let mut out = Vec::new();
-        for snap in snapshots {
-            for r in tx.query(&sql, p![tenant, snap])? {
-                out.push(row_to_version(&r)?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Mark a version tainted (its training data was erased): a journal entry;
-    /// the version stays servable until a policy or a person acts.
-    pub fn taint(
-        &self,
-        tenant: &str,
-        name: &str,
-        version: &str,
-        actor: &str,
-        reason: &str,
-    ) -> R<AdapterState> {
-        self.mutate(tenant, name, |tx| {
-            let known = tx
-                .one(
-                    "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                    p![tenant, name, version],
-                )?
-                .i(0)?;
-            if known == 0 {
-                return Err(RegistryError::NotFound(format!(
-                    "version {tenant}/{name}@{version}"
-                )));
-            }
-            journal(
-                tx,
-                tenant,
-                name,
-                JournalEvent::Taint,
-                Some(version),
-                None,
-                actor,
-                reason,
-            )
-        })
-    }
-
-    /// Ask the trainer for a new version without the erased data (a journal entry
-    /// the trainer daemon consumes).
-    pub fn request_retrain(
-        &self,
-        tenant: &str,
-        name: &str,
-        version: &str,
-        actor: &str,
-        reason: &str,
-    ) -> R<AdapterState> {
-        self.mutate(tenant, name, |tx| {
-            journal(
-                tx,
-                tenant,
-                name,
-                JournalEvent::Retrain,
-                Some(version),
-                None,
-                actor,
-                reason,
-            )
-        })
-    }
-
-    /// Servable (not retired) versions of every tenant and their stored bytes: for metrics.
-    pub fn stored_totals(&self) -> R<(i64, i64)> {
-        let r = self.tx(Mode::Auto)?.one(
-            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM versions WHERE retired = 0",
-            &[],
-        )?;
-        Ok((r.i(0)?, r.i(1)?))
-    }
-
-    /// Adapters (of every tenant) whose live version is tainted: one query, for metrics.
-    pub fn tainted_live_count(&self) -> R<i64> {
-        self.tx(Mode::Auto)?
-            .one(
-                "SELECT COUNT(*) FROM aliases a WHERE a.alias = 'live' AND EXISTS (
-                 SELECT 1 FROM journal j WHERE j.tenant = a.tenant AND j.name = a.name
-                 AND j.event = 'taint' AND j.version = a.version)",
-                &[],
-            )?
-            .i(0)
-    }
-
-    /// The tainted versions of an adapter.
-    pub fn tainted(&self, tenant: &str, name: &str) -> R<Vec<String>> {
-        self.tx(Mode::Auto)?
-            .query(
-                "SELECT DISTINCT version FROM journal WHERE tenant = ?1 AND name = ?2 AND event = 'taint'
-             AND version IS NOT NULL ORDER BY version",
-                p![tenant, name],
-            )?
-            .iter()
-            .map(|r| r.s(0))
-            .collect()
-    }
-
-    /// Never servable again. The live version cannot be retired (roll back first).
-    pub fn retire(
-        &self,
-        tenant: &str,
-        name: &str,
-        version: &str,
-        actor: &str,
-        reason: &str,
-    ) -> R<AdapterState> {
-        self.mutate(tenant, name, |tx| {
-            servable(tx, tenant, name, version)?;
-            let cur = state_of(tx, tenant, name)?;
-            if cur.live.as_deref() == Some(version) {
-                return Err(RegistryError::Rejected(format!(
-                    "{version} is live; promote or roll back first"
-                )));
-            }
-            tx.exec(
-                "UPDATE versions SET retired = 1 WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                p![tenant, name, version],
-            )?;
-            tx.exec(
-                "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                p![tenant, name, version],
-            )?;
-            journal(
-                tx,
-                tenant,
-                name,
-                JournalEvent::Retire,
-                Some(version),
-                None,
-                actor,
-                reason,
-            )?;
-            Ok(())
-        })
-    }
-}
-
-impl Registry {
-    /// Servers record the versions they served (every few seconds): gc keeps
-    /// what was served recently, so a queued request never loses its version.
-    pub fn mark_served(&self, versions: &[(String, String, String)]) -> R<()> {
-        if versions.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.tx(Mode::Write)?;
-        let now = now_ms();
-        for (t, n, v) in versions {
-            tx.exec(
-                "INSERT INTO served (tenant, name, version, at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (tenant, name, version) DO UPDATE SET at = excluded.at",
-                p![t, n, v, now],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Delete versions no alias references, keeping the `keep` most recent ones
-    /// and every version served, registered or named by an alias change within
-    /// the last `idle` (requests queued or pinned to it may still need it).
-    /// Rows and files go; the journal keeps a `delete` event for each.
-    pub fn gc(
-        &self,
-        tenant: &str,
-        name: &str,
-        keep: usize,
-        idle: std::time::Duration,
-        actor: &str,
-    ) -> R<Vec<String>> {
-        let since = now_ms() - idle.as_millis() as i64;
-        let doomed: Vec<String> = {
-            let mut tx = self.tx(Mode::Write)?;
-            state_of(&mut *tx, tenant, name)?;
-            let ids: Vec<String> = {
-                let rows = tx
-                    .query(
-                        "SELECT id FROM versions v WHERE tenant = ?1 AND name = ?2
-                     AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.tenant = v.tenant AND a.name = v.name AND a.version = v.id)
-                     ORDER BY created_at DESC, id DESC",
-                        p![tenant, name],
-                    )?
-                    .iter()
-                    .map(|r| r.s(0))
-                    .collect::<R<Vec<String>>>()?;
-                let mut out = Vec::new();
-                for id in rows.into_iter().skip(keep) {
-                    // an idle window of zero keeps nothing for recency
-                    let busy = !idle.is_zero()
-                        && tx.one(
-                            "SELECT EXISTS (SELECT 1 FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3 AND at >= ?4)
-                         OR EXISTS (SELECT 1 FROM journal WHERE tenant = ?1 AND name = ?2 AND (version = ?3 OR previous = ?3) AND at >= ?4)",
-                            p![tenant, name, &id, since],
-                        )?
-                        .b(0)?;
-                    if !busy {
-                        out.push(id);
-                    }
-                }
-                out
-            };
-            for id in &ids {
-                tx.exec(
-                    "DELETE FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-                    p![tenant, name, id],
-                )?;
-                tx.exec(
-                    "DELETE FROM served WHERE tenant = ?1 AND name = ?2 AND version = ?3",
-                    p![tenant, name, id],
-                )?;
-                journal(
-                    &mut *tx,
-                    tenant,
-                    name,
-                    JournalEvent::Delete,
-                    Some(id),
-                    None,
-                    actor,
-                    &format!("gc, keep {keep}"),
-                )?;
-            }
-            // files go inside the write transaction: a register of the same
-            // content waits for it and then finds them gone (and stores them
-            // again) instead of committing a row whose files vanish after.
-            // Only unaliased, unserved versions are here, so a commit that
-            // fails after this leaves rows nothing serves.
-            for id in &ids {
-                self.store.delete(&store_key(tenant, name, id))?;
-            }
-            tx.commit()?;
-            ids
-        };
-        self.changed();
-        Ok(doomed)
     }
 }
 
@@ -920,121 +537,4 @@ impl AdapterSource for Registry {
             },
         })
     }
-}
-
-/// The version `name` routes to: the canary when `bucket` (0..100) falls in its
-/// share, else the live one.
-pub(crate) fn pick_alias(st: &AdapterState, bucket: u8) -> Option<(String, Via)> {
-    match (&st.canary, &st.live) {
-        (Some((c, pct)), _) if bucket < *pct => Some((c.clone(), Via::Canary)),
-        (_, Some(live)) => Some((live.clone(), Via::Live)),
-        _ => None,
-    }
-}
-
-pub(crate) const VERSION_COLS: &str =
-    "id, tenant, name, created_at, source, parent, base_fingerprint, size, metadata, retired";
-
-pub(crate) fn row_to_version(r: &Row) -> R<VersionInfo> {
-    Ok(VersionInfo {
-        id: r.s(0)?,
-        tenant: r.s(1)?,
-        name: r.s(2)?,
-        created_at: r.i(3)?,
-        source: r.s(4)?,
-        parent: r.os(5)?,
-        base_fingerprint: r.s(6)?,
-        size: r.i(7)? as u64,
-        metadata: serde_json::from_str(&r.s(8)?).unwrap_or(serde_json::Value::Null),
-        retired: r.b(9)?,
-    })
-}
-
-pub(crate) fn last_seq(c: &mut dyn Conn) -> R<i64> {
-    c.one("SELECT COALESCE(MAX(seq), 0) FROM journal", &[])?
-        .i(0)
-}
-
-pub(crate) fn state_of(c: &mut dyn Conn, tenant: &str, name: &str) -> R<AdapterState> {
-    let known = c
-        .one(
-            "SELECT COUNT(*) FROM versions WHERE tenant = ?1 AND name = ?2",
-            p![tenant, name],
-        )?
-        .i(0)?;
-    if known == 0 {
-        return Err(RegistryError::NotFound(format!("adapter {tenant}/{name}")));
-    }
-    let mut st = AdapterState::default();
-    for r in c.query(
-        "SELECT alias, version, percent FROM aliases WHERE tenant = ?1 AND name = ?2",
-        p![tenant, name],
-    )? {
-        set_state(&mut st, &r.s(0)?, r.s(1)?, r.oi(2)?);
-    }
-    Ok(st)
-}
-
-/// One alias row into an adapter's state (a name this build does not know is
-/// left out).
-pub(crate) fn set_state(st: &mut AdapterState, alias: &str, version: String, pct: Option<i64>) {
-    match alias.parse::<Alias>() {
-        Ok(Alias::Live) => st.live = Some(version),
-        Ok(Alias::Previous) => st.previous = Some(version),
-        Ok(Alias::Canary) => st.canary = Some((version, pct.unwrap_or(0).clamp(0, 100) as u8)),
-        Err(_) => {}
-    }
-}
-
-pub(crate) fn servable(c: &mut dyn Conn, tenant: &str, name: &str, version: &str) -> R<()> {
-    let retired = c
-        .opt(
-            "SELECT retired FROM versions WHERE tenant = ?1 AND name = ?2 AND id = ?3",
-            p![tenant, name, version],
-        )?
-        .map(|r| r.i(0))
-        .transpose()?;
-    match retired {
-        None => Err(RegistryError::NotFound(format!(
-            "version {tenant}/{name}@{version}"
-        ))),
-        Some(1) => Err(RegistryError::Rejected(format!(
-            "version {version} is retired"
-        ))),
-        Some(_) => Ok(()),
-    }
-}
-
-pub(crate) fn set_alias(
-    c: &mut dyn Conn,
-    tenant: &str,
-    name: &str,
-    alias: Alias,
-    version: &str,
-    pct: Option<u8>,
-) -> R<()> {
-    c.exec(
-        "INSERT INTO aliases (tenant, name, alias, version, percent) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (tenant, name, alias) DO UPDATE SET version = excluded.version, percent = excluded.percent",
-        p![tenant, name, alias.as_str(), version, pct.map(i64::from)],
-    )?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn journal(
-    c: &mut dyn Conn,
-    tenant: &str,
-    name: &str,
-    event: JournalEvent,
-    version: Option<&str>,
-    previous: Option<&str>,
-    actor: &str,
-    reason: &str,
-) -> R<()> {
-    c.exec(
-        "INSERT INTO journal (at, tenant, name, event, version, previous, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        p![now_ms(), tenant, name, event.as_str(), version, previous, actor, reason],
-    )?;
-    Ok(())
 }

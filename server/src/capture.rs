@@ -4,8 +4,8 @@
 
 use crate::AppState;
 use retune_config::now_ms;
-use retune_datasets::CapturedCompletion;
-use retune_engine::Completion;
+use retune_datasets::{CapturedCompletion, Finish};
+use retune_engine::{Completion, FinishReason};
 use std::time::Instant;
 
 /// What a captured record needs beyond the completion itself.
@@ -64,7 +64,7 @@ fn queue_record(
         params: serde_json::Value::Null,
         output_text: String::new(),
         output_ids: Vec::new(),
-        finish: "error".into(),
+        finish: Finish::Error,
         prompt_tokens: 0,
         completion_tokens: 0,
         ttft_ms: 0.0,
@@ -101,7 +101,10 @@ pub(crate) fn completion(
         r.params = serde_json::to_value(&c.params).unwrap_or_default();
         r.output_text = text;
         r.output_ids = c.output.clone();
-        r.finish = c.finish.as_str().into();
+        r.finish = match c.finish {
+            FinishReason::Stop => Finish::Stop,
+            FinishReason::Length => Finish::Length,
+        };
         r.prompt_tokens = c.prompt_tokens();
         r.completion_tokens = c.completion_tokens();
         r.ttft_ms = ms(c.timings.first_token);

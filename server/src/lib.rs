@@ -1,19 +1,13 @@
 //! retune's HTTP server: OpenAI-compatible API over the engine, per-tenant
 //! adapter routing through the registry, Prometheus metrics.
 
-pub mod admin;
-pub mod admin_data;
+pub mod api;
 pub mod auth;
 mod capture;
 pub mod erasure;
 pub mod errors;
 pub mod extract;
-pub mod feedback;
 pub mod metrics;
-pub mod openai;
-pub mod params;
-pub mod routes;
-mod upload;
 
 use actix_web::{web, App, HttpServer, ResponseError};
 use errors::ApiError;
@@ -228,10 +222,7 @@ pub fn app(
                 Ok(res)
             }
         })
-        .configure(routes::configure)
-        .configure(feedback::configure)
-        .configure(admin::configure)
-        .configure(admin_data::configure)
+        .configure(api::configure)
 }
 
 /// Every few seconds, tell the registry which versions were served (gc keeps
@@ -361,19 +352,25 @@ impl Application {
         // the kernel path before the model becomes the host backend: the int8
         // paths repack its weights then
         let kernels = if settings.engine.device == "cpu" {
-            let path =
-                retune_engine::kernels_f32::choose(&settings.engine.kernels).map_err(|reason| {
-                    StartError::Settings {
-                        field: "engine.kernels".into(),
-                        reason,
-                    }
-                })?;
-            tracing::info!(kernels = path.key(), "{}", retune_engine::cpu::describe());
-            Some(path)
+            let k = retune_engine::kernels_f32::Kernels::choose(&settings.engine.kernels).map_err(
+                |reason| StartError::Settings {
+                    field: "engine.kernels".into(),
+                    reason,
+                },
+            )?;
+            tracing::info!(
+                kernels = k.path().key(),
+                "{}",
+                retune_engine::cpu::describe_for(k)
+            );
+            Some(k)
         } else {
             None
         };
-        let loaded = load(&settings.model.path)?;
+        let mut loaded = load(&settings.model.path)?;
+        if let Some(k) = kernels {
+            loaded.model.set_kernels(k);
+        }
         let base = ServedBase {
             shapes: loaded.model.base_shapes(),
             fingerprint: loaded.model.fingerprint(),
@@ -459,11 +456,11 @@ impl Application {
             .with_template(loaded.template);
         let data = settings.datasets.location(&settings.adapters);
         let mut state = AppState::new(settings, Arc::new(engine), registry, pool, base)?;
-        if let Some(path) = kernels {
+        if let Some(k) = kernels {
             state
                 .metrics
                 .kernels_info
-                .with_label_values(&[path.key()])
+                .with_label_values(&[k.path().key()])
                 .set(1);
         }
         if let Some(at) = data {
@@ -504,7 +501,7 @@ impl Application {
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || app(app_state.clone()))
-            .on_connect(routes::remember_peer)
+            .on_connect(api::remember_peer)
             .listen(listener)
             .map_err(bind)?
             // our own signal handling: the drain ends generations before the deadline

@@ -87,7 +87,7 @@ fn script(b: &ScriptedBackend, pieces: &[&str]) {
 #[actix_web::test]
 async fn streamed_and_plain_completions_are_captured_with_the_text_the_client_got() {
     let dir = tmp("both");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, b) = state(&dir, store.clone());
     let capture = st.capture.clone().unwrap();
     let svc = test::init_service(app(st)).await;
@@ -145,7 +145,7 @@ async fn streamed_and_plain_completions_are_captured_with_the_text_the_client_go
 #[actix_web::test]
 async fn a_tenant_that_scrubs_before_store_keeps_no_personal_data() {
     let dir = tmp("scrub");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, b) = state(&dir, store.clone());
     let capture = st.capture.clone().unwrap();
     let svc = test::init_service(app(st)).await;
@@ -176,7 +176,7 @@ async fn a_tenant_that_scrubs_before_store_keeps_no_personal_data() {
 #[actix_web::test]
 async fn feedback_is_durable_versioned_and_private_to_its_tenant() {
     let dir = tmp("feedback");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, b) = state(&dir, store.clone());
     let svc = test::init_service(app(st)).await;
     script(&b, &["fee"]);
@@ -197,7 +197,7 @@ async fn feedback_is_durable_versioned_and_private_to_its_tenant() {
     .await;
     assert_eq!(resp.status(), 200);
     // on disk before the answer: a fresh connection sees it
-    let fresh = SqliteStore::open(&dir.join("datasets.db")).unwrap();
+    let fresh = SqlStore::sqlite(&dir.join("datasets.db")).unwrap();
     let st = fresh.feedback("acme", &id).unwrap();
     assert_eq!(st.correction.as_deref(), Some("charged_twice"));
     assert_eq!((st.rating, st.events), (Some(-1), 2));
@@ -251,7 +251,7 @@ async fn feedback_is_durable_versioned_and_private_to_its_tenant() {
 #[actix_web::test]
 async fn malformed_feedback_is_a_400_naming_the_field() {
     let dir = tmp("bad");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, _) = state(&dir, store);
     let svc = test::init_service(app(st)).await;
     for (body, param) in [
@@ -302,7 +302,7 @@ async fn malformed_feedback_is_a_400_naming_the_field() {
 
 /// A store that fails its writes (a full disk) or takes its time (a saturated one).
 struct Faulty {
-    inner: SqliteStore,
+    inner: SqlStore,
     fail: bool,
     delay: Duration,
 }
@@ -310,7 +310,7 @@ struct Faulty {
 impl Faulty {
     fn new(dir: &std::path::Path, fail: bool, delay: Duration) -> Arc<Self> {
         Arc::new(Self {
-            inner: SqliteStore::open(&dir.join("datasets.db")).unwrap(),
+            inner: SqlStore::sqlite(&dir.join("datasets.db")).unwrap(),
             fail,
             delay,
         })
@@ -436,7 +436,7 @@ async fn completions_succeed_and_drops_are_counted_while_the_store_fails() {
 #[actix_web::test]
 async fn a_declared_label_task_refuses_examples_outside_its_label_set_by_line() {
     let dir = tmp("declared-labels");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, _b) = state_with(
         &dir,
         store.clone(),
@@ -486,7 +486,7 @@ async fn a_declared_label_task_refuses_examples_outside_its_label_set_by_line() 
 #[actix_web::test]
 async fn a_declared_label_task_is_answered_under_its_label_set_unless_the_client_constrains() {
     let dir = tmp("declared-choice");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, b) = state_with(
         &dir,
         store,
@@ -540,7 +540,7 @@ async fn a_declared_label_task_is_answered_under_its_label_set_unless_the_client
 #[actix_web::test]
 async fn the_admin_data_api_imports_snapshots_exports_and_erases() {
     let dir = tmp("admin");
-    let store = Arc::new(SqliteStore::open(&dir.join("datasets.db")).unwrap());
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
     let (st, b) = state(&dir, store);
     let svc = test::init_service(app(st)).await;
     let admin = |method: test::TestRequest, uri: &str| {
@@ -713,7 +713,7 @@ async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_i
     // the PostgreSQL client blocks: never on the async runtime's threads
     let (pg, store) = tokio::task::spawn_blocking(|| {
         let pg = retune_testkit::pg::PgTest::private().unwrap();
-        let store = Arc::new(PgStore::open(&pg.url).unwrap());
+        let store = Arc::new(SqlStore::open(&pg.url).unwrap());
         (pg, store)
     })
     .await

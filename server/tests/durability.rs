@@ -1,6 +1,6 @@
 //! A feedback write answered 200 survives `kill -9` of the server right after.
 
-use retune_datasets::{DatasetStore, SqliteStore};
+use retune_datasets::{DatasetStore, SqlStore};
 use retune_engine::tiny::{self, TinySpec};
 use retune_server::auth::hash_key;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -67,7 +67,7 @@ fn feedback_answered_200_survives_kill_9() {
     assert_eq!(status, 200, "{body}");
     child.kill().unwrap(); // SIGKILL, right after the answer
     child.wait().unwrap();
-    let store = SqliteStore::open(&root.join("datasets.db")).unwrap();
+    let store = SqlStore::sqlite(&root.join("datasets.db")).unwrap();
     let st = store.feedback("t", &id).unwrap();
     assert_eq!(st.correction.as_deref(), Some("hello world"));
     assert_eq!((st.rating, st.events), (Some(-1), 1));

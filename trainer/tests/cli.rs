@@ -2,7 +2,7 @@
 //! snapshot to a registered (not promoted) version with its training record,
 //! lineage and plot; bad input exits 2 with nothing registered.
 
-use retune_datasets::{DatasetStore, ImportRow, Policy, SqliteStore};
+use retune_datasets::{DatasetStore, ImportRow, Policy, SqlStore};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -115,7 +115,7 @@ fn trains_from_a_file_and_from_a_snapshot_and_registers() {
     assert!(v.source.starts_with("trainer:"));
 
     // from a snapshot: the version records it, so lineage finds the version
-    let store = SqliteStore::open(&root.join("datasets.db")).unwrap();
+    let store = SqlStore::sqlite(&root.join("datasets.db")).unwrap();
     let (rows, errs) = retune_datasets::parse_jsonl(&jsonl(40));
     assert!(errs.is_empty());
     let rows: Vec<ImportRow> = rows

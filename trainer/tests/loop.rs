@@ -6,8 +6,7 @@
 use candle_core::Device;
 use retune_config::{Settings, WatchOptions};
 use retune_datasets::{
-    CapturedCompletion, DatasetStore, ExampleBody, Feedback, ImportRow, Message, Rating,
-    SqliteStore,
+    CapturedCompletion, DatasetStore, ExampleBody, Feedback, ImportRow, Message, Rating, SqlStore,
 };
 use retune_registry::{
     Decision, Expect, LocalStore, NewVersion, Registry, RegistryError, Rollout, ServedBase,
@@ -114,8 +113,8 @@ fn tiny(dir: &Path) -> PathBuf {
         .0
 }
 
-fn import(dir: &Path, rows: &[ImportRow]) -> SqliteStore {
-    let data = SqliteStore::open(&dir.join("root").join("datasets.db")).unwrap();
+fn import(dir: &Path, rows: &[ImportRow]) -> SqlStore {
+    let data = SqlStore::sqlite(&dir.join("root").join("datasets.db")).unwrap();
     data.import("acme", "greet", "test", rows).unwrap();
     data
 }
@@ -348,7 +347,7 @@ fn base_of(gguf: &Path) -> ServedBase {
 }
 
 /// `n` completions served by `version`, `bad` of them rated -1, at `at`.
-fn traffic(data: &SqliteStore, version: &str, n: usize, bad: usize, at: i64, tag: &str) {
+fn traffic(data: &SqlStore, version: &str, n: usize, bad: usize, at: i64, tag: &str) {
     let batch: Vec<CapturedCompletion> = (0..n)
         .map(|i| CapturedCompletion {
             id: format!("{tag}-{version}-{i}"),
@@ -360,7 +359,7 @@ fn traffic(data: &SqliteStore, version: &str, n: usize, bad: usize, at: i64, tag
             params: serde_json::json!({}),
             output_text: "hello".into(),
             output_ids: vec![],
-            finish: "stop".into(),
+            finish: retune_datasets::Finish::Stop,
             prompt_tokens: 3,
             completion_tokens: 1,
             ttft_ms: 1.0,
@@ -448,7 +447,7 @@ fn the_watch_rolls_back_a_planted_regression_and_never_a_persons_promotion() {
     let base = base_of(&gguf);
     let root = dir.join("root");
     let reg = registry(&root);
-    let data = SqliteStore::open(&root.join("datasets.db")).unwrap();
+    let data = SqlStore::sqlite(&root.join("datasets.db")).unwrap();
     let old = version(&reg, &base, &dir, 1);
     reg.promote("acme", "greet", &old, Expect::NoLive, "alice", "first")
         .unwrap();
@@ -1139,7 +1138,7 @@ fn two_daemons_on_postgresql_never_train_one_adapter_together_and_the_survivor_t
     let gguf = tiny(&dir);
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let data = retune_datasets::PgStore::open(&pg.url).unwrap();
+    let data = retune_datasets::SqlStore::open(&pg.url).unwrap();
     data.import("acme", "greet", "test", &rows(120, None))
         .unwrap();
     let cfg = dir.join("retune.toml");

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use retune_datasets::{DatasetStore, PgStore, SqliteStore};
+use retune_datasets::{DatasetStore, SqlStore};
 use retune_testkit::pg::PgTest;
 use std::path::PathBuf;
 
@@ -23,8 +23,8 @@ impl Backend {
     /// Open (or reopen) the store: the same data each time.
     pub fn open(&self) -> Box<dyn DatasetStore> {
         match self {
-            Self::Sqlite(p) => Box::new(SqliteStore::open(p).expect("sqlite store")),
-            Self::Postgres(pg) => Box::new(PgStore::open(&pg.url).expect("postgres store")),
+            Self::Sqlite(p) => Box::new(SqlStore::sqlite(p).expect("sqlite store")),
+            Self::Postgres(pg) => Box::new(SqlStore::open(&pg.url).expect("postgres store")),
         }
     }
 

@@ -38,7 +38,7 @@ pub use train::{
 };
 
 use crate::error::{EngineError, Result};
-use crate::kernels_f32;
+use crate::kernels_f32::{self, Kernels};
 use crate::linear::{Linear, Weight};
 use crate::model::{rope_tables, Model, ModelConfig};
 use adapter_slots::AdapterSlots;
@@ -77,7 +77,7 @@ pub struct DeviceModel {
 }
 
 /// The weight as dense f32 rows (consumes the host copy).
-fn host_f32(l: Linear) -> Result<Vec<f32>> {
+fn host_f32(k: Kernels, l: Linear) -> Result<Vec<f32>> {
     Ok(match l.weight {
         Weight::F32(w) => w,
         Weight::Packed { format, packed } => {
@@ -91,7 +91,7 @@ fn host_f32(l: Linear) -> Result<Vec<f32>> {
             let rb = data.len() / l.rows.max(1);
             let mut out = vec![0f32; l.rows * l.cols];
             for (r, o) in out.chunks_exact_mut(l.cols).enumerate() {
-                kernels_f32::dequant_row(format, &data[r * rb..(r + 1) * rb], o);
+                kernels_f32::dequant_row(k, format, &data[r * rb..(r + 1) * rb], o);
             }
             out
         }
@@ -132,6 +132,7 @@ impl DeviceModel {
         }
         let base_shapes = model.base_shapes();
         let fingerprint = model.fingerprint();
+        let k = model.kernels();
         let Model {
             cfg: host_cfg,
             embed,
@@ -145,7 +146,7 @@ impl DeviceModel {
         let dt = opts.dtype;
         let dense = |l: Linear| -> Result<Tensor> {
             let shape = (l.rows, l.cols);
-            let w = Tensor::from_vec(host_f32(l)?, shape, &Device::Cpu)?;
+            let w = Tensor::from_vec(host_f32(k, l)?, shape, &Device::Cpu)?;
             Ok(w.to_device(device)?.to_dtype(dt)?)
         };
         let linear = |l: Linear| -> Result<DLinear> {

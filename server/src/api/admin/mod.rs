@@ -1,14 +1,15 @@
 //! Admin API (admin key): register, promote (compare-and-set), rollback, canary,
 //! retire, list and show adapter versions. Registry calls run off the async runtime.
 
+pub(crate) mod data;
+mod upload;
+
+use crate::api::Data;
 use crate::errors::ApiError;
 use crate::extract::{blocking, registry, AdminCaller};
-use crate::AppState;
 use actix_web::{web, HttpResponse};
 use retune_registry::{Expect, NewVersion};
 use serde::Deserialize;
-
-type Data = web::Data<AppState>;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/admin/adapters", web::get().to(list))
@@ -19,7 +20,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .route(
             "/admin/adapters/{tenant}/{name}/upload",
-            web::post().to(crate::upload::upload),
+            web::post().to(upload::upload),
         )
         .route(
             "/admin/adapters/{tenant}/{name}/promote",
@@ -175,7 +176,7 @@ async fn register(
         // validated and hashed is what is stored, whatever happens to the
         // import directory meanwhile
         let private = match &root {
-            Some(root) => Some(crate::upload::private_copy(root, &dir, limit)?),
+            Some(root) => Some(upload::private_copy(root, &dir, limit)?),
             None => None,
         };
         let dir = private

@@ -1,5 +1,7 @@
-//! OpenAI request and response bodies (the subset retune serves).
+//! What chat and text completions share on the wire: the common request
+//! fields, usage, logprobs, and the body of a whole answer or of a chunk.
 
+use crate::api::chat::types::{AssistantMessage, Delta};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -9,27 +11,10 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
-impl Stop {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
-}
-
 #[derive(Deserialize, Default)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
-}
-
-#[derive(Deserialize, Serialize)]
-pub struct ChatMessageIn {
-    pub role: String,
-    /// A string, an array of content parts, or null (see `params::content_text`).
-    #[serde(default)]
-    pub content: serde_json::Value,
 }
 
 /// Fields shared by chat and text completions.
@@ -70,25 +55,6 @@ pub struct Common {
     pub repetition_penalty: Option<f32>,
 }
 
-#[derive(Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<ChatMessageIn>,
-    #[serde(default)]
-    pub logprobs: bool,
-    pub top_logprobs: Option<usize>,
-    #[serde(flatten)]
-    pub common: Common,
-}
-
-#[derive(Deserialize)]
-pub struct CompletionRequest {
-    pub prompt: String,
-    /// Legacy completions: number of top logprobs.
-    pub logprobs: Option<usize>,
-    #[serde(flatten)]
-    pub common: Common,
-}
-
 #[derive(Serialize, Clone, Copy)]
 pub struct Usage {
     pub prompt_tokens: usize,
@@ -116,23 +82,6 @@ pub struct TokenLogprob {
     pub logprob: f32,
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
-}
-
-/// `GET /v1/models`: the base model and the tenant's live adapters.
-#[derive(Serialize)]
-pub struct ModelList {
-    pub object: &'static str,
-    pub data: Vec<ModelCard>,
-}
-
-#[derive(Serialize)]
-pub struct ModelCard {
-    pub id: String,
-    pub object: &'static str,
-    pub owned_by: String,
-    /// The live version serving an adapter's name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
 }
 
 /// A chat or text completion, whole or one chunk of its stream (`usage`
@@ -167,12 +116,6 @@ pub enum CompletionChoice {
     },
 }
 
-#[derive(Serialize)]
-pub struct AssistantMessage {
-    pub role: &'static str,
-    pub content: String,
-}
-
 /// One sample's piece of a streamed completion (`finish_reason` on its last).
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -189,12 +132,4 @@ pub enum ChunkChoice<'a> {
         finish_reason: Option<&'static str>,
         logprobs: Option<serde_json::Value>,
     },
-}
-
-/// New text of a streamed chat message (`role` on the sample's first chunk).
-#[derive(Serialize)]
-pub struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub role: Option<&'static str>,
-    pub content: &'a str,
 }

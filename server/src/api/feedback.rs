@@ -2,6 +2,7 @@
 //! corrects one of its completions. A write is answered 200 only once it is on
 //! disk; an unknown id and another tenant's id get the same 404.
 
+use crate::api::Data;
 use crate::errors::ApiError;
 use crate::extract::{datasets, LimitedBody, Tenant};
 use crate::AppState;
@@ -9,8 +10,6 @@ use actix_web::{web, HttpResponse};
 use retune_datasets::{DataError, DatasetStore, Feedback, Rating};
 use serde_json::Value;
 use std::time::Duration;
-
-type Data = web::Data<AppState>;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/feedback", web::post().to(post))

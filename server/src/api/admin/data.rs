@@ -1,13 +1,11 @@
 //! Admin API for the datasets store (admin key): import JSONL for an adapter,
 //! curate a snapshot, read and export snapshots, erase a subject.
 
+use crate::api::Data;
 use crate::errors::ApiError;
 use crate::extract::{blocking, datasets, AdminCaller, LimitedBody};
-use crate::AppState;
 use actix_web::{web, HttpResponse};
 use retune_datasets::{parse_jsonl_for, Policy};
-
-type Data = web::Data<AppState>;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(
