@@ -208,12 +208,13 @@ pub trait Conn {
     }
 }
 
-/// Rows per multi-row `INSERT`: well under SQLite's 32,766 and PostgreSQL's
-/// 65,535 parameters for any table here.
-const INSERT_CHUNK: usize = 256;
+/// Parameters per multi-row `INSERT` at most: under SQLite's 32,766 and
+/// PostgreSQL's 65,535, and few statements for a large batch (each is a round
+/// trip and a parse on PostgreSQL).
+const INSERT_PARAMS: usize = 30_000;
 
 /// Insert `rows` (each `width` values) with multi-row `VALUES` statements, in
-/// order, a few hundred rows a statement: `head` is `INSERT INTO t (a, b)`,
+/// order, up to a few thousand rows a statement: `head` is `INSERT INTO t (a, b)`,
 /// `tail` what follows the values (`ON CONFLICT DO NOTHING`, or empty).
 /// Returns the rows inserted.
 pub fn insert_many(c: &mut dyn Conn, head: &str, tail: &str, width: usize, rows: &[V]) -> R<usize> {
@@ -224,7 +225,8 @@ pub fn insert_many(c: &mut dyn Conn, head: &str, tail: &str, width: usize, rows:
         )));
     }
     let mut n = 0;
-    for chunk in rows.chunks(width * INSERT_CHUNK) {
+    let per = (INSERT_PARAMS / width).clamp(1, 4096);
+    for chunk in rows.chunks(width * per) {
         let mut sql = String::with_capacity(head.len() + tail.len() + chunk.len() * 6);
         sql.push_str(head);
         sql.push_str(" VALUES ");
