@@ -8,6 +8,7 @@ pub mod files;
 pub mod names;
 pub mod packed;
 pub mod peft;
+mod peft_config;
 pub mod pool;
 
 pub use error::{AdapterError, NameError};

@@ -106,15 +106,3 @@ pub fn class_logits(head: &retune_adapters::ClassHead, x: &[f32]) -> Vec<f32> {
         .map(|row| row.iter().zip(x).map(|(w, v)| w * v).sum())
         .collect()
 }
-
-/// Which wanted-logit rows read a classifier head instead of the vocabulary:
-/// each wanted item's head (in item order).
-pub fn heads_of<'a, C>(
-    items: &[crate::model::BatchItem<'a, C>],
-) -> Vec<Option<&'a retune_adapters::ClassHead>> {
-    items
-        .iter()
-        .filter(|it| it.want_logits)
-        .map(|it| it.adapter.and_then(|a| a.head.as_ref()))
-        .collect()
-}

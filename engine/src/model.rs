@@ -137,6 +137,16 @@ pub struct BatchItem<'a, C = KvCache> {
     pub want_logits: bool,
 }
 
+/// Which wanted-logit rows read a classifier head instead of the vocabulary:
+/// each wanted item's head (in item order).
+pub fn heads_of<'a, C>(items: &[BatchItem<'a, C>]) -> Vec<Option<&'a retune_adapters::ClassHead>> {
+    items
+        .iter()
+        .filter(|it| it.want_logits)
+        .map(|it| it.adapter.and_then(|a| a.head.as_ref()))
+        .collect()
+}
+
 impl Model {
     pub fn new(
         cfg: ModelConfig,
@@ -430,7 +440,7 @@ impl Model {
         rms_norm_rows(&rows, &self.norm, c.rms_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         // a classifier adapter's rows read its head; the rest the vocabulary
-        let heads = crate::lora::heads_of(items);
+        let heads = heads_of(items);
         if heads.iter().all(Option::is_none) {
             let logits = head.forward(self.kernels, &normed, n)?;
             return Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect());

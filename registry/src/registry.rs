@@ -20,30 +20,11 @@ use std::sync::{Arc, Mutex, Weak};
 
 type R<T> = Result<T, RegistryError>;
 
-pub(crate) use crate::rows::*;
-
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct VersionInfo {
-    pub id: String,
-    pub tenant: String,
-    pub name: String,
-    /// Unix milliseconds.
-    pub created_at: i64,
-    pub source: String,
-    pub parent: Option<String>,
-    pub base_fingerprint: String,
-    pub size: u64,
-    pub metadata: serde_json::Value,
-    pub retired: bool,
-}
-
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct AdapterState {
-    pub live: Option<String>,
-    pub previous: Option<String>,
-    /// Canary version and the percentage of traffic it gets.
-    pub canary: Option<(String, u8)>,
-}
+pub(crate) use crate::rows::{
+    journal, last_seq, pick_alias, row_to_version, servable, set_alias, set_state, state_of,
+    VERSION_COLS,
+};
+pub use crate::rows::{AdapterState, VersionInfo};
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct JournalEntry {

@@ -2,12 +2,36 @@
 //! the writes every change shares (aliases, journal entries).
 
 use crate::error::RegistryError;
-use crate::registry::{now_ms, AdapterState, VersionInfo};
 use crate::sql::{p, Conn, Row};
 use crate::states::{Alias, JournalEvent};
 use retune_adapters::names::Via;
+use retune_config::now_ms;
+use serde::Serialize;
 
 type R<T> = Result<T, RegistryError>;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct VersionInfo {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub source: String,
+    pub parent: Option<String>,
+    pub base_fingerprint: String,
+    pub size: u64,
+    pub metadata: serde_json::Value,
+    pub retired: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct AdapterState {
+    pub live: Option<String>,
+    pub previous: Option<String>,
+    /// Canary version and the percentage of traffic it gets.
+    pub canary: Option<(String, u8)>,
+}
 
 /// The version `name` routes to: the canary when `bucket` (0..100) falls in its
 /// share, else the live one.

@@ -10,6 +10,7 @@
 //! - [`run`]: a whole job from a snapshot or JSONL file to a registered version.
 
 pub mod batches;
+mod checkpoint;
 pub mod daemon;
 pub mod error;
 pub mod eval;
@@ -19,7 +20,10 @@ pub mod lora;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod scoring;
+pub mod settings;
 pub mod stats;
+mod status;
 pub mod train;
 pub mod watch;
 

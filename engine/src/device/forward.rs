@@ -375,7 +375,7 @@ impl DeviceModel {
         };
         let mut out: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         // a classifier adapter's rows read its head (on the host: a few labels)
-        let heads = crate::lora::heads_of(items);
+        let heads = crate::model::heads_of(items);
         if heads.iter().any(Option::is_some) {
             let hidden: Vec<Vec<f32>> = xl.to_dtype(DType::F32)?.to_vec2()?;
             for (r, h) in heads.iter().enumerate() {

@@ -1,9 +1,8 @@
 //! A generation streamed as server-sent events, in OpenAI's chunk shapes.
 
 use super::logprobs::{logprob_entry, logprobs_json};
-use super::types::{ChunkChoice, CompletionBody, Usage};
+use super::types::{ChunkChoice, CompletionBody, Delta, Usage};
 use super::{count_tokens, ended, usage, Job, Merged};
-use crate::api::chat::types::Delta;
 use crate::api::Data;
 use crate::errors::ApiError;
 use actix_web::web::Bytes;

@@ -1,7 +1,6 @@
 //! What chat and text completions share on the wire: the common request
 //! fields, usage, logprobs, and the body of a whole answer or of a chunk.
 
-use crate::api::chat::types::{AssistantMessage, Delta};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -132,4 +131,18 @@ pub enum ChunkChoice<'a> {
         finish_reason: Option<&'static str>,
         logprobs: Option<serde_json::Value>,
     },
+}
+
+#[derive(Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// New text of a streamed chat message (`role` on the sample's first chunk).
+#[derive(Serialize)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    pub content: &'a str,
 }

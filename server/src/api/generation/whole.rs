@@ -3,9 +3,8 @@
 
 use super::logprobs::{logprob_entry, logprobs_json};
 use super::peer::PeerFd;
-use super::types::{CompletionBody, CompletionChoice, TokenLogprob};
+use super::types::{AssistantMessage, CompletionBody, CompletionChoice, TokenLogprob};
 use super::{count_tokens, ended, usage, Job, Merged};
-use crate::api::chat::types::AssistantMessage;
 use crate::api::Data;
 use crate::errors::ApiError;
 use actix_web::{HttpResponse, HttpResponseBuilder};
