@@ -484,6 +484,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("objective") || err.contains("guess"), "{err}");
+        // LoRA+'s ratio: above 0 and finite, 1 (plain LoRA) by default
+        let s = task("[trainer.adapters.train]\nlora_plus_ratio = 8.0\n").unwrap();
+        assert_eq!(
+            s.trainer.adapters[0]
+                .resolve(&s.trainer.defaults)
+                .train
+                .lora_plus_ratio,
+            8.0
+        );
+        assert_eq!(s.trainer.defaults.train.lora_plus_ratio, 1.0);
+        for bad in ["0.0", "-2.0", "nan"] {
+            let err = task(&format!(
+                "[trainer.adapters.train]\nlora_plus_ratio = {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field, .. } if field.ends_with("train.lora_plus_ratio")),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -140,6 +140,9 @@ pub struct TrainOptions {
     pub objective: Objective,
     /// Label smoothing of the training loss, 0 to below 1 (0: none).
     pub label_smoothing: f64,
+    /// LoRA+: every `lora_B` trains at this many times the rate of its
+    /// `lora_A` (1: plain LoRA).
+    pub lora_plus_ratio: f64,
 }
 
 /// How an adapter learns its task.
@@ -173,6 +176,7 @@ impl Default for TrainOptions {
             patience: 0,
             objective: Objective::Auto,
             label_smoothing: 0.0,
+            lora_plus_ratio: 1.0,
         }
     }
 }
@@ -388,6 +392,9 @@ impl LoopSettings {
         }
         if !(0.0..1.0).contains(&self.train.label_smoothing) {
             return bad("train.label_smoothing", "must be at least 0 and below 1");
+        }
+        if !(self.train.lora_plus_ratio.is_finite() && self.train.lora_plus_ratio > 0.0) {
+            return bad("train.lora_plus_ratio", "must be finite and above 0");
         }
         if self.data.eval_percent == 0 || self.data.eval_percent > 50 {
             return bad(

@@ -317,6 +317,7 @@ impl Daemon {
             // the budget binds on a slow machine: the schedule still finishes
             fit_to_budget: t.max_minutes.is_some(),
             label_smoothing: t.label_smoothing,
+            lora_plus_ratio: t.lora_plus_ratio,
             ..TrainSettings::default()
         })
     }

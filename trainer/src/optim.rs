@@ -26,12 +26,14 @@ impl Default for AdamWConfig {
     }
 }
 
-/// First and second moments per parameter, and the step count.
+/// First and second moments per parameter, the step count, and each
+/// parameter's multiple of the scheduled rate (1 unless set: LoRA+).
 pub struct AdamW {
     pub cfg: AdamWConfig,
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
     pub t: u64,
+    pub scales: Vec<f64>,
 }
 
 impl AdamW {
@@ -41,7 +43,27 @@ impl AdamW {
             .map(|v| v.as_tensor().zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(Self { cfg, m, v, t: 0 })
+        let scales = vec![1.0; m.len()];
+        Ok(Self {
+            cfg,
+            m,
+            v,
+            t: 0,
+            scales,
+        })
+    }
+
+    /// Parameter `i` steps at `scales[i]` times the scheduled rate.
+    pub fn with_scales(mut self, scales: Vec<f64>) -> Result<Self> {
+        if scales.len() != self.m.len() || scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(crate::error::TrainError::Setting(format!(
+                "{} rate scales for {} parameters (each finite and above 0)",
+                scales.len(),
+                self.m.len()
+            )));
+        }
+        self.scales = scales;
+        Ok(self)
     }
 
     /// One update with learning rate `lr` (the schedule's value for this step).
@@ -50,8 +72,9 @@ impl AdamW {
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        let step_size = lr / bc1;
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let lr = lr * self.scales.get(i).copied().unwrap_or(1.0);
+            let step_size = lr / bc1;
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
@@ -107,4 +130,54 @@ pub fn clip(grads: &mut [Tensor], norm: f64, max: f64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// LoRA+: a parameter with scale k moves k times as far as with scale 1
+    /// from the same state and gradients (Adam's step is linear in the rate);
+    /// one with scale 1 moves as an optimizer without scales moves it.
+    #[test]
+    fn a_rate_scale_multiplies_that_parameter_step_only() {
+        let dev = Device::Cpu;
+        let init = [0.5f32, -1.0, 2.0];
+        let grads = [
+            Tensor::new(&[0.3f32, -0.2, 0.1], &dev).unwrap(),
+            Tensor::new(&[-0.4f32, 0.25, 0.05], &dev).unwrap(),
+        ];
+        let run = |scales: Option<Vec<f64>>| -> Vec<Vec<f32>> {
+            let vars: Vec<Var> = (0..2).map(|_| Var::new(&init, &dev).unwrap()).collect();
+            let refs: Vec<&Var> = vars.iter().collect();
+            let cfg = AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            };
+            let mut opt = AdamW::new(cfg, &refs).unwrap();
+            if let Some(s) = scales {
+                opt = opt.with_scales(s).unwrap();
+            }
+            for _ in 0..3 {
+                opt.step(&refs, &grads, 1e-3).unwrap();
+            }
+            vars.iter()
+                .map(|v| {
+                    let now = v.as_tensor().to_vec1::<f32>().unwrap();
+                    now.iter().zip(init).map(|(a, b)| a - b).collect()
+                })
+                .collect()
+        };
+        let plain = run(None);
+        let plus = run(Some(vec![1.0, 4.0]));
+        assert_eq!(plain[0], plus[0], "scale 1 is the plain step");
+        for (a, b) in plus[1].iter().zip(&plain[1]) {
+            assert!((a / b - 4.0).abs() < 1e-3, "{a} vs 4 × {b}");
+        }
+        let bad = AdamW::new(AdamWConfig::default(), &[&Var::new(&init, &dev).unwrap()])
+            .unwrap()
+            .with_scales(vec![1.0, 2.0]);
+        assert!(bad.is_err(), "one scale per parameter");
+    }
 }

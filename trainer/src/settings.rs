@@ -61,6 +61,18 @@ pub struct TrainSettings {
     /// stays the plain NLL).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub label_smoothing: f64,
+    /// LoRA+ (arXiv 2402.12354): the rate of every `lora_B` is this many
+    /// times the rate of its `lora_A` (1: plain LoRA).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub lora_plus_ratio: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn yes() -> bool {
@@ -103,6 +115,7 @@ impl Default for TrainSettings {
             fit_to_budget: false,
             share_prefix: true,
             label_smoothing: 0.0,
+            lora_plus_ratio: 1.0,
         }
     }
 }

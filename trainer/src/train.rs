@@ -229,6 +229,12 @@ pub fn train(
             s.dropout
         )));
     }
+    if !(s.lora_plus_ratio.is_finite() && s.lora_plus_ratio > 0.0) {
+        return Err(TrainError::Setting(format!(
+            "LoRA+ ratio {} (finite, above 0)",
+            s.lora_plus_ratio
+        )));
+    }
     if !(0.0..1.0).contains(&s.label_smoothing) {
         return Err(TrainError::Setting(format!(
             "label smoothing {} (0 ≤ eps < 1)",
@@ -297,7 +303,19 @@ pub fn train(
     let first = adapter.lora.lowest_layer().unwrap_or(0);
     let vars: Vec<_> = adapter.vars().into_iter().cloned().collect();
     let var_refs: Vec<&candle_core::Var> = vars.iter().collect();
-    let mut opt = AdamW::new(s.optim.clone(), &var_refs)?;
+    // LoRA+: every B at `lora_plus_ratio` times the rate (A and the head at 1)
+    let scales = adapter
+        .named()
+        .iter()
+        .map(|(name, _)| {
+            if name.ends_with("lora_B.weight") {
+                s.lora_plus_ratio
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let mut opt = AdamW::new(s.optim.clone(), &var_refs)?.with_scales(scales)?;
 
     let lengths: Vec<usize> = train.examples.iter().map(|e| e.tokens.len()).collect();
     let per_epoch = lengths.len().div_ceil(s.batch_size);

@@ -84,6 +84,9 @@ pub(super) struct TrainArgs {
     /// Label smoothing of the training loss (0 to below 1; 0: none).
     #[arg(long, default_value_t = 0.0)]
     pub(super) label_smoothing: f64,
+    /// LoRA+: every lora_B trains at this many times the rate of its lora_A (1: plain LoRA).
+    #[arg(long, default_value_t = 1.0)]
+    pub(super) lora_plus_ratio: f64,
 }
 
 pub(super) fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSettings> {
@@ -129,6 +132,7 @@ pub(super) fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSe
         fit_to_budget: a.fit_to_budget,
         share_prefix: !a.whole_rows,
         label_smoothing: a.label_smoothing,
+        lora_plus_ratio: a.lora_plus_ratio,
     })
 }
 
