@@ -3,7 +3,7 @@
 mod convert;
 pub(crate) mod types;
 
-use super::generation::{admit, encode_rendered, fit_context, run, validated, with_tenant};
+use super::generation::{admit, encode_rendered, respond};
 use super::Data;
 use crate::errors::ApiError;
 use crate::extract::{LimitedBody, Tenant};
@@ -44,8 +44,5 @@ pub(crate) async fn create(
     // one is not a control token
     let rendered = state.backend.template().render_marked(&msgs, true)?;
     let prompt = encode_rendered(&state, rendered).await?;
-    fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
-    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common).await?;
-    let valid = with_tenant(valid, &a.job);
-    run(state, valid, a.job).await
+    respond(state, prompt, a.params, a.adapter, &a.body.common, a.job).await
 }

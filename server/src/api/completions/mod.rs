@@ -2,7 +2,7 @@
 
 pub(crate) mod types;
 
-use super::generation::{admit, encode, fit_context, run, validated, with_tenant};
+use super::generation::{admit, encode, respond};
 use super::Data;
 use crate::errors::ApiError;
 use crate::extract::{LimitedBody, Tenant};
@@ -29,8 +29,5 @@ pub(crate) async fn create(
         ctx.request = serde_json::json!({ "prompt": a.body.prompt });
     }
     let prompt = encode(&state, a.body.prompt).await?;
-    fit_context(&state, &mut a.params, prompt.len(), &a.body.common)?;
-    let valid = validated(&state, prompt, a.params, a.adapter, &a.body.common).await?;
-    let valid = with_tenant(valid, &a.job);
-    run(state, valid, a.job).await
+    respond(state, prompt, a.params, a.adapter, &a.body.common, a.job).await
 }

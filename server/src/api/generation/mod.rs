@@ -11,7 +11,7 @@ pub(crate) mod types;
 mod validate;
 mod whole;
 
-pub(crate) use validate::{fit_context, params, validated};
+use validate::{fit_context, params, validated};
 
 use super::Data;
 use crate::errors::ApiError;
@@ -240,9 +240,19 @@ pub(crate) async fn encode_rendered(
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-/// The request queued under its tenant (the engine's fair shares).
-pub(crate) fn with_tenant(valid: ValidRequest, job: &Job) -> ValidRequest {
-    valid.with_tenant(&job.tenant)
+/// A tokenized prompt to its answer, as both endpoints finish: fitted to the
+/// context, validated, queued under its tenant (the engine's fair shares), run.
+pub(crate) async fn respond(
+    state: Data,
+    prompt: Vec<u32>,
+    mut params: SamplingParams,
+    adapter: Option<AdapterRef>,
+    c: &Common,
+    job: Job,
+) -> Result<HttpResponse, ApiError> {
+    fit_context(&state, &mut params, prompt.len(), c)?;
+    let valid = validated(&state, prompt, params, adapter, c).await?;
+    run(state, valid.with_tenant(&job.tenant), job).await
 }
 
 /// Prompt tokens once, and every sample's generated tokens.
@@ -296,11 +306,7 @@ fn merged(streams: Vec<retune_engine::GenerationStream>) -> Merged {
 }
 
 /// Run a validated request: submit its samples, then answer whole or streamed.
-pub(crate) async fn run(
-    state: Data,
-    valid: ValidRequest,
-    mut job: Job,
-) -> Result<HttpResponse, ApiError> {
+async fn run(state: Data, valid: ValidRequest, mut job: Job) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let adapter = valid.adapter().cloned();
     if let Some(ctx) = &mut job.capture {
