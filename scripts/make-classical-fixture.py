@@ -6,7 +6,7 @@ sublinear tf, FeatureUnion) + LinearSVC(C=1) make of it: the number of features,
 first test rows' feature vectors, every test prediction and the accuracy. Needs
 scikit-learn (PyPI); not run in CI.
 
-  python3 scripts/make-classical-fixture.py datasets/tests/fixtures/classical_banking77.json
+  python3 scripts/make-classical-fixture.py classical/tests/fixtures/classical_banking77.json
 """
 import csv, json, random, sys, time
 import sklearn

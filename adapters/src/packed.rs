@@ -304,6 +304,10 @@ pub fn unpack(
     }
     let config: AdapterConfig =
         serde_json::from_str(&header.config).map_err(|e| damaged(&format!("config: {e}")))?;
+    if config.task_type.as_deref() == Some("SEQ_CLS") {
+        // written before classifiers were kept out of it (it lacks the head)
+        return Err(PackedError::Missing);
+    }
     let mut layers: Vec<[Option<LoraPair>; 7]> =
         (0..base.n_layers).map(|_| Default::default()).collect();
     let mut total = 0;
@@ -341,6 +345,12 @@ pub fn unpack(
         });
     }
     Ok(LoraAdapter::new(layers, total, config).with_content_id(content_id))
+}
+
+/// Whether `adapter` has a compute form: a classifier (its head and prior)
+/// loads from its files each time, as the compute form holds LoRA pairs only.
+pub fn packable(adapter: &LoraAdapter) -> bool {
+    adapter.head.is_none()
 }
 
 /// Where a version's compute form lies, given its directory.

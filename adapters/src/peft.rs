@@ -69,26 +69,7 @@ pub struct LoraPair {
     pub b: Vec<f32>,
 }
 
-/// The tensor of a classification adapter's head (PEFT `SEQ_CLS`,
-/// `modules_to_save = ["score"]`): `[labels, hidden]`, no bias.
-pub const HEAD_TENSOR: &str = "base_model.model.score.weight";
-
-/// The safetensors metadata key holding the head's labels (a JSON array of
-/// strings, row order), so the weights file carries what its rows mean.
-pub const LABELS_METADATA: &str = "retune.labels";
-
-/// Most labels a head may have.
-pub const MAX_LABELS: usize = 4096;
-
-/// A classification head: row `i` of `weight` scores `labels[i]` from the last
-/// token's final hidden state.
-#[derive(Clone, Debug)]
-pub struct ClassHead {
-    pub labels: Vec<String>,
-    /// `[labels, hidden]`, row-major
-    pub weight: Vec<f32>,
-    pub hidden: usize,
-}
+pub use crate::head::{ClassHead, HEAD_TENSOR, LABELS_METADATA, MAX_LABELS};
 
 /// A loaded adapter: per layer, per module of [`MODULES`], an optional pair.
 #[derive(Debug)]
@@ -282,7 +263,7 @@ fn map_limited(path: &Path, max: u64) -> Result<memmap2::Mmap, AdapterError> {
     })
 }
 
-fn to_f32(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, AdapterError> {
+pub(crate) fn to_f32(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, AdapterError> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
         Dtype::F32 => d
@@ -371,9 +352,14 @@ pub fn load_peft(
         HashMap::new();
     let wants_head = config.task_type.as_deref() == Some("SEQ_CLS");
     let mut head = None;
+    let mut prior = None;
     for (name, view) in st.tensors() {
         if name == HEAD_TENSOR && wants_head {
-            head = Some(load_head(&bytes, &st_path, &name, &view, base)?);
+            head = Some(crate::head::load_head(&bytes, &st_path, &name, &view, base)?);
+            continue;
+        }
+        if name == crate::head::PRIOR_TENSOR && wants_head {
+            prior = Some(view);
             continue;
         }
         let Some((layer, m, is_a)) = parse_name(&name) else {
@@ -482,81 +468,19 @@ pub fn load_peft(
             reason: "a SEQ_CLS adapter must hold its head".into(),
         });
     }
+    if let (Some(h), Some(v)) = (&mut head, &prior) {
+        h.prior = Some(std::sync::Arc::new(crate::head::load_prior(
+            &bytes, &st_path, v, &h.labels,
+        )?));
+    }
     if let Some(h) = &head {
-        total += h.weight.len() * 4;
+        total += h.bytes();
     }
     let mut a = LoraAdapter::new(layers, total, config);
     a.head = head;
     Ok(a)
 }
 
-/// The head tensor and its labels (the weights file's metadata), checked
-/// against the base's hidden size.
-fn load_head(
-    bytes: &[u8],
-    st_path: &Path,
-    name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
-    base: &BaseShapes,
-) -> Result<ClassHead, AdapterError> {
-    let hidden = base.dims[0].1;
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| AdapterError::Corrupt {
-        path: st_path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let bad = |reason: String| AdapterError::Tensor {
-        name: name.to_string(),
-        reason,
-    };
-    let labels_json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(LABELS_METADATA))
-        .ok_or_else(|| {
-            bad(format!(
-                "the weights file's metadata has no `{LABELS_METADATA}` (the head's labels)"
-            ))
-        })?;
-    let labels: Vec<String> = serde_json::from_str(labels_json).map_err(|e| {
-        bad(format!(
-            "`{LABELS_METADATA}` is not a JSON list of strings: {e}"
-        ))
-    })?;
-    if labels.len() < 2 || labels.len() > MAX_LABELS {
-        return Err(bad(format!("{} labels (2..={MAX_LABELS})", labels.len())));
-    }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(l) = labels
-        .iter()
-        .find(|l| l.trim().is_empty() || !seen.insert(*l))
-    {
-        return Err(bad(format!("label `{l}` is empty or repeated")));
-    }
-    let shape = view.shape().to_vec();
-    if shape.len() != 2 || shape[1] != hidden {
-        return Err(AdapterError::Shape {
-            name: name.to_string(),
-            got: shape,
-            expected: vec![labels.len(), hidden],
-        });
-    }
-    if shape[0] != labels.len() {
-        return Err(bad(format!(
-            "{} rows for {} labels in `{LABELS_METADATA}`",
-            shape[0],
-            labels.len()
-        )));
-    }
-    let weight = to_f32(name, view)?;
-    if weight.iter().any(|x| !x.is_finite()) {
-        return Err(bad("non-finite weights".into()));
-    }
-    Ok(ClassHead {
-        labels,
-        weight,
-        hidden,
-    })
-}
 
 #[cfg(test)]
 mod tests {

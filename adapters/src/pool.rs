@@ -171,6 +171,9 @@ fn load_checked(
         }
     }
     let loaded = packed::load_verified(&dir, id, base, &cfg.limits)?;
+    if !packed::packable(&loaded) {
+        return Ok(loaded);
+    }
     let stored = packed::pack_dir(&loaded, &dir, id, base)
         .map_err(|e| e.to_string())
         .and_then(|bytes| {

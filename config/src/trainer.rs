@@ -143,6 +143,11 @@ pub struct TrainOptions {
     /// LoRA+: every `lora_B` trains at this many times the rate of its
     /// `lora_A` (1: plain LoRA).
     pub lora_plus_ratio: f64,
+    /// A classifier (a label task's head) also stores the classical TF-IDF
+    /// classifier trained on the same rows, its probabilities calibrated out of
+    /// fold; served answers are the label likeliest under both (true by default:
+    /// on Banking77 the product beats each alone, BENCHMARKS.md).
+    pub classical_prior: bool,
 }
 
 /// How an adapter learns its task.
@@ -177,6 +182,7 @@ impl Default for TrainOptions {
             objective: Objective::Auto,
             label_smoothing: 0.0,
             lora_plus_ratio: 1.0,
+            classical_prior: true,
         }
     }
 }
@@ -313,7 +319,9 @@ pub struct DataOptions {
     pub scrub: bool,
     /// Suspect labels of a label task (found at the snapshot step by the
     /// classical classifier's out-of-fold predictions): `report` (listed in
-    /// the manifest), `holdout` (also left out of training), `off`.
+    /// the manifest), `holdout` (also left out of training), `review` (left out
+    /// of training until a person gives each its label: the admin API's review
+    /// queue), `off`.
     pub suspects: SuspectPolicy,
     /// A declared label task's label set (at least 2, distinct, non-empty):
     /// imported examples whose label (or answer) is not one of them are refused
@@ -328,10 +336,18 @@ pub enum SuspectPolicy {
     #[default]
     Report,
     Holdout,
+    /// Held out of training and queued for a person's verdict (a reviewed
+    /// row is trusted: it trains with the label the person gave).
+    Review,
     Off,
 }
 
 impl SuspectPolicy {
+    /// Whether suspect train rows stay out of training.
+    pub fn holds_out(&self) -> bool {
+        matches!(self, Self::Holdout | Self::Review)
+    }
+
     pub fn is_report(&self) -> bool {
         *self == Self::Report
     }

@@ -5,11 +5,12 @@
 //! SQLite embedded, PostgreSQL shared ([`open`] picks by location).
 
 pub mod capture;
-pub mod classical;
+pub use retune_classical as classical;
 pub mod curate;
 pub mod error;
 pub mod import;
 pub mod record;
+pub mod review;
 mod rows;
 mod schema;
 pub mod snapshot;
@@ -172,4 +173,11 @@ pub trait DatasetStore: Send + Sync {
     ) -> Result<Signals, DataError>;
     /// Every (tenant, adapter) with imported examples or captured completions.
     fn adapters(&self) -> Result<Vec<(String, String)>, DataError>;
+    /// The input keys a person has ruled on for `tenant/adapter` (review
+    /// verdicts: [`snapshot::REVIEW_SOURCE`] examples).
+    fn reviewed_keys(
+        &self,
+        tenant: &str,
+        adapter: &str,
+    ) -> Result<std::collections::BTreeSet<String>, DataError>;
 }

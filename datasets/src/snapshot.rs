@@ -21,7 +21,8 @@ pub struct Policy {
     pub eval_percent: u8,
     /// Suspect labels: listed (`report`, the default, not written into the
     /// policy so earlier snapshots keep their ids), left out of training
-    /// (`holdout`), or not looked for (`off`).
+    /// (`holdout`), left out until a person reviews them (`review`), or not
+    /// looked for (`off`).
     #[serde(default, skip_serializing_if = "SuspectPolicy::is_report")]
     pub suspects: SuspectPolicy,
 }
@@ -59,7 +60,7 @@ pub struct Suspects {
     pub folds: usize,
     /// The classifier's out-of-fold accuracy against the given labels.
     pub oof_accuracy: f32,
-    /// Train rows left out of training (policy `holdout`).
+    /// Train rows left out of training (policies `holdout` and `review`).
     pub held_out: usize,
     pub seconds: f64,
     /// Why nothing was looked at (too few labels), when so.
@@ -72,6 +73,9 @@ pub struct Suspects {
 pub enum Origin {
     Import {
         id: i64,
+        /// A person's verdict on this input ([`REVIEW_SOURCE`]): it wins over
+        /// every other output for the same input.
+        reviewed: bool,
     },
     /// A captured completion with its current feedback.
     Capture {
@@ -99,7 +103,17 @@ pub struct SnapshotRow {
     pub subject_ids: Vec<String>,
     pub label: Option<String>,
     pub input_key: String,
+    /// A person gave this row its output (a review verdict): never suspect.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reviewed: bool,
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The import source of a person's verdict on an example (the review queue).
+pub const REVIEW_SOURCE: &str = "review";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Conflict {
@@ -174,7 +188,12 @@ fn capture_body(c: &Candidate, p: &Policy) -> Result<ExampleBody, &'static str> 
         (None, Some(_)) => return Err("rated_down_without_correction"),
         (None, None) => return Err("no_feedback"),
     };
-    Ok(match &c.body {
+    Ok(with_answer(&c.body, output))
+}
+
+/// `body` answered with `output` (its assistant turn or completion replaced).
+pub(crate) fn with_answer(body: &ExampleBody, output: String) -> ExampleBody {
+    match body {
         ExampleBody::Chat { messages } => {
             let mut m = messages.clone();
             match m.last_mut() {
@@ -191,12 +210,16 @@ fn capture_body(c: &Candidate, p: &Policy) -> Result<ExampleBody, &'static str> 
             prompt: prompt.clone(),
             completion: output,
         },
-    })
+    }
 }
 
 fn origin_name(o: &Origin) -> String {
     match o {
-        Origin::Import { id } => format!("import:{id}"),
+        Origin::Import {
+            id,
+            reviewed: false,
+        } => format!("import:{id}"),
+        Origin::Import { id, reviewed: true } => format!("review:{id}"),
         Origin::Capture { id, .. } => format!("completion:{id}"),
     }
 }
@@ -206,6 +229,8 @@ pub fn curate(cands: &[Candidate], p: &Policy) -> Curated {
     let mut scrubbed = Scrubbed::default();
     // input key -> (output -> row)
     let mut by_input: BTreeMap<String, BTreeMap<String, SnapshotRow>> = BTreeMap::new();
+    // input key -> the latest review verdict's output
+    let mut verdicts: BTreeMap<String, String> = BTreeMap::new();
     for c in cands {
         let body = match capture_body(c, p) {
             Ok(b) => b,
@@ -225,6 +250,11 @@ pub fn curate(cands: &[Candidate], p: &Policy) -> Curated {
             continue;
         }
         let key = input_key(&input);
+        let reviewed = matches!(c.origin, Origin::Import { reviewed: true, .. });
+        if reviewed {
+            // candidates come oldest first: the last verdict wins
+            verdicts.insert(key.clone(), output.clone());
+        }
         let outputs = by_input.entry(key.clone()).or_default();
         match outputs.get_mut(&output) {
             Some(row) => {
@@ -242,6 +272,7 @@ pub fn curate(cands: &[Candidate], p: &Policy) -> Curated {
                         subject_ids: c.subject_id.iter().cloned().collect(),
                         label: c.label.clone(),
                         input_key: key,
+                        reviewed: false,
                     },
                 );
             }
@@ -249,7 +280,21 @@ pub fn curate(cands: &[Candidate], p: &Policy) -> Curated {
     }
     let mut rows = Vec::new();
     let mut conflicts = Vec::new();
-    for (key, outputs) in by_input {
+    for (key, mut outputs) in by_input {
+        if let Some(v) = verdicts.get(&key) {
+            // a person's verdict settles the input: the other outputs go
+            if let Some(mut row) = outputs.remove(v) {
+                if !outputs.is_empty() {
+                    *dropped.entry("superseded by review".into()).or_default() += outputs.len();
+                    for other in outputs.values() {
+                        row.subject_ids.extend(other.subject_ids.iter().cloned());
+                    }
+                }
+                row.reviewed = true;
+                rows.push(row);
+                continue;
+            }
+        }
         if outputs.len() == 1 {
             rows.extend(outputs.into_values());
         } else {
@@ -337,6 +382,8 @@ pub fn find_snapshot_suspects(rows: &[SnapshotRow], policy: SuspectPolicy) -> Su
             out.rows = r
                 .suspects
                 .into_iter()
+                // a person's verdict is not second-guessed
+                .filter(|s| !labelled[s.index].reviewed)
                 .map(|s| SuspectRow {
                     input_key: labelled[s.index].input_key.clone(),
                     split: labelled[s.index].split,
@@ -346,7 +393,7 @@ pub fn find_snapshot_suspects(rows: &[SnapshotRow], policy: SuspectPolicy) -> Su
                     given_p: s.given_p,
                 })
                 .collect();
-            if policy == SuspectPolicy::Holdout {
+            if policy.holds_out() {
                 out.held_out = out.rows.iter().filter(|r| r.split == Split::Train).count();
             }
         }
@@ -362,7 +409,7 @@ pub fn training_rows(m: &Manifest, rows: Vec<SnapshotRow>) -> Vec<SnapshotRow> {
     let Some(s) = m
         .suspects
         .as_ref()
-        .filter(|s| s.policy == SuspectPolicy::Holdout)
+        .filter(|s| s.policy.holds_out())
     else {
         return rows;
     };

@@ -12,7 +12,7 @@
 
 use crate::curate::Split;
 use crate::error::DataError;
-use crate::record::{CapturedCompletion, Feedback, FeedbackState, ImportRow, Rating};
+use crate::record::{CapturedCompletion, ExampleBody, Feedback, FeedbackState, ImportRow, Rating};
 use crate::rows::{
     capture_candidate, feedback_state, js, labelled_split, manifest, parse, split_name,
     split_of_name, FeedbackRow,
@@ -517,6 +517,22 @@ impl DatasetStore for SqlStore {
         Ok(s)
     }
 
+    fn reviewed_keys(
+        &self,
+        tenant: &str,
+        adapter: &str,
+    ) -> Result<std::collections::BTreeSet<String>, DataError> {
+        let rows = self.begin(Mode::Auto)?.query(
+            "SELECT body FROM ds_examples WHERE tenant = ?1 AND adapter = ?2 AND source = ?3",
+            p![tenant, adapter, crate::snapshot::REVIEW_SOURCE],
+        )?;
+        let bodies = rows
+            .iter()
+            .map(|r| parse(&r.s(0)?, "example"))
+            .collect::<Result<Vec<ExampleBody>, DataError>>()?;
+        Ok(crate::review::keys_of(bodies.into_iter()))
+    }
+
     fn adapters(&self) -> Result<Vec<(String, String)>, DataError> {
         let sql = format!(
             "SELECT tenant, adapter FROM (SELECT tenant, adapter FROM ds_examples
@@ -610,13 +626,16 @@ fn candidates(
 ) -> Result<Vec<Candidate>, DataError> {
     let mut out = Vec::new();
     for r in tx.query(
-        "SELECT id, body, subject_id, label FROM ds_examples
+        "SELECT id, body, subject_id, label, source FROM ds_examples
          WHERE tenant = ?1 AND adapter = ?2 ORDER BY id",
         p![tenant, adapter],
     )? {
         out.push(Candidate {
             body: parse(&r.s(1)?, "example")?,
-            origin: Origin::Import { id: r.i(0)? },
+            origin: Origin::Import {
+                id: r.i(0)?,
+                reviewed: r.s(4)? == crate::snapshot::REVIEW_SOURCE,
+            },
             subject_id: r.os(2)?,
             label: r.os(3)?,
         });

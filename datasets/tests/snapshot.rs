@@ -336,7 +336,7 @@ fn flipped_banking77(n: usize) -> (Vec<String>, std::collections::BTreeSet<Strin
     }
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/classical_banking77.json"
+        "/../classical/tests/fixtures/classical_banking77.json"
     );
     let fx: Fx = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     let rows = &fx.train[..n];
@@ -467,5 +467,101 @@ fn suspect_labels_are_listed_by_the_snapshot_step_and_held_out_by_policy() {
         let m1 = snapshot_with_suspects(s.as_ref(), "acme", "one", &Policy::default()).unwrap();
         let note = m1.suspects.unwrap().note.unwrap();
         assert!(note.contains("at least 2 labels"), "{note}");
+    }
+}
+
+/// `review`: suspect train rows stay out of training until a person labels
+/// them; the queue lists what is left; a verdict is an example of its own that
+/// wins over the other outputs for its input (no conflict), trains, is never
+/// suspect again, and is erased with its subject.
+#[test]
+fn the_review_queue_holds_suspects_out_until_a_person_labels_them() {
+    for b in backends("review") {
+        eprintln!("store: {}", b.name());
+        let s = b.open();
+        let (lines, _) = flipped_banking77(2000);
+        // every row from one subject, so the verdict must follow the subject
+        let rows: Vec<ImportRow> = parse_jsonl(&lines.join("\n"))
+            .0
+            .into_iter()
+            .map(|mut r| {
+                r.subject_id = Some("user-1".into());
+                r
+            })
+            .collect();
+        s.import("acme", "b77", "import:1", &rows).unwrap();
+        let review = Policy {
+            suspects: SuspectPolicy::Review,
+            ..Policy::default()
+        };
+        let m = snapshot_with_suspects(s.as_ref(), "acme", "b77", &review).unwrap();
+        let sus = m.suspects.clone().unwrap();
+        assert!(sus.held_out > 0, "review holds the suspect train rows out");
+        assert_eq!(
+            training_rows(s.as_ref(), "acme", &m.id).unwrap().len(),
+            2000 - sus.held_out
+        );
+        let q = review::queue(s.as_ref(), "acme", "b77").unwrap();
+        assert_eq!(q.snapshot.as_deref(), Some(m.id.as_str()));
+        assert_eq!(q.items.len(), sus.rows.len());
+        assert_eq!(q.reviewed, 0);
+        let item = q
+            .items
+            .iter()
+            .find(|i| i.split == Split::Train)
+            .unwrap()
+            .clone();
+        assert!(!item.input.is_empty() && item.given != item.suggested);
+
+        // bad verdicts: nothing written
+        let labels: Vec<String> = vec![item.given.clone(), item.suggested.clone()];
+        let e = review::review(s.as_ref(), "acme", "b77", &item.input_key, "nope", Some(&labels))
+            .unwrap_err();
+        assert!(matches!(&e, DataError::Invalid { field, .. } if field == "label"), "{e}");
+        let e = review::review(s.as_ref(), "acme", "b77", "no-such-key", &item.suggested, None)
+            .unwrap_err();
+        assert!(matches!(e, DataError::NotFound(_)), "{e}");
+        assert!(s.reviewed_keys("acme", "b77").unwrap().is_empty());
+
+        // the person takes the suggestion
+        let done = review::review(
+            s.as_ref(),
+            "acme",
+            "b77",
+            &item.input_key,
+            &item.suggested,
+            Some(&labels),
+        )
+        .unwrap();
+        assert_eq!(done.written, 1);
+        let q2 = review::queue(s.as_ref(), "acme", "b77").unwrap();
+        assert_eq!((q2.items.len(), q2.reviewed), (q.items.len() - 1, 1));
+        assert!(q2.items.iter().all(|i| i.input_key != item.input_key));
+
+        // the next snapshot: the verdict wins without a conflict and trains
+        let m2 = snapshot_with_suspects(s.as_ref(), "acme", "b77", &review).unwrap();
+        assert_ne!(m2.id, m.id);
+        assert!(m2.conflicts.is_empty(), "{:?}", m2.conflicts);
+        assert_eq!(m2.dropped.get("superseded by review"), Some(&1));
+        assert_eq!(m2.train + m2.eval, 2000);
+        let row = s
+            .snapshot_rows("acme", &m2.id)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.input_key == item.input_key)
+            .unwrap();
+        assert!(row.reviewed);
+        assert_eq!(row.label.as_deref(), Some(item.suggested.as_str()));
+        assert_eq!(row.body.input_output().1, item.suggested);
+        let sus2 = m2.suspects.unwrap();
+        assert!(sus2.rows.iter().all(|r| r.input_key != item.input_key));
+        assert!(training_rows(s.as_ref(), "acme", &m2.id)
+            .unwrap()
+            .iter()
+            .any(|r| r.input_key == item.input_key));
+
+        // the verdict belongs to the row's subject: erased with it
+        s.erase("acme", "user-1").unwrap();
+        assert!(s.reviewed_keys("acme", "b77").unwrap().is_empty());
     }
 }

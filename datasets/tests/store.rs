@@ -321,6 +321,13 @@ impl DatasetStore for Flaky {
     fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
         self.inner.lineage(t, s)
     }
+    fn reviewed_keys(
+        &self,
+        t: &str,
+        a: &str,
+    ) -> Result<std::collections::BTreeSet<String>, DataError> {
+        self.inner.reviewed_keys(t, a)
+    }
     fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
         self.inner.erase(t, s)
     }

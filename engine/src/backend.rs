@@ -108,6 +108,9 @@ pub struct ValidRequest {
     tenant: Option<std::sync::Arc<str>>,
     /// `params.constraint`, compiled (here, off the scheduler thread).
     guide: Option<crate::guide::Guide>,
+    /// The request's text as a classical classifier reads it (its user turns):
+    /// a classifier adapter with a classical prior weighs its labels by it.
+    text: Option<std::sync::Arc<str>>,
 }
 
 impl ValidRequest {
@@ -153,7 +156,15 @@ impl ValidRequest {
             adapter,
             tenant: None,
             guide,
+            text: None,
         })
+    }
+
+    /// The request's text as a classical classifier reads it (for a classifier
+    /// adapter with a classical prior; see `retune_adapters::LabelPrior`).
+    pub fn with_text(mut self, text: &str) -> Self {
+        self.text = Some(text.into());
+        self
     }
 
     /// The tenant the request is queued and budgeted under.
@@ -190,6 +201,7 @@ impl ValidRequest {
             adapter: self.adapter,
             tenant: self.tenant,
             guide: self.guide,
+            text: self.text,
         }
     }
 
@@ -208,6 +220,7 @@ pub(crate) struct ValidParts {
     pub adapter: Option<AdapterRef>,
     pub tenant: Option<std::sync::Arc<str>>,
     pub guide: Option<crate::guide::Guide>,
+    pub text: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

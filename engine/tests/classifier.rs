@@ -274,3 +274,109 @@ fn the_scheduler_answers_a_label_with_its_probability() {
     }
     assert_eq!(rights, 4);
 }
+
+/// A head near uniform, then the classical prior trained on `texts`: the
+/// served answer follows the request's text (as the classical classifier reads
+/// it), its log-probability is the fused one, and without a text the head
+/// alone answers.
+#[test]
+fn a_classical_prior_weighs_the_labels_by_the_request_text() {
+    use retune_classical::{ClassicalOptions, TextClassifier};
+    let (dir, gguf, model, _) = setup("prior");
+    let ad = dir.join("cls-prior");
+    tiny::write_classifier_adapter(&ad, &model.base_shapes(), 4, &ALL, 3, &LABELS, 0.01).unwrap();
+    let rows: &[(&str, &str)] = &[
+        ("i want my money back", "refund"),
+        ("refund my order please", "refund"),
+        ("how do i get a refund", "refund"),
+        ("give me my money back now", "refund"),
+        ("i lost my card", "card lost"),
+        ("my card is lost", "card lost"),
+        ("someone stole my card", "card lost"),
+        ("card missing since yesterday", "card lost"),
+        ("what is the exchange rate", "exchange rate"),
+        ("euro to dollar rate today", "exchange rate"),
+        ("exchange rate for pounds", "exchange rate"),
+        ("which rate do you use to exchange", "exchange rate"),
+    ];
+    let texts: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let labels: Vec<&str> = rows.iter().map(|r| r.1).collect();
+    let prior =
+        TextClassifier::train_calibrated(&texts, &labels, 2, &ClassicalOptions::default()).unwrap();
+    let st_path = ad.join("adapter_model.safetensors");
+    let st = std::fs::read(&st_path).unwrap();
+    std::fs::write(&st_path, retune_adapters::head::with_prior(&st, &prior).unwrap()).unwrap();
+    let a = load_peft(&ad, &model.base_shapes(), &LoadLimits::default()).unwrap();
+    let head = a.head.as_ref().unwrap();
+    assert!(head.prior.is_some(), "the prior loads with the head");
+    let (e, r) = engine(&gguf, &dir, &ad, 9);
+    let prompt: Vec<u32> = (3..19).collect();
+    let logits = scores(&model, &prompt, Some(&a));
+    let ask = |text: Option<&str>| {
+        let params = SamplingParams {
+            logprobs: Some(0),
+            ..SamplingParams::greedy(16)
+        };
+        let mut v = e.validate(prompt.clone(), params, Some(r.clone())).unwrap();
+        if let Some(t) = text {
+            v = v.with_text(t);
+        }
+        Generated::wait(e.submit(v).unwrap()).unwrap()
+    };
+    for (text, want) in [
+        ("please refund me, i want my money back", "refund"),
+        ("my card is lost, someone stole it", "card lost"),
+        ("the exchange rate today", "exchange rate"),
+    ] {
+        let got = ask(Some(text));
+        assert_eq!(got.text, want, "{text}");
+        let lp = head.log_probs(&logits, Some(text));
+        let k = LABELS.iter().position(|l| *l == want).unwrap();
+        let sum: f32 = got.tokens.iter().filter_map(|t| t.logprob).sum();
+        assert!((sum - lp[k]).abs() < 1e-3, "{sum} vs {}", lp[k]);
+        // "other" was never in the prior's rows: it gets the prior's least
+        // (the stored prior: its weights are f16)
+        let stored = &head.prior.as_ref().unwrap().classifier;
+        let q = stored.log_probs(text);
+        let least = q.iter().copied().fold(f32::INFINITY, f32::min);
+        let plain = head.log_probs(&logits, None);
+        let fused: Vec<f32> = plain
+            .iter()
+            .zip(LABELS)
+            .map(|(p, l)| {
+                p + stored
+                    .labels()
+                    .iter()
+                    .position(|x| x == l)
+                    .map_or(least, |i| q[i])
+            })
+            .collect();
+        let z = fused.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!(
+            (lp[3] - (fused[3] - z)).abs() < 1e-4,
+            "{} vs {}",
+            lp[3],
+            fused[3] - z
+        );
+    }
+    // no text: the head alone
+    let best = (0..logits.len())
+        .max_by(|&i, &j| logits[i].total_cmp(&logits[j]))
+        .unwrap();
+    assert_eq!(ask(None).text, LABELS[best]);
+
+    // a damaged prior is refused at load, naming it
+    let bytes = std::fs::read(&st_path).unwrap();
+    let json = String::from_utf8_lossy(&bytes);
+    // the description is a JSON string inside the header's JSON: quotes escaped
+    let key = r#"temperature\":"#;
+    let at = json.find(key).unwrap() + key.len();
+    let mut bad = bytes.clone();
+    bad[at] = b'-';
+    std::fs::write(&st_path, &bad).unwrap();
+    let err = load_peft(&ad, &model.base_shapes(), &LoadLimits::default()).unwrap_err();
+    assert!(
+        err.to_string().contains(retune_adapters::PRIOR_TENSOR),
+        "{err}"
+    );
+}

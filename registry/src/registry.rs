@@ -318,6 +318,9 @@ impl Registry {
         let built = self.store.local_dir(key).and_then(|dir| {
             let a = retune_adapters::packed::load_verified(&dir, id, &base.shapes, &self.limits)
                 .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            if !retune_adapters::packed::packable(&a) {
+                return Ok(());
+            }
             let bytes = retune_adapters::packed::pack_dir(&a, &dir, id, &base.shapes)
                 .map_err(|e| RegistryError::Io(e.to_string()))?;
             self.store

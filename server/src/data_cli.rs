@@ -58,8 +58,9 @@ enum DataCommand {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
         eval_percent: u8,
         /// Suspect labels (label tasks): report (listed in the manifest), holdout
-        /// (also left out of training) or off.
-        #[arg(long, default_value = "report", value_parser = ["report", "holdout", "off"])]
+        /// (also left out of training), review (left out until a person labels
+        /// each: `POST /admin/data/{tenant}/{adapter}/review`) or off.
+        #[arg(long, default_value = "report", value_parser = ["report", "holdout", "review", "off"])]
         suspects: String,
     },
     /// Write a snapshot as JSONL (the import format) to stdout or a file.
@@ -184,6 +185,7 @@ pub fn run(args: &DataArgs) -> Result<()> {
                 eval_percent: *eval_percent,
                 suspects: match suspects.as_str() {
                     "holdout" => retune_datasets::snapshot::SuspectPolicy::Holdout,
+                    "review" => retune_datasets::snapshot::SuspectPolicy::Review,
                     "off" => retune_datasets::snapshot::SuspectPolicy::Off,
                     _ => retune_datasets::snapshot::SuspectPolicy::Report,
                 },

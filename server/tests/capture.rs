@@ -368,6 +368,13 @@ impl DatasetStore for Faulty {
     fn lineage(&self, t: &str, s: &str) -> Result<Lineage, DataError> {
         self.inner.lineage(t, s)
     }
+    fn reviewed_keys(
+        &self,
+        t: &str,
+        a: &str,
+    ) -> Result<std::collections::BTreeSet<String>, DataError> {
+        self.inner.reviewed_keys(t, a)
+    }
     fn erase(&self, t: &str, s: &str) -> Result<Erased, DataError> {
         self.inner.erase(t, s)
     }
@@ -804,4 +811,87 @@ async fn postgresql_down_for_ten_seconds_serving_goes_on_feedback_is_a_503_and_i
         missing.is_empty(),
         "captures lost in the outage: {missing:?}"
     );
+}
+
+/// The review queue over the admin API: a snapshot under `review` lists its
+/// suspects, a verdict is written durably and leaves the queue; bad verdicts
+/// name the field (400) or the missing row (404).
+#[actix_web::test]
+async fn the_admin_review_queue_lists_suspects_and_takes_verdicts() {
+    let dir = tmp("review");
+    let store = Arc::new(SqlStore::sqlite(&dir.join("datasets.db")).unwrap());
+    let (st, _) = state(&dir, store.clone());
+    let svc = test::init_service(app(st)).await;
+    let admin = |method: test::TestRequest, uri: &str| {
+        method
+            .uri(uri)
+            .insert_header(("authorization", "Bearer admin-key"))
+    };
+    // two clearly separate intents; three rows carry the other one's label
+    let mut lines = Vec::new();
+    for i in 0..60 {
+        let (q, mut l) = if i % 2 == 0 {
+            (format!("my card number {i} was stolen, block the card"), "card_lost")
+        } else {
+            (format!("refund order {i}, i want my money back"), "refund")
+        };
+        if [4, 11, 20].contains(&i) {
+            l = if l == "refund" { "card_lost" } else { "refund" };
+        }
+        lines.push(
+            serde_json::json!({"messages": [{"role": "user", "content": q},
+                {"role": "assistant", "content": l}], "label": l})
+            .to_string(),
+        );
+    }
+    let req = admin(test::TestRequest::post(), "/admin/data/acme/intents/import")
+        .set_payload(lines.join("\n"))
+        .to_request();
+    assert_eq!(test::call_service(&svc, req).await.status(), 200);
+    let req = admin(test::TestRequest::post(), "/admin/data/acme/intents/snapshots")
+        .set_json(serde_json::json!({"include_positive": true, "scrub": true,
+            "eval_percent": 10, "suspects": "review"}))
+        .to_request();
+    let m: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(m["suspects"]["policy"], "review", "{m}");
+    let req = admin(test::TestRequest::get(), "/admin/data/acme/intents/review").to_request();
+    let q: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    let items = q["items"].as_array().unwrap().clone();
+    assert!(!items.is_empty(), "{q}");
+    assert!(items.iter().all(|i| i["given"] != i["suggested"]), "{q}");
+    let first = &items[0];
+    let post = |body: serde_json::Value| {
+        admin(test::TestRequest::post(), "/admin/data/acme/intents/review")
+            .set_json(body)
+            .to_request()
+    };
+    let resp = test::call_service(
+        &svc,
+        post(serde_json::json!({"input_key": first["input_key"], "label": " "})),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let e: serde_json::Value = test::read_body_json(resp).await;
+    assert_eq!(e["error"]["param"], "label", "{e}");
+    let resp = test::call_service(
+        &svc,
+        post(serde_json::json!({"input_key": "nope", "label": "refund"})),
+    )
+    .await;
+    assert_eq!(resp.status(), 404);
+    assert!(store.reviewed_keys("acme", "intents").unwrap().is_empty());
+    let resp = test::call_service(
+        &svc,
+        post(serde_json::json!({"input_key": first["input_key"], "label": first["suggested"]})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let done: serde_json::Value = test::read_body_json(resp).await;
+    assert_eq!(done["written"], 1);
+    // durable before the answer: the store has it
+    assert_eq!(store.reviewed_keys("acme", "intents").unwrap().len(), 1);
+    let req = admin(test::TestRequest::get(), "/admin/data/acme/intents/review").to_request();
+    let q2: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(q2["items"].as_array().unwrap().len(), items.len() - 1);
+    assert_eq!(q2["reviewed"], 1);
 }

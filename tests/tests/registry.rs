@@ -1360,3 +1360,50 @@ fn on_postgresql_down_a_miss_waits_for_the_database_once_then_stays_in_memory() 
         "the second miss waited for the database again: {second:?} (the first took {first:?})"
     );
 }
+
+/// A classifier (head and classical prior) has no compute form: every load,
+/// the second included, comes from its files with the head and the prior (a
+/// compute form holds LoRA pairs only, so one would serve it headless).
+#[test]
+fn a_classifier_loads_whole_every_time_from_its_files() {
+    use retune_datasets::classical::{ClassicalOptions, TextClassifier};
+    let dir = tmpdir("classifier-packed");
+    let shapes = base().shapes;
+    let up = dir.join("up-cls");
+    let labels = ["yes", "no"];
+    tiny::write_classifier_adapter(&up, &shapes, 4, &[0, 1, 2, 3, 4, 5, 6], 5, &labels, 0.5)
+        .unwrap();
+    let prior = TextClassifier::train(
+        &["yes please", "sure yes", "no thanks", "no never"],
+        &["yes", "yes", "no", "no"],
+        &ClassicalOptions::default(),
+    )
+    .unwrap();
+    let st = up.join("adapter_model.safetensors");
+    let with = retune_adapters::head::with_prior(&std::fs::read(&st).unwrap(), &prior).unwrap();
+    std::fs::write(&st, with).unwrap();
+    let reg = Arc::new(open(&dir));
+    let v = reg.register(new(&up, "acme", "cls"), &base()).unwrap();
+    let r = AdapterRef::new("acme", "cls", &v.id, Via::Pinned).unwrap();
+    let stored = reg.servable_dir(&r).unwrap();
+    assert!(
+        !stored.join(packed::PACKED_FILE).exists(),
+        "no compute form for a classifier"
+    );
+    let pool = AdapterPool::new(reg.clone(), shapes.clone(), PoolConfig::default());
+    for round in 0..2 {
+        let a = acquired(&pool, &r).unwrap();
+        let h = a.head.as_ref().unwrap_or_else(|| panic!("round {round}: no head"));
+        assert_eq!(h.labels, labels);
+        let p = h.prior.as_ref().expect("the prior");
+        assert_eq!(p.classifier.labels(), ["no", "yes"]);
+        pool.forget(&r);
+    }
+    assert_eq!(
+        pool.stats()
+            .packed_loads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(!stored.join(packed::PACKED_FILE).exists());
+}

@@ -318,6 +318,7 @@ impl Daemon {
             fit_to_budget: t.max_minutes.is_some(),
             label_smoothing: t.label_smoothing,
             lora_plus_ratio: t.lora_plus_ratio,
+            classical_prior: t.classical_prior,
             ..TrainSettings::default()
         })
     }

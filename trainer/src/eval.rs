@@ -72,7 +72,19 @@ pub fn exact_match(
         .map(|b| case(b, tok, template))
         .collect::<Result<Vec<_>>>()?;
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.0.clone()).collect();
-    let answers = generate(model, tok, adapter, &prompts, (max_new, batch), labels)?;
+    let texts: Vec<String> = examples
+        .iter()
+        .map(retune_datasets::snapshot::classifier_text)
+        .collect();
+    let answers = generate(
+        model,
+        tok,
+        adapter,
+        &prompts,
+        (max_new, batch),
+        labels,
+        Some(&texts),
+    )?;
     let correct = answers
         .iter()
         .zip(&cases)
@@ -103,7 +115,9 @@ fn common_prefix(prompts: &[Vec<u32>]) -> usize {
 /// Greedy decoding of each prompt (at most `max_new` tokens, stopping at an
 /// end-of-sequence token), `batch` prompts per forward, through the serving
 /// engine's CPU forward. A prefix every prompt shares (a long system prompt,
-/// few-shot turns) is computed once and its KV cache copied.
+/// few-shot turns) is computed once and its KV cache copied. A classifier
+/// adapter answers its best label, weighed by its classical prior on each
+/// prompt's `texts` entry when both are there (as the server does).
 pub fn generate(
     model: &Model,
     tok: &Tok,
@@ -111,9 +125,10 @@ pub fn generate(
     prompts: &[Vec<u32>],
     (max_new, batch): (usize, usize),
     labels: Option<&[String]>,
+    texts: Option<&[String]>,
 ) -> Result<Vec<String>> {
     Ok(
-        generate_ids(model, tok, adapter, prompts, (max_new, batch), labels)?
+        generate_ids(model, tok, adapter, prompts, (max_new, batch), labels, texts)?
             .iter()
             .map(|ids| tok.decode(ids, true))
             .collect::<std::result::Result<Vec<_>, _>>()?,
@@ -128,7 +143,13 @@ pub fn generate_ids(
     prompts: &[Vec<u32>],
     (max_new, batch): (usize, usize),
     labels: Option<&[String]>,
+    texts: Option<&[String]>,
 ) -> Result<Vec<Vec<u32>>> {
+    if texts.is_some_and(|t| t.len() != prompts.len()) {
+        return Err(TrainError::Data(
+            "classifier texts and prompts differ in number".into(),
+        ));
+    }
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(TrainError::Data("an empty prompt".into()));
     }
@@ -163,7 +184,7 @@ pub fn generate_ids(
     };
     let skip = if prefix_cache.is_some() { shared } else { 0 };
     let mut answers = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch.max(1)) {
+    for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
         let mut caches: Vec<_> = chunk
             .iter()
             .map(|_| prefix_cache.clone().unwrap_or_else(|| model.new_cache()))
@@ -186,8 +207,12 @@ pub fn generate_ids(
         if let Some(head) = adapter.and_then(|a| a.head.as_ref()) {
             // a classifier's answer is its best label, whole (a label longer
             // than `max_new` tokens is still the answer it gives)
-            for l in &first {
-                let label = head.labels.get(argmax(l) as usize).ok_or_else(|| {
+            for (i, l) in first.iter().enumerate() {
+                let text = texts
+                    .and_then(|t| t.get(c * batch.max(1) + i))
+                    .map(String::as_str);
+                let lp = head.log_probs(l, text);
+                let label = head.labels.get(argmax(&lp) as usize).ok_or_else(|| {
                     TrainError::Setting("the classifier's scores do not match its labels".into())
                 })?;
                 answers.push(tok.encode(label, false)?);

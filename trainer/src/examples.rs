@@ -19,6 +19,9 @@ pub struct Encoded {
     /// A classification example: the label's index, read by the head at the
     /// last token (`weights` is then 1 at the last position, 0 elsewhere).
     pub class: Option<u32>,
+    /// A classification example's text as the classical classifier reads it
+    /// ([`retune_datasets::snapshot::classifier_text`]).
+    pub text: Option<String>,
 }
 
 impl Encoded {
@@ -78,6 +81,7 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
                 tokens,
                 weights,
                 class: None,
+                text: None,
             })
         }
         ExampleBody::Chat { messages } => {
@@ -135,6 +139,7 @@ pub fn encode(body: &ExampleBody, tok: &Tok, template: &ChatTemplate) -> Result<
                 tokens,
                 weights,
                 class: None,
+                text: None,
             })
         }
     }
@@ -237,6 +242,7 @@ pub fn prepare_classes(
             tokens,
             weights,
             class: Some(class),
+            text: Some(retune_datasets::snapshot::classifier_text(b)),
         });
     }
     Ok(out)

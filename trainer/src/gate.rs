@@ -128,7 +128,14 @@ impl GateReport {
                 .find(|a| a.name == n)
                 .map(|a| format!("{n} {:.3}", a.score))
         };
-        let mut parts: Vec<String> = ["candidate", "live", "base+prompt", "constant", "classical"]
+        let mut parts: Vec<String> = [
+            "candidate",
+            "head alone",
+            "live",
+            "base+prompt",
+            "constant",
+            "classical",
+        ]
             .iter()
             .filter_map(|n| arm(n))
             .collect();
@@ -340,7 +347,15 @@ pub fn forgetting(
         .iter()
         .map(|p| render(template, tok, &[ChatMessage::new("user", p)]))
         .collect::<Result<Vec<_>>>()?;
-    let answers = generate_ids(model, tok, None, &prompts, (max_new, prompts.len()), None)?;
+    let answers = generate_ids(
+        model,
+        tok,
+        None,
+        &prompts,
+        (max_new, prompts.len()),
+        None,
+        None,
+    )?;
     let (mut total, mut tokens, mut worst) = (0.0f64, 0usize, 0.0f64);
     for (p, a) in prompts.iter().zip(&answers) {
         let (mut kb, mut kc) = (model.new_cache(), model.new_cache());
@@ -451,24 +466,34 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
     for l in g.labels.unwrap_or_default() {
         max_new = max_new.max(g.tok.encode(l, false)?.len() + 1);
     }
-    let timed =
-        |adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>]| -> Result<(Vec<String>, f64)> {
-            let t = std::time::Instant::now();
-            let out = generate(
-                g.model,
-                g.tok,
-                adapter,
-                prompts,
-                (max_new, g.batch),
-                g.labels,
-            )?;
-            Ok((out, t.elapsed().as_secs_f64()))
-        };
+    // what a classifier's classical prior reads: each row's user turns
+    let texts: Vec<String> = rows.iter().map(|r| classifier_text(&r.body)).collect();
+    let timed = |adapter: Option<&LoraAdapter>,
+                 prompts: &[Vec<u32>],
+                 texts: Option<&[String]>|
+     -> Result<(Vec<String>, f64)> {
+        let t = std::time::Instant::now();
+        let out = generate(
+            g.model,
+            g.tok,
+            adapter,
+            prompts,
+            (max_new, g.batch),
+            g.labels,
+            texts,
+        )?;
+        Ok((out, t.elapsed().as_secs_f64()))
+    };
     let mut arms = Vec::new();
-    let (ans, s) = timed(Some(g.candidate), &plain)?;
+    let (ans, s) = timed(Some(g.candidate), &plain, Some(&texts))?;
     arms.push(arm("candidate", &ans, &wants, metric, keys, g.seed, b, s));
+    if g.candidate.head.as_ref().is_some_and(|h| h.prior.is_some()) {
+        // reported only: what the head scores without its classical prior
+        let (ans, s) = timed(Some(g.candidate), &plain, None)?;
+        arms.push(arm("head alone", &ans, &wants, metric, keys, g.seed, b, s));
+    }
     if let Some((_, live)) = g.live {
-        let (ans, s) = timed(Some(live), &plain)?;
+        let (ans, s) = timed(Some(live), &plain, Some(&texts))?;
         arms.push(arm("live", &ans, &wants, metric, keys, g.seed, b, s));
     }
     let prefix = prompt_prefix(opt, g.train, g.seed)?;
@@ -476,7 +501,7 @@ pub fn run_gate(g: &GateInputs<'_>) -> Result<GateReport> {
         .iter()
         .map(|m| render(g.template, g.tok, &with_prefix(&prefix, m)))
         .collect::<Result<Vec<_>>>()?;
-    let (ans, s) = timed(None, &prompted)?;
+    let (ans, s) = timed(None, &prompted, None)?;
     arms.push(arm("base+prompt", &ans, &wants, metric, keys, g.seed, b, s));
     // the most common training answer, for every input
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -644,6 +669,7 @@ mod tests {
             subject_ids: vec![],
             label: Some(label.into()),
             input_key: text.into(),
+            reviewed: false,
         }
     }
 

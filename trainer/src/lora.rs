@@ -63,6 +63,9 @@ pub struct Adapter {
     pub dropout: f32,
     /// A classification head over the final hidden state (a label task).
     pub head: Option<ClassHead>,
+    /// The classical classifier stored beside the head (see
+    /// [`retune_adapters::LabelPrior`]); not trained by gradient.
+    pub prior: Option<retune_datasets::classical::TextClassifier>,
 }
 
 /// A linear classification head on the last token's final hidden state: PEFT's
@@ -139,6 +142,7 @@ impl Adapter {
             lora: TrainLora { layers },
             dropout: 0.0,
             head: None,
+            prior: None,
         })
     }
 
@@ -213,6 +217,7 @@ impl Adapter {
             lora: TrainLora { layers },
             dropout: 0.0,
             head,
+            prior: None,
         })
     }
 
@@ -291,23 +296,34 @@ impl Adapter {
             let bytes: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
             data.push((name.clone(), shape, bytes));
         }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
-            .iter()
-            .map(|(n, s, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| TrainError::Setting(format!("safetensors view: {e}")))
-            })
-            .collect::<Result<_>>()?;
+        let mut data: Vec<_> = data
+            .into_iter()
+            .map(|(n, s, b)| (n, s, safetensors::Dtype::F32, b))
+            .collect();
         // a head's labels travel in the weights file's metadata, in row order
-        let meta = match &self.head {
+        let mut meta = match &self.head {
             Some(h) => Some(std::collections::HashMap::from([(
                 retune_adapters::LABELS_METADATA.to_string(),
                 serde_json::to_string(&h.labels).map_err(|e| TrainError::Setting(e.to_string()))?,
             )])),
             None => None,
         };
+        if let (Some(m), Some(p)) = (&mut meta, &self.prior) {
+            let ((key, json), shape, dtype, bytes) = retune_adapters::head::prior_parts(p);
+            m.insert(key, json);
+            data.push((retune_adapters::PRIOR_TENSOR.to_string(), shape, dtype, bytes));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(n, s, d, b)| {
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| TrainError::Setting(format!("safetensors view: {e}")))
+            })
+            .collect::<Result<_>>()?;
         let st = safetensors::serialize(views, meta)
+            .map_err(|e| TrainError::Setting(format!("safetensors: {e}")))?;
+        let st = retune_adapters::head::sorted_metadata(st)
             .map_err(|e| TrainError::Setting(format!("safetensors: {e}")))?;
         let cfg = serde_json::to_vec_pretty(&self.config_json(base_name))
             .map_err(|e| TrainError::Setting(e.to_string()))?;

@@ -18,7 +18,7 @@ mod loop_cmds;
 mod train_cmds;
 
 use loop_cmds::{daemon_cmd, eval_cmd, status_cmd};
-use train_cmds::{tokenize_cmd, train_cmd, TrainArgs};
+use train_cmds::{prior_cmd, tokenize_cmd, train_cmd, TrainArgs};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +61,19 @@ enum Cmd {
         /// only these, as the task is served (a classifier answers its own).
         #[arg(long)]
         labels: Option<PathBuf>,
+    },
+    /// Give a classifier adapter (PEFT SEQ_CLS) the classical prior trained on
+    /// these labelled rows (JSONL; replacing any it has): writes OUT, a copy of
+    /// ADAPTER with the prior. `train` does this itself unless told not to.
+    Prior {
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// The loop: watch the examples store, train adapters that are due, gate
     /// them, roll out the ones that pass, watch them and roll back regressions.
@@ -294,7 +307,7 @@ fn main() {
         Cmd::Train(a) => a.common.threads,
         Cmd::Tokenize { common, .. } => common.threads,
         Cmd::Eval { threads, .. } => *threads,
-        Cmd::Daemon { .. } | Cmd::Status { .. } => None,
+        Cmd::Daemon { .. } | Cmd::Status { .. } | Cmd::Prior { .. } => None,
     };
     if let Some(t) = threads {
         // before anything starts rayon: candle and gemm size their work by it
@@ -333,6 +346,12 @@ fn main() {
             answers.as_deref(),
             labels.as_deref(),
         ),
+        Cmd::Prior {
+            adapter,
+            data,
+            out,
+            seed,
+        } => prior_cmd(&adapter, &data, &out, seed),
         Cmd::Daemon { at, once, holder } => daemon_cmd(&at, once, holder),
         Cmd::Status { at, json } => status_cmd(&at, json),
     };

@@ -65,6 +65,11 @@ pub struct TrainSettings {
     /// times the rate of its `lora_A` (1: plain LoRA).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub lora_plus_ratio: f64,
+    /// A classifier also stores the classical TF-IDF classifier trained on the
+    /// same rows (calibrated out of fold); answers are the label likeliest
+    /// under the product of the two.
+    #[serde(default = "yes")]
+    pub classical_prior: bool,
 }
 
 fn one() -> f64 {
@@ -116,6 +121,7 @@ impl Default for TrainSettings {
             share_prefix: true,
             label_smoothing: 0.0,
             lora_plus_ratio: 1.0,
+            classical_prior: true,
         }
     }
 }
@@ -171,6 +177,9 @@ pub struct TrainingRecord {
     pub peak_rss_mib: f64,
     pub threads: usize,
     pub resumed_from: Option<usize>,
+    /// A classifier's classical prior: what was trained, or why none was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classical_prior: Option<String>,
 }
 
 /// A run's inputs besides the model.

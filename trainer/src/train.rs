@@ -276,6 +276,14 @@ pub fn train(
         }
         _ => {}
     }
+    let prior_note = match (&s.labels, &adapter.head) {
+        (Some(labels), Some(_)) if s.classical_prior => {
+            let (prior, note) = classical_prior(&train.examples, labels, s.seed);
+            adapter.prior = prior;
+            Some(note)
+        }
+        _ => None,
+    };
     let classes = s.labels.as_ref().map_or(0, Vec::len) as u32;
     if train
         .examples
@@ -596,6 +604,7 @@ pub fn train(
     }
     let wall = elapsed(prior_seconds);
     let record = TrainingRecord {
+        classical_prior: prior_note,
         settings: s.clone(),
         snapshot: inp.snapshot.clone(),
         data_source: inp.data_source.clone(),
@@ -648,4 +657,41 @@ pub fn eval_loss_of(
     };
     ctx.eval_loss(set)?
         .ok_or_else(|| TrainError::Data("no eval examples".into()))
+}
+
+/// The classical classifier a head is stored with: trained on the training
+/// rows' texts (calibrated on 5 folds of them), or `None` with the reason.
+fn classical_prior(
+    examples: &[crate::examples::Encoded],
+    labels: &[String],
+    seed: u64,
+) -> (Option<retune_datasets::classical::TextClassifier>, String) {
+    use retune_datasets::classical::{ClassicalOptions, TextClassifier};
+    let rows: Vec<(&str, &str)> = examples
+        .iter()
+        .filter_map(|e| {
+            let label = labels.get(e.class? as usize)?;
+            Some((e.text.as_deref()?, label.as_str()))
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let texts: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.1).collect();
+    let o = ClassicalOptions {
+        seed,
+        ..ClassicalOptions::default()
+    };
+    match TextClassifier::train_calibrated(&texts, &names, 5, &o) {
+        Ok(c) => {
+            let note = format!(
+                "a TF-IDF classifier over {} labels trained on {} rows in {:.1} s, temperature {} (5-fold)",
+                c.labels().len(),
+                rows.len(),
+                t.elapsed().as_secs_f64(),
+                c.temperature()
+            );
+            (Some(c), note)
+        }
+        Err(e) => (None, format!("none: {e}")),
+    }
 }

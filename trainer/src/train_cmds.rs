@@ -87,6 +87,10 @@ pub(super) struct TrainArgs {
     /// LoRA+: every lora_B trains at this many times the rate of its lora_A (1: plain LoRA).
     #[arg(long, default_value_t = 1.0)]
     pub(super) lora_plus_ratio: f64,
+    /// A classifier without the classical TF-IDF prior stored beside its head
+    /// (its answers then come from the head alone).
+    #[arg(long)]
+    pub(super) no_classical_prior: bool,
 }
 
 pub(super) fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSettings> {
@@ -133,6 +137,7 @@ pub(super) fn settings(a: &TrainArgs, n_layers: usize) -> anyhow::Result<TrainSe
         share_prefix: !a.whole_rows,
         label_smoothing: a.label_smoothing,
         lora_plus_ratio: a.lora_plus_ratio,
+        classical_prior: !a.no_classical_prior,
     })
 }
 
@@ -293,6 +298,57 @@ pub(super) fn tokenize_cmd(c: Common, out: PathBuf, epochs: u64) -> anyhow::Resu
         train.tokens(),
         train.dropped,
         out.display()
+    );
+    Ok(())
+}
+
+/// `retune-trainer prior`: see its help.
+pub(super) fn prior_cmd(
+    adapter: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let st_path = adapter.join("adapter_model.safetensors");
+    let st = std::fs::read(&st_path).with_context(|| format!("reading {}", st_path.display()))?;
+    let cfg_path = adapter.join("adapter_config.json");
+    let cfg = std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let text =
+        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let (rows, errors) = retune_datasets::parse_jsonl(&text);
+    if let Some(e) = errors.first() {
+        anyhow::bail!("{}: line {}: {}", data.display(), e.line, e.reason);
+    }
+    let texts: Vec<String> = rows
+        .iter()
+        .map(|r| retune_datasets::snapshot::classifier_text(&r.body))
+        .collect();
+    let labels: Vec<String> = rows.iter().map(retune_datasets::label_of).collect();
+    let t = std::time::Instant::now();
+    let prior = retune_datasets::classical::TextClassifier::train_calibrated(
+        &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+        &labels.iter().map(String::as_str).collect::<Vec<_>>(),
+        5,
+        &retune_datasets::classical::ClassicalOptions {
+            seed,
+            ..Default::default()
+        },
+    )?;
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = retune_adapters::head::with_prior(&st, &prior)?;
+    retune_trainer::lora::write_dir_atomic(
+        out,
+        &[
+            ("adapter_model.safetensors", &bytes),
+            ("adapter_config.json", &cfg),
+        ],
+    )?;
+    println!(
+        "{}: a TF-IDF prior over {} labels from {} rows ({secs:.1} s, temperature {})",
+        out.display(),
+        prior.labels().len(),
+        rows.len(),
+        prior.temperature()
     );
     Ok(())
 }

@@ -65,6 +65,7 @@ fn examples(b: &Batch) -> Vec<Encoded> {
                     .map(|&v| if v == -100 { 0.0 } else { 1.0 })
                     .collect(),
                 class: None,
+                text: None,
             }
         })
         .collect()
@@ -368,6 +369,7 @@ fn training_forward_equals_serving_and_a_saved_adapter_serves_the_same_logits() 
         tokens: tokens.clone(),
         weights: vec![1.0; tokens.len()],
         class: None,
+        text: None,
     };
     let mb = MicroBatch::new(&[&ex], 0);
     let rows: Vec<u32> = (0..tokens.len() as u32).collect();
@@ -504,6 +506,7 @@ fn classifier_gradients_match_finite_differences_and_serving() {
                 tokens,
                 weights,
                 class: Some((i % 3) as u32),
+                text: None,
             }
         })
         .collect();
@@ -615,6 +618,7 @@ fn a_shared_prefix_computed_once_changes_nothing() {
                 .map(|k| if k >= 10 || k == 4 { 1.0 } else { 0.0 })
                 .collect(),
             class: None,
+            text: None,
         })
         .collect();
     let cls: Vec<Encoded> = rows
@@ -626,6 +630,7 @@ fn a_shared_prefix_computed_once_changes_nothing() {
                 .map(|k| if k + 1 == t.len() { 1.0 } else { 0.0 })
                 .collect(),
             class: Some((i % 3) as u32),
+            text: None,
         })
         .collect();
     let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();

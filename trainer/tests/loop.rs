@@ -1305,4 +1305,17 @@ fn a_declared_label_task_is_trained_as_a_classifier_and_promoted() {
     let base = base_of(&gguf);
     let a = retune_adapters::load_peft(&dir, &base.shapes, &Default::default()).unwrap();
     assert_eq!(a.head.as_ref().unwrap().labels, ANSWERS);
+    // with the classical prior trained on the same rows (the daemon's default),
+    // and the gate reports what the head scores without it
+    assert!(a.head.as_ref().unwrap().prior.is_some());
+    let note = v.metadata["training"]["classical_prior"].as_str().unwrap_or("");
+    assert!(note.starts_with("a TF-IDF classifier over 3 labels"), "{note}");
+    assert!(
+        gate["arms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "head alone"),
+        "{gate}"
+    );
 }

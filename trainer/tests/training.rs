@@ -518,6 +518,27 @@ fn a_label_task_trains_a_classifier_head() {
     )
     .unwrap();
     assert!(acc.accuracy >= 0.9, "training accuracy {}", acc.accuracy);
+    // the classical prior trained on the same rows travels in the weights file
+    let note = a.record.classical_prior.as_deref().unwrap_or_default();
+    assert!(
+        note.starts_with("a TF-IDF classifier over 3 labels trained on 30 rows"),
+        "{note}"
+    );
+    let p = la.head.as_ref().and_then(|h| h.prior.as_ref()).expect("a prior");
+    assert_eq!(p.classifier.labels().len(), 3);
+    let mut off = s.clone();
+    off.classical_prior = false;
+    off.max_steps = Some(2);
+    let b = train(
+        &t.model,
+        RunInputs {
+            tok: Some(tok),
+            ..inputs(&train_set, &none, &off, None)
+        },
+        go,
+    )
+    .unwrap();
+    assert!(b.adapter.prior.is_none() && b.record.classical_prior.is_none());
 
     // without the tokenizer a head cannot start; a resumed run lands on the same bytes
     assert!(matches!(

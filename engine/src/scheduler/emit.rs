@@ -26,9 +26,10 @@ pub(super) fn head_of(s: &Seq) -> Option<&retune_adapters::ClassHead> {
     s.adapter.as_ref().and_then(|a| a.0.head.as_ref())
 }
 
-/// A classifier's answer: its most probable label, emitted as that label's
-/// tokens (cut by `max_tokens` or a stop string like any answer), the first
-/// carrying the label's log-probability under the head and the rest 0, so the
+/// A classifier's answer: its most probable label (under the head, times its
+/// classical prior's probability of the request's text when it has one),
+/// emitted as that label's tokens (cut by `max_tokens` or a stop string like
+/// any answer), the first carrying the label's log-probability and the rest 0, so the
 /// answer's token log-probabilities sum to the label's. The row then ends.
 pub(super) fn answer_label(
     s: &mut Seq,
@@ -38,14 +39,13 @@ pub(super) fn answer_label(
     stats: &EngineStats,
 ) {
     let Some(head) = head_of(s) else { return };
-    let best = scores
+    let lp = head.log_probs(scores, s.text.as_deref());
+    let best = lp
         .iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |(i, _)| i);
-    let max = scores.get(best).copied().unwrap_or(0.0);
-    let log_z = max + scores.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-    let logprob = scores.get(best).map_or(0.0, |x| x - log_z);
+    let logprob = lp.get(best).copied().unwrap_or(0.0);
     let ids = match head.labels.get(best).map(|l| tok.encode(l, false)) {
         Some(Ok(ids)) if !ids.is_empty() => ids,
         Some(Err(e)) => {

@@ -172,6 +172,8 @@ struct Job {
     /// Further samples of the same prompt (`n > 1`): forked from this
     /// sequence's cache once its prompt is in.
     forks: Vec<EventSender>,
+    /// The classical classifier's reading of the request (see [`ValidRequest::with_text`]).
+    text: Option<Arc<str>>,
 }
 
 pub struct Engine {
@@ -293,7 +295,13 @@ impl Engine {
         &self,
         req: GenerateRequest,
     ) -> std::result::Result<Generated, GenError> {
-        let mut stream = self.generate(req)?;
+        Generated::wait(self.generate(req)?)
+    }
+}
+
+impl Generated {
+    /// Everything `stream` produces, waited for (CLI, tests, evals). Not for async contexts.
+    pub fn wait(mut stream: GenerationStream) -> std::result::Result<Generated, GenError> {
         let mut tokens = Vec::new();
         let mut text = String::new();
         while let Some(ev) = stream.blocking_next() {
@@ -337,6 +345,7 @@ impl Backend for Engine {
             adapter,
             tenant,
             guide,
+            text,
         } = req.into_tenant_parts();
         let tenant: Arc<str> = tenant.unwrap_or_else(|| Arc::from(""));
         if let Some(why) = self.abort.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -373,6 +382,7 @@ impl Backend for Engine {
             prompt,
             params,
             adapter,
+            text,
             tenant,
             clock: Clock::start(),
             tx: etx,
@@ -474,6 +484,8 @@ struct Seq {
     clock: Clock,
     /// Prompt positions taken from the prefix cache.
     cached: usize,
+    /// The classical classifier's reading of the request (see [`ValidRequest::with_text`]).
+    text: Option<Arc<str>>,
 }
 
 impl Seq {
@@ -505,6 +517,7 @@ impl Seq {
             tenant: self.tenant.clone(),
             clock: self.clock,
             cached,
+            text: self.text.clone(),
         }
     }
 }

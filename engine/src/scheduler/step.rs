@@ -50,6 +50,7 @@ impl Worker {
             tenant: job.tenant,
             clock: job.clock,
             cached,
+            text: job.text,
         });
     }
 

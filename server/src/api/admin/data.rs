@@ -24,7 +24,73 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         "/admin/data/{tenant}/snapshots/{id}/export",
         web::get().to(export),
     )
+    .route(
+        "/admin/data/{tenant}/{adapter}/review",
+        web::get().to(review_queue),
+    )
+    .route(
+        "/admin/data/{tenant}/{adapter}/review",
+        web::post().to(review),
+    )
     .route("/admin/data/{tenant}/erase", web::post().to(erase));
+}
+
+/// The declared label set of `tenant/adapter`, if any.
+fn declared_labels(state: &Data, t: &str, a: &str) -> Option<Vec<String>> {
+    state
+        .settings
+        .trainer
+        .adapters
+        .iter()
+        .find(|d| d.tenant == t && d.name == a)
+        .and_then(|d| d.labels(&state.settings.trainer.defaults))
+        .map(<[String]>::to_vec)
+}
+
+/// The suspect rows of the adapter's latest snapshot no person has ruled on.
+async fn review_queue(
+    state: Data,
+    AdminCaller(_): AdminCaller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let s = datasets(&state)?;
+    let (t, a) = path.into_inner();
+    let q = blocking(move || Ok(retune_datasets::review::queue(s.as_ref(), &t, &a)?)).await?;
+    Ok(HttpResponse::Ok().json(q))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewBody {
+    input_key: String,
+    label: String,
+}
+
+/// A person's label for one row (durable before the answer): it trains with
+/// that label from the next snapshot on and is never suspect again.
+async fn review(
+    state: Data,
+    AdminCaller(_): AdminCaller,
+    path: web::Path<(String, String)>,
+    LimitedBody(raw): LimitedBody,
+) -> Result<HttpResponse, ApiError> {
+    let s = datasets(&state)?;
+    let (t, a) = path.into_inner();
+    let b: ReviewBody = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let labels = declared_labels(&state, &t, &a);
+    let done = blocking(move || {
+        Ok(retune_datasets::review::review(
+            s.as_ref(),
+            &t,
+            &a,
+            &b.input_key,
+            &b.label,
+            labels.as_deref(),
+        )?)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(done))
 }
 
 /// The body is JSONL; the answer lists every bad line by number (the rest is imported).
@@ -39,14 +105,7 @@ async fn import(
     let text = String::from_utf8(raw.to_vec())
         .map_err(|_| ApiError::BadRequest("the body must be UTF-8 JSONL".into()))?;
     // a declared label task refuses examples outside its label set, by line
-    let labels = state
-        .settings
-        .trainer
-        .adapters
-        .iter()
-        .find(|d| d.tenant == t && d.name == a)
-        .and_then(|d| d.labels(&state.settings.trainer.defaults))
-        .map(<[String]>::to_vec);
+    let labels = declared_labels(&state, &t, &a);
     let (imported, errors) = blocking(move || {
         let (rows, errors) = parse_jsonl_for(&text, labels.as_deref());
         Ok((s.import(&t, &a, "import:admin", &rows)?, errors))

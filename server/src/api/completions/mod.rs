@@ -28,6 +28,7 @@ pub(crate) async fn create(
     if let Some(ctx) = &mut a.job.capture {
         ctx.request = serde_json::json!({ "prompt": a.body.prompt });
     }
+    a.job.text = Some(a.body.prompt.clone());
     let prompt = encode(&state, a.body.prompt).await?;
     respond(state, prompt, a.params, a.adapter, &a.body.common, a.job).await
 }

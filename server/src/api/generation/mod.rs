@@ -132,6 +132,10 @@ pub(crate) struct Job {
     pub(crate) ignored: Vec<String>,
     /// Set when this completion is to be captured.
     pub(crate) capture: Option<crate::capture::CaptureCtx>,
+    /// The request's text as the classical classifier reads it (its user
+    /// turns, as `retune_datasets::snapshot::classifier_text` takes them from
+    /// a training row): a classifier adapter's classical prior weighs it.
+    pub(crate) text: Option<String>,
 }
 
 /// A parsed, authenticated request with its adapter resolved: the part chat and
@@ -209,6 +213,7 @@ pub(crate) async fn admit<T: serde::de::DeserializeOwned>(
             adapter: None,
             declared: declared.as_ref().map(|d| d.name.clone()),
         }),
+        text: None,
     };
     Ok(Admitted {
         body: r,
@@ -251,8 +256,13 @@ pub(crate) async fn respond(
     job: Job,
 ) -> Result<HttpResponse, ApiError> {
     fit_context(&state, &mut params, prompt.len(), c)?;
-    let valid = validated(&state, prompt, params, adapter, c).await?;
-    run(state, valid.with_tenant(&job.tenant), job).await
+    let mut valid = validated(&state, prompt, params, adapter, c)
+        .await?
+        .with_tenant(&job.tenant);
+    if let Some(t) = &job.text {
+        valid = valid.with_text(t);
+    }
+    run(state, valid, job).await
 }
 
 /// Prompt tokens once, and every sample's generated tokens.

@@ -2,7 +2,7 @@
 //! (`scripts/make-classical-fixture.py`: 3,000 Banking77 rows to train, 1,000 to
 //! test, the same features and C), and the suspect-label finder on flipped labels.
 
-use retune_datasets::classical::{find_suspects, ClassicalOptions, TextClassifier};
+use retune_classical::{find_suspects, ClassicalOptions, TextClassifier};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 
@@ -147,7 +147,7 @@ fn suspect_finder_recalls_flipped_labels() {
 /// the suspects found in the train rows, and the accuracy without them. The split
 /// is `scripts/banking77.py split DIR --system ""` (1,000 held-out rows, seed 77).
 ///
-/// `RETUNE_B77_SPLIT=DIR cargo nextest run --release -p retune-datasets --run-ignored only banking77 --no-capture`
+/// `RETUNE_B77_SPLIT=DIR cargo nextest run --release -p retune-classical --run-ignored only banking77 --no-capture`
 /// (with `RETUNE_B77_KEPT=FILE`, the train rows without the suspects are written to FILE).
 #[test]
 #[ignore = "a measurement on Banking77: needs RETUNE_B77_SPLIT"]

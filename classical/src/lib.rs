@@ -14,6 +14,9 @@
 
 use std::collections::HashMap;
 
+mod stored;
+pub use stored::{PRIOR_METADATA, PRIOR_TENSOR};
+
 /// Why a classifier could not be trained; the gate puts it in its report.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ClassicalError {
@@ -23,6 +26,9 @@ pub enum ClassicalError {
     TooFewLabels { min: usize, have: String },
     #[error("texts and labels differ in number ({texts} against {labels})")]
     Mismatch { texts: usize, labels: usize },
+    /// A stored classifier (see [`TextClassifier::import`]) that does not hold together.
+    #[error("the stored classical classifier is damaged: {0}")]
+    Stored(String),
 }
 
 fn same_len(texts: &[&str], labels: &[&str]) -> Result<(), ClassicalError> {
@@ -327,6 +333,9 @@ pub struct TextClassifier {
     weights: Vec<Vec<f32>>,
     /// Labels left out for having fewer than [`MIN_ROWS_PER_LABEL`] rows.
     pub skipped_labels: Vec<String>,
+    /// Scores become probabilities by a softmax at this temperature: 1 after
+    /// [`Self::train`], fitted to out-of-fold scores by [`Self::train_calibrated`].
+    temperature: f32,
 }
 
 impl TextClassifier {
@@ -405,7 +414,44 @@ impl TextClassifier {
             labels: label_names,
             weights,
             skipped_labels,
+            temperature: 1.0,
         })
+    }
+
+    /// [`Self::train`] on every row, with the softmax temperature fitted to the
+    /// given labels on `folds`-fold out-of-fold scores (as [`find_suspects`]
+    /// does), so that [`Self::log_probs`] are calibrated probabilities. Rows
+    /// too few for every fold to learn 2 labels keep the temperature 1.
+    pub fn train_calibrated(
+        texts: &[&str],
+        labels: &[&str],
+        folds: usize,
+        o: &ClassicalOptions,
+    ) -> Result<Self, ClassicalError> {
+        let mut c = Self::train(texts, labels, o)?;
+        if let Ok(oof) = OutOfFold::score(texts, labels, folds, o) {
+            c.temperature = oof.temperature();
+        }
+        Ok(c)
+    }
+
+    /// Bytes its weights, idf and vocabularies hold (roughly: map overhead aside).
+    pub fn bytes(&self) -> usize {
+        let block = |t: &Tfidf| t.idf.len() * 8 + t.vocab.keys().map(String::len).sum::<usize>();
+        self.weights.iter().map(|w| w.len() * 4).sum::<usize>()
+            + block(&self.features.word)
+            + block(&self.features.chars)
+    }
+
+    /// The softmax temperature of [`Self::log_probs`].
+    pub fn temperature(&self) -> f32 {
+        self.temperature
+    }
+
+    /// Log-probability of each label (in [`Self::labels`] order): a softmax of
+    /// the scores at [`Self::temperature`].
+    pub fn log_probs(&self, text: &str) -> Vec<f32> {
+        log_softmax(&self.scores(text), self.temperature)
     }
 
     /// The labels it chooses among (sorted).
@@ -466,6 +512,106 @@ pub struct SuspectReport {
     pub suspects: Vec<Suspect>,
 }
 
+/// Log-softmax of `scores` at temperature `t` (a label scored `-inf` gets `-inf`).
+pub fn log_softmax(scores: &[f32], t: f32) -> Vec<f32> {
+    let m = scores.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    if !m.is_finite() {
+        return vec![f32::NEG_INFINITY; scores.len()];
+    }
+    let z = scores.iter().map(|v| ((v - m) * t).exp()).sum::<f32>().ln();
+    scores.iter().map(|v| (v - m) * t - z).collect()
+}
+
+/// Every row scored by a classifier trained on the other folds.
+struct OutOfFold<'a> {
+    /// Every label, sorted.
+    names: Vec<&'a str>,
+    /// Per row, a score per label of `names` (`-inf` for a label its fold's
+    /// classifier did not learn).
+    scores: Vec<Vec<f32>>,
+    /// Each row's label, as an index into `names`.
+    given: Vec<usize>,
+    folds: usize,
+}
+
+impl<'a> OutOfFold<'a> {
+    fn score(
+        texts: &[&str],
+        labels: &[&'a str],
+        folds: usize,
+        o: &ClassicalOptions,
+    ) -> Result<Self, ClassicalError> {
+        same_len(texts, labels)?;
+        let folds = folds.max(2);
+        let mut names: Vec<&str> = labels.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        let k = names.len();
+        let of: HashMap<&str, usize> = names.iter().enumerate().map(|(i, l)| (*l, i)).collect();
+        let n = texts.len();
+        // seeded fold of each row
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = o.seed ^ 0x5EED;
+        for i in (1..n).rev() {
+            let j = (splitmix(&mut rng) % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        let mut fold = vec![0usize; n];
+        for (pos, &i) in order.iter().enumerate() {
+            fold[i] = pos % folds;
+        }
+        let mut scores: Vec<Vec<f32>> = vec![vec![f32::NEG_INFINITY; k]; n];
+        for f in 0..folds {
+            let tr: Vec<usize> = (0..n).filter(|&i| fold[i] != f).collect();
+            let c = TextClassifier::train(
+                &tr.iter().map(|&i| texts[i]).collect::<Vec<_>>(),
+                &tr.iter().map(|&i| labels[i]).collect::<Vec<_>>(),
+                o,
+            )?;
+            let cols: Vec<usize> = c.labels().iter().map(|l| of[l.as_str()]).collect();
+            for i in (0..n).filter(|&i| fold[i] == f) {
+                for (s, &col) in c.scores(texts[i]).into_iter().zip(&cols) {
+                    scores[i][col] = s;
+                }
+            }
+        }
+        let given: Vec<usize> = labels.iter().map(|l| of[l]).collect();
+        Ok(Self {
+            names,
+            scores,
+            given,
+            folds,
+        })
+    }
+
+    fn probs(&self, t: f32) -> Vec<Vec<f32>> {
+        self.scores
+            .iter()
+            .map(|s| log_softmax(s, t).into_iter().map(f32::exp).collect())
+            .collect()
+    }
+
+    /// The softmax temperature under which the given labels are likeliest.
+    fn temperature(&self) -> f32 {
+        let nll = |p: &[Vec<f32>]| -> f64 {
+            p.iter()
+                .zip(&self.given)
+                .map(|(p, &g)| -(p[g].max(1e-12) as f64).ln())
+                .sum::<f64>()
+        };
+        let mut temperature = 1.0f32;
+        let mut best = f64::INFINITY;
+        for t in [0.5f32, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0] {
+            let v = nll(&self.probs(t));
+            if v < best {
+                best = v;
+                temperature = t;
+            }
+        }
+        temperature
+    }
+}
+
 /// Suspect labels by confident learning (Northcutt, Jiang & Chuang 2021): every
 /// row is scored by a classifier trained on the other `folds − 1` folds; the
 /// scores become probabilities by a softmax whose temperature fits the given
@@ -479,68 +625,11 @@ pub fn find_suspects(
     folds: usize,
     o: &ClassicalOptions,
 ) -> Result<SuspectReport, ClassicalError> {
-    same_len(texts, labels)?;
-    let folds = folds.max(2);
-    let mut names: Vec<&str> = labels.to_vec();
-    names.sort_unstable();
-    names.dedup();
-    let k = names.len();
-    let of: HashMap<&str, usize> = names.iter().enumerate().map(|(i, l)| (*l, i)).collect();
-    let n = texts.len();
-    // seeded fold of each row
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = o.seed ^ 0x5EED;
-    for i in (1..n).rev() {
-        let j = (splitmix(&mut rng) % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    let mut fold = vec![0usize; n];
-    for (pos, &i) in order.iter().enumerate() {
-        fold[i] = pos % folds;
-    }
-    let mut scores: Vec<Vec<f32>> = vec![vec![f32::NEG_INFINITY; k]; n];
-    for f in 0..folds {
-        let tr: Vec<usize> = (0..n).filter(|&i| fold[i] != f).collect();
-        let c = TextClassifier::train(
-            &tr.iter().map(|&i| texts[i]).collect::<Vec<_>>(),
-            &tr.iter().map(|&i| labels[i]).collect::<Vec<_>>(),
-            o,
-        )?;
-        let cols: Vec<usize> = c.labels().iter().map(|l| of[l.as_str()]).collect();
-        for i in (0..n).filter(|&i| fold[i] == f) {
-            for (s, &col) in c.scores(texts[i]).into_iter().zip(&cols) {
-                scores[i][col] = s;
-            }
-        }
-    }
-    let given: Vec<usize> = labels.iter().map(|l| of[l]).collect();
-    let probs = |t: f32| -> Vec<Vec<f32>> {
-        scores
-            .iter()
-            .map(|s| {
-                let m = s.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
-                let e: Vec<f32> = s.iter().map(|v| ((v - m) * t).exp()).collect();
-                let z: f32 = e.iter().sum();
-                e.into_iter().map(|v| v / z).collect()
-            })
-            .collect()
-    };
-    let nll = |p: &[Vec<f32>]| -> f64 {
-        p.iter()
-            .zip(&given)
-            .map(|(p, &g)| -(p[g].max(1e-12) as f64).ln())
-            .sum::<f64>()
-    };
-    let mut temperature = 1.0f32;
-    let mut best = f64::INFINITY;
-    for t in [0.5f32, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0] {
-        let v = nll(&probs(t));
-        if v < best {
-            best = v;
-            temperature = t;
-        }
-    }
-    let p = probs(temperature);
+    let oof = OutOfFold::score(texts, labels, folds, o)?;
+    let temperature = oof.temperature();
+    let p = oof.probs(temperature);
+    let (n, k, folds) = (texts.len(), oof.names.len(), oof.folds);
+    let (names, given) = (&oof.names, &oof.given);
     let argmax = |v: &[f32]| {
         v.iter()
             .enumerate()
