@@ -355,7 +355,7 @@ fn alternate(
 fn base_bytes(m: &retune_engine::Model) -> usize {
     use retune_engine::linear::{Linear, Weight};
     let size = |l: &Linear| match &l.weight {
-        Weight::Blocks { data, .. } => data.len(),
+        Weight::Blocks { data, .. } | Weight::KBlocks { data, .. } => data.len(),
         Weight::Packed { packed, .. } => packed.data.len(),
         Weight::F32(w) => w.len() * 4,
         Weight::Candle(_) => 0,

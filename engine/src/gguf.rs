@@ -4,6 +4,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::kernels::BlockFormat;
+use crate::kquants::KFormat;
 use crate::linear::{Linear, Weight};
 use crate::model::{Arch, Layer, Model, ModelConfig};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
@@ -215,6 +216,18 @@ impl GgufFile {
                     },
                     GgmlDType::Q8_0 => Weight::Blocks {
                         format: BlockFormat::Q8_0,
+                        data,
+                    },
+                    GgmlDType::Q4K => Weight::KBlocks {
+                        format: KFormat::Q4K,
+                        data,
+                    },
+                    GgmlDType::Q5K => Weight::KBlocks {
+                        format: KFormat::Q5K,
+                        data,
+                    },
+                    GgmlDType::Q6K => Weight::KBlocks {
+                        format: KFormat::Q6K,
                         data,
                     },
                     _ => {

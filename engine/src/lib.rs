@@ -13,6 +13,7 @@ pub mod guide;
 pub mod kernels;
 pub mod kernels_f32;
 pub mod kernels_q8;
+pub mod kquants;
 pub mod kv;
 pub mod linear;
 pub mod load;

@@ -10,6 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::kernels::{BlockFormat, QK};
 use crate::kernels_f32::{self, Kernels};
 use crate::kernels_q8::{self, Packed, QuantX};
+use crate::kquants::{KFormat, QK_K};
 use candle_core::quantized::QMatMul;
 
 pub enum Weight {
@@ -23,6 +24,12 @@ pub enum Weight {
     Packed {
         format: BlockFormat,
         packed: Packed,
+    },
+    /// GGUF K-quant blocks (256 weights each), dequantized natively per row
+    /// ([`crate::kquants`]) into the f32 tiles, on every kernel path.
+    KBlocks {
+        format: KFormat,
+        data: Vec<u8>,
     },
     F32(Vec<f32>),
     Candle(QMatMul),
@@ -49,6 +56,9 @@ impl Linear {
                 cols % QK == 0 && data.len() == rows * cols / QK * format.block_bytes()
             }
             Weight::Packed { format, packed } => packed.fits(*format, rows, cols),
+            Weight::KBlocks { format, data } => {
+                cols % QK_K == 0 && data.len() == rows * cols / QK_K * format.block_bytes()
+            }
             Weight::F32(w) => w.len() == rows * cols,
             Weight::Candle(_) => true,
         };
@@ -120,6 +130,10 @@ impl Linear {
                 kernels_f32::dequant_row(k, *format, &data[r * rb..(r + 1) * rb], out);
             }
             Weight::Packed { format, packed } => packed.dequant_row(*format, r, out),
+            Weight::KBlocks { format, data } => {
+                let rb = self.cols / QK_K * format.block_bytes();
+                crate::kquants::dequant_row(*format, &data[r * rb..(r + 1) * rb], out);
+            }
             Weight::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
             Weight::Candle(_) => {
                 return Err(EngineError::InvalidRequest(
@@ -359,6 +373,24 @@ pub fn matmul_many(k: Kernels, lins: &[&Linear], x: &[f32], t: usize) -> Result<
                         kernels_f32::dequant_row(
                             k,
                             format,
+                            &data[(r + i) * rb..(r + i + 1) * rb],
+                            w,
+                        );
+                    }
+                    let rows: Vec<&[f32]> = scratch.chunks_exact(l.cols).take(n).collect();
+                    rows_times_tokens(k, &rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
+                    r += n;
+                }
+            }
+            (None, Weight::KBlocks { format, data }) => {
+                let rb = l.cols / QK_K * format.block_bytes();
+                let mut scratch = vec![0f32; TILE_ROWS * l.cols];
+                let mut r = r0;
+                while r < r1 {
+                    let n = (r1 - r).min(TILE_ROWS);
+                    for (i, w) in scratch.chunks_exact_mut(l.cols).take(n).enumerate() {
+                        crate::kquants::dequant_row(
+                            *format,
                             &data[(r + i) * rb..(r + i + 1) * rb],
                             w,
                         );

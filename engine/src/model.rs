@@ -264,6 +264,10 @@ impl Model {
                         h.update(data);
                     }
                 }
+                Weight::KBlocks { format, data } => {
+                    h.update(format!("{format:?}"));
+                    h.update(data);
+                }
                 Weight::F32(w) => floats(h, w),
                 Weight::Candle(candle_core::quantized::QMatMul::QTensor(q)) => {
                     h.update(format!("{:?}", q.dtype()));

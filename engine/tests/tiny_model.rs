@@ -102,6 +102,8 @@ fn quantized_gguf_stays_close_to_f32() {
         (GgmlDType::Q4_1, 0.3),
         (GgmlDType::Q4_0, 0.3),
         (GgmlDType::Q4K, 0.3),
+        (GgmlDType::Q5K, 0.2),
+        (GgmlDType::Q6K, 0.1),
     ] {
         let (p, _) = tiny::write(
             &dir.join(format!("{dtype:?}")),
@@ -111,7 +113,18 @@ fn quantized_gguf_stays_close_to_f32() {
             },
         )
         .unwrap();
-        let got = logits_of(&load(&p).unwrap().model, &[5, 9, 77, 200, 31]);
+        let model = load(&p).unwrap().model;
+        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
+            // served natively from the K-quant blocks, not through candle
+            assert!(
+                matches!(
+                    model.layers[0].q.weight,
+                    retune_engine::linear::Weight::KBlocks { .. }
+                ),
+                "{dtype:?}"
+            );
+        }
+        let got = logits_of(&model, &[5, 9, 77, 200, 31]);
         let d = max_diff(&reference, &got);
         assert!(
             d < tol * spread,
@@ -652,6 +665,10 @@ fn the_base_fingerprint_covers_every_weight() {
                 format: *format,
                 packed: packed.clone(),
             },
+            Weight::KBlocks { format, data } => Weight::KBlocks {
+                format: *format,
+                data: data.clone(),
+            },
             Weight::Candle(_) => panic!("tiny models load as plain weights"),
         };
         retune_engine::linear::Linear::new(l.rows, l.cols, w, l.bias.clone()).unwrap()
@@ -680,6 +697,7 @@ fn the_base_fingerprint_covers_every_weight() {
         Weight::F32(w) => w[7] += 1e-3,
         Weight::Blocks { data, .. } => data[5] ^= 1,
         Weight::Packed { packed, .. } => packed.data[5] ^= 1,
+        Weight::KBlocks { data, .. } => data[5] ^= 1,
         Weight::Candle(_) => panic!("tiny models load as plain weights"),
     }
     assert_ne!(rebuilt(layers).unwrap().fingerprint(), fp);

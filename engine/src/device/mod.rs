@@ -95,6 +95,14 @@ fn host_f32(k: Kernels, l: Linear) -> Result<Vec<f32>> {
             }
             out
         }
+        Weight::KBlocks { format, data } => {
+            let rb = data.len() / l.rows.max(1);
+            let mut out = vec![0f32; l.rows * l.cols];
+            for (r, o) in out.chunks_exact_mut(l.cols).enumerate() {
+                crate::kquants::dequant_row(format, &data[r * rb..(r + 1) * rb], o);
+            }
+            out
+        }
         Weight::Candle(QMatMul::QTensor(q)) => {
             q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?
         }
@@ -105,6 +113,16 @@ fn host_f32(k: Kernels, l: Linear) -> Result<Vec<f32>> {
 }
 
 fn ggml_of(l: &Linear) -> Option<(GgmlDType, &[u8])> {
+    if let Weight::KBlocks { format, data } = &l.weight {
+        return Some((
+            match format {
+                crate::kquants::KFormat::Q4K => GgmlDType::Q4K,
+                crate::kquants::KFormat::Q5K => GgmlDType::Q5K,
+                crate::kquants::KFormat::Q6K => GgmlDType::Q6K,
+            },
+            data,
+        ));
+    }
     let (format, data) = l.blocks()?;
     Some((
         match format {
