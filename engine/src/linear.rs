@@ -211,6 +211,31 @@ pub(crate) fn rows_times_tokens(
     }
 }
 
+/// Rows `r0..r1` of a block weight against all `t` tokens: [`TILE_ROWS`] rows
+/// at a time dequantized (`dequant(row, out)`) into f32, then the f32 tiles.
+#[inline(always)]
+fn dequantized_tiles(
+    k: Kernels,
+    cols: usize,
+    (r0, r1): (usize, usize),
+    x: &[f32],
+    t: usize,
+    write: impl Fn(usize, usize, f32),
+    dequant: impl Fn(usize, &mut [f32]),
+) {
+    let mut scratch = vec![0f32; TILE_ROWS * cols];
+    let mut r = r0;
+    while r < r1 {
+        let n = (r1 - r).min(TILE_ROWS);
+        for (i, w) in scratch.chunks_exact_mut(cols).take(n).enumerate() {
+            dequant(r + i, w);
+        }
+        let rows: Vec<&[f32]> = scratch.chunks_exact(cols).take(n).collect();
+        rows_times_tokens(k, &rows, x, cols, t, |ri, ti, v| write(ti, r + ri, v));
+        r += n;
+    }
+}
+
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: each parallel job writes a disjoint set of (token, row) cells.
@@ -365,40 +390,15 @@ pub fn matmul_many(k: Kernels, lins: &[&Linear], x: &[f32], t: usize) -> Result<
             }
             (Some((format, data)), _) => {
                 let rb = l.cols / QK * format.block_bytes();
-                let mut scratch = vec![0f32; TILE_ROWS * l.cols];
-                let mut r = r0;
-                while r < r1 {
-                    let n = (r1 - r).min(TILE_ROWS);
-                    for (i, w) in scratch.chunks_exact_mut(l.cols).take(n).enumerate() {
-                        kernels_f32::dequant_row(
-                            k,
-                            format,
-                            &data[(r + i) * rb..(r + i + 1) * rb],
-                            w,
-                        );
-                    }
-                    let rows: Vec<&[f32]> = scratch.chunks_exact(l.cols).take(n).collect();
-                    rows_times_tokens(k, &rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
-                    r += n;
-                }
+                dequantized_tiles(k, l.cols, (r0, r1), x, t, write, |r, w| {
+                    kernels_f32::dequant_row(k, format, &data[r * rb..(r + 1) * rb], w)
+                });
             }
             (None, Weight::KBlocks { format, data }) => {
                 let rb = l.cols / QK_K * format.block_bytes();
-                let mut scratch = vec![0f32; TILE_ROWS * l.cols];
-                let mut r = r0;
-                while r < r1 {
-                    let n = (r1 - r).min(TILE_ROWS);
-                    for (i, w) in scratch.chunks_exact_mut(l.cols).take(n).enumerate() {
-                        crate::kquants::dequant_row(
-                            *format,
-                            &data[(r + i) * rb..(r + i + 1) * rb],
-                            w,
-                        );
-                    }
-                    let rows: Vec<&[f32]> = scratch.chunks_exact(l.cols).take(n).collect();
-                    rows_times_tokens(k, &rows, x, l.cols, t, |ri, ti, v| write(ti, r + ri, v));
-                    r += n;
-                }
+                dequantized_tiles(k, l.cols, (r0, r1), x, t, write, |r, w| {
+                    crate::kquants::dequant_row(*format, &data[r * rb..(r + 1) * rb], w)
+                });
             }
             (None, Weight::F32(w)) => {
                 let mut r = r0;
