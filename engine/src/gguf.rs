@@ -218,15 +218,19 @@ impl GgufFile {
                         format: BlockFormat::Q8_0,
                         data,
                     },
-                    GgmlDType::Q4K => Weight::KBlocks {
+                    // the embedding table needs row lookups, which candle's
+                    // QMatMul lacks; projections stay on its K-quant dot
+                    // products, 3-10x faster than dequantizing rows into the
+                    // f32 tiles (BENCHMARKS.md, "K-quants")
+                    GgmlDType::Q4K if name == "token_embd.weight" => Weight::KBlocks {
                         format: KFormat::Q4K,
                         data,
                     },
-                    GgmlDType::Q5K => Weight::KBlocks {
+                    GgmlDType::Q5K if name == "token_embd.weight" => Weight::KBlocks {
                         format: KFormat::Q5K,
                         data,
                     },
-                    GgmlDType::Q6K => Weight::KBlocks {
+                    GgmlDType::Q6K if name == "token_embd.weight" => Weight::KBlocks {
                         format: KFormat::Q6K,
                         data,
                     },

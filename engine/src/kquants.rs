@@ -230,4 +230,56 @@ mod tests {
             .is_err());
         }
     }
+
+    /// Speed against candle's `QMatMul` on the same blocks (its port of
+    /// llama.cpp's K-quant dot products, activations quantized to Q8_K), one
+    /// projection of 1,536 × 512 weights, 1 and 64 tokens:
+    /// `cargo test --release -p retune-engine --lib k_quant_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement"]
+    fn k_quant_speed_against_candle() {
+        use crate::kernels_f32::Kernels;
+        use crate::linear::{Linear, Weight};
+        use candle_core::quantized::QMatMul;
+        use candle_core::{Device, Module, Tensor};
+        // SmolLM2's hidden (576) is no multiple of 256: its K-quant GGUFs keep
+        // those rows in other types; 512 columns here
+        let (rows, cols) = (1536, 2 * QK_K);
+        let k = Kernels::process_default();
+        for format in [KFormat::Q4K, KFormat::Q6K] {
+            let data = blocks(format, rows * cols / QK_K, 3);
+            let dtype = match format {
+                KFormat::Q4K => GgmlDType::Q4K,
+                KFormat::Q5K => GgmlDType::Q5K,
+                KFormat::Q6K => GgmlDType::Q6K,
+            };
+            let q = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+            let qm = QMatMul::from_qtensor(q).unwrap();
+            let ours = Linear::new(rows, cols, Weight::KBlocks { format, data }, None).unwrap();
+            for t in [1usize, 64] {
+                let x: Vec<f32> = (0..t * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let xt = Tensor::from_slice(&x, (t, cols), &Device::Cpu).unwrap();
+                let reps = if t == 1 { 2000 } else { 100 };
+                let time = |f: &dyn Fn()| {
+                    f();
+                    let s = std::time::Instant::now();
+                    for _ in 0..reps {
+                        f();
+                    }
+                    s.elapsed().as_secs_f64() / reps as f64 * 1e6
+                };
+                let a = time(&|| {
+                    std::hint::black_box(ours.forward(k, &x, t).unwrap());
+                });
+                let b = time(&|| {
+                    std::hint::black_box(qm.forward(&xt).unwrap());
+                });
+                eprintln!(
+                    "{format:?} {rows}x{cols}, {t} token(s), kernels {}: retune {a:.1} us, candle QMatMul {b:.1} us, ratio {:.2}",
+                    k.path().name(),
+                    b / a
+                );
+            }
+        }
+    }
 }

@@ -21,6 +21,8 @@ pub struct TinySpec {
     pub seed: u64,
     /// Weight type of the GGUF projections.
     pub gguf_dtype: GgmlDType,
+    /// Weight type of the GGUF embedding table (tied output projection too).
+    pub embed_dtype: GgmlDType,
     pub arch: &'static str,
     /// Llama 3 rope scaling (factor 8, low 1, high 4, original context 32).
     pub llama3_rope: bool,
@@ -37,6 +39,7 @@ impl Default for TinySpec {
             context: 256,
             seed: 1,
             gguf_dtype: GgmlDType::F32,
+            embed_dtype: GgmlDType::F32,
             arch: "llama",
             llama3_rope: false,
         }
@@ -256,10 +259,10 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
             )?;
             t = t.index_select(&idx, 0)?;
         }
-        let dtype = if t.rank() == 2 && !name.contains("embed") {
-            s.gguf_dtype
-        } else {
-            GgmlDType::F32
+        let dtype = match (t.rank(), name.contains("embed")) {
+            (2, false) => s.gguf_dtype,
+            (2, true) => s.embed_dtype,
+            _ => GgmlDType::F32,
         };
         qts.push((gname(name), QTensor::quantize(&t, dtype)?));
     }
