@@ -71,8 +71,6 @@ impl ClassHead {
     }
 }
 
-
-
 /// The head tensor and its labels (the weights file's metadata), checked
 /// against the base's hidden size.
 pub(crate) fn load_head(
@@ -170,8 +168,7 @@ pub(crate) fn load_prior(
             ))
         })?;
     let weights = to_f32(PRIOR_TENSOR, view)?;
-    let classifier =
-        TextClassifier::import(json, &weights).map_err(|e| bad(e.to_string()))?;
+    let classifier = TextClassifier::import(json, &weights).map_err(|e| bad(e.to_string()))?;
     let rows = classifier.labels().len();
     if view.shape().len() != 2 || view.shape()[0] != rows {
         return Err(AdapterError::Shape {

@@ -5,15 +5,15 @@
 
 pub mod error;
 pub mod files;
+pub mod head;
 pub mod names;
 pub mod packed;
-pub mod head;
 pub mod peft;
 mod peft_config;
 pub mod pool;
 
 pub use error::{AdapterError, NameError};
-pub use names::{check_name, AdapterRef, Via};
 pub use head::{ClassHead, LabelPrior, HEAD_TENSOR, LABELS_METADATA, MAX_LABELS, PRIOR_TENSOR};
+pub use names::{check_name, AdapterRef, Via};
 pub use peft::{load_peft, AdapterConfig, BaseShapes, LoadLimits, LoraAdapter, LoraPair, MODULES};
 pub use pool::{Acquire, AdapterPool, AdapterSource, DirSource, PoolConfig, PoolStats};

@@ -263,7 +263,10 @@ fn map_limited(path: &Path, max: u64) -> Result<memmap2::Mmap, AdapterError> {
     })
 }
 
-pub(crate) fn to_f32(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, AdapterError> {
+pub(crate) fn to_f32(
+    name: &str,
+    t: &safetensors::tensor::TensorView<'_>,
+) -> Result<Vec<f32>, AdapterError> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
         Dtype::F32 => d
@@ -355,7 +358,9 @@ pub fn load_peft(
     let mut prior = None;
     for (name, view) in st.tensors() {
         if name == HEAD_TENSOR && wants_head {
-            head = Some(crate::head::load_head(&bytes, &st_path, &name, &view, base)?);
+            head = Some(crate::head::load_head(
+                &bytes, &st_path, &name, &view, base,
+            )?);
             continue;
         }
         if name == crate::head::PRIOR_TENSOR && wants_head {
@@ -480,7 +485,6 @@ pub fn load_peft(
     a.head = head;
     Ok(a)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -42,7 +42,11 @@ pub fn key_of(body: &ExampleBody) -> String {
 
 /// The suspects of the latest snapshot of `tenant/adapter` that looked for
 /// them, less those a person has ruled on.
-pub fn queue(store: &dyn DatasetStore, tenant: &str, adapter: &str) -> Result<ReviewQueue, DataError> {
+pub fn queue(
+    store: &dyn DatasetStore,
+    tenant: &str,
+    adapter: &str,
+) -> Result<ReviewQueue, DataError> {
     let latest = store
         .snapshots(tenant, Some(adapter))?
         .into_iter()
@@ -129,7 +133,9 @@ pub fn review(
         }
     }
     let row = found.ok_or_else(|| {
-        DataError::NotFound(format!("input `{key}` in the snapshots of {tenant}/{adapter}"))
+        DataError::NotFound(format!(
+            "input `{key}` in the snapshots of {tenant}/{adapter}"
+        ))
     })?;
     let body = crate::snapshot::with_answer(&row.body, label.to_string());
     let subjects: Vec<Option<String>> = if row.subject_ids.is_empty() {

@@ -406,11 +406,7 @@ pub fn find_snapshot_suspects(rows: &[SnapshotRow], policy: SuspectPolicy) -> Su
 /// The rows to train on: a snapshot's rows less the suspect train rows its
 /// manifest holds out.
 pub fn training_rows(m: &Manifest, rows: Vec<SnapshotRow>) -> Vec<SnapshotRow> {
-    let Some(s) = m
-        .suspects
-        .as_ref()
-        .filter(|s| s.policy.holds_out())
-    else {
+    let Some(s) = m.suspects.as_ref().filter(|s| s.policy.holds_out()) else {
         return rows;
     };
     let out: std::collections::BTreeSet<&str> = s

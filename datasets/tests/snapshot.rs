@@ -515,11 +515,28 @@ fn the_review_queue_holds_suspects_out_until_a_person_labels_them() {
 
         // bad verdicts: nothing written
         let labels: Vec<String> = vec![item.given.clone(), item.suggested.clone()];
-        let e = review::review(s.as_ref(), "acme", "b77", &item.input_key, "nope", Some(&labels))
-            .unwrap_err();
-        assert!(matches!(&e, DataError::Invalid { field, .. } if field == "label"), "{e}");
-        let e = review::review(s.as_ref(), "acme", "b77", "no-such-key", &item.suggested, None)
-            .unwrap_err();
+        let e = review::review(
+            s.as_ref(),
+            "acme",
+            "b77",
+            &item.input_key,
+            "nope",
+            Some(&labels),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, DataError::Invalid { field, .. } if field == "label"),
+            "{e}"
+        );
+        let e = review::review(
+            s.as_ref(),
+            "acme",
+            "b77",
+            "no-such-key",
+            &item.suggested,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(e, DataError::NotFound(_)), "{e}");
         assert!(s.reviewed_keys("acme", "b77").unwrap().is_empty());
 

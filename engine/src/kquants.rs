@@ -130,7 +130,9 @@ mod tests {
     fn blocks(format: KFormat, n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
         let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
         let mut out = Vec::with_capacity(n * format.block_bytes());
@@ -174,7 +176,11 @@ mod tests {
                 let mut got = vec![0f32; n * QK_K];
                 dequant_row(format, &data, &mut got);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{format:?} seed {seed} weight {i}: {a} vs {b}");
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{format:?} seed {seed} weight {i}: {a} vs {b}"
+                    );
                 }
                 // every byte counts: a flipped bit changes some weight
                 for at in [0, 3, 5, 17, 100, format.block_bytes() - 1] {
@@ -205,12 +211,18 @@ mod tests {
             }
             let kq = Linear::new(rows, cols, Weight::KBlocks { format, data }, None).unwrap();
             let f = Linear::new(rows, cols, Weight::F32(dense.clone()), None).unwrap();
-            let x: Vec<f32> = (0..5 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let x: Vec<f32> = (0..5 * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
             for p in available_paths() {
                 let k = Kernels::new(p).unwrap();
                 let one = kq.forward(k, &x[..cols], 1).unwrap();
                 let five = kq.forward(k, &x, 5).unwrap();
-                assert_eq!(one, f.forward(k, &x[..cols], 1).unwrap(), "{format:?} {p:?}");
+                assert_eq!(
+                    one,
+                    f.forward(k, &x[..cols], 1).unwrap(),
+                    "{format:?} {p:?}"
+                );
                 assert_eq!(five, f.forward(k, &x, 5).unwrap(), "{format:?} {p:?}");
                 assert_eq!(one[..], five[..rows], "{format:?} {p:?}: batch-dependent");
                 let mut row = vec![0f32; cols];
@@ -257,7 +269,9 @@ mod tests {
             let qm = QMatMul::from_qtensor(q).unwrap();
             let ours = Linear::new(rows, cols, Weight::KBlocks { format, data }, None).unwrap();
             for t in [1usize, 64] {
-                let x: Vec<f32> = (0..t * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let x: Vec<f32> = (0..t * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
                 let xt = Tensor::from_slice(&x, (t, cols), &Device::Cpu).unwrap();
                 let reps = if t == 1 { 2000 } else { 100 };
                 let time = |f: &dyn Fn()| {

@@ -305,7 +305,11 @@ fn a_classical_prior_weighs_the_labels_by_the_request_text() {
         TextClassifier::train_calibrated(&texts, &labels, 2, &ClassicalOptions::default()).unwrap();
     let st_path = ad.join("adapter_model.safetensors");
     let st = std::fs::read(&st_path).unwrap();
-    std::fs::write(&st_path, retune_adapters::head::with_prior(&st, &prior).unwrap()).unwrap();
+    std::fs::write(
+        &st_path,
+        retune_adapters::head::with_prior(&st, &prior).unwrap(),
+    )
+    .unwrap();
     let a = load_peft(&ad, &model.base_shapes(), &LoadLimits::default()).unwrap();
     let head = a.head.as_ref().unwrap();
     assert!(head.prior.is_some(), "the prior loads with the head");

@@ -123,7 +123,10 @@ fn quantized_gguf_stays_close_to_f32() {
             ));
             let got = logits_of(&model, &[5, 9, 77, 200, 31]);
             let d = max_diff(&reference, &got);
-            assert!(d > 0.0 && d < 0.3 * spread, "Q4_K embeddings: max diff {d} (spread {spread})");
+            assert!(
+                d > 0.0 && d < 0.3 * spread,
+                "Q4_K embeddings: max diff {d} (spread {spread})"
+            );
         }
         let (p, _) = tiny::write(
             &dir.join(format!("{dtype:?}")),

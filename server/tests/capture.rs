@@ -831,7 +831,10 @@ async fn the_admin_review_queue_lists_suspects_and_takes_verdicts() {
     let mut lines = Vec::new();
     for i in 0..60 {
         let (q, mut l) = if i % 2 == 0 {
-            (format!("my card number {i} was stolen, block the card"), "card_lost")
+            (
+                format!("my card number {i} was stolen, block the card"),
+                "card_lost",
+            )
         } else {
             (format!("refund order {i}, i want my money back"), "refund")
         };
@@ -848,10 +851,13 @@ async fn the_admin_review_queue_lists_suspects_and_takes_verdicts() {
         .set_payload(lines.join("\n"))
         .to_request();
     assert_eq!(test::call_service(&svc, req).await.status(), 200);
-    let req = admin(test::TestRequest::post(), "/admin/data/acme/intents/snapshots")
-        .set_json(serde_json::json!({"include_positive": true, "scrub": true,
+    let req = admin(
+        test::TestRequest::post(),
+        "/admin/data/acme/intents/snapshots",
+    )
+    .set_json(serde_json::json!({"include_positive": true, "scrub": true,
             "eval_percent": 10, "suspects": "review"}))
-        .to_request();
+    .to_request();
     let m: serde_json::Value = test::read_body_json(test::call_service(&svc, req).await).await;
     assert_eq!(m["suspects"]["policy"], "review", "{m}");
     let req = admin(test::TestRequest::get(), "/admin/data/acme/intents/review").to_request();

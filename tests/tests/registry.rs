@@ -1393,7 +1393,10 @@ fn a_classifier_loads_whole_every_time_from_its_files() {
     let pool = AdapterPool::new(reg.clone(), shapes.clone(), PoolConfig::default());
     for round in 0..2 {
         let a = acquired(&pool, &r).unwrap();
-        let h = a.head.as_ref().unwrap_or_else(|| panic!("round {round}: no head"));
+        let h = a
+            .head
+            .as_ref()
+            .unwrap_or_else(|| panic!("round {round}: no head"));
         assert_eq!(h.labels, labels);
         let p = h.prior.as_ref().expect("the prior");
         assert_eq!(p.classifier.labels(), ["no", "yes"]);

@@ -127,12 +127,18 @@ pub fn generate(
     labels: Option<&[String]>,
     texts: Option<&[String]>,
 ) -> Result<Vec<String>> {
-    Ok(
-        generate_ids(model, tok, adapter, prompts, (max_new, batch), labels, texts)?
-            .iter()
-            .map(|ids| tok.decode(ids, true))
-            .collect::<std::result::Result<Vec<_>, _>>()?,
-    )
+    Ok(generate_ids(
+        model,
+        tok,
+        adapter,
+        prompts,
+        (max_new, batch),
+        labels,
+        texts,
+    )?
+    .iter()
+    .map(|ids| tok.decode(ids, true))
+    .collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 /// [`generate`]'s token ids (without the end-of-sequence token).

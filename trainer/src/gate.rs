@@ -136,9 +136,9 @@ impl GateReport {
             "constant",
             "classical",
         ]
-            .iter()
-            .filter_map(|n| arm(n))
-            .collect();
+        .iter()
+        .filter_map(|n| arm(n))
+        .collect();
         parts.push(format!("KL {:.3}", self.forgetting.kl));
         let head = format!(
             "{} {:?} on {} eval examples: {}",

@@ -311,7 +311,12 @@ impl Adapter {
         if let (Some(m), Some(p)) = (&mut meta, &self.prior) {
             let ((key, json), shape, dtype, bytes) = retune_adapters::head::prior_parts(p);
             m.insert(key, json);
-            data.push((retune_adapters::PRIOR_TENSOR.to_string(), shape, dtype, bytes));
+            data.push((
+                retune_adapters::PRIOR_TENSOR.to_string(),
+                shape,
+                dtype,
+                bytes,
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
             .iter()

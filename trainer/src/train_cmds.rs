@@ -312,7 +312,8 @@ pub(super) fn prior_cmd(
     let st_path = adapter.join("adapter_model.safetensors");
     let st = std::fs::read(&st_path).with_context(|| format!("reading {}", st_path.display()))?;
     let cfg_path = adapter.join("adapter_config.json");
-    let cfg = std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg =
+        std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let text =
         std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
     let (rows, errors) = retune_datasets::parse_jsonl(&text);

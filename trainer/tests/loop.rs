@@ -1308,8 +1308,13 @@ fn a_declared_label_task_is_trained_as_a_classifier_and_promoted() {
     // with the classical prior trained on the same rows (the daemon's default),
     // and the gate reports what the head scores without it
     assert!(a.head.as_ref().unwrap().prior.is_some());
-    let note = v.metadata["training"]["classical_prior"].as_str().unwrap_or("");
-    assert!(note.starts_with("a TF-IDF classifier over 3 labels"), "{note}");
+    let note = v.metadata["training"]["classical_prior"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        note.starts_with("a TF-IDF classifier over 3 labels"),
+        "{note}"
+    );
     assert!(
         gate["arms"]
             .as_array()

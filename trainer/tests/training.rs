@@ -524,7 +524,11 @@ fn a_label_task_trains_a_classifier_head() {
         note.starts_with("a TF-IDF classifier over 3 labels trained on 30 rows"),
         "{note}"
     );
-    let p = la.head.as_ref().and_then(|h| h.prior.as_ref()).expect("a prior");
+    let p = la
+        .head
+        .as_ref()
+        .and_then(|h| h.prior.as_ref())
+        .expect("a prior");
     assert_eq!(p.classifier.labels().len(), 3);
     let mut off = s.clone();
     off.classical_prior = false;
