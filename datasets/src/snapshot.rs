@@ -336,19 +336,28 @@ pub fn content_id(tenant: &str, adapter: &str, p: &Policy, rows: &[SnapshotRow])
 /// example's prompt), without system prompts and the answer.
 pub fn classifier_text(body: &ExampleBody) -> String {
     match body {
-        ExampleBody::Chat { messages } => {
-            let n = messages
-                .len()
-                .saturating_sub(messages.last().is_some_and(|m| m.role == "assistant") as usize);
-            messages[..n]
+        ExampleBody::Chat { messages } => user_turns(
+            messages
                 .iter()
-                .filter(|m| m.role == "user")
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
+                .map(|m| (m.role.as_str(), m.content.as_str())),
+        ),
         ExampleBody::Text { prompt, .. } => prompt.clone(),
     }
+}
+
+/// [`classifier_text`] of a chat given as (role, content) turns: the user
+/// turns joined by newlines, a final assistant turn (the answer) left out.
+pub fn user_turns<'a>(turns: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut turns: Vec<(&str, &str)> = turns.collect();
+    if turns.last().is_some_and(|t| t.0 == "assistant") {
+        turns.pop();
+    }
+    turns
+        .into_iter()
+        .filter(|t| t.0 == "user")
+        .map(|t| t.1)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Look for suspect labels among a snapshot's labelled rows (every row, train

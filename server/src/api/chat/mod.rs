@@ -33,17 +33,9 @@ pub(crate) async fn create(
         });
     }
     let msgs = convert::messages(&a.body.messages)?;
-    a.job.text = Some(retune_datasets::snapshot::classifier_text(
-        &retune_datasets::ExampleBody::Chat {
-            messages: msgs
-                .iter()
-                .map(|m| retune_datasets::Message {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
-                    weight: None,
-                })
-                .collect(),
-        },
+    // what a classifier's classical prior reads, as from a training row
+    a.job.text = Some(retune_datasets::snapshot::user_turns(
+        msgs.iter().map(|m| (m.role.as_str(), m.content.as_str())),
     ));
     if let Some(ctx) = &mut a.job.capture {
         ctx.request = convert::as_captured(&msgs);
