@@ -14,7 +14,7 @@ pub enum EngineError {
     },
     #[error("invalid model file {path}: {reason}")]
     InvalidModel { path: PathBuf, reason: String },
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, smollm)")]
+    #[error("unsupported architecture `{0}` (served: {families})", families = crate::family::SERVED)]
     UnsupportedArchitecture(String),
     #[error("unsupported tensor type {dtype} for `{tensor}`")]
     UnsupportedQuantization { tensor: String, dtype: String },

@@ -72,8 +72,10 @@ impl GgufFile {
         let n_kv_head = self
             .meta_usize(&a("attention.head_count_kv"))
             .unwrap_or(n_head);
+        // llama.cpp's n_embd_head_k: the key length, else the rope width
         let head_dim = self
-            .meta_usize(&a("rope.dimension_count"))
+            .meta_usize(&a("attention.key_length"))
+            .or_else(|_| self.meta_usize(&a("rope.dimension_count")))
             .unwrap_or(hidden / n_head.max(1));
         let vocab = match self.content.tensor_infos.get("token_embd.weight") {
             Some(t) => t.shape.dims().first().copied().unwrap_or(0),
@@ -105,7 +107,30 @@ impl GgufFile {
                 .unwrap_or(1e-5),
             rope_theta: self.meta_f32(&a("rope.freq_base")).unwrap_or(10_000.0),
             context: self.meta_usize(&a("context_length")).unwrap_or(4096),
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_window: None,
+            swa_pattern: 0,
+            rope_theta_swa: None,
             arch,
+        };
+        let cfg = match arch {
+            Arch::Gemma3 => ModelConfig {
+                // a Gemma 3 GGUF without a window attends globally in every layer
+                // (llama.cpp's LLAMA_SWA_TYPE_NONE)
+                sliding_window: self
+                    .meta_usize(&a("attention.sliding_window"))
+                    .ok()
+                    .filter(|&w| w > 0),
+                swa_pattern: self
+                    .meta_usize(&a("attention.sliding_window_pattern"))
+                    .unwrap_or(crate::family::gemma3::SWA_PATTERN),
+                rope_theta_swa: Some(self.meta_f32(&a("rope.freq_base_swa")).unwrap_or(10_000.0)),
+                rms_eps: self
+                    .meta_f32(&a("attention.layer_norm_rms_epsilon"))
+                    .unwrap_or(1e-6),
+                ..cfg
+            },
+            _ => cfg,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -259,7 +284,8 @@ impl GgufFile {
         let (h, qd, kd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         // llama.cpp's converter permutes Q/K rows of llama-arch models for its
         // interleaved rope; undo that so rope (and LoRA) use the HF layout.
-        let permuted = cfg.arch != Arch::Qwen2;
+        let family = cfg.arch.family();
+        let permuted = family.gguf_qk_permuted;
         let q_perm = permuted.then(|| unpermute(cfg.n_head, cfg.head_dim));
         let k_perm = permuted.then(|| unpermute(cfg.n_kv_head, cfg.head_dim));
         let embed = self.linear("token_embd.weight", cfg.vocab, h, None, None)?;
@@ -286,13 +312,17 @@ impl GgufFile {
                 Some(&p("attn_k.bias")),
                 k_perm.as_deref(),
             )?;
+            let norms = family
+                .norms
+                .iter()
+                .map(|n| self.vector(&p(&format!("{}.weight", n.gguf)), n.len(&cfg)))
+                .collect::<Result<Vec<_>>>()?;
             layers.push(Layer {
-                attn_norm: self.vector(&p("attn_norm.weight"), h)?,
+                norms,
                 q,
                 k,
                 v: self.linear(&p("attn_v.weight"), kd, h, Some(&p("attn_v.bias")), None)?,
                 o: self.linear(&p("attn_output.weight"), h, qd, None, None)?,
-                ffn_norm: self.vector(&p("ffn_norm.weight"), h)?,
                 gate: self.linear(&p("ffn_gate.weight"), f, h, None, None)?,
                 up: self.linear(&p("ffn_up.weight"), f, h, None, None)?,
                 down: self.linear(&p("ffn_down.weight"), h, f, None, None)?,

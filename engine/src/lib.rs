@@ -7,6 +7,7 @@ pub mod chat;
 pub mod cpu;
 pub mod device;
 pub mod error;
+pub mod family;
 pub mod fairness;
 pub mod gguf;
 pub mod guide;

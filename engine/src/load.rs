@@ -1,6 +1,7 @@
 //! One entry point: a `.gguf` file or an HF safetensors directory.
 
-use crate::chat::{ChatTemplate, CHATML};
+use crate::chat::{ChatTemplate, CHATML, GEMMA3};
+use crate::family::Arch;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::model::Model;
@@ -43,8 +44,13 @@ pub fn load(path: &Path) -> Result<Loaded> {
         ));
     }
     let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
+    // a model without a template gets its family's, else ChatML
+    let fallback = match model.cfg.arch {
+        Arch::Gemma3 => GEMMA3,
+        _ => CHATML,
+    };
     let template = ChatTemplate::new(
-        template_src.as_deref().unwrap_or(CHATML),
+        template_src.as_deref().unwrap_or(fallback),
         &piece(tok.bos),
         &piece(tok.eos.first().copied()),
     )?;

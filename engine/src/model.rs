@@ -13,41 +13,8 @@ use half::f16;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// The model families the engine runs (GGUF `general.architecture`, HF
-/// `model_type`): one llama-style block; qwen2 stores q and k unpermuted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Llama,
-    Mistral,
-    Qwen2,
-}
-
-impl Arch {
-    /// The name GGUF and HF give it (and the base fingerprint carries).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Mistral => "mistral",
-            Self::Qwen2 => "qwen2",
-        }
-    }
-
-    /// The family `name` names; another is [`EngineError::UnsupportedArchitecture`].
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "llama" => Self::Llama,
-            "mistral" => Self::Mistral,
-            "qwen2" => Self::Qwen2,
-            other => return Err(EngineError::UnsupportedArchitecture(other.to_string())),
-        })
-    }
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::family::Arch;
+use crate::family::{Act, Attn, Norm, Ops, Proj};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -65,6 +32,15 @@ pub struct ModelConfig {
     /// scaling); empty = none.
     pub rope_freq_divisors: Vec<f32>,
     pub context: usize,
+    /// Attention score scale (`1/√head_dim` unless the family says otherwise).
+    pub attn_scale: f32,
+    /// Sliding-window layers see this many positions (themselves included).
+    pub sliding_window: Option<usize>,
+    /// With a window: every `swa_pattern`-th layer is global, the rest slide
+    /// (llama.cpp's pattern: layer `i` slides iff `i % n < n − 1`).
+    pub swa_pattern: usize,
+    /// The sliding layers' own rope base (rope table 1), if they have one.
+    pub rope_theta_swa: Option<f32>,
 }
 
 impl ModelConfig {
@@ -74,8 +50,31 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
+    /// How layer `li` attends.
+    pub fn layer_attn(&self, li: usize) -> Attn {
+        let slides = self.sliding_window.is_some()
+            && (self.swa_pattern == 0 || li % self.swa_pattern < self.swa_pattern - 1);
+        Attn {
+            rope: usize::from(slides && self.rope_theta_swa.is_some()),
+            window: if slides { self.sliding_window } else { None },
+            scale: self.attn_scale,
+        }
+    }
+
+    /// The rope tables' (base, per-frequency divisors): the global one, then
+    /// the sliding layers' own if they have one.
+    pub fn rope_bases(&self) -> Vec<(f32, &[f32])> {
+        let mut v = vec![(self.rope_theta, self.rope_freq_divisors.as_slice())];
+        if let Some(t) = self.rope_theta_swa {
+            v.push((t, &[]));
+        }
+        v
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = self.n_layer == 0
+            || !(self.attn_scale.is_finite() && self.attn_scale > 0.0)
+            || self.sliding_window == Some(0)
             || self.hidden == 0
             || self.n_head == 0
             || self.n_kv_head == 0
@@ -99,15 +98,29 @@ impl ModelConfig {
 }
 
 pub struct Layer {
-    pub attn_norm: Vec<f32>,
+    /// The family's per-layer norm weights, in its [`crate::family::Family::norms`] order.
+    pub norms: Vec<Vec<f32>>,
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
-    pub ffn_norm: Vec<f32>,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+}
+
+impl Layer {
+    pub fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
 }
 
 pub struct Model {
@@ -117,8 +130,8 @@ pub struct Model {
     pub norm: Vec<f32>,
     /// `None` when the output projection is tied to the embedding.
     pub lm_head: Option<Linear>,
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    /// (cos, sin) per rope table ([`ModelConfig::rope_bases`]).
+    ropes: Vec<(Vec<f32>, Vec<f32>)>,
     fingerprint: String,
     /// The kernel path its forward runs on (the process default when it was
     /// built; [`Model::set_kernels`] before it runs).
@@ -156,15 +169,28 @@ impl Model {
         lm_head: Option<Linear>,
     ) -> Result<Self> {
         cfg.validate()?;
-        let (rope_cos, rope_sin) = rope_tables(&cfg);
+        let n_norms = cfg.arch.family().norms.len();
+        for (i, l) in layers.iter().enumerate() {
+            if l.norms.len() != n_norms {
+                return Err(EngineError::Internal(format!(
+                    "layer {i} has {} norms where {} has {n_norms}",
+                    l.norms.len(),
+                    cfg.arch
+                )));
+            }
+        }
+        let ropes = cfg
+            .rope_bases()
+            .into_iter()
+            .map(|(theta, div)| rope_tables(&cfg, theta, div))
+            .collect();
         let mut m = Self {
             cfg,
             embed,
             layers,
             norm,
             lm_head,
-            rope_cos,
-            rope_sin,
+            ropes,
             fingerprint: String::new(),
             kernels: Kernels::process_default(),
         };
@@ -291,8 +317,9 @@ impl Model {
         }
         linear(&mut h, "embed", &self.embed)?;
         for (i, l) in self.layers.iter().enumerate() {
-            floats(&mut h, &l.attn_norm);
-            floats(&mut h, &l.ffn_norm);
+            for n in &l.norms {
+                floats(&mut h, n);
+            }
             for (n, p) in [
                 ("q", &l.q),
                 ("k", &l.k),
@@ -362,7 +389,6 @@ impl Model {
         for it in items.iter_mut() {
             it.kv.reserve(it.tokens.len());
         }
-        let mut xn = vec![0f32; t * h];
         let mut spans = Vec::with_capacity(items.len());
         let mut start = 0;
         for it in items.iter() {
@@ -374,56 +400,16 @@ impl Model {
             start += it.tokens.len();
         }
         let any_lora = spans.iter().any(|s| s.adapter.is_some());
-        // base projection for the whole batch, then per-row adapter deltas
-        let project = |lins: &[&Linear],
-                       modules: &[usize],
-                       layer: usize,
-                       x: &[f32]|
-         -> Result<Vec<Vec<f32>>> {
-            let mut outs = matmul_many(k, lins, x, t)?;
-            if any_lora {
-                for ((out, l), &m) in outs.iter_mut().zip(lins).zip(modules) {
-                    lora::add_deltas(k, &spans, layer, m, x, l.cols, out, l.rows);
-                }
-            }
-            Ok(outs)
+        let mut step = HostStep {
+            model: self,
+            items,
+            spans: &spans,
+            any_lora,
+            pos: &pos,
+            t,
         };
-        for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm_rows(&x, &layer.attn_norm, c.rms_eps, &mut xn);
-            let mut qkv = project(&[&layer.q, &layer.k, &layer.v], &[0, 1, 2], li, &xn)?;
-            let v = qkv.pop().unwrap_or_default();
-            let mut k = qkv.pop().unwrap_or_default();
-            let mut q = qkv.pop().unwrap_or_default();
-            self.rope(&mut q, c.n_head, &pos);
-            self.rope(&mut k, c.n_kv_head, &pos);
-            let mut off = 0;
-            for it in items.iter_mut() {
-                let n = it.tokens.len();
-                let kd = c.kv_dim();
-                it.kv.append(
-                    li,
-                    &k[off * kd..(off + n) * kd],
-                    &v[off * kd..(off + n) * kd],
-                );
-                off += n;
-            }
-            let attn = self.attention(items, li, &q, &pos);
-            let o = project(&[&layer.o], &[3], li, &attn)?
-                .pop()
-                .unwrap_or_default();
-            add_in_place(&mut x, &o);
-            rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
-            let mut gu = project(&[&layer.gate, &layer.up], &[4, 5], li, &xn)?;
-            let up = gu.pop().unwrap_or_default();
-            let mut gate = gu.pop().unwrap_or_default();
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-            let down = project(&[&layer.down], &[6], li, &gate)?
-                .pop()
-                .unwrap_or_default();
-            add_in_place(&mut x, &down);
-        }
+        let x = crate::family::body(&mut step, c, x)?;
+        let items = step.items;
         for it in items.iter_mut() {
             it.kv.commit(it.tokens.len());
         }
@@ -441,7 +427,7 @@ impl Model {
             return Ok(Vec::new());
         }
         let mut normed = vec![0f32; n * h];
-        rms_norm_rows(&rows, &self.norm, c.rms_eps, &mut normed);
+        rms_norm_rows(&rows, self.norm_weight(Norm::Final), c.rms_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         // a classifier adapter's rows read its head; the rest the vocabulary
         let heads = heads_of(items);
@@ -471,12 +457,21 @@ impl Model {
             .collect())
     }
 
-    fn rope(&self, x: &mut [f32], heads: usize, pos: &[usize]) {
+    fn norm_weight(&self, w: Norm) -> &[f32] {
+        match w {
+            Norm::Layer(li, n) => &self.layers[li].norms[n],
+            Norm::Final => &self.norm,
+        }
+    }
+
+    fn rope(&self, x: &mut [f32], table: usize, pos: &[usize]) {
         let hd = self.cfg.head_dim;
         let half = hd / 2;
-        for (row, &p) in x.chunks_exact_mut(heads * hd).zip(pos) {
-            let cos = &self.rope_cos[p * half..(p + 1) * half];
-            let sin = &self.rope_sin[p * half..(p + 1) * half];
+        let (cos_t, sin_t) = &self.ropes[table];
+        let width = x.len() / pos.len().max(1);
+        for (row, &p) in x.chunks_exact_mut(width).zip(pos) {
+            let cos = &cos_t[p * half..(p + 1) * half];
+            let sin = &sin_t[p * half..(p + 1) * half];
             for head in row.chunks_exact_mut(hd) {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
@@ -495,12 +490,13 @@ impl Model {
         layer: usize,
         q: &[f32],
         pos: &[usize],
+        a: Attn,
     ) -> Vec<f32> {
         let c = &self.cfg;
         let (hd, nh) = (c.head_dim, c.n_head);
         let group = nh / c.n_kv_head;
         let kd = c.kv_dim();
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = a.scale;
         let mut owner = Vec::with_capacity(pos.len());
         for (i, it) in items.iter().enumerate() {
             owner.extend(std::iter::repeat(i).take(it.tokens.len()));
@@ -522,14 +518,16 @@ impl Model {
                 let (ti, kvh) = (unit / nkv, unit % nkv);
                 let (keys, vals) = items[owner[ti]].kv.layer(layer);
                 let at = unit * group * hd;
+                // positions first..=pos: all of them, or the window's
+                let first = a.window.map_or(0, |w| (pos[ti] + 1).saturating_sub(w));
                 attend_group(
                     &q[at..at + group * hd],
                     group,
-                    keys,
-                    vals,
+                    &keys[first * kd..],
+                    &vals[first * kd..],
                     kd,
                     kvh * hd,
-                    pos[ti] + 1,
+                    pos[ti] + 1 - first,
                     scale,
                     &mut scores,
                     o,
@@ -541,15 +539,110 @@ impl Model {
     }
 }
 
-/// Rope cos/sin tables, `[context, head_dim / 2]` each (shared by every backend).
-pub(crate) fn rope_tables(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+/// One batched forward on the host kernels: the [`Ops`] a family's block runs
+/// on, over `[t, width]` row-major activations.
+struct HostStep<'m, 'i, 'a> {
+    model: &'m Model,
+    items: &'i mut [BatchItem<'a>],
+    spans: &'i [Span<'a>],
+    any_lora: bool,
+    pos: &'i [usize],
+    t: usize,
+}
+
+impl Ops for HostStep<'_, '_, '_> {
+    type X = Vec<f32>;
+
+    fn norm(&mut self, x: &Vec<f32>, w: Norm) -> Result<Vec<f32>> {
+        let w = self.model.norm_weight(w);
+        let mut out = vec![0f32; x.len()];
+        rms_norm_rows(x, w, self.model.cfg.rms_eps, &mut out);
+        Ok(out)
+    }
+
+    fn linear(&mut self, li: usize, ps: &[Proj], x: &Vec<f32>) -> Result<Vec<Vec<f32>>> {
+        // base projection for the whole batch, then per-row adapter deltas
+        let k = self.model.kernels;
+        let layer = &self.model.layers[li];
+        let lins: Vec<&Linear> = ps.iter().map(|&p| layer.proj(p)).collect();
+        let mut outs = matmul_many(k, &lins, x, self.t)?;
+        if self.any_lora {
+            for ((out, l), p) in outs.iter_mut().zip(&lins).zip(ps) {
+                lora::add_deltas(k, self.spans, li, p.index(), x, l.cols, out, l.rows);
+            }
+        }
+        Ok(outs)
+    }
+
+    fn rope(&mut self, mut x: Vec<f32>, rope: usize) -> Result<Vec<f32>> {
+        self.model.rope(&mut x, rope, self.pos);
+        Ok(x)
+    }
+
+    fn attention(
+        &mut self,
+        li: usize,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        a: Attn,
+    ) -> Result<Vec<f32>> {
+        let kd = self.model.cfg.kv_dim();
+        let mut off = 0;
+        for it in self.items.iter_mut() {
+            let n = it.tokens.len();
+            it.kv
+                .append(li, &k[off * kd..(off + n) * kd], &v[off * kd..(off + n) * kd]);
+            off += n;
+        }
+        Ok(self.model.attention(self.items, li, &q, self.pos, a))
+    }
+
+    fn gated(&mut self, mut gate: Vec<f32>, up: Vec<f32>, act: Act) -> Result<Vec<f32>> {
+        match act {
+            Act::Silu => {
+                for (g, u) in gate.iter_mut().zip(&up) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            }
+            Act::GeluTanh => {
+                for (g, u) in gate.iter_mut().zip(&up) {
+                    *g = gelu_tanh(*g) * u;
+                }
+            }
+        }
+        Ok(gate)
+    }
+
+    fn add(&mut self, mut x: Vec<f32>, y: Vec<f32>) -> Result<Vec<f32>> {
+        add_in_place(&mut x, &y);
+        Ok(x)
+    }
+
+    fn scale(&mut self, mut x: Vec<f32>, s: f32) -> Result<Vec<f32>> {
+        for v in &mut x {
+            *v *= s;
+        }
+        Ok(x)
+    }
+}
+
+/// GELU, tanh approximation: `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// Rope cos/sin tables of base `theta`, `[context, head_dim / 2]` each
+/// (shared by every backend).
+pub(crate) fn rope_tables(cfg: &ModelConfig, theta: f32, divisors: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
     let mut rope_cos = Vec::with_capacity(cfg.context * half);
     let mut rope_sin = Vec::with_capacity(cfg.context * half);
     for p in 0..cfg.context {
         for i in 0..half {
-            let mut freq = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
-            if let Some(d) = cfg.rope_freq_divisors.get(i) {
+            let mut freq = theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
+            if let Some(d) = divisors.get(i) {
                 freq /= d;
             }
             let a = p as f32 * freq;

@@ -25,10 +25,20 @@ struct HfConfig {
     rope_theta: f32,
     #[serde(default = "default_ctx")]
     max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
     #[serde(default)]
     rope_scaling: Option<serde_json::Value>,
+    // Gemma 3
+    query_pre_attn_scalar: Option<f32>,
+    sliding_window: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f32>,
+    /// transformers 5 writes the rope bases per layer type here
+    rope_parameters: Option<serde_json::Value>,
+    hidden_activation: Option<String>,
+    final_logit_softcapping: Option<f32>,
+    attn_logit_softcapping: Option<f32>,
 }
 fn default_eps() -> f32 {
     1e-5
@@ -86,8 +96,12 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, bool)> {
             }
         }
     };
-    let cfg = ModelConfig {
+    let mut cfg = ModelConfig {
         rope_freq_divisors,
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        sliding_window: None,
+        swa_pattern: 0,
+        rope_theta_swa: None,
         arch,
         n_layer: hf.num_hidden_layers,
         hidden: hf.hidden_size,
@@ -102,8 +116,71 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, bool)> {
         rope_theta: hf.rope_theta,
         context: hf.max_position_embeddings,
     };
+    if arch == Arch::Gemma3 {
+        gemma3_config(&hf, &mut cfg).map_err(|r| EngineError::invalid(&path, r))?;
+    }
     cfg.validate()?;
-    Ok((cfg, hf.tie_word_embeddings))
+    // Gemma ties its output head to the embedding unless it says otherwise
+    let tied = hf.tie_word_embeddings.unwrap_or(arch == Arch::Gemma3);
+    Ok((cfg, tied))
+}
+
+/// Gemma 3's own keys: the attention scale, the sliding window and its layers'
+/// rope base; what the engine does not run (soft-capping, another activation,
+/// an irregular layer pattern) is refused by name.
+fn gemma3_config(hf: &HfConfig, cfg: &mut ModelConfig) -> std::result::Result<(), String> {
+    if let Some(s) = hf.query_pre_attn_scalar {
+        cfg.attn_scale = 1.0 / s.sqrt();
+    }
+    if let Some(a) = hf.hidden_activation.as_deref() {
+        if a != "gelu_pytorch_tanh" {
+            return Err(format!("hidden_activation `{a}` is not supported"));
+        }
+    }
+    if hf.final_logit_softcapping.is_some() || hf.attn_logit_softcapping.is_some() {
+        return Err("logit soft-capping is not supported".into());
+    }
+    cfg.sliding_window = hf.sliding_window.filter(|&w| w > 0);
+    let theta = |kind: &str| {
+        hf.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get(kind)?.get("rope_theta")?.as_f64())
+            .map(|t| t as f32)
+    };
+    if let Some(t) = theta("full_attention") {
+        cfg.rope_theta = t;
+    }
+    cfg.rope_theta_swa = Some(
+        theta("sliding_attention")
+            .or(hf.rope_local_base_freq)
+            .unwrap_or(10_000.0),
+    );
+    cfg.swa_pattern = match &hf.layer_types {
+        Some(types) => {
+            // the first global layer gives the period; every layer must follow it
+            let n = types
+                .iter()
+                .position(|t| t == "full_attention")
+                .map_or(0, |i| i + 1);
+            let fits = types.len() == cfg.n_layer
+                && types.iter().enumerate().all(|(i, t)| {
+                    let slides = n == 0 || i % n < n - 1;
+                    t == if slides {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                });
+            if !fits {
+                return Err(format!("layer_types {types:?} is not a regular pattern"));
+            }
+            n
+        }
+        None => hf
+            .sliding_window_pattern
+            .unwrap_or(crate::family::gemma3::SWA_PATTERN),
+    };
+    Ok(())
 }
 
 struct Tensors {
@@ -175,21 +252,33 @@ pub fn load_model(dir: &Path) -> Result<Model> {
         None,
     )?;
     let mut layers = Vec::with_capacity(cfg.n_layer);
+    let family = cfg.arch.family();
+    // HF keeps w of a norm x·(1+w); the engine reads 1+w, as GGUF stores it
+    let plus = |mut w: Vec<f32>| {
+        if family.norm_plus_one {
+            w.iter_mut().for_each(|v| *v += 1.0);
+        }
+        w
+    };
     for i in 0..cfg.n_layer {
         let p = format!("model.layers.{i}");
+        let norms = family
+            .norms
+            .iter()
+            .map(|n| ts.take(&format!("{p}.{}.weight", n.hf), &[n.len(&cfg)]).map(plus))
+            .collect::<Result<Vec<_>>>()?;
         layers.push(Layer {
-            attn_norm: ts.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+            norms,
             q: ts.linear(&format!("{p}.self_attn.q_proj"), qd, h)?,
             k: ts.linear(&format!("{p}.self_attn.k_proj"), kd, h)?,
             v: ts.linear(&format!("{p}.self_attn.v_proj"), kd, h)?,
             o: ts.linear(&format!("{p}.self_attn.o_proj"), h, qd)?,
-            ffn_norm: ts.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             gate: ts.linear(&format!("{p}.mlp.gate_proj"), ff, h)?,
             up: ts.linear(&format!("{p}.mlp.up_proj"), ff, h)?,
             down: ts.linear(&format!("{p}.mlp.down_proj"), h, ff)?,
         });
     }
-    let norm = ts.take("model.norm.weight", &[h])?;
+    let norm = plus(ts.take("model.norm.weight", &[h])?);
     let lm_head = if !tied || ts.map.contains_key("lm_head.weight") {
         Some(Linear::new(
             cfg.vocab,

@@ -26,6 +26,69 @@ pub struct TinySpec {
     pub arch: &'static str,
     /// Llama 3 rope scaling (factor 8, low 1, high 4, original context 32).
     pub llama3_rope: bool,
+    /// Head width, when not `hidden / n_head` (Gemma's are wider).
+    pub head_dim: Option<usize>,
+    /// Gemma 3: (window, pattern) of its sliding-window layers.
+    pub sliding_window: Option<(usize, usize)>,
+}
+
+impl TinySpec {
+    /// A tiny Gemma 3: heads wider than hidden / n_head, one kv head, and
+    /// sliding-window layers (window 8, every second layer global), so a
+    /// prompt of a few dozen tokens exercises every part of the block.
+    pub fn gemma3() -> Self {
+        Self {
+            arch: "gemma3",
+            n_layer: 4,
+            hidden: 64,
+            ffn: 96,
+            n_head: 4,
+            n_kv_head: 1,
+            head_dim: Some(32),
+            sliding_window: Some((8, 2)),
+            ..Self::default()
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden / self.n_head)
+    }
+
+    fn is_gemma(&self) -> bool {
+        self.arch == "gemma3"
+    }
+
+    /// Rope base of the global layers (Gemma's sliding layers keep 10,000).
+    fn rope_theta(&self) -> f32 {
+        if self.is_gemma() {
+            1_000_000.0
+        } else {
+            10_000.0
+        }
+    }
+
+    fn rms_eps(&self) -> f32 {
+        if self.is_gemma() {
+            1e-6
+        } else {
+            1e-5
+        }
+    }
+
+    /// The projection shapes adapters for this model are validated against.
+    pub fn base_shapes(&self) -> retune_adapters::BaseShapes {
+        let hd = self.head_dim();
+        let (h, q, kv, f) = (
+            self.hidden,
+            self.n_head * hd,
+            self.n_kv_head * hd,
+            self.ffn,
+        );
+        retune_adapters::BaseShapes {
+            n_layers: self.n_layer,
+            dims: [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)],
+        }
+    }
 }
 
 impl Default for TinySpec {
@@ -42,6 +105,8 @@ impl Default for TinySpec {
             embed_dtype: GgmlDType::F32,
             arch: "llama",
             llama3_rope: false,
+            head_dim: None,
+            sliding_window: None,
         }
     }
 }
@@ -117,12 +182,14 @@ impl Lcg {
 /// HF-named f32 tensors.
 fn weights(s: &TinySpec, vocab: usize) -> Result<BTreeMap<String, Tensor>> {
     let mut r = Lcg(s.seed);
-    let hd = s.hidden / s.n_head;
+    let hd = s.head_dim();
     let (h, qd, kd, f) = (s.hidden, s.n_head * hd, s.n_kv_head * hd, s.ffn);
+    // HF's Gemma norms hold w of x·(1+w): near 0 rather than near 1
+    let norm_at = if s.is_gemma() { 0.0 } else { 1.0 };
     let mut m = BTreeMap::new();
     m.insert(
         "model.embed_tokens.weight".into(),
-        r.tensor(&[vocab, h], 1.0, 0.0)?,
+        r.tensor(&[vocab, h], if s.is_gemma() { 0.2 } else { 1.0 }, 0.0)?,
     );
     for i in 0..s.n_layer {
         let p = format!("model.layers.{i}");
@@ -131,7 +198,7 @@ fn weights(s: &TinySpec, vocab: usize) -> Result<BTreeMap<String, Tensor>> {
         };
         m.insert(
             format!("{p}.input_layernorm.weight"),
-            r.tensor(&[h], 0.1, 1.0)?,
+            r.tensor(&[h], 0.1, norm_at)?,
         );
         m.insert(format!("{p}.self_attn.q_proj.weight"), lin(&mut r, qd, h)?);
         m.insert(format!("{p}.self_attn.k_proj.weight"), lin(&mut r, kd, h)?);
@@ -139,13 +206,21 @@ fn weights(s: &TinySpec, vocab: usize) -> Result<BTreeMap<String, Tensor>> {
         m.insert(format!("{p}.self_attn.o_proj.weight"), lin(&mut r, h, qd)?);
         m.insert(
             format!("{p}.post_attention_layernorm.weight"),
-            r.tensor(&[h], 0.1, 1.0)?,
+            r.tensor(&[h], 0.1, norm_at)?,
         );
         m.insert(format!("{p}.mlp.gate_proj.weight"), lin(&mut r, f, h)?);
         m.insert(format!("{p}.mlp.up_proj.weight"), lin(&mut r, f, h)?);
         m.insert(format!("{p}.mlp.down_proj.weight"), lin(&mut r, h, f)?);
+        if s.is_gemma() {
+            for n in ["self_attn.q_norm", "self_attn.k_norm"] {
+                m.insert(format!("{p}.{n}.weight"), r.tensor(&[hd], 0.1, 0.0)?);
+            }
+            for n in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                m.insert(format!("{p}.{n}.weight"), r.tensor(&[h], 0.1, 0.0)?);
+            }
+        }
     }
-    m.insert("model.norm.weight".into(), r.tensor(&[h], 0.1, 1.0)?);
+    m.insert("model.norm.weight".into(), r.tensor(&[h], 0.1, norm_at)?);
     Ok(m)
 }
 
@@ -165,12 +240,38 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
     std::fs::create_dir_all(&hf).map_err(io(&hf))?;
     let hm: std::collections::HashMap<String, Tensor> = w.clone().into_iter().collect();
     candle_core::safetensors::save(&hm, hf.join("model.safetensors"))?;
+    let hd = s.head_dim();
     let cfg = serde_json::json!({
-        "model_type": s.arch, "hidden_size": s.hidden, "intermediate_size": s.ffn,
-        "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_kv_head,
-        "vocab_size": tokens.len(), "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "model_type": if s.is_gemma() { "gemma3_text" } else { s.arch }, "hidden_size": s.hidden,
+        "intermediate_size": s.ffn, "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head,
+        "num_key_value_heads": s.n_kv_head, "head_dim": hd, "vocab_size": tokens.len(),
+        "rms_norm_eps": s.rms_eps(), "rope_theta": s.rope_theta(),
         "max_position_embeddings": s.context, "tie_word_embeddings": true});
     let mut cfg = cfg;
+    if s.is_gemma() {
+        let (window, pattern) = s.sliding_window.unwrap_or((s.context, 1));
+        let types: Vec<&str> = (0..s.n_layer)
+            .map(|i| {
+                if i % pattern < pattern - 1 {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        cfg["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+        cfg["query_pre_attn_scalar"] = serde_json::json!(hd);
+        cfg["sliding_window"] = serde_json::json!(window);
+        cfg["layer_types"] = serde_json::json!(types);
+        cfg["rope_local_base_freq"] = serde_json::json!(10000.0);
+        cfg["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+        cfg["final_logit_softcapping"] = serde_json::Value::Null;
+        cfg["attn_logit_softcapping"] = serde_json::Value::Null;
+        cfg["rope_scaling"] = serde_json::Value::Null;
+        cfg["bos_token_id"] = serde_json::json!(1);
+        cfg["eos_token_id"] = serde_json::json!(2);
+        cfg["pad_token_id"] = serde_json::json!(0);
+    }
     if s.llama3_rope {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32});
@@ -180,8 +281,7 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
     // GGUF
     use gguf_file::Value as V;
     let a = s.arch;
-    let hd = s.hidden / s.n_head;
-    let meta: Vec<(String, V)> = vec![
+    let mut meta: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String(a.into())),
         (format!("{a}.block_count"), V::U32(s.n_layer as u32)),
         (format!("{a}.context_length"), V::U32(s.context as u32)),
@@ -194,9 +294,11 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
         ),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),
-            V::F32(1e-5),
+            V::F32(s.rms_eps()),
         ),
-        (format!("{a}.rope.freq_base"), V::F32(10000.0)),
+        (format!("{a}.rope.freq_base"), V::F32(s.rope_theta())),
+        (format!("{a}.attention.key_length"), V::U32(hd as u32)),
+        (format!("{a}.attention.value_length"), V::U32(hd as u32)),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("default".into())),
         (
@@ -219,6 +321,18 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
             V::String(crate::chat::CHATML.into()),
         ),
     ];
+    if let (true, Some((window, pattern))) = (s.is_gemma(), s.sliding_window) {
+        meta.push((
+            format!("{a}.attention.sliding_window"),
+            V::U32(window as u32),
+        ));
+        meta.push((
+            format!("{a}.attention.sliding_window_pattern"),
+            V::U32(pattern as u32),
+        ));
+    }
+    // llama.cpp's converter names, and its Gemma norms stored as 1+w
+    let family = crate::family::Arch::parse(a)?.family();
     let gname = |hf: &str| -> String {
         let hf = hf.strip_prefix("model.").unwrap_or(hf);
         if hf == "embed_tokens.weight" {
@@ -229,9 +343,14 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
         }
         let rest = hf.strip_prefix("layers.").unwrap_or(hf);
         let (idx, name) = rest.split_once('.').unwrap_or(("0", rest));
+        if let Some(n) = family
+            .norms
+            .iter()
+            .find(|n| name.strip_suffix(".weight") == Some(n.hf))
+        {
+            return format!("blk.{idx}.{}.weight", n.gguf);
+        }
         let name = name
-            .replace("input_layernorm", "attn_norm")
-            .replace("post_attention_layernorm", "ffn_norm")
             .replace("self_attn.q_proj", "attn_q")
             .replace("self_attn.k_proj", "attn_k")
             .replace("self_attn.v_proj", "attn_v")
@@ -244,6 +363,9 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
     let mut qts = Vec::new();
     for (name, t) in &w {
         let mut t = t.clone();
+        if family.norm_plus_one && t.rank() == 1 {
+            t = (t + 1.0)?;
+        }
         let perm = if name.ends_with("q_proj.weight") {
             Some(permute(s.n_head, hd))
         } else if name.ends_with("k_proj.weight") {
@@ -251,7 +373,7 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
         } else {
             None
         };
-        if let (Some(p), "llama") = (perm, a) {
+        if let (Some(p), true) = (perm, family.gguf_qk_permuted) {
             let idx = Tensor::from_vec(
                 p.iter().map(|&x| x as u32).collect::<Vec<_>>(),
                 p.len(),
@@ -302,13 +424,7 @@ pub fn write_adapter(
     alpha: f32,
     b_scale: f32,
 ) -> Result<()> {
-    let hd = s.hidden / s.n_head;
-    let (h, q, kv, f) = (s.hidden, s.n_head * hd, s.n_kv_head * hd, s.ffn);
-    let shapes = retune_adapters::BaseShapes {
-        n_layers: s.n_layer,
-        dims: [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)],
-    };
-    write_random_adapter(dir, &shapes, rank, modules, seed, alpha, b_scale)
+    write_random_adapter(dir, &s.base_shapes(), rank, modules, seed, alpha, b_scale)
 }
 
 /// Tensor dtypes for [`write_random_adapter_as`].

@@ -30,6 +30,7 @@ fn terr(e: impl std::fmt::Display) -> EngineError {
 
 const EXTRA_STOPS: &[&str] = &[
     "<|im_end|>",
+    "<end_of_turn>",
     "<|eot_id|>",
     "<|end_of_text|>",
     "<|endoftext|>",

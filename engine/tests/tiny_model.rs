@@ -704,12 +704,11 @@ fn the_base_fingerprint_covers_every_weight() {
     let same: Vec<_> = layers
         .iter()
         .map(|l| retune_engine::model::Layer {
-            attn_norm: l.attn_norm.clone(),
+            norms: l.norms.clone(),
             q: embed_clone(&l.q),
             k: embed_clone(&l.k),
             v: embed_clone(&l.v),
             o: embed_clone(&l.o),
-            ffn_norm: l.ffn_norm.clone(),
             gate: embed_clone(&l.gate),
             up: embed_clone(&l.up),
             down: embed_clone(&l.down),

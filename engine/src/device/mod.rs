@@ -148,6 +148,13 @@ impl DeviceModel {
                 "device slots, slot_context and adapter_slots must be at least 1".into(),
             ));
         }
+        use crate::family::Arch;
+        if !matches!(model.cfg.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
+            return Err(EngineError::InvalidRequest(format!(
+                "the device and training backends run the llama family only, not {}",
+                model.cfg.arch
+            )));
+        }
         let base_shapes = model.base_shapes();
         let fingerprint = model.fingerprint();
         let k = model.kernels();
@@ -192,8 +199,7 @@ impl DeviceModel {
         let mut dl = Vec::with_capacity(layers.len());
         for l in layers {
             dl.push(DLayer {
-                attn_norm: vec1(&l.attn_norm)?,
-                ffn_norm: vec1(&l.ffn_norm)?,
+                norms: l.norms.iter().map(|n| vec1(n)).collect::<Result<_>>()?,
                 proj: [
                     linear(l.q)?,
                     linear(l.k)?,
@@ -206,7 +212,7 @@ impl DeviceModel {
             });
             // `l` (host weights of this layer) is dropped here
         }
-        let (cos, sin) = rope_tables(&cfg);
+        let (cos, sin) = rope_tables(&cfg, cfg.rope_theta, &cfg.rope_freq_divisors);
         let half = cfg.head_dim / 2;
         let cos = Tensor::from_vec(cos, (cfg.context, half), device)?;
         let sin = Tensor::from_vec(sin, (cfg.context, half), device)?;

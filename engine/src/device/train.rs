@@ -445,7 +445,7 @@ impl DeviceModel {
                     }
                 }
             };
-            let xn = self.rms_train(&x, &layer.attn_norm)?;
+            let xn = self.rms_train(&x, &layer.norms[crate::family::llama::ATTN_NORM])?;
             let q = project(0, &xn)?;
             let k = project(1, &xn)?;
             let v = project(2, &xn)?;
@@ -520,7 +520,7 @@ impl DeviceModel {
             };
             let o = project(3, &o)?;
             x = (x + o)?;
-            let xn = self.rms_train(&x, &layer.ffn_norm)?;
+            let xn = self.rms_train(&x, &layer.norms[crate::family::llama::FFN_NORM])?;
             let g = project(4, &xn)?;
             let u = project(5, &xn)?;
             let act = if fused {
