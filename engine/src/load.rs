@@ -1,8 +1,8 @@
 //! One entry point: a `.gguf` file or an HF safetensors directory.
 
 use crate::chat::{ChatTemplate, CHATML, GEMMA3};
-use crate::family::Arch;
 use crate::error::{EngineError, Result};
+use crate::family::Arch;
 use crate::gguf::GgufFile;
 use crate::model::Model;
 use crate::tokenizer::{read_tokenizer_config, Tok};

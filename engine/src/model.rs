@@ -591,8 +591,11 @@ impl Ops for HostStep<'_, '_, '_> {
         let mut off = 0;
         for it in self.items.iter_mut() {
             let n = it.tokens.len();
-            it.kv
-                .append(li, &k[off * kd..(off + n) * kd], &v[off * kd..(off + n) * kd]);
+            it.kv.append(
+                li,
+                &k[off * kd..(off + n) * kd],
+                &v[off * kd..(off + n) * kd],
+            );
             off += n;
         }
         Ok(self.model.attention(self.items, li, &q, self.pos, a))

@@ -265,7 +265,10 @@ pub fn load_model(dir: &Path) -> Result<Model> {
         let norms = family
             .norms
             .iter()
-            .map(|n| ts.take(&format!("{p}.{}.weight", n.hf), &[n.len(&cfg)]).map(plus))
+            .map(|n| {
+                ts.take(&format!("{p}.{}.weight", n.hf), &[n.len(&cfg)])
+                    .map(plus)
+            })
             .collect::<Result<Vec<_>>>()?;
         layers.push(Layer {
             norms,

@@ -78,12 +78,7 @@ impl TinySpec {
     /// The projection shapes adapters for this model are validated against.
     pub fn base_shapes(&self) -> retune_adapters::BaseShapes {
         let hd = self.head_dim();
-        let (h, q, kv, f) = (
-            self.hidden,
-            self.n_head * hd,
-            self.n_kv_head * hd,
-            self.ffn,
-        );
+        let (h, q, kv, f) = (self.hidden, self.n_head * hd, self.n_kv_head * hd, self.ffn);
         retune_adapters::BaseShapes {
             n_layers: self.n_layer,
             dims: [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)],
@@ -332,7 +327,11 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<(std::path::PathBuf, std::path:
         ));
     }
     // llama.cpp's converter names, and its Gemma norms stored as 1+w
-    let family = crate::family::Arch::parse(a)?.family();
+    // an architecture the engine does not serve is written llama-shaped (for
+    // the tests of its refusal)
+    let family = crate::family::Arch::parse(a)
+        .map(crate::family::Arch::family)
+        .unwrap_or(&crate::family::llama::FAMILY);
     let gname = |hf: &str| -> String {
         let hf = hf.strip_prefix("model.").unwrap_or(hf);
         if hf == "embed_tokens.weight" {

@@ -98,7 +98,11 @@ fn tiny_gemma3_matches_hf_transformers_from_safetensors_and_gguf() {
             fx.seqs.iter().map(|s| (s.as_slice(), None)).collect();
         let got = batch_logits(&model, &seqs);
         for (i, (g, want)) in got.iter().zip(&fx.base).enumerate() {
-            eprintln!("{} seq {i}: {}", path.display(), max_diff(g, want) / spread(want));
+            eprintln!(
+                "{} seq {i}: {}",
+                path.display(),
+                max_diff(g, want) / spread(want)
+            );
             // f32 weights on both sides; the host cache holds K and V in f16
             // (2^-11 relative rounding), HF in f32
             assert!(
@@ -144,10 +148,22 @@ fn peft_gemma_lora_per_row_beside_base_and_another_adapter_matches_peft() {
     let model = load(&gguf).unwrap().model;
     let shapes = model.base_shapes();
     assert_eq!(shapes.dims, spec.base_shapes().dims);
-    let peft = load_peft(&fixture_dir().join("adapter"), &shapes, &LoadLimits::default())
-        .expect("peft's Gemma adapter loads");
-    tiny::write_adapter(&dir.join("other"), &spec, 8, &[0, 1, 2, 3, 4, 5, 6], 9, 16.0, 0.2)
-        .unwrap();
+    let peft = load_peft(
+        &fixture_dir().join("adapter"),
+        &shapes,
+        &LoadLimits::default(),
+    )
+    .expect("peft's Gemma adapter loads");
+    tiny::write_adapter(
+        &dir.join("other"),
+        &spec,
+        8,
+        &[0, 1, 2, 3, 4, 5, 6],
+        9,
+        16.0,
+        0.2,
+    )
+    .unwrap();
     let other = load_peft(&dir.join("other"), &shapes, &LoadLimits::default()).unwrap();
     let fx = fixture();
     // every sequence three times: base, peft's adapter, another adapter
@@ -208,5 +224,8 @@ fn gemma3_decode_step_by_step_equals_one_prefill() {
 #[test]
 fn an_architecture_not_served_is_refused_by_name_with_the_served_ones() {
     let e = Arch::parse("gemma4").unwrap_err().to_string();
-    assert!(e.contains("gemma4") && e.contains("gemma3") && e.contains("llama"), "{e}");
+    assert!(
+        e.contains("gemma4") && e.contains("gemma3") && e.contains("llama"),
+        "{e}"
+    );
 }

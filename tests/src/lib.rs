@@ -10,25 +10,32 @@ use std::path::PathBuf;
 
 /// The real model: `$RETUNE_MODEL`, else the fetch script's cache location.
 pub fn model_path() -> PathBuf {
-    let p = std::env::var_os("RETUNE_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("RETUNE_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    let base = std::env::var_os("XDG_CACHE_HOME")
-                        .map(PathBuf::from)
-                        .unwrap_or_else(|| {
-                            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                                .join(".cache")
-                        });
-                    base.join("retune")
-                });
-            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    cached_model("RETUNE_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf", "")
+}
+
+/// The real Gemma 3 270M (Q4_K_M): `$RETUNE_GEMMA_MODEL`, else the fetch
+/// script's cache location.
+pub fn gemma_path() -> PathBuf {
+    cached_model("RETUNE_GEMMA_MODEL", "gemma-3-270m-q4_k_m.gguf", " gemma3")
+}
+
+fn cached_model(var: &str, file: &str, fetch_arg: &str) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("RETUNE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let base = std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                    });
+                base.join("retune")
+            });
+        cache.join("models").join(file)
+    });
     assert!(
         p.exists(),
-        "model not found at {} — run ./scripts/fetch-model.sh (./scripts/test.sh does)",
+        "model not found at {} — run ./scripts/fetch-model.sh{fetch_arg} (./scripts/test.sh does)",
         p.display()
     );
     p

@@ -271,7 +271,11 @@ impl DeviceModel {
         for li in 0..c.n_layer {
             let layer = &self.layers[li];
             let xn = self
-                .rms_mode(&x, &layer.norms[crate::family::llama::ATTN_NORM], Mode::Serve)?
+                .rms_mode(
+                    &x,
+                    &layer.norms[crate::family::llama::ATTN_NORM],
+                    Mode::Serve,
+                )?
                 .to_dtype(self.dtype)?;
             let mut qkv = project(li, &[0, 1, 2], &xn)?.into_iter();
             let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
@@ -341,7 +345,11 @@ impl DeviceModel {
             let o = project(li, &[3], &attn.to_dtype(self.dtype)?)?;
             x = (x + o[0].to_dtype(DType::F32)?)?;
             let xn = self
-                .rms_mode(&x, &layer.norms[crate::family::llama::FFN_NORM], Mode::Serve)?
+                .rms_mode(
+                    &x,
+                    &layer.norms[crate::family::llama::FFN_NORM],
+                    Mode::Serve,
+                )?
                 .to_dtype(self.dtype)?;
             let gu = project(li, &[4, 5], &xn)?;
             let act = (gu[0].silu()? * &gu[1])?;
