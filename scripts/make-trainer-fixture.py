@@ -8,8 +8,10 @@ one-off reference tool and never runs in CI. CPU only, float32, deterministic.
   /work/pyenv/bin/python scripts/make-trainer-fixture.py BASE_DIR OUT_DIR [--max-grad-norm 1.0]
   /work/pyenv/bin/python scripts/make-trainer-fixture.py --tiny-base DIR   # write a test base
 
-BASE_DIR is a Hugging Face llama directory (config.json + model.safetensors, f32,
-tie_word_embeddings true); tokenizer files there are ignored. Sizes (vocab_size, ...)
+BASE_DIR is a Hugging Face directory of a family the engine serves (config.json +
+model.safetensors, f32, tie_word_embeddings true); tokenizer files there are ignored.
+For Gemma 3, tests/fixtures/trainer_gemma3 is made on the tiny Gemma 3 that
+`TinySpec::gemma3()` writes (see scripts/make-gemma-fixture.py for how to write it). Sizes (vocab_size, ...)
 are read from its config.json. --tiny-base writes such a directory: hidden 64,
 intermediate 128, 2 layers, 4 heads / 2 KV heads, vocab 300, N(0, 0.1) weights,
 norm weights 1 + N(0, 0.1) (seed 0).
@@ -70,7 +72,7 @@ def short(name):
 
 def main(base_dir, out_dir, max_grad_norm=1.0):
     import peft, transformers
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     from peft import LoraConfig, get_peft_model
 
     ADAMW["max_grad_norm"] = max_grad_norm
@@ -79,7 +81,7 @@ def main(base_dir, out_dir, max_grad_norm=1.0):
     torch.manual_seed(0)
     os.makedirs(out_dir, exist_ok=True)
 
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()  # no dropout anywhere (attention_dropout is 0 anyway)
     vocab = model.config.vocab_size
 

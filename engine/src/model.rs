@@ -408,7 +408,13 @@ impl Model {
             pos: &pos,
             t,
         };
-        let x = crate::family::body(&mut step, c, x)?;
+        let mut x = x;
+        if let Some(s) = crate::family::embed_scale(c) {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        for li in 0..c.n_layer {
+            x = c.arch.block(&mut step, c, li, x)?;
+        }
         let items = step.items;
         for it in items.iter_mut() {
             it.kv.commit(it.tokens.len());

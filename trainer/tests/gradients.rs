@@ -19,6 +19,24 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trainer")
 }
 
+/// The Gemma 3 fixture: the same step by peft on the tiny Gemma 3 that
+/// `TinySpec::gemma3()` writes (sliding window 8: the 14-token row passes it).
+fn gemma_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trainer_gemma3")
+}
+
+fn gemma_model(fused: bool) -> DeviceModel {
+    let dir =
+        std::env::temp_dir().join(format!("retune-gemma-grad-{}-{fused}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, hf) =
+        retune_engine::tiny::write(&dir, &retune_engine::tiny::TinySpec::gemma3()).expect("tiny");
+    let m = retune_engine::safetensors::load_model(&hf).expect("tiny gemma");
+    let d = DeviceModel::for_training(m, &Device::Cpu, 64).expect("training model");
+    d.set_fused_training(fused);
+    d
+}
+
 #[derive(Deserialize)]
 struct Batch {
     input_ids: Vec<Vec<u32>>,
@@ -47,7 +65,11 @@ struct FirstStep {
 }
 
 fn read_fixture() -> FirstStep {
-    let p = fixture().join("first_step.json");
+    read_fixture_at(&fixture())
+}
+
+fn read_fixture_at(dir: &Path) -> FirstStep {
+    let p = dir.join("first_step.json");
     serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("fixture json")
 }
 
@@ -139,6 +161,16 @@ fn one_step_agrees_with_hf_peft_and_torch() {
     one_step(true);
 }
 
+#[test]
+fn gemma3_one_step_agrees_with_hf_peft_and_torch() {
+    one_step_at(&gemma_fixture(), gemma_model(true));
+}
+
+#[test]
+fn gemma3_one_step_agrees_with_hf_peft_and_torch_composed_ops() {
+    one_step_at(&gemma_fixture(), gemma_model(false));
+}
+
 /// The composed differentiable ops (what CUDA runs) on the CPU.
 #[test]
 fn one_step_agrees_with_hf_peft_and_torch_composed_ops() {
@@ -156,10 +188,13 @@ fn gradients_match_finite_differences_composed_ops() {
 }
 
 fn one_step(fused: bool) {
-    let fx = read_fixture();
-    let model = fixture_model(fused);
+    one_step_at(&fixture(), fixture_model(fused));
+}
+
+fn one_step_at(dir: &Path, model: DeviceModel) {
+    let fx = read_fixture_at(dir);
     let shapes = model.base_shapes();
-    let ad = Adapter::from_peft(&fixture().join("adapter_init"), &shapes, &Device::Cpu).unwrap();
+    let ad = Adapter::from_peft(&dir.join("adapter_init"), &shapes, &Device::Cpu).unwrap();
     assert_eq!(
         ad.named().len(),
         fx.grad_norms.len(),
@@ -233,8 +268,7 @@ fn one_step(fused: bool) {
         "loss after step {after} vs peft {}",
         fx.loss_after_step
     );
-    let stepped =
-        Adapter::from_peft(&fixture().join("adapter_step1"), &shapes, &Device::Cpu).unwrap();
+    let stepped = Adapter::from_peft(&dir.join("adapter_step1"), &shapes, &Device::Cpu).unwrap();
     for ((name, ours), (_, theirs)) in ad.named().into_iter().zip(stepped.named()) {
         let d = (ours.as_tensor() - theirs.as_tensor())
             .unwrap()

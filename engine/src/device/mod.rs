@@ -57,8 +57,8 @@ pub struct DeviceModel {
     lm_head: Option<DLinear>,
     norm: Tensor,
     layers: Vec<DLayer>,
-    cos: Tensor,
-    sin: Tensor,
+    /// cos/sin `[context, head_dim / 2]` per rope table ([`ModelConfig::rope_bases`])
+    ropes: Vec<(Tensor, Tensor)>,
     /// per layer: K and V slabs `[slots * kv_heads * slot_context, head_dim]`
     kv: Vec<(Tensor, Tensor)>,
     slots: usize,
@@ -135,6 +135,16 @@ fn ggml_of(l: &Linear) -> Option<(GgmlDType, &[u8])> {
 }
 
 impl DeviceModel {
+    /// A norm weight of the family's block (or the final one).
+    pub(super) fn norm_tensor(&self, w: crate::family::Norm) -> &Tensor {
+        match w {
+            crate::family::Norm::Layer(li, n) => &self.layers[li].norms[n],
+            crate::family::Norm::Final => &self.norm,
+        }
+    }
+}
+
+impl DeviceModel {
     /// Move a loaded model onto `device` (consumes the host weights layer by layer).
     pub fn from_model(model: Model, device: &Device, opts: &DeviceOptions) -> Result<Self> {
         if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -147,13 +157,6 @@ impl DeviceModel {
             return Err(EngineError::InvalidRequest(
                 "device slots, slot_context and adapter_slots must be at least 1".into(),
             ));
-        }
-        use crate::family::Arch;
-        if !matches!(model.cfg.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
-            return Err(EngineError::InvalidRequest(format!(
-                "the device and training backends run the llama family only, not {}",
-                model.cfg.arch
-            )));
         }
         let base_shapes = model.base_shapes();
         let fingerprint = model.fingerprint();
@@ -212,10 +215,18 @@ impl DeviceModel {
             });
             // `l` (host weights of this layer) is dropped here
         }
-        let (cos, sin) = rope_tables(&cfg, cfg.rope_theta, &cfg.rope_freq_divisors);
         let half = cfg.head_dim / 2;
-        let cos = Tensor::from_vec(cos, (cfg.context, half), device)?;
-        let sin = Tensor::from_vec(sin, (cfg.context, half), device)?;
+        let ropes = cfg
+            .rope_bases()
+            .into_iter()
+            .map(|(theta, div)| {
+                let (cos, sin) = rope_tables(&cfg, theta, div);
+                Ok((
+                    Tensor::from_vec(cos, (cfg.context, half), device)?,
+                    Tensor::from_vec(sin, (cfg.context, half), device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         // f32 models keep an f16 cache like the CPU engine; bf16/f16 models their own dtype
         let kv_dtype = if dt == DType::F32 { DType::F16 } else { dt };
         let rows = opts.slots * cfg.n_kv_head * cfg.context;
@@ -255,8 +266,7 @@ impl DeviceModel {
             lm_head,
             norm: vec1(&norm)?,
             layers: dl,
-            cos,
-            sin,
+            ropes,
             kv,
             slots: opts.slots,
             free_slots: Arc::new(Mutex::new((0..opts.slots).rev().collect())),

@@ -14,6 +14,7 @@ use super::forward::DLinear;
 use super::train_ops::{f32s, gemm_nt, tensor_f32, LoraLinear, RmsNorm, Rope, SwiGlu};
 use super::{DeviceModel, DeviceOptions, WeightMode};
 use crate::error::{EngineError, Result};
+use crate::family::{Act, Attn, Norm, Ops, Proj};
 use crate::model::Model;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
@@ -311,7 +312,11 @@ impl DeviceModel {
             stream.extend_from_slice(&batch.tokens[b * len + p..(b + 1) * len]);
         }
         let ids = Tensor::from_slice(&stream, stream.len(), &self.device)?;
-        Ok(self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+        let x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        Ok(match crate::family::embed_scale(&self.cfg) {
+            Some(s) => (x * s as f64)?,
+            None => x,
+        })
     }
 
     fn check_batch(&self, b: &TrainBatch) -> Result<()> {
@@ -379,157 +384,39 @@ impl DeviceModel {
             .chain((0..bsz).flat_map(|_| pre as u32..len as u32))
             .collect();
         let pos = Tensor::from_vec(pos, t, dev)?;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((t, 1, half))?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((t, 1, half))?;
-        // masks over rows (query head within its group, position): queries of
-        // `q` positions starting at `at` over `k` keys from position 0
-        let causal = |q: usize, k: usize, at: usize| -> Result<Tensor> {
-            let mut m = vec![f32::NEG_INFINITY; group * q * k];
-            for r in 0..group * q {
-                let i = at + r % q;
-                m[r * k..r * k + i + 1].fill(0.0);
-            }
-            Ok(Tensor::from_vec(m, (group * q, k), dev)?)
-        };
-        // the prefix over itself; each row's own positions over the prefix and themselves
-        let mask_pre = (pre > 0).then(|| causal(pre, pre, 0)).transpose()?;
-        let mask = causal(own, len, pre)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let fused = self.fused();
-        // [t, half] tables for the fused rope
-        let (cos2, sin2) = if fused {
-            (
-                cos.reshape((t, half))?.contiguous()?,
-                sin.reshape((t, half))?.contiguous()?,
-            )
-        } else {
-            (cos.clone(), sin.clone())
-        };
-        let rope = |x: &Tensor, heads: usize| -> Result<Tensor> {
-            if fused {
-                Ok(x.contiguous()?.apply_op1(Rope {
-                    cos: cos2.clone(),
-                    sin: sin2.clone(),
-                    heads,
-                })?)
+        let mut ropes = Vec::with_capacity(self.ropes.len());
+        for (cos, sin) in &self.ropes {
+            let cos = cos.index_select(&pos, 0)?.reshape((t, 1, half))?;
+            let sin = sin.index_select(&pos, 0)?.reshape((t, 1, half))?;
+            // [t, half] tables for the fused rope
+            let flat = if fused {
+                Some((
+                    cos.reshape((t, half))?.contiguous()?,
+                    sin.reshape((t, half))?.contiguous()?,
+                ))
             } else {
-                self.rope_mode(x, heads, &cos, &sin, Mode::Train)
-            }
+                None
+            };
+            ropes.push(((cos, sin), flat));
+        }
+        let mut step = TrainStep {
+            m: self,
+            lora,
+            dropout,
+            salt: step_salt.wrapping_mul(1_000_003),
+            fused,
+            ropes,
+            masks: Vec::new(),
+            bsz,
+            len,
+            pre,
+            own,
+            group,
         };
         let mut x = x;
-        let mut salt = step_salt.wrapping_mul(1_000_003);
         for li in layers {
-            let layer = &self.layers[li];
-            let pairs = lora.and_then(|l| l.layers.get(li));
-            let mut project = |m: usize, xin: &Tensor| -> Result<Tensor> {
-                let pair = pairs.and_then(|p| p[m].as_ref());
-                let no_dropout = dropout.is_none_or(|d| d.p <= 0.0);
-                if let (Some(p), true, true) = (pair, fused, no_dropout) {
-                    return layer.proj[m].forward_lora_fused(xin, p);
-                }
-                let y = layer.proj[m].forward_frozen(xin)?;
-                match pair {
-                    None => Ok(y),
-                    Some(p) => {
-                        salt = salt.wrapping_add(1);
-                        let xi = match dropout {
-                            Some(d) if d.p > 0.0 => {
-                                let (r, cols) = xin.dims2()?;
-                                (xin * dropout_mask(r, cols, d, salt, dev)?)?
-                            }
-                            _ => xin.clone(),
-                        };
-                        let xa = xi.matmul(&p.a.as_tensor().t()?)?;
-                        let d = (xa.matmul(&p.b.as_tensor().t()?)? * p.scale)?;
-                        Ok((y + d)?)
-                    }
-                }
-            };
-            let xn = self.rms_train(&x, &layer.norms[crate::family::llama::ATTN_NORM])?;
-            let q = project(0, &xn)?;
-            let k = project(1, &xn)?;
-            let v = project(2, &xn)?;
-            let q = rope(&q, nh)?;
-            let k = rope(&k, nkv)?;
-            // queries `[b·n, nh·hd]` as [b, nkv, group·n, hd]; keys and values
-            // `[b·n, nkv·hd]` as [b, nkv, n, hd]
-            let heads_q = |x: &Tensor, b: usize, n: usize| -> Result<Tensor> {
-                Ok(x.reshape((b, n, nkv, group, hd))?
-                    .permute((0, 2, 3, 1, 4))?
-                    .contiguous()?
-                    .reshape((b, nkv, group * n, hd))?)
-            };
-            let heads_kv = |x: &Tensor, b: usize, n: usize| -> Result<Tensor> {
-                Ok(x.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            // softmax(q·kᵀ·scale + mask)·v back to rows `[b·n, nh·hd]`
-            let attend = |q: &Tensor,
-                          k: &Tensor,
-                          v: &Tensor,
-                          mask: &Tensor,
-                          b: usize,
-                          n: usize|
-             -> Result<Tensor> {
-                let s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
-                let s = s.broadcast_add(mask)?;
-                let p = Self::softmax_mode(&s, Mode::Train)?;
-                Ok(p.matmul(v)?
-                    .reshape((b, nkv, group, n, hd))?
-                    .permute((0, 3, 1, 2, 4))?
-                    .contiguous()?
-                    .reshape((b * n, nh * hd))?)
-            };
-            let o = match &mask_pre {
-                None => attend(
-                    &heads_q(&q, bsz, len)?,
-                    &heads_kv(&k, bsz, len)?,
-                    &heads_kv(&v, bsz, len)?,
-                    &mask,
-                    bsz,
-                    len,
-                )?,
-                Some(mask_pre) => {
-                    let (kp, vp) = (
-                        heads_kv(&k.narrow(0, 0, pre)?, 1, pre)?,
-                        heads_kv(&v.narrow(0, 0, pre)?, 1, pre)?,
-                    );
-                    let op = attend(
-                        &heads_q(&q.narrow(0, 0, pre)?, 1, pre)?,
-                        &kp,
-                        &vp,
-                        mask_pre,
-                        1,
-                        pre,
-                    )?;
-                    // each row's keys: the shared prefix's, then its own
-                    let with_prefix = |shared: &Tensor, x: &Tensor| -> Result<Tensor> {
-                        let own_kv = heads_kv(&x.narrow(0, pre, bsz * own)?, bsz, own)?;
-                        let shared = shared.broadcast_as((bsz, nkv, pre, hd))?.contiguous()?;
-                        Ok(Tensor::cat(&[&shared, &own_kv], 2)?)
-                    };
-                    let os = attend(
-                        &heads_q(&q.narrow(0, pre, bsz * own)?, bsz, own)?,
-                        &with_prefix(&kp, &k)?,
-                        &with_prefix(&vp, &v)?,
-                        &mask,
-                        bsz,
-                        own,
-                    )?;
-                    Tensor::cat(&[&op, &os], 0)?
-                }
-            };
-            let o = project(3, &o)?;
-            x = (x + o)?;
-            let xn = self.rms_train(&x, &layer.norms[crate::family::llama::FFN_NORM])?;
-            let g = project(4, &xn)?;
-            let u = project(5, &xn)?;
-            let act = if fused {
-                g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?
-            } else {
-                (candle_nn::ops::silu(&g)? * u)?
-            };
-            let down = project(6, &act)?;
-            x = (x + down)?;
+            x = c.arch.block(&mut step, c, li, x)?;
         }
         Ok(x)
     }
@@ -548,7 +435,7 @@ impl DeviceModel {
     /// projection (or a classification head) reads, f32 `[rows, hidden]`.
     pub fn train_final_hidden(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let idx = Tensor::from_slice(rows, rows.len(), &self.device)?;
-        self.rms_train(&x.index_select(&idx, 0)?, &self.norm)
+        self.rms_train(&x.index_select(&idx, 0)?, self.norm_tensor(Norm::Final))
     }
 
     /// The input-embedding rows of `ids`, f32 `[ids, hidden]` (e.g. to start a
@@ -575,6 +462,220 @@ impl DeviceModel {
         let x = self.train_embed(batch)?;
         let x = self.train_layers(x, batch, lora, 0..self.cfg.n_layer, dropout, step_salt)?;
         self.train_head(&x, rows)
+    }
+}
+
+/// The training forward as the [`Ops`] a family's block runs on: whole
+/// sequences (the shared prefix once, then each row's own positions), every
+/// op differentiable (fused on the CPU, `train_ops`).
+struct TrainStep<'a> {
+    m: &'a DeviceModel,
+    lora: Option<&'a TrainLora>,
+    dropout: Option<Dropout>,
+    salt: u64,
+    fused: bool,
+    /// per rope table: cos/sin `[t, 1, half]`, and `[t, half]` for the fused op
+    ropes: Vec<((Tensor, Tensor), Option<(Tensor, Tensor)>)>,
+    /// per window seen: (window, the prefix over itself, the rows' own
+    /// positions over the prefix and themselves)
+    masks: Vec<(Option<usize>, Option<Tensor>, Tensor)>,
+    bsz: usize,
+    len: usize,
+    pre: usize,
+    own: usize,
+    group: usize,
+}
+
+impl TrainStep<'_> {
+    /// Masks over rows (query head within its group, position): queries of
+    /// `q` positions starting at `at` over `k` keys from position 0, each
+    /// seeing itself and the `window − 1` positions before it.
+    fn causal(&self, q: usize, k: usize, at: usize, window: Option<usize>) -> Result<Tensor> {
+        let g = self.group;
+        let mut m = vec![f32::NEG_INFINITY; g * q * k];
+        for r in 0..g * q {
+            let i = at + r % q;
+            let first = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            m[r * k + first..r * k + i + 1].fill(0.0);
+        }
+        Ok(Tensor::from_vec(m, (g * q, k), &self.m.device)?)
+    }
+
+    fn masks(&mut self, window: Option<usize>) -> Result<(Option<Tensor>, Tensor)> {
+        if let Some((_, pre, own)) = self.masks.iter().find(|(w, _, _)| *w == window) {
+            return Ok((pre.clone(), own.clone()));
+        }
+        let (pre, own, len) = (self.pre, self.own, self.len);
+        let mask_pre = (pre > 0)
+            .then(|| self.causal(pre, pre, 0, window))
+            .transpose()?;
+        let mask = self.causal(own, len, pre, window)?;
+        self.masks.push((window, mask_pre.clone(), mask.clone()));
+        Ok((mask_pre, mask))
+    }
+
+    /// One projection with its LoRA pair (dropout on the pair's input).
+    fn project(&mut self, li: usize, m: usize, xin: &Tensor) -> Result<Tensor> {
+        let layer = &self.m.layers[li];
+        let pair = self
+            .lora
+            .and_then(|l| l.layers.get(li))
+            .and_then(|p| p[m].as_ref());
+        let no_dropout = self.dropout.is_none_or(|d| d.p <= 0.0);
+        if let (Some(p), true, true) = (pair, self.fused, no_dropout) {
+            return layer.proj[m].forward_lora_fused(xin, p);
+        }
+        let y = layer.proj[m].forward_frozen(xin)?;
+        match pair {
+            None => Ok(y),
+            Some(p) => {
+                self.salt = self.salt.wrapping_add(1);
+                let xi = match self.dropout {
+                    Some(d) if d.p > 0.0 => {
+                        let (r, cols) = xin.dims2()?;
+                        (xin * dropout_mask(r, cols, d, self.salt, &self.m.device)?)?
+                    }
+                    _ => xin.clone(),
+                };
+                let xa = xi.matmul(&p.a.as_tensor().t()?)?;
+                let d = (xa.matmul(&p.b.as_tensor().t()?)? * p.scale)?;
+                Ok((y + d)?)
+            }
+        }
+    }
+}
+
+impl Ops for TrainStep<'_> {
+    type X = Tensor;
+
+    fn norm(&mut self, x: &Tensor, w: Norm) -> Result<Tensor> {
+        let w = self.m.norm_tensor(w);
+        let width = w.dim(0)?;
+        let (r, c) = x.dims2()?;
+        if c == width {
+            return self.m.rms_train(x, w);
+        }
+        // per head: each `width`-wide piece of a row
+        Ok(self
+            .m
+            .rms_train(&x.reshape((r * c / width, width))?, w)?
+            .reshape((r, c))?)
+    }
+
+    fn linear(&mut self, li: usize, ps: &[Proj], x: &Tensor) -> Result<Vec<Tensor>> {
+        ps.iter().map(|p| self.project(li, p.index(), x)).collect()
+    }
+
+    fn rope(&mut self, x: Tensor, rope: usize) -> Result<Tensor> {
+        let heads = x.dim(1)? / self.m.cfg.head_dim;
+        let ((cos, sin), flat) = &self.ropes[rope];
+        match flat {
+            Some((cos2, sin2)) => Ok(x.contiguous()?.apply_op1(Rope {
+                cos: cos2.clone(),
+                sin: sin2.clone(),
+                heads,
+            })?),
+            None => self.m.rope_mode(&x, heads, cos, sin, Mode::Train),
+        }
+    }
+
+    fn attention(
+        &mut self,
+        _li: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        a: Attn,
+    ) -> Result<Tensor> {
+        let c = &self.m.cfg;
+        let (hd, nh, nkv) = (c.head_dim, c.n_head, c.n_kv_head);
+        let group = self.group;
+        let (bsz, len, pre, own) = (self.bsz, self.len, self.pre, self.own);
+        let (mask_pre, mask) = self.masks(a.window)?;
+        let scale = a.scale as f64;
+        // queries `[b·n, nh·hd]` as [b, nkv, group·n, hd]; keys and values
+        // `[b·n, nkv·hd]` as [b, nkv, n, hd]
+        let heads_q = |x: &Tensor, b: usize, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, n, nkv, group, hd))?
+                .permute((0, 2, 3, 1, 4))?
+                .contiguous()?
+                .reshape((b, nkv, group * n, hd))?)
+        };
+        let heads_kv = |x: &Tensor, b: usize, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        // softmax(q·kᵀ·scale + mask)·v back to rows `[b·n, nh·hd]`
+        let attend = |q: &Tensor,
+                      k: &Tensor,
+                      v: &Tensor,
+                      mask: &Tensor,
+                      b: usize,
+                      n: usize|
+         -> Result<Tensor> {
+            let s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+            let s = s.broadcast_add(mask)?;
+            let p = DeviceModel::softmax_mode(&s, Mode::Train)?;
+            Ok(p.matmul(v)?
+                .reshape((b, nkv, group, n, hd))?
+                .permute((0, 3, 1, 2, 4))?
+                .contiguous()?
+                .reshape((b * n, nh * hd))?)
+        };
+        match &mask_pre {
+            None => attend(
+                &heads_q(&q, bsz, len)?,
+                &heads_kv(&k, bsz, len)?,
+                &heads_kv(&v, bsz, len)?,
+                &mask,
+                bsz,
+                len,
+            ),
+            Some(mask_pre) => {
+                let (kp, vp) = (
+                    heads_kv(&k.narrow(0, 0, pre)?, 1, pre)?,
+                    heads_kv(&v.narrow(0, 0, pre)?, 1, pre)?,
+                );
+                let op = attend(
+                    &heads_q(&q.narrow(0, 0, pre)?, 1, pre)?,
+                    &kp,
+                    &vp,
+                    mask_pre,
+                    1,
+                    pre,
+                )?;
+                // each row's keys: the shared prefix's, then its own
+                let with_prefix = |shared: &Tensor, x: &Tensor| -> Result<Tensor> {
+                    let own_kv = heads_kv(&x.narrow(0, pre, bsz * own)?, bsz, own)?;
+                    let shared = shared.broadcast_as((bsz, nkv, pre, hd))?.contiguous()?;
+                    Ok(Tensor::cat(&[&shared, &own_kv], 2)?)
+                };
+                let os = attend(
+                    &heads_q(&q.narrow(0, pre, bsz * own)?, bsz, own)?,
+                    &with_prefix(&kp, &k)?,
+                    &with_prefix(&vp, &v)?,
+                    &mask,
+                    bsz,
+                    own,
+                )?;
+                Ok(Tensor::cat(&[&op, &os], 0)?)
+            }
+        }
+    }
+
+    fn gated(&mut self, gate: Tensor, up: Tensor, act: Act) -> Result<Tensor> {
+        Ok(match act {
+            Act::Silu if self.fused => gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?,
+            Act::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Act::GeluTanh => (gate.gelu()? * up)?,
+        })
+    }
+
+    fn add(&mut self, x: Tensor, y: Tensor) -> Result<Tensor> {
+        Ok((x + y)?)
+    }
+
+    fn scale(&mut self, x: Tensor, s: f32) -> Result<Tensor> {
+        Ok((x * s as f64)?)
     }
 }
 

@@ -218,21 +218,12 @@ pub(crate) fn outs<X, const N: usize>(v: Vec<X>) -> Result<[X; N]> {
         .map_err(|_| EngineError::Internal(format!("{got} projections where {N} were asked")))
 }
 
-/// The layers a family's body runs, after the embedding lookup: the embedding
-/// scale, then every block. The final norm and the output head are the
-/// backend's (they read only the rows whose logits are wanted).
-pub fn body<O: Ops>(o: &mut O, c: &ModelConfig, mut x: O::X) -> Result<O::X> {
-    if c.arch.family().scale_embeddings {
-        x = o.scale(x, embed_scale(c))?;
-    }
-    for li in 0..c.n_layer {
-        x = c.arch.block(o, c, li, x)?;
-    }
-    Ok(x)
-}
-
-/// √hidden, rounded as the reference rounds it (HF keeps the scale in the
-/// model dtype; llama.cpp multiplies by `sqrtf(n_embd)` in f32).
-pub fn embed_scale(c: &ModelConfig) -> f32 {
-    (c.hidden as f32).sqrt()
+/// The scale of the embedding rows entering the first block, if the family
+/// scales them: √hidden in f32, as llama.cpp multiplies (`sqrtf(n_embd)`) and
+/// HF keeps it in an f32 model.
+pub fn embed_scale(c: &ModelConfig) -> Option<f32> {
+    c.arch
+        .family()
+        .scale_embeddings
+        .then(|| (c.hidden as f32).sqrt())
 }
