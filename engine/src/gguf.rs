@@ -243,6 +243,14 @@ impl GgufFile {
                         format: BlockFormat::Q8_0,
                         data,
                     },
+                    // every Q5_0 value is a 5-bit integer times the block's
+                    // f16 scale: the same integer in a Q8_0 block with the
+                    // same scale is the same value, and runs on the native
+                    // kernels (candle's Q5_0 dot product is scalar)
+                    GgmlDType::Q5_0 => Weight::Blocks {
+                        format: BlockFormat::Q8_0,
+                        data: q5_0_as_q8_0(&data),
+                    },
                     // the embedding table needs row lookups, which candle's
                     // QMatMul lacks; projections stay on its K-quant dot
                     // products, 3-10x faster than dequantizing rows into the
@@ -338,6 +346,28 @@ impl GgufFile {
     }
 }
 
+/// Q5_0 blocks (f16 d, 32 fifth bits, 16 nibble bytes: value `(q − 16)·d`)
+/// rewritten as Q8_0 blocks (f16 d, 32 i8: value `q·d`) holding the same values.
+pub fn q5_0_as_q8_0(data: &[u8]) -> Vec<u8> {
+    const Q5: usize = 22;
+    const Q8: usize = 34;
+    let mut out = Vec::with_capacity(data.len() / Q5 * Q8);
+    for b in data.chunks_exact(Q5) {
+        out.extend_from_slice(&b[..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let mut hi = [0u8; 16];
+        for j in 0..16 {
+            // ggml's dequantize_row_q5_0
+            let lo = (qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10) as u8;
+            hi[j] = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10) as u8;
+            out.push((lo as i8 - 16) as u8);
+        }
+        out.extend(hi.iter().map(|&h| (h as i8 - 16) as u8));
+    }
+    out
+}
+
 fn permute_rows<T: Copy>(v: &[T], row: usize, perm: &[usize]) -> Vec<T> {
     let mut out = Vec::with_capacity(v.len());
     for &p in perm {
@@ -370,4 +400,45 @@ pub fn permute(heads: usize, head_dim: usize) -> Vec<usize> {
         inv[p] = i;
     }
     inv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dequant_row_reference;
+    use candle_core::Tensor;
+
+    /// The Q8_0 blocks hold every value of the Q5_0 blocks bit for bit (against
+    /// candle's Q5_0 dequantization, ggml's definition), the fifth bit of
+    /// both halves included.
+    #[test]
+    fn q5_0_rewritten_as_q8_0_keeps_every_value() {
+        let n = 32 * 64;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / 32) as f32))
+            .collect();
+        let t = Tensor::from_vec(v, (2, n / 2), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let data = q.data().unwrap().to_vec();
+        assert_eq!(data.len(), n / 32 * 22);
+        let q8 = q5_0_as_q8_0(&data);
+        assert_eq!(q8.len(), n / 32 * 34);
+        let mut got = vec![0f32; n];
+        dequant_row_reference(BlockFormat::Q8_0, &q8, &mut got);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        // values use all 32 levels, so both fifth-bit halves were exercised
+        let levels: std::collections::BTreeSet<i8> = q8
+            .chunks_exact(34)
+            .flat_map(|b| b[2..].iter().map(|&x| x as i8))
+            .collect();
+        assert_eq!(levels.len(), 32, "{levels:?}");
+    }
 }

@@ -76,6 +76,25 @@ pub struct LlamaCppFixture {
     pub tokenize: Vec<TokenizeCase>,
 }
 
+/// The tokenizer encodes and decodes each case as llama.cpp's `/tokenize` and
+/// `/detokenize` did.
+pub fn check_tokenize(tok: &retune_engine::Tok, cases: &[TokenizeCase]) {
+    for case in cases {
+        assert_eq!(
+            tok.encode(&case.text, false).unwrap(),
+            case.ids,
+            "encode {:?}",
+            case.text
+        );
+        assert_eq!(
+            tok.decode(&case.ids, false).unwrap(),
+            case.detokenized,
+            "decode {:?}",
+            case.text
+        );
+    }
+}
+
 /// A file under `tests/fixtures/`.
 pub fn fixture_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -5,7 +5,8 @@
 //! including a prompt of 993 tokens (past the 512-token sliding window).
 
 use retune_e2e::{
-    exact_reference, gemma_path, on_every_path, read_fixture, ExactChat, LlamaCppFixture,
+    check_tokenize, exact_reference, gemma_path, on_every_path, read_fixture, ExactChat,
+    LlamaCppFixture,
 };
 use retune_engine::sampler::{argmax, log_sum_exp};
 use retune_engine::*;
@@ -74,20 +75,7 @@ fn gemma3_template_prompt_tokens_and_tokenizer_match_llamacpp() {
         let r = l.template.render_marked(&msgs, true).unwrap();
         assert_eq!(l.tok.encode_chat(&r, true).unwrap(), chat.prompt_tokens);
     }
-    for case in &fx.tokenize {
-        assert_eq!(
-            l.tok.encode(&case.text, false).unwrap(),
-            case.ids,
-            "encode {:?}",
-            case.text
-        );
-        assert_eq!(
-            l.tok.decode(&case.ids, false).unwrap(),
-            case.detokenized,
-            "decode {:?}",
-            case.text
-        );
-    }
+    check_tokenize(&l.tok, &fx.tokenize);
     // <end_of_turn> ends a turn
     let eot = l.tok.inner.token_to_id("<end_of_turn>").unwrap();
     assert!(l.tok.eos.contains(&eot), "{:?}", l.tok.eos);
@@ -186,9 +174,9 @@ fn gemma3_greedy_and_teacher_forced_logprobs_match_llamacpp() {
     let exact = exact_reference(FIXTURE);
     on_every_path(|_| {
         let l = load(&gemma_path()).expect("load the Gemma 3 GGUF");
-        // Gemma's Q5_0, Q4_K and Q6_K projections run on candle's quantized
-        // dot products, which round every activation block to 8 bits on
-        // every kernel path, as llama.cpp does: that rounding decides the
+        // Gemma's Q4_K and Q6_K projections run on candle's quantized dot
+        // products, which round every activation block to 8 bits on every
+        // kernel path, as llama.cpp does: that rounding decides the
         // steps the exact reference leads by less than 0.75 nats (the int8
         // margin measured for SmolLM2, tests/src/lib.rs `Bounds`)
         let margin = 0.75;

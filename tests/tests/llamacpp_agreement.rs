@@ -4,7 +4,8 @@
 //! the numeric checks run on every kernel path this machine can run.
 
 use retune_e2e::{
-    exact_reference, llamacpp_fixture, model_path, on_every_path, teacher_forced, Bounds,
+    check_tokenize, exact_reference, llamacpp_fixture, model_path, on_every_path, teacher_forced,
+    Bounds,
 };
 use retune_engine::*;
 use std::sync::OnceLock;
@@ -35,21 +36,7 @@ fn chat_template_and_prompt_tokens_match_llamacpp() {
 
 #[test]
 fn tokenizer_matches_llamacpp_tokenize_and_detokenize() {
-    let l = loaded();
-    for case in llamacpp_fixture().tokenize {
-        assert_eq!(
-            l.tok.encode(&case.text, false).unwrap(),
-            case.ids,
-            "encode {:?}",
-            case.text
-        );
-        assert_eq!(
-            l.tok.decode(&case.ids, false).unwrap(),
-            case.detokenized,
-            "decode {:?}",
-            case.text
-        );
-    }
+    check_tokenize(&loaded().tok, &llamacpp_fixture().tokenize);
 }
 
 #[test]

@@ -345,20 +345,10 @@ impl Ops for DeviceStep<'_> {
     type X = Tensor;
 
     fn norm(&mut self, x: &Tensor, w: Norm) -> Result<Tensor> {
-        let w = self.m.norm_tensor(w);
-        let width = w.dim(0)?;
-        let (r, c) = x.dims2()?;
-        if c == width {
-            return self.m.rms_mode(x, w, Mode::Serve);
-        }
-        // per head: each `width`-wide piece of a row
-        Ok(self
-            .m
-            .rms_mode(&x.reshape((r * c / width, width))?, w, Mode::Serve)?
-            .reshape((r, c))?)
+        let m = self.m;
+        m.norm_pieces(x, w, |x, w| m.rms_mode(x, w, Mode::Serve))
     }
 
-    /// Base projection + per-row adapter deltas, in the model dtype.
     fn linear(&mut self, li: usize, ps: &[Proj], x: &Tensor) -> Result<Vec<Tensor>> {
         let m = self.m;
         let layer = &m.layers[li];

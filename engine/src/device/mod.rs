@@ -142,6 +142,23 @@ impl DeviceModel {
             crate::family::Norm::Final => &self.norm,
         }
     }
+
+    /// `norm` (a backend's RMS norm of rows) of every `w`-wide piece of each
+    /// row of `x`: a whole row, or each head of a q/k row.
+    pub(super) fn norm_pieces(
+        &self,
+        x: &Tensor,
+        w: crate::family::Norm,
+        norm: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let w = self.norm_tensor(w);
+        let width = w.dim(0)?;
+        let (r, c) = x.dims2()?;
+        if c == width {
+            return norm(x, w);
+        }
+        Ok(norm(&x.reshape((r * c / width, width))?, w)?.reshape((r, c))?)
+    }
 }
 
 impl DeviceModel {

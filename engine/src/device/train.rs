@@ -549,17 +549,8 @@ impl Ops for TrainStep<'_> {
     type X = Tensor;
 
     fn norm(&mut self, x: &Tensor, w: Norm) -> Result<Tensor> {
-        let w = self.m.norm_tensor(w);
-        let width = w.dim(0)?;
-        let (r, c) = x.dims2()?;
-        if c == width {
-            return self.m.rms_train(x, w);
-        }
-        // per head: each `width`-wide piece of a row
-        Ok(self
-            .m
-            .rms_train(&x.reshape((r * c / width, width))?, w)?
-            .reshape((r, c))?)
+        let m = self.m;
+        m.norm_pieces(x, w, |x, w| m.rms_train(x, w))
     }
 
     fn linear(&mut self, li: usize, ps: &[Proj], x: &Tensor) -> Result<Vec<Tensor>> {
