@@ -1,4 +1,4 @@
-//! retune's inference engine: llama-family models from GGUF or HF safetensors,
+//! retune's inference engine: llama-family and Gemma 3 models from GGUF or HF safetensors,
 //! quantized CPU kernels, tokenizer and chat template, sampling, and a
 //! continuous-batching scheduler on its own compute threads.
 

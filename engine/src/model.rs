@@ -1,5 +1,6 @@
-//! Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a batch of
-//! sequences, each with its own KV cache. Q/K are held in the HF row layout
+//! The host engine's decoder over a batch of sequences, each with its own KV
+//! cache: the weights of any served family (`family/`), whose block runs on
+//! the host kernels through `HostStep`. Q/K are held in the HF row layout
 //! (GGUF's llama.cpp permutation is undone at load), so rope is the "neox"
 //! half-split form for every source and LoRA deltas in HF layout apply as-is.
 

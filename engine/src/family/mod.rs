@@ -5,7 +5,9 @@
 //! backend implements once. The loaders are plain weight readers driven by a
 //! family's [`Family`] table; [`Arch`] dispatches to the family once per block.
 //!
-//! Adding a family means one new file here, an [`Arch`] variant, and its tests.
+//! Adding a family means one new file here, an [`Arch`] variant, and its tests
+//! (plus, where it has config keys of its own, their reading in the GGUF and HF
+//! loaders, as Gemma 3's window and rope bases are read there today).
 
 pub mod gemma3;
 pub mod llama;
