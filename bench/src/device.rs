@@ -443,6 +443,7 @@ pub fn run_check(args: &CheckArgs) -> Result<()> {
                     adapter: a.as_ref(),
                     kv: &mut hk,
                     want_logits: true,
+                    only: None,
                 }])?
                 .remove(0);
             let y = dev
@@ -451,6 +452,7 @@ pub fn run_check(args: &CheckArgs) -> Result<()> {
                     adapter: a.as_ref(),
                     kv: &mut dk,
                     want_logits: true,
+                    only: None,
                 }])?
                 .remove(0);
             rel = rel.max(rel_diff(&x, &y));
@@ -524,6 +526,7 @@ pub fn run_check(args: &CheckArgs) -> Result<()> {
                         adapter: *a,
                         kv: &mut kv,
                         want_logits: true,
+                        only: None,
                     }])?
                     .remove(0))
             })
@@ -540,6 +543,7 @@ pub fn run_check(args: &CheckArgs) -> Result<()> {
                 adapter: *a,
                 kv,
                 want_logits: true,
+                only: None,
             })
             .collect();
         let batched = dev.forward(&mut items)?;

@@ -349,6 +349,28 @@ impl Mask {
     pub fn is_empty(&self) -> bool {
         self.0.is_zero()
     }
+
+    /// The allowed token ids, if there are at most `limit`.
+    pub fn allowed(&self, limit: usize) -> Option<Vec<u32>> {
+        let words = self.0.as_slice();
+        let count: usize = words.iter().map(|w| w.count_ones() as usize).sum();
+        if count > limit {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(count);
+        for (wi, &bits) in words.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let j = b.trailing_zeros();
+                let id = (wi * 32) as u32 + j;
+                if (id as usize) < self.0.len() {
+                    ids.push(id);
+                }
+                b &= b - 1;
+            }
+        }
+        Some(ids)
+    }
 }
 
 impl Guide {

@@ -149,6 +149,23 @@ pub struct BatchItem<'a, C = KvCache> {
     pub kv: &'a mut C,
     /// Whether logits for the last token are wanted (false for non-final prefill chunks).
     pub want_logits: bool,
+    /// The only tokens whose logits are wanted (a grammar's allowed set), the
+    /// rest of the row −∞: the host engine computes just these rows of the
+    /// output projection when they are few ([`SPARSE_HEAD_FRACTION`]); `None`:
+    /// every token. Other backends may compute them all.
+    pub only: Option<&'a [u32]>,
+}
+
+/// A row computes only its allowed tokens' logits when they are at most
+/// this fraction of the vocabulary.
+pub const SPARSE_HEAD_FRACTION: usize = 16;
+
+/// Rows the host engine has answered with [`BatchItem::only`]'s logits alone,
+/// in this process (what a test reads to see the path taken).
+static SPARSE_HEAD_ROWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn sparse_head_rows() -> u64 {
+    SPARSE_HEAD_ROWS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Which wanted-logit rows read a classifier head instead of the vocabulary:
@@ -436,32 +453,43 @@ impl Model {
         let mut normed = vec![0f32; n * h];
         rms_norm_rows(&rows, self.norm_weight(Norm::Final), c.rms_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        // a classifier adapter's rows read its head; the rest the vocabulary
+        // a classifier adapter's rows read its head; a row a grammar narrows to
+        // a few tokens computes their logits alone; the rest the vocabulary
         let heads = heads_of(items);
-        if heads.iter().all(Option::is_none) {
-            let logits = head.forward(self.kernels, &normed, n)?;
-            return Ok(logits.chunks_exact(head.rows).map(|r| r.to_vec()).collect());
-        }
-        let lm: Vec<usize> = (0..n).filter(|&r| heads[r].is_none()).collect();
-        let lm_rows: Vec<f32> = lm
+        let only: Vec<Option<&[u32]>> = items
             .iter()
-            .flat_map(|&r| normed[r * h..(r + 1) * h].iter().copied())
+            .filter(|it| it.want_logits)
+            .map(|it| it.only)
             .collect();
-        let mut lm_logits = if lm.is_empty() {
+        let sparse = |r: usize| only[r].filter(|ids| ids.len() * SPARSE_HEAD_FRACTION <= head.rows);
+        let dense: Vec<usize> = (0..n)
+            .filter(|&r| heads[r].is_none() && sparse(r).is_none())
+            .collect();
+        let dense_logits = if dense.is_empty() {
             Vec::new()
+        } else if dense.len() == n {
+            head.forward(self.kernels, &normed, n)?
         } else {
-            head.forward(self.kernels, &lm_rows, lm.len())?
+            let rows: Vec<f32> = dense
+                .iter()
+                .flat_map(|&r| normed[r * h..(r + 1) * h].iter().copied())
+                .collect();
+            head.forward(self.kernels, &rows, dense.len())?
+        };
+        let mut dense_logits = dense_logits.chunks_exact(head.rows).map(<[f32]>::to_vec);
+        let mut out = Vec::with_capacity(n);
+        for r in 0..n {
+            let x = &normed[r * h..(r + 1) * h];
+            out.push(match (heads[r], sparse(r)) {
+                (Some(ch), _) => crate::lora::class_logits(ch, x),
+                (None, Some(ids)) => {
+                    SPARSE_HEAD_ROWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sparse_logits(self.kernels, head, ids, x)?
+                }
+                (None, None) => dense_logits.next().unwrap_or_default(),
+            });
         }
-        .chunks_exact(head.rows)
-        .map(<[f32]>::to_vec)
-        .collect::<Vec<_>>()
-        .into_iter();
-        Ok((0..n)
-            .map(|r| match heads[r] {
-                Some(ch) => crate::lora::class_logits(ch, &normed[r * h..(r + 1) * h]),
-                None => lm_logits.next().unwrap_or_default(),
-            })
-            .collect())
+        Ok(out)
     }
 
     fn norm_weight(&self, w: Norm) -> &[f32] {
@@ -635,6 +663,25 @@ impl Ops for HostStep<'_, '_, '_> {
         }
         Ok(x)
     }
+}
+
+/// The logits of `ids` alone (−∞ elsewhere): each row of the output
+/// projection dequantized and dotted with `x` by the kernels' tile, the
+/// arithmetic of the full projection on the f32 paths (the int8 paths round
+/// `x` to 8 bits there, not here).
+fn sparse_logits(k: Kernels, head: &Linear, ids: &[u32], x: &[f32]) -> Result<Vec<f32>> {
+    let mut out = vec![f32::NEG_INFINITY; head.rows];
+    let mut w = vec![0f32; head.cols];
+    for &id in ids {
+        let r = id as usize;
+        if r >= head.rows {
+            continue;
+        }
+        head.row_f32(k, r, &mut w)?;
+        let [[v]] = crate::kernels_f32::tile::<1, 1>(k, [&w], [x]);
+        out[r] = v + head.bias.as_ref().map_or(0.0, |b| b[r]);
+    }
+    Ok(out)
 }
 
 /// GELU, tanh approximation: `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`.

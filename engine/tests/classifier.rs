@@ -43,6 +43,7 @@ fn scores(model: &Model, tokens: &[u32], adapter: Option<&LoraAdapter>) -> Vec<f
             adapter,
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }])
         .unwrap()
         .remove(0)
@@ -159,18 +160,21 @@ fn the_head_scores_match_on_both_backends_and_in_mixed_batches() {
                 adapter: Some(&cls),
                 kv: &mut k1,
                 want_logits: true,
+                only: None,
             },
             BatchItem {
                 tokens: &p2,
                 adapter: Some(&plain),
                 kv: &mut k2,
                 want_logits: true,
+                only: None,
             },
             BatchItem {
                 tokens: &p2,
                 adapter: None,
                 kv: &mut k3,
                 want_logits: true,
+                only: None,
             },
         ])
         .unwrap();
@@ -195,6 +199,7 @@ fn the_head_scores_match_on_both_backends_and_in_mixed_batches() {
             adapter: Some(&cls),
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }])
         .unwrap()
         .remove(0);

@@ -117,12 +117,14 @@ fn run_both(host: &Model, dev: &DeviceModel, plans: &[Plan<'_>], decode: usize, 
                 adapter: plans[i].adapter,
                 kv: h,
                 want_logits: want[i],
+                only: None,
             });
             di.push(BatchItem {
                 tokens: &feed[i],
                 adapter: plans[i].adapter,
                 kv: d,
                 want_logits: want[i],
+                only: None,
             });
         }
         let a = host.forward(&mut hi).unwrap();
@@ -227,6 +229,7 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
             adapter: a,
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }])
         .unwrap()
         .remove(0)
@@ -241,6 +244,7 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
             adapter: *a,
             kv,
             want_logits: true,
+            only: None,
         })
         .collect();
     let batched = dev.forward(&mut items).unwrap();
@@ -270,6 +274,7 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
             adapter: *a,
             kv,
             want_logits: true,
+            only: None,
         })
         .collect();
     let reversed = dev.forward(&mut items).unwrap();
@@ -294,6 +299,7 @@ fn mixed_adapter_batch_on_the_tensor_backend_equals_each_row_alone() {
             adapter: Some(&a16),
             kv,
             want_logits: true,
+            only: None,
         })
         .collect();
     for (a, b) in alone16.iter().zip(&dev.forward(&mut items).unwrap()) {
@@ -314,6 +320,7 @@ fn quantized_weights_and_bf16_stay_close_to_the_native_engine() {
             adapter: None,
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }])
         .unwrap()
         .remove(0);
@@ -335,6 +342,7 @@ fn quantized_weights_and_bf16_stay_close_to_the_native_engine() {
                 adapter: None,
                 kv: &mut kv,
                 want_logits: true,
+                only: None,
             }])
             .unwrap()
             .remove(0);
@@ -387,6 +395,7 @@ fn adapter_slots_evict_the_least_recently_used_and_refuse_overflow() {
                 adapter: Some(a),
                 kv: &mut hk,
                 want_logits: true,
+                only: None,
             }])
             .unwrap()
             .remove(0);
@@ -397,6 +406,7 @@ fn adapter_slots_evict_the_least_recently_used_and_refuse_overflow() {
                 adapter: Some(a),
                 kv: &mut kv,
                 want_logits: true,
+                only: None,
             }])
             .unwrap()
             .remove(0);
@@ -426,6 +436,7 @@ fn adapter_slots_evict_the_least_recently_used_and_refuse_overflow() {
             adapter: Some(a),
             kv,
             want_logits: true,
+            only: None,
         })
         .collect();
     let err = dev.forward(&mut items).unwrap_err().to_string();
@@ -445,6 +456,7 @@ fn adapter_slots_evict_the_least_recently_used_and_refuse_overflow() {
             adapter: Some(&ads[1]),
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }])
         .unwrap_err()
         .to_string();
@@ -481,6 +493,7 @@ fn kv_slots_are_owned_by_sequences_and_returned_on_drop() {
             adapter: None,
             kv: &mut c,
             want_logits: true,
+            only: None,
         }])
         .unwrap_err();
     assert!(

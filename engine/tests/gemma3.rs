@@ -30,6 +30,7 @@ fn batch_logits(model: &Model, seqs: &[(&[u32], Option<&LoraAdapter>)]) -> Vec<V
             adapter: *adapter,
             kv,
             want_logits: true,
+            only: None,
         })
         .collect();
     model.forward(&mut items).unwrap()
@@ -211,6 +212,7 @@ fn gemma3_decode_step_by_step_equals_one_prefill() {
             adapter: None,
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }];
         last = model.forward(&mut items).unwrap().remove(0);
     }
@@ -228,4 +230,63 @@ fn an_architecture_not_served_is_refused_by_name_with_the_served_ones() {
         e.contains("gemma4") && e.contains("gemma3") && e.contains("llama"),
         "{e}"
     );
+}
+
+#[test]
+fn a_row_narrowed_to_a_few_tokens_computes_their_logits_alone_on_every_path() {
+    use candle_core::quantized::GgmlDType;
+    use retune_engine::kernels_f32::{available_paths, set_path};
+    let dir = tmpdir("sparse");
+    let spec = TinySpec {
+        gguf_dtype: GgmlDType::Q8_0,
+        embed_dtype: GgmlDType::Q8_0,
+        ..TinySpec::gemma3()
+    };
+    let (gguf, _) = tiny::write(&dir, &spec).unwrap();
+    let toks: Vec<u32> = (3..30).collect();
+    let ids = [5u32, 17, 200, 4];
+    for p in available_paths() {
+        set_path(p).unwrap();
+        let model = load(&gguf).unwrap().model;
+        let mut k1 = model.new_cache();
+        let mut k2 = model.new_cache();
+        let mut items = [
+            BatchItem {
+                tokens: &toks,
+                adapter: None,
+                kv: &mut k1,
+                want_logits: true,
+                only: None,
+            },
+            BatchItem {
+                tokens: &toks,
+                adapter: None,
+                kv: &mut k2,
+                want_logits: true,
+                only: Some(&ids),
+            },
+        ];
+        let out = model.forward(&mut items).unwrap();
+        let (dense, sparse) = (&out[0], &out[1]);
+        assert_eq!(sparse.len(), dense.len());
+        for (t, (&d, &s)) in dense.iter().zip(sparse).enumerate() {
+            if !ids.contains(&(t as u32)) {
+                assert_eq!(s, f32::NEG_INFINITY, "{}: token {t}", p.key());
+            } else if p.int8() {
+                // the full projection rounds the hidden row to 8 bits here
+                assert!(
+                    (d - s).abs() < 2e-2 * spread(dense),
+                    "{}: token {t}: {d} vs {s}",
+                    p.key()
+                );
+            } else {
+                assert_eq!(
+                    d.to_bits(),
+                    s.to_bits(),
+                    "{}: token {t}: {d} vs {s}",
+                    p.key()
+                );
+            }
+        }
+    }
 }

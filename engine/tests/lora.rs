@@ -27,6 +27,7 @@ fn logits(model: &Model, tokens: &[u32], adapter: Option<&LoraAdapter>) -> Vec<f
             adapter,
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }])
         .unwrap()
         .remove(0)
@@ -150,6 +151,7 @@ fn mixed_batch_with_base_and_three_ranks_equals_each_row_alone() {
             adapter: *a,
             kv,
             want_logits: true,
+            only: None,
         })
         .collect();
     let batched = m.forward(&mut items).unwrap();

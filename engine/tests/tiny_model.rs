@@ -20,6 +20,7 @@ fn logits_of(model: &Model, tokens: &[u32]) -> Vec<f32> {
         tokens,
         kv: &mut kv,
         want_logits: true,
+        only: None,
     }];
     model.forward(&mut items).unwrap().remove(0)
 }
@@ -184,6 +185,7 @@ fn chunked_prefill_and_token_by_token_decode_are_bit_identical() {
                 tokens: chunk,
                 kv: &mut kv,
                 want_logits: true,
+                only: None,
             }])
             .unwrap()
             .remove(0);

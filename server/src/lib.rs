@@ -424,6 +424,7 @@ impl Application {
         };
         let e = &settings.engine;
         let cfg = EngineConfig {
+            sparse_head: true,
             max_batch: e.max_batch,
             max_queue: e.max_queue,
             prefill_chunk: e.prefill_chunk,

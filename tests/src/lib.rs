@@ -294,6 +294,7 @@ fn feed(m: &Model, adapter: Option<&LoraAdapter>, tokens: &[u32], kv: &mut KvCac
         adapter,
         kv,
         want_logits: true,
+        only: None,
     }];
     m.forward(&mut items).expect("forward").remove(0)
 }

@@ -29,6 +29,7 @@ fn feed(m: &Model, tokens: &[u32], kv: &mut kv::KvCache) -> Vec<f32> {
         adapter: None,
         kv,
         want_logits: true,
+        only: None,
     }];
     m.forward(&mut items).expect("forward").remove(0)
 }
@@ -211,4 +212,130 @@ fn gemma3_greedy_and_teacher_forced_logprobs_match_llamacpp() {
         }
         Ok(msg)
     });
+}
+
+/// A label task on Gemma's 262,144-token vocabulary: greedy answers under a
+/// choice of labels, with the rows' allowed tokens alone computed (the default)
+/// and with the full output projection.
+fn label_answers(sparse: bool, prompts: &[Vec<u32>], labels: &[String]) -> (Vec<Generated>, f64) {
+    let l = load(&gemma_path()).expect("load the Gemma 3 GGUF");
+    let engine = Engine::start(
+        l.model,
+        l.tok,
+        EngineConfig {
+            sparse_head: sparse,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let out = prompts
+        .iter()
+        .map(|p| {
+            let params = SamplingParams {
+                constraint: Some(retune_engine::guide::Constraint::Choice {
+                    choices: labels.to_vec(),
+                }),
+                logprobs: Some(0),
+                ..SamplingParams::greedy(16)
+            };
+            engine
+                .generate_blocking(GenerateRequest::new(p.clone(), params))
+                .unwrap()
+        })
+        .collect();
+    (out, t0.elapsed().as_secs_f64())
+}
+
+fn label_task() -> (Vec<Vec<u32>>, Vec<String>) {
+    let labels: Vec<String> = [
+        "card_arrival",
+        "card_linking",
+        "exchange_rate",
+        "card_payment_wrong_exchange_rate",
+        "extra_charge_on_statement",
+        "pending_cash_withdrawal",
+        "fiat_currency_support",
+        "card_delivery_estimate",
+        "automatic_top_up",
+        "card_not_working",
+        "lost_or_stolen_card",
+        "declined_card_payment",
+        "refund_not_showing_up",
+        "transfer_not_received_by_recipient",
+        "wrong_amount_of_cash_received",
+        "verify_my_identity",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let l = loaded();
+    let prompts = fixture()
+        .chats
+        .iter()
+        .take(4)
+        .map(|c| c.prompt_tokens.clone())
+        .chain(std::iter::once(
+            l.tok
+                .encode(
+                    "Ticket: I was charged twice for my card payment. Intent:",
+                    true,
+                )
+                .unwrap(),
+        ))
+        .collect();
+    (prompts, labels)
+}
+
+#[test]
+fn gemma3_label_answers_are_the_same_with_the_sparse_output_projection() {
+    // the f32 path: the sparse rows are the full projection's arithmetic
+    retune_engine::kernels_f32::set_path(retune_engine::kernels_f32::best_f32_path()).unwrap();
+    let (prompts, labels) = label_task();
+    let before = retune_engine::model::sparse_head_rows();
+    let (sparse, _) = label_answers(true, &prompts, &labels);
+    let during = retune_engine::model::sparse_head_rows();
+    let (dense, _) = label_answers(false, &prompts, &labels);
+    // every sampled token of the sparse run came from the sparse head, none
+    // of the full run's
+    let tokens: usize = sparse.iter().map(|g| g.tokens.len()).sum();
+    assert_eq!(during - before, tokens as u64);
+    assert_eq!(retune_engine::model::sparse_head_rows(), during);
+    for (i, (a, b)) in sparse.iter().zip(&dense).enumerate() {
+        assert_eq!(a.ids(), b.ids(), "prompt {i}");
+        assert!(labels.contains(&a.text), "prompt {i}: {:?}", a.text);
+        let lp = |g: &Generated| g.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>();
+        assert_eq!(lp(a), lp(b), "prompt {i}");
+    }
+}
+
+/// `cargo test --release -p retune-e2e --test gemma3_llamacpp sparse_head_speed -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn sparse_head_speed() {
+    let (prompts, labels) = label_task();
+    let prompts: Vec<Vec<u32>> = prompts.iter().cycle().take(20).cloned().collect();
+    for round in 0..3 {
+        let (s, ts) = label_answers(true, &prompts, &labels);
+        let (d, td) = label_answers(false, &prompts, &labels);
+        let n = |g: &[Generated]| g.iter().map(|g| g.tokens.len()).sum::<usize>();
+        let decode = |g: &[Generated]| -> f64 {
+            g.iter()
+                .map(|g| {
+                    let t = &g.completion.timings;
+                    t.total.saturating_sub(t.first_token).as_secs_f64()
+                })
+                .sum()
+        };
+        println!(
+            "round {round}: {} answers, {} tokens; sparse {ts:.2} s (decode {:.3} s), full {td:.2} s (decode {:.3} s): {:.2}x end to end, {:.2}x decode",
+            s.len(),
+            n(&s),
+            decode(&s),
+            decode(&d),
+            td / ts,
+            decode(&d) / decode(&s).max(1e-9)
+        );
+        assert_eq!(n(&s), n(&d));
+    }
 }

@@ -55,6 +55,7 @@ fn peft_adapter_matches_transformers_peft_on_the_same_weights() {
                         adapter,
                         kv: &mut kv,
                         want_logits: true,
+                        only: None,
                     }])
                     .unwrap()
                     .remove(0);
@@ -113,6 +114,7 @@ fn peft_adapter_on_q4_1_gguf_agrees_with_llamacpp_serving_it() {
                     adapter: Some(&a),
                     kv: &mut kv,
                     want_logits: true,
+                    only: None,
                 }])
                 .unwrap()
                 .remove(0);

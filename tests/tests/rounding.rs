@@ -59,6 +59,7 @@ fn rounding_noise_of_every_kernel_path() {
                         adapter: ad,
                         kv: &mut kv,
                         want_logits: true,
+                        only: None,
                     }];
                     let mut l = m.forward(&mut items).unwrap().remove(0);
                     for (si, (step, es)) in chat.steps.iter().zip(&ex.steps).enumerate() {
@@ -88,6 +89,7 @@ fn rounding_noise_of_every_kernel_path() {
                             adapter: ad,
                             kv: &mut kv,
                             want_logits: true,
+                            only: None,
                         }];
                         l = m.forward(&mut items).unwrap().remove(0);
                     }

@@ -182,6 +182,7 @@ pub fn generate_ids(
             adapter,
             kv: &mut kv,
             want_logits: false,
+            only: None,
         }];
         model.forward(&mut items)?;
         Some(kv)
@@ -206,6 +207,7 @@ pub fn generate_ids(
                     adapter,
                     kv,
                     want_logits: true,
+                    only: None,
                 })
                 .collect();
             model.forward(&mut items)?
@@ -260,6 +262,7 @@ pub fn generate_ids(
                     adapter,
                     kv,
                     want_logits: true,
+                    only: None,
                 })
                 .collect();
             let mut logits = model.forward(&mut items)?;

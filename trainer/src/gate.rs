@@ -367,12 +367,14 @@ pub fn forgetting(
                 adapter: None,
                 kv: &mut kb,
                 want_logits: true,
+                only: None,
             }])?;
             let lc = model.forward(&mut [BatchItem {
                 tokens: &feed,
                 adapter: Some(candidate),
                 kv: &mut kc,
                 want_logits: true,
+                only: None,
             }])?;
             let (Some(lb), Some(lc)) = (lb.first(), lc.first()) else {
                 return Err(TrainError::Setting("the model returned no logits".into()));

@@ -376,6 +376,7 @@ fn served_logits(
             adapter,
             kv: &mut kv,
             want_logits: true,
+            only: None,
         }];
         out.push(m.forward(&mut items).unwrap().remove(0));
     }
@@ -604,6 +605,7 @@ fn classifier_gradients_match_finite_differences_and_serving() {
                 adapter: Some(&served_ad),
                 kv: &mut kv,
                 want_logits: true,
+                only: None,
             }])
             .unwrap()
             .remove(0);

@@ -191,6 +191,7 @@ fn view<'a, 'b, C>(
                 tokens: it.tokens,
                 adapter: it.adapter,
                 want_logits: it.want_logits,
+                only: it.only,
                 kv: pick(&mut *it.kv).ok_or_else(|| {
                     EngineError::InvalidRequest("cache from another backend".into())
                 })?,

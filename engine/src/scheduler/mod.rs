@@ -52,7 +52,16 @@ pub struct EngineConfig {
     pub tenant_weights: HashMap<String, u32>,
     /// Reuse of computed prompt prefixes (host engine only).
     pub prefix_cache: PrefixConfig,
+    /// With a vocabulary of at least [`SPARSE_HEAD_VOCAB`] tokens, a row its
+    /// grammar narrows to a few tokens computes only their logits: the grammar
+    /// masks are then computed before the forward rather than beside it.
+    pub sparse_head: bool,
 }
+
+/// The vocabulary size from which [`EngineConfig::sparse_head`] applies (the
+/// output projection is then most of a decode step: Gemma's 262,144 rows;
+/// SmolLM2's 49,152 keep the masks computed beside the forward).
+pub const SPARSE_HEAD_VOCAB: usize = 65_536;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -65,6 +74,7 @@ impl Default for EngineConfig {
             threads: 0,
             tenant_weights: HashMap::new(),
             prefix_cache: PrefixConfig::default(),
+            sparse_head: true,
         }
     }
 }

@@ -109,8 +109,28 @@ impl Worker {
             .collect();
         let model = &self.model;
         let active = &mut self.active;
+        // a large vocabulary: the masks first, so a row its grammar narrows to
+        // a few tokens computes only their logits (the output projection is
+        // then most of the step)
+        let vocab = model.cfg().vocab;
+        let early = self.cfg.sparse_head && vocab >= super::SPARSE_HEAD_VOCAB && !guides.is_empty();
+        let early_masks: HashMap<usize, Result<Mask>> = if early {
+            guides.iter_mut().map(|(i, g)| (*i, g.mask())).collect()
+        } else {
+            HashMap::new()
+        };
+        let allowed: HashMap<usize, Vec<u32>> = early_masks
+            .iter()
+            .filter_map(|(i, m)| {
+                let ids = m
+                    .as_ref()
+                    .ok()?
+                    .allowed(vocab / crate::model::SPARSE_HEAD_FRACTION)?;
+                Some((*i, ids))
+            })
+            .collect();
         let (logits, masks) = std::thread::scope(|sc| {
-            let masker = (!guides.is_empty()).then(|| {
+            let masker = (!early && !guides.is_empty()).then(|| {
                 sc.spawn(|| {
                     guides
                         .iter_mut()
@@ -130,12 +150,13 @@ impl Worker {
                         adapter,
                         kv,
                         want_logits: *want,
+                        only: allowed.get(i).map(Vec::as_slice),
                     })
                 })
                 .collect();
             let logits = model.forward(&mut items);
             let masks = masker.map(|h| h.join().unwrap_or_default());
-            (logits, masks.unwrap_or_default())
+            (logits, masks.unwrap_or(early_masks))
         });
         for (i, g) in guides {
             self.active[i].guide = Some(g);
